@@ -1,0 +1,45 @@
+//! `shoal-bench`: shoal's benchmarks. Each prints a Markdown table and
+//! writes `bench/results/<name>.json` and `.md` (and an SVG chart): ratios
+//! against a baseline measured in the same run, with the exact counters
+//! beside every timing.
+
+mod chart;
+mod fault;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal-bench", about = "shoal's benchmarks")]
+struct Cli {
+    /// Where to write the results.
+    #[arg(long, global = true, default_value = "bench/results")]
+    out: PathBuf,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// First touch per page: dormant zero-fill through the pager against
+    /// plain KVM first touch of anonymous memory (no userfaultfd), same
+    /// guest, same run, threads pinned and unpinned.
+    Fault(fault::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::Fault(args) => fault::run(&args, &cli.out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,37 @@
+/* smp iters=K: every vCPU adds 1 to one shared counter K times with locked
+ * atomic adds; vCPU 0 waits for the others and checks the total. */
+#include "shoal.h"
+
+static volatile u64 counter;
+static volatile u64 finished;
+
+static void add_all(const struct shoal_boot_info *bi)
+{
+	u64 iters = shoal_arg_or(bi, "iters", 1000);
+	for (u64 i = 0; i < iters; i++)
+		__atomic_fetch_add(&counter, 1, __ATOMIC_SEQ_CST);
+	__atomic_fetch_add(&finished, 1, __ATOMIC_SEQ_CST);
+}
+
+u64 shoal_ap_main(const struct shoal_boot_info *bi)
+{
+	add_all(bi);
+	for (;;)
+		__asm__ volatile("hlt"); /* the VMM retires a halted vCPU */
+}
+
+u64 shoal_main(const struct shoal_boot_info *bi)
+{
+	u64 iters = shoal_arg_or(bi, "iters", 1000);
+	add_all(bi);
+	while (__atomic_load_n(&finished, __ATOMIC_SEQ_CST) != bi->num_vcpus)
+		;
+	u64 want = iters * bi->num_vcpus, got = __atomic_load_n(&counter, __ATOMIC_SEQ_CST);
+	shoal_printf("smp: vcpus=%lu iters=%lu counter=%lu expected=%lu\n", bi->num_vcpus, iters, got, want);
+	if (got != want) {
+		shoal_printf("smp: FAILED: lost %ld increments\n", (i64)(want - got));
+		return 1;
+	}
+	shoal_printf("smp: OK\n");
+	return 0;
+}

@@ -1,0 +1,214 @@
+//! What a VM is made of, and the parsing and checks of user input that
+//! come before anything is created.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shoal_guest_images::{abi, Guest};
+
+pub use crate::memory::Backing;
+
+/// Errors in user input; `shoal` exits with status 2 on any of them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("size {0:?}: expected a number with an optional unit K, M, G or T (powers of 1024), like 64M or 1GiB")]
+    Size(String),
+    #[error("size {0:?} does not fit in 64 bits")]
+    SizeOverflow(String),
+    #[error("unknown guest {name:?}; the guests are: {known}")]
+    UnknownGuest { name: String, known: String },
+    #[error("command line: byte {pos} is {byte:#04x}; only printable ASCII words separated by spaces are allowed")]
+    CmdlineChar { pos: usize, byte: u8 },
+    #[error("command line is {len} bytes; the limit is {max}", max = abi::CMDLINE_MAX)]
+    CmdlineTooLong { len: usize },
+    #[error("guest {guest}: unknown command-line key {key:?}; it accepts: {known}")]
+    CmdlineKey { guest: &'static str, key: String, known: String },
+    #[error("guest {guest}: {word:?} is not a key=value word (keys: {known})")]
+    CmdlineWord { guest: &'static str, word: String, known: String },
+    #[error("guest {guest}: {key}={value:?} must be a decimal or 0x-hexadecimal number")]
+    CmdlineValue { guest: &'static str, key: String, value: String },
+    #[error("--cpus must be between 1 and {max}, not {n}")]
+    Cpus { n: u32, max: u32 },
+    #[error("--node-memory {budget} bytes is less than the {needed} bytes the loader alone writes")]
+    Budget { budget: u64, needed: u64 },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Most vCPUs a VM may have (boot data and stacks must fit below 3 GiB,
+/// and every vCPU is a host thread).
+pub const MAX_CPUS: u32 = 255;
+
+/// Parses a size: a decimal number with an optional binary unit. `K`, `M`,
+/// `G`, `T` (optionally followed by `iB` or `B`) are powers of 1024;
+/// a bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(Error::Size(s.to_string()));
+    }
+    let shift = match unit.trim_start().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(Error::Size(s.to_string())),
+    };
+    let n: u64 = digits.parse().map_err(|_| Error::SizeOverflow(s.to_string()))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| Error::SizeOverflow(s.to_string()))
+}
+
+/// Finds an embedded guest by name.
+pub fn find_guest(name: &str) -> Result<&'static Guest> {
+    shoal_guest_images::find(name).ok_or_else(|| Error::UnknownGuest {
+        name: name.to_string(),
+        known: shoal_guest_images::GUESTS.iter().map(|g| g.name).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Checks a command line: printable ASCII, within the limit, and, for an
+/// embedded guest, only the keys it knows with numeric values.
+pub fn check_cmdline(cmdline: &str, guest: Option<&Guest>) -> Result<()> {
+    if let Some((pos, &byte)) = cmdline.as_bytes().iter().enumerate().find(|(_, b)| !(b' '..=b'~').contains(*b)) {
+        return Err(Error::CmdlineChar { pos, byte });
+    }
+    if cmdline.len() > abi::CMDLINE_MAX as usize {
+        return Err(Error::CmdlineTooLong { len: cmdline.len() });
+    }
+    let Some(g) = guest else { return Ok(()) };
+    let known = || {
+        if g.params.is_empty() {
+            "none".to_string()
+        } else {
+            g.params.iter().map(|p| p.key).collect::<Vec<_>>().join(", ")
+        }
+    };
+    for word in cmdline.split(' ').filter(|w| !w.is_empty()) {
+        let Some((key, value)) = word.split_once('=') else {
+            return Err(Error::CmdlineWord { guest: g.name, word: word.to_string(), known: known() });
+        };
+        if !g.params.iter().any(|p| p.key == key) {
+            return Err(Error::CmdlineKey { guest: g.name, key: key.to_string(), known: known() });
+        }
+        let numeric = match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+            Some(hex) => !hex.is_empty() && u64::from_str_radix(hex, 16).is_ok(),
+            None => value.parse::<u64>().is_ok(),
+        };
+        if !numeric {
+            return Err(Error::CmdlineValue { guest: g.name, key: key.to_string(), value: value.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Where the guest image comes from.
+#[derive(Clone, Debug)]
+pub enum ImageSource {
+    /// One of the guests built into shoal.
+    Embedded(&'static Guest),
+    /// An ELF file.
+    File(PathBuf),
+}
+
+/// Everything `shoal run` needs.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub image: ImageSource,
+    /// Bytes of guest RAM.
+    pub memory: u64,
+    pub cpus: u32,
+    pub cmdline: String,
+    /// Dormant pages on (the default) or off.
+    pub dormant: bool,
+    /// Most bytes of guest pages this node may hold.
+    pub node_memory: Option<u64>,
+    /// Pin vCPU i and fault handler i to host CPU i (mod the CPUs we may
+    /// use): for benchmarks, where cross-CPU wakeups would dominate.
+    pub pin: bool,
+    /// End the VM (exit status 124) after this long.
+    pub timeout: Option<Duration>,
+    /// Fault-handler threads; default one per vCPU.
+    pub fault_threads: Option<usize>,
+    /// How guest RAM is backed: the pager's memfd, or the anonymous
+    /// baseline for benchmarks.
+    pub backing: Backing,
+}
+
+impl VmConfig {
+    /// The defaults for an image: 1 vCPU, dormant pages on, no limits.
+    pub fn new(image: ImageSource, memory: u64) -> Self {
+        VmConfig {
+            image,
+            memory,
+            cpus: 1,
+            cmdline: String::new(),
+            dormant: true,
+            node_memory: None,
+            pin: false,
+            timeout: None,
+            fault_threads: None,
+            backing: Backing::Memfd,
+        }
+    }
+
+    /// Checks what can be checked before touching the host.
+    pub fn check(&self) -> Result<()> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(Error::Cpus { n: self.cpus, max: MAX_CPUS });
+        }
+        let guest = match &self.image {
+            ImageSource::Embedded(g) => Some(*g),
+            ImageSource::File(_) => None,
+        };
+        check_cmdline(&self.cmdline, guest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert_eq!(parse_size("16K").unwrap(), 16 << 10);
+        for bad in ["", "M", "12Q", "-5M", "1.5G", "0x100", "64 M B"] {
+            assert!(matches!(parse_size(bad), Err(Error::Size(_))), "{bad}");
+        }
+        assert!(matches!(parse_size("99999999999999999999"), Err(Error::SizeOverflow(_))));
+        assert!(matches!(parse_size("17000000T"), Err(Error::SizeOverflow(_))));
+    }
+
+    #[test]
+    fn cmdlines() {
+        let memtouch = find_guest("memtouch").unwrap();
+        check_cmdline("mib=64 seed=0x1f", Some(memtouch)).unwrap();
+        check_cmdline("  mib=64  ", Some(memtouch)).unwrap();
+        check_cmdline("", Some(memtouch)).unwrap();
+        assert!(matches!(check_cmdline("mb=64", Some(memtouch)), Err(Error::CmdlineKey { .. })));
+        assert!(matches!(check_cmdline("mib", Some(memtouch)), Err(Error::CmdlineWord { .. })));
+        assert!(matches!(check_cmdline("mib=lots", Some(memtouch)), Err(Error::CmdlineValue { .. })));
+        assert!(matches!(check_cmdline("mib=0x", Some(memtouch)), Err(Error::CmdlineValue { .. })));
+        assert!(matches!(check_cmdline("mib=1\tseed=2", Some(memtouch)), Err(Error::CmdlineChar { .. })));
+        assert!(matches!(check_cmdline(&"a".repeat(5000), None), Err(Error::CmdlineTooLong { .. })));
+        // a file image: anything printable goes
+        check_cmdline("console=ttyS0 quiet", None).unwrap();
+        let hello = find_guest("hello").unwrap();
+        let e = check_cmdline("x=1", Some(hello)).unwrap_err();
+        assert!(e.to_string().contains("it accepts: none"), "{e}");
+    }
+
+    #[test]
+    fn unknown_guest_lists_the_known_ones() {
+        let e = find_guest("nope").unwrap_err().to_string();
+        assert!(e.contains("memtouch") && e.contains("hello"), "{e}");
+    }
+}

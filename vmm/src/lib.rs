@@ -1,0 +1,18 @@
+//! shoal: a distributed, unikernel-style hypervisor.
+//!
+//! This crate is the VMM of one node: guest memory ([`memory`]), the pager
+//! that resolves the guest's faults on dormant memory ([`pager`]), the image
+//! loader ([`loader`]), vCPUs ([`vcpu`]), port-I/O devices ([`devices`]),
+//! and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
+//! tells how a guest page fault flows through them.
+
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod loader;
+pub mod memory;
+pub mod metrics;
+pub mod pager;
+pub mod uffd;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,415 @@
+//! Guest memory on one node: one sparse memfd the size of the whole guest,
+//! mapped twice.
+//!
+//! - The *guest view* backs the KVM memslots and is registered with
+//!   userfaultfd: the guest's first touch of a page not in the memfd stops
+//!   in the pager.
+//! - The *alias view* is the VMM's own access (loader, hypercalls, and later
+//!   the fabric, which reads from and lands into it). It is not registered,
+//!   so the VMM must only touch pages the pager knows about (see
+//!   `Pager::read_guest`).
+//!
+//! Nothing is allocated up front: the memfd is sparse and both mappings are
+//! `MAP_NORESERVE`, so a 64 GiB guest costs what it touches.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::NonNull;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Start of the 32-bit MMIO hole: RAM above this moves to 4 GiB.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// End of the MMIO hole.
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+/// The largest guest shoal maps: page tables use 2 MiB pages (1 TiB needs
+/// 2 MiB of them), and under nested KVM a 1 TiB memslot already costs
+/// ~2.6 GiB of host kernel memory (DESIGN §6).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// The smallest guest: room for the image at 1 MiB, its boot data and a
+/// little free RAM.
+pub const MIN_MEMORY: u64 = 4 << 20;
+
+/// Errors of guest memory setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("memory size must be more than 0")]
+    Zero,
+    #[error("memory size {0} bytes is not a multiple of the 4 KiB page size")]
+    Unaligned(u64),
+    #[error("memory size {size} bytes is below shoal's minimum of {min} MiB", min = MIN_MEMORY >> 20)]
+    TooSmall { size: u64 },
+    #[error("memory size {size} bytes is more than shoal's limit of {max} GiB per guest", max = MAX_MEMORY >> 30)]
+    TooLarge { size: u64 },
+    #[error("cannot create the memfd for guest memory: {0}")]
+    Memfd(#[source] io::Error),
+    #[error("cannot size the guest memfd to {size} bytes: {source}")]
+    Truncate { size: u64, source: io::Error },
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Map { size: u64, source: io::Error },
+    #[error("cannot describe guest memory to vm-memory: {0}")]
+    VmMemory(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One contiguous range of guest RAM and where it sits in the memfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical address of its first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of its first byte in the memfd (and in both views).
+    pub offset: u64,
+}
+
+impl RamRegion {
+    /// One past the last guest-physical address.
+    pub fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+}
+
+/// Where guest RAM sits in guest-physical space: below the MMIO hole, and
+/// the rest from 4 GiB on. The memfd holds the regions back to back, so a
+/// memfd offset (and a page index, `offset / PAGE_SIZE`) names a page on
+/// every node the same way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    size: u64,
+    regions: Vec<RamRegion>,
+}
+
+impl Layout {
+    /// The layout of `size` bytes of RAM, after checking the size.
+    pub fn new(size: u64) -> Result<Self> {
+        if size == 0 {
+            return Err(Error::Zero);
+        }
+        if !size.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Unaligned(size));
+        }
+        if size < MIN_MEMORY {
+            return Err(Error::TooSmall { size });
+        }
+        if size > MAX_MEMORY {
+            return Err(Error::TooLarge { size });
+        }
+        let low = size.min(MMIO_HOLE_START);
+        let mut regions = vec![RamRegion { gpa: 0, len: low, offset: 0 }];
+        if size > low {
+            regions.push(RamRegion { gpa: MMIO_HOLE_END, len: size - low, offset: low });
+        }
+        Ok(Layout { size, regions })
+    }
+
+    /// Bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of guest pages.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// The RAM regions, ascending.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// One past the highest guest-physical RAM address.
+    pub fn top(&self) -> u64 {
+        self.regions.last().map_or(0, RamRegion::end)
+    }
+
+    /// The memfd offset of a guest-physical address, if it is RAM.
+    pub fn gpa_to_offset(&self, gpa: u64) -> Option<u64> {
+        self.region_of_gpa(gpa).map(|r| r.offset + (gpa - r.gpa))
+    }
+
+    /// The guest-physical address of a memfd offset.
+    pub fn offset_to_gpa(&self, offset: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| offset >= r.offset && offset < r.offset + r.len)
+            .map(|r| r.gpa + (offset - r.offset))
+    }
+
+    /// The region holding `gpa`.
+    pub fn region_of_gpa(&self, gpa: u64) -> Option<&RamRegion> {
+        self.regions.iter().find(|r| gpa >= r.gpa && gpa < r.end())
+    }
+
+    /// The region holding memfd offset `offset`.
+    pub fn region_of_offset(&self, offset: u64) -> Option<&RamRegion> {
+        self.regions.iter().find(|r| offset >= r.offset && offset < r.offset + r.len)
+    }
+}
+
+/// A mapping we own; unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory with no thread affinity; all
+// accesses through it go through raw pointers or vm-memory's volatile
+// accessors.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// A shared mapping of `file`, or private anonymous memory when None.
+    fn new(file: Option<&File>, len: u64) -> Result<Self> {
+        let size = len;
+        let len = usize::try_from(len).map_err(|_| Error::TooLarge { size })?;
+        let (flags, fd) = match file {
+            Some(f) => (libc::MAP_SHARED | libc::MAP_NORESERVE, f.as_raw_fd()),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
+        };
+        // SAFETY: a new mapping at an address the kernel picks; no existing
+        // memory is affected.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Map { size, source: io::Error::last_os_error() });
+        }
+        let ptr =
+            NonNull::new(ptr.cast()).ok_or(Error::Map { size, source: io::Error::other("mmap returned NULL") })?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we created this mapping with exactly this address and
+        // length, and nothing borrows it beyond our lifetime.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// How guest RAM is backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// A memfd mapped twice, the guest view under the pager: shoal's way.
+    Memfd,
+    /// Plain private anonymous memory, one view, no pager: the kernel
+    /// serves every first touch. The benchmarks' baseline.
+    Anonymous,
+}
+
+/// Guest RAM on this node: the memfd and its two views (or, for the
+/// baseline, one anonymous mapping that is both).
+#[derive(Debug)]
+pub struct GuestMemory {
+    layout: Layout,
+    memfd: Option<File>,
+    guest_view: Mapping,
+    alias_view: Option<Mapping>,
+    alias: GuestMemoryMmap,
+}
+
+impl GuestMemory {
+    /// Creates the sparse memfd and maps it twice.
+    pub fn new(layout: Layout) -> Result<Self> {
+        Self::with_backing(layout, Backing::Memfd)
+    }
+
+    /// Creates guest memory with the given backing.
+    pub fn with_backing(layout: Layout, backing: Backing) -> Result<Self> {
+        let size = layout.size();
+        let memfd = match backing {
+            Backing::Memfd => {
+                // SAFETY: memfd_create reads the NUL-terminated name and
+                // returns a new descriptor or -1.
+                let fd = unsafe { libc::memfd_create(c"shoal-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(Error::Memfd(io::Error::last_os_error()));
+                }
+                // SAFETY: the kernel just returned this descriptor; we own it.
+                let memfd = unsafe { File::from_raw_fd(fd) };
+                memfd.set_len(size).map_err(|source| Error::Truncate { size, source })?;
+                Some(memfd)
+            }
+            Backing::Anonymous => None,
+        };
+        let guest_view = Mapping::new(memfd.as_ref(), size)?;
+        let alias_view = match &memfd {
+            Some(f) => Some(Mapping::new(Some(f), size)?),
+            None => None,
+        };
+        let alias_ptr = alias_view.as_ref().unwrap_or(&guest_view).ptr;
+        let flags = match backing {
+            Backing::Memfd => libc::MAP_SHARED | libc::MAP_NORESERVE,
+            Backing::Anonymous => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        };
+
+        let mut regions = Vec::with_capacity(layout.regions().len());
+        for r in layout.regions() {
+            let start = alias_ptr.as_ptr().wrapping_add(r.offset as usize);
+            // SAFETY: [offset, offset + len) lies inside the alias mapping
+            // created above, which outlives `alias` (both live in Self, and
+            // the vm-memory region does not unmap a raw pointer it was
+            // given).
+            let mmap =
+                unsafe { MmapRegion::build_raw(start, r.len as usize, libc::PROT_READ | libc::PROT_WRITE, flags) }
+                    .map_err(|e| Error::VmMemory(e.to_string()))?;
+            regions.push(
+                GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
+                    .ok_or_else(|| Error::VmMemory("region wraps around".into()))?,
+            );
+        }
+        let alias = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::VmMemory(e.to_string()))?;
+        Ok(GuestMemory { layout, memfd, guest_view, alias_view, alias })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The memfd (the fabric's shm backend shares it with peers); None for
+    /// anonymous memory.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+
+    /// Host address of the guest view's first byte (memfd offset 0).
+    pub fn guest_view_base(&self) -> u64 {
+        self.guest_view.ptr.as_ptr() as u64
+    }
+
+    fn alias_ptr(&self) -> NonNull<u8> {
+        self.alias_view.as_ref().unwrap_or(&self.guest_view).ptr
+    }
+
+    /// The alias view as vm-memory guest memory, addressed by GPA. Writing
+    /// through it materialises pages without the pager: only the loader
+    /// does, before the pager starts.
+    pub fn alias(&self) -> &GuestMemoryMmap {
+        &self.alias
+    }
+
+    /// Bytes of the alias view at memfd offset `offset`.
+    ///
+    /// # Safety
+    /// The range must be inside guest memory, and the caller must make sure
+    /// nothing writes it while the slice lives (the guest may: use only for
+    /// pages the guest cannot race on, or accept torn reads of guest data).
+    pub unsafe fn alias_slice(&self, offset: u64, len: usize) -> &[u8] {
+        debug_assert!(offset + len as u64 <= self.layout.size());
+        let start = self.alias_ptr().as_ptr().wrapping_add(offset as usize);
+        // SAFETY: the caller keeps the range in bounds; the mapping lives
+        // as long as self.
+        unsafe { std::slice::from_raw_parts(start, len) }
+    }
+
+    /// The memfd's populated extents (pages that hold data), as
+    /// `(offset, len)` pairs, from the kernel's own record (SEEK_DATA /
+    /// SEEK_HOLE on tmpfs). The pager starts from this.
+    pub fn populated_extents(&self) -> io::Result<Vec<(u64, u64)>> {
+        let Some(memfd) = &self.memfd else {
+            return Err(io::Error::other("anonymous guest memory has no extents"));
+        };
+        let fd = memfd.as_raw_fd();
+        let size = self.layout.size() as libc::off_t;
+        let mut out = Vec::new();
+        let mut pos: libc::off_t = 0;
+        while pos < size {
+            // SAFETY: lseek on our own descriptor; no memory involved.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after pos
+                }
+                return Err(err);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            out.push((data as u64, (hole - data) as u64));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    /// Pages of the guest view the kernel has mapped in (mincore): how the
+    /// baseline, which has no pager, counts what it touched.
+    pub fn mapped_pages(&self) -> io::Result<u64> {
+        let mut vec = vec![0u8; self.layout.pages() as usize];
+        // SAFETY: the range is exactly our guest-view mapping and `vec` has
+        // one byte per page of it.
+        let ret = unsafe { libc::mincore(self.guest_view.ptr.as_ptr().cast(), self.guest_view.len, vec.as_mut_ptr()) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec.iter().filter(|b| *b & 1 != 0).count() as u64)
+    }
+
+    /// Bytes of RAM the memfd holds right now (its allocated blocks); 0
+    /// for anonymous memory.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.memfd.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.blocks() * 512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_region() {
+        let l = Layout::new(64 << 20).unwrap();
+        assert_eq!(l.regions(), &[RamRegion { gpa: 0, len: 64 << 20, offset: 0 }]);
+        assert_eq!(l.top(), 64 << 20);
+        assert_eq!(l.pages(), 16384);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_hole() {
+        let l = Layout::new(8 << 30).unwrap();
+        assert_eq!(
+            l.regions(),
+            &[RamRegion { gpa: 0, len: 3 << 30, offset: 0 }, RamRegion { gpa: 4 << 30, len: 5 << 30, offset: 3 << 30 }]
+        );
+        assert_eq!(l.gpa_to_offset((4 << 30) + 4096), Some((3 << 30) + 4096));
+        assert_eq!(l.gpa_to_offset(3 << 30), None, "the hole is not RAM");
+        assert_eq!(l.offset_to_gpa(3 << 30), Some(4 << 30));
+        assert_eq!(l.top(), 9 << 30);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(Layout::new(0), Err(Error::Zero)));
+        assert!(matches!(Layout::new((16 << 20) + 1), Err(Error::Unaligned(_))));
+        assert!(matches!(Layout::new(1 << 20), Err(Error::TooSmall { .. })));
+        assert!(matches!(Layout::new(MAX_MEMORY + PAGE_SIZE), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_64_gib_guest_allocates_nothing_up_front() {
+        let mem = GuestMemory::new(Layout::new(64 << 30).unwrap()).unwrap();
+        assert_eq!(mem.allocated_bytes(), 0);
+        assert!(mem.populated_extents().unwrap().is_empty());
+    }
+
+    #[test]
+    fn populated_extents_follow_writes() {
+        use vm_memory::Bytes;
+        let mem = GuestMemory::new(Layout::new(16 << 20).unwrap()).unwrap();
+        mem.alias().write_slice(&[1u8; 10], GuestAddress(0x5000 + 7)).unwrap();
+        mem.alias().write_slice(&[1u8; 5000], GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(mem.populated_extents().unwrap(), vec![(0x5000, 0x1000), (0x10_0000, 0x2000)]);
+        assert_eq!(mem.allocated_bytes(), 3 * 4096);
+    }
+}

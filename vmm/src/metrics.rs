@@ -1,0 +1,206 @@
+//! Counters and the metrics report: a one-line summary at exit and, with
+//! `--metrics-json FILE`, `{"total": {...}, "nodes": [{...}, ...]}`.
+//!
+//! Counters are exact (pages, bytes, faults); latencies come from a
+//! histogram of fault-resolution times measured in the fault handler, from
+//! reading the event to the ioctl that maps the pages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::memory::PAGE_SIZE;
+
+/// The pager's counters, updated on the fault path.
+#[derive(Debug, Default)]
+pub struct PagerCounters {
+    /// userfaultfd page-fault events handled.
+    pub faults: AtomicU64,
+    /// Faults whose page another fault had already made resident.
+    pub faults_already_resident: AtomicU64,
+    /// Dormant pages zero-filled on this node.
+    pub pages_zero_filled: AtomicU64,
+    /// Pages whose contents were copied in (`--dormant off`).
+    pub pages_copied: AtomicU64,
+    /// Pages the loader wrote before the guest started.
+    pub pages_loaded: AtomicU64,
+    /// Pages the kernel held although the pager believed them dormant.
+    pub pages_found_present: AtomicU64,
+}
+
+/// Fault-resolution latencies of one handler thread.
+#[derive(Debug)]
+pub struct FaultLatency(Histogram<u64>);
+
+impl Default for FaultLatency {
+    fn default() -> Self {
+        // 1 ns to 60 s, 3 significant digits
+        FaultLatency(Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"))
+    }
+}
+
+impl FaultLatency {
+    /// Records one resolution.
+    pub fn record(&mut self, d: Duration) {
+        self.0.saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1));
+    }
+
+    /// Adds another thread's record.
+    pub fn merge(&mut self, other: &FaultLatency) {
+        // both histograms have the same bounds, so this cannot fail
+        let _ = self.0.add(&other.0);
+    }
+
+    fn quantile_us(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// What one node reports.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct NodeMetrics {
+    /// The node's id; absent in the total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
+    pub faults: u64,
+    pub faults_already_resident: u64,
+    pub pages_zero_filled: u64,
+    pub pages_copied: u64,
+    pub pages_loaded: u64,
+    pub pages_resident: u64,
+    pub pages_found_present: u64,
+    pub remote_fetches: u64,
+    pub bytes_fabric_read: u64,
+    /// Bytes the memfd holds at the end (the kernel's count).
+    pub memfd_bytes: u64,
+    /// Peak resident set of the node's process (VmHWM).
+    pub peak_rss_bytes: u64,
+    pub vcpu_exits: u64,
+    pub wall_seconds: f64,
+    pub fault_us_p50: f64,
+    pub fault_us_p99: f64,
+    pub fault_us_max: f64,
+}
+
+impl NodeMetrics {
+    /// A node's metrics from its counters and latency record.
+    pub fn collect(node: u64, c: &PagerCounters, pages_resident: u64, latency: &FaultLatency) -> Self {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeMetrics {
+            node: Some(node),
+            faults: get(&c.faults),
+            faults_already_resident: get(&c.faults_already_resident),
+            pages_zero_filled: get(&c.pages_zero_filled),
+            pages_copied: get(&c.pages_copied),
+            pages_loaded: get(&c.pages_loaded),
+            pages_resident,
+            pages_found_present: get(&c.pages_found_present),
+            fault_us_p50: latency.quantile_us(0.50),
+            fault_us_p99: latency.quantile_us(0.99),
+            fault_us_max: latency.quantile_us(1.0),
+            ..Default::default()
+        }
+    }
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub total: NodeMetrics,
+    pub nodes: Vec<NodeMetrics>,
+}
+
+impl Report {
+    /// Sums the counters; latencies of the total are the worst node's.
+    pub fn new(nodes: Vec<NodeMetrics>) -> Self {
+        let mut t = NodeMetrics::default();
+        for n in &nodes {
+            t.faults += n.faults;
+            t.faults_already_resident += n.faults_already_resident;
+            t.pages_zero_filled += n.pages_zero_filled;
+            t.pages_copied += n.pages_copied;
+            t.pages_loaded += n.pages_loaded;
+            t.pages_resident += n.pages_resident;
+            t.pages_found_present += n.pages_found_present;
+            t.remote_fetches += n.remote_fetches;
+            t.bytes_fabric_read += n.bytes_fabric_read;
+            t.memfd_bytes += n.memfd_bytes;
+            t.peak_rss_bytes += n.peak_rss_bytes;
+            t.vcpu_exits += n.vcpu_exits;
+            t.wall_seconds = t.wall_seconds.max(n.wall_seconds);
+            t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);
+            t.fault_us_p99 = t.fault_us_p99.max(n.fault_us_p99);
+            t.fault_us_max = t.fault_us_max.max(n.fault_us_max);
+        }
+        Report { total: t, nodes }
+    }
+
+    /// The one-line summary printed at exit.
+    pub fn summary(&self) -> String {
+        let t = &self.total;
+        format!(
+            "shoal: {:.3} s, {} faults (p50 {:.1} us, p99 {:.1} us), {} pages zero-filled, {} copied, \
+             {} resident ({} MiB), {} remote fetches ({} bytes read over the fabric)",
+            t.wall_seconds,
+            t.faults,
+            t.fault_us_p50,
+            t.fault_us_p99,
+            t.pages_zero_filled,
+            t.pages_copied,
+            t.pages_resident,
+            (t.pages_resident * PAGE_SIZE) >> 20,
+            t.remote_fetches,
+            t.bytes_fabric_read
+        )
+    }
+}
+
+/// Peak resident set size of this process, from /proc/self/status.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_counters_and_take_worst_latency() {
+        let a =
+            NodeMetrics { node: Some(0), faults: 3, pages_zero_filled: 100, fault_us_p99: 5.0, ..Default::default() };
+        let b =
+            NodeMetrics { node: Some(1), faults: 4, pages_zero_filled: 50, fault_us_p99: 9.0, ..Default::default() };
+        let r = Report::new(vec![a, b]);
+        assert_eq!(r.total.faults, 7);
+        assert_eq!(r.total.pages_zero_filled, 150);
+        assert_eq!(r.total.fault_us_p99, 9.0);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["nodes"].as_array().unwrap().len(), 2);
+        assert_eq!(json["total"]["faults"], 7);
+        assert!(json["total"].get("node").is_none());
+        assert_eq!(json["nodes"][1]["node"], 1);
+    }
+
+    #[test]
+    fn latency_quantiles() {
+        let mut l = FaultLatency::default();
+        for us in 1..=100 {
+            l.record(Duration::from_micros(us));
+        }
+        assert!((l.quantile_us(0.5) - 50.0).abs() < 0.1);
+        assert!((l.quantile_us(0.99) - 99.0).abs() < 0.1);
+        assert_eq!(FaultLatency::default().quantile_us(0.5), 0.0);
+    }
+}

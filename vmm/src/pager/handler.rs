@@ -1,0 +1,101 @@
+//! The fault-handler threads: read userfaultfd, hand each fault to the
+//! pager, time it. Several threads read the one userfaultfd (each event
+//! goes to one reader), so faults of different vCPUs resolve in parallel.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Error, Pager};
+use crate::metrics::FaultLatency;
+use crate::uffd::Fault;
+
+/// Running fault-handler threads.
+#[derive(Debug)]
+pub struct FaultHandlers {
+    threads: Vec<JoinHandle<FaultLatency>>,
+    stop: EventFd,
+}
+
+/// What a handler thread does when a fault cannot be resolved: end the VM.
+pub type OnFatal = Arc<dyn Fn(Error) + Send + Sync>;
+
+impl FaultHandlers {
+    /// Starts `count` handler threads; thread `i` is pinned to `cpus[i]`
+    /// when given.
+    pub fn spawn(pager: Arc<Pager>, count: usize, cpus: Option<&[usize]>, on_fatal: OnFatal) -> io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count {
+            let pager = pager.clone();
+            let stop = stop.try_clone()?;
+            let on_fatal = on_fatal.clone();
+            let cpu = cpus.map(|c| c[i % c.len()]);
+            threads.push(std::thread::Builder::new().name(format!("shoal-fault{i}")).spawn(move || {
+                if let Some(cpu) = cpu {
+                    crate::vcpu::pin_current_thread(cpu);
+                }
+                serve(&pager, &stop, &*on_fatal)
+            })?);
+        }
+        Ok(FaultHandlers { threads, stop })
+    }
+
+    /// Stops the threads and returns their merged latencies.
+    pub fn stop(self) -> FaultLatency {
+        // a failed write leaves the threads blocked in poll: they would
+        // never be joined, so this must not fail silently
+        self.stop.write(1).expect("signal the fault handlers to stop");
+        let mut all = FaultLatency::default();
+        for t in self.threads {
+            match t.join() {
+                Ok(l) => all.merge(&l),
+                Err(_) => tracing::error!("a fault handler thread panicked"),
+            }
+        }
+        all
+    }
+}
+
+fn serve(pager: &Pager, stop: &EventFd, on_fatal: &(dyn Fn(Error) + Send + Sync)) -> FaultLatency {
+    let mut latency = FaultLatency::default();
+    let mut faults: Vec<Fault> = Vec::with_capacity(64);
+    let mut fds = [
+        libc::pollfd { fd: pager.uffd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: `fds` is a live array of two pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            on_fatal(Error::Poll(err));
+            return latency;
+        }
+        if fds[1].revents != 0 {
+            return latency;
+        }
+        if let Err(e) = pager.uffd().read_faults(&mut faults) {
+            on_fatal(Error::Read(e));
+            return latency;
+        }
+        for f in &faults {
+            let start = Instant::now();
+            match pager.handle_fault(*f) {
+                Ok(_) => latency.record(start.elapsed()),
+                Err(e) => {
+                    tracing::debug!(addr = f.addr, tid = f.tid, "fault not resolved");
+                    on_fatal(e);
+                    return latency;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! vCPUs: long-mode setup and the run loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use shoal_guest_images::abi;
+
+use crate::control::{Control, VmEvent};
+use crate::devices::{Devices, HcResult};
+use crate::loader::{self, BootPlan};
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Errors setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vCPU {vcpu}: {what}: {source}")]
+    Kvm {
+        vcpu: u64,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The CPUID the guest sees: what KVM supports, with vCPU `id`'s APIC id.
+pub fn cpuid_for(kvm: &Kvm, id: u64) -> std::result::Result<CpuId, kvm_ioctls::Error> {
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            // initial APIC id in EBX[31:24]
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
+            // x2APIC id
+            0xb | 0x1f => e.edx = id as u32,
+            _ => {}
+        }
+    }
+    Ok(cpuid)
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// One vCPU, ready to run.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u64,
+    fd: VcpuFd,
+    devices: Arc<Devices>,
+    control: Arc<Control>,
+    exits: Arc<AtomicU64>,
+}
+
+impl Vcpu {
+    /// Puts vCPU `id` in 64-bit mode at the image's entry, with its stack
+    /// and boot-info block from `plan`.
+    pub fn new(
+        id: u64,
+        fd: VcpuFd,
+        kvm: &Kvm,
+        plan: &BootPlan,
+        devices: Arc<Devices>,
+        control: Arc<Control>,
+        exits: Arc<AtomicU64>,
+    ) -> Result<Self> {
+        let err = |what| move |source| Error::Kvm { vcpu: id, what, source };
+        let cpuid = cpuid_for(kvm, id).map_err(err("reading KVM's supported CPUID"))?;
+        // CPUID first: KVM only accepts EFER.LME once CPUID says long mode
+        fd.set_cpuid2(&cpuid).map_err(err("setting CPUID"))?;
+
+        let mut sregs = fd.get_sregs().map_err(err("reading special registers"))?;
+        sregs.cs = segment(loader::CODE_SELECTOR, 0xb, true);
+        let data = segment(loader::DATA_SELECTOR, 0x3, false);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment {
+            selector: loader::TSS_SELECTOR,
+            limit: 0xffff,
+            type_: 0xb,
+            s: 0,
+            db: 0,
+            l: 0,
+            ..segment(loader::TSS_SELECTOR, 0xb, false)
+        };
+        sregs.gdt.base = plan.gdt;
+        sregs.gdt.limit = (loader::GDT.len() * 8 - 1) as u16;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr3 = plan.pml4;
+        sregs.cr4 = CR4_PAE;
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+        sregs.efer = EFER_LME | EFER_LMA;
+        fd.set_sregs(&sregs).map_err(err("entering long mode (KVM_SET_SREGS)"))?;
+
+        let (boot_info, stack_top) = plan.vcpus[id as usize];
+        let regs = kvm_regs { rip: plan.entry, rsp: stack_top, rdi: boot_info, rflags: 0x2, ..Default::default() };
+        fd.set_regs(&regs).map_err(err("setting registers"))?;
+        Ok(Vcpu { id, fd, devices, control, exits })
+    }
+
+    /// Runs until the guest exits or halts, the VM fails, or it is stopped.
+    pub fn run(mut self) {
+        if let Err(why) = self.run_loop() {
+            self.control.fail(format_args!("vCPU {}: {why}", self.id));
+        }
+    }
+
+    fn run_loop(&mut self) -> std::result::Result<(), String> {
+        let mut exits = 0u64;
+        let result = loop {
+            if self.control.stopping() {
+                break Ok(());
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                // a kick (signal) or a spurious wakeup: check for a stop
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => break Err(format!("KVM_RUN failed: {e}")),
+            };
+            exits += 1;
+            match exit {
+                VcpuExit::IoOut(port, data) if port == abi::HC_PORT => {
+                    let nr = match data.try_into() {
+                        Ok(b) => u32::from_le_bytes(b),
+                        Err(_) => break Err(format!("hypercall with a {}-byte out; use outl", data.len())),
+                    };
+                    match self.hypercall(nr) {
+                        Ok(true) => break Ok(()),
+                        Ok(false) => {}
+                        Err(e) => break Err(e),
+                    }
+                }
+                VcpuExit::IoOut(port, data) => self.devices.pio_write(port, data),
+                VcpuExit::IoIn(port, data) => self.devices.pio_read(port, data),
+                VcpuExit::Hlt => {
+                    self.control.report(VmEvent::Halted { vcpu: self.id });
+                    break Ok(());
+                }
+                VcpuExit::Shutdown => {
+                    break Err(self.describe("the guest shut down the CPU (triple fault)"));
+                }
+                VcpuExit::InternalError => {
+                    // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the kernel
+                    // filled in the `internal` arm of the exit union.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    break Err(self.describe(&format!(
+                        "KVM internal error (suberror {suberror}; 1 = the guest used an instruction \
+                         this KVM cannot emulate)"
+                    )));
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    break Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"));
+                }
+                VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
+                    break Err(self.describe(&format!("the guest accessed {addr:#x}, which is not RAM")));
+                }
+                other => break Err(format!("unexpected VM exit {other:?}")),
+            }
+        };
+        self.exits.fetch_add(exits, Ordering::Relaxed);
+        result
+    }
+
+    /// Handles one hypercall; true when the guest exited.
+    fn hypercall(&mut self, nr: u32) -> std::result::Result<bool, String> {
+        let mut regs = self.fd.get_regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?;
+        match self.devices.hypercall(self.id, nr, [regs.rdi, regs.rsi, regs.rcx]) {
+            HcResult::Exit(status) => {
+                self.control.report(VmEvent::Exit { vcpu: self.id, status });
+                Ok(true)
+            }
+            HcResult::Return(value) => {
+                regs.rax = value;
+                self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}"))?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn describe(&self, what: &str) -> String {
+        match self.fd.get_regs() {
+            Ok(r) => format!("{what} at rip {:#x} (rsp {:#x})", r.rip, r.rsp),
+            Err(_) => what.to_string(),
+        }
+    }
+}
+
+/// Pins the calling thread to host CPU `cpu` (best effort: a failure is
+/// logged, the benchmark that asked reports unpinned numbers then).
+pub fn pin_current_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t; `cpu` is bounds-checked by CPU_SET.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the
+    // size we pass.
+    let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if ret != 0 {
+        tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "cannot pin thread");
+    }
+}
+
+/// The host CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size we pass.
+    let ret = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if ret != 0 {
+        return vec![0];
+    }
+    // SAFETY: CPU_ISSET only reads the set.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}

@@ -1,0 +1,336 @@
+//! Builds a VM from a [`VmConfig`] and runs it to its end, in one readable
+//! sequence: check input, make guest memory, load the image, create the KVM
+//! VM and its memslots, register the guest view with userfaultfd, start the
+//! pager's fault handlers, start the vCPUs, wait, stop everything, report.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::Kvm;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::config::{self, Backing, ImageSource, VmConfig};
+use crate::control::{Control, VmEvent};
+use crate::devices::{Console, Devices, GuestInfo, GuestReader};
+use crate::loader::{self, BootParams};
+use crate::memory::{self, GuestMemory, Layout, PAGE_SIZE};
+use crate::metrics::{self, NodeMetrics, Report};
+use crate::pager::handler::FaultHandlers;
+use crate::pager::{Pager, Policy};
+use crate::uffd::{self, Uffd};
+use crate::vcpu::{self, Vcpu};
+
+/// Errors before the guest runs. [`Error::is_bad_input`] tells the user's
+/// mistakes (exit status 2) from the host's problems.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("guest image {path}: {source}")]
+    ReadImage {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] loader::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Uffd(#[from] uffd::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error("reading the loaded guest memory back: {0}")]
+    Pager(#[source] std::io::Error),
+    #[error("starting a thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Whether the user's input is at fault (as opposed to the host).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::ReadImage { .. } => true,
+            Error::Load(e) => !matches!(e, loader::Error::Write(_)),
+            Error::Memory(e) => matches!(
+                e,
+                memory::Error::Zero
+                    | memory::Error::Unaligned(_)
+                    | memory::Error::TooSmall { .. }
+                    | memory::Error::TooLarge { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The guest called exit with this status.
+    Exited(u64),
+    /// The VM could not go on.
+    Failed(String),
+    /// `--timeout` expired.
+    TimedOut(Duration),
+    /// SIGINT or SIGTERM.
+    Interrupted,
+}
+
+/// The end and the metrics.
+#[derive(Debug)]
+pub struct Outcome {
+    pub end: End,
+    pub report: Report,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU out of KVM_RUN (or out of a wait on a page
+/// fault: KVM waits for userfaultfd interruptibly).
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the handlers for SIGINT/SIGTERM: the VM then ends cleanly, with
+/// metrics (`End::Interrupted`). For `main`; a library user may keep its own.
+pub fn install_interrupt_handlers() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, on_interrupt).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// Installs the (empty) handler of the vCPU kick signal, once per process:
+/// without it the signal's default action would kill the process.
+fn install_kick_handler() -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(|errno| Error::Thread(std::io::Error::from_raw_os_error(errno)))
+}
+
+/// Runs a VM to its end.
+pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Result<Outcome> {
+    let started = Instant::now();
+    config.check()?;
+    install_kick_handler()?;
+    let (name, bytes): (String, Cow<'static, [u8]>) = match &config.image {
+        ImageSource::Embedded(g) => (g.name.to_string(), Cow::Borrowed(g.elf)),
+        ImageSource::File(path) => {
+            let bytes =
+                std::fs::read(path).map_err(|source| Error::ReadImage { path: path.display().to_string(), source })?;
+            (path.display().to_string(), Cow::Owned(bytes))
+        }
+    };
+    let image = loader::Image::parse(&name, &bytes)?;
+    let layout = Layout::new(config.memory)?;
+    let mem = Arc::new(GuestMemory::with_backing(layout, config.backing)?);
+    let params = BootParams { cmdline: config.cmdline.clone(), vcpus: config.cpus, node_id: 0, num_nodes: 1 };
+    let plan = loader::load(&image, &mem, &params)?;
+
+    let kvm = Kvm::new().map_err(|source| Error::Kvm { what: "cannot open /dev/kvm".into(), source })?;
+    let vm = kvm.create_vm().map_err(|source| Error::Kvm { what: "cannot create a KVM VM".into(), source })?;
+    for (slot, r) in mem.layout().regions().iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: r.gpa,
+            memory_size: r.len,
+            userspace_addr: mem.guest_view_base() + r.offset,
+            flags: 0,
+        };
+        // SAFETY: the guest view stays mapped for as long as the VM exists:
+        // `mem` outlives `vm` (both are dropped at the end of this function,
+        // `vm` first, as it is declared later).
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| Error::Kvm {
+            what: format!("cannot give KVM {} MiB of guest memory at {:#x}", r.len >> 20, r.gpa),
+            source,
+        })?;
+    }
+
+    let (control, events) = Control::new();
+    let control = Arc::new(control);
+    let cpus = vcpu::allowed_cpus();
+    let pin = config.pin.then_some(cpus.as_slice());
+    let paging = match config.backing {
+        Backing::Memfd => Some(start_pager(config, &mem, &control, pin)?),
+        Backing::Anonymous => None,
+    };
+
+    let console = Arc::new(Mutex::new(Console::new(console_out)));
+    let info = GuestInfo { num_vcpus: config.cpus.into(), node_id: 0, num_nodes: 1, mem_bytes: config.memory };
+    let reader = match &paging {
+        Some((pager, _)) => GuestReader::Paged(pager.clone()),
+        None => GuestReader::Direct(mem.clone()),
+    };
+    let devices = Arc::new(Devices::new(console.clone(), reader, info));
+    let exits = Arc::new(AtomicU64::new(0));
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut setup_error = None;
+    for id in 0..u64::from(config.cpus) {
+        let started = vm
+            .create_vcpu(id)
+            .map_err(|source| Error::Kvm { what: format!("cannot create vCPU {id}"), source })
+            .and_then(|fd| {
+                Vcpu::new(id, fd, &kvm, &plan, devices.clone(), control.clone(), exits.clone()).map_err(Error::from)
+            })
+            .and_then(|vcpu| {
+                let cpu = pin.map(|c| c[id as usize % c.len()]);
+                std::thread::Builder::new()
+                    .name(format!("shoal-vcpu{id}"))
+                    .spawn(move || {
+                        if let Some(cpu) = cpu {
+                            vcpu::pin_current_thread(cpu);
+                        }
+                        vcpu.run()
+                    })
+                    .map_err(Error::Thread)
+            });
+        match started {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                setup_error = Some(e);
+                break;
+            }
+        }
+    }
+
+    let end = setup_error.is_none().then(|| wait(&events, config));
+    let failed = matches!(end, Some(End::Failed(_)));
+    stop_vcpus(&control, &threads, paging.as_ref().map(|(p, _)| p.uffd()), &mem, failed);
+    for t in threads.into_iter().filter(JoinHandle::is_finished) {
+        let _ = t.join();
+    }
+    let wall = started.elapsed();
+    console.lock().unwrap_or_else(|p| p.into_inner()).flush_line();
+    let mut node = match paging {
+        Some((pager, handlers)) => {
+            let latency = handlers.stop();
+            NodeMetrics::collect(0, pager.counters(), pager.resident_pages(), &latency)
+        }
+        None => NodeMetrics { node: Some(0), pages_resident: mem.mapped_pages().unwrap_or(0), ..Default::default() },
+    };
+    let end = match (end, setup_error) {
+        (Some(end), None) => end,
+        (_, Some(e)) => return Err(e),
+        (None, None) => unreachable!("no end without a setup error"),
+    };
+    node.wall_seconds = wall.as_secs_f64();
+    node.memfd_bytes = mem.allocated_bytes();
+    node.peak_rss_bytes = metrics::peak_rss_bytes();
+    node.vcpu_exits = exits.load(Ordering::Relaxed);
+    Ok(Outcome { end, report: Report::new(vec![node]) })
+}
+
+/// Registers the guest view with userfaultfd and starts the pager's fault
+/// handlers; a fault they cannot resolve ends the VM through `control`.
+fn start_pager(
+    config: &VmConfig,
+    mem: &Arc<GuestMemory>,
+    control: &Arc<Control>,
+    pin: Option<&[usize]>,
+) -> Result<(Arc<Pager>, FaultHandlers)> {
+    let uffd = Arc::new(Uffd::new(uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_THREAD_ID)?);
+    uffd.register_missing(mem.guest_view_base(), mem.layout().size())?;
+    let policy = Policy { dormant: config.dormant, budget_pages: config.node_memory.map(|b| b / PAGE_SIZE) };
+    let pager = Arc::new(Pager::new(mem.clone(), uffd, policy).map_err(Error::Pager)?);
+    if let Some(budget) = config.node_memory {
+        let needed = pager.resident_pages() * PAGE_SIZE;
+        if needed > budget {
+            return Err(config::Error::Budget { budget, needed }.into());
+        }
+    }
+    let on_fatal = {
+        let control = control.clone();
+        Arc::new(move |e: crate::pager::Error| control.fail(e))
+    };
+    let threads = config.fault_threads.unwrap_or(config.cpus as usize);
+    let handlers = FaultHandlers::spawn(pager.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
+    Ok((pager, handlers))
+}
+
+/// Waits for the event that ends the VM.
+fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig) -> End {
+    let start = Instant::now();
+    let mut halted = 0u32;
+    loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return End::Interrupted;
+        }
+        if let Some(t) = config.timeout {
+            if start.elapsed() >= t {
+                return End::TimedOut(t);
+            }
+        }
+        match events.recv_timeout(Duration::from_millis(50)) {
+            Ok(VmEvent::Exit { status, vcpu }) => {
+                tracing::debug!(vcpu, status, "guest exit");
+                return End::Exited(status);
+            }
+            Ok(VmEvent::Halted { vcpu }) => {
+                tracing::debug!(vcpu, "vCPU halted");
+                halted += 1;
+                if halted == config.cpus {
+                    return End::Failed("every vCPU halted without calling exit".into());
+                }
+            }
+            Ok(VmEvent::Failed(why)) => return End::Failed(why),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return End::Failed("lost the VM's event channel".into()),
+        }
+    }
+}
+
+/// Stops every vCPU: set the flag they check before each entry, then kick
+/// them out of KVM_RUN until they are all gone.
+///
+/// A vCPU blocked on a page fault the pager will never resolve (after a
+/// failure) does not notice the kick: measured on kvm_pvm / Linux 6.18, the
+/// wait on userfaultfd is not interrupted by our signal. Unregistering guest
+/// memory from userfaultfd wakes every waiter (their retried fault is served
+/// by the kernel), and the pending kick then ends KVM_RUN. After a failure
+/// that happens at once; otherwise only if kicks alone have not stopped
+/// every vCPU within 100 ms.
+fn stop_vcpus(control: &Control, threads: &[JoinHandle<()>], uffd: Option<&Uffd>, mem: &GuestMemory, failed: bool) {
+    control.stop();
+    let start = Instant::now();
+    let release_after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
+    let mut released = false;
+    while threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(kick_signal());
+        }
+        let waited = start.elapsed();
+        if let Some(uffd) = uffd.filter(|_| !released && waited >= release_after) {
+            tracing::debug!(failed, "releasing guest memory from the pager to stop the vCPUs");
+            if let Err(e) = uffd.unregister(mem.guest_view_base(), mem.layout().size()) {
+                tracing::warn!(error = %e, "cannot unregister guest memory");
+            }
+            released = true;
+        }
+        if waited > Duration::from_secs(10) {
+            tracing::error!("a vCPU thread does not stop; leaving it behind");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

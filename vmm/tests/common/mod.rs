@@ -1,0 +1,197 @@
+//! Helpers for the integration tests: run the real `shoal` binary under a
+//! hard time bound, read its metrics, build tiny ELF images.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether KVM is here. Without it the test says so loudly and skips,
+/// unless SHOAL_REQUIRE_KVM=1 (set by CI, whose machines have KVM), where
+/// a missing /dev/kvm is a failure rather than a silent pass.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::File::options().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        if std::env::var("SHOAL_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is not usable and SHOAL_REQUIRE_KVM=1");
+        }
+        eprintln!("\n*** SKIPPED {test}: /dev/kvm is missing or not accessible ***\n");
+    }
+    ok
+}
+
+/// What one run of `shoal` did.
+#[derive(Debug)]
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub metrics: Option<serde_json::Value>,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// The node-0 metric `key` as u64.
+    pub fn metric(&self, key: &str) -> u64 {
+        let m = self.metrics.as_ref().unwrap_or_else(|| panic!("no metrics; stderr:\n{}", self.stderr));
+        m["total"][key].as_u64().unwrap_or_else(|| panic!("metric {key} missing in {m}"))
+    }
+
+    /// Fails with the run's output unless the status is `want`.
+    pub fn expect_status(&self, want: i32) -> &Self {
+        assert_eq!(self.status, want, "exit status; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+pub fn shoal_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shoal"))
+}
+
+/// A scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shoal-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `shoal ARGS --metrics-json FILE` (for `run`), killing it after
+/// `limit`: a hang is a test failure, never a stuck suite.
+pub fn shoal(args: &[&str], limit: Duration) -> Run {
+    let dir = scratch(&format!("run{}", rand_suffix()));
+    let metrics_path = dir.join("metrics.json");
+    let mut cmd = Command::new(shoal_bin());
+    cmd.args(args);
+    if args.first() == Some(&"run") {
+        cmd.arg("--metrics-json").arg(&metrics_path);
+    }
+    let out = run_bounded(cmd, limit);
+    let metrics = std::fs::read_to_string(&metrics_path).ok().map(|s| serde_json::from_str(&s).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    Run { metrics, ..out }
+}
+
+/// Runs a command with stdin closed, capturing output, killed at `limit`.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {limit:?} (a hang)\nstdout:\n{}\nstderr:\n{}",
+                out_t.join().unwrap(),
+                err_t.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let status = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Run {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+        metrics: None,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) * 1_000_000 + u64::from(std::process::id())
+}
+
+/// splitmix64's finaliser, as the guests' runtime has it.
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The checksum memtouch must print for `mib` and `seed` when every page
+/// read back what was written: computed here independently of the guest.
+pub fn expected_checksum(mib: u64, seed: u64) -> u64 {
+    let mut c = 0u64;
+    for page in 0..mib * 256 {
+        let v = mix64(seed ^ page);
+        c = mix64(c ^ v);
+        c = mix64(c ^ v);
+    }
+    c
+}
+
+/// The `checksum=0x...` value a guest printed.
+pub fn printed_checksum(stdout: &str) -> u64 {
+    let hex = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("checksum=0x"))
+        .unwrap_or_else(|| panic!("no checksum in:\n{stdout}"));
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// A minimal static ELF: one PT_LOAD segment holding `code` at `paddr`,
+/// entered at its first byte. `class` 2 is 64-bit, 1 is 32-bit (a wrong
+/// image for shoal).
+pub fn tiny_elf(code: &[u8], paddr: u64, class: u8) -> Vec<u8> {
+    let mut e = vec![0u8; 0x1000];
+    e[..4].copy_from_slice(b"\x7fELF");
+    e[4] = class;
+    e[5] = 1; // little-endian
+    e[6] = 1; // version
+    let put16 = |e: &mut Vec<u8>, o: usize, v: u16| e[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 = |e: &mut Vec<u8>, o: usize, v: u32| e[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |e: &mut Vec<u8>, o: usize, v: u64| e[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    put16(&mut e, 16, 2); // ET_EXEC
+    put16(&mut e, 18, 62); // EM_X86_64
+    put32(&mut e, 20, 1);
+    put64(&mut e, 24, paddr); // entry
+    put64(&mut e, 32, 64); // phoff
+    put16(&mut e, 52, 64); // ehsize
+    put16(&mut e, 54, 56); // phentsize
+    put16(&mut e, 56, 1); // phnum
+    let ph = 64;
+    put32(&mut e, ph, 1); // PT_LOAD
+    put32(&mut e, ph + 4, 5); // R+X
+    put64(&mut e, ph + 8, 0x1000); // offset
+    put64(&mut e, ph + 16, paddr); // vaddr
+    put64(&mut e, ph + 24, paddr); // paddr
+    put64(&mut e, ph + 32, code.len() as u64); // filesz
+    put64(&mut e, ph + 40, code.len() as u64); // memsz
+    put64(&mut e, ph + 48, 0x1000);
+    e.extend_from_slice(code);
+    e
+}
+
+/// Writes `bytes` to `dir/name` and returns the path as a string.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}

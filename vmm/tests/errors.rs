@@ -1,0 +1,183 @@
+//! Bad input gets a one-line error and exit status 2, never a panic; a VM
+//! that fails ends with an error (status 70), never a hang.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs shoal and checks: status 2, one `shoal: error:` line naming the
+/// problem (or clap's usage error), no panic.
+fn refused(args: &[&str], needle: &str) {
+    let r = shoal(args, LIMIT);
+    assert_eq!(r.status, 2, "{args:?}: status; stderr:\n{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{args:?} panicked:\n{}", r.stderr);
+    assert!(r.stderr.contains(needle), "{args:?}: expected {needle:?} in:\n{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{args:?}: nothing reaches the console: {}", r.stdout);
+}
+
+#[test]
+fn missing_image() {
+    refused(&["run", "--kernel", "/nonexistent/guest.elf", "--memory", "64M"], "No such file");
+}
+
+#[test]
+fn unreadable_image() {
+    // a directory cannot be read as a file, even by root
+    let dir = scratch("unreadable");
+    refused(&["run", "--kernel", dir.to_str().unwrap(), "--memory", "64M"], "guest image");
+}
+
+#[test]
+fn not_an_elf() {
+    let dir = scratch("notelf");
+    let p = write_file(&dir, "x", b"#!/bin/sh\necho hi\n");
+    refused(&["run", "--kernel", &p, "--memory", "64M"], "not an ELF file");
+    let empty = write_file(&dir, "empty", b"");
+    refused(&["run", "--kernel", &empty, "--memory", "64M"], "not an ELF file");
+}
+
+#[test]
+fn elf_32_bit() {
+    let dir = scratch("elf32");
+    let p = write_file(&dir, "g32", &tiny_elf(&[0xf4], 0x10_0000, 1));
+    refused(&["run", "--kernel", &p, "--memory", "64M"], "32-bit ELF");
+}
+
+#[test]
+fn host_executable_is_not_a_guest() {
+    refused(&["run", "--kernel", "/bin/true", "--memory", "64M"], "not loadable");
+}
+
+#[test]
+fn segment_outside_guest_memory() {
+    let dir = scratch("outside");
+    let p = write_file(&dir, "far", &tiny_elf(&[0xf4], 0x800_0000, 2)); // 128 MiB
+    refused(&["run", "--kernel", &p, "--memory", "64M"], "outside guest RAM");
+}
+
+#[test]
+fn memory_sizes() {
+    refused(&["run", "--guest", "hello", "--memory", "0"], "must be more than 0");
+    refused(&["run", "--guest", "hello", "--memory", "12345"], "not a multiple of the 4 KiB page size");
+    refused(&["run", "--guest", "hello", "--memory", "4T"], "limit of 1024 GiB");
+    refused(&["run", "--guest", "hello", "--memory", "99999999999T"], "does not fit in 64 bits");
+    refused(&["run", "--guest", "hello", "--memory", "64Q"], "expected a number with an optional unit");
+    refused(&["run", "--guest", "hello", "--memory", "1M"], "below shoal's minimum");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--node-memory", "lots"], "expected a number");
+}
+
+#[test]
+fn unknown_guest() {
+    refused(&["run", "--guest", "nosuch", "--memory", "64M"], "unknown guest \"nosuch\"; the guests are: hello");
+}
+
+#[test]
+fn malformed_cmdlines() {
+    refused(&["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mb=4"], "unknown command-line key \"mb\"");
+    refused(&["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=four"], "must be a decimal");
+    refused(&["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib"], "is not a key=value word");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--cmdline", "a\tb"], "only printable ASCII");
+    let long = "x".repeat(3000);
+    let dir = scratch("longcmd");
+    let p = write_file(&dir, "hello", shoal_guest_images::find("hello").unwrap().elf);
+    refused(&["run", "--kernel", &p, "--memory", "64M", "--cmdline", &long], "the limit is 2048");
+}
+
+#[test]
+fn usage_errors() {
+    refused(&["run", "--guest", "hello"], "--memory");
+    refused(&["run", "--memory", "64M"], "--guest");
+    refused(&["run", "--guest", "hello", "--kernel", "/x", "--memory", "64M"], "cannot be used with");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--cpus", "0"], "--cpus must be between 1");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--dormant", "maybe"], "invalid value 'maybe'");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--timeout=-1"], "--timeout must be a positive");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--timeout", "soon"], "invalid value 'soon'");
+}
+
+#[test]
+fn budget_too_small_for_the_image() {
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--node-memory", "4K"], "the loader alone writes");
+}
+
+/// A failed fault resolution ends the VM with an error naming it: the
+/// vCPU blocked on the fault is released, nothing hangs.
+#[test]
+fn a_fault_over_the_memory_budget_ends_the_vm() {
+    if !kvm_or_skip("budget") {
+        return;
+    }
+    let r =
+        shoal(&["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=32", "--node-memory", "8M"], LIMIT);
+    r.expect_status(70);
+    assert!(r.stderr.contains("node memory budget exhausted: 2048 pages (8 MiB)"), "{}", r.stderr);
+    assert!(r.metric("pages_resident") <= 2048, "the budget held");
+    assert!(!r.stdout.contains("verified"), "the guest must not finish");
+}
+
+#[test]
+fn a_guest_that_only_halts_fails_the_vm() {
+    if !kvm_or_skip("halt") {
+        return;
+    }
+    let dir = scratch("halt");
+    let p = write_file(&dir, "halt", &tiny_elf(&[0xf4], 0x10_0000, 2)); // hlt
+    let r = shoal(&["run", "--kernel", &p, "--memory", "16M", "--cpus", "2"], LIMIT);
+    r.expect_status(70);
+    assert!(r.stderr.contains("every vCPU halted without calling exit"), "{}", r.stderr);
+}
+
+#[test]
+fn a_guest_touching_the_mmio_hole_fails_the_vm() {
+    if !kvm_or_skip("mmio") {
+        return;
+    }
+    // mov rax, 0xd0000000; mov [rax], rax  (inside the hole below 4 GiB)
+    let code = [0x48, 0xb8, 0, 0, 0, 0xd0, 0, 0, 0, 0, 0x48, 0x89, 0x00, 0xf4];
+    let dir = scratch("mmio");
+    let p = write_file(&dir, "mmio", &tiny_elf(&code, 0x10_0000, 2));
+    let r = shoal(&["run", "--kernel", &p, "--memory", "16M"], LIMIT);
+    r.expect_status(70);
+    assert!(r.stderr.contains("the guest accessed 0xd0000000, which is not RAM"), "{}", r.stderr);
+}
+
+#[test]
+fn a_triple_fault_fails_the_vm() {
+    if !kvm_or_skip("triple fault") {
+        return;
+    }
+    // ud2 with no IDT: #UD, then #DF, then shutdown
+    let dir = scratch("ud2");
+    let p = write_file(&dir, "ud2", &tiny_elf(&[0x0f, 0x0b], 0x10_0000, 2));
+    let r = shoal(&["run", "--kernel", &p, "--memory", "16M"], LIMIT);
+    r.expect_status(70);
+    assert!(r.stderr.contains("the VM failed"), "{}", r.stderr);
+}
+
+#[test]
+fn timeout_stops_a_spinning_guest() {
+    if !kvm_or_skip("timeout") {
+        return;
+    }
+    let dir = scratch("spin");
+    let p = write_file(&dir, "spin", &tiny_elf(&[0xeb, 0xfe], 0x10_0000, 2)); // jmp .
+    let r = shoal(&["run", "--kernel", &p, "--memory", "16M", "--cpus", "2", "--timeout", "0.5"], LIMIT);
+    r.expect_status(124);
+    assert!(r.stderr.contains("ran past --timeout"), "{}", r.stderr);
+}
+
+#[test]
+fn guest_exit_status_passes_through() {
+    if !kvm_or_skip("exit status") {
+        return;
+    }
+    // mov edi, 42; mov eax, HC_EXIT; mov edx, HC_PORT; out dx, eax
+    let code = [0xbf, 42, 0, 0, 0, 0xb8, 2, 0, 0, 0, 0xba, 0x10, 0x05, 0, 0, 0xef, 0xf4];
+    let dir = scratch("exit42");
+    let p = write_file(&dir, "exit42", &tiny_elf(&code, 0x10_0000, 2));
+    let r = shoal(&["run", "--kernel", &p, "--memory", "16M"], LIMIT);
+    r.expect_status(42);
+}
