@@ -167,38 +167,39 @@ impl Pager {
             if self.states.is_resident(page) {
                 break;
             }
-            let left = self.budget_left();
-            let run = plan_run(page, lo, hi, left, |p| self.states.is_resident(p))
+            // the whole dormant run, then as much of it as the budget
+            // grants (reserved before the ioctl, so that faults resolving
+            // in parallel on other blocks cannot overshoot it together)
+            let full = plan_run(page, lo, hi, u64::MAX, |p| self.states.is_resident(p));
+            let granted = full.map_or(0, |r| self.reserve(r.count));
+            let run = plan_run(page, lo, hi, granted, |p| self.states.is_resident(p))
                 .ok_or(Error::BudgetExhausted { budget: self.policy.budget_pages.unwrap_or(0), gpa })?;
             let addr = base + run.first * PAGE_SIZE;
             let len = run.count * PAGE_SIZE;
-            let outcome = if self.policy.dormant {
+            let result = if self.policy.dormant {
                 self.uffd.zeropage(addr, len, true)
             } else {
                 self.uffd.copy(addr, &self.contents[..len as usize], true)
-            }
-            .map_err(|source| Error::Resolve { gpa, source })?;
-            match outcome {
-                Outcome::Done => {
-                    self.account(run.first, run.count);
-                    resolved += run.count;
-                    fault_mapped = true;
+            };
+            let mapped = match result {
+                Ok(Outcome::Done) => run.count,
+                Ok(Outcome::Partial { done }) => done / PAGE_SIZE,
+                Ok(Outcome::Exists | Outcome::Retry) => 0,
+                Err(source) => {
+                    self.resident.fetch_sub(run.count, Ordering::Relaxed);
+                    return Err(Error::Resolve { gpa, source });
                 }
-                Outcome::Partial { done } => {
-                    let done = done / PAGE_SIZE;
-                    self.account(run.first, done);
-                    resolved += done;
-                    fault_mapped |= page < run.first + done;
-                }
-                Outcome::Exists => {
-                    // the kernel has this page although we believed it
-                    // dormant: it is resident, whatever we thought
-                    if self.states.set_resident(run.first, 1) == 1 {
-                        self.resident.fetch_add(1, Ordering::Relaxed);
-                        self.counters.pages_found_present.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Outcome::Retry => {}
+            };
+            // give back what was reserved and not mapped
+            self.resident.fetch_sub(run.count - mapped, Ordering::Relaxed);
+            self.account(run.first, mapped);
+            resolved += mapped;
+            fault_mapped |= page >= run.first && page < run.first + mapped;
+            // the kernel has the run's first page although we believed it
+            // dormant: it is resident, whatever we thought
+            if matches!(result, Ok(Outcome::Exists)) && self.states.set_resident(run.first, 1) == 1 {
+                self.resident.fetch_add(1, Ordering::Relaxed);
+                self.counters.pages_found_present.fetch_add(1, Ordering::Relaxed);
             }
         }
         if !self.states.is_resident(page) {
@@ -223,17 +224,29 @@ impl Pager {
         }
     }
 
-    fn budget_left(&self) -> u64 {
-        match self.policy.budget_pages {
-            None => u64::MAX,
-            Some(b) => b.saturating_sub(self.resident.load(Ordering::Relaxed)),
+    /// Reserves up to `want` pages of the budget; returns how many.
+    fn reserve(&self, want: u64) -> u64 {
+        let Some(budget) = self.policy.budget_pages else {
+            self.resident.fetch_add(want, Ordering::Relaxed);
+            return want;
+        };
+        let mut cur = self.resident.load(Ordering::Relaxed);
+        loop {
+            let take = want.min(budget.saturating_sub(cur));
+            if take == 0 {
+                return 0;
+            }
+            match self.resident.compare_exchange_weak(cur, cur + take, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return take,
+                Err(now) => cur = now,
+            }
         }
     }
 
+    /// Marks mapped pages resident (their budget was reserved already).
     fn account(&self, first: u64, count: u64) {
         let newly = self.states.set_resident(first, count);
         debug_assert_eq!(newly, count, "resolved pages were already resident");
-        self.resident.fetch_add(newly, Ordering::Relaxed);
     }
 
     /// Reads guest memory for the VMM (hypercall buffers) without
