@@ -17,7 +17,9 @@ pub fn kvm_or_skip(test: &str) -> bool {
         if std::env::var("SHOAL_REQUIRE_KVM").as_deref() == Ok("1") {
             panic!("{test}: /dev/kvm is not usable and SHOAL_REQUIRE_KVM=1");
         }
-        eprintln!("\n*** SKIPPED {test}: /dev/kvm is missing or not accessible ***\n");
+        // straight to the process's stderr: the test harness captures eprintln!
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: /dev/kvm is missing or not accessible ***");
     }
     ok
 }

@@ -1,0 +1,187 @@
+//! The join handshake, run on every new connection before anything else:
+//!
+//! 1. both sides send `Hello` (magic, protocol version, backend, node id,
+//!    pod id, a fresh 32-byte nonce);
+//! 2. each checks the other's version, pod id, backend and node id, and
+//!    refuses (`Refuse`, then close) on any mismatch;
+//! 3. both send `Auth`: HMAC-SHA256 keyed with the pod secret over a label,
+//!    both node ids and both nonces, in the sender's order; each verifies
+//!    the other's in constant time and refuses a wrong one.
+//!
+//! Only after this do regions, memfds or queue-pair details cross. A
+//! replayed `Auth` fails (fresh nonces); a reflected one fails (the sender's
+//! id comes first in what it signs).
+
+use std::io::{Read, Write};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::wire::{read_frame, write_frame, Frame, Hello, StreamError, PROTOCOL_VERSION};
+use crate::{Error, Kind, NodeId};
+
+type HmacSha256 = Hmac<Sha256>;
+
+const LABEL: &[u8] = b"shoal fabric auth v1";
+
+/// Who this node is in its pod.
+#[derive(Clone)]
+pub struct Identity {
+    pub node: NodeId,
+    /// Names the pod; every node of a pod uses the same.
+    pub pod_id: String,
+    /// The shared pod secret (any length; 32 random bytes are plenty).
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("node", &self.node).field("pod_id", &self.pod_id).finish_non_exhaustive()
+    }
+}
+
+fn mac(secret: &[u8], from: NodeId, to: NodeId, from_nonce: &[u8; 32], to_nonce: &[u8; 32], pod: &str) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    m.update(LABEL);
+    m.update(&from.to_le_bytes());
+    m.update(&to.to_le_bytes());
+    m.update(from_nonce);
+    m.update(to_nonce);
+    m.update(pod.as_bytes());
+    m
+}
+
+fn nonce() -> Result<[u8; 32], Error> {
+    let mut n = [0u8; 32];
+    getrandom::getrandom(&mut n).map_err(|e| Error::Io {
+        what: "reading random bytes for a handshake nonce".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(n)
+}
+
+fn stream_err(peer: Option<NodeId>, step: &'static str, e: StreamError) -> Error {
+    match e {
+        StreamError::Closed => Error::Handshake { peer, reason: format!("connection closed during {step}") },
+        StreamError::Io(source) => Error::Handshake { peer, reason: format!("{step}: {source}") },
+        StreamError::Wire(w) => Error::Handshake { peer, reason: format!("{step}: {w}") },
+    }
+}
+
+/// Runs the handshake on a fresh connection. `expect` is the node we dialed
+/// (None when we accepted). Returns the peer's node id.
+pub fn handshake<S: Read + Write>(
+    stream: &mut S,
+    me: &Identity,
+    backend: Kind,
+    expect: Option<NodeId>,
+) -> Result<NodeId, Error> {
+    let my_nonce = nonce()?;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        backend: backend as u8,
+        node: me.node,
+        pod_id: me.pod_id.clone(),
+        nonce: my_nonce,
+    };
+    write_frame(stream, &Frame::Hello(hello)).map_err(|e| stream_err(expect, "sending Hello", e.into()))?;
+    let theirs = match read_frame(stream).map_err(|e| stream_err(expect, "waiting for Hello", e))? {
+        Frame::Hello(h) => h,
+        Frame::Refuse { reason } => return Err(Error::Refused { peer: expect, reason }),
+        other => {
+            return Err(Error::Handshake { peer: expect, reason: format!("expected Hello, got {}", other.name()) });
+        }
+    };
+    let peer = Some(theirs.node);
+    let refusal = if theirs.version != PROTOCOL_VERSION {
+        Some(Error::Version { peer: expect, theirs: theirs.version, ours: PROTOCOL_VERSION })
+    } else if theirs.pod_id != me.pod_id {
+        Some(Error::PodMismatch { peer, theirs: theirs.pod_id.clone(), ours: me.pod_id.clone() })
+    } else if theirs.backend != backend as u8 {
+        Some(Error::BackendMismatch { peer, theirs: theirs.backend, ours: backend })
+    } else if theirs.node == me.node {
+        Some(Error::Handshake { peer, reason: format!("the peer claims our own node id {}", me.node) })
+    } else if expect.is_some_and(|e| e != theirs.node) {
+        Some(Error::Handshake { peer, reason: format!("dialed node {} but node {} answered", expect.unwrap_or(0), theirs.node) })
+    } else {
+        None
+    };
+    if let Some(err) = refusal {
+        let _ = write_frame(stream, &Frame::Refuse { reason: err.to_string() });
+        return Err(err);
+    }
+
+    let proof = mac(&me.secret, me.node, theirs.node, &my_nonce, &theirs.nonce, &me.pod_id).finalize().into_bytes();
+    write_frame(stream, &Frame::Auth { mac: proof.into() }).map_err(|e| stream_err(peer, "sending Auth", e.into()))?;
+    let their_mac = match read_frame(stream).map_err(|e| stream_err(peer, "waiting for Auth", e))? {
+        Frame::Auth { mac } => mac,
+        Frame::Refuse { reason } => return Err(Error::Refused { peer, reason }),
+        other => {
+            return Err(Error::Handshake { peer, reason: format!("expected Auth, got {}", other.name()) });
+        }
+    };
+    let expected = mac(&me.secret, theirs.node, me.node, &theirs.nonce, &my_nonce, &me.pod_id);
+    if expected.verify_slice(&their_mac).is_err() {
+        let err = Error::WrongSecret { peer };
+        let _ = write_frame(stream, &Frame::Refuse { reason: "authentication failed: wrong pod secret".into() });
+        return Err(err);
+    }
+    Ok(theirs.node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn id(node: NodeId, pod: &str, secret: &[u8]) -> Identity {
+        Identity { node, pod_id: pod.into(), secret: secret.to_vec() }
+    }
+
+    fn pair(a: Identity, b: Identity, kind_b: Kind) -> (Result<NodeId, Error>, Result<NodeId, Error>) {
+        let (mut sa, mut sb) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || handshake(&mut sb, &b, kind_b, None));
+        let ra = handshake(&mut sa, &a, Kind::Tcp, Some(1));
+        drop(sa);
+        (ra, t.join().unwrap())
+    }
+
+    #[test]
+    fn same_secret_joins() {
+        let (a, b) = pair(id(0, "p", b"s3cret"), id(1, "p", b"s3cret"), Kind::Tcp);
+        assert_eq!(a.unwrap(), 1);
+        assert_eq!(b.unwrap(), 0);
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_on_both_sides() {
+        let (a, b) = pair(id(0, "p", b"s3cret"), id(1, "p", b"guess"), Kind::Tcp);
+        let (a, b) = (a.unwrap_err(), b.unwrap_err());
+        assert!(matches!(a, Error::WrongSecret { .. } | Error::Refused { .. }), "{a}");
+        assert!(matches!(b, Error::WrongSecret { .. } | Error::Refused { .. }), "{b}");
+        assert!(a.to_string().contains("secret") || b.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn other_pod_or_backend_is_refused() {
+        let (a, _) = pair(id(0, "p", b"s"), id(1, "q", b"s"), Kind::Tcp);
+        assert!(a.unwrap_err().to_string().contains("pod"));
+        let (a, _) = pair(id(0, "p", b"s"), id(1, "p", b"s"), Kind::Shm);
+        assert!(a.unwrap_err().to_string().contains("backend"));
+    }
+
+    #[test]
+    fn dialing_the_wrong_node_is_refused() {
+        let (a, _) = pair(id(0, "p", b"s"), id(2, "p", b"s"), Kind::Tcp);
+        assert!(a.unwrap_err().to_string().contains("dialed node 1 but node 2 answered"));
+    }
+
+    #[test]
+    fn a_reflected_proof_does_not_verify() {
+        let n1 = [1u8; 32];
+        let n2 = [2u8; 32];
+        let forward = mac(b"k", 0, 1, &n1, &n2, "p").finalize().into_bytes();
+        assert!(mac(b"k", 1, 0, &n2, &n1, "p").verify_slice(&forward).is_err());
+        assert!(mac(b"k", 0, 1, &n1, &n2, "p").verify_slice(&forward).is_ok());
+    }
+}

@@ -1,0 +1,328 @@
+//! shoal's fabric: how the nodes of a pod read each other's memory and
+//! exchange small messages.
+//!
+//! One trait, [`Transport`], three backends picked at run time:
+//! - [`Kind::Shm`]: peers on one host; a read is a `memcpy` from the peer's
+//!   memfd, mapped read-only (the memfd crosses a Unix socket once);
+//! - [`Kind::Tcp`]: anywhere; a read is served by the peer's passive
+//!   responder, which only copies bytes out of an exposed region after a
+//!   bounds check;
+//! - [`Kind::Verbs`]: InfiniBand / RoCE / soft-RoCE; a read is an
+//!   `IBV_WR_RDMA_READ` on an RC queue pair, messages are send/recv, and
+//!   memory is registered lazily, chunk by chunk, when a peer first reads
+//!   it: never the whole guest at once.
+//!
+//! Joining is two steps: [`bind`] an address (so that tests and launchers
+//! can use port 0 and pass the real address on), then [`Binding::join`]
+//! with the other nodes' addresses. Every connection starts with the
+//! handshake of [`auth`] (version, pod id, HMAC proof of the pod secret):
+//! nothing else crosses before it succeeds. Memory is exposed for remote
+//! **read only**; no peer can write another node's memory.
+
+pub mod auth;
+mod mesh;
+mod peer;
+mod shm;
+mod tcp;
+pub mod verbs;
+pub mod wire;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use auth::Identity;
+pub use mesh::{bind, Binding};
+pub use wire::{RegionInfo, MAX_MESSAGE, MAX_READ, PROTOCOL_VERSION};
+
+/// A node of a pod.
+pub type NodeId = u32;
+
+/// Which backend carries the fabric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    Shm = 1,
+    Tcp = 2,
+    Verbs = 3,
+}
+
+impl Kind {
+    /// The backend for `--fabric auto`: verbs when an RDMA device is
+    /// present, else shm when every node is on this host, else tcp.
+    pub fn auto(all_on_this_host: bool) -> Kind {
+        if verbs::device_present() {
+            Kind::Verbs
+        } else if all_on_this_host {
+            Kind::Shm
+        } else {
+            Kind::Tcp
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Shm => "shm",
+            Kind::Tcp => "tcp",
+            Kind::Verbs => "verbs",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "shm" => Ok(Kind::Shm),
+            "tcp" => Ok(Kind::Tcp),
+            "verbs" => Ok(Kind::Verbs),
+            _ => Err(format!("unknown fabric {s:?}; use shm, tcp, verbs or auto")),
+        }
+    }
+}
+
+/// Where a node listens for its peers: a Unix socket path for shm, a TCP
+/// address for tcp and verbs (verbs exchanges queue-pair details over it
+/// and keeps it open to notice a peer that dies).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Addr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Errors of the fabric. Every one names the peer when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handshake with {}: {reason}", peer_name(*peer))]
+    Handshake { peer: Option<NodeId>, reason: String },
+    #[error("{} refused us: {reason}", peer_name(*peer))]
+    Refused { peer: Option<NodeId>, reason: String },
+    #[error("{} speaks fabric protocol version {theirs}, this node speaks {ours}: run the same shoal on every node", peer_name(*peer))]
+    Version { peer: Option<NodeId>, theirs: u16, ours: u16 },
+    #[error("{} belongs to pod {theirs:?}, this node to pod {ours:?}", peer_name(*peer))]
+    PodMismatch { peer: Option<NodeId>, theirs: String, ours: String },
+    #[error("{} runs fabric backend {theirs}, this node runs {ours}", peer_name(*peer))]
+    BackendMismatch { peer: Option<NodeId>, theirs: u8, ours: Kind },
+    #[error("authentication with {} failed: wrong pod secret", peer_name(*peer))]
+    WrongSecret { peer: Option<NodeId> },
+    #[error("joining the pod timed out after {after:?}: no connection with {missing}")]
+    JoinTimeout { after: Duration, missing: String },
+    #[error("node {0} is not a peer of this node")]
+    UnknownPeer(NodeId),
+    #[error("node {peer} exposes no region {region}")]
+    UnknownRegion { peer: NodeId, region: u32 },
+    #[error("read of {len} bytes at offset {offset:#x} is outside region {region} of node {peer} ({region_len} bytes)")]
+    OutOfBounds { peer: NodeId, region: u32, offset: u64, len: u64, region_len: u64 },
+    #[error("a read must be 1 to {max} bytes, not {len}", max = MAX_READ)]
+    ReadLength { len: usize },
+    #[error("a message must be at most {max} bytes, not {len}", max = MAX_MESSAGE)]
+    MessageLength { len: usize },
+    #[error("node {peer} cannot serve the read: {reason}")]
+    Unavailable { peer: NodeId, reason: String },
+    #[error("node {peer} is gone: {reason}")]
+    PeerGone { peer: NodeId, reason: String },
+    #[error("{what} with node {peer} timed out after {after:?}")]
+    Timeout { peer: NodeId, what: &'static str, after: Duration },
+    #[error("node {peer} sent a malformed frame: {reason}")]
+    Protocol { peer: NodeId, reason: String },
+    #[error("no RDMA device{0}")]
+    NoDevice(String),
+    #[error("verbs: {0}")]
+    Verbs(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn peer_name(peer: Option<NodeId>) -> String {
+    match peer {
+        Some(n) => format!("node {n}"),
+        None => "a connecting peer".to_string(),
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Local memory exposed to peers for remote reads.
+#[derive(Debug)]
+pub struct LocalRegion {
+    pub(crate) id: u32,
+    pub(crate) addr: usize,
+    pub(crate) len: u64,
+    /// The memfd behind it (the shm backend passes it to peers).
+    pub(crate) fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl LocalRegion {
+    /// Exposes `[addr, addr + len)` as region `id`.
+    ///
+    /// # Safety
+    /// The memory must stay mapped and readable for as long as any
+    /// transport built with this region exists. Peers read it at any time
+    /// (concurrent writes by others may tear what they read, as with any
+    /// guest memory).
+    pub unsafe fn new(id: u32, addr: *const u8, len: u64) -> Self {
+        LocalRegion { id, addr: addr as usize, len, fd: None }
+    }
+
+    /// As [`LocalRegion::new`], backed by `memfd` at offset 0 (required by
+    /// the shm backend, which maps it read-only in its peers).
+    ///
+    /// # Safety
+    /// As for [`LocalRegion::new`]; `addr` maps `memfd` from offset 0.
+    pub unsafe fn with_memfd(id: u32, addr: *const u8, len: u64, memfd: std::os::fd::OwnedFd) -> Self {
+        LocalRegion { id, addr: addr as usize, len, fd: Some(memfd) }
+    }
+
+    pub fn info(&self) -> RegionInfo {
+        RegionInfo { id: self.id, len: self.len }
+    }
+
+    /// Copies `dst.len()` bytes at `offset` out, after the bounds check of
+    /// a responder; None when out of bounds.
+    pub(crate) fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Option<()> {
+        let end = offset.checked_add(dst.len() as u64)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: [offset, end) is inside the region (checked above), which
+        // the creator guaranteed stays mapped; `dst` is ours.
+        unsafe { std::ptr::copy_nonoverlapping((self.addr + offset as usize) as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Some(())
+    }
+}
+
+/// One read of a batch.
+#[derive(Debug)]
+pub struct ReadOp<'a> {
+    /// Region of the peer.
+    pub region: u32,
+    /// Offset in it.
+    pub offset: u64,
+    /// Where the bytes land (1 byte to 2 MiB).
+    pub buf: &'a mut [u8],
+}
+
+/// What [`Transport::recv`] returns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message from a peer.
+    Message { from: NodeId, payload: Vec<u8> },
+    /// A peer left: it said goodbye, closed its connection or died.
+    PeerGone { node: NodeId, reason: String },
+}
+
+/// Counters of one transport.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Reads completed (each op of a batch counts).
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// Bytes this node served to peers' reads (tcp's responder; one-sided
+    /// backends cannot count them).
+    pub bytes_served: u64,
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    pub messages_received: u64,
+    /// verbs: chunks registered for peers' reads, and their bytes.
+    pub chunks_registered: u64,
+    pub bytes_registered: u64,
+}
+
+/// One node's connections to every other node of its pod.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// The backend.
+    fn kind(&self) -> Kind;
+    /// The backend and what it runs on, for logs ("verbs on rxe0").
+    fn describe(&self) -> String {
+        self.kind().to_string()
+    }
+    /// This node.
+    fn node(&self) -> NodeId;
+    /// The other nodes.
+    fn peers(&self) -> Vec<NodeId>;
+    /// The regions `peer` exposes.
+    fn regions(&self, peer: NodeId) -> Result<Vec<RegionInfo>>;
+    /// Reads from `peer`'s memory: every op is posted, then all are waited
+    /// for. Fails as a whole when any op fails; then what landed in the
+    /// buffers is unspecified.
+    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()>;
+    /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
+    fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;
+    /// The next message or departure, waiting up to `timeout`.
+    fn recv(&self, timeout: Duration) -> Result<Option<Incoming>>;
+    /// Counters so far.
+    fn stats(&self) -> Stats;
+    /// Says goodbye to every peer and stops the transport's threads.
+    fn shutdown(&self);
+}
+
+/// Tuning and bounds of a transport.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long joining may take in all (peers start in any order).
+    pub join_timeout: Duration,
+    /// The longest a read or a message may wait for its peer before it is
+    /// an error: a peer that hangs cannot hang us.
+    pub io_timeout: Duration,
+    /// verbs: device name (default: the first device).
+    pub rdma_device: Option<String>,
+    /// verbs: port (default 1).
+    pub rdma_port: u8,
+    /// verbs: GID index (default: the RoCE v2 GID of this node's address,
+    /// or 0 on InfiniBand).
+    pub gid_index: Option<u8>,
+    /// verbs: bytes per lazily registered chunk (default 2 MiB).
+    pub chunk_size: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            join_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(2),
+            rdma_device: None,
+            rdma_port: 1,
+            gid_index: None,
+            chunk_size: 2 << 20,
+        }
+    }
+}
+
+pub(crate) fn check_read(op: &ReadOp<'_>) -> Result<()> {
+    if op.buf.is_empty() || op.buf.len() > MAX_READ {
+        return Err(Error::ReadLength { len: op.buf.len() });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_bounds(peer: NodeId, regions: &[RegionInfo], op: &ReadOp<'_>) -> Result<()> {
+    check_read(op)?;
+    let r = regions.iter().find(|r| r.id == op.region).ok_or(Error::UnknownRegion { peer, region: op.region })?;
+    let len = op.buf.len() as u64;
+    if op.offset.checked_add(len).is_none_or(|end| end > r.len) {
+        return Err(Error::OutOfBounds { peer, region: op.region, offset: op.offset, len, region_len: r.len });
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Joining a pod: bind, connect every pair of nodes once (the higher id
+//! dials the lower), authenticate each connection, then hand the
+//! authenticated streams to the backend.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use crate::auth::{handshake, Identity};
+use crate::{Addr, Error, Kind, LocalRegion, NodeId, Options, Result, Transport};
+
+/// A connected, authenticated stream to one peer.
+#[derive(Debug)]
+pub(crate) enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Our IP address on this connection (None for Unix sockets).
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Conn::Tcp(s) => s.local_addr().ok().map(|a| a.ip()),
+            Conn::Unix(_) => None,
+        }
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+/// A bound, not yet joined node.
+#[derive(Debug)]
+pub struct Binding {
+    kind: Kind,
+    listener: Listener,
+    addr: Addr,
+}
+
+/// Binds `addr` for backend `kind`: a Unix socket path for shm, a TCP
+/// address for tcp and verbs (port 0 picks a free port; see
+/// [`Binding::local_addr`]).
+pub fn bind(kind: Kind, addr: &Addr) -> Result<Binding> {
+    let io = |what: String| move |source| Error::Io { what, source };
+    let (listener, addr) = match (kind, addr) {
+        (Kind::Shm, Addr::Unix(path)) => {
+            // a socket file left by a node that died: ours to replace
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+            (Listener::Unix(l, path.clone()), addr.clone())
+        }
+        (Kind::Tcp | Kind::Verbs, Addr::Tcp(a)) => {
+            let l = TcpListener::bind(a).map_err(io(format!("binding {a}")))?;
+            let local = l.local_addr().map_err(io(format!("reading the address bound for {a}")))?;
+            (Listener::Tcp(l), Addr::Tcp(local))
+        }
+        (k, a) => {
+            return Err(Error::Config(format!(
+                "fabric {k} cannot listen on {a}: shm takes a Unix socket path, tcp and verbs a host:port"
+            )))
+        }
+    };
+    Ok(Binding { kind, listener, addr })
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Binding {
+    /// The address peers must dial.
+    pub fn local_addr(&self) -> &Addr {
+        &self.addr
+    }
+
+    /// Connects to every peer in `peers` (all other nodes of the pod, in
+    /// any order; they may still be starting), authenticates, exchanges
+    /// regions, and returns the running transport.
+    pub fn join(
+        self,
+        me: Identity,
+        peers: &[(NodeId, Addr)],
+        regions: Vec<LocalRegion>,
+        opts: Options,
+    ) -> Result<Box<dyn Transport>> {
+        let deadline = Instant::now() + opts.join_timeout;
+        let conns = self.connect_all(&me, peers, deadline, &opts)?;
+        match self.kind {
+            Kind::Tcp => Ok(Box::new(crate::tcp::TcpTransport::start(me.node, conns, regions, deadline, &opts)?)),
+            Kind::Shm => Ok(Box::new(crate::shm::ShmTransport::start(me.node, conns, regions, deadline, &opts)?)),
+            Kind::Verbs => Ok(Box::new(crate::verbs::VerbsTransport::start(me.node, conns, regions, deadline, &opts)?)),
+        }
+    }
+
+    fn connect_all(
+        &self,
+        me: &Identity,
+        peers: &[(NodeId, Addr)],
+        deadline: Instant,
+        opts: &Options,
+    ) -> Result<BTreeMap<NodeId, Conn>> {
+        let mut want_accept = Vec::new();
+        let mut want_dial = Vec::new();
+        for (id, addr) in peers {
+            if *id == me.node {
+                return Err(Error::Config(format!("node {id} is this node; list only the other nodes as peers")));
+            }
+            if peers.iter().filter(|(o, _)| o == id).count() > 1 {
+                return Err(Error::Config(format!("node {id} is listed twice among the peers")));
+            }
+            if *id < me.node {
+                want_dial.push((*id, addr.clone()));
+            } else {
+                want_accept.push(*id);
+            }
+        }
+        match &self.listener {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+        }
+        .map_err(|source| Error::Io { what: "making the listener non-blocking".into(), source })?;
+
+        let mut conns = BTreeMap::new();
+        let mut last_refusal: Option<String> = None;
+        loop {
+            let mut progressed = false;
+            // accept what is waiting
+            while let Some(conn) = self.try_accept()? {
+                progressed = true;
+                let mut conn = conn;
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                let _ = conn.set_timeouts(Some(left), Some(left));
+                match handshake(&mut conn, me, self.kind, None) {
+                    Ok(peer) if want_accept.contains(&peer) && !conns.contains_key(&peer) => {
+                        conns.insert(peer, conn);
+                    }
+                    Ok(peer) => {
+                        tracing::warn!(peer, "unexpected node connected; dropping it");
+                        last_refusal = Some(format!("unexpected connection from node {peer}"));
+                    }
+                    // a peer of ours that is misconfigured: fail now, clearly
+                    Err(e) if is_config_mismatch(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a connection failed its handshake");
+                        last_refusal = Some(e.to_string());
+                    }
+                }
+            }
+            // dial the lower ids that are still missing
+            for (id, addr) in &want_dial {
+                if conns.contains_key(id) {
+                    continue;
+                }
+                let Some(mut conn) = dial(addr)? else { continue };
+                progressed = true;
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                let _ = conn.set_timeouts(Some(left), Some(left));
+                handshake(&mut conn, me, self.kind, Some(*id))?;
+                conns.insert(*id, conn);
+            }
+            if conns.len() == peers.len() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let missing: Vec<String> =
+                    peers.iter().filter(|(id, _)| !conns.contains_key(id)).map(|(id, a)| format!("node {id} ({a})")).collect();
+                let mut missing = missing.join(", ");
+                if let Some(r) = last_refusal {
+                    missing.push_str(&format!("; last refused connection: {r}"));
+                }
+                return Err(Error::JoinTimeout { after: opts.join_timeout, missing });
+            }
+            if !progressed {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for c in conns.values() {
+            c.set_timeouts(Some(opts.join_timeout), Some(opts.io_timeout))
+                .map_err(|source| Error::Io { what: "setting socket timeouts".into(), source })?;
+        }
+        Ok(conns)
+    }
+
+    fn try_accept(&self) -> Result<Option<Conn>> {
+        let r = match &self.listener {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                s.set_nonblocking(false).map(|_| Conn::Tcp(s))
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| s.set_nonblocking(false).map(|_| Conn::Unix(s))),
+        };
+        match r {
+            Ok(Ok(c)) => Ok(Some(c)),
+            Ok(Err(source)) | Err(source) if source.kind() != io::ErrorKind::WouldBlock => {
+                Err(Error::Io { what: "accepting a peer".into(), source })
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Whether a handshake error means a peer of ours is misconfigured (as
+/// opposed to a stray connection).
+fn is_config_mismatch(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Version { .. } | Error::PodMismatch { .. } | Error::BackendMismatch { .. } | Error::WrongSecret { .. }
+    )
+}
+
+/// One connection attempt; None when the peer is not listening yet.
+fn dial(addr: &Addr) -> Result<Option<Conn>> {
+    let r = match addr {
+        Addr::Tcp(a) => TcpStream::connect_timeout(a, Duration::from_secs(1)).map(|s| {
+            let _ = s.set_nodelay(true);
+            Conn::Tcp(s)
+        }),
+        Addr::Unix(p) => UnixStream::connect(p).map(Conn::Unix),
+    };
+    match r {
+        Ok(c) => Ok(Some(c)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::TimedOut
+            ) || e.raw_os_error() == Some(libc::EHOSTUNREACH)
+                || e.raw_os_error() == Some(libc::ENETUNREACH) =>
+        {
+            Ok(None)
+        }
+        Err(source) => Err(Error::Io { what: format!("connecting to {addr}"), source }),
+    }
+}

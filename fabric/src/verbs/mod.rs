@@ -1,0 +1,609 @@
+//! The verbs backend: InfiniBand, RoCE and soft-RoCE (rxe).
+//!
+//! - One RC queue pair per peer. Reads are `IBV_WR_RDMA_READ`s into a
+//!   registered bounce buffer (then copied to the caller's buffer, which is
+//!   not registered); messages are SEND/RECV with receive buffers posted
+//!   ahead and a thread that waits on a completion channel.
+//! - Memory a peer reads is registered lazily, in chunks of [`CHUNK`]
+//!   bytes, when the peer first asks for the chunk's key (`KeyRequest` on
+//!   the setup stream, answered with `KeyGrant`); keys are cached on both
+//!   sides. The whole guest is never registered (pinned) at once. Devices
+//!   with on-demand paging would not need this; rxe on Linux 6.1 reports
+//!   none (its `rc_odp_caps` are empty), so we do not depend on it.
+//! - The TCP stream used to set up the queue pair stays open: it carries
+//!   key requests and tells us at once when a peer's process dies.
+//! - Memory is registered REMOTE_READ only: no peer can write ours.
+
+mod ffi;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::mesh::Conn;
+use crate::peer::{stream_error, wait_answers, Core, Counters, Handler, Peer};
+use crate::wire::{read_frame, write_frame, Frame, ReadFailure, VerbsEndpoint, MAX_MESSAGE};
+use crate::{check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadOp, Result, Stats, Transport};
+use ffi::{Buffer, CompChannel, Completion, Context, Cq, Mr, Path, Pd, Qp};
+
+pub use ffi::device_names;
+
+/// Bytes per lazily registered chunk: part of the protocol (a `KeyRequest`
+/// names chunk `c`, the bytes `[c * CHUNK, (c + 1) * CHUNK)` of a region).
+/// One fault-around block: the pager makes memory resident in such blocks,
+/// so registering a chunk rarely pins pages that are not resident already.
+pub const CHUNK: u64 = 2 << 20;
+/// Bounce buffer per peer: two full-size reads.
+const STAGING: usize = 2 * crate::MAX_READ;
+/// Receive buffers posted per peer.
+const RECV_DEPTH: usize = 32;
+/// Work requests per post: bounded by the send queue.
+const MAX_WRS: usize = 128;
+const SEND_QUEUE: u32 = 256;
+const IBV_PORT_ACTIVE: u32 = 4;
+
+/// Whether this machine has an RDMA device.
+pub fn device_present() -> bool {
+    !ffi::device_names().is_empty()
+}
+
+/// Local regions, registered chunk by chunk when peers ask.
+#[derive(Debug)]
+struct Exposer {
+    pd: Arc<Pd>,
+    local: Arc<Vec<LocalRegion>>,
+    chunks: Mutex<HashMap<(u32, u64), Mr>>,
+    counters: Arc<Counters>,
+}
+
+impl Exposer {
+    fn grant(&self, region: u32, chunk: u64) -> std::result::Result<(u64, u32), ReadFailure> {
+        let r = self.local.iter().find(|r| r.id == region).ok_or(ReadFailure::UnknownRegion)?;
+        let start = chunk.checked_mul(CHUNK).filter(|s| *s < r.len).ok_or(ReadFailure::OutOfBounds)?;
+        let len = CHUNK.min(r.len - start);
+        let addr = r.addr as u64 + start;
+        let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mr) = chunks.get(&(region, chunk)) {
+            return Ok((addr, mr.rkey()));
+        }
+        // SAFETY: the chunk lies inside the region, which its creator keeps
+        // mapped for the transport's lifetime; REMOTE_READ lets peers read
+        // it and nothing write it.
+        let mr = unsafe { Mr::register(&self.pd, addr as *mut u8, len as usize, ffi::ACCESS_REMOTE_READ) }
+            .map_err(|e| {
+                tracing::warn!(region, chunk, error = %e, "cannot register a chunk for a peer's read");
+                ReadFailure::Unavailable
+            })?;
+        let rkey = mr.rkey();
+        chunks.insert((region, chunk), mr);
+        self.counters.chunks_registered.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_registered.fetch_add(len, Ordering::Relaxed);
+        Ok((addr, rkey))
+    }
+}
+
+struct KeyServer(Arc<Exposer>);
+
+impl Handler for KeyServer {
+    fn on_frame(&self, peer: &Peer, frame: Frame) -> Result<()> {
+        match frame {
+            Frame::KeyRequest { tag, region, chunk } => {
+                let reply = match self.0.grant(region, chunk) {
+                    Ok((addr, rkey)) => Frame::KeyGrant { tag, region, chunk, addr, rkey },
+                    Err(failure) => Frame::ReadError { tag, failure },
+                };
+                if let Err(e) = peer.write(&[reply]) {
+                    tracing::debug!(peer = peer.id, error = %e, "could not answer a key request");
+                }
+                Ok(())
+            }
+            other => Err(Error::Protocol { peer: peer.id, reason: format!("unexpected {} frame on verbs", other.name()) }),
+        }
+    }
+}
+
+/// What only one thread at a time may do with a peer's send queue.
+#[derive(Debug)]
+struct SendSide {
+    // each MR is declared (so dropped) before the buffer it registers
+    staging_mr: Mr,
+    staging: Buffer,
+    msg_mr: Mr,
+    msg: Buffer,
+    /// (region, chunk) → (remote address of the chunk, rkey)
+    keys: HashMap<(u32, u64), (u64, u32)>,
+    next_wr: u64,
+    /// Set once the queue pair failed: it stays in ERROR.
+    broken: Option<String>,
+}
+
+#[derive(Debug)]
+struct VerbsPeer {
+    id: NodeId,
+    qp: Qp,
+    send_cq: Arc<Cq>,
+    send: Mutex<SendSide>,
+    _recv_mr: Mr,
+    recv_buf: Buffer,
+    recv_lkey: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct VerbsTransport {
+    core: Arc<Core>,
+    peers: BTreeMap<NodeId, Arc<VerbsPeer>>,
+    exposer: Arc<Exposer>,
+    stop: Arc<AtomicBool>,
+    wake: OwnedFd,
+    rx_thread: Mutex<Option<JoinHandle<()>>>,
+    device: String,
+    _recv_cq: Arc<Cq>,
+}
+
+fn ipv4_mapped_gid(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The GID index to use from address `ip`: the RoCE v2 GID of that address
+/// (a RoCE v1 one if that is all there is).
+fn find_gid(ctx: &Context, port: u8, tbl_len: i32, ip: IpAddr) -> Result<u8> {
+    let want = ipv4_mapped_gid(ip);
+    let mut v1 = None;
+    for i in 0..tbl_len.min(256) {
+        let Ok(gid) = ctx.query_gid(port, i) else { continue };
+        if gid != want {
+            continue;
+        }
+        match ctx.gid_type(port, i).as_deref() {
+            Some("RoCE v2") | None => return Ok(i as u8),
+            _ => v1 = v1.or(Some(i as u8)),
+        }
+    }
+    v1.ok_or_else(|| {
+        Error::Verbs(format!(
+            "device {} port {port} has no GID for {ip}: is the RDMA device on the interface of that address? \
+             (or pass a GID index)",
+            ctx.name
+        ))
+    })
+}
+
+impl VerbsTransport {
+    pub fn start(
+        node: NodeId,
+        mut conns: BTreeMap<NodeId, Conn>,
+        local: Vec<LocalRegion>,
+        _deadline: Instant,
+        opts: &Options,
+    ) -> Result<Self> {
+        let ctx = Context::open(opts.rdma_device.as_deref())?;
+        let port = opts.rdma_port;
+        let pinfo = ctx.query_port(port)?;
+        if pinfo.state != IBV_PORT_ACTIVE {
+            return Err(Error::Verbs(format!("port {port} of {} is not active (state {})", ctx.name, pinfo.state)));
+        }
+        let global = pinfo.link_layer == ffi::LINK_LAYER_ETHERNET;
+        if pinfo.link_layer == ffi::LINK_LAYER_INFINIBAND && pinfo.lid == 0 {
+            return Err(Error::Verbs(format!(
+                "port {port} of {} has no LID: is a subnet manager (opensm) running on the fabric?",
+                ctx.name
+            )));
+        }
+        let pd = Pd::new(&ctx)?;
+        let channel = CompChannel::new(&ctx)?;
+        let recv_cq = Cq::new(&ctx, (RECV_DEPTH * conns.len().max(1) + 16) as i32, Some(&channel))?;
+        let counters_for_exposer = Arc::new(Counters::default());
+        let local = Arc::new(local);
+
+        // one queue pair per peer, and our end of it
+        let mut setup = BTreeMap::new();
+        for (id, conn) in &conns {
+            let send_cq = Cq::new(&ctx, SEND_QUEUE as i32 + 16, None)?;
+            let qp = Qp::new_rc(&pd, &send_cq, &recv_cq, SEND_QUEUE, RECV_DEPTH as u32)?;
+            let sgid_index = match (opts.gid_index, global) {
+                (Some(i), _) => i,
+                (None, true) => {
+                    let ip = conn
+                        .local_ip()
+                        .ok_or_else(|| Error::Config("verbs needs TCP addresses to find its GID".into()))?;
+                    find_gid(&ctx, port, pinfo.gid_tbl_len, ip)?
+                }
+                (None, false) => 0,
+            };
+            let gid = ctx.query_gid(port, i32::from(sgid_index))?;
+            let mut psn = [0u8; 4];
+            let _ = getrandom::getrandom(&mut psn);
+            let psn = u32::from_le_bytes(psn) & 0x00ff_ffff;
+            let me = VerbsEndpoint { qpn: qp.qpn(), psn, lid: pinfo.lid, gid, mtu: pinfo.active_mtu as u8 };
+            setup.insert(*id, (qp, send_cq, sgid_index, me));
+        }
+
+        let regions = Core::exchange_regions(&mut conns, &local)?;
+        for (id, c) in conns.iter_mut() {
+            let me = setup[id].3;
+            write_frame(c, &Frame::Verbs(me))
+                .map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending queue-pair details: {e}") })?;
+        }
+        let mut peers = BTreeMap::new();
+        for (id, c) in conns.iter_mut() {
+            let remote = match read_frame(c) {
+                Ok(Frame::Verbs(v)) => v,
+                Ok(other) => {
+                    return Err(Error::Protocol { peer: *id, reason: format!("expected Verbs, got {}", other.name()) })
+                }
+                Err(e) => return Err(stream_error(*id, "waiting for queue-pair details", e)),
+            };
+            let (qp, send_cq, sgid_index, me) = setup.remove(id).expect("set up above");
+            let path = Path { port, sgid_index, global, mtu: pinfo.active_mtu };
+            qp.connect(&path, me.psn, &remote)?;
+            let staging = Buffer::new(STAGING)?;
+            // SAFETY: our own buffers, alive as long as their MRs (both are
+            // fields of the same peer, and each MR is dropped first).
+            let staging_mr = unsafe { Mr::register(&pd, staging.as_ptr(), staging.len(), ffi::ACCESS_LOCAL_WRITE)? };
+            let msg = Buffer::new(MAX_MESSAGE)?;
+            // SAFETY: as above.
+            let msg_mr = unsafe { Mr::register(&pd, msg.as_ptr(), msg.len(), ffi::ACCESS_LOCAL_WRITE)? };
+            let recv_buf = Buffer::new(RECV_DEPTH * MAX_MESSAGE)?;
+            // SAFETY: as above.
+            let recv_mr = unsafe { Mr::register(&pd, recv_buf.as_ptr(), recv_buf.len(), ffi::ACCESS_LOCAL_WRITE)? };
+            let recv_lkey = recv_mr.lkey();
+            for i in 0..RECV_DEPTH {
+                // SAFETY: slot i of the registered receive buffer, not
+                // touched until its completion.
+                unsafe {
+                    qp.post_recv(i as u64, recv_buf.addr() + (i * MAX_MESSAGE) as u64, MAX_MESSAGE as u32, recv_lkey)?
+                };
+            }
+            let send = SendSide {
+                staging_mr,
+                staging,
+                msg_mr,
+                msg,
+                keys: HashMap::new(),
+                next_wr: 1,
+                broken: None,
+            };
+            peers.insert(
+                *id,
+                Arc::new(VerbsPeer {
+                    id: *id,
+                    qp,
+                    send_cq,
+                    send: Mutex::new(send),
+                    _recv_mr: recv_mr,
+                    recv_buf,
+                    recv_lkey,
+                }),
+            );
+        }
+        Core::ready(&mut conns)?;
+
+        let exposer = Arc::new(Exposer {
+            pd: pd.clone(),
+            local: local.clone(),
+            chunks: Mutex::new(HashMap::new()),
+            counters: counters_for_exposer,
+        });
+        let server = Arc::new(KeyServer(exposer.clone()));
+        // the core keeps its own list of regions for bookkeeping; the
+        // exposer serves them (both see the same memory)
+        let core = Core::start(node, conns, regions, Vec::new(), opts.io_timeout, |_| server)?;
+
+        // SAFETY: eventfd takes flags only and returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Error::Io { what: "creating an eventfd".into(), source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: a fresh descriptor we own.
+        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop = Arc::new(AtomicBool::new(false));
+        recv_cq.req_notify()?;
+        let rx = {
+            let core = core.clone();
+            let peers = peers.clone();
+            let cq = recv_cq.clone();
+            let stop = stop.clone();
+            let wake_fd = wake.as_raw_fd();
+            std::thread::Builder::new()
+                .name("fabric-verbs-rx".into())
+                .spawn(move || receive_loop(&core, &peers, &cq, &channel, &stop, wake_fd))
+                .map_err(|source| Error::Io { what: "starting the verbs receive thread".into(), source })?
+        };
+        Ok(VerbsTransport {
+            core,
+            peers,
+            exposer,
+            stop,
+            wake,
+            rx_thread: Mutex::new(Some(rx)),
+            device: ctx.name.clone(),
+            _recv_cq: recv_cq,
+        })
+    }
+
+    fn peer(&self, id: NodeId) -> Result<(&Arc<Peer>, &Arc<VerbsPeer>)> {
+        Ok((self.core.peer(id)?, self.peers.get(&id).ok_or(Error::UnknownPeer(id))?))
+    }
+
+    /// Asks `peer` for the keys of the chunks it has not granted us yet.
+    fn fetch_keys(&self, p: &Peer, side: &mut SendSide, want: &[(u32, u64)]) -> Result<()> {
+        let missing: Vec<(u32, u64)> = want.iter().copied().filter(|k| !side.keys.contains_key(k)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let tags = self.core.tags(missing.len());
+        let rx = p.expect(&tags);
+        let frames: Vec<Frame> =
+            missing.iter().zip(&tags).map(|(&(region, chunk), &tag)| Frame::KeyRequest { tag, region, chunk }).collect();
+        if let Err(e) = p.write(&frames) {
+            p.forget(&tags);
+            return Err(e);
+        }
+        let timeout = self.core.io_timeout;
+        let peer = p.id;
+        wait_answers(p, &rx, &tags, Instant::now() + timeout, timeout, "a key request", |i, frame| match frame {
+            Frame::KeyGrant { region, chunk, addr, rkey, .. } if (region, chunk) == missing[i] => {
+                side.keys.insert((region, chunk), (addr, rkey));
+                Ok(())
+            }
+            Frame::ReadError { failure, .. } => Err(Error::Unavailable {
+                peer,
+                reason: format!("refused the key of region {} chunk {}: {failure:?}", missing[i].0, missing[i].1),
+            }),
+            other => Err(Error::Protocol { peer, reason: format!("answered a key request with {}", other.name()) }),
+        })
+    }
+
+    /// Waits for `n` completions of work requests `first..first + n`,
+    /// busy-polling (latency matters more than a core here).
+    fn wait_completions(&self, p: &Peer, vp: &VerbsPeer, side: &mut SendSide, n: usize) -> Result<()> {
+        let timeout = self.core.io_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut done = 0;
+        let mut wcs: Vec<Completion> = Vec::with_capacity(16);
+        let mut spins = 0u32;
+        while done < n {
+            vp.send_cq.poll(&mut wcs, 16)?;
+            for wc in &wcs {
+                if !wc.ok() {
+                    let why = format!("work request failed: {}", wc.status_text());
+                    vp.qp.set_error();
+                    side.broken = Some(why.clone());
+                    return Err(Error::PeerGone { peer: vp.id, reason: why });
+                }
+                done += 1;
+            }
+            if wcs.is_empty() {
+                spins += 1;
+                if spins % 1024 == 0 {
+                    // a dead peer or a timeout: flush what is outstanding so
+                    // no late completion writes the bounce buffer we reuse
+                    let failure = p.check_alive().err().or_else(|| {
+                        (Instant::now() >= deadline).then_some(Error::Timeout { peer: vp.id, what: "an RDMA operation", after: timeout })
+                    });
+                    if let Some(e) = failure {
+                        vp.qp.set_error();
+                        side.broken = Some(e.to_string());
+                        return Err(e);
+                    }
+                    std::thread::yield_now();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn receive_loop(
+    core: &Core,
+    peers: &BTreeMap<NodeId, Arc<VerbsPeer>>,
+    cq: &Cq,
+    channel: &CompChannel,
+    stop: &AtomicBool,
+    wake_fd: i32,
+) {
+    let by_qpn: HashMap<u32, &Arc<VerbsPeer>> = peers.values().map(|p| (p.qp.qpn(), p)).collect();
+    let mut wcs = Vec::with_capacity(16);
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: channel.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake_fd, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two live pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 200) };
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        if channel.take_event() {
+            // re-arm before draining, so that nothing arriving in between
+            // is missed
+            if let Err(e) = cq.req_notify() {
+                tracing::error!(error = %e, "cannot re-arm the receive queue");
+            }
+        }
+        loop {
+            if cq.poll(&mut wcs, 16).is_err() || wcs.is_empty() {
+                break;
+            }
+            for wc in &wcs {
+                let Some(vp) = by_qpn.get(&wc.qp_num) else { continue };
+                if !wc.ok() {
+                    // flushed at shutdown, or the queue pair failed: the
+                    // setup stream reports the peer's departure
+                    tracing::debug!(peer = vp.id, status = %wc.status_text(), "receive completion with error");
+                    continue;
+                }
+                let slot = wc.wr_id as usize;
+                if slot >= RECV_DEPTH {
+                    continue;
+                }
+                let addr = vp.recv_buf.addr() + (slot * MAX_MESSAGE) as u64;
+                let len = (wc.byte_len as usize).min(MAX_MESSAGE);
+                // SAFETY: the device wrote `byte_len` bytes into this slot
+                // of our registered buffer and completed; it is ours until
+                // we post it again below.
+                let payload = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
+                core.deliver(vp.id, payload);
+                // SAFETY: the slot is free again (its bytes are copied).
+                if let Err(e) = unsafe { vp.qp.post_recv(wc.wr_id, addr, MAX_MESSAGE as u32, vp.recv_lkey) } {
+                    tracing::warn!(peer = vp.id, error = %e, "cannot repost a receive buffer");
+                }
+            }
+        }
+    }
+}
+
+impl Transport for VerbsTransport {
+    fn kind(&self) -> Kind {
+        Kind::Verbs
+    }
+
+    fn describe(&self) -> String {
+        format!("verbs on {}", self.device)
+    }
+
+    fn node(&self) -> NodeId {
+        self.core.node
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.core.peers.keys().copied().collect()
+    }
+
+    fn regions(&self, peer: NodeId) -> Result<Vec<crate::RegionInfo>> {
+        Ok(self.core.peer(peer)?.regions.clone())
+    }
+
+    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()> {
+        let (p, vp) = self.peer(peer)?;
+        // split every op at chunk boundaries: (op index, offset in op,
+        // region, remote offset, length)
+        let mut pieces = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            check_bounds(peer, &p.regions, op)?;
+            let mut off = 0u64;
+            let len = op.buf.len() as u64;
+            while off < len {
+                let at = op.offset + off;
+                let n = (CHUNK - at % CHUNK).min(len - off);
+                pieces.push((i, off as usize, op.region, at, n as u32));
+                off += n;
+            }
+        }
+        p.check_alive()?;
+        let mut side = vp.send.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &side.broken {
+            return Err(Error::PeerGone { peer, reason: why.clone() });
+        }
+        let chunks: Vec<(u32, u64)> = pieces.iter().map(|pc| (pc.2, pc.3 / CHUNK)).collect();
+        self.fetch_keys(p, &mut side, &chunks)?;
+        let mut bytes = 0u64;
+        let mut start = 0;
+        while start < pieces.len() {
+            // a round: as many pieces as fit the bounce buffer and the queue
+            let mut used = 0usize;
+            let mut end = start;
+            while end < pieces.len() && end - start < MAX_WRS && used + pieces[end].4 as usize <= STAGING {
+                used += pieces[end].4 as usize;
+                end += 1;
+            }
+            let base = side.staging.addr();
+            let lkey = side.staging_mr.lkey();
+            let mut posts = Vec::with_capacity(end - start);
+            let mut at = 0u64;
+            for pc in &pieces[start..end] {
+                let (addr, rkey) = side.keys[&(pc.2, pc.3 / CHUNK)];
+                let remote = addr + pc.3 % CHUNK;
+                posts.push((side.next_wr, base + at, pc.4, lkey, remote, rkey));
+                side.next_wr += 1;
+                at += u64::from(pc.4);
+            }
+            // SAFETY: every local range is inside the registered bounce
+            // buffer, which nothing touches until the completions are in
+            // (or the queue pair is flushed to ERROR on failure).
+            if let Err(e) = unsafe { vp.qp.post_reads(&posts) } {
+                vp.qp.set_error();
+                side.broken = Some(e.to_string());
+                return Err(e);
+            }
+            self.wait_completions(p, vp, &mut side, posts.len())?;
+            let mut at = 0usize;
+            for pc in &pieces[start..end] {
+                let n = pc.4 as usize;
+                // SAFETY: the reads into [at, at + n) of the bounce buffer
+                // completed; the buffer is ours.
+                let src = unsafe { std::slice::from_raw_parts(side.staging.as_ptr().add(at), n) };
+                ops[pc.0].buf[pc.1..pc.1 + n].copy_from_slice(src);
+                at += n;
+                bytes += n as u64;
+            }
+            start = end;
+        }
+        self.core.counters.reads.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
+        if msg.len() > MAX_MESSAGE {
+            return Err(Error::MessageLength { len: msg.len() });
+        }
+        let (p, vp) = self.peer(peer)?;
+        p.check_alive()?;
+        let mut side = vp.send.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &side.broken {
+            return Err(Error::PeerGone { peer, reason: why.clone() });
+        }
+        // SAFETY: the message buffer is ours and idle (we hold the lock and
+        // the previous send completed).
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), side.msg.as_ptr(), msg.len()) };
+        let wr = side.next_wr;
+        side.next_wr += 1;
+        let (addr, lkey) = (side.msg.addr(), side.msg_mr.lkey());
+        // SAFETY: the registered message buffer stays untouched until the
+        // completion is polled below.
+        unsafe { vp.qp.post_send(wr, addr, msg.len() as u32, lkey)? };
+        self.wait_completions(p, vp, &mut side, 1)?;
+        self.core.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
+        self.core.counters.bytes_sent.fetch_add(msg.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Option<Incoming>> {
+        Ok(self.core.recv(timeout))
+    }
+
+    fn stats(&self) -> Stats {
+        let mut s = self.core.counters.snapshot();
+        s.chunks_registered = self.exposer.counters.chunks_registered.load(Ordering::Relaxed);
+        s.bytes_registered = self.exposer.counters.bytes_registered.load(Ordering::Relaxed);
+        s
+    }
+
+    fn shutdown(&self) {
+        self.core.shutdown();
+        self.stop.store(true, Ordering::Release);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our eventfd wakes the receive thread.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        if let Some(t) = self.rx_thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+        for vp in self.peers.values() {
+            vp.qp.set_error();
+        }
+    }
+}
+
+impl Drop for VerbsTransport {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,371 @@
+//! One conformance suite, run against every backend: shm and tcp here,
+//! verbs where an RDMA device exists (ci/softroce.sh runs this binary on
+//! soft-RoCE with SHOAL_REQUIRE_VERBS=1).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use shoal_fabric::wire::{decode_prefixed, Frame, Hello};
+use shoal_fabric::{bind, Error, Identity, Incoming, Kind, ReadOp, Transport, MAX_MESSAGE, MAX_READ};
+
+/// The child-process entry point: a no-op unless SHOAL_FABRIC_CHILD is set.
+#[test]
+fn child_entry() {
+    if let Ok(spec) = std::env::var("SHOAL_FABRIC_CHILD") {
+        child_main(&spec);
+    }
+}
+
+fn read_one(t: &dyn Transport, peer: u32, offset: u64, len: usize) -> shoal_fabric::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    t.read(peer, &mut [ReadOp { region: 0, offset, buf: &mut buf }])?;
+    Ok(buf)
+}
+
+fn correct_bytes_for_random_offsets_and_sizes(kind: Kind) {
+    let (ts, _mem) = pod(kind, 2);
+    let mut rng = Rng(42);
+    let mut total = 0u64;
+    for i in 0..150 {
+        let len = match i % 4 {
+            0 => 4096,
+            1 => (1 + rng.below(512)) as usize * 4096 % MAX_READ + 4096,
+            2 => 1 + rng.below(9000) as usize,
+            _ => MAX_READ,
+        }
+        .min(MAX_READ);
+        let off = rng.below(REGION - len as u64 + 1);
+        let (reader, owner) = if i % 2 == 0 { (0, 1) } else { (1, 0) };
+        let got = read_one(&*ts[reader], owner, off, len).unwrap();
+        assert!(got == expected(owner, off, len), "{kind}: {len} bytes at {off:#x} of node {owner}");
+        if reader == 0 {
+            total += len as u64;
+        }
+    }
+    assert_eq!(ts[0].stats().bytes_read, total, "bytes_read counts exactly what was read");
+    assert_eq!(ts[0].stats().reads, 75);
+    // the first and the last bytes of the region
+    assert_eq!(read_one(&*ts[0], 1, 0, 1).unwrap(), expected(1, 0, 1));
+    assert_eq!(read_one(&*ts[0], 1, REGION - 1, 1).unwrap(), expected(1, REGION - 1, 1));
+}
+
+fn batched_reads(kind: Kind) {
+    let (ts, _mem) = pod(kind, 2);
+    let mut rng = Rng(7);
+    for round in 0..4 {
+        let n = 1 + round * 100;
+        let offs: Vec<u64> = (0..n).map(|_| rng.below(REGION / 4096) * 4096).collect();
+        let mut bufs: Vec<Vec<u8>> = offs.iter().map(|_| vec![0u8; 4096]).collect();
+        let mut ops: Vec<ReadOp> =
+            offs.iter().zip(bufs.iter_mut()).map(|(o, b)| ReadOp { region: 0, offset: *o, buf: b }).collect();
+        ts[1].read(0, &mut ops).unwrap();
+        for (o, b) in offs.iter().zip(&bufs) {
+            assert!(*b == expected(0, *o, 4096), "{kind}: batched page at {o:#x}");
+        }
+    }
+    // a full-size read that straddles 2 MiB boundaries, in a batch with
+    // small ones
+    let mut big = vec![0u8; MAX_READ];
+    let mut small = vec![0u8; 100];
+    ts[1]
+        .read(
+            0,
+            &mut [ReadOp { region: 0, offset: 3 << 20 | 12345, buf: &mut big }, ReadOp { region: 0, offset: 5, buf: &mut small }],
+        )
+        .unwrap();
+    assert!(big == expected(0, 3 << 20 | 12345, MAX_READ));
+    assert_eq!(small, expected(0, 5, 100));
+}
+
+fn concurrent_readers(kind: Kind) {
+    let (ts, _mem) = pod(kind, 3);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let reader = &ts[1 + (t as usize % 2)];
+            s.spawn(move || {
+                let mut rng = Rng(100 + t);
+                for _ in 0..60 {
+                    let len = (1 + rng.below(16)) as usize * 4096;
+                    let off = rng.below(REGION - len as u64);
+                    assert!(read_one(&**reader, 0, off, len).unwrap() == expected(0, off, len), "{kind}: concurrent read");
+                }
+            });
+        }
+    });
+}
+
+fn out_of_bounds_reads_are_errors_and_the_responder_survives(kind: Kind) {
+    let (ts, _mem) = pod(kind, 2);
+    let e = read_one(&*ts[0], 1, REGION - 10, 4096).unwrap_err();
+    assert!(matches!(e, Error::OutOfBounds { peer: 1, .. }), "{kind}: {e}");
+    let e = read_one(&*ts[0], 1, u64::MAX - 100, 4096).unwrap_err();
+    assert!(matches!(e, Error::OutOfBounds { .. }), "{kind}: {e}");
+    let mut buf = vec![0u8; 4096];
+    let e = ts[0].read(1, &mut [ReadOp { region: 9, offset: 0, buf: &mut buf }]).unwrap_err();
+    assert!(matches!(e, Error::UnknownRegion { peer: 1, region: 9 }), "{kind}: {e}");
+    let e = read_one(&*ts[0], 1, 0, 0).unwrap_err();
+    assert!(matches!(e, Error::ReadLength { len: 0 }), "{kind}: {e}");
+    let e = read_one(&*ts[0], 1, 0, MAX_READ + 1).unwrap_err();
+    assert!(matches!(e, Error::ReadLength { .. }), "{kind}: {e}");
+    let e = ts[0].read(5, &mut [ReadOp { region: 0, offset: 0, buf: &mut buf }]).unwrap_err();
+    assert!(matches!(e, Error::UnknownPeer(5)), "{kind}: {e}");
+    // still serving
+    assert_eq!(read_one(&*ts[0], 1, 4096, 4096).unwrap(), expected(1, 4096, 4096));
+}
+
+fn messages_arrive_in_order(kind: Kind) {
+    let (ts, _mem) = pod(kind, 3);
+    for i in 0..50u32 {
+        ts[1].send(0, &i.to_le_bytes()).unwrap();
+        ts[2].send(0, &(1000 + i).to_le_bytes()).unwrap();
+    }
+    let big = vec![0x5a; MAX_MESSAGE];
+    ts[1].send(0, &big).unwrap();
+    let mut from1 = Vec::new();
+    let mut from2 = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while from1.len() < 51 || from2.len() < 50 {
+        assert!(Instant::now() < deadline, "{kind}: messages missing: {} + {}", from1.len(), from2.len());
+        match ts[0].recv(Duration::from_millis(500)).unwrap() {
+            Some(Incoming::Message { from: 1, payload }) => from1.push(payload),
+            Some(Incoming::Message { from: 2, payload }) => from2.push(payload),
+            Some(other) => panic!("{kind}: unexpected {other:?}"),
+            None => {}
+        }
+    }
+    for i in 0..50u32 {
+        assert_eq!(from1[i as usize], i.to_le_bytes());
+        assert_eq!(from2[i as usize], (1000 + i).to_le_bytes());
+    }
+    assert_eq!(from1[50], big);
+    assert!(matches!(ts[1].send(0, &vec![0; MAX_MESSAGE + 1]), Err(Error::MessageLength { .. })));
+    assert_eq!(ts[1].stats().messages_sent, 51);
+    assert_eq!(ts[0].stats().messages_received, 101);
+    assert_eq!(ts[0].regions(1).unwrap(), vec![shoal_fabric::RegionInfo { id: 0, len: REGION }]);
+}
+
+fn wrong_secret_is_refused(kind: Kind) {
+    let results = pod_with(kind, 2, &[b"right", b"wrong"], quick_options());
+    for (i, (r, _)) in results.iter().enumerate() {
+        let e = r.as_ref().err().unwrap_or_else(|| panic!("{kind}: node {i} joined with a wrong secret"));
+        assert!(
+            matches!(e, Error::WrongSecret { .. } | Error::Refused { .. }),
+            "{kind}: node {i}: {e}"
+        );
+        assert!(e.to_string().contains("secret"), "{kind}: node {i}: {e}");
+    }
+}
+
+/// A peer speaking another protocol version is refused before anything
+/// else crosses: it gets a Refuse naming the versions, and the node's join
+/// fails with the same.
+fn version_mismatch_is_refused(kind: Kind) {
+    let dir = scratch(&format!("version-{kind}"));
+    let binding = bind(kind, &test_addr(kind, &dir, 0)).unwrap();
+    let addr = binding.local_addr().clone();
+    let node0 = std::thread::spawn(move || {
+        let mem = Memory::new(0, REGION);
+        let id = Identity { node: 0, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+        let peers = vec![(1, shoal_fabric::Addr::Tcp("127.0.0.1:9".parse().unwrap()))];
+        binding.join(id, &peers, vec![mem.region()], quick_options()).map(|_| ())
+    });
+    let mut sock: Box<dyn ReadWrite> = match &addr {
+        shoal_fabric::Addr::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p).unwrap()),
+        shoal_fabric::Addr::Tcp(a) => Box::new(std::net::TcpStream::connect(a).unwrap()),
+    };
+    let hello = Frame::Hello(Hello { version: 99, backend: kind as u8, node: 1, pod_id: "test-pod".into(), nonce: [1; 32] });
+    sock.write_all(&hello.encode()).unwrap();
+    let mut got = Vec::new();
+    let _ = sock.read_to_end(&mut got);
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Ok((f, used)) = decode_prefixed(&got[at..]) {
+        frames.push(f);
+        at += used;
+    }
+    assert!(matches!(frames.first(), Some(Frame::Hello(_))), "{kind}: {frames:?}");
+    match frames.get(1) {
+        Some(Frame::Refuse { reason }) => {
+            assert!(reason.contains("version 99") && reason.contains("speaks 1"), "{kind}: {reason}")
+        }
+        other => panic!("{kind}: expected a Refuse, got {other:?}"),
+    }
+    assert!(!frames.iter().any(|f| matches!(f, Frame::Auth { .. } | Frame::Regions(_))), "nothing after Refuse");
+    let e = node0.join().unwrap().unwrap_err();
+    assert!(matches!(e, Error::Version { theirs: 99, ours: 1, .. }), "{kind}: {e}");
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// The peer's process dies while we read from it: the read fails within
+/// a bound (no hang), and recv reports the peer gone.
+fn a_peer_that_dies_mid_read_is_an_error_not_a_hang(kind: Kind) {
+    let dir = scratch(&format!("die-{kind}"));
+    let listen = match kind {
+        Kind::Shm => dir.join("node0.sock").display().to_string(),
+        _ => "127.0.0.1:0".to_string(),
+    };
+    let mut child = ChildNode::start(kind, 0, &listen, "serve", None);
+    let b = bind(kind, &test_addr(kind, &dir, 1)).unwrap();
+    let me_addr = match b.local_addr() {
+        shoal_fabric::Addr::Unix(p) => p.display().to_string(),
+        shoal_fabric::Addr::Tcp(a) => a.to_string(),
+    };
+    child.send_peers(&[(1, me_addr)]);
+    let peer_addr = match kind {
+        Kind::Shm => shoal_fabric::Addr::Unix(child.addr.clone().into()),
+        _ => shoal_fabric::Addr::Tcp(child.addr.parse().unwrap()),
+    };
+    let mem = Memory::new(1, REGION);
+    let id = Identity { node: 1, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    let t = b.join(id, &[(0, peer_addr)], vec![mem.region()], quick_options()).unwrap();
+    assert_eq!(child.line(), "JOINED");
+    assert_eq!(read_one(&*t, 0, 0, 4096).unwrap(), expected(0, 0, 4096));
+
+    let pid = child.child.id() as i32;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: SIGKILL to our own child process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        Instant::now()
+    });
+    let bound = Duration::from_secs(10);
+    let start = Instant::now();
+    let err = loop {
+        match read_one(&*t, 0, 8192, 64 << 10) {
+            Ok(b) => assert!(b == expected(0, 8192, 64 << 10)),
+            Err(e) => break e,
+        }
+        assert!(start.elapsed() < bound, "{kind}: reads kept succeeding after the peer died");
+    };
+    let killed_at = killer.join().unwrap();
+    assert!(killed_at.elapsed() < bound, "{kind}: the failure took longer than {bound:?}");
+    assert!(
+        matches!(err, Error::PeerGone { peer: 0, .. } | Error::Timeout { peer: 0, .. }),
+        "{kind}: {err}"
+    );
+    // the departure is reported once
+    let deadline = Instant::now() + bound;
+    loop {
+        match t.recv(Duration::from_millis(200)).unwrap() {
+            Some(Incoming::PeerGone { node: 0, .. }) => break,
+            Some(other) => panic!("{kind}: {other:?}"),
+            None => assert!(Instant::now() < deadline, "{kind}: no PeerGone"),
+        }
+    }
+    assert!(read_one(&*t, 0, 0, 4096).is_err(), "{kind}: reading a dead peer must fail");
+}
+
+/// A peer that hangs (stopped, not dead) cannot hang our reads: they time
+/// out after io_timeout.
+fn a_hung_peer_times_out(kind: Kind) {
+    if kind == Kind::Shm {
+        return; // a memcpy from a mapping cannot wait on the peer
+    }
+    let dir = scratch(&format!("hang-{kind}"));
+    let mut child = ChildNode::start(kind, 0, "127.0.0.1:0", "serve", None);
+    let b = bind(kind, &test_addr(kind, &dir, 1)).unwrap();
+    let shoal_fabric::Addr::Tcp(me) = b.local_addr().clone() else { unreachable!() };
+    child.send_peers(&[(1, me.to_string())]);
+    let mem = Memory::new(1, REGION);
+    let id = Identity { node: 1, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    let opts = shoal_fabric::Options { io_timeout: Duration::from_millis(800), ..quick_options() };
+    let t = b.join(id, &[(0, shoal_fabric::Addr::Tcp(child.addr.parse().unwrap()))], vec![mem.region()], opts).unwrap();
+    assert_eq!(child.line(), "JOINED");
+    // warm the key cache (verbs) so the stop hits the read itself
+    read_one(&*t, 0, 0, 4096).unwrap();
+    // SAFETY: SIGSTOP to our own child.
+    unsafe { libc::kill(child.child.id() as i32, libc::SIGSTOP) };
+    let start = Instant::now();
+    let r = read_one(&*t, 0, 16 << 10, 4096);
+    let took = start.elapsed();
+    // SAFETY: resume it so it can be killed and reaped.
+    unsafe { libc::kill(child.child.id() as i32, libc::SIGCONT) };
+    match kind {
+        // tcp's responder is a thread of the stopped process
+        Kind::Tcp => {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Timeout { peer: 0, .. }), "{e}");
+            assert!(took < Duration::from_secs(10), "no hang: {took:?}");
+        }
+        // a one-sided read needs no CPU of the peer: it succeeds
+        _ => assert_eq!(r.unwrap(), expected(0, 16 << 10, 4096)),
+    }
+}
+
+fn join_times_out_naming_the_missing_node(kind: Kind) {
+    let dir = scratch(&format!("missing-{kind}"));
+    let b = bind(kind, &test_addr(kind, &dir, 1)).unwrap();
+    let ghost = match kind {
+        Kind::Shm => shoal_fabric::Addr::Unix(dir.join("ghost.sock")),
+        _ => {
+            // a port nobody listens on
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = l.local_addr().unwrap();
+            drop(l);
+            shoal_fabric::Addr::Tcp(a)
+        }
+    };
+    let mem = Memory::new(1, REGION);
+    let id = Identity { node: 1, pod_id: "test-pod".into(), secret: b"s".to_vec() };
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_millis(700), ..quick_options() };
+    let e = b.join(id, &[(0, ghost)], vec![mem.region()], opts).unwrap_err();
+    assert!(matches!(e, Error::JoinTimeout { .. }), "{e}");
+    assert!(e.to_string().contains("node 0"), "{e}");
+}
+
+macro_rules! suite {
+    ($($kind:ident => $mod:ident),*) => {$(
+        mod $mod {
+            use super::*;
+            const KIND: Kind = Kind::$kind;
+
+            #[test]
+            fn correct_bytes() {
+                if can_run(KIND, "correct_bytes") { correct_bytes_for_random_offsets_and_sizes(KIND) }
+            }
+            #[test]
+            fn batched() {
+                if can_run(KIND, "batched") { batched_reads(KIND) }
+            }
+            #[test]
+            fn concurrent() {
+                if can_run(KIND, "concurrent") { concurrent_readers(KIND) }
+            }
+            #[test]
+            fn out_of_bounds() {
+                if can_run(KIND, "out_of_bounds") { out_of_bounds_reads_are_errors_and_the_responder_survives(KIND) }
+            }
+            #[test]
+            fn messages() {
+                if can_run(KIND, "messages") { messages_arrive_in_order(KIND) }
+            }
+            #[test]
+            fn wrong_secret() {
+                if can_run(KIND, "wrong_secret") { wrong_secret_is_refused(KIND) }
+            }
+            #[test]
+            fn version_mismatch() {
+                if can_run(KIND, "version_mismatch") { version_mismatch_is_refused(KIND) }
+            }
+            #[test]
+            fn peer_dies_mid_read() {
+                if can_run(KIND, "peer_dies_mid_read") { a_peer_that_dies_mid_read_is_an_error_not_a_hang(KIND) }
+            }
+            #[test]
+            fn hung_peer() {
+                if can_run(KIND, "hung_peer") { a_hung_peer_times_out(KIND) }
+            }
+            #[test]
+            fn join_timeout() {
+                if can_run(KIND, "join_timeout") { join_times_out_naming_the_missing_node(KIND) }
+            }
+        }
+    )*};
+}
+
+suite!(Shm => shm, Tcp => tcp, Verbs => verbs);
