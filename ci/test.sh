@@ -11,9 +11,9 @@ step() { printf '\n=== %s\n' "$*" >&2; }
 step "install dependencies"
 ci/install-deps.sh
 
-# CI machines have /dev/kvm: there a missing KVM must fail the KVM tests,
-# not skip them.
-if [ "${CI:-}" = true ]; then export SHOAL_REQUIRE_KVM=1; fi
+# CI machines have /dev/kvm and run as root: there a missing KVM or an
+# unusable network namespace must fail the tests that need them, not skip.
+if [ "${CI:-}" = true ]; then export SHOAL_REQUIRE_KVM=1 SHOAL_REQUIRE_NETNS=1; fi
 
 step "cargo fmt --check"
 cargo fmt --all --check
@@ -23,5 +23,19 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+# The verbs backend, for real: the fabric's conformance suite inside a VM
+# with soft-RoCE (SHOAL_SKIP_SOFTROCE=1 skips it, loudly, for quick local
+# runs; CI never sets it).
+if [ "${SHOAL_SKIP_SOFTROCE:-}" = 1 ]; then
+  step "SKIPPED: soft-RoCE tests (SHOAL_SKIP_SOFTROCE=1)"
+else
+  step "fabric conformance over verbs on soft-RoCE (ci/softroce.sh)"
+  conformance=$(cargo test --locked -p shoal-fabric --test conformance --no-run --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*conformance[^"]*"' | tail -1 | cut -d'"' -f4)
+  [ -x "$conformance" ] || { echo "cannot find the conformance test binary" >&2; exit 1; }
+  ci/softroce.sh --add "$conformance:/usr/local/bin/conformance" --env SHOAL_REQUIRE_VERBS=1 -- \
+    conformance --test-threads=1 verbs::
+fi
 
 step "all checks passed"

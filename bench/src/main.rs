@@ -4,6 +4,7 @@
 //! beside every timing.
 
 mod chart;
+mod fabric;
 mod fault;
 mod report;
 
@@ -28,12 +29,16 @@ enum Bench {
     /// plain KVM first touch of anonymous memory (no userfaultfd), same
     /// guest, same run, threads pinned and unpinned.
     Fault(fault::Args),
+    /// 4 KiB read latency and batched throughput per fabric backend, beside
+    /// memcpy (shm's floor) and perftest (verbs) in the same run.
+    Fabric(fabric::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Fault(args) => fault::run(&args, &cli.out),
+        Bench::Fabric(args) => fabric::run(&args, &cli.out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

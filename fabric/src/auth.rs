@@ -102,7 +102,10 @@ pub fn handshake<S: Read + Write>(
     } else if theirs.node == me.node {
         Some(Error::Handshake { peer, reason: format!("the peer claims our own node id {}", me.node) })
     } else if expect.is_some_and(|e| e != theirs.node) {
-        Some(Error::Handshake { peer, reason: format!("dialed node {} but node {} answered", expect.unwrap_or(0), theirs.node) })
+        Some(Error::Handshake {
+            peer,
+            reason: format!("dialed node {} but node {} answered", expect.unwrap_or(0), theirs.node),
+        })
     } else {
         None
     };

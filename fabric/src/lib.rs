@@ -133,7 +133,9 @@ pub enum Error {
     UnknownPeer(NodeId),
     #[error("node {peer} exposes no region {region}")]
     UnknownRegion { peer: NodeId, region: u32 },
-    #[error("read of {len} bytes at offset {offset:#x} is outside region {region} of node {peer} ({region_len} bytes)")]
+    #[error(
+        "read of {len} bytes at offset {offset:#x} is outside region {region} of node {peer} ({region_len} bytes)"
+    )]
     OutOfBounds { peer: NodeId, region: u32, offset: u64, len: u64, region_len: u64 },
     #[error("a read must be 1 to {max} bytes, not {len}", max = MAX_READ)]
     ReadLength { len: usize },
@@ -208,12 +210,30 @@ impl LocalRegion {
         }
         // SAFETY: [offset, end) is inside the region (checked above), which
         // the creator guaranteed stays mapped; `dst` is ours.
-        unsafe { std::ptr::copy_nonoverlapping((self.addr + offset as usize) as *const u8, dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.addr + offset as usize) as *const u8, dst.as_mut_ptr(), dst.len())
+        };
         Some(())
     }
 }
 
-/// One read of a batch.
+/// One read of a batch, for [`Transport::read_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadReq {
+    /// Region of the peer.
+    pub region: u32,
+    /// Offset in it.
+    pub offset: u64,
+    /// Bytes (1 to 2 MiB).
+    pub len: usize,
+}
+
+/// Where read bytes go, in place: `sink(request index, offset within the
+/// request, bytes)`, called one or more times per request so that the
+/// calls for a request cover it exactly, in order.
+pub type Sink<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<()> + 'a;
+
+/// One read of a batch, into a buffer.
 #[derive(Debug)]
 pub struct ReadOp<'a> {
     /// Region of the peer.
@@ -264,10 +284,23 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn peers(&self) -> Vec<NodeId>;
     /// The regions `peer` exposes.
     fn regions(&self, peer: NodeId) -> Result<Vec<RegionInfo>>;
-    /// Reads from `peer`'s memory: every op is posted, then all are waited
-    /// for. Fails as a whole when any op fails; then what landed in the
-    /// buffers is unspecified.
-    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()>;
+    /// Reads from `peer`'s memory: every request is posted, then all are
+    /// waited for, and the bytes are handed to `sink` where they landed
+    /// (the peer's mapping for shm, the bounce buffer for verbs, the frame
+    /// for tcp): a caller that moves them on (the pager's `UFFDIO_COPY`)
+    /// copies them once. Fails as a whole when any request fails.
+    fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()>;
+
+    /// Reads into buffers: [`Transport::read_with`] copying into each op's
+    /// buffer. On failure what landed in the buffers is unspecified.
+    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()> {
+        let reqs: Vec<ReadReq> =
+            ops.iter().map(|o| ReadReq { region: o.region, offset: o.offset, len: o.buf.len() }).collect();
+        self.read_with(peer, &reqs, &mut |i, at, bytes| {
+            ops[i].buf[at..at + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        })
+    }
     /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;
     /// The next message or departure, waiting up to `timeout`.
@@ -310,17 +343,12 @@ impl Default for Options {
     }
 }
 
-pub(crate) fn check_read(op: &ReadOp<'_>) -> Result<()> {
-    if op.buf.is_empty() || op.buf.len() > MAX_READ {
-        return Err(Error::ReadLength { len: op.buf.len() });
+pub(crate) fn check_bounds(peer: NodeId, regions: &[RegionInfo], op: &ReadReq) -> Result<()> {
+    if op.len == 0 || op.len > MAX_READ {
+        return Err(Error::ReadLength { len: op.len });
     }
-    Ok(())
-}
-
-pub(crate) fn check_bounds(peer: NodeId, regions: &[RegionInfo], op: &ReadOp<'_>) -> Result<()> {
-    check_read(op)?;
     let r = regions.iter().find(|r| r.id == op.region).ok_or(Error::UnknownRegion { peer, region: op.region })?;
-    let len = op.buf.len() as u64;
+    let len = op.len as u64;
     if op.offset.checked_add(len).is_none_or(|end| end > r.len) {
         return Err(Error::OutOfBounds { peer, region: op.region, offset: op.offset, len, region_len: r.len });
     }

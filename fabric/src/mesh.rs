@@ -233,8 +233,11 @@ impl Binding {
                 break;
             }
             if Instant::now() >= deadline {
-                let missing: Vec<String> =
-                    peers.iter().filter(|(id, _)| !conns.contains_key(id)).map(|(id, a)| format!("node {id} ({a})")).collect();
+                let missing: Vec<String> = peers
+                    .iter()
+                    .filter(|(id, _)| !conns.contains_key(id))
+                    .map(|(id, a)| format!("node {id} ({a})"))
+                    .collect();
                 let mut missing = missing.join(", ");
                 if let Some(r) = last_refusal {
                     missing.push_str(&format!("; last refused connection: {r}"));

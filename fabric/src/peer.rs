@@ -16,6 +16,10 @@ use crate::{Error, Incoming, LocalRegion, NodeId, Result, Stats};
 /// The answer to a request, delivered by the reader thread.
 pub(crate) type Answer = Result<Frame>;
 
+/// Where the answer to a pending request goes: its batch's channel and its
+/// index in the batch.
+type Waiter = (Sender<(usize, Answer)>, usize);
+
 /// One peer: its regions, the write half of its stream, its liveness.
 #[derive(Debug)]
 pub(crate) struct Peer {
@@ -26,7 +30,7 @@ pub(crate) struct Peer {
     gone: Mutex<Option<String>>,
     /// Requests (tcp reads, verbs key requests) waiting for their answer,
     /// by tag: the sender half and the op's index in its batch.
-    pending: Mutex<HashMap<u64, (Sender<(usize, Answer)>, usize)>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
 }
 
 impl Peer {
@@ -206,7 +210,8 @@ impl Core {
     ) -> Result<BTreeMap<NodeId, Vec<RegionInfo>>> {
         let mine = Frame::Regions(local.iter().map(LocalRegion::info).collect());
         for (id, c) in conns.iter_mut() {
-            write_frame(c, &mine).map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending regions: {e}") })?;
+            write_frame(c, &mine)
+                .map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending regions: {e}") })?;
         }
         let mut out = BTreeMap::new();
         for (id, c) in conns.iter_mut() {
@@ -215,7 +220,10 @@ impl Core {
                     out.insert(*id, r);
                 }
                 Ok(other) => {
-                    return Err(Error::Protocol { peer: *id, reason: format!("expected Regions, got {}", other.name()) })
+                    return Err(Error::Protocol {
+                        peer: *id,
+                        reason: format!("expected Regions, got {}", other.name()),
+                    })
                 }
                 Err(e) => return Err(stream_error(*id, "waiting for regions", e)),
             }
@@ -227,7 +235,8 @@ impl Core {
     /// backend-specific setup frame has been read.
     pub fn ready(conns: &mut BTreeMap<NodeId, Conn>) -> Result<()> {
         for (id, c) in conns.iter_mut() {
-            write_frame(c, &Frame::Ready).map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending Ready: {e}") })?;
+            write_frame(c, &Frame::Ready)
+                .map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending Ready: {e}") })?;
         }
         for (id, c) in conns.iter_mut() {
             match read_frame(c) {
@@ -341,7 +350,9 @@ impl Core {
                 }
                 f @ (Frame::ReadData { .. } | Frame::ReadError { .. } | Frame::KeyGrant { .. }) => {
                     let tag = match &f {
-                        Frame::ReadData { tag, .. } | Frame::ReadError { tag, .. } | Frame::KeyGrant { tag, .. } => *tag,
+                        Frame::ReadData { tag, .. } | Frame::ReadError { tag, .. } | Frame::KeyGrant { tag, .. } => {
+                            *tag
+                        }
                         _ => unreachable!(),
                     };
                     // an answer nobody waits for any more (timed out): drop it
@@ -363,7 +374,9 @@ impl Core {
     pub fn serve_read(&self, peer: &Peer, tag: u64, region: u32, offset: u64, len: u32) -> Result<()> {
         let reply = match self.local.iter().find(|r| r.id == region) {
             None => Frame::ReadError { tag, failure: ReadFailure::UnknownRegion },
-            Some(_) if len == 0 || len as usize > crate::MAX_READ => Frame::ReadError { tag, failure: ReadFailure::BadLength },
+            Some(_) if len == 0 || len as usize > crate::MAX_READ => {
+                Frame::ReadError { tag, failure: ReadFailure::BadLength }
+            }
             Some(r) => {
                 let mut data = vec![0u8; len as usize];
                 match r.copy_out(offset, &mut data) {

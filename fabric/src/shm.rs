@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use crate::mesh::Conn;
 use crate::peer::{Core, Handler, Peer};
 use crate::wire::{Frame, RegionInfo, MAX_REGIONS};
-use crate::{check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadOp, Result, Stats, Transport};
+use crate::{
+    check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, Result, Sink, Stats, Transport,
+};
 
 /// A peer's region, mapped read-only.
 #[derive(Debug)]
@@ -66,7 +68,8 @@ impl ShmTransport {
             .collect::<Result<_>>()?;
         let regions = Core::exchange_regions(&mut conns, &local)?;
         for (id, c) in &conns {
-            send_fds(c.raw_fd(), &fds).map_err(|e| Error::PeerGone { peer: *id, reason: format!("passing memfds: {e}") })?;
+            send_fds(c.raw_fd(), &fds)
+                .map_err(|e| Error::PeerGone { peer: *id, reason: format!("passing memfds: {e}") })?;
         }
         let mut maps = BTreeMap::new();
         for (id, c) in &conns {
@@ -134,7 +137,7 @@ fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
     let byte = [0u8; 1];
     let mut iov = libc::iovec { iov_base: byte.as_ptr() as *mut libc::c_void, iov_len: 1 };
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((fds.len() * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
     // SAFETY: msghdr is plain data; we fill in what sendmsg reads.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -149,7 +152,7 @@ fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * std::mem::size_of::<RawFd>()) as u32) as usize;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as usize;
             std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<RawFd>(), fds.len());
         }
     }
@@ -225,29 +228,28 @@ impl Transport for ShmTransport {
         Ok(self.core.peer(peer)?.regions.clone())
     }
 
-    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()> {
+    fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()> {
         let p = self.core.peer(peer)?;
         let maps = self.maps.get(&peer).ok_or(Error::UnknownPeer(peer))?;
+        for r in reqs {
+            check_bounds(peer, &p.regions, r)?;
+        }
         let mut bytes = 0;
-        for op in ops.iter_mut() {
-            check_bounds(peer, &p.regions, op)?;
+        for (i, r) in reqs.iter().enumerate() {
             // the mapping outlives a dead peer; its data must not be
             // trusted once the peer is gone
             p.check_alive()?;
-            let m = maps.iter().find(|m| m.id == op.region).ok_or(Error::UnknownRegion { peer, region: op.region })?;
+            let m = maps.iter().find(|m| m.id == r.region).ok_or(Error::UnknownRegion { peer, region: r.region })?;
             // SAFETY: check_bounds put [offset, offset + len) inside the
-            // region, and the mapping covers the whole region; `buf` is ours.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (m.ptr + op.offset as usize) as *const u8,
-                    op.buf.as_mut_ptr(),
-                    op.buf.len(),
-                )
-            };
-            bytes += op.buf.len() as u64;
+            // region, and the read-only mapping covers the whole region and
+            // lives as long as self. The peer may write these bytes while we
+            // look (a torn read, as with any shared guest memory).
+            let src = unsafe { std::slice::from_raw_parts((m.ptr + r.offset as usize) as *const u8, r.len) };
+            sink(i, 0, src)?;
+            bytes += r.len as u64;
         }
         p.check_alive()?;
-        self.core.counters.reads.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.core.counters.reads.fetch_add(reqs.len() as u64, Ordering::Relaxed);
         self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }

@@ -10,11 +10,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-
 use crate::mesh::Conn;
 use crate::peer::{wait_answers, Core, Handler, Peer};
 use crate::wire::{Frame, ReadFailure};
-use crate::{check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadOp, Result, Stats, Transport};
+use crate::{
+    check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, Result, Sink, Stats, Transport,
+};
 
 #[derive(Debug)]
 pub(crate) struct TcpTransport {
@@ -67,17 +68,17 @@ impl Transport for TcpTransport {
         Ok(self.core.peer(peer)?.regions.clone())
     }
 
-    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()> {
+    fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()> {
         let p = self.core.peer(peer)?;
-        for op in ops.iter() {
-            check_bounds(peer, &p.regions, op)?;
+        for r in reqs {
+            check_bounds(peer, &p.regions, r)?;
         }
-        let tags = self.core.tags(ops.len());
+        let tags = self.core.tags(reqs.len());
         let rx = p.expect(&tags);
-        let requests: Vec<Frame> = ops
+        let requests: Vec<Frame> = reqs
             .iter()
             .zip(&tags)
-            .map(|(op, &tag)| Frame::ReadRequest { tag, region: op.region, offset: op.offset, len: op.buf.len() as u32 })
+            .map(|(r, &tag)| Frame::ReadRequest { tag, region: r.region, offset: r.offset, len: r.len as u32 })
             .collect();
         if let Err(e) = p.write(&requests) {
             p.forget(&tags);
@@ -87,30 +88,29 @@ impl Transport for TcpTransport {
         let deadline = Instant::now() + timeout;
         let mut bytes = 0u64;
         wait_answers(p, &rx, &tags, deadline, timeout, "a read", |i, frame| match frame {
-            Frame::ReadData { data, .. } if data.len() == ops[i].buf.len() => {
-                ops[i].buf.copy_from_slice(&data);
+            Frame::ReadData { data, .. } if data.len() == reqs[i].len => {
                 bytes += data.len() as u64;
-                Ok(())
+                sink(i, 0, &data)
             }
             Frame::ReadData { data, .. } => Err(Error::Protocol {
                 peer,
-                reason: format!("answered a {}-byte read with {} bytes", ops[i].buf.len(), data.len()),
+                reason: format!("answered a {}-byte read with {} bytes", reqs[i].len, data.len()),
             }),
             Frame::ReadError { failure, .. } => Err(match failure {
-                ReadFailure::UnknownRegion => Error::UnknownRegion { peer, region: ops[i].region },
+                ReadFailure::UnknownRegion => Error::UnknownRegion { peer, region: reqs[i].region },
                 ReadFailure::OutOfBounds => Error::OutOfBounds {
                     peer,
-                    region: ops[i].region,
-                    offset: ops[i].offset,
-                    len: ops[i].buf.len() as u64,
-                    region_len: p.regions.iter().find(|r| r.id == ops[i].region).map_or(0, |r| r.len),
+                    region: reqs[i].region,
+                    offset: reqs[i].offset,
+                    len: reqs[i].len as u64,
+                    region_len: p.regions.iter().find(|r| r.id == reqs[i].region).map_or(0, |r| r.len),
                 },
-                ReadFailure::BadLength => Error::ReadLength { len: ops[i].buf.len() },
+                ReadFailure::BadLength => Error::ReadLength { len: reqs[i].len },
                 ReadFailure::Unavailable => Error::Unavailable { peer, reason: "the responder refused".into() },
             }),
             other => Err(Error::Protocol { peer, reason: format!("answered a read with {}", other.name()) }),
         })?;
-        self.core.counters.reads.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.core.counters.reads.fetch_add(reqs.len() as u64, Ordering::Relaxed);
         self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }

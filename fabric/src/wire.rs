@@ -108,9 +108,13 @@ impl ReadFailure {
 pub enum Frame {
     Hello(Hello),
     /// HMAC-SHA256 proof of the pod secret over both nonces.
-    Auth { mac: [u8; 32] },
+    Auth {
+        mac: [u8; 32],
+    },
     /// The sender refuses the connection; it closes next.
-    Refuse { reason: String },
+    Refuse {
+        reason: String,
+    },
     /// The regions the sender exposes.
     Regions(Vec<RegionInfo>),
     Verbs(VerbsEndpoint),
@@ -119,15 +123,36 @@ pub enum Frame {
     /// An application (page-protocol) message.
     Message(Vec<u8>),
     /// tcp: read `len` bytes at `offset` of region `region`.
-    ReadRequest { tag: u64, region: u32, offset: u64, len: u32 },
+    ReadRequest {
+        tag: u64,
+        region: u32,
+        offset: u64,
+        len: u32,
+    },
     /// tcp: the bytes of a read.
-    ReadData { tag: u64, data: Vec<u8> },
+    ReadData {
+        tag: u64,
+        data: Vec<u8>,
+    },
     /// The read was refused.
-    ReadError { tag: u64, failure: ReadFailure },
+    ReadError {
+        tag: u64,
+        failure: ReadFailure,
+    },
     /// verbs: ask for the key of chunk `chunk` of region `region`.
-    KeyRequest { tag: u64, region: u32, chunk: u64 },
+    KeyRequest {
+        tag: u64,
+        region: u32,
+        chunk: u64,
+    },
     /// verbs: the chunk is registered for remote reads at `addr` with `rkey`.
-    KeyGrant { tag: u64, region: u32, chunk: u64, addr: u64, rkey: u32 },
+    KeyGrant {
+        tag: u64,
+        region: u32,
+        chunk: u64,
+        addr: u64,
+        rkey: u32,
+    },
     /// The sender is shutting down cleanly.
     Goodbye,
 }
@@ -334,12 +359,8 @@ impl Frame {
                 }
                 Frame::ReadData { tag, data: r.take(len, "read data")?.to_vec() }
             }
-            K_READ_ERROR => {
-                Frame::ReadError { tag: r.u64("tag")?, failure: ReadFailure::from_u8(r.u8("failure")?)? }
-            }
-            K_KEY_REQUEST => {
-                Frame::KeyRequest { tag: r.u64("tag")?, region: r.u32("region")?, chunk: r.u64("chunk")? }
-            }
+            K_READ_ERROR => Frame::ReadError { tag: r.u64("tag")?, failure: ReadFailure::from_u8(r.u8("failure")?)? },
+            K_KEY_REQUEST => Frame::KeyRequest { tag: r.u64("tag")?, region: r.u32("region")?, chunk: r.u64("chunk")? },
             K_KEY_GRANT => Frame::KeyGrant {
                 tag: r.u64("tag")?,
                 region: r.u32("region")?,

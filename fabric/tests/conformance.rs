@@ -73,7 +73,10 @@ fn batched_reads(kind: Kind) {
     ts[1]
         .read(
             0,
-            &mut [ReadOp { region: 0, offset: 3 << 20 | 12345, buf: &mut big }, ReadOp { region: 0, offset: 5, buf: &mut small }],
+            &mut [
+                ReadOp { region: 0, offset: 3 << 20 | 12345, buf: &mut big },
+                ReadOp { region: 0, offset: 5, buf: &mut small },
+            ],
         )
         .unwrap();
     assert!(big == expected(0, 3 << 20 | 12345, MAX_READ));
@@ -90,7 +93,10 @@ fn concurrent_readers(kind: Kind) {
                 for _ in 0..60 {
                     let len = (1 + rng.below(16)) as usize * 4096;
                     let off = rng.below(REGION - len as u64);
-                    assert!(read_one(&**reader, 0, off, len).unwrap() == expected(0, off, len), "{kind}: concurrent read");
+                    assert!(
+                        read_one(&**reader, 0, off, len).unwrap() == expected(0, off, len),
+                        "{kind}: concurrent read"
+                    );
                 }
             });
         }
@@ -151,10 +157,7 @@ fn wrong_secret_is_refused(kind: Kind) {
     let results = pod_with(kind, 2, &[b"right", b"wrong"], quick_options());
     for (i, (r, _)) in results.iter().enumerate() {
         let e = r.as_ref().err().unwrap_or_else(|| panic!("{kind}: node {i} joined with a wrong secret"));
-        assert!(
-            matches!(e, Error::WrongSecret { .. } | Error::Refused { .. }),
-            "{kind}: node {i}: {e}"
-        );
+        assert!(matches!(e, Error::WrongSecret { .. } | Error::Refused { .. }), "{kind}: node {i}: {e}");
         assert!(e.to_string().contains("secret"), "{kind}: node {i}: {e}");
     }
 }
@@ -176,7 +179,8 @@ fn version_mismatch_is_refused(kind: Kind) {
         shoal_fabric::Addr::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p).unwrap()),
         shoal_fabric::Addr::Tcp(a) => Box::new(std::net::TcpStream::connect(a).unwrap()),
     };
-    let hello = Frame::Hello(Hello { version: 99, backend: kind as u8, node: 1, pod_id: "test-pod".into(), nonce: [1; 32] });
+    let hello =
+        Frame::Hello(Hello { version: 99, backend: kind as u8, node: 1, pod_id: "test-pod".into(), nonce: [1; 32] });
     sock.write_all(&hello.encode()).unwrap();
     let mut got = Vec::new();
     let _ = sock.read_to_end(&mut got);
@@ -244,10 +248,7 @@ fn a_peer_that_dies_mid_read_is_an_error_not_a_hang(kind: Kind) {
     };
     let killed_at = killer.join().unwrap();
     assert!(killed_at.elapsed() < bound, "{kind}: the failure took longer than {bound:?}");
-    assert!(
-        matches!(err, Error::PeerGone { peer: 0, .. } | Error::Timeout { peer: 0, .. }),
-        "{kind}: {err}"
-    );
+    assert!(matches!(err, Error::PeerGone { peer: 0, .. } | Error::Timeout { peer: 0, .. }), "{kind}: {err}");
     // the departure is reported once
     let deadline = Instant::now() + bound;
     loop {

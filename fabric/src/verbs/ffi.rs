@@ -157,12 +157,9 @@ impl Context {
 
     /// The GID's type as sysfs names it ("RoCE v2", "IB/RoCE v1").
     pub fn gid_type(&self, port: u8, index: i32) -> Option<String> {
-        std::fs::read_to_string(format!(
-            "/sys/class/infiniband/{}/ports/{port}/gid_attrs/types/{index}",
-            self.name
-        ))
-        .ok()
-        .map(|s| s.trim().to_string())
+        std::fs::read_to_string(format!("/sys/class/infiniband/{}/ports/{port}/gid_attrs/types/{index}", self.name))
+            .ok()
+            .map(|s| s.trim().to_string())
     }
 }
 
@@ -290,6 +287,33 @@ impl Completion {
     }
 }
 
+/// Room for polled completions, reused across polls.
+pub struct PollBuf {
+    wcs: Vec<ibv_wc>,
+}
+
+impl std::fmt::Debug for PollBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PollBuf({})", self.wcs.len())
+    }
+}
+
+impl PollBuf {
+    pub fn new(n: usize) -> Self {
+        // SAFETY: ibv_wc is plain data; zero is a valid (empty) value.
+        PollBuf { wcs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect() }
+    }
+
+    /// Completion `i` of the last poll.
+    pub fn get(&self, i: usize) -> Completion {
+        let wc = &self.wcs[i];
+        Completion { wr_id: wc.wr_id, status: wc.status, byte_len: wc.byte_len, qp_num: wc.qp_num }
+    }
+}
+
+// SAFETY: plain data owned by one thread at a time.
+unsafe impl Send for PollBuf {}
+
 impl Cq {
     pub fn new(ctx: &Arc<Context>, depth: i32, channel: Option<&Arc<CompChannel>>) -> Result<Arc<Cq>> {
         let ch = channel.map_or(std::ptr::null_mut(), |c| c.ptr.as_ptr());
@@ -300,21 +324,15 @@ impl Cq {
             .ok_or_else(|| verr("creating a completion queue"))
     }
 
-    /// Polls up to `out.len()` completions.
-    pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<()> {
-        // SAFETY: ibv_wc is plain data; an array of `max` for the kernel
-        // (or provider) to fill.
-        let mut wcs: Vec<ibv_wc> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
-        // SAFETY: a live CQ and a writable array of `max` entries.
-        let n = unsafe { ibv_poll_cq(self.ptr.as_ptr(), max as i32, wcs.as_mut_ptr()) };
+    /// Polls completions into `buf` (as many as it holds); returns how
+    /// many arrived. No allocation: this runs in the busy-poll loop.
+    pub fn poll(&self, buf: &mut PollBuf) -> Result<usize> {
+        // SAFETY: a live CQ and a writable array of `buf.wcs.len()` entries.
+        let n = unsafe { ibv_poll_cq(self.ptr.as_ptr(), buf.wcs.len() as i32, buf.wcs.as_mut_ptr()) };
         if n < 0 {
             return Err(Error::Verbs("polling a completion queue failed".into()));
         }
-        out.clear();
-        for wc in &wcs[..n as usize] {
-            out.push(Completion { wr_id: wc.wr_id, status: wc.status, byte_len: wc.byte_len, qp_num: wc.qp_num });
-        }
-        Ok(())
+        Ok(n as usize)
     }
 
     /// Arms the CQ: its next completion raises an event on its channel.
@@ -367,9 +385,9 @@ impl Mr {
     pub unsafe fn register(pd: &Arc<Pd>, addr: *mut u8, len: usize, access: u32) -> Result<Mr> {
         // SAFETY: per the caller; the PD is live.
         let mr = unsafe { ibv_reg_mr(pd.ptr.as_ptr(), addr.cast(), len, access as i32) };
-        NonNull::new(mr)
-            .map(|ptr| Mr { ptr, _pd: pd.clone() })
-            .ok_or_else(|| verr(&format!("registering {len} bytes of memory (is the locked-memory limit high enough? ulimit -l)")))
+        NonNull::new(mr).map(|ptr| Mr { ptr, _pd: pd.clone() }).ok_or_else(|| {
+            verr(&format!("registering {len} bytes of memory (is the locked-memory limit high enough? ulimit -l)"))
+        })
     }
 
     pub fn lkey(&self) -> u32 {
@@ -458,7 +476,11 @@ impl Qp {
         a.pkey_index = 0;
         a.port_num = path.port;
         a.qp_access_flags = ACCESS_REMOTE_READ;
-        self.modify(&mut a, (m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS).0, "INIT")?;
+        self.modify(
+            &mut a,
+            (m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS).0,
+            "INIT",
+        )?;
 
         // SAFETY: plain data.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
@@ -521,36 +543,40 @@ impl Qp {
         let _ = self.modify(&mut a, ibv_qp_attr_mask::IBV_QP_STATE.0, "ERROR");
     }
 
-    /// Posts RDMA READs, each `(wr_id, local addr, len, lkey, remote addr,
-    /// rkey)`, all signaled, as one list.
+    /// Posts RDMA READs, all signaled, as one list built in `scratch`.
     ///
     /// # Safety
     /// Every local range must lie in a region registered with LOCAL_WRITE
     /// under `lkey` and stay untouched until its completion is polled (or
     /// the QP is moved to ERROR).
-    pub unsafe fn post_reads(&self, reads: &[(u64, u64, u32, u32, u64, u32)]) -> Result<()> {
+    pub unsafe fn post_reads(&self, reads: &[ReadWr], scratch: &mut PostBuf) -> Result<()> {
         if reads.is_empty() {
             return Ok(());
         }
-        let mut sges: Vec<ibv_sge> =
-            reads.iter().map(|r| ibv_sge { addr: r.1, length: r.2, lkey: r.3 }).collect();
-        // SAFETY: plain data, filled below.
-        let mut wrs: Vec<ibv_send_wr> = (0..reads.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for i in 0..reads.len() {
-            let next = if i + 1 < reads.len() { &mut wrs[i + 1] as *mut ibv_send_wr } else { std::ptr::null_mut() };
-            let w = &mut wrs[i];
-            w.wr_id = reads[i].0;
-            w.next = next;
-            w.sg_list = &mut sges[i];
+        scratch.sges.clear();
+        scratch.wrs.clear();
+        for r in reads {
+            scratch.sges.push(ibv_sge { addr: r.local, length: r.len, lkey: r.lkey });
+            // SAFETY: plain data, filled below.
+            let mut w: ibv_send_wr = unsafe { std::mem::zeroed() };
+            w.wr_id = r.wr_id;
             w.num_sge = 1;
             w.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
             w.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-            w.wr.rdma = rdma_t { remote_addr: reads[i].4, rkey: reads[i].5 };
+            w.wr.rdma = rdma_t { remote_addr: r.remote, rkey: r.rkey };
+            scratch.wrs.push(w);
+        }
+        // link the list now that neither vector moves any more
+        let n = reads.len();
+        for i in 0..n {
+            let next = if i + 1 < n { &mut scratch.wrs[i + 1] as *mut ibv_send_wr } else { std::ptr::null_mut() };
+            scratch.wrs[i].next = next;
+            scratch.wrs[i].sg_list = &mut scratch.sges[i];
         }
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: a live QP; the list and its SGEs live across the call
         // (the provider copies them); memory validity is the caller's.
-        let ret = unsafe { ibv_post_send(self.ptr.as_ptr(), wrs.as_mut_ptr(), &mut bad) };
+        let ret = unsafe { ibv_post_send(self.ptr.as_ptr(), scratch.wrs.as_mut_ptr(), &mut bad) };
         if ret != 0 {
             return Err(verr_code("posting RDMA reads", ret));
         }
@@ -605,6 +631,35 @@ impl Drop for Qp {
     }
 }
 
+/// One RDMA READ: `len` bytes from `remote` (under `rkey`) to `local`
+/// (under `lkey`).
+#[derive(Clone, Copy, Debug)]
+pub struct ReadWr {
+    pub wr_id: u64,
+    pub local: u64,
+    pub len: u32,
+    pub lkey: u32,
+    pub remote: u64,
+    pub rkey: u32,
+}
+
+/// Work requests being built, reused across posts.
+#[derive(Default)]
+pub struct PostBuf {
+    sges: Vec<ibv_sge>,
+    wrs: Vec<ibv_send_wr>,
+}
+
+impl std::fmt::Debug for PostBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostBuf({})", self.wrs.capacity())
+    }
+}
+
+// SAFETY: plain data (the raw pointers inside point into the buffer
+// itself and are rebuilt on every post), owned by one thread at a time.
+unsafe impl Send for PostBuf {}
+
 /// Page-aligned memory owned by us, for registration as bounce and
 /// receive buffers.
 #[derive(Debug)]
@@ -632,7 +687,10 @@ impl Buffer {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::Io { what: format!("allocating a {len}-byte buffer"), source: io::Error::last_os_error() });
+            return Err(Error::Io {
+                what: format!("allocating a {len}-byte buffer"),
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(Buffer { ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"), len })
     }

@@ -27,8 +27,10 @@ use std::time::{Duration, Instant};
 use crate::mesh::Conn;
 use crate::peer::{stream_error, wait_answers, Core, Counters, Handler, Peer};
 use crate::wire::{read_frame, write_frame, Frame, ReadFailure, VerbsEndpoint, MAX_MESSAGE};
-use crate::{check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadOp, Result, Stats, Transport};
-use ffi::{Buffer, CompChannel, Completion, Context, Cq, Mr, Path, Pd, Qp};
+use crate::{
+    check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, Result, Sink, Stats, Transport,
+};
+use ffi::{Buffer, CompChannel, Context, Cq, Mr, Path, Pd, PollBuf, PostBuf, Qp, ReadWr};
 
 pub use ffi::device_names;
 
@@ -73,8 +75,8 @@ impl Exposer {
         // SAFETY: the chunk lies inside the region, which its creator keeps
         // mapped for the transport's lifetime; REMOTE_READ lets peers read
         // it and nothing write it.
-        let mr = unsafe { Mr::register(&self.pd, addr as *mut u8, len as usize, ffi::ACCESS_REMOTE_READ) }
-            .map_err(|e| {
+        let mr =
+            unsafe { Mr::register(&self.pd, addr as *mut u8, len as usize, ffi::ACCESS_REMOTE_READ) }.map_err(|e| {
                 tracing::warn!(region, chunk, error = %e, "cannot register a chunk for a peer's read");
                 ReadFailure::Unavailable
             })?;
@@ -101,8 +103,43 @@ impl Handler for KeyServer {
                 }
                 Ok(())
             }
-            other => Err(Error::Protocol { peer: peer.id, reason: format!("unexpected {} frame on verbs", other.name()) }),
+            other => {
+                Err(Error::Protocol { peer: peer.id, reason: format!("unexpected {} frame on verbs", other.name()) })
+            }
         }
+    }
+}
+
+/// Where a peer's chunk is and the key to read it.
+#[derive(Clone, Copy, Debug)]
+struct RemoteKey {
+    addr: u64,
+    rkey: u32,
+}
+
+/// The keys a peer granted for one of its regions, by chunk.
+#[derive(Debug)]
+struct RegionKeys {
+    region: u32,
+    chunks: Vec<Option<RemoteKey>>,
+}
+
+/// A part of a read request inside one chunk: one RDMA READ.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    /// Index of the request.
+    req: usize,
+    /// Offset of this piece within the request.
+    at: usize,
+    region: u32,
+    /// Offset in the peer's region.
+    offset: u64,
+    len: u32,
+}
+
+impl Piece {
+    fn chunk(&self) -> u64 {
+        self.offset / CHUNK
     }
 }
 
@@ -114,9 +151,16 @@ struct SendSide {
     staging: Buffer,
     msg_mr: Mr,
     msg: Buffer,
-    /// (region, chunk) → (remote address of the chunk, rkey)
-    keys: HashMap<(u32, u64), (u64, u32)>,
+    /// Granted keys: a short list of regions, each indexed by chunk. Not
+    /// a hash: this is on every read's path, and under soft-RoCE on TCG
+    /// hashing showed up in the latency.
+    keys: Vec<RegionKeys>,
     next_wr: u64,
+    // scratch space reused by every read (the hot path allocates nothing)
+    polled: PollBuf,
+    posting: PostBuf,
+    pieces: Vec<Piece>,
+    posts: Vec<ReadWr>,
     /// Set once the queue pair failed: it stays in ERROR.
     broken: Option<String>,
 }
@@ -173,6 +217,28 @@ fn find_gid(ctx: &Context, port: u8, tbl_len: i32, ip: IpAddr) -> Result<u8> {
             ctx.name
         ))
     })
+}
+
+impl SendSide {
+    fn key(&self, region: u32, chunk: u64) -> Option<RemoteKey> {
+        let keys = self.keys.iter().find(|k| k.region == region)?;
+        keys.chunks.get(chunk as usize).copied().flatten()
+    }
+
+    fn set_key(&mut self, region: u32, chunk: u64, key: RemoteKey) {
+        let at = match self.keys.iter().position(|k| k.region == region) {
+            Some(at) => at,
+            None => {
+                self.keys.push(RegionKeys { region, chunks: Vec::new() });
+                self.keys.len() - 1
+            }
+        };
+        let chunks = &mut self.keys[at].chunks;
+        if chunks.len() <= chunk as usize {
+            chunks.resize(chunk as usize + 1, None);
+        }
+        chunks[chunk as usize] = Some(key);
+    }
 }
 
 impl VerbsTransport {
@@ -266,8 +332,12 @@ impl VerbsTransport {
                 staging,
                 msg_mr,
                 msg,
-                keys: HashMap::new(),
+                keys: Vec::new(),
                 next_wr: 1,
+                polled: PollBuf::new(16),
+                posting: PostBuf::default(),
+                pieces: Vec::new(),
+                posts: Vec::new(),
                 broken: None,
             };
             peers.insert(
@@ -334,14 +404,19 @@ impl VerbsTransport {
 
     /// Asks `peer` for the keys of the chunks it has not granted us yet.
     fn fetch_keys(&self, p: &Peer, side: &mut SendSide, want: &[(u32, u64)]) -> Result<()> {
-        let missing: Vec<(u32, u64)> = want.iter().copied().filter(|k| !side.keys.contains_key(k)).collect();
+        let mut missing: Vec<(u32, u64)> = want.iter().copied().filter(|&(r, c)| side.key(r, c).is_none()).collect();
+        missing.sort_unstable();
+        missing.dedup();
         if missing.is_empty() {
             return Ok(());
         }
         let tags = self.core.tags(missing.len());
         let rx = p.expect(&tags);
-        let frames: Vec<Frame> =
-            missing.iter().zip(&tags).map(|(&(region, chunk), &tag)| Frame::KeyRequest { tag, region, chunk }).collect();
+        let frames: Vec<Frame> = missing
+            .iter()
+            .zip(&tags)
+            .map(|(&(region, chunk), &tag)| Frame::KeyRequest { tag, region, chunk })
+            .collect();
         if let Err(e) = p.write(&frames) {
             p.forget(&tags);
             return Err(e);
@@ -350,7 +425,7 @@ impl VerbsTransport {
         let peer = p.id;
         wait_answers(p, &rx, &tags, Instant::now() + timeout, timeout, "a key request", |i, frame| match frame {
             Frame::KeyGrant { region, chunk, addr, rkey, .. } if (region, chunk) == missing[i] => {
-                side.keys.insert((region, chunk), (addr, rkey));
+                side.set_key(region, chunk, RemoteKey { addr, rkey });
                 Ok(())
             }
             Frame::ReadError { failure, .. } => Err(Error::Unavailable {
@@ -361,17 +436,90 @@ impl VerbsTransport {
         })
     }
 
+    fn read_pieces(
+        &self,
+        p: &Peer,
+        vp: &VerbsPeer,
+        side: &mut SendSide,
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+    ) -> Result<()> {
+        if pieces.iter().any(|pc| side.key(pc.region, pc.chunk()).is_none()) {
+            let chunks: Vec<(u32, u64)> = pieces.iter().map(|pc| (pc.region, pc.chunk())).collect();
+            self.fetch_keys(p, side, &chunks)?;
+        }
+        let mut bytes = 0u64;
+        let mut start = 0;
+        let mut posts = std::mem::take(&mut side.posts);
+        while start < pieces.len() {
+            // a round: as many pieces as fit the bounce buffer and the queue
+            let mut used = 0usize;
+            let mut end = start;
+            while end < pieces.len() && end - start < MAX_WRS && used + pieces[end].len as usize <= STAGING {
+                used += pieces[end].len as usize;
+                end += 1;
+            }
+            let base = side.staging.addr();
+            let lkey = side.staging_mr.lkey();
+            posts.clear();
+            let mut at = 0u64;
+            for pc in &pieces[start..end] {
+                let key = side.key(pc.region, pc.chunk()).expect("keys fetched above");
+                posts.push(ReadWr {
+                    wr_id: side.next_wr,
+                    local: base + at,
+                    len: pc.len,
+                    lkey,
+                    remote: key.addr + pc.offset % CHUNK,
+                    rkey: key.rkey,
+                });
+                side.next_wr += 1;
+                at += u64::from(pc.len);
+            }
+            // SAFETY: every local range is inside the registered bounce
+            // buffer, which nothing touches until the completions are in
+            // (or the queue pair is flushed to ERROR on failure).
+            if let Err(e) = unsafe { vp.qp.post_reads(&posts, &mut side.posting) } {
+                vp.qp.set_error();
+                side.broken = Some(e.to_string());
+                side.posts = posts;
+                return Err(e);
+            }
+            if let Err(e) = self.wait_completions(p, vp, side, posts.len()) {
+                side.posts = posts;
+                return Err(e);
+            }
+            let mut at = 0usize;
+            for pc in &pieces[start..end] {
+                let n = pc.len as usize;
+                // SAFETY: the reads into [at, at + n) of the bounce buffer
+                // completed; the buffer is ours.
+                let src = unsafe { std::slice::from_raw_parts(side.staging.as_ptr().add(at), n) };
+                if let Err(e) = sink(pc.req, pc.at, src) {
+                    side.posts = posts;
+                    return Err(e);
+                }
+                at += n;
+                bytes += n as u64;
+            }
+            start = end;
+        }
+        side.posts = posts;
+        self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Waits for `n` completions of work requests `first..first + n`,
     /// busy-polling (latency matters more than a core here).
     fn wait_completions(&self, p: &Peer, vp: &VerbsPeer, side: &mut SendSide, n: usize) -> Result<()> {
         let timeout = self.core.io_timeout;
         let deadline = Instant::now() + timeout;
         let mut done = 0;
-        let mut wcs: Vec<Completion> = Vec::with_capacity(16);
         let mut spins = 0u32;
         while done < n {
-            vp.send_cq.poll(&mut wcs, 16)?;
-            for wc in &wcs {
+            let got = vp.send_cq.poll(&mut side.polled)?;
+            for i in 0..got {
+                let wc = side.polled.get(i);
                 if !wc.ok() {
                     let why = format!("work request failed: {}", wc.status_text());
                     vp.qp.set_error();
@@ -380,13 +528,17 @@ impl VerbsTransport {
                 }
                 done += 1;
             }
-            if wcs.is_empty() {
+            if got == 0 {
                 spins += 1;
-                if spins % 1024 == 0 {
+                if spins.is_multiple_of(1024) {
                     // a dead peer or a timeout: flush what is outstanding so
                     // no late completion writes the bounce buffer we reuse
                     let failure = p.check_alive().err().or_else(|| {
-                        (Instant::now() >= deadline).then_some(Error::Timeout { peer: vp.id, what: "an RDMA operation", after: timeout })
+                        (Instant::now() >= deadline).then_some(Error::Timeout {
+                            peer: vp.id,
+                            what: "an RDMA operation",
+                            after: timeout,
+                        })
                     });
                     if let Some(e) = failure {
                         vp.qp.set_error();
@@ -410,7 +562,7 @@ fn receive_loop(
     wake_fd: i32,
 ) {
     let by_qpn: HashMap<u32, &Arc<VerbsPeer>> = peers.values().map(|p| (p.qp.qpn(), p)).collect();
-    let mut wcs = Vec::with_capacity(16);
+    let mut polled = PollBuf::new(16);
     loop {
         let mut fds = [
             libc::pollfd { fd: channel.fd(), events: libc::POLLIN, revents: 0 },
@@ -429,10 +581,11 @@ fn receive_loop(
             }
         }
         loop {
-            if cq.poll(&mut wcs, 16).is_err() || wcs.is_empty() {
+            let got = cq.poll(&mut polled).unwrap_or(0);
+            if got == 0 {
                 break;
             }
-            for wc in &wcs {
+            for wc in (0..got).map(|i| polled.get(i)) {
                 let Some(vp) = by_qpn.get(&wc.qp_num) else { continue };
                 if !wc.ok() {
                     // flushed at shutdown, or the queue pair failed: the
@@ -481,74 +634,36 @@ impl Transport for VerbsTransport {
         Ok(self.core.peer(peer)?.regions.clone())
     }
 
-    fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()> {
+    fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()> {
         let (p, vp) = self.peer(peer)?;
-        // split every op at chunk boundaries: (op index, offset in op,
-        // region, remote offset, length)
-        let mut pieces = Vec::with_capacity(ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            check_bounds(peer, &p.regions, op)?;
-            let mut off = 0u64;
-            let len = op.buf.len() as u64;
-            while off < len {
-                let at = op.offset + off;
-                let n = (CHUNK - at % CHUNK).min(len - off);
-                pieces.push((i, off as usize, op.region, at, n as u32));
-                off += n;
-            }
+        for r in reqs {
+            check_bounds(peer, &p.regions, r)?;
         }
         p.check_alive()?;
-        let mut side = vp.send.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = vp.send.lock().unwrap_or_else(|e| e.into_inner());
+        let side = &mut *guard;
         if let Some(why) = &side.broken {
             return Err(Error::PeerGone { peer, reason: why.clone() });
         }
-        let chunks: Vec<(u32, u64)> = pieces.iter().map(|pc| (pc.2, pc.3 / CHUNK)).collect();
-        self.fetch_keys(p, &mut side, &chunks)?;
-        let mut bytes = 0u64;
-        let mut start = 0;
-        while start < pieces.len() {
-            // a round: as many pieces as fit the bounce buffer and the queue
-            let mut used = 0usize;
-            let mut end = start;
-            while end < pieces.len() && end - start < MAX_WRS && used + pieces[end].4 as usize <= STAGING {
-                used += pieces[end].4 as usize;
-                end += 1;
+        // split every request at chunk boundaries
+        let mut pieces = std::mem::take(&mut side.pieces);
+        pieces.clear();
+        for (i, r) in reqs.iter().enumerate() {
+            let mut off = 0u64;
+            let len = r.len as u64;
+            while off < len {
+                let at = r.offset + off;
+                let n = (CHUNK - at % CHUNK).min(len - off);
+                pieces.push(Piece { req: i, at: off as usize, region: r.region, offset: at, len: n as u32 });
+                off += n;
             }
-            let base = side.staging.addr();
-            let lkey = side.staging_mr.lkey();
-            let mut posts = Vec::with_capacity(end - start);
-            let mut at = 0u64;
-            for pc in &pieces[start..end] {
-                let (addr, rkey) = side.keys[&(pc.2, pc.3 / CHUNK)];
-                let remote = addr + pc.3 % CHUNK;
-                posts.push((side.next_wr, base + at, pc.4, lkey, remote, rkey));
-                side.next_wr += 1;
-                at += u64::from(pc.4);
-            }
-            // SAFETY: every local range is inside the registered bounce
-            // buffer, which nothing touches until the completions are in
-            // (or the queue pair is flushed to ERROR on failure).
-            if let Err(e) = unsafe { vp.qp.post_reads(&posts) } {
-                vp.qp.set_error();
-                side.broken = Some(e.to_string());
-                return Err(e);
-            }
-            self.wait_completions(p, vp, &mut side, posts.len())?;
-            let mut at = 0usize;
-            for pc in &pieces[start..end] {
-                let n = pc.4 as usize;
-                // SAFETY: the reads into [at, at + n) of the bounce buffer
-                // completed; the buffer is ours.
-                let src = unsafe { std::slice::from_raw_parts(side.staging.as_ptr().add(at), n) };
-                ops[pc.0].buf[pc.1..pc.1 + n].copy_from_slice(src);
-                at += n;
-                bytes += n as u64;
-            }
-            start = end;
         }
-        self.core.counters.reads.fetch_add(ops.len() as u64, Ordering::Relaxed);
-        self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
-        Ok(())
+        let result = self.read_pieces(p, vp, side, &pieces, sink);
+        side.pieces = pieces;
+        if result.is_ok() {
+            self.core.counters.reads.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        }
+        result
     }
 
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
