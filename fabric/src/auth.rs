@@ -4,13 +4,20 @@
 //!    pod id, a fresh 32-byte nonce);
 //! 2. each checks the other's version, pod id, backend and node id, and
 //!    refuses (`Refuse`, then close) on any mismatch;
-//! 3. both send `Auth`: HMAC-SHA256 keyed with the pod secret over a label,
-//!    both node ids and both nonces, in the sender's order; each verifies
-//!    the other's in constant time and refuses a wrong one.
+//! 3. the dialing side proves it knows the pod secret first: `Auth` =
+//!    HMAC-SHA256 keyed with the secret over a label, its role, both node
+//!    ids and both nonces. The accepting side verifies it in constant time
+//!    and only then sends its own proof (with its own role), which the
+//!    dialer verifies. A wrong proof is refused.
 //!
 //! Only after this do regions, memfds or queue-pair details cross. A
-//! replayed `Auth` fails (fresh nonces); a reflected one fails (the sender's
-//! id comes first in what it signs).
+//! replayed `Auth` fails (fresh nonces); a reflected one fails (the role is
+//! signed); and because a listener never signs anything for a peer that
+//! has not proven itself, connecting to two nodes and relaying between
+//! them gets an attacker nowhere: the only dialer proofs are the ones
+//! honest nodes send to the nodes they dial. (The fabric authenticates; it
+//! does not encrypt. Someone who controls the network path can read the
+//! traffic: run pods on the cluster's own network.)
 
 use std::io::{Read, Write};
 
@@ -23,6 +30,13 @@ use crate::{Error, Kind, NodeId};
 type HmacSha256 = Hmac<Sha256>;
 
 const LABEL: &[u8] = b"shoal fabric auth v1";
+
+/// Who signs: the side that dialed, or the side that accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Dialer,
+    Acceptor,
+}
 
 /// Who this node is in its pod.
 #[derive(Clone)]
@@ -40,9 +54,21 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-fn mac(secret: &[u8], from: NodeId, to: NodeId, from_nonce: &[u8; 32], to_nonce: &[u8; 32], pod: &str) -> HmacSha256 {
+fn mac(
+    secret: &[u8],
+    role: Role,
+    from: NodeId,
+    to: NodeId,
+    from_nonce: &[u8; 32],
+    to_nonce: &[u8; 32],
+    pod: &str,
+) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
     m.update(LABEL);
+    m.update(match role {
+        Role::Dialer => b"dialer",
+        Role::Acceptor => b"acceptr",
+    });
     m.update(&from.to_le_bytes());
     m.update(&to.to_le_bytes());
     m.update(from_nonce);
@@ -114,8 +140,18 @@ pub fn handshake<S: Read + Write>(
         return Err(err);
     }
 
-    let proof = mac(&me.secret, me.node, theirs.node, &my_nonce, &theirs.nonce, &me.pod_id).finalize().into_bytes();
-    write_frame(stream, &Frame::Auth { mac: proof.into() }).map_err(|e| stream_err(peer, "sending Auth", e.into()))?;
+    let (mine, their_role) = match expect {
+        Some(_) => (Role::Dialer, Role::Acceptor),
+        None => (Role::Acceptor, Role::Dialer),
+    };
+    let send_proof = |stream: &mut S| {
+        let proof =
+            mac(&me.secret, mine, me.node, theirs.node, &my_nonce, &theirs.nonce, &me.pod_id).finalize().into_bytes();
+        write_frame(stream, &Frame::Auth { mac: proof.into() }).map_err(|e| stream_err(peer, "sending Auth", e.into()))
+    };
+    if mine == Role::Dialer {
+        send_proof(stream)?;
+    }
     let their_mac = match read_frame(stream).map_err(|e| stream_err(peer, "waiting for Auth", e))? {
         Frame::Auth { mac } => mac,
         Frame::Refuse { reason } => return Err(Error::Refused { peer, reason }),
@@ -123,11 +159,15 @@ pub fn handshake<S: Read + Write>(
             return Err(Error::Handshake { peer, reason: format!("expected Auth, got {}", other.name()) });
         }
     };
-    let expected = mac(&me.secret, theirs.node, me.node, &theirs.nonce, &my_nonce, &me.pod_id);
+    let expected = mac(&me.secret, their_role, theirs.node, me.node, &theirs.nonce, &my_nonce, &me.pod_id);
     if expected.verify_slice(&their_mac).is_err() {
         let err = Error::WrongSecret { peer };
         let _ = write_frame(stream, &Frame::Refuse { reason: "authentication failed: wrong pod secret".into() });
         return Err(err);
+    }
+    if mine == Role::Acceptor {
+        // only now: the dialer has proven it knows the secret
+        send_proof(stream)?;
     }
     Ok(theirs.node)
 }
@@ -183,8 +223,34 @@ mod tests {
     fn a_reflected_proof_does_not_verify() {
         let n1 = [1u8; 32];
         let n2 = [2u8; 32];
-        let forward = mac(b"k", 0, 1, &n1, &n2, "p").finalize().into_bytes();
-        assert!(mac(b"k", 1, 0, &n2, &n1, "p").verify_slice(&forward).is_err());
-        assert!(mac(b"k", 0, 1, &n1, &n2, "p").verify_slice(&forward).is_ok());
+        let forward = mac(b"k", Role::Dialer, 0, 1, &n1, &n2, "p").finalize().into_bytes();
+        assert!(mac(b"k", Role::Dialer, 1, 0, &n2, &n1, "p").verify_slice(&forward).is_err());
+        assert!(mac(b"k", Role::Acceptor, 0, 1, &n1, &n2, "p").verify_slice(&forward).is_err());
+        assert!(mac(b"k", Role::Dialer, 0, 1, &n1, &n2, "p").verify_slice(&forward).is_ok());
+    }
+
+    /// The relay attack: connect to two nodes' listeners and pass each one's
+    /// messages to the other. A listener signs nothing before the dialer
+    /// proves itself, so the attacker never gets a proof to relay.
+    #[test]
+    fn relaying_between_two_listeners_gets_no_proof() {
+        use crate::wire::{read_frame, write_frame};
+        let (mut to0, mut node0) = UnixStream::pair().unwrap();
+        let (mut to1, mut node1) = UnixStream::pair().unwrap();
+        let a = std::thread::spawn(move || handshake(&mut node0, &id(0, "p", b"s"), Kind::Tcp, None));
+        let b = std::thread::spawn(move || handshake(&mut node1, &id(1, "p", b"s"), Kind::Tcp, None));
+        let Frame::Hello(h0) = read_frame(&mut to0).unwrap() else { panic!() };
+        let Frame::Hello(h1) = read_frame(&mut to1).unwrap() else { panic!() };
+        // impersonate node 1 towards node 0 and node 0 towards node 1
+        write_frame(&mut to0, &Frame::Hello(Hello { node: 1, nonce: h1.nonce, ..h1.clone() })).unwrap();
+        write_frame(&mut to1, &Frame::Hello(Hello { node: 0, nonce: h0.nonce, ..h0.clone() })).unwrap();
+        // both listeners now wait for a proof; nothing arrives to relay
+        to0.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+        to1.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+        assert!(read_frame(&mut to0).is_err(), "node 0 must not sign first");
+        assert!(read_frame(&mut to1).is_err(), "node 1 must not sign first");
+        drop((to0, to1));
+        assert!(a.join().unwrap().is_err());
+        assert!(b.join().unwrap().is_err());
     }
 }

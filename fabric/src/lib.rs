@@ -326,8 +326,6 @@ pub struct Options {
     /// verbs: GID index (default: the RoCE v2 GID of this node's address,
     /// or 0 on InfiniBand).
     pub gid_index: Option<u8>,
-    /// verbs: bytes per lazily registered chunk (default 2 MiB).
-    pub chunk_size: u64,
 }
 
 impl Default for Options {
@@ -338,7 +336,6 @@ impl Default for Options {
             rdma_device: None,
             rdma_port: 1,
             gid_index: None,
-            chunk_size: 2 << 20,
         }
     }
 }

@@ -109,8 +109,15 @@ pub fn bind(kind: Kind, addr: &Addr) -> Result<Binding> {
     let io = |what: String| move |source| Error::Io { what, source };
     let (listener, addr) = match (kind, addr) {
         (Kind::Shm, Addr::Unix(path)) => {
-            // a socket file left by a node that died: ours to replace
+            // a socket file left by a node that died is ours to replace; one
+            // a live node listens on is not
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(Error::Io {
+                        what: format!("binding {}", path.display()),
+                        source: io::Error::new(io::ErrorKind::AddrInUse, "a running node listens there"),
+                    });
+                }
                 let _ = std::fs::remove_file(path);
             }
             let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
@@ -154,6 +161,13 @@ impl Binding {
         regions: Vec<LocalRegion>,
         opts: Options,
     ) -> Result<Box<dyn Transport>> {
+        if me.pod_id.len() > crate::wire::MAX_POD_ID {
+            return Err(Error::Config(format!(
+                "the pod id is {} bytes; the limit is {}",
+                me.pod_id.len(),
+                crate::wire::MAX_POD_ID
+            )));
+        }
         let deadline = Instant::now() + opts.join_timeout;
         let conns = self.connect_all(&me, peers, deadline, &opts)?;
         match self.kind {
@@ -193,15 +207,29 @@ impl Binding {
 
         let mut conns = BTreeMap::new();
         let mut last_refusal: Option<String> = None;
+        // Handshakes of accepted connections run in their own threads, each
+        // bounded: a client that connects and says nothing cannot hold up
+        // the real peers, and one that says the wrong thing cannot abort
+        // the join (it is refused and remembered for the error message).
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(Result<NodeId>, Conn)>();
         loop {
             let mut progressed = false;
-            // accept what is waiting
             while let Some(conn) = self.try_accept()? {
                 progressed = true;
-                let mut conn = conn;
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
                 let _ = conn.set_timeouts(Some(left), Some(left));
-                match handshake(&mut conn, me, self.kind, None) {
+                let (me, kind, tx) = (me.clone(), self.kind, done_tx.clone());
+                std::thread::spawn(move || {
+                    let mut conn = conn;
+                    let r = handshake(&mut conn, &me, kind, None);
+                    let _ = tx.send((r, conn));
+                });
+            }
+            while let Ok((result, conn)) = done_rx.try_recv() {
+                progressed = true;
+                match result {
                     Ok(peer) if want_accept.contains(&peer) && !conns.contains_key(&peer) => {
                         conns.insert(peer, conn);
                     }
@@ -209,10 +237,8 @@ impl Binding {
                         tracing::warn!(peer, "unexpected node connected; dropping it");
                         last_refusal = Some(format!("unexpected connection from node {peer}"));
                     }
-                    // a peer of ours that is misconfigured: fail now, clearly
-                    Err(e) if is_config_mismatch(&e) => return Err(e),
                     Err(e) => {
-                        tracing::warn!(error = %e, "a connection failed its handshake");
+                        tracing::warn!(error = %e, "refused a connection");
                         last_refusal = Some(e.to_string());
                     }
                 }
@@ -224,10 +250,22 @@ impl Binding {
                 }
                 let Some(mut conn) = dial(addr)? else { continue };
                 progressed = true;
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
                 let _ = conn.set_timeouts(Some(left), Some(left));
-                handshake(&mut conn, me, self.kind, Some(*id))?;
-                conns.insert(*id, conn);
+                match handshake(&mut conn, me, self.kind, Some(*id)) {
+                    Ok(_) => {
+                        conns.insert(*id, conn);
+                    }
+                    // the node we dialed disagrees with us: a clear error now
+                    Err(e) if is_config_mismatch(&e) => return Err(e),
+                    // a connection that broke: try again
+                    Err(e) => {
+                        tracing::debug!(peer = id, error = %e, "handshake failed; retrying");
+                        last_refusal = Some(e.to_string());
+                    }
+                }
             }
             if conns.len() == peers.len() {
                 break;
@@ -273,12 +311,19 @@ impl Binding {
     }
 }
 
-/// Whether a handshake error means a peer of ours is misconfigured (as
-/// opposed to a stray connection).
+/// The longest one handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a handshake error with a node we dialed means the two of us
+/// are configured differently (as opposed to a connection that broke).
 fn is_config_mismatch(e: &Error) -> bool {
     matches!(
         e,
-        Error::Version { .. } | Error::PodMismatch { .. } | Error::BackendMismatch { .. } | Error::WrongSecret { .. }
+        Error::Version { .. }
+            | Error::PodMismatch { .. }
+            | Error::BackendMismatch { .. }
+            | Error::WrongSecret { .. }
+            | Error::Refused { .. }
     )
 }
 

@@ -63,6 +63,11 @@ impl Peer {
         }
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         std::io::Write::write_all(&mut *w, &bytes).map_err(|e| {
+            // Part of a frame may be out: the stream is out of step for
+            // good. Close it, so that neither side reads a frame boundary
+            // where there is none; our reader thread then reports the peer
+            // gone.
+            w.shutdown();
             if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut {
                 Error::Timeout { peer: self.id, what: "writing", after: Duration::ZERO }
             } else {
@@ -113,28 +118,36 @@ impl Peer {
         was_alive
     }
 
-    fn shutdown(&self) {
+    /// Closes the stream both ways (the reader thread then ends).
+    pub fn shutdown(&self) {
         self.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     }
 }
 
-/// Waits for the answers of `n` requests until `deadline`.
+/// Waits for the answers of a batch of requests. The bound is on
+/// progress: each answer must come within `after` of the previous one (or
+/// of the start), so a large batch is not cut short while a silent peer
+/// still fails within `after`.
 pub(crate) fn wait_answers(
     peer: &Peer,
     rx: &Receiver<(usize, Answer)>,
     tags: &[u64],
-    deadline: Instant,
     after: Duration,
     what: &'static str,
     mut each: impl FnMut(usize, Frame) -> Result<()>,
 ) -> Result<()> {
     let mut left = tags.len();
+    let mut deadline = Instant::now() + after;
     while left > 0 {
         let wait = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok((i, Ok(frame))) => {
-                each(i, frame)?;
+                if let Err(e) = each(i, frame) {
+                    peer.forget(tags);
+                    return Err(e);
+                }
                 left -= 1;
+                deadline = Instant::now() + after;
             }
             Ok((_, Err(e))) => {
                 peer.forget(tags);
@@ -286,11 +299,16 @@ impl Core {
             let peer = core.peers[&id].clone();
             let c = core.clone();
             let h = handler.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("fabric-rx{id}"))
-                .spawn(move || c.read_loop(&peer, conn, &*h))
-                .map_err(|source| Error::Io { what: "starting a reader thread".into(), source })?;
-            core.readers.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+            let t =
+                std::thread::Builder::new().name(format!("fabric-rx{id}")).spawn(move || c.read_loop(&peer, conn, &*h));
+            match t {
+                Ok(t) => core.readers.lock().unwrap_or_else(|p| p.into_inner()).push(t),
+                Err(source) => {
+                    // stop the readers that did start, and close every stream
+                    core.shutdown();
+                    return Err(Error::Io { what: "starting a reader thread".into(), source });
+                }
+            }
         }
         Ok(core)
     }

@@ -5,9 +5,11 @@
 //! `ReadError`). The responder never writes our memory and never runs
 //! anything else on a peer's behalf.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::mesh::Conn;
@@ -20,17 +22,32 @@ use crate::{
 #[derive(Debug)]
 pub(crate) struct TcpTransport {
     core: Arc<Core>,
+    responders: Mutex<Vec<JoinHandle<()>>>,
 }
 
-struct Responder(std::sync::Weak<Core>);
+/// A read a peer asked us for.
+struct Request {
+    tag: u64,
+    region: u32,
+    offset: u64,
+    len: u32,
+}
 
-impl Handler for Responder {
+/// Hands read requests from the peers' reader threads to one responder
+/// thread per peer. The reader never writes a 2 MiB answer itself: two
+/// nodes reading each other at once would both block in writing while
+/// neither reads.
+struct Responders(HashMap<NodeId, Mutex<Sender<Request>>>);
+
+impl Handler for Responders {
     fn on_frame(&self, peer: &Peer, frame: Frame) -> Result<()> {
         match frame {
-            Frame::ReadRequest { tag, region, offset, len } => match self.0.upgrade() {
-                Some(core) => core.serve_read(peer, tag, region, offset, len),
-                None => Ok(()),
-            },
+            Frame::ReadRequest { tag, region, offset, len } => {
+                if let Some(q) = self.0.get(&peer.id) {
+                    let _ = q.lock().unwrap_or_else(|p| p.into_inner()).send(Request { tag, region, offset, len });
+                }
+                Ok(())
+            }
             other => Err(Error::Protocol { peer: peer.id, reason: format!("unexpected {} frame", other.name()) }),
         }
     }
@@ -46,8 +63,36 @@ impl TcpTransport {
     ) -> Result<Self> {
         let regions = Core::exchange_regions(&mut conns, &local)?;
         Core::ready(&mut conns)?;
-        let core = Core::start(node, conns, regions, local, opts.io_timeout, |core| Arc::new(Responder(core)))?;
-        Ok(TcpTransport { core })
+        let mut queues = HashMap::new();
+        let mut inboxes = Vec::new();
+        for id in conns.keys() {
+            let (tx, rx) = channel();
+            queues.insert(*id, Mutex::new(tx));
+            inboxes.push((*id, rx));
+        }
+        let handler = Arc::new(Responders(queues));
+        let core = Core::start(node, conns, regions, local, opts.io_timeout, |_| handler)?;
+        let mut responders = Vec::new();
+        for (id, rx) in inboxes {
+            let weak = Arc::downgrade(&core);
+            let spawned = std::thread::Builder::new().name(format!("fabric-serve{id}")).spawn(move || {
+                // ends when the reader threads (which hold the senders) end
+                while let Ok(r) = rx.recv() {
+                    let Some(core) = weak.upgrade() else { return };
+                    if let Ok(peer) = core.peer(id) {
+                        let _ = core.serve_read(peer, r.tag, r.region, r.offset, r.len);
+                    }
+                }
+            });
+            match spawned {
+                Ok(t) => responders.push(t),
+                Err(source) => {
+                    core.shutdown();
+                    return Err(Error::Io { what: "starting a responder thread".into(), source });
+                }
+            }
+        }
+        Ok(TcpTransport { core, responders: Mutex::new(responders) })
     }
 }
 
@@ -84,10 +129,8 @@ impl Transport for TcpTransport {
             p.forget(&tags);
             return Err(e);
         }
-        let timeout = self.core.io_timeout;
-        let deadline = Instant::now() + timeout;
         let mut bytes = 0u64;
-        wait_answers(p, &rx, &tags, deadline, timeout, "a read", |i, frame| match frame {
+        wait_answers(p, &rx, &tags, self.core.io_timeout, "a read", |i, frame| match frame {
             Frame::ReadData { data, .. } if data.len() == reqs[i].len => {
                 bytes += data.len() as u64;
                 sink(i, 0, &data)
@@ -135,11 +178,17 @@ impl Transport for TcpTransport {
 
     fn shutdown(&self) {
         self.core.shutdown();
+        // the readers are gone, and with them the senders: the responders
+        // finish what they hold and end
+        let responders: Vec<_> = self.responders.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for t in responders {
+            let _ = t.join();
+        }
     }
 }
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        self.core.shutdown();
+        self.shutdown();
     }
 }

@@ -103,6 +103,36 @@ fn concurrent_readers(kind: Kind) {
     });
 }
 
+/// Both nodes read full-size batches from each other at the same time: no
+/// side may stop reading while it writes (tcp answers from a responder
+/// thread, not from the reader).
+fn two_nodes_read_each_other_at_once(kind: Kind) {
+    let (ts, _mem) = pod(kind, 2);
+    std::thread::scope(|s| {
+        for (me, peer) in [(0usize, 1u32), (1, 0)] {
+            let t = &ts[me];
+            s.spawn(move || {
+                for round in 0..6u64 {
+                    let offs: Vec<u64> = (0..4).map(|i| (round * 4 + i) * 4096 % (REGION - MAX_READ as u64)).collect();
+                    let mut bufs: Vec<Vec<u8>> = offs.iter().map(|_| vec![0u8; MAX_READ]).collect();
+                    let mut ops: Vec<ReadOp> = offs
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .map(|(o, b)| ReadOp { region: 0, offset: *o, buf: b })
+                        .collect();
+                    t.read(peer, &mut ops).unwrap_or_else(|e| panic!("{kind}: node {me} reading node {peer}: {e}"));
+                    for (o, b) in offs.iter().zip(&bufs) {
+                        assert!(*b == expected(peer, *o, MAX_READ), "{kind}: two-way read at {o:#x}");
+                    }
+                }
+            });
+        }
+    });
+    // and the connection is still in step afterwards
+    assert_eq!(read_one(&*ts[0], 1, 4096, 4096).unwrap(), expected(1, 4096, 4096));
+    assert_eq!(read_one(&*ts[1], 0, 4096, 4096).unwrap(), expected(0, 4096, 4096));
+}
+
 fn out_of_bounds_reads_are_errors_and_the_responder_survives(kind: Kind) {
     let (ts, _mem) = pod(kind, 2);
     let e = read_one(&*ts[0], 1, REGION - 10, 4096).unwrap_err();
@@ -154,17 +184,21 @@ fn messages_arrive_in_order(kind: Kind) {
 }
 
 fn wrong_secret_is_refused(kind: Kind) {
-    let results = pod_with(kind, 2, &[b"right", b"wrong"], quick_options());
-    for (i, (r, _)) in results.iter().enumerate() {
-        let e = r.as_ref().err().unwrap_or_else(|| panic!("{kind}: node {i} joined with a wrong secret"));
-        assert!(matches!(e, Error::WrongSecret { .. } | Error::Refused { .. }), "{kind}: node {i}: {e}");
-        assert!(e.to_string().contains("secret"), "{kind}: node {i}: {e}");
-    }
+    // the dialer (node 1) is refused at once; the listener keeps waiting
+    // for a proper node 1 and then names the refusal
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(3), ..quick_options() };
+    let results = pod_with(kind, 2, &[b"right", b"wrong"], opts);
+    let e0 = results[0].0.as_ref().err().unwrap_or_else(|| panic!("{kind}: node 0 joined a node with a wrong secret"));
+    assert!(matches!(e0, Error::JoinTimeout { .. }), "{kind}: node 0: {e0}");
+    assert!(e0.to_string().contains("authentication with node 1 failed: wrong pod secret"), "{kind}: node 0: {e0}");
+    let e1 = results[1].0.as_ref().err().unwrap_or_else(|| panic!("{kind}: node 1 joined with a wrong secret"));
+    assert!(matches!(e1, Error::Refused { peer: Some(0), .. }), "{kind}: node 1: {e1}");
+    assert!(e1.to_string().contains("wrong pod secret"), "{kind}: node 1: {e1}");
 }
 
 /// A peer speaking another protocol version is refused before anything
 /// else crosses: it gets a Refuse naming the versions, and the node's join
-/// fails with the same.
+/// names the refusal when it gives up waiting for a proper peer.
 fn version_mismatch_is_refused(kind: Kind) {
     let dir = scratch(&format!("version-{kind}"));
     let binding = bind(kind, &test_addr(kind, &dir, 0)).unwrap();
@@ -173,7 +207,8 @@ fn version_mismatch_is_refused(kind: Kind) {
         let mem = Memory::new(0, REGION);
         let id = Identity { node: 0, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
         let peers = vec![(1, shoal_fabric::Addr::Tcp("127.0.0.1:9".parse().unwrap()))];
-        binding.join(id, &peers, vec![mem.region()], quick_options()).map(|_| ())
+        let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(3), ..quick_options() };
+        binding.join(id, &peers, vec![mem.region()], opts).map(|_| ())
     });
     let mut sock: Box<dyn ReadWrite> = match &addr {
         shoal_fabric::Addr::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p).unwrap()),
@@ -198,8 +233,11 @@ fn version_mismatch_is_refused(kind: Kind) {
         other => panic!("{kind}: expected a Refuse, got {other:?}"),
     }
     assert!(!frames.iter().any(|f| matches!(f, Frame::Auth { .. } | Frame::Regions(_))), "nothing after Refuse");
+    // the listener refused it and kept waiting for a proper node 1, and
+    // names the refusal when it gives up
     let e = node0.join().unwrap().unwrap_err();
-    assert!(matches!(e, Error::Version { theirs: 99, ours: 1, .. }), "{kind}: {e}");
+    assert!(matches!(e, Error::JoinTimeout { .. }), "{kind}: {e}");
+    assert!(e.to_string().contains("speaks fabric protocol version 99, this node speaks 1"), "{kind}: {e}");
 }
 
 trait ReadWrite: Read + Write {}
@@ -319,6 +357,34 @@ fn join_times_out_naming_the_missing_node(kind: Kind) {
     assert!(e.to_string().contains("node 0"), "{e}");
 }
 
+#[test]
+fn a_pod_id_longer_than_the_wire_allows_is_refused() {
+    let b = bind(Kind::Tcp, &shoal_fabric::Addr::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
+    let id = Identity { node: 0, pod_id: "p".repeat(65), secret: b"s".to_vec() };
+    let e = b.join(id, &[], Vec::new(), quick_options()).unwrap_err();
+    assert!(e.to_string().contains("pod id is 65 bytes; the limit is 64"), "{e}");
+}
+
+#[test]
+fn shm_refuses_a_memfd_that_could_shrink() {
+    let dir = scratch("unsealed");
+    let b0 = bind(Kind::Shm, &test_addr(Kind::Shm, &dir, 0)).unwrap();
+    let b1 = bind(Kind::Shm, &test_addr(Kind::Shm, &dir, 1)).unwrap();
+    let (a0, a1) = (b0.local_addr().clone(), b1.local_addr().clone());
+    let id = |n| Identity { node: n, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(5), ..quick_options() };
+    let o2 = opts.clone();
+    let t = std::thread::spawn(move || {
+        let m = Memory::unsealed(0, REGION);
+        b0.join(id(0), &[(1, a1)], vec![m.region()], o2).map(|_| ())
+    });
+    let m = Memory::new(1, REGION);
+    let r1 = b1.join(id(1), &[(0, a0)], vec![m.region()], opts).map(|_| ());
+    let e1 = r1.unwrap_err();
+    assert!(e1.to_string().contains("not sealed against shrinking"), "{e1}");
+    assert!(t.join().unwrap().is_err(), "node 0 cannot complete the join either");
+}
+
 macro_rules! suite {
     ($($kind:ident => $mod:ident),*) => {$(
         mod $mod {
@@ -336,6 +402,10 @@ macro_rules! suite {
             #[test]
             fn concurrent() {
                 if can_run(KIND, "concurrent") { concurrent_readers(KIND) }
+            }
+            #[test]
+            fn two_way() {
+                if can_run(KIND, "two_way") { two_nodes_read_each_other_at_once(KIND) }
             }
             #[test]
             fn out_of_bounds() {

@@ -4,10 +4,19 @@
 
 static volatile u64 counter;
 static volatile u64 finished;
+/* per vCPU id (from its own boot-info block): how many vCPUs claimed it,
+ * and whether the vCPU's stack was the one its block names */
+static volatile u64 claimed[256];
+static volatile u64 own_stack[256];
 
 static void add_all(const struct shoal_boot_info *bi)
 {
 	u64 iters = shoal_arg_or(bi, "iters", 1000);
+	u64 here = (u64)&iters;
+	if (bi->vcpu_id < 256) {
+		__atomic_fetch_add(&claimed[bi->vcpu_id], 1, __ATOMIC_SEQ_CST);
+		own_stack[bi->vcpu_id] = here < bi->stack_top && here >= bi->stack_top - 64 * 1024;
+	}
 	for (u64 i = 0; i < iters; i++)
 		__atomic_fetch_add(&counter, 1, __ATOMIC_SEQ_CST);
 	__atomic_fetch_add(&finished, 1, __ATOMIC_SEQ_CST);
@@ -32,6 +41,14 @@ u64 shoal_main(const struct shoal_boot_info *bi)
 		shoal_printf("smp: FAILED: lost %ld increments\n", (i64)(want - got));
 		return 1;
 	}
+	for (u64 i = 0; i < bi->num_vcpus && i < 256; i++) {
+		if (claimed[i] != 1 || !own_stack[i]) {
+			shoal_printf("smp: FAILED: vcpu %lu: its boot-info block was claimed %lu times, own stack %lu\n", i,
+				     claimed[i], own_stack[i]);
+			return 1;
+		}
+	}
+	shoal_printf("smp: each vcpu had its own boot-info block and stack\n");
 	shoal_printf("smp: OK\n");
 	return 0;
 }

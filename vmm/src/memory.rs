@@ -228,13 +228,23 @@ impl GuestMemory {
             Backing::Memfd => {
                 // SAFETY: memfd_create reads the NUL-terminated name and
                 // returns a new descriptor or -1.
-                let fd = unsafe { libc::memfd_create(c"shoal-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd = unsafe {
+                    libc::memfd_create(c"shoal-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+                };
                 if fd < 0 {
                     return Err(Error::Memfd(io::Error::last_os_error()));
                 }
                 // SAFETY: the kernel just returned this descriptor; we own it.
                 let memfd = unsafe { File::from_raw_fd(fd) };
                 memfd.set_len(size).map_err(|source| Error::Truncate { size, source })?;
+                // Sealed at its size: a peer that maps it (the shm fabric)
+                // can trust it never shrinks under its mapping.
+                // SAFETY: F_ADD_SEALS on our own descriptor.
+                if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) }
+                    != 0
+                {
+                    return Err(Error::Memfd(io::Error::last_os_error()));
+                }
                 Some(memfd)
             }
             Backing::Anonymous => None,
@@ -401,6 +411,16 @@ mod tests {
         let mem = GuestMemory::new(Layout::new(64 << 30).unwrap()).unwrap();
         assert_eq!(mem.allocated_bytes(), 0);
         assert!(mem.populated_extents().unwrap().is_empty());
+    }
+
+    #[test]
+    fn guest_memfd_is_sealed_at_its_size() {
+        let mem = GuestMemory::new(Layout::new(16 << 20).unwrap()).unwrap();
+        let fd = mem.memfd().unwrap().as_raw_fd();
+        // SAFETY: F_GET_SEALS on our own descriptor.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        assert_eq!(seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+        assert!(mem.memfd().unwrap().set_len(8 << 20).is_err());
     }
 
     #[test]

@@ -221,7 +221,7 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
         let _ = t.join();
     }
     let wall = started.elapsed();
-    console.lock().unwrap_or_else(|p| p.into_inner()).flush_line();
+    flush_console(&console);
     let mut node = match paging {
         Some((pager, handlers)) => {
             let latency = handlers.stop();
@@ -239,6 +239,20 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
     node.peak_rss_bytes = metrics::peak_rss_bytes();
     node.vcpu_exits = exits.load(Ordering::Relaxed);
     Ok(Outcome { end, report: Report::new(vec![node]) })
+}
+
+/// Writes out the console's last partial line, unless a vCPU left behind
+/// (blocked writing to a stdout nobody reads) still holds it: then the line
+/// is lost, but shoal does not hang.
+fn flush_console(console: &Mutex<Console>) {
+    for _ in 0..100 {
+        match console.try_lock() {
+            Ok(mut c) => return c.flush_line(),
+            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner().flush_line(),
+            Err(std::sync::TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    tracing::warn!("the console is blocked; its last partial line is lost");
 }
 
 /// Registers the guest view with userfaultfd and starts the pager's fault

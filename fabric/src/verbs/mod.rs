@@ -220,6 +220,14 @@ fn find_gid(ctx: &Context, port: u8, tbl_len: i32, ip: IpAddr) -> Result<u8> {
 }
 
 impl SendSide {
+    /// The queue pair failed (a failed completion, a timeout, a dead
+    /// peer): flush it so that no late completion writes our buffers, and
+    /// remember why; every later operation fails with it.
+    fn break_qp(&mut self, vp: &VerbsPeer, why: String) {
+        vp.qp.set_error();
+        self.broken = Some(why);
+    }
+
     fn key(&self, region: u32, chunk: u64) -> Option<RemoteKey> {
         let keys = self.keys.iter().find(|k| k.region == region)?;
         keys.chunks.get(chunk as usize).copied().flatten()
@@ -366,15 +374,22 @@ impl VerbsTransport {
         // exposer serves them (both see the same memory)
         let core = Core::start(node, conns, regions, Vec::new(), opts.io_timeout, |_| server)?;
 
+        // from here on a failure must stop the core's threads
+        let fail = |core: &Core, e: Error| {
+            core.shutdown();
+            e
+        };
         // SAFETY: eventfd takes flags only and returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
-            return Err(Error::Io { what: "creating an eventfd".into(), source: std::io::Error::last_os_error() });
+            let e = Error::Io { what: "creating an eventfd".into(), source: std::io::Error::last_os_error() };
+            return Err(fail(&core, e));
         }
         // SAFETY: a fresh descriptor we own.
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
         let stop = Arc::new(AtomicBool::new(false));
-        recv_cq.req_notify()?;
+        recv_cq.req_notify().map_err(|e| fail(&core, e))?;
+        let core_for_errors = core.clone();
         let rx = {
             let core = core.clone();
             let peers = peers.clone();
@@ -384,7 +399,9 @@ impl VerbsTransport {
             std::thread::Builder::new()
                 .name("fabric-verbs-rx".into())
                 .spawn(move || receive_loop(&core, &peers, &cq, &channel, &stop, wake_fd))
-                .map_err(|source| Error::Io { what: "starting the verbs receive thread".into(), source })?
+                .map_err(|source| {
+                    fail(&core_for_errors, Error::Io { what: "starting the verbs receive thread".into(), source })
+                })?
         };
         Ok(VerbsTransport {
             core,
@@ -421,9 +438,8 @@ impl VerbsTransport {
             p.forget(&tags);
             return Err(e);
         }
-        let timeout = self.core.io_timeout;
         let peer = p.id;
-        wait_answers(p, &rx, &tags, Instant::now() + timeout, timeout, "a key request", |i, frame| match frame {
+        wait_answers(p, &rx, &tags, self.core.io_timeout, "a key request", |i, frame| match frame {
             Frame::KeyGrant { region, chunk, addr, rkey, .. } if (region, chunk) == missing[i] => {
                 side.set_key(region, chunk, RemoteKey { addr, rkey });
                 Ok(())
@@ -480,8 +496,8 @@ impl VerbsTransport {
             // buffer, which nothing touches until the completions are in
             // (or the queue pair is flushed to ERROR on failure).
             if let Err(e) = unsafe { vp.qp.post_reads(&posts, &mut side.posting) } {
-                vp.qp.set_error();
-                side.broken = Some(e.to_string());
+                side.break_qp(vp, e.to_string());
+                self.lose(p, &e.to_string());
                 side.posts = posts;
                 return Err(e);
             }
@@ -509,6 +525,14 @@ impl VerbsTransport {
         Ok(())
     }
 
+    /// A peer whose queue pair broke is lost: there is no reconnecting an
+    /// RC queue pair in place. Report it gone (once, through the inbox) and
+    /// close its stream, so that it learns the same about us.
+    fn lose(&self, p: &Peer, why: &str) {
+        self.core.peer_gone(p, &format!("its queue pair failed: {why}"));
+        p.shutdown();
+    }
+
     /// Waits for `n` completions of work requests `first..first + n`,
     /// busy-polling (latency matters more than a core here).
     fn wait_completions(&self, p: &Peer, vp: &VerbsPeer, side: &mut SendSide, n: usize) -> Result<()> {
@@ -522,8 +546,8 @@ impl VerbsTransport {
                 let wc = side.polled.get(i);
                 if !wc.ok() {
                     let why = format!("work request failed: {}", wc.status_text());
-                    vp.qp.set_error();
-                    side.broken = Some(why.clone());
+                    side.break_qp(vp, why.clone());
+                    self.lose(p, &why);
                     return Err(Error::PeerGone { peer: vp.id, reason: why });
                 }
                 done += 1;
@@ -541,8 +565,8 @@ impl VerbsTransport {
                         })
                     });
                     if let Some(e) = failure {
-                        vp.qp.set_error();
-                        side.broken = Some(e.to_string());
+                        side.break_qp(vp, e.to_string());
+                        self.lose(p, &e.to_string());
                         return Err(e);
                     }
                     std::thread::yield_now();

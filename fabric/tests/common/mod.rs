@@ -49,6 +49,15 @@ unsafe impl Sync for Memory {}
 
 impl Memory {
     pub fn new(node: NodeId, len: u64) -> Memory {
+        Self::with_seals(node, len, true)
+    }
+
+    /// A memfd that may still shrink: the shm backend must refuse it.
+    pub fn unsealed(node: NodeId, len: u64) -> Memory {
+        Self::with_seals(node, len, false)
+    }
+
+    fn with_seals(node: NodeId, len: u64, sealed: bool) -> Memory {
         // SAFETY: memfd_create with a static name; checked below.
         let fd = unsafe { libc::memfd_create(c"fabric-test".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
@@ -58,7 +67,9 @@ impl Memory {
         // SAFETY: sizing and sealing our own memfd.
         unsafe {
             assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as i64), 0);
-            assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), 0);
+            if sealed {
+                assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW), 0);
+            }
         }
         // SAFETY: a new shared mapping of our memfd.
         let ptr = unsafe {

@@ -32,15 +32,25 @@ impl FaultHandlers {
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
             let pager = pager.clone();
-            let stop = stop.try_clone()?;
             let on_fatal = on_fatal.clone();
             let cpu = cpus.map(|c| c[i % c.len()]);
-            threads.push(std::thread::Builder::new().name(format!("shoal-fault{i}")).spawn(move || {
-                if let Some(cpu) = cpu {
-                    crate::vcpu::pin_current_thread(cpu);
+            let spawned = stop.try_clone().and_then(|stop| {
+                std::thread::Builder::new().name(format!("shoal-fault{i}")).spawn(move || {
+                    if let Some(cpu) = cpu {
+                        crate::vcpu::pin_current_thread(cpu);
+                    }
+                    serve(&pager, &stop, &*on_fatal)
+                })
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // stop the ones that started rather than leave them
+                    // blocked in poll forever
+                    FaultHandlers { threads, stop }.stop();
+                    return Err(e);
                 }
-                serve(&pager, &stop, &*on_fatal)
-            })?);
+            }
         }
         Ok(FaultHandlers { threads, stop })
     }

@@ -176,10 +176,13 @@ impl Pager {
                 .ok_or(Error::BudgetExhausted { budget: self.policy.budget_pages.unwrap_or(0), gpa })?;
             let addr = base + run.first * PAGE_SIZE;
             let len = run.count * PAGE_SIZE;
+            // DONTWAKE: the pages must be marked resident before the vCPU
+            // runs on, or a hypercall reading them (read_guest) could see
+            // them as dormant and return zeros for what the guest just wrote
             let result = if self.policy.dormant {
-                self.uffd.zeropage(addr, len, true)
+                self.uffd.zeropage(addr, len, false)
             } else {
-                self.uffd.copy(addr, &self.contents[..len as usize], true)
+                self.uffd.copy(addr, &self.contents[..len as usize], false)
             };
             let mapped = match result {
                 Ok(Outcome::Done) => run.count,
@@ -194,7 +197,14 @@ impl Pager {
             self.resident.fetch_sub(run.count - mapped, Ordering::Relaxed);
             self.account(run.first, mapped);
             resolved += mapped;
+            if mapped > 0 {
+                self.uffd.wake(addr, mapped * PAGE_SIZE).map_err(|source| Error::Resolve { gpa, source })?;
+            }
             fault_mapped |= page >= run.first && page < run.first + mapped;
+            if matches!(result, Ok(Outcome::Retry)) {
+                // the address space is changing under us: let it settle
+                std::thread::yield_now();
+            }
             // the kernel has the run's first page although we believed it
             // dormant: it is resident, whatever we thought
             if matches!(result, Ok(Outcome::Exists)) && self.states.set_resident(run.first, 1) == 1 {
