@@ -303,7 +303,8 @@ pub trait Transport: Send + Sync + fmt::Debug {
     }
     /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;
-    /// The next message or departure, waiting up to `timeout`.
+    /// The next message or departure, waiting up to `timeout`. Meant for
+    /// one consuming thread: concurrent callers queue behind each other.
     fn recv(&self, timeout: Duration) -> Result<Option<Incoming>>;
     /// Counters so far.
     fn stats(&self) -> Stats;

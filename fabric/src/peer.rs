@@ -317,6 +317,34 @@ impl Core {
         self.peers.get(&id).ok_or(Error::UnknownPeer(id))
     }
 
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        self.peers.keys().copied().collect()
+    }
+
+    pub fn peer_regions(&self, id: NodeId) -> Result<Vec<RegionInfo>> {
+        Ok(self.peer(id)?.regions.clone())
+    }
+
+    /// Sends a message as a frame on the peer's stream (shm, tcp).
+    pub fn send_message(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
+        if msg.len() > crate::MAX_MESSAGE {
+            return Err(Error::MessageLength { len: msg.len() });
+        }
+        self.peer(peer)?.write(&[Frame::Message(msg.to_vec())])?;
+        self.count_sent(msg.len());
+        Ok(())
+    }
+
+    pub fn count_sent(&self, bytes: usize) {
+        self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_reads(&self, reads: usize, bytes: u64) {
+        self.counters.reads.fetch_add(reads as u64, Ordering::Relaxed);
+        self.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub fn tags(&self, n: usize) -> Vec<u64> {
         let first = self.next_tag.fetch_add(n as u64, Ordering::Relaxed);
         (first..first + n as u64).collect()

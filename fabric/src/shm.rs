@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,11 +220,11 @@ impl Transport for ShmTransport {
     }
 
     fn peers(&self) -> Vec<NodeId> {
-        self.core.peers.keys().copied().collect()
+        self.core.peer_ids()
     }
 
     fn regions(&self, peer: NodeId) -> Result<Vec<RegionInfo>> {
-        Ok(self.core.peer(peer)?.regions.clone())
+        self.core.peer_regions(peer)
     }
 
     fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()> {
@@ -249,19 +248,12 @@ impl Transport for ShmTransport {
             bytes += r.len as u64;
         }
         p.check_alive()?;
-        self.core.counters.reads.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        self.core.count_reads(reqs.len(), bytes);
         Ok(())
     }
 
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
-        if msg.len() > crate::MAX_MESSAGE {
-            return Err(Error::MessageLength { len: msg.len() });
-        }
-        self.core.peer(peer)?.write(&[Frame::Message(msg.to_vec())])?;
-        self.core.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.core.counters.bytes_sent.fetch_add(msg.len() as u64, Ordering::Relaxed);
-        Ok(())
+        self.core.send_message(peer, msg)
     }
 
     fn recv(&self, timeout: Duration) -> Result<Option<Incoming>> {

@@ -6,7 +6,6 @@
 //! anything else on a peer's behalf.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,7 +15,8 @@ use crate::mesh::Conn;
 use crate::peer::{wait_answers, Core, Handler, Peer};
 use crate::wire::{Frame, ReadFailure};
 use crate::{
-    check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, Result, Sink, Stats, Transport,
+    check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, RegionInfo, Result, Sink, Stats,
+    Transport,
 };
 
 #[derive(Debug)]
@@ -106,11 +106,11 @@ impl Transport for TcpTransport {
     }
 
     fn peers(&self) -> Vec<NodeId> {
-        self.core.peers.keys().copied().collect()
+        self.core.peer_ids()
     }
 
-    fn regions(&self, peer: NodeId) -> Result<Vec<crate::RegionInfo>> {
-        Ok(self.core.peer(peer)?.regions.clone())
+    fn regions(&self, peer: NodeId) -> Result<Vec<RegionInfo>> {
+        self.core.peer_regions(peer)
     }
 
     fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()> {
@@ -153,19 +153,12 @@ impl Transport for TcpTransport {
             }),
             other => Err(Error::Protocol { peer, reason: format!("answered a read with {}", other.name()) }),
         })?;
-        self.core.counters.reads.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        self.core.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        self.core.count_reads(reqs.len(), bytes);
         Ok(())
     }
 
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
-        if msg.len() > crate::MAX_MESSAGE {
-            return Err(Error::MessageLength { len: msg.len() });
-        }
-        self.core.peer(peer)?.write(&[Frame::Message(msg.to_vec())])?;
-        self.core.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.core.counters.bytes_sent.fetch_add(msg.len() as u64, Ordering::Relaxed);
-        Ok(())
+        self.core.send_message(peer, msg)
     }
 
     fn recv(&self, timeout: Duration) -> Result<Option<Incoming>> {
