@@ -1,0 +1,1028 @@
+//! The page-ownership protocol of a shoal pod: plain logic, no I/O.
+//!
+//! A [`Node`] is fed events (a guest fault, a message from a peer, a
+//! finished one-sided read, a wish to evict) and returns [`Action`]s for the
+//! VMM around it to carry out (send a message, zero-fill a page, read a
+//! page from a peer, map or drop a page, wake the vCPU). Nothing here
+//! touches memory, sockets or KVM, so the protocol can be checked
+//! exhaustively (see the `model` module and its tests) with every message
+//! order.
+//!
+//! # The protocol
+//!
+//! Every page has a **home** node (`block(page) % nodes`, blocks of
+//! [`Config::block_pages`]) that keeps its directory entry: *dormant*, or
+//! *owned* by one node with a set of *readers*. The home serialises
+//! changes to a page: one transaction at a time, later requests queue.
+//!
+//! - **Dormant first touch.** A node faulting on a dormant page asks its
+//!   home, which grants the requester every dormant page of the page's
+//!   block at once ([`Msg::Grant`]). The node zero-fills locally: no page
+//!   data ever crosses the network, and later first touches in the block
+//!   need no round trip at all.
+//! - **Reading a page owned elsewhere.** The home asks the owner to share
+//!   ([`Msg::Share`]); the owner write-protects its copy and answers the
+//!   requester directly ([`Msg::Ready`], saying whether the page is still
+//!   dormant). The requester pulls the bytes with a one-sided read (or
+//!   zero-fills a dormant page), maps it read-only, and tells the home
+//!   ([`Msg::Done`]), which adds it to the readers.
+//! - **Writing.** The home first invalidates every reader ([`Msg::Inval`],
+//!   acknowledged). If the writer owns the page it is upgraded in place;
+//!   otherwise the owner write-protects and answers [`Msg::Ready`], the
+//!   writer pulls the bytes and maps them writable, tells the old owner
+//!   ([`Msg::Fetched`]), which only then drops its copy and tells the home
+//!   ([`Msg::Done`]). One writer or many readers, never both.
+//! - **Eviction.** An owner over its memory budget asks the home to move a
+//!   page to a node with room ([`Msg::Evict`]): the same transfer, with
+//!   the target pulling the page. A page whose contents are all zeros is
+//!   made dormant again instead ([`Msg::Redormant`]): nothing moves.
+//!
+//! Messages may arrive in any order; the transaction structure (the home
+//! sends a page's next request only after the current one's `Done`) makes
+//! that safe, and the model checker explores every interleaving.
+
+pub mod model;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A node of the pod.
+pub type NodeId = u32;
+/// A guest page (its index: memfd offset / 4096).
+pub type Page = u64;
+
+/// What a faulting access needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// The shape of a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Number of nodes.
+    pub nodes: u32,
+    /// Pages per block: the unit of homes and of dormant grants.
+    pub block_pages: u64,
+    /// Pages in the guest.
+    pub pages: u64,
+}
+
+impl Config {
+    /// A pod shape; None unless there is at least one node and one page per
+    /// block.
+    pub fn new(nodes: u32, block_pages: u64, pages: u64) -> Option<Self> {
+        (nodes > 0 && block_pages > 0).then_some(Config { nodes, block_pages, pages })
+    }
+
+    /// The home node of `page`.
+    pub fn home(&self, page: Page) -> NodeId {
+        ((page / self.block_pages) % u64::from(self.nodes)) as NodeId
+    }
+
+    /// The pages of `page`'s block.
+    pub fn block_of(&self, page: Page) -> std::ops::Range<Page> {
+        let first = page - page % self.block_pages;
+        first..(first + self.block_pages).min(self.pages)
+    }
+}
+
+/// Messages between nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Msg {
+    /// node → home: `from` needs `page` for `access`.
+    Request { page: Page, access: Access, from: NodeId },
+    /// home → requester: these dormant pages (of one block) are yours,
+    /// each with the epoch of your ownership.
+    Grant { pages: Vec<(Page, u64)> },
+    /// requester → home: the grant is applied.
+    GrantDone { pages: Vec<Page>, from: NodeId },
+    /// home → owner: let `to` read the page.
+    Share { page: Page, to: NodeId },
+    /// home → owner: hand the page over to `to` (a writer, or, when
+    /// `evict`, the target of the owner's own eviction: this answers it).
+    Transfer { page: Page, to: NodeId, evict: bool, epoch: u64 },
+    /// home → owner: you may write, every reader is gone.
+    Upgrade { page: Page },
+    /// owner → requester: my copy is protected; read it (or, when
+    /// `dormant`, zero-fill: it is all zeros). `transfer`: you become the
+    /// owner; `evict`: because the owner evicts it (this does not answer a
+    /// request of yours, which the home still holds).
+    /// `epoch`: of the new ownership (transfers).
+    Ready { page: Page, from: NodeId, dormant: bool, transfer: bool, evict: bool, epoch: u64 },
+    /// new owner → old owner: I have the bytes; drop yours.
+    Fetched { page: Page, from: NodeId },
+    /// → home: the transaction on `page` is over (from the node that
+    /// closes it: the reader, the old owner, the upgraded or refused one).
+    Done { page: Page, from: NodeId },
+    /// home → reader: drop your copy.
+    Inval { page: Page },
+    /// reader → home.
+    InvalAck { page: Page, from: NodeId },
+    /// owner → home: move the page to `to`. `epoch` names the ownership
+    /// it was asked under: a request that outlived it is refused.
+    Evict { page: Page, from: NodeId, to: NodeId, epoch: u64 },
+    /// owner → home: the page is all zeros again.
+    Redormant { page: Page, from: NodeId, epoch: u64 },
+    /// home → owner: the eviction or re-dormanting was refused (the page
+    /// has readers, or is not yours any more); carry on.
+    Refused { page: Page },
+    /// home → owner: the page is dormant again; drop your copy.
+    Dormanted { page: Page },
+}
+
+/// What the VMM must do.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Send {
+        to: NodeId,
+        msg: Msg,
+    },
+    /// Make `page` a zeroed page here (locally: no data on the wire).
+    ZeroFill {
+        page: Page,
+    },
+    /// Read `page` from `from`'s memory with a one-sided read, then call
+    /// [`Node::fetched`] with the same arguments.
+    Fetch {
+        page: Page,
+        from: NodeId,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+    },
+    /// Let the guest read (and, when `writable`, write) our copy.
+    Map {
+        page: Page,
+        writable: bool,
+    },
+    /// Stop the guest writing our copy (reads stay allowed).
+    WriteProtect {
+        page: Page,
+    },
+    /// Take our copy away from the guest, keeping its bytes for a peer's
+    /// one-sided read.
+    Unmap {
+        page: Page,
+    },
+    /// Drop our copy and free its memory.
+    Drop {
+        page: Page,
+    },
+    /// Our copy is now protected (the action before this one): look
+    /// whether it is all zeros and call [`Node::offer`]. Zero pages never
+    /// travel: the requester zero-fills instead.
+    Offer {
+        page: Page,
+        to: NodeId,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+    },
+    /// The fault on `page` is resolved: wake whoever waits on it.
+    Wake {
+        page: Page,
+    },
+}
+
+/// Our copy of a page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Held {
+    /// None here.
+    #[default]
+    None,
+    /// Owned through a grant and never touched: zeros that exist nowhere.
+    Dormant,
+    /// A page in memory here (zero-filled or fetched).
+    Data,
+}
+
+/// A node's view of one page.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Local {
+    pub copy: Held,
+    pub owner: bool,
+    /// The guest may write our copy.
+    pub writable: bool,
+    /// A fault waits for this access.
+    pub waiting: Option<Access>,
+    /// Our request for the page is with the home.
+    pub requested: bool,
+    /// We asked the home to evict or re-dormant the page: write-protected
+    /// until it answers, and no request of ours goes out meanwhile.
+    pub protected: bool,
+    /// We are handing the page to a new owner: the guest may not touch our
+    /// copy any more; its bytes stay until the new owner has them.
+    pub handing: bool,
+    /// Which ownership of the page ours is (the home counts them).
+    pub epoch: u64,
+}
+
+impl Local {
+    /// Whether the guest may access our copy as `a`.
+    pub fn allows(&self, a: Access) -> bool {
+        let present = self.copy != Held::None && !self.handing;
+        match a {
+            Access::Read => present,
+            Access::Write => present && self.writable,
+        }
+    }
+}
+
+/// The home's record of one page.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirEntry {
+    /// None: dormant (no node holds it).
+    pub owner: Option<NodeId>,
+    /// Ownerships so far: each grant, transfer and re-dormanting adds one.
+    pub epoch: u64,
+    pub readers: BTreeSet<NodeId>,
+    /// The transaction under way.
+    pub busy: Option<Txn>,
+    /// Requests waiting for it.
+    pub queue: VecDeque<Msg>,
+}
+
+/// What a transaction does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TxnKind {
+    /// A dormant page granted to `to`.
+    Grant,
+    /// `to` becomes a reader.
+    Share,
+    /// `to` becomes the owner (a writer or an eviction target).
+    Transfer,
+    /// The owner may write.
+    Upgrade,
+    /// An eviction or re-dormanting refused.
+    Refuse,
+    /// The page becomes dormant again.
+    Redormant,
+}
+
+/// A transaction at the home. Every message the home sends about a page
+/// belongs to one, and the next starts only when its `Done` has come back:
+/// so no two messages about one page are ever in flight to one node, and
+/// the protocol needs no ordering from the network.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Txn {
+    pub kind: TxnKind,
+    /// A transfer that answers the owner's eviction.
+    pub evict: bool,
+    /// Who gets the page (or is answered).
+    pub to: NodeId,
+    /// Whose `Done` closes the transaction.
+    pub closer: NodeId,
+    /// Invalidations still unacknowledged.
+    pub acks_left: BTreeSet<NodeId>,
+    /// The main message went out.
+    pub sent: bool,
+}
+
+/// Errors: a peer broke the protocol (a message that cannot happen).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("node {node}: unexpected {msg:?} for page {page} in state {state}")]
+    Unexpected { node: NodeId, page: Page, msg: String, state: String },
+    #[error("node {node}: page {page} is outside the guest")]
+    NoSuchPage { node: NodeId, page: Page },
+}
+
+/// One node's protocol state: its pages, and the directory of the pages
+/// it is home to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Node {
+    pub id: NodeId,
+    pub config: Config,
+    local: BTreeMap<Page, Local>,
+    dir: BTreeMap<Page, DirEntry>,
+    /// A deliberate bug, for the test that shows the model checker finds
+    /// bugs.
+    #[cfg(test)]
+    pub(crate) sabotage: Sabotage,
+}
+
+/// Bugs the model checker must catch (tests only).
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) enum Sabotage {
+    #[default]
+    None,
+    /// Let a writer in without invalidating the readers.
+    SkipInvalidation,
+    /// Share a page without write-protecting the owner's copy.
+    NoWriteProtect,
+    /// Send zero pages over the wire.
+    ShipZeroPages,
+}
+
+impl Node {
+    pub fn new(id: NodeId, config: Config) -> Self {
+        Node {
+            id,
+            config,
+            local: BTreeMap::new(),
+            dir: BTreeMap::new(),
+            #[cfg(test)]
+            sabotage: Sabotage::None,
+        }
+    }
+
+    /// Our view of `page`.
+    pub fn local(&self, page: Page) -> Local {
+        self.local.get(&page).cloned().unwrap_or_default()
+    }
+
+    /// The directory entry of a page we are home to.
+    pub fn dir(&self, page: Page) -> DirEntry {
+        self.dir.get(&page).cloned().unwrap_or_default()
+    }
+
+    fn set_local(&mut self, page: Page, l: Local) {
+        if l == Local::default() {
+            self.local.remove(&page);
+        } else {
+            self.local.insert(page, l);
+        }
+    }
+
+    fn set_dir(&mut self, page: Page, d: DirEntry) {
+        if d == DirEntry::default() {
+            self.dir.remove(&page);
+        } else {
+            self.dir.insert(page, d);
+        }
+    }
+
+    fn check_page(&self, page: Page) -> Result<(), Error> {
+        if page >= self.config.pages {
+            return Err(Error::NoSuchPage { node: self.id, page });
+        }
+        Ok(())
+    }
+
+    fn unexpected(&self, page: Page, msg: &Msg) -> Error {
+        Error::Unexpected {
+            node: self.id,
+            page,
+            msg: format!("{msg:?}"),
+            state: format!("{:?} / {:?}", self.local(page), self.dir.get(&page)),
+        }
+    }
+
+    /// The guest touched `page` for `access` and our copy does not allow
+    /// it. Returns what to do; the fault stays pending until a
+    /// [`Action::Wake`] for the page.
+    pub fn fault(&mut self, page: Page, access: Access) -> Result<Vec<Action>, Error> {
+        self.check_page(page)?;
+        let mut out = Vec::new();
+        let mut l = self.local(page);
+        if l.allows(access) {
+            // resolved already (another fault got there first), or granted
+            // and never touched: zero-fill here, no round trip
+            if l.copy == Held::Dormant {
+                self.materialise(page, &mut l, &mut out);
+            }
+            out.push(Action::Wake { page });
+            self.set_local(page, l);
+            return Ok(out);
+        }
+        if !l.requested {
+            // a write after a read that is not asked for yet asks for both
+            l.waiting = Some(l.waiting.map_or(access, |w| w.max(access)));
+        } else if l.waiting.is_none() {
+            l.waiting = Some(access);
+        }
+        self.set_local(page, l);
+        self.request_if_needed(page, &mut out)?;
+        Ok(out)
+    }
+
+    /// Sends our request for `page` when a fault waits, none is out, and
+    /// no eviction or hand-over of ours is under way (then it goes out when
+    /// that settles).
+    fn request_if_needed(&mut self, page: Page, out: &mut Vec<Action>) -> Result<(), Error> {
+        let mut l = self.local(page);
+        let Some(access) = l.waiting else { return Ok(()) };
+        if l.requested || l.protected || l.handing {
+            return Ok(());
+        }
+        l.requested = true;
+        self.set_local(page, l);
+        self.send_home(page, Msg::Request { page, access, from: self.id }, out)
+    }
+
+    /// Turns a dormant copy into a zeroed page here, mapped as allowed.
+    fn materialise(&self, page: Page, l: &mut Local, out: &mut Vec<Action>) {
+        out.push(Action::ZeroFill { page });
+        l.copy = Held::Data;
+        out.push(Action::Map { page, writable: l.writable });
+    }
+
+    /// A message from a peer.
+    pub fn receive(&mut self, msg: Msg) -> Result<Vec<Action>, Error> {
+        let mut out = Vec::new();
+        match &msg {
+            Msg::Request { .. }
+            | Msg::Done { .. }
+            | Msg::GrantDone { .. }
+            | Msg::InvalAck { .. }
+            | Msg::Evict { .. }
+            | Msg::Redormant { .. } => self.home_receive(msg, &mut out)?,
+            _ => self.node_receive(msg, &mut out)?,
+        }
+        Ok(out)
+    }
+
+    /// A one-sided read of `page` finished: its bytes are in our memory.
+    pub fn fetched(
+        &mut self,
+        page: Page,
+        from: NodeId,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+    ) -> Result<Vec<Action>, Error> {
+        let mut out = Vec::new();
+        let mut l = self.local(page);
+        l.copy = Held::Data;
+        self.set_local(page, l);
+        self.arrived(page, from, transfer, evict, epoch, &mut out)?;
+        Ok(out)
+    }
+
+    /// The page arrived (fetched or zero-filled): map it, wake the fault,
+    /// and move the transaction on.
+    fn arrived(
+        &mut self,
+        page: Page,
+        from: NodeId,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Error> {
+        let mut l = self.local(page);
+        if transfer {
+            l.epoch = epoch;
+        }
+        if !evict {
+            // this answers our request; an eviction to us does not, and the
+            // request the home still holds will be answered in its turn
+            l.requested = false;
+        }
+        l.writable = transfer;
+        l.owner |= transfer;
+        out.push(Action::Map { page, writable: transfer });
+        if l.waiting.take().is_some() {
+            out.push(Action::Wake { page });
+        }
+        self.set_local(page, l);
+        if transfer {
+            // the old owner drops its copy now, then closes the transaction
+            self.send_to(from, Msg::Fetched { page, from: self.id }, out)
+        } else {
+            self.send_home(page, Msg::Done { page, from: self.id }, out)
+        }
+    }
+
+    /// Sends `msg` to `page`'s home (which may be us).
+    fn send_home(&mut self, page: Page, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
+        let home = self.config.home(page);
+        if home == self.id {
+            self.home_receive(msg, out)
+        } else {
+            out.push(Action::Send { to: home, msg });
+            Ok(())
+        }
+    }
+
+    /// Sends `msg` to `to` (which may be us).
+    fn send_to(&mut self, to: NodeId, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
+        if to == self.id {
+            match msg {
+                Msg::Request { .. }
+                | Msg::Done { .. }
+                | Msg::GrantDone { .. }
+                | Msg::InvalAck { .. }
+                | Msg::Evict { .. }
+                | Msg::Redormant { .. } => self.home_receive(msg, out),
+                _ => self.node_receive(msg, out),
+            }
+        } else {
+            out.push(Action::Send { to, msg });
+            Ok(())
+        }
+    }
+
+    /// Drops our copy, keeping what we wait for: a fault, our request,
+    /// and an eviction or re-dormanting of ours still unanswered (while it
+    /// is, no request of ours goes out: one message per page from a node to
+    /// its home at a time, so a stale eviction can never apply to a later
+    /// ownership).
+    fn drop_copy(&mut self, page: Page, out: &mut Vec<Action>) {
+        let l = self.local(page);
+        if l.copy == Held::Data {
+            out.push(Action::Drop { page });
+        }
+        self.set_local(
+            page,
+            Local { waiting: l.waiting, requested: l.requested, protected: l.protected, ..Local::default() },
+        );
+    }
+
+    fn node_receive(&mut self, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
+        match msg.clone() {
+            Msg::Grant { pages } => {
+                let Some(&(first, _)) = pages.first() else { return Err(self.unexpected(0, &msg)) };
+                for &(page, epoch) in &pages {
+                    self.check_page(page)?;
+                    let mut l = self.local(page);
+                    if l.copy != Held::None || l.owner || self.config.home(page) != self.config.home(first) {
+                        return Err(self.unexpected(page, &msg));
+                    }
+                    l.owner = true;
+                    l.writable = true;
+                    l.copy = Held::Dormant;
+                    l.requested = false;
+                    l.epoch = epoch;
+                    if l.waiting.take().is_some() {
+                        self.materialise(page, &mut l, out);
+                        out.push(Action::Wake { page });
+                    }
+                    self.set_local(page, l);
+                }
+                let pages = pages.into_iter().map(|(p, _)| p).collect();
+                self.send_home(first, Msg::GrantDone { pages, from: self.id }, out)?;
+            }
+            Msg::Share { page, to } => {
+                let mut l = self.local(page);
+                if !l.owner || l.copy == Held::None || l.handing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                if l.writable && l.copy == Held::Data {
+                    out.push(Action::WriteProtect { page });
+                }
+                l.writable = false;
+                #[cfg(test)]
+                if self.sabotage == Sabotage::NoWriteProtect {
+                    l.writable = true;
+                }
+                let dormant = l.copy == Held::Dormant;
+                self.set_local(page, l);
+                if dormant {
+                    let ready =
+                        Msg::Ready { page, from: self.id, dormant: true, transfer: false, evict: false, epoch: 0 };
+                    self.send_to(to, ready, out)?;
+                } else {
+                    out.push(Action::Offer { page, to, transfer: false, evict: false, epoch: 0 });
+                }
+            }
+            Msg::Transfer { page, to, evict, epoch } => {
+                let mut l = self.local(page);
+                if !l.owner || l.copy == Held::None || l.handing || (evict && !l.protected) {
+                    return Err(self.unexpected(page, &msg));
+                }
+                if evict {
+                    // our eviction is answered; hand-over blocks requests
+                    // until it is complete
+                    l.protected = false;
+                }
+                // the new owner will write as soon as it has the bytes: our
+                // guest must not see this copy any more (not even to read)
+                if l.copy == Held::Data {
+                    out.push(Action::Unmap { page });
+                }
+                l.writable = false;
+                l.handing = true;
+                let dormant = l.copy == Held::Dormant;
+                self.set_local(page, l);
+                if dormant {
+                    let ready = Msg::Ready { page, from: self.id, dormant: true, transfer: true, evict, epoch };
+                    self.send_to(to, ready, out)?;
+                } else {
+                    out.push(Action::Offer { page, to, transfer: true, evict, epoch });
+                }
+            }
+            Msg::Upgrade { page } => {
+                let mut l = self.local(page);
+                if !l.owner || l.copy == Held::None || l.handing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                l.writable = true;
+                l.requested = false;
+                if l.copy == Held::Dormant {
+                    self.materialise(page, &mut l, out);
+                } else {
+                    out.push(Action::Map { page, writable: true });
+                }
+                if l.waiting.take().is_some() {
+                    out.push(Action::Wake { page });
+                }
+                self.set_local(page, l);
+                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+            }
+            Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
+                let mut l = self.local(page);
+                if l.owner || l.handing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                if transfer && l.copy != Held::None {
+                    // we were a reader: our copy is current (every write
+                    // invalidates readers first), no need to read it again
+                    self.arrived(page, from, true, evict, epoch, out)?;
+                } else if dormant {
+                    out.push(Action::ZeroFill { page });
+                    l.copy = Held::Data;
+                    self.set_local(page, l);
+                    self.arrived(page, from, transfer, evict, epoch, out)?;
+                } else {
+                    // the bytes arrive in `fetched`
+                    out.push(Action::Fetch { page, from, transfer, evict, epoch });
+                }
+            }
+            Msg::Fetched { page, .. } => {
+                if !self.local(page).handing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                self.drop_copy(page, out);
+                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.request_if_needed(page, out)?;
+            }
+            Msg::Inval { page } => {
+                let l = self.local(page);
+                if l.owner || l.handing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                self.drop_copy(page, out);
+                self.send_home(page, Msg::InvalAck { page, from: self.id }, out)?;
+            }
+            Msg::Refused { page } => {
+                // the page stays ours (if it still is), write-protected:
+                // readers may have joined meanwhile, so a write asks the home
+                let mut l = self.local(page);
+                l.protected = false;
+                self.set_local(page, l);
+                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.request_if_needed(page, out)?;
+            }
+            Msg::Dormanted { page } => {
+                let l = self.local(page);
+                if !l.owner || !l.protected {
+                    return Err(self.unexpected(page, &msg));
+                }
+                self.drop_copy(page, out);
+                let mut l = self.local(page);
+                l.protected = false;
+                self.set_local(page, l);
+                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.request_if_needed(page, out)?;
+            }
+            other => return Err(self.unexpected(0, &other)),
+        }
+        Ok(())
+    }
+
+    /// Answers an [`Action::Offer`]: `zero` says whether our (protected)
+    /// copy is all zeros.
+    pub fn offer(
+        &mut self,
+        page: Page,
+        to: NodeId,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+        zero: bool,
+    ) -> Result<Vec<Action>, Error> {
+        let mut out = Vec::new();
+        #[cfg(test)]
+        let zero = zero && self.sabotage != Sabotage::ShipZeroPages;
+        self.send_to(to, Msg::Ready { page, from: self.id, dormant: zero, transfer, evict, epoch }, &mut out)?;
+        Ok(out)
+    }
+
+    /// We own `page` and want it elsewhere: to `to`, or, when its contents
+    /// are all zeros (`to` is None), nowhere: dormant again. Write-protects
+    /// our copy until the home answers. Does nothing unless the page is
+    /// settled here and writable (so it has no readers).
+    pub fn evict(&mut self, page: Page, to: Option<NodeId>) -> Result<Vec<Action>, Error> {
+        self.check_page(page)?;
+        let mut out = Vec::new();
+        let mut l = self.local(page);
+        if !l.owner
+            || l.copy != Held::Data
+            || l.handing
+            || l.protected
+            || l.requested
+            || l.waiting.is_some()
+            || !l.writable
+            || to == Some(self.id)
+        {
+            return Ok(out);
+        }
+        out.push(Action::WriteProtect { page });
+        l.writable = false;
+        l.protected = true;
+        let epoch = l.epoch;
+        self.set_local(page, l);
+        let msg = match to {
+            Some(to) => Msg::Evict { page, from: self.id, to, epoch },
+            None => Msg::Redormant { page, from: self.id, epoch },
+        };
+        self.send_home(page, msg, &mut out)?;
+        Ok(out)
+    }
+
+    // ---- the home side ----------------------------------------------
+
+    fn home_receive(&mut self, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
+        match msg.clone() {
+            Msg::Request { page, .. } | Msg::Evict { page, .. } | Msg::Redormant { page, .. } => {
+                self.check_page(page)?;
+                if self.config.home(page) != self.id {
+                    return Err(self.unexpected(page, &msg));
+                }
+                let mut d = self.dir(page);
+                d.queue.push_back(msg);
+                self.set_dir(page, d);
+                self.home_next(page, out)?;
+            }
+            Msg::InvalAck { page, from } => {
+                let mut d = self.dir(page);
+                let acked = d.busy.as_mut().is_some_and(|t| t.acks_left.remove(&from));
+                if !acked {
+                    return Err(self.unexpected(page, &msg));
+                }
+                d.readers.remove(&from);
+                self.set_dir(page, d);
+                self.home_proceed(page, out)?;
+            }
+            Msg::Done { page, from } => {
+                let mut d = self.dir(page);
+                let t = match d.busy.take() {
+                    Some(t) if t.closer == from && t.sent && t.kind != TxnKind::Grant => t,
+                    _ => return Err(self.unexpected(page, &msg)),
+                };
+                match t.kind {
+                    TxnKind::Share => {
+                        d.readers.insert(t.to);
+                    }
+                    TxnKind::Transfer => {
+                        d.owner = Some(t.to);
+                        d.readers.clear();
+                        d.epoch += 1;
+                    }
+                    TxnKind::Upgrade => d.readers.clear(),
+                    TxnKind::Redormant => {
+                        d.owner = None;
+                        d.readers.clear();
+                        d.epoch += 1;
+                    }
+                    TxnKind::Refuse | TxnKind::Grant => {}
+                }
+                self.set_dir(page, d);
+                self.home_next(page, out)?;
+            }
+            Msg::GrantDone { pages, from } => {
+                for &page in &pages {
+                    let mut d = self.dir(page);
+                    match d.busy.take() {
+                        Some(t) if t.kind == TxnKind::Grant && t.to == from => {}
+                        _ => return Err(self.unexpected(page, &msg)),
+                    }
+                    self.set_dir(page, d);
+                }
+                for page in pages {
+                    self.home_next(page, out)?;
+                }
+            }
+            other => return Err(self.unexpected(0, &other)),
+        }
+        Ok(())
+    }
+
+    /// Starts the next queued request of `page` if none is under way.
+    fn home_next(&mut self, page: Page, out: &mut Vec<Action>) -> Result<(), Error> {
+        let mut d = self.dir(page);
+        if d.busy.is_some() {
+            return Ok(());
+        }
+        let Some(req) = d.queue.pop_front() else { return Ok(()) };
+        self.set_dir(page, d.clone());
+        let txn = |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false };
+        match req {
+            Msg::Request { access, from, .. } => match d.owner {
+                None => {
+                    // dormant: grant every dormant, idle page of the block
+                    let mut pages = Vec::new();
+                    for p in self.config.block_of(page) {
+                        let mut e = self.dir(p);
+                        if e.owner.is_none() && e.busy.is_none() && (p == page || e.queue.is_empty()) {
+                            e.owner = Some(from);
+                            e.readers.clear();
+                            e.epoch += 1;
+                            let epoch = e.epoch;
+                            e.busy = Some(Txn {
+                                kind: TxnKind::Grant,
+                                evict: false,
+                                to: from,
+                                closer: from,
+                                acks_left: BTreeSet::new(),
+                                sent: true,
+                            });
+                            self.set_dir(p, e);
+                            pages.push((p, epoch));
+                        }
+                    }
+                    self.send_to(from, Msg::Grant { pages }, out)?;
+                }
+                Some(owner) if owner == from => {
+                    // the owner itself needs write access (it shared the
+                    // page, or an eviction was refused): invalidate the
+                    // readers and let it write
+                    let others = d.readers.iter().copied().filter(|r| *r != from).collect();
+                    self.begin(page, txn(TxnKind::Upgrade, from, from, others), out)?;
+                }
+                Some(owner) if access == Access::Read => {
+                    self.begin(page, txn(TxnKind::Share, from, from, BTreeSet::new()), out)?;
+                    let _ = owner;
+                }
+                Some(owner) => {
+                    let others = d.readers.iter().copied().filter(|r| *r != from).collect();
+                    self.begin(page, txn(TxnKind::Transfer, from, owner, others), out)?;
+                }
+            },
+            Msg::Evict { from, to, epoch, .. } => {
+                if d.owner != Some(from) || d.epoch != epoch || !d.readers.is_empty() || to == from {
+                    self.begin(page, txn(TxnKind::Refuse, from, from, BTreeSet::new()), out)?;
+                } else {
+                    let t = Txn { evict: true, ..txn(TxnKind::Transfer, to, from, BTreeSet::new()) };
+                    self.begin(page, t, out)?;
+                }
+            }
+            Msg::Redormant { from, epoch, .. } => {
+                if d.owner != Some(from) || d.epoch != epoch || !d.readers.is_empty() {
+                    self.begin(page, txn(TxnKind::Refuse, from, from, BTreeSet::new()), out)?;
+                } else {
+                    self.begin(page, txn(TxnKind::Redormant, from, from, BTreeSet::new()), out)?;
+                }
+            }
+            other => return Err(self.unexpected(page, &other)),
+        }
+        Ok(())
+    }
+
+    /// Opens a transaction: invalidations first, then its message.
+    fn begin(&mut self, page: Page, txn: Txn, out: &mut Vec<Action>) -> Result<(), Error> {
+        #[cfg(test)]
+        let txn =
+            if self.sabotage == Sabotage::SkipInvalidation { Txn { acks_left: BTreeSet::new(), ..txn } } else { txn };
+        let mut d = self.dir(page);
+        let invalidate: Vec<NodeId> = txn.acks_left.iter().copied().collect();
+        d.busy = Some(txn);
+        self.set_dir(page, d);
+        for r in invalidate {
+            self.send_to(r, Msg::Inval { page }, out)?;
+        }
+        self.home_proceed(page, out)
+    }
+
+    /// Once every invalidation is acknowledged, sends the transaction's
+    /// message.
+    fn home_proceed(&mut self, page: Page, out: &mut Vec<Action>) -> Result<(), Error> {
+        let mut d = self.dir(page);
+        let Some(t) = d.busy.as_mut() else { return Ok(()) };
+        if !t.acks_left.is_empty() || t.sent {
+            return Ok(());
+        }
+        t.sent = true;
+        let t = t.clone();
+        let owner = d.owner;
+        let next_epoch = d.epoch + 1;
+        self.set_dir(page, d);
+        let (to, msg) = match t.kind {
+            TxnKind::Share => (owner, Msg::Share { page, to: t.to }),
+            TxnKind::Transfer => (owner, Msg::Transfer { page, to: t.to, evict: t.evict, epoch: next_epoch }),
+            TxnKind::Upgrade => (owner, Msg::Upgrade { page }),
+            TxnKind::Redormant => (owner, Msg::Dormanted { page }),
+            TxnKind::Refuse => (Some(t.to), Msg::Refused { page }),
+            TxnKind::Grant => return Ok(()),
+        };
+        let to = to.ok_or_else(|| self.unexpected(page, &msg))?;
+        self.send_to(to, msg, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(nodes: u32) -> Config {
+        Config { nodes, block_pages: 4, pages: 16 }
+    }
+
+    fn sends(acts: &[Action]) -> Vec<(NodeId, Msg)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Send { to, msg } => Some((*to, msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn homes_spread_blocks_over_nodes() {
+        let c = cfg(3);
+        assert_eq!((0..16).map(|p| c.home(p)).collect::<Vec<_>>(), [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0]);
+        assert_eq!(c.block_of(6), 4..8);
+        let short = Config { nodes: 2, block_pages: 4, pages: 6 };
+        assert_eq!(short.block_of(5), 4..6);
+    }
+
+    #[test]
+    fn a_first_touch_at_home_zero_fills_the_page_with_no_message() {
+        let mut n = Node::new(0, cfg(2));
+        let acts = n.fault(1, Access::Write).unwrap();
+        assert!(sends(&acts).is_empty(), "{acts:?}");
+        assert!(acts.contains(&Action::ZeroFill { page: 1 }));
+        assert!(acts.contains(&Action::Wake { page: 1 }));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. })));
+        // the whole block was granted: its other pages need nothing at all
+        let acts = n.fault(3, Access::Read).unwrap();
+        assert_eq!(
+            acts,
+            vec![Action::ZeroFill { page: 3 }, Action::Map { page: 3, writable: true }, Action::Wake { page: 3 }]
+        );
+        // the next block's home is node 1
+        let acts = n.fault(4, Access::Write).unwrap();
+        assert_eq!(sends(&acts), vec![(1, Msg::Request { page: 4, access: Access::Write, from: 0 })]);
+    }
+
+    #[test]
+    fn a_remote_first_touch_costs_one_grant_for_the_whole_block() {
+        let mut home = Node::new(0, cfg(2));
+        let mut n1 = Node::new(1, cfg(2));
+        let req = sends(&n1.fault(2, Access::Write).unwrap());
+        let grant = sends(&home.receive(req[0].1.clone()).unwrap());
+        assert_eq!(grant, vec![(1, Msg::Grant { pages: vec![(0, 1), (1, 1), (2, 1), (3, 1)] })]);
+        let acts = n1.receive(grant[0].1.clone()).unwrap();
+        assert!(acts.contains(&Action::ZeroFill { page: 2 }) && acts.contains(&Action::Wake { page: 2 }));
+        let done = sends(&acts);
+        assert_eq!(done, vec![(0, Msg::GrantDone { pages: vec![0, 1, 2, 3], from: 1 })]);
+        assert!(sends(&home.receive(done[0].1.clone()).unwrap()).is_empty());
+        assert_eq!(home.dir(3).owner, Some(1));
+        // a later first touch in the block: local, no message
+        assert!(sends(&n1.fault(0, Access::Write).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_page_with_contents_is_pulled_from_its_owner_and_the_owner_drops_it_after() {
+        let c = cfg(2);
+        let (mut n0, mut n1) = (Node::new(0, c), Node::new(1, c));
+        n0.fault(0, Access::Write).unwrap(); // node 0 owns block 0
+        let req = sends(&n1.fault(0, Access::Write).unwrap());
+        let acts = n0.receive(req[0].1.clone()).unwrap();
+        // the owner is also the home: it unmaps, then offers its copy
+        assert!(acts.contains(&Action::Unmap { page: 0 }), "{acts:?}");
+        let Some(Action::Offer { transfer: true, epoch, .. }) = acts.iter().find(|a| matches!(a, Action::Offer { .. }))
+        else {
+            panic!("{acts:?}")
+        };
+        let ready = sends(&n0.offer(0, 1, true, false, *epoch, false).unwrap());
+        let acts = n1.receive(ready[0].1.clone()).unwrap();
+        assert!(matches!(acts[..], [Action::Fetch { page: 0, from: 0, transfer: true, .. }]), "{acts:?}");
+        let acts = n1.fetched(0, 0, true, false, *epoch).unwrap();
+        assert!(acts.contains(&Action::Map { page: 0, writable: true }) && acts.contains(&Action::Wake { page: 0 }));
+        let fetched = sends(&acts);
+        assert_eq!(fetched, vec![(0, Msg::Fetched { page: 0, from: 1 })]);
+        let acts = n0.receive(fetched[0].1.clone()).unwrap();
+        assert!(acts.contains(&Action::Drop { page: 0 }), "{acts:?}");
+        assert_eq!(n0.dir(0).owner, Some(1));
+        assert!(n1.local(0).allows(Access::Write) && !n0.local(0).allows(Access::Read));
+    }
+
+    #[test]
+    fn a_zero_page_is_zero_filled_at_the_requester_not_sent() {
+        let c = cfg(2);
+        let (mut n0, mut n1) = (Node::new(0, c), Node::new(1, c));
+        n0.fault(0, Access::Write).unwrap();
+        let req = sends(&n1.fault(0, Access::Read).unwrap());
+        let acts = n0.receive(req[0].1.clone()).unwrap();
+        assert!(acts.contains(&Action::WriteProtect { page: 0 }));
+        let ready = sends(&n0.offer(0, 1, false, false, 0, true).unwrap());
+        let acts = n1.receive(ready[0].1.clone()).unwrap();
+        assert!(acts.contains(&Action::ZeroFill { page: 0 }), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. })));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let mut n = Node::new(1, cfg(2));
+        assert!(n.receive(Msg::Fetched { page: 0, from: 0 }).is_err());
+        assert!(n.receive(Msg::Grant { pages: vec![] }).is_err());
+        assert!(n.receive(Msg::Grant { pages: vec![(99, 1)] }).is_err());
+        assert!(n.receive(Msg::Done { page: 4, from: 0 }).is_err());
+        assert!(n.receive(Msg::Request { page: 0, access: Access::Read, from: 0 }).is_err(), "not its home");
+        assert!(n.fault(16, Access::Read).is_err());
+    }
+}
