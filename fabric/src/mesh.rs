@@ -171,9 +171,9 @@ impl Binding {
         let deadline = Instant::now() + opts.join_timeout;
         let conns = self.connect_all(&me, peers, deadline, &opts)?;
         match self.kind {
-            Kind::Tcp => Ok(Box::new(crate::tcp::TcpTransport::start(me.node, conns, regions, deadline, &opts)?)),
-            Kind::Shm => Ok(Box::new(crate::shm::ShmTransport::start(me.node, conns, regions, deadline, &opts)?)),
-            Kind::Verbs => Ok(Box::new(crate::verbs::VerbsTransport::start(me.node, conns, regions, deadline, &opts)?)),
+            Kind::Tcp => Ok(Box::new(crate::tcp::TcpTransport::start(me.node, conns, regions, &opts)?)),
+            Kind::Shm => Ok(Box::new(crate::shm::ShmTransport::start(me.node, conns, regions, &opts)?)),
+            Kind::Verbs => Ok(Box::new(crate::verbs::VerbsTransport::start(me.node, conns, regions, &opts)?)),
         }
     }
 

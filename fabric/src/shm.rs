@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::mesh::Conn;
 use crate::peer::{Core, Handler, Peer};
@@ -54,7 +54,6 @@ impl ShmTransport {
         node: NodeId,
         mut conns: BTreeMap<NodeId, Conn>,
         local: Vec<LocalRegion>,
-        _deadline: Instant,
         opts: &Options,
     ) -> Result<Self> {
         let fds: Vec<RawFd> = local

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::mesh::Conn;
 use crate::peer::{wait_answers, Core, Handler, Peer};
@@ -58,7 +58,6 @@ impl TcpTransport {
         node: NodeId,
         mut conns: BTreeMap<NodeId, Conn>,
         local: Vec<LocalRegion>,
-        _deadline: Instant,
         opts: &Options,
     ) -> Result<Self> {
         let regions = Core::exchange_regions(&mut conns, &local)?;

@@ -261,7 +261,6 @@ impl VerbsTransport {
         node: NodeId,
         mut conns: BTreeMap<NodeId, Conn>,
         local: Vec<LocalRegion>,
-        _deadline: Instant,
         opts: &Options,
     ) -> Result<Self> {
         let ctx = Context::open(opts.rdma_device.as_deref())?;
