@@ -170,9 +170,9 @@ impl Pager {
             // the whole dormant run, then as much of it as the budget
             // grants (reserved before the ioctl, so that faults resolving
             // in parallel on other blocks cannot overshoot it together)
-            let full = plan_run(page, lo, hi, u64::MAX, |p| self.states.is_resident(p));
-            let granted = full.map_or(0, |r| self.reserve(r.count));
-            let run = plan_run(page, lo, hi, granted, |p| self.states.is_resident(p))
+            let full = plan_run(page, lo, hi, |p| self.states.is_resident(p));
+            let run = full
+                .trim(page, self.reserve(full.count))
                 .ok_or(Error::BudgetExhausted { budget: self.policy.budget_pages.unwrap_or(0), gpa })?;
             let addr = base + run.first * PAGE_SIZE;
             let len = run.count * PAGE_SIZE;

@@ -70,16 +70,29 @@ pub struct Run {
     pub count: u64,
 }
 
-/// Plans the resolution of a fault on the non-resident page `fault`: the
-/// maximal run of non-resident pages around it inside the block
-/// `[lo, hi)`, trimmed to at most `max` pages (the memory budget left) and
-/// kept starting at the fault where it must be trimmed, since guests touch
-/// memory upwards far more often than downwards. `None` when `max` is 0.
-pub fn plan_run(fault: u64, lo: u64, hi: u64, max: u64, resident: impl Fn(u64) -> bool) -> Option<Run> {
-    debug_assert!(lo <= fault && fault < hi);
-    if max == 0 {
-        return None;
+impl Run {
+    /// At most `max` pages of this run, still holding `fault`, and kept
+    /// starting at the fault where it must be cut, since guests touch
+    /// memory upwards far more often than downwards. `None` when `max` is
+    /// 0.
+    pub fn trim(self, fault: u64, max: u64) -> Option<Run> {
+        debug_assert!(self.first <= fault && fault < self.first + self.count);
+        if max == 0 {
+            return None;
+        }
+        if self.count <= max {
+            return Some(self);
+        }
+        let first = fault.min(self.first + self.count - max);
+        Some(Run { first, count: max })
     }
+}
+
+/// The maximal run of non-resident pages around the non-resident page
+/// `fault` inside the block `[lo, hi)`: what one fault resolves when the
+/// memory budget allows (see [`Run::trim`]).
+pub fn plan_run(fault: u64, lo: u64, hi: u64, resident: impl Fn(u64) -> bool) -> Run {
+    debug_assert!(lo <= fault && fault < hi);
     let mut start = fault;
     while start > lo && !resident(start - 1) {
         start -= 1;
@@ -88,11 +101,7 @@ pub fn plan_run(fault: u64, lo: u64, hi: u64, max: u64, resident: impl Fn(u64) -
     while end < hi && !resident(end) {
         end += 1;
     }
-    if end - start > max {
-        start = fault.min(end - max);
-        end = start + max;
-    }
-    Some(Run { first: start, count: end - start })
+    Run { first: start, count: end - start }
 }
 
 #[cfg(test)]
@@ -113,27 +122,29 @@ mod tests {
 
     #[test]
     fn a_fault_in_an_empty_block_takes_the_whole_block() {
-        let run = plan_run(700, 512, 1024, u64::MAX, |_| false).unwrap();
+        let run = plan_run(700, 512, 1024, |_| false);
         assert_eq!(run, Run { first: 512, count: 512 });
     }
 
     #[test]
     fn the_run_stops_at_resident_pages() {
         let resident = |p: u64| p == 600 || p == 800;
-        assert_eq!(plan_run(700, 512, 1024, u64::MAX, resident), Some(Run { first: 601, count: 199 }));
-        assert_eq!(plan_run(512, 512, 1024, u64::MAX, resident), Some(Run { first: 512, count: 88 }));
+        assert_eq!(plan_run(700, 512, 1024, resident), Run { first: 601, count: 199 });
+        assert_eq!(plan_run(512, 512, 1024, resident), Run { first: 512, count: 88 });
     }
 
     #[test]
     fn the_budget_trims_from_the_fault_upwards() {
-        assert_eq!(plan_run(700, 512, 1024, 16, |_| false), Some(Run { first: 700, count: 16 }));
+        let whole = plan_run(700, 512, 1024, |_| false);
+        assert_eq!(whole.trim(700, 16), Some(Run { first: 700, count: 16 }));
         // near the block's end the window slides down to stay full
-        assert_eq!(plan_run(1020, 512, 1024, 16, |_| false), Some(Run { first: 1008, count: 16 }));
-        assert_eq!(plan_run(700, 512, 1024, 0, |_| false), None);
+        assert_eq!(whole.trim(1020, 16), Some(Run { first: 1008, count: 16 }));
+        assert_eq!(whole.trim(700, 0), None);
+        assert_eq!(whole.trim(700, 10_000), Some(whole));
     }
 
     #[test]
     fn a_short_block_at_the_end_of_memory() {
-        assert_eq!(plan_run(1030, 1024, 1040, u64::MAX, |_| false), Some(Run { first: 1024, count: 16 }));
+        assert_eq!(plan_run(1030, 1024, 1040, |_| false), Run { first: 1024, count: 16 });
     }
 }
