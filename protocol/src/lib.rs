@@ -422,15 +422,7 @@ impl Node {
     /// A message from a peer.
     pub fn receive(&mut self, msg: Msg) -> Result<Vec<Action>, Error> {
         let mut out = Vec::new();
-        match &msg {
-            Msg::Request { .. }
-            | Msg::Done { .. }
-            | Msg::GrantDone { .. }
-            | Msg::InvalAck { .. }
-            | Msg::Evict { .. }
-            | Msg::Redormant { .. } => self.home_receive(msg, &mut out)?,
-            _ => self.node_receive(msg, &mut out)?,
-        }
+        self.dispatch(msg, &mut out)?;
         Ok(out)
     }
 
@@ -500,17 +492,44 @@ impl Node {
     /// Sends `msg` to `to` (which may be us).
     fn send_to(&mut self, to: NodeId, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
         if to == self.id {
-            match msg {
-                Msg::Request { .. }
-                | Msg::Done { .. }
-                | Msg::GrantDone { .. }
-                | Msg::InvalAck { .. }
-                | Msg::Evict { .. }
-                | Msg::Redormant { .. } => self.home_receive(msg, out),
-                _ => self.node_receive(msg, out),
-            }
+            self.dispatch(msg, out)
         } else {
             out.push(Action::Send { to, msg });
+            Ok(())
+        }
+    }
+
+    /// Hands a message to our home side or our node side.
+    fn dispatch(&mut self, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
+        match msg {
+            Msg::Request { .. }
+            | Msg::Done { .. }
+            | Msg::GrantDone { .. }
+            | Msg::InvalAck { .. }
+            | Msg::Evict { .. }
+            | Msg::Redormant { .. } => self.home_receive(msg, out),
+            _ => self.node_receive(msg, out),
+        }
+    }
+
+    /// Our protected copy goes to `to`: a dormant one as a zero-fill
+    /// answer straight away, one with data through [`Action::Offer`] (the
+    /// VMM checks it for zeros first).
+    #[allow(clippy::too_many_arguments)]
+    fn hand_out(
+        &mut self,
+        page: Page,
+        to: NodeId,
+        dormant: bool,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Error> {
+        if dormant {
+            self.send_to(to, Msg::Ready { page, from: self.id, dormant: true, transfer, evict, epoch }, out)
+        } else {
+            out.push(Action::Offer { page, to, transfer, evict, epoch });
             Ok(())
         }
     }
@@ -570,13 +589,7 @@ impl Node {
                 }
                 let dormant = l.copy == Held::Dormant;
                 self.set_local(page, l);
-                if dormant {
-                    let ready =
-                        Msg::Ready { page, from: self.id, dormant: true, transfer: false, evict: false, epoch: 0 };
-                    self.send_to(to, ready, out)?;
-                } else {
-                    out.push(Action::Offer { page, to, transfer: false, evict: false, epoch: 0 });
-                }
+                self.hand_out(page, to, dormant, false, false, 0, out)?;
             }
             Msg::Transfer { page, to, evict, epoch } => {
                 let mut l = self.local(page);
@@ -597,12 +610,7 @@ impl Node {
                 l.handing = true;
                 let dormant = l.copy == Held::Dormant;
                 self.set_local(page, l);
-                if dormant {
-                    let ready = Msg::Ready { page, from: self.id, dormant: true, transfer: true, evict, epoch };
-                    self.send_to(to, ready, out)?;
-                } else {
-                    out.push(Action::Offer { page, to, transfer: true, evict, epoch });
-                }
+                self.hand_out(page, to, dormant, true, evict, epoch, out)?;
             }
             Msg::Upgrade { page } => {
                 let mut l = self.local(page);
@@ -843,9 +851,8 @@ impl Node {
                     let others = d.readers.iter().copied().filter(|r| *r != from).collect();
                     self.begin(page, txn(TxnKind::Upgrade, from, from, others), out)?;
                 }
-                Some(owner) if access == Access::Read => {
+                Some(_) if access == Access::Read => {
                     self.begin(page, txn(TxnKind::Share, from, from, BTreeSet::new()), out)?;
-                    let _ = owner;
                 }
                 Some(owner) => {
                     let others = d.readers.iter().copied().filter(|r| *r != from).collect();
@@ -928,6 +935,13 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn shapes_without_nodes_or_block_pages_are_refused() {
+        assert!(Config::new(0, 4, 16).is_none());
+        assert!(Config::new(2, 0, 16).is_none());
+        assert_eq!(Config::new(2, 4, 16), Some(cfg(2)));
     }
 
     #[test]

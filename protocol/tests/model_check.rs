@@ -8,7 +8,7 @@ use shoal_protocol::model::{explore, Coverage};
 use shoal_protocol::Config;
 
 fn run(nodes: u32, pages: u64, block_pages: u64, ops: u32) -> Coverage {
-    let config = Config { nodes, block_pages, pages };
+    let config = Config::new(nodes, block_pages, pages).expect("a valid pod shape");
     match explore(config, ops) {
         Ok(c) => {
             eprintln!("{nodes} nodes x {pages} pages (blocks of {block_pages}), {ops} ops each: {c:?}");
