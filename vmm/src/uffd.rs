@@ -156,7 +156,6 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
-    features: u64,
 }
 
 impl Uffd {
@@ -174,7 +173,7 @@ impl Uffd {
         if api.features & features != features {
             return Err(Error::Features { missing: features & !api.features, have: api.features });
         }
-        Ok(Uffd { fd, features: api.features })
+        Ok(Uffd { fd })
     }
 
     fn open() -> io::Result<OwnedFd> {
@@ -205,11 +204,6 @@ impl Uffd {
         }
         // SAFETY: as above, a fresh descriptor from the kernel.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-
-    /// Features the kernel granted.
-    pub fn features(&self) -> u64 {
-        self.features
     }
 
     /// Registers `[start, start + len)` for missing-page faults.
