@@ -168,11 +168,42 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
+/// Times `read(offset)` for `n` 4 KiB reads spread over the region, one
+/// by one; returns the latencies in µs, sorted.
+fn time_reads(n: usize, mut read: impl FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
+    let pages = REGION / PAGE as u64;
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        let off = (i * 7919 % pages) * PAGE as u64;
+        let start = Instant::now();
+        read(off)?;
+        lat.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(lat)
+}
+
+/// A row from sorted latencies and a throughput run of `bytes` in `secs`.
+fn row(backend: String, lat: &[f64], copied: &[f64], args: &Args, bytes: u64, secs: f64) -> Row {
+    Row {
+        backend,
+        lat_us_p50: percentile(lat, 0.5),
+        lat_us_p99: percentile(lat, 0.99),
+        lat_us_mean: lat.iter().sum::<f64>() / lat.len() as f64,
+        copied_us_p50: percentile(copied, 0.5),
+        reads: args.reads,
+        batch: args.batch,
+        batched_mb_s: bytes as f64 / secs / 1e6,
+        batched_bytes: bytes,
+        bytes_read_counter: 0,
+        chunks_registered: 0,
+    }
+}
+
 fn measure(kind: Kind, args: &Args) -> anyhow::Result<Row> {
     let Pair { t0, t1, _m0, _m1 } = pair(kind).with_context(|| format!("setting up a {kind} pair"))?;
     let mut buf = vec![0u8; PAGE];
     let pages = REGION / PAGE as u64;
-    let mut lat = Vec::with_capacity(args.reads);
     // warm up: registration of every chunk (verbs), connection buffers
     for i in 0..(REGION / (2 << 20)) {
         t1.read(0, &mut [ReadOp { region: 0, offset: i * (2 << 20), buf: &mut buf }])?;
@@ -180,26 +211,15 @@ fn measure(kind: Kind, args: &Args) -> anyhow::Result<Row> {
     // in place: the read is done when the bytes are in local memory (as
     // perftest counts it); the pager consumes them there
     let mut seen = 0usize;
-    for i in 0..args.reads as u64 {
-        let off = (i * 7919 % pages) * PAGE as u64;
-        let start = Instant::now();
-        t1.read_with(0, &[ReadReq { region: 0, offset: off, len: PAGE }], &mut |_, _, b| {
+    let lat = time_reads(args.reads, |offset| {
+        Ok(t1.read_with(0, &[ReadReq { region: 0, offset, len: PAGE }], &mut |_, _, b| {
             seen += b.len();
             Ok(())
-        })?;
-        lat.push(start.elapsed().as_secs_f64() * 1e6);
-    }
+        })?)
+    })?;
     anyhow::ensure!(seen == args.reads * PAGE, "the sink saw {seen} bytes");
-    lat.sort_by(f64::total_cmp);
     // copied into the caller's buffer
-    let mut copied = Vec::with_capacity(args.reads);
-    for i in 0..args.reads as u64 {
-        let off = (i * 7919 % pages) * PAGE as u64;
-        let start = Instant::now();
-        t1.read(0, &mut [ReadOp { region: 0, offset: off, buf: &mut buf }])?;
-        copied.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    copied.sort_by(f64::total_cmp);
+    let copied = time_reads(args.reads, |offset| Ok(t1.read(0, &mut [ReadOp { region: 0, offset, buf: &mut buf }])?))?;
     let mut bufs: Vec<Vec<u8>> = (0..args.batch).map(|_| vec![0u8; PAGE]).collect();
     let start = Instant::now();
     for b in 0..args.batches as u64 {
@@ -216,17 +236,9 @@ fn measure(kind: Kind, args: &Args) -> anyhow::Result<Row> {
     let served = t0.stats();
     drop((t0, t1));
     Ok(Row {
-        backend: kind.to_string(),
-        lat_us_p50: percentile(&lat, 0.5),
-        lat_us_p99: percentile(&lat, 0.99),
-        lat_us_mean: lat.iter().sum::<f64>() / lat.len() as f64,
-        copied_us_p50: percentile(&copied, 0.5),
-        reads: args.reads,
-        batch: args.batch,
-        batched_mb_s: batched_bytes as f64 / secs / 1e6,
-        batched_bytes,
         bytes_read_counter: stats.bytes_read,
         chunks_registered: served.chunks_registered,
+        ..row(kind.to_string(), &lat, &copied, args, batched_bytes, secs)
     })
 }
 
@@ -235,38 +247,20 @@ fn memcpy_floor(args: &Args) -> anyhow::Result<Row> {
     let m = Mem::new()?;
     let mut buf = vec![0u8; PAGE];
     let pages = REGION / PAGE as u64;
-    let mut lat = Vec::with_capacity(args.reads);
-    for i in 0..args.reads as u64 {
-        let off = (i * 7919 % pages) as usize * PAGE;
-        let start = Instant::now();
-        // SAFETY: inside our mapping.
-        unsafe { std::ptr::copy_nonoverlapping(m.ptr.add(off), buf.as_mut_ptr(), PAGE) };
+    let mut copy = |offset: u64| {
+        // SAFETY: every offset is a page inside our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(m.ptr.add(offset as usize), buf.as_mut_ptr(), PAGE) };
         std::hint::black_box(&buf);
-        lat.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    lat.sort_by(f64::total_cmp);
+        Ok(())
+    };
+    let lat = time_reads(args.reads, &mut copy)?;
     let start = Instant::now();
     for b in 0..(args.batches * args.batch) as u64 {
-        let off = ((b * 131) % pages) as usize * PAGE;
-        // SAFETY: inside our mapping.
-        unsafe { std::ptr::copy_nonoverlapping(m.ptr.add(off), buf.as_mut_ptr(), PAGE) };
-        std::hint::black_box(&buf);
+        copy((b * 131) % pages * PAGE as u64)?;
     }
     let secs = start.elapsed().as_secs_f64();
     let bytes = (args.batch * args.batches * PAGE) as u64;
-    Ok(Row {
-        backend: "memcpy (floor)".into(),
-        lat_us_p50: percentile(&lat, 0.5),
-        lat_us_p99: percentile(&lat, 0.99),
-        lat_us_mean: lat.iter().sum::<f64>() / lat.len() as f64,
-        copied_us_p50: percentile(&lat, 0.5),
-        reads: args.reads,
-        batch: args.batch,
-        batched_mb_s: bytes as f64 / secs / 1e6,
-        batched_bytes: bytes,
-        bytes_read_counter: 0,
-        chunks_registered: 0,
-    })
+    Ok(row("memcpy (floor)".into(), &lat, &lat, args, bytes, secs))
 }
 
 /// Runs a perftest server and client pair on the device; returns the
