@@ -317,13 +317,11 @@ fn a_hung_peer_times_out(kind: Kind) {
     assert_eq!(child.line(), "JOINED");
     // warm the key cache (verbs) so the stop hits the read itself
     read_one(&*t, 0, 0, 4096).unwrap();
-    // SAFETY: SIGSTOP to our own child.
-    unsafe { libc::kill(child.child.id() as i32, libc::SIGSTOP) };
+    child.stop();
     let start = Instant::now();
     let r = read_one(&*t, 0, 16 << 10, 4096);
     let took = start.elapsed();
-    // SAFETY: resume it so it can be killed and reaped.
-    unsafe { libc::kill(child.child.id() as i32, libc::SIGCONT) };
+    child.resume();
     match kind {
         // tcp's responder is a thread of the stopped process
         Kind::Tcp => {

@@ -262,12 +262,43 @@ impl ChildNode {
         stdin.flush().unwrap();
     }
 
+    /// Stops the child with SIGSTOP and waits until every one of its
+    /// threads is really stopped: kill(2) returns before the signal takes
+    /// effect, and a thread already on a CPU may serve one more request
+    /// (CI saw a tcp read answered after kill returned).
+    pub fn stop(&mut self) {
+        let pid = self.child.id();
+        // SAFETY: SIGSTOP to our own child, which we have not reaped.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "child {pid} did not stop within 5 s");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Resumes a child stopped by [`ChildNode::stop`].
+    pub fn resume(&mut self) {
+        // SAFETY: SIGCONT to our own child, which we have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// The next line the child prints (after LISTEN).
     pub fn line(&mut self) -> String {
         let mut line = String::new();
         self.out.read_line(&mut line).unwrap();
         line.trim().to_string()
     }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped) per /proc.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|task| {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // the state follows the command name in parentheses, which may hold spaces
+        stat.rfind(')').and_then(|at| stat[at + 1..].split_whitespace().next()) == Some("T")
+    })
 }
 
 impl Drop for ChildNode {
