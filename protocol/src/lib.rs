@@ -41,6 +41,7 @@
 //! sends a page's next request only after the current one's `Done`) makes
 //! that safe, and the model checker explores every interleaving.
 
+pub mod codec;
 pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -326,6 +327,21 @@ impl Node {
             #[cfg(test)]
             sabotage: Sabotage::None,
         }
+    }
+
+    /// Starts `page` owned by `owner` with contents (what the loader wrote
+    /// before the guest runs), instead of dormant. Every node of the pod
+    /// calls this for the same pages before any fault: the owner records
+    /// its copy, the page's home its directory entry, the others nothing.
+    pub fn preload(&mut self, page: Page, owner: NodeId) -> Result<(), Error> {
+        self.check_page(page)?;
+        if owner == self.id {
+            self.set_local(page, Local { copy: Held::Data, owner: true, writable: true, epoch: 1, ..Local::default() });
+        }
+        if self.config.home(page) == self.id {
+            self.set_dir(page, DirEntry { owner: Some(owner), epoch: 1, ..DirEntry::default() });
+        }
+        Ok(())
     }
 
     /// Our view of `page`.
@@ -942,6 +958,24 @@ mod tests {
         assert!(Config::new(0, 4, 16).is_none());
         assert!(Config::new(2, 0, 16).is_none());
         assert_eq!(Config::new(2, 4, 16), Some(cfg(2)));
+    }
+
+    #[test]
+    fn a_preloaded_page_is_owned_with_data_and_its_home_knows() {
+        let c = cfg(3);
+        let page = c.block_pages; // home: node 1
+        let mut owner = Node::new(0, c);
+        let mut home = Node::new(1, c);
+        owner.preload(page, 0).unwrap();
+        home.preload(page, 0).unwrap();
+        let l = owner.local(page);
+        assert!(l.owner && l.copy == Held::Data && l.allows(Access::Write));
+        assert_eq!(home.dir(page).owner, Some(0));
+        assert_eq!(home.local(page), Local::default());
+        // another node's write goes to the owner, not to a zero-fill grant
+        let acts = home.receive(Msg::Request { page, access: Access::Write, from: 2 }).unwrap();
+        assert_eq!(sends(&acts), vec![(0, Msg::Transfer { page, to: 2, evict: false, epoch: 2 })]);
+        assert!(owner.preload(c.pages, 0).is_err(), "a page outside the guest");
     }
 
     #[test]

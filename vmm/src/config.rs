@@ -31,6 +31,8 @@ pub enum Error {
     Cpus { n: u32, max: u32 },
     #[error("--node-memory {budget} bytes is less than the {needed} bytes the loader alone writes")]
     Budget { budget: u64, needed: u64 },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

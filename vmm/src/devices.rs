@@ -21,12 +21,26 @@ pub enum GuestReader {
     Paged(Arc<Pager>),
     /// Straight from memory that has no pager (the anonymous baseline).
     Direct(Arc<GuestMemory>),
+    /// Through the guest view, as the guest reads (a pod's node 0: a page
+    /// held elsewhere is faulted in through the page engine).
+    GuestView(Arc<GuestMemory>),
 }
 
 impl GuestReader {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
         match self {
             GuestReader::Paged(p) => p.read_guest(gpa, buf).map_err(|e| e.to_string()),
+            GuestReader::GuestView(m) => {
+                let layout = m.layout();
+                let len = buf.len() as u64;
+                let offset = layout
+                    .region_of_gpa(gpa)
+                    .filter(|r| gpa.checked_add(len).is_some_and(|end| end <= r.end()))
+                    .and_then(|_| layout.gpa_to_offset(gpa))
+                    .ok_or_else(|| format!("guest memory at {gpa:#x} (+{len:#x}) is outside RAM"))?;
+                m.read_guest_view(offset, buf);
+                Ok(())
+            }
             GuestReader::Direct(m) => {
                 use vm_memory::Bytes;
                 m.alias().read_slice(buf, vm_memory::GuestAddress(gpa)).map_err(|e| e.to_string())

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod memory;
 pub mod metrics;
 pub mod pager;
+pub mod pod;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;

@@ -5,7 +5,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::sync::Arc;
+
+use shoal_fabric::{Addr, Kind};
 use shoal_vmm::config::{self, ImageSource, VmConfig};
+use shoal_vmm::memory;
+use shoal_vmm::pod::{self, launch, launch::PodFile};
 use shoal_vmm::vm::{self, End};
 
 /// Exit status for bad input (usage, sizes, images, command lines).
@@ -32,12 +37,38 @@ enum Command {
     #[command(after_help = "Exit status: the guest's (0-255) when it exits; 2 bad input; 1 the host \
                             cannot run the VM; 70 the VM failed; 124 --timeout; 130 interrupted.")]
     Run(RunArgs),
+    /// Run one node of a pod described by a pod file (on every host of a
+    /// cluster, or under Slurm's srun / an MPI launcher). Node 0 runs the
+    /// guest and exits with its status; the others serve memory.
+    #[command(after_help = "Rank and size come from --rank and the pod file, or from the launcher \
+                            (SLURM_PROCID/SLURM_NTASKS/SLURM_STEP_NODELIST, OMPI_COMM_WORLD_RANK/SIZE). \
+                            The pod secret comes from the file's secret_file or $SHOAL_POD_SECRET (hex). \
+                            Exit status: node 0 as for `run`; other nodes 0 when the pod finished, 1 when \
+                            it failed, 2 on bad input.")]
+    Node(NodeArgs),
     /// List the guests built into shoal, or write them out as ELF files.
     Guests {
         /// Write every guest to DIR/NAME.elf.
         #[arg(long, value_name = "DIR")]
         export: Option<PathBuf>,
     },
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// The pod file (TOML; see README.md).
+    #[arg(long, value_name = "FILE")]
+    pod: PathBuf,
+    /// This node's rank (default: from the launcher's environment).
+    #[arg(long, value_name = "N")]
+    rank: Option<u32>,
+    /// Bind here instead of the pod file's address (unix:PATH or
+    /// tcp:IP:PORT); used by `shoal run --nodes`.
+    #[arg(long, value_name = "ADDR", hide = true)]
+    listen: Option<String>,
+    /// Learn the peers' addresses over stdin/stdout (`shoal run --nodes`).
+    #[arg(long, value_name = "HOW", hide = true)]
+    rendezvous: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -83,9 +114,21 @@ struct RunArgs {
     /// what dormant pages save.
     #[arg(long, value_name = "on|off", default_value = "on")]
     dormant: OnOff,
-    /// Most guest memory this node may hold; a fault beyond it ends the VM.
+    /// Most guest memory each node may hold. On one node a fault beyond
+    /// it ends the VM; in a pod, cold pages move to nodes with room.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     node_memory: Option<u64>,
+    /// Run the guest on a pod of N node processes on this host: node 0
+    /// runs the vCPUs and the console, every node holds memory.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    nodes: u32,
+    /// How the pod's nodes reach each other's memory: shm, tcp, verbs or
+    /// auto (verbs when an RDMA device is present, else shm).
+    #[arg(long, value_name = "KIND", default_value = "auto")]
+    fabric: String,
+    /// Seconds the pod's nodes may take to join.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    join_timeout: f64,
     /// Write the metrics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     metrics_json: Option<PathBuf>,
@@ -116,6 +159,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Guests { export } => guests(export),
         Command::Run(args) => run(args),
+        Command::Node(args) => node(args),
     }
 }
 
@@ -179,11 +223,214 @@ fn run(args: RunArgs) -> ExitCode {
         return bad_input("--fault-threads must be at least 1");
     }
 
+    if args.nodes == 0 {
+        return bad_input("--nodes must be at least 1");
+    }
+    if args.nodes > 1 {
+        let kind = match parse_fabric(&args.fabric, true) {
+            Ok(k) => k,
+            Err(e) => return bad_input(e),
+        };
+        let join_timeout = match positive_seconds("--join-timeout", args.join_timeout) {
+            Ok(t) => t,
+            Err(e) => return bad_input(e),
+        };
+        let file = PodFile {
+            pod_id: format!("run-{}-{:08x}", std::process::id(), rand_u32()),
+            nodes: Some(args.nodes),
+            fabric: Some(kind.name().to_string()),
+            memory: args.memory.to_string(),
+            node_memory: args.node_memory.map(|m| m.to_string()),
+            guest: args.image.guest.clone(),
+            kernel: args.image.kernel.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            cmdline: Some(config.cmdline.clone()),
+            cpus: Some(config.cpus),
+            dormant: Some(config.dormant),
+            join_timeout: Some(args.join_timeout),
+            ..Default::default()
+        };
+        return run_local_pod(&config, &file, kind, join_timeout, args.metrics_json.as_deref());
+    }
+    execute(&config, None, args.metrics_json.as_deref())
+}
+
+fn rand_u32() -> u32 {
+    let s = launch::random_secret();
+    u32::from_le_bytes([s[0], s[1], s[2], s[3]])
+}
+
+fn positive_seconds(flag: &str, t: f64) -> Result<Duration, String> {
+    if t.is_finite() && t > 0.0 {
+        Ok(Duration::from_secs_f64(t))
+    } else {
+        Err(format!("{flag} must be a positive number of seconds, not {t}"))
+    }
+}
+
+fn parse_fabric(s: &str, all_on_this_host: bool) -> Result<Kind, String> {
+    if s == "auto" {
+        return Ok(Kind::auto(all_on_this_host));
+    }
+    s.parse::<Kind>().map_err(|e| format!("--fabric: {e}"))
+}
+
+/// `shoal run --nodes N`: node 0 here, nodes 1..N as child processes.
+fn run_local_pod(
+    config: &VmConfig,
+    file: &PodFile,
+    kind: Kind,
+    join_timeout: Duration,
+    metrics: Option<&std::path::Path>,
+) -> ExitCode {
+    let host = |e: String| {
+        eprintln!("shoal: error: {e}");
+        ExitCode::from(EXIT_HOST)
+    };
+    let facts = match pod::facts_for(config, file.nodes.unwrap_or(1)) {
+        Ok(f) => f,
+        Err(e) => return bad_input(e),
+    };
+    let secret = launch::random_secret();
+    let dir = std::env::temp_dir().join(format!("shoal-pod-{}", file.pod_id));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return host(format!("{}: {e}", dir.display()));
+    }
+    let listen = |i: u32| match kind {
+        Kind::Shm => Addr::Unix(dir.join(format!("node-{i}.sock"))),
+        _ => Addr::Tcp("127.0.0.1:0".parse().expect("an address")),
+    };
+    let mem = match memory::Layout::new(config.memory).and_then(memory::GuestMemory::new) {
+        Ok(m) => Arc::new(m),
+        Err(e) => return bad_input(e),
+    };
+    let region = match launch::memory_region(&mem) {
+        Ok(r) => r,
+        Err(e) => return host(e.to_string()),
+    };
+    let binding = match shoal_fabric::bind(kind, &listen(0)) {
+        Ok(b) => b,
+        Err(e) => return host(e.to_string()),
+    };
+    let (mut children, addrs) =
+        match launch::LocalNodes::spawn(file, &secret, binding.local_addr(), listen, join_timeout) {
+            Ok(c) => c,
+            Err(e) => return host(e),
+        };
+    tracing::debug!(pids = ?children.pids(), "pod nodes started");
+    if let Err(e) = children.send_peers(&addrs) {
+        return host(e);
+    }
+    let peers: Vec<(u32, Addr)> = addrs.iter().cloned().enumerate().skip(1).map(|(i, a)| (i as u32, a)).collect();
+    let id = shoal_fabric::Identity { node: 0, pod_id: file.pod_id.clone(), secret };
+    let opts = shoal_fabric::Options { join_timeout, ..Default::default() };
+    let transport = match binding.join(id, &peers, vec![region], opts) {
+        Ok(t) => t,
+        Err(e) => return host(format!("joining the pod: {e}")),
+    };
+    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, mem };
+    let code = execute(config, Some(&link), metrics);
+    for (node, how) in children.wait(Duration::from_secs(10)) {
+        eprintln!("shoal: node {node} ended badly: {how}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    code
+}
+
+/// `shoal node --pod FILE`.
+fn node(args: NodeArgs) -> ExitCode {
+    let file = match PodFile::read(&args.pod) {
+        Ok(f) => f,
+        Err(e) => return bad_input(e),
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let prepared = (|| -> Result<_, String> {
+        let config = config_from_file(&file)?;
+        let kind = parse_fabric(file.fabric.as_deref().unwrap_or("auto"), false)?;
+        let placement = match (args.rendezvous.as_deref(), &args.listen, args.rank, file.nodes) {
+            (None, None, ..) => launch::place(&file, kind, args.rank, &env)?,
+            (Some("stdio"), Some(l), Some(rank), Some(nodes)) => {
+                launch::Placement { rank, nodes, addresses: None, listen: parse_listen(l)? }
+            }
+            _ => return Err("--rendezvous stdio needs --listen, --rank and nodes in the pod file".into()),
+        };
+        let secret = launch::read_secret(&file, &env)?;
+        let join_timeout = positive_seconds("join_timeout", file.join_timeout.unwrap_or(30.0))?;
+        let facts = pod::facts_for(&config, placement.nodes)?;
+        Ok((config, kind, placement, secret, join_timeout, facts))
+    })();
+    let (config, kind, placement, secret, join_timeout, facts) = match prepared {
+        Ok(p) => p,
+        Err(e) => return bad_input(e),
+    };
+    let me = placement.rank;
+    let fail = |code: u8, e: String| {
+        eprintln!("shoal node {me}: error: {e}");
+        ExitCode::from(code)
+    };
+    let mem = match memory::Layout::new(config.memory).and_then(memory::GuestMemory::new) {
+        Ok(m) => Arc::new(m),
+        Err(e) => return bad_input(e),
+    };
+    let region = match launch::memory_region(&mem) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_HOST, e.to_string()),
+    };
+    let opts = shoal_fabric::Options { join_timeout, ..Default::default() };
+    let transport: Arc<dyn shoal_fabric::Transport> =
+        match launch::join(kind, &placement, &file.pod_id, secret, region, opts) {
+            Ok(t) => Arc::from(t),
+            Err(e) => return fail(EXIT_HOST, format!("joining the pod: {e}")),
+        };
+    if me == 0 {
+        let link = pod::Link { transport, facts, join_timeout, mem };
+        return execute(&config, Some(&link), file.metrics_json.as_deref());
+    }
+    let settings = match pod::settings_for(&facts, mem.layout().pages()) {
+        Ok(s) => s,
+        Err(e) => return bad_input(e),
+    };
+    match pod::run_member(transport, &facts, settings, mem, join_timeout) {
+        Ok(pod::MemberEnd::Finished) => ExitCode::SUCCESS,
+        Ok(pod::MemberEnd::Failed(why)) => fail(EXIT_HOST, why),
+        Err(e @ (pod::Error::Mismatch { .. } | pod::Error::Refused(_))) => fail(EXIT_BAD_INPUT, e.to_string()),
+        Err(e) => fail(EXIT_HOST, e.to_string()),
+    }
+}
+
+fn parse_listen(s: &str) -> Result<Addr, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        return Ok(Addr::Unix(PathBuf::from(p)));
+    }
+    let t = s.strip_prefix("tcp:").unwrap_or(s);
+    t.parse().map(Addr::Tcp).map_err(|e| format!("--listen {s:?}: {e}"))
+}
+
+/// The VM configuration a pod file describes.
+fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
+    let image = match (&f.guest, &f.kernel) {
+        (Some(name), None) => ImageSource::Embedded(config::find_guest(name).map_err(|e| e.to_string())?),
+        (None, Some(path)) => ImageSource::File(path.clone()),
+        _ => return Err("the pod file must name exactly one of guest or kernel".into()),
+    };
+    let size = |s: &str| config::parse_size(s).map_err(|e| e.to_string());
+    let mut c = VmConfig::new(image, size(&f.memory)?);
+    c.cpus = f.cpus.unwrap_or(1);
+    c.cmdline = f.cmdline.clone().unwrap_or_default();
+    c.dormant = f.dormant.unwrap_or(true);
+    c.node_memory = f.node_memory.as_deref().map(size).transpose()?;
+    c.timeout = f.timeout.map(|t| positive_seconds("timeout", t)).transpose()?;
+    c.check().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+/// Runs the VM (alone, or as node 0 of `pod`), prints the summary, writes
+/// the metrics, and turns the end into shoal's exit status.
+fn execute(config: &VmConfig, pod: Option<&pod::Link>, metrics_json: Option<&std::path::Path>) -> ExitCode {
     if let Err(e) = vm::install_interrupt_handlers() {
         eprintln!("shoal: error: installing signal handlers: {e}");
         return ExitCode::from(EXIT_HOST);
     }
-    let outcome = match vm::run(&config, Box::new(std::io::stdout())) {
+    let outcome = match vm::run_node(config, Box::new(std::io::stdout()), pod) {
         Ok(o) => o,
         Err(e) if e.is_bad_input() => return bad_input(e),
         Err(e) => {
@@ -192,7 +439,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     eprintln!("{}", outcome.report.summary());
-    if let Some(path) = &args.metrics_json {
+    if let Some(path) = metrics_json {
         let json = serde_json::to_string_pretty(&outcome.report).expect("metrics serialise");
         if let Err(e) = std::fs::write(path, json + "\n") {
             eprintln!("shoal: error: writing metrics to {}: {e}", path.display());

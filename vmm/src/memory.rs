@@ -320,6 +320,93 @@ impl GuestMemory {
         unsafe { std::slice::from_raw_parts(start, len) }
     }
 
+    /// Host address of the alias view's first byte (memfd offset 0): what
+    /// the fabric exposes to peers.
+    pub fn alias_base(&self) -> *const u8 {
+        self.alias_ptr().as_ptr()
+    }
+
+    /// Copies `bytes` into the alias view at memfd offset `offset` (a page
+    /// a peer's read brought in, on a node without a guest).
+    pub fn write_alias(&self, offset: u64, bytes: &[u8]) {
+        assert!(offset.checked_add(bytes.len() as u64).is_some_and(|end| end <= self.layout.size()));
+        // SAFETY: the range is inside the alias mapping (asserted), which
+        // lives as long as self; no Rust reference to it exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.alias_ptr().as_ptr().add(offset as usize), bytes.len())
+        };
+    }
+
+    /// Frees the memfd's pages in `[offset, offset + len)`: they read as
+    /// zeros again (holes), and both views lose their mappings.
+    pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let memfd = self.memfd.as_ref().ok_or_else(|| io::Error::other("anonymous memory has no memfd"))?;
+        // SAFETY: fallocate on our own descriptor; no memory is passed.
+        let ret = unsafe {
+            libc::fallocate(
+                memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Takes `[offset, offset + len)` away from the guest view (and so from
+    /// KVM) while the memfd keeps the bytes: the guest's next touch is a
+    /// minor fault.
+    pub fn unmap_guest_view(&self, offset: u64, len: u64) -> io::Result<()> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.layout.size()));
+        // SAFETY: the range is inside the guest view, which we own; zapping
+        // a shared file mapping's page tables loses no data.
+        let ret = unsafe {
+            libc::madvise(
+                (self.guest_view.ptr.as_ptr() as usize + offset as usize) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the memfd holds no page at `offset` (a hole: zeros that
+    /// take no memory). Asks the kernel; reads nothing.
+    pub fn is_hole(&self, offset: u64) -> io::Result<bool> {
+        let memfd = self.memfd.as_ref().ok_or_else(|| io::Error::other("anonymous memory has no memfd"))?;
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(memfd.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            // ENXIO: no data at or after offset
+            return if err.raw_os_error() == Some(libc::ENXIO) { Ok(true) } else { Err(err) };
+        }
+        Ok(data as u64 >= offset + PAGE_SIZE)
+    }
+
+    /// Copies guest memory at memfd offset `offset` through the guest view,
+    /// as the guest would read it: a page not mapped is faulted in through
+    /// userfaultfd (so never call this from a fault-handler thread).
+    pub fn read_guest_view(&self, offset: u64, buf: &mut [u8]) {
+        assert!(offset.checked_add(buf.len() as u64).is_some_and(|end| end <= self.layout.size()));
+        // SAFETY: the range is inside the guest view (asserted); reading it
+        // may fault, which the pager resolves; a racing guest write can only
+        // tear the bytes the guest asked us to read.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (self.guest_view.ptr.as_ptr() as usize + offset as usize) as *const u8,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+    }
+
     /// The memfd's populated extents (pages that hold data), as
     /// `(offset, len)` pairs, from the kernel's own record (SEEK_DATA /
     /// SEEK_HOLE on tmpfs). The pager starts from this.

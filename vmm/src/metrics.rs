@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::memory::PAGE_SIZE;
 
@@ -61,8 +61,9 @@ impl FaultLatency {
     }
 }
 
-/// What one node reports.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+/// What one node reports (pod nodes send theirs to node 0 as JSON).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct NodeMetrics {
     /// The node's id; absent in the total.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,8 +75,19 @@ pub struct NodeMetrics {
     pub pages_loaded: u64,
     pub pages_resident: u64,
     pub pages_found_present: u64,
+    /// Pages read from peers with one-sided fabric reads.
     pub remote_fetches: u64,
+    /// Page bytes those reads moved (4096 per remote fetch).
     pub bytes_fabric_read: u64,
+    /// Pages handed to another node over --node-memory.
+    pub pages_evicted: u64,
+    /// All-zero pages made dormant again instead of moved.
+    pub pages_redormanted: u64,
+    /// Faults that waited for an eviction to make room.
+    pub faults_parked: u64,
+    /// Page-protocol messages sent and received.
+    pub messages_sent: u64,
+    pub messages_received: u64,
     /// Bytes the memfd holds at the end (the kernel's count).
     pub memfd_bytes: u64,
     /// Peak resident set of the node's process (VmHWM).
@@ -88,6 +100,17 @@ pub struct NodeMetrics {
 }
 
 impl NodeMetrics {
+    /// A node's metrics with only its latencies filled in.
+    pub fn collect_latency(node: u64, latency: &FaultLatency) -> Self {
+        NodeMetrics {
+            node: Some(node),
+            fault_us_p50: latency.quantile_us(0.50),
+            fault_us_p99: latency.quantile_us(0.99),
+            fault_us_max: latency.quantile_us(1.0),
+            ..Default::default()
+        }
+    }
+
     /// A node's metrics from its counters and latency record.
     pub fn collect(node: u64, c: &PagerCounters, pages_resident: u64, latency: &FaultLatency) -> Self {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -129,6 +152,11 @@ impl Report {
             t.pages_found_present += n.pages_found_present;
             t.remote_fetches += n.remote_fetches;
             t.bytes_fabric_read += n.bytes_fabric_read;
+            t.pages_evicted += n.pages_evicted;
+            t.pages_redormanted += n.pages_redormanted;
+            t.faults_parked += n.faults_parked;
+            t.messages_sent += n.messages_sent;
+            t.messages_received += n.messages_received;
             t.memfd_bytes += n.memfd_bytes;
             t.peak_rss_bytes += n.peak_rss_bytes;
             t.vcpu_exits += n.vcpu_exits;

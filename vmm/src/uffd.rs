@@ -22,7 +22,14 @@ pub const FEATURE_THREAD_ID: u64 = 1 << 8;
 /// Missing-page faults on shared memory (memfd, tmpfs).
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 
+/// Minor faults on shared memory: a page in the memfd but not mapped in
+/// the registered view (the pod's way to take a page from the guest while
+/// keeping its bytes for a peer's read).
+pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+
 const REGISTER_MODE_MISSING: u64 = 1;
+const REGISTER_MODE_MINOR: u64 = 4;
+const CONTINUE_MODE_DONTWAKE: u64 = 1;
 const ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 const COPY_MODE_DONTWAKE: u64 = 1;
 
@@ -70,6 +77,14 @@ struct UffdioCopy {
     copy: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
 /// `struct uffd_msg`: 32 bytes, the page-fault arm of its union.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -90,6 +105,7 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
 
 // USERFAULTFD_IOC_NEW on /dev/userfaultfd: _IO(0xAA, 0x00)
 ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
@@ -208,7 +224,19 @@ impl Uffd {
 
     /// Registers `[start, start + len)` for missing-page faults.
     pub fn register_missing(&self, start: u64, len: u64) -> Result<()> {
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: REGISTER_MODE_MISSING, ioctls: 0 };
+        self.register(start, len, REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `[start, start + len)` for missing-page and minor faults
+    /// (needs [`FEATURE_MINOR_SHMEM`]). Minor mode alone would not do: a
+    /// page never populated would be zero-filled by the kernel without
+    /// asking us.
+    pub fn register_missing_and_minor(&self, start: u64, len: u64) -> Result<()> {
+        self.register(start, len, REGISTER_MODE_MISSING | REGISTER_MODE_MINOR)
+    }
+
+    fn register(&self, start: u64, len: u64, mode: u64) -> Result<()> {
+        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register; the kernel checks the
         // range against our own mappings and fails cleanly otherwise.
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) };
@@ -258,6 +286,21 @@ impl Uffd {
         // userfaultfd, which the kernel checks.
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut cp) };
         Self::outcome("copy", dst, len, ret, cp.copy)
+    }
+
+    /// Maps the pages the memfd already holds over `[start, start + len)`
+    /// (resolves minor faults).
+    pub fn continue_(&self, start: u64, len: u64, wake: bool) -> Result<Outcome> {
+        let mut c = UffdioContinue {
+            range: UffdioRange { start, len },
+            mode: if wake { 0 } else { CONTINUE_MODE_DONTWAKE },
+            mapped: 0,
+        };
+        // SAFETY: `c` is a valid uffdio_continue; the kernel only maps
+        // pages of the backing file into a range registered with this
+        // userfaultfd.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE(), &mut c) };
+        Self::outcome("continue", start, len, ret, c.mapped)
     }
 
     fn outcome(op: &'static str, addr: u64, len: u64, ret: i32, done: i64) -> Result<Outcome> {
@@ -340,6 +383,7 @@ mod tests {
         assert_eq!(UFFDIO_WAKE(), 0x8010_aa02);
         assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
+        assert_eq!(UFFDIO_CONTINUE(), 0xc020_aa07);
         assert_eq!(USERFAULTFD_IOC_NEW(), 0xaa00);
     }
 }

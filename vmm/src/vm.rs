@@ -22,6 +22,7 @@ use crate::memory::{self, GuestMemory, Layout, PAGE_SIZE};
 use crate::metrics::{self, NodeMetrics, Report};
 use crate::pager::handler::FaultHandlers;
 use crate::pager::{Pager, Policy};
+use crate::pod::engine::Engine as PodEngine;
 use crate::uffd::{self, Uffd};
 use crate::vcpu::{self, Vcpu};
 
@@ -55,6 +56,8 @@ pub enum Error {
     Pager(#[source] std::io::Error),
     #[error("starting a thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Pod(#[from] crate::pod::Error),
 }
 
 impl Error {
@@ -62,6 +65,7 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Error::Config(_) | Error::ReadImage { .. } => true,
+            Error::Pod(crate::pod::Error::Mismatch { .. } | crate::pod::Error::Refused(_)) => true,
             Error::Load(e) => !matches!(e, loader::Error::Write(_)),
             Error::Memory(e) => matches!(
                 e,
@@ -131,8 +135,28 @@ fn install_kick_handler() -> Result<()> {
 
 /// Runs a VM to its end.
 pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Result<Outcome> {
+    run_node(config, console_out, None)
+}
+
+/// How this node resolves the guest's faults.
+enum Paging {
+    /// One node: the pager (dormant pages zero-filled here).
+    Single(Arc<Pager>, FaultHandlers),
+    /// Node 0 of a pod: the page engine over the fabric.
+    Pod(Arc<PodEngine>, FaultHandlers, crate::pod::Serving),
+}
+
+/// Runs the VM as node 0 of a pod joined through `pod` (None: alone).
+pub fn run_node(
+    config: &VmConfig,
+    console_out: Box<dyn std::io::Write + Send>,
+    pod: Option<&crate::pod::Link>,
+) -> Result<Outcome> {
     let started = Instant::now();
     config.check()?;
+    if let Some(link) = pod {
+        link.check_members()?;
+    }
     install_kick_handler()?;
     let (name, bytes): (String, Cow<'static, [u8]>) = match &config.image {
         ImageSource::Embedded(g) => (g.name.to_string(), Cow::Borrowed(g.elf)),
@@ -143,9 +167,14 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
         }
     };
     let image = loader::Image::parse(&name, &bytes)?;
-    let layout = Layout::new(config.memory)?;
-    let mem = Arc::new(GuestMemory::with_backing(layout, config.backing)?);
-    let params = BootParams { cmdline: config.cmdline.clone(), vcpus: config.cpus, node_id: 0, num_nodes: 1 };
+    let mem = match pod {
+        Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),
+        Some(_) => return Err(config::Error::Invalid("the pod's memory differs from --memory".into()).into()),
+        None => Arc::new(GuestMemory::with_backing(Layout::new(config.memory)?, config.backing)?),
+    };
+    let num_nodes = pod.map_or(1, |l| l.facts.nodes);
+    let params =
+        BootParams { cmdline: config.cmdline.clone(), vcpus: config.cpus, node_id: 0, num_nodes: num_nodes.into() };
     let plan = loader::load(&image, &mem, &params)?;
 
     let kvm = Kvm::new().map_err(|source| Error::Kvm { what: "cannot open /dev/kvm".into(), source })?;
@@ -171,15 +200,24 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
     let control = Arc::new(control);
     let cpus = vcpu::allowed_cpus();
     let pin = config.pin.then_some(cpus.as_slice());
-    let paging = match config.backing {
-        Backing::Memfd => Some(start_pager(config, &mem, &control, pin)?),
-        Backing::Anonymous => None,
+    let paging = match (config.backing, pod) {
+        (Backing::Memfd, None) => {
+            let (pager, handlers) = start_pager(config, &mem, &control, pin)?;
+            Some(Paging::Single(pager, handlers))
+        }
+        (Backing::Memfd, Some(link)) => Some(start_pod_engine(config, link, &mem, &control, pin)?),
+        (Backing::Anonymous, None) => None,
+        (Backing::Anonymous, Some(_)) => {
+            return Err(config::Error::Invalid("a pod needs --memory-backing memfd".into()).into())
+        }
     };
 
     let console = Arc::new(Mutex::new(Console::new(console_out)));
-    let info = GuestInfo { num_vcpus: config.cpus.into(), node_id: 0, num_nodes: 1, mem_bytes: config.memory };
+    let info =
+        GuestInfo { num_vcpus: config.cpus.into(), node_id: 0, num_nodes: num_nodes.into(), mem_bytes: config.memory };
     let reader = match &paging {
-        Some((pager, _)) => GuestReader::Paged(pager.clone()),
+        Some(Paging::Single(pager, _)) => GuestReader::Paged(pager.clone()),
+        Some(Paging::Pod(..)) => GuestReader::GuestView(mem.clone()),
         None => GuestReader::Direct(mem.clone()),
     };
     let devices = Arc::new(Devices::new(console.clone(), reader, info));
@@ -216,16 +254,36 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
 
     let end = setup_error.is_none().then(|| wait(&events, config));
     let failed = matches!(end, Some(End::Failed(_)));
-    stop_vcpus(&control, &threads, paging.as_ref().map(|(p, _)| p.uffd()), &mem, failed);
+    let uffd = match &paging {
+        Some(Paging::Single(p, _)) => Some(p.uffd()),
+        Some(Paging::Pod(e, ..)) => e.uffd(),
+        None => None,
+    };
+    stop_vcpus(&control, &threads, uffd, &mem, failed);
     for t in threads.into_iter().filter(JoinHandle::is_finished) {
         let _ = t.join();
     }
     let wall = started.elapsed();
     flush_console(&console);
+    let mut others = Vec::new();
     let mut node = match paging {
-        Some((pager, handlers)) => {
+        Some(Paging::Single(pager, handlers)) => {
             let latency = handlers.stop();
             NodeMetrics::collect(0, pager.counters(), pager.resident_pages(), &latency)
+        }
+        Some(Paging::Pod(engine, handlers, serving)) => {
+            handlers.stop();
+            let failure = match &end {
+                Some(End::Exited(_)) => None,
+                Some(End::Failed(why)) => Some(why.clone()),
+                Some(End::TimedOut(_)) => Some("the guest ran past --timeout".to_string()),
+                Some(End::Interrupted) => Some("interrupted".to_string()),
+                None => Some("the VM could not start".to_string()),
+            };
+            if let Some(link) = pod {
+                others = link.finish(&serving, failure.as_deref());
+            }
+            engine.metrics()
         }
         None => NodeMetrics { node: Some(0), pages_resident: mem.mapped_pages().unwrap_or(0), ..Default::default() },
     };
@@ -238,7 +296,9 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
     node.memfd_bytes = mem.allocated_bytes();
     node.peak_rss_bytes = metrics::peak_rss_bytes();
     node.vcpu_exits = exits.load(Ordering::Relaxed);
-    Ok(Outcome { end, report: Report::new(vec![node]) })
+    let mut nodes = vec![node];
+    nodes.extend(others);
+    Ok(Outcome { end, report: Report::new(nodes) })
 }
 
 /// Writes out the console's last partial line, unless a vCPU left behind
@@ -275,11 +335,47 @@ fn start_pager(
     }
     let on_fatal = {
         let control = control.clone();
-        Arc::new(move |e: crate::pager::Error| control.fail(e))
+        Arc::new(move |e: String| control.fail(e))
     };
     let threads = config.fault_threads.unwrap_or(config.cpus as usize);
     let handlers = FaultHandlers::spawn(pager.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
     Ok((pager, handlers))
+}
+
+/// Node 0 of a pod: registers the guest view with userfaultfd for missing
+/// and minor faults, builds the page engine (the loader's pages start
+/// owned here), starts every other node, then the receiver and the fault
+/// handlers. A fault or message the engine cannot handle ends the VM.
+fn start_pod_engine(
+    config: &VmConfig,
+    link: &crate::pod::Link,
+    mem: &Arc<GuestMemory>,
+    control: &Arc<Control>,
+    pin: Option<&[usize]>,
+) -> Result<Paging> {
+    let uffd = Arc::new(Uffd::new(uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_THREAD_ID)?);
+    uffd.register_missing_and_minor(mem.guest_view_base(), mem.layout().size())?;
+    let loaded = mem.populated_extents().map_err(Error::Pager)?;
+    let loaded_bytes: u64 = loaded.iter().map(|&(_, len)| len.div_ceil(PAGE_SIZE) * PAGE_SIZE).sum();
+    if let Some(budget) = config.node_memory {
+        if loaded_bytes > budget {
+            return Err(config::Error::Budget { budget, needed: loaded_bytes }.into());
+        }
+    }
+    let settings = crate::pod::settings_for(&link.facts, mem.layout().pages()).map_err(config::Error::Invalid)?;
+    let on_fatal = {
+        let control = control.clone();
+        Arc::new(move |e: String| control.fail(e))
+    };
+    let engine =
+        PodEngine::new(0, settings, link.transport.clone(), mem.clone(), Some(uffd), &loaded, on_fatal.clone())
+            .map_err(|e| Error::Pod(crate::pod::Error::Failed(e)))?;
+    let engine = Arc::new(engine);
+    link.start(&loaded)?;
+    let serving = link.serve(engine.clone()).map_err(Error::Thread)?;
+    let threads = config.fault_threads.unwrap_or(config.cpus as usize);
+    let handlers = FaultHandlers::spawn(engine.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
+    Ok(Paging::Pod(engine, handlers, serving))
 }
 
 /// Waits for the event that ends the VM.

@@ -1,6 +1,7 @@
 //! The fault-handler threads: read userfaultfd, hand each fault to the
-//! pager, time it. Several threads read the one userfaultfd (each event
-//! goes to one reader), so faults of different vCPUs resolve in parallel.
+//! node's resolver (the single-node [`Pager`], or a pod's page engine).
+//! Several threads read the one userfaultfd (each event goes to one
+//! reader), so faults of different vCPUs resolve in parallel.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -10,9 +11,43 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Error, Pager};
+use super::Pager;
 use crate::metrics::FaultLatency;
-use crate::uffd::Fault;
+use crate::uffd::{Fault, Uffd};
+
+/// What resolves the faults one userfaultfd reports.
+pub trait Resolver: Send + Sync {
+    /// The userfaultfd to read.
+    fn uffd(&self) -> &Uffd;
+    /// Resolves (or starts resolving) one fault; records its latency in
+    /// `latency` when it is resolved here and now. An error ends the VM.
+    fn resolve(&self, fault: Fault, latency: &mut FaultLatency) -> Result<(), String>;
+}
+
+impl Resolver for Pager {
+    fn uffd(&self) -> &Uffd {
+        Pager::uffd(self)
+    }
+
+    fn resolve(&self, fault: Fault, latency: &mut FaultLatency) -> Result<(), String> {
+        let start = Instant::now();
+        self.handle_fault(fault).map_err(|e| e.to_string())?;
+        latency.record(start.elapsed());
+        Ok(())
+    }
+}
+
+impl Resolver for crate::pod::engine::Engine {
+    fn uffd(&self) -> &Uffd {
+        self.uffd().expect("a pod node with vCPUs has a userfaultfd")
+    }
+
+    /// The engine times each fault itself, from its arrival to the wake
+    /// (which may come from the receiver thread, after a round trip).
+    fn resolve(&self, fault: Fault, _latency: &mut FaultLatency) -> Result<(), String> {
+        self.handle_fault(fault)
+    }
+}
 
 /// Running fault-handler threads.
 #[derive(Debug)]
@@ -22,12 +57,17 @@ pub struct FaultHandlers {
 }
 
 /// What a handler thread does when a fault cannot be resolved: end the VM.
-pub type OnFatal = Arc<dyn Fn(Error) + Send + Sync>;
+pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
 
 impl FaultHandlers {
     /// Starts `count` handler threads; thread `i` is pinned to `cpus[i]`
     /// when given.
-    pub fn spawn(pager: Arc<Pager>, count: usize, cpus: Option<&[usize]>, on_fatal: OnFatal) -> io::Result<Self> {
+    pub fn spawn(
+        pager: Arc<dyn Resolver>,
+        count: usize,
+        cpus: Option<&[usize]>,
+        on_fatal: OnFatal,
+    ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
@@ -39,7 +79,7 @@ impl FaultHandlers {
                     if let Some(cpu) = cpu {
                         crate::vcpu::pin_current_thread(cpu);
                     }
-                    serve(&pager, &stop, &*on_fatal)
+                    serve(&*pager, &stop, &*on_fatal)
                 })
             });
             match spawned {
@@ -71,7 +111,7 @@ impl FaultHandlers {
     }
 }
 
-fn serve(pager: &Pager, stop: &EventFd, on_fatal: &(dyn Fn(Error) + Send + Sync)) -> FaultLatency {
+fn serve(pager: &dyn Resolver, stop: &EventFd, on_fatal: &(dyn Fn(String) + Send + Sync)) -> FaultLatency {
     let mut latency = FaultLatency::default();
     let mut faults: Vec<Fault> = Vec::with_capacity(64);
     let mut fds = [
@@ -86,20 +126,19 @@ fn serve(pager: &Pager, stop: &EventFd, on_fatal: &(dyn Fn(Error) + Send + Sync)
             if err.raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            on_fatal(Error::Poll(err));
+            on_fatal(format!("waiting for page faults failed: {err}"));
             return latency;
         }
         if fds[1].revents != 0 {
             return latency;
         }
         if let Err(e) = pager.uffd().read_faults(&mut faults) {
-            on_fatal(Error::Read(e));
+            on_fatal(e.to_string());
             return latency;
         }
         for f in &faults {
-            let start = Instant::now();
-            match pager.handle_fault(*f) {
-                Ok(_) => latency.record(start.elapsed()),
+            match pager.resolve(*f, &mut latency) {
+                Ok(()) => {}
                 Err(e) => {
                     tracing::debug!(addr = f.addr, tid = f.tid, "fault not resolved");
                     on_fatal(e);

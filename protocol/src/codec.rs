@@ -1,0 +1,299 @@
+//! The page protocol's messages on the wire: one byte naming the message,
+//! then its fields in order, integers little-endian (`u64` pages and
+//! epochs, `u32` node ids, one byte per flag, `Access` as 0 = read /
+//! 1 = write), a grant's page list prefixed with its `u32` length.
+//!
+//! [`decode`] reads anything a peer may send: it returns an error for
+//! every malformed input (unknown tag, short or trailing bytes, a flag that
+//! is not 0 or 1, a grant longer than [`MAX_GRANT`]) and never panics. The
+//! fabric's frame carries the message and bounds its length; the protocol
+//! version is checked once, at join, by the fabric's handshake.
+
+use crate::{Access, Msg, NodeId, Page};
+
+/// Most pages one grant may carry (a block of 2 MiB is 512 pages; the
+/// fabric's 16 KiB message limit allows about 1000).
+pub const MAX_GRANT: usize = 1000;
+
+/// Why bytes are not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    #[error("message {tag} ends after {len} bytes, before its fields do")]
+    Short { tag: u8, len: usize },
+    #[error("message {tag} has {extra} bytes after its fields")]
+    Trailing { tag: u8, extra: usize },
+    #[error("message {tag}: a flag byte is {value}, not 0 or 1")]
+    Flag { tag: u8, value: u8 },
+    #[error("message {tag}: a grant of {count} pages; the limit is {MAX_GRANT}")]
+    GrantTooLong { tag: u8, count: u32 },
+}
+
+const REQUEST: u8 = 1;
+const GRANT: u8 = 2;
+const GRANT_DONE: u8 = 3;
+const SHARE: u8 = 4;
+const TRANSFER: u8 = 5;
+const UPGRADE: u8 = 6;
+const READY: u8 = 7;
+const FETCHED: u8 = 8;
+const DONE: u8 = 9;
+const INVAL: u8 = 10;
+const INVAL_ACK: u8 = 11;
+const EVICT: u8 = 12;
+const REDORMANT: u8 = 13;
+const REFUSED: u8 = 14;
+const DORMANTED: u8 = 15;
+
+/// Appends `msg`'s encoding to `out`.
+pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
+    let mut w = Writer(out);
+    match msg {
+        Msg::Request { page, access, from } => {
+            w.u8(REQUEST).u64(*page).u8(matches!(access, Access::Write) as u8).u32(*from);
+        }
+        Msg::Grant { pages } => {
+            w.u8(GRANT).u32(pages.len() as u32);
+            for (p, e) in pages {
+                w.u64(*p).u64(*e);
+            }
+        }
+        Msg::GrantDone { pages, from } => {
+            w.u8(GRANT_DONE).u32(*from).u32(pages.len() as u32);
+            for p in pages {
+                w.u64(*p);
+            }
+        }
+        Msg::Share { page, to } => {
+            w.u8(SHARE).u64(*page).u32(*to);
+        }
+        Msg::Transfer { page, to, evict, epoch } => {
+            w.u8(TRANSFER).u64(*page).u32(*to).flag(*evict).u64(*epoch);
+        }
+        Msg::Upgrade { page } => {
+            w.u8(UPGRADE).u64(*page);
+        }
+        Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
+            w.u8(READY).u64(*page).u32(*from).flag(*dormant).flag(*transfer).flag(*evict).u64(*epoch);
+        }
+        Msg::Fetched { page, from } => {
+            w.u8(FETCHED).u64(*page).u32(*from);
+        }
+        Msg::Done { page, from } => {
+            w.u8(DONE).u64(*page).u32(*from);
+        }
+        Msg::Inval { page } => {
+            w.u8(INVAL).u64(*page);
+        }
+        Msg::InvalAck { page, from } => {
+            w.u8(INVAL_ACK).u64(*page).u32(*from);
+        }
+        Msg::Evict { page, from, to, epoch } => {
+            w.u8(EVICT).u64(*page).u32(*from).u32(*to).u64(*epoch);
+        }
+        Msg::Redormant { page, from, epoch } => {
+            w.u8(REDORMANT).u64(*page).u32(*from).u64(*epoch);
+        }
+        Msg::Refused { page } => {
+            w.u8(REFUSED).u64(*page);
+        }
+        Msg::Dormanted { page } => {
+            w.u8(DORMANTED).u64(*page);
+        }
+    }
+}
+
+/// Reads one message that fills `bytes` exactly.
+pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
+    let (&tag, _) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    let mut r = Reader { bytes, at: 1, tag };
+    let msg = match tag {
+        REQUEST => {
+            let page = r.u64()?;
+            let access = if r.flag()? { Access::Write } else { Access::Read };
+            Msg::Request { page, access, from: r.u32()? }
+        }
+        GRANT => {
+            let count = r.count()?;
+            let mut pages = Vec::with_capacity(count);
+            for _ in 0..count {
+                pages.push((r.u64()?, r.u64()?));
+            }
+            Msg::Grant { pages }
+        }
+        GRANT_DONE => {
+            let from = r.u32()?;
+            let count = r.count()?;
+            let mut pages = Vec::with_capacity(count);
+            for _ in 0..count {
+                pages.push(r.u64()?);
+            }
+            Msg::GrantDone { pages, from }
+        }
+        SHARE => Msg::Share { page: r.u64()?, to: r.u32()? },
+        TRANSFER => Msg::Transfer { page: r.u64()?, to: r.u32()?, evict: r.flag()?, epoch: r.u64()? },
+        UPGRADE => Msg::Upgrade { page: r.u64()? },
+        READY => Msg::Ready {
+            page: r.u64()?,
+            from: r.u32()?,
+            dormant: r.flag()?,
+            transfer: r.flag()?,
+            evict: r.flag()?,
+            epoch: r.u64()?,
+        },
+        FETCHED => Msg::Fetched { page: r.u64()?, from: r.u32()? },
+        DONE => Msg::Done { page: r.u64()?, from: r.u32()? },
+        INVAL => Msg::Inval { page: r.u64()? },
+        INVAL_ACK => Msg::InvalAck { page: r.u64()?, from: r.u32()? },
+        EVICT => Msg::Evict { page: r.u64()?, from: r.u32()?, to: r.u32()?, epoch: r.u64()? },
+        REDORMANT => Msg::Redormant { page: r.u64()?, from: r.u32()?, epoch: r.u64()? },
+        REFUSED => Msg::Refused { page: r.u64()? },
+        DORMANTED => Msg::Dormanted { page: r.u64()? },
+        other => return Err(DecodeError::UnknownTag(other)),
+    };
+    match bytes.len() - r.at {
+        0 => Ok(msg),
+        extra => Err(DecodeError::Trailing { tag, extra }),
+    }
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn flag(&mut self, v: bool) -> &mut Self {
+        self.u8(v as u8)
+    }
+    fn u32(&mut self, v: NodeId) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: Page) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    tag: u8,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let end = self.at.checked_add(N).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or(DecodeError::Short { tag: self.tag, len: self.bytes.len() })?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.bytes[self.at..end]);
+        self.at = end;
+        Ok(out)
+    }
+    fn flag(&mut self) -> Result<bool, DecodeError> {
+        match self.take::<1>()?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(DecodeError::Flag { tag: self.tag, value }),
+        }
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+    /// A list length, bounded before anything is allocated for it.
+    fn count(&mut self) -> Result<usize, DecodeError> {
+        let count = self.u32()?;
+        if count as usize > MAX_GRANT {
+            return Err(DecodeError::GrantTooLong { tag: self.tag, count });
+        }
+        Ok(count as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn access() -> impl Strategy<Value = Access> {
+        prop_oneof![Just(Access::Read), Just(Access::Write)]
+    }
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        let p = any::<u64>();
+        let n = any::<u32>();
+        let b = any::<bool>();
+        prop_oneof![
+            (p, access(), n).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
+            prop::collection::vec((p, p), 0..=MAX_GRANT).prop_map(|pages| Msg::Grant { pages }),
+            (prop::collection::vec(p, 0..=MAX_GRANT), n).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
+            (p, n).prop_map(|(page, to)| Msg::Share { page, to }),
+            (p, n, b, p).prop_map(|(page, to, evict, epoch)| Msg::Transfer { page, to, evict, epoch }),
+            p.prop_map(|page| Msg::Upgrade { page }),
+            (p, n, b, b, b, p).prop_map(|(page, from, dormant, transfer, evict, epoch)| Msg::Ready {
+                page,
+                from,
+                dormant,
+                transfer,
+                evict,
+                epoch
+            }),
+            (p, n).prop_map(|(page, from)| Msg::Fetched { page, from }),
+            (p, n).prop_map(|(page, from)| Msg::Done { page, from }),
+            p.prop_map(|page| Msg::Inval { page }),
+            (p, n).prop_map(|(page, from)| Msg::InvalAck { page, from }),
+            (p, n, n, p).prop_map(|(page, from, to, epoch)| Msg::Evict { page, from, to, epoch }),
+            (p, n, p).prop_map(|(page, from, epoch)| Msg::Redormant { page, from, epoch }),
+            p.prop_map(|page| Msg::Refused { page }),
+            p.prop_map(|page| Msg::Dormanted { page }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_reads_back_as_itself(m in msg()) {
+            let mut bytes = Vec::new();
+            encode(&m, &mut bytes);
+            prop_assert_eq!(decode(&bytes), Ok(m));
+        }
+
+        #[test]
+        fn any_bytes_decode_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn a_cut_or_padded_message_is_an_error(m in msg(), cut in 1usize..8, pad in 1usize..8) {
+            let mut bytes = Vec::new();
+            encode(&m, &mut bytes);
+            let short = &bytes[..bytes.len().saturating_sub(cut)];
+            prop_assert!(decode(short).is_err());
+            bytes.extend(std::iter::repeat_n(0u8, pad));
+            prop_assert!(decode(&bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn a_grant_of_the_most_pages_fits_in_a_fabric_message() {
+        let mut bytes = Vec::new();
+        encode(&Msg::Grant { pages: vec![(1, 1); MAX_GRANT] }, &mut bytes);
+        assert!(bytes.len() <= 16 * 1024, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn a_huge_grant_length_is_refused_before_allocating() {
+        let mut bytes = vec![GRANT];
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&bytes), Err(DecodeError::GrantTooLong { tag: GRANT, count: u32::MAX }));
+        assert_eq!(decode(&[0xee]), Err(DecodeError::UnknownTag(0xee)));
+        assert_eq!(decode(&[]), Err(DecodeError::Empty));
+    }
+}

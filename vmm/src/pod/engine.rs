@@ -1,0 +1,764 @@
+//! The page engine of one pod node: the I/O-free protocol
+//! ([`shoal_protocol::Node`]) wired to this node's memory, to userfaultfd
+//! (on the node that runs the vCPUs) and to the fabric.
+//!
+//! Two kinds of event drive it, each under the engine's one lock:
+//! - a guest fault ([`Engine::handle_fault`], from the fault-handler
+//!   threads of the vCPU node), and
+//! - a protocol message from a peer ([`Engine::on_message`], from the
+//!   node's receiver thread).
+//!
+//! Each turns into protocol actions, carried out here in order: zero-fill
+//! (batched over the dormant run of a granted block, one
+//! `UFFDIO_ZEROPAGE`), one-sided fabric reads (`UFFDIO_COPY` of the bytes
+//! on the vCPU node, a write into the memfd elsewhere), taking a page from
+//! the guest while the memfd keeps its bytes for a peer's read
+//! (`MADV_DONTNEED` on the guest view; the guest's next touch is a minor
+//! fault), mapping it back (`UFFDIO_CONTINUE`), freeing it (punching the
+//! memfd), and waking the faulting vCPUs.
+//!
+//! The vCPU node stays within `--node-memory`: a fault only starts when
+//! the pages already held plus those on their way leave room, otherwise
+//! it is parked; cold pages (first in, first out; the loader's pages stay)
+//! are evicted ahead of need to the node with the most room, or made
+//! dormant again when they are all zeros.
+//!
+//! Only node 0 runs vCPUs, and it always asks for write access: a pod of
+//! one guest has one writer, so pages are never shared read-only between
+//! nodes (the protocol could; the model checker covers it).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use shoal_fabric::{ReadReq, Transport};
+use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page};
+
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::metrics::{FaultLatency, NodeMetrics};
+use crate::uffd::{Fault, Outcome, Uffd};
+
+/// The first byte of every pod message: which layer it belongs to.
+pub const CHANNEL_PAGES: u8 = 0;
+/// Pod control messages (join checks, start, metrics, abort).
+pub const CHANNEL_CONTROL: u8 = 1;
+
+/// The fabric region id of a node's guest memory.
+pub const REGION_MEMORY: u32 = 0;
+
+// per-page flags
+const RESIDENT: u8 = 1; // the memfd holds the page here
+const MAPPED: u8 = 2; // the guest view maps it (vCPU node)
+const PINNED: u8 = 4; // the loader's: never evicted
+const QUEUED: u8 = 8; // in the eviction queue
+const PENDING_ZERO: u8 = 16; // a zero-fill of this batch, not done yet
+const WAITING: u8 = 32; // a vCPU waits on it (counted in `incoming`)
+const PARKED: u8 = 64; // a fault waits for room
+
+/// What ends the VM (or the node) when the engine cannot go on.
+pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
+
+/// How the engine is set up.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub config: Config,
+    /// Dormant pages are zero-filled where they are first touched; off:
+    /// every page counts as having contents at its home, and its first
+    /// touch elsewhere reads them over the fabric.
+    pub dormant: bool,
+    /// Pages this node may hold (None: no bound).
+    pub budget: Option<u64>,
+    /// Pages each other node may hold (all nodes share `--node-memory`).
+    pub peer_budget: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    faults_already_resident: AtomicU64,
+    pages_zero_filled: AtomicU64,
+    pages_copied: AtomicU64,
+    remote_fetches: AtomicU64,
+    bytes_fabric_read: AtomicU64,
+    pages_evicted: AtomicU64,
+    pages_redormanted: AtomicU64,
+    faults_parked: AtomicU64,
+    messages_sent: AtomicU64,
+    messages_received: AtomicU64,
+}
+
+struct State {
+    node: Node,
+    flags: Vec<u8>,
+    resident: u64,
+    pinned: u64,
+    /// Eviction candidates, oldest first.
+    queue: VecDeque<Page>,
+    /// Our evictions not settled yet, with their targets (None: re-dormant).
+    evicting: HashMap<Page, Option<NodeId>>,
+    /// Pages we placed on each node and have not taken back.
+    held_by: Vec<u64>,
+    /// Faults waiting for a page (each will bring one page here).
+    incoming: u64,
+    waiting_since: HashMap<Page, Instant>,
+    parked: VecDeque<Page>,
+    latency: FaultLatency,
+    pending_zero: Vec<Page>,
+    wakes: Vec<Page>,
+    bounce: Vec<u8>,
+    next_target: NodeId,
+}
+
+/// One node's page engine.
+pub struct Engine {
+    me: NodeId,
+    settings: Settings,
+    transport: Arc<dyn Transport>,
+    mem: Arc<GuestMemory>,
+    /// The guest view's userfaultfd: only on the node that runs vCPUs.
+    uffd: Option<Arc<Uffd>>,
+    state: Mutex<State>,
+    counters: Counters,
+    failed: AtomicBool,
+    on_fatal: OnFatal,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("me", &self.me).field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Encodes a page-protocol message for the fabric.
+pub fn encode_page_msg(msg: &Msg) -> Vec<u8> {
+    let mut out = vec![CHANNEL_PAGES];
+    codec::encode(msg, &mut out);
+    out
+}
+
+impl Engine {
+    /// An engine for node `me` over `mem`; `uffd` is the guest view's on
+    /// the vCPU node. `loaded` lists the pages the loader wrote (every node
+    /// gets the same list): they start owned by node 0 with contents.
+    pub fn new(
+        me: NodeId,
+        settings: Settings,
+        transport: Arc<dyn Transport>,
+        mem: Arc<GuestMemory>,
+        uffd: Option<Arc<Uffd>>,
+        loaded: &[(u64, u64)],
+        on_fatal: OnFatal,
+    ) -> Result<Self, String> {
+        let pages = settings.config.pages;
+        let mut node = Node::new(me, settings.config);
+        let mut flags = vec![0u8; pages as usize];
+        let mut pinned = 0;
+        for &(offset, len) in loaded {
+            for page in offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE) {
+                node.preload(page, 0).map_err(|e| format!("the loaded image: {e}"))?;
+                if me == 0 {
+                    // in the memfd, not yet in the guest view: the first
+                    // touch is a minor fault, mapped by `flush_wakes`
+                    flags[page as usize] = RESIDENT | PINNED;
+                    pinned += 1;
+                }
+            }
+        }
+        let nodes = settings.config.nodes as usize;
+        let state = State {
+            node,
+            flags,
+            resident: pinned,
+            pinned,
+            queue: VecDeque::new(),
+            evicting: HashMap::new(),
+            held_by: vec![0; nodes],
+            incoming: 0,
+            waiting_since: HashMap::new(),
+            parked: VecDeque::new(),
+            latency: FaultLatency::default(),
+            pending_zero: Vec::new(),
+            wakes: Vec::new(),
+            bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
+            next_target: 0,
+        };
+        Ok(Engine {
+            me,
+            settings,
+            transport,
+            mem,
+            uffd,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+            failed: AtomicBool::new(false),
+            on_fatal,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The guest view's userfaultfd (vCPU node).
+    pub fn uffd(&self) -> Option<&Uffd> {
+        self.uffd.as_deref()
+    }
+
+    /// Ends the VM (or this node) with `why`, once.
+    pub fn fail(&self, why: String) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(node = self.me, "{why}");
+            (self.on_fatal)(why);
+        }
+    }
+
+    /// Whether the engine gave up.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    // ---- entry points ------------------------------------------------
+
+    /// A guest fault (vCPU node). Resolves it at once when it can (a page
+    /// of a granted block: zero-filled with its dormant neighbours), or
+    /// starts the protocol's round trip; the vCPU wakes when the page is
+    /// here. An error ends the VM.
+    pub fn handle_fault(&self, fault: Fault) -> Result<(), String> {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let offset = fault
+            .addr
+            .checked_sub(self.mem.guest_view_base())
+            .filter(|o| *o < self.mem.layout().size())
+            .ok_or_else(|| format!("fault at host address {:#x} is outside guest memory", fault.addr))?;
+        let page = offset / PAGE_SIZE;
+        let mut st = self.lock();
+        if self.failed() {
+            return Err("the pod failed".into());
+        }
+        self.fault_page(&mut st, page)?;
+        self.settle(&mut st)
+    }
+
+    /// A message from a peer (any node).
+    pub fn on_message(&self, from: NodeId, payload: &[u8]) -> Result<(), String> {
+        self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
+        let msg = codec::decode(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
+        let mut st = self.lock();
+        if self.failed() {
+            return Ok(());
+        }
+        self.note_eviction_answer(&mut st, &msg);
+        let acts = st.node.receive(msg).map_err(|e| format!("page protocol: {e}"))?;
+        let acts = self.with_fault_around(&mut st, acts)?;
+        self.apply(&mut st, acts)?;
+        self.settle(&mut st)
+    }
+
+    // ---- faults --------------------------------------------------------
+
+    fn fault_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+        let f = st.flags[page as usize];
+        if f & MAPPED != 0 {
+            // resolved meanwhile (another vCPU's fault, or fault-around)
+            self.counters.faults_already_resident.fetch_add(1, Ordering::Relaxed);
+            return self.wake_now(page);
+        }
+        if f & (WAITING | PARKED) != 0 {
+            // already on its way; the wake covers every waiter
+            return Ok(());
+        }
+        if let Some(budget) = self.settings.budget {
+            if st.resident + st.incoming >= budget {
+                st.flags[page as usize] |= PARKED;
+                st.parked.push_back(page);
+                st.waiting_since.insert(page, Instant::now());
+                self.counters.faults_parked.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        st.flags[page as usize] |= WAITING;
+        st.incoming += 1;
+        st.waiting_since.entry(page).or_insert_with(Instant::now);
+        let acts = st.node.fault(page, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
+        let acts = self.with_fault_around(st, acts)?;
+        self.apply(st, acts)
+    }
+
+    /// Adds the dormant neighbours of every page the actions zero-fill
+    /// here (pages of a block granted to us, never touched) as far as the
+    /// budget leaves room: one ioctl serves a whole run of first touches.
+    fn with_fault_around(&self, st: &mut State, mut acts: Vec<Action>) -> Result<Vec<Action>, String> {
+        if self.uffd.is_none() {
+            return Ok(acts);
+        }
+        let seeds: Vec<Page> =
+            acts.iter().filter_map(|a| if let Action::ZeroFill { page } = a { Some(*page) } else { None }).collect();
+        for seed in seeds {
+            let block = self.settings.config.block_of(seed);
+            for q in block {
+                if q == seed {
+                    continue;
+                }
+                if let Some(budget) = self.settings.budget {
+                    let planned = acts.iter().filter(|a| matches!(a, Action::ZeroFill { .. })).count() as u64;
+                    if st.resident + st.incoming + planned >= budget {
+                        break;
+                    }
+                }
+                let f = st.flags[q as usize];
+                if f & (RESIDENT | PENDING_ZERO | WAITING | PARKED) != 0 || st.node.local(q).copy != Held::Dormant {
+                    continue;
+                }
+                let more = st.node.fault(q, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
+                // a Wake for a page nobody waits on is harmless, but costs
+                // an ioctl: leave it out
+                acts.extend(more.into_iter().filter(|a| !matches!(a, Action::Wake { .. })));
+            }
+        }
+        Ok(acts)
+    }
+
+    // ---- carrying out actions ------------------------------------------
+
+    fn apply(&self, st: &mut State, acts: Vec<Action>) -> Result<(), String> {
+        let mut queue: VecDeque<Action> = acts.into();
+        while let Some(act) = queue.pop_front() {
+            match act {
+                Action::ZeroFill { page } => {
+                    st.flags[page as usize] |= PENDING_ZERO;
+                    st.pending_zero.push(page);
+                }
+                Action::Map { page, writable } => {
+                    if st.flags[page as usize] & PENDING_ZERO == 0 {
+                        self.map(st, page, writable)?;
+                    }
+                }
+                Action::Wake { page } => st.wakes.push(page),
+                other => {
+                    self.flush_zero(st)?;
+                    match other {
+                        Action::Send { to, msg } => self.send(to, &msg)?,
+                        Action::Fetch { page, from, transfer, evict, epoch } => {
+                            self.fetch(st, page, from, transfer)?;
+                            let more = st
+                                .node
+                                .fetched(page, from, transfer, evict, epoch)
+                                .map_err(|e| format!("page protocol: {e}"))?;
+                            queue.extend(more);
+                        }
+                        Action::WriteProtect { page } | Action::Unmap { page } => self.unmap(st, page)?,
+                        Action::Drop { page } => self.drop_page(st, page)?,
+                        Action::Offer { page, to, transfer, evict, epoch } => {
+                            let zero = self.settings.dormant && self.is_zero(st, page)?;
+                            let more = st
+                                .node
+                                .offer(page, to, transfer, evict, epoch, zero)
+                                .map_err(|e| format!("page protocol: {e}"))?;
+                            queue.extend(more);
+                        }
+                        Action::ZeroFill { .. } | Action::Map { .. } | Action::Wake { .. } => unreachable!(),
+                    }
+                }
+            }
+        }
+        self.flush_zero(st)?;
+        self.flush_wakes(st)
+    }
+
+    fn send(&self, to: NodeId, msg: &Msg) -> Result<(), String> {
+        self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
+        self.transport.send(to, &encode_page_msg(msg)).map_err(|e| format!("sending to node {to}: {e}"))
+    }
+
+    /// The flags of a page that just arrived: resident, and mapped in the
+    /// guest view on the vCPU node.
+    fn held_flags(&self) -> u8 {
+        if self.uffd.is_some() {
+            RESIDENT | MAPPED
+        } else {
+            RESIDENT
+        }
+    }
+
+    fn page_addr(&self, page: Page) -> u64 {
+        self.mem.guest_view_base() + page * PAGE_SIZE
+    }
+
+    /// Zero-fills the pending pages, one ioctl per contiguous run (with
+    /// `--dormant off`, reads each run from its home instead).
+    fn flush_zero(&self, st: &mut State) -> Result<(), String> {
+        if st.pending_zero.is_empty() {
+            return Ok(());
+        }
+        let mut pages = std::mem::take(&mut st.pending_zero);
+        pages.sort_unstable();
+        pages.dedup();
+        let cfg = self.settings.config;
+        let mut i = 0;
+        while i < pages.len() {
+            let first = pages[i];
+            let mut n = 1;
+            while i + n < pages.len()
+                && pages[i + n] == first + n as u64
+                && cfg.block_of(first).contains(&(first + n as u64))
+            {
+                n += 1;
+            }
+            self.zero_run(st, first, n as u64)?;
+            for p in first..first + n as u64 {
+                let f = &mut st.flags[p as usize];
+                *f = (*f & !PENDING_ZERO) | self.held_flags();
+                self.enqueue(st, p);
+            }
+            st.resident += n as u64;
+            i += n;
+        }
+        Ok(())
+    }
+
+    fn zero_run(&self, st: &mut State, first: Page, count: u64) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else {
+            // a node without a guest: a hole in its memfd is the zero page
+            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
+            return Ok(());
+        };
+        let addr = self.page_addr(first);
+        let len = count * PAGE_SIZE;
+        if self.settings.dormant {
+            self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
+            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
+            return Ok(());
+        }
+        // --dormant off: the page's contents live at its home
+        let home = self.settings.config.home(first);
+        let buf = &mut st.bounce[..len as usize];
+        if home == self.me {
+            buf.fill(0);
+            self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
+        } else {
+            self.read_remote(home, first, buf)?;
+            self.counters.remote_fetches.fetch_add(count, Ordering::Relaxed);
+            self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
+        }
+        let buf = &st.bounce[..len as usize];
+        self.resolve(|d| uffd.copy(addr + d, &buf[d as usize..], false), first, count, "copy")
+    }
+
+    /// Runs a resolving ioctl over `count` pages from `first`; `op(done)`
+    /// resolves what is left after `done` bytes. A page found present
+    /// means our records are wrong (an error); a partial resolution goes
+    /// on from where it stopped, EAGAIN is retried, both boundedly.
+    fn resolve(
+        &self,
+        mut op: impl FnMut(u64) -> crate::uffd::Result<Outcome>,
+        first: Page,
+        count: u64,
+        what: &str,
+    ) -> Result<(), String> {
+        let mut done = 0;
+        for _ in 0..1000 {
+            match op(done).map_err(|e| format!("{what} of page {first}: {e}"))? {
+                Outcome::Done => return Ok(()),
+                Outcome::Retry => std::thread::yield_now(),
+                Outcome::Partial { done: more } => done += more,
+                Outcome::Exists => {
+                    return Err(format!(
+                        "{what}: page {} is present although this node did not hold it",
+                        first + done / PAGE_SIZE
+                    ))
+                }
+            }
+            if done >= count * PAGE_SIZE {
+                return Ok(());
+            }
+        }
+        Err(format!("{what} of pages {first}+{count}: the kernel kept asking to retry"))
+    }
+
+    fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
+        let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
+        self.transport
+            .read_with(from, &[req], &mut |_, at, bytes| {
+                buf[at..at + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            })
+            .map_err(|e| format!("reading page {page} from node {from}: {e}"))
+    }
+
+    /// Pulls `page` from `from` with a one-sided read.
+    fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
+        if let Some(budget) = self.settings.budget.filter(|_| self.uffd.is_none()) {
+            if st.resident >= budget {
+                return Err(format!(
+                    "node {} holds {} pages, its --node-memory, and was sent one more",
+                    self.me, st.resident
+                ));
+            }
+        }
+        let mut buf = std::mem::take(&mut st.bounce);
+        let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
+        let placed = got.and_then(|()| match &self.uffd {
+            Some(uffd) => {
+                let addr = self.page_addr(page);
+                let page_bytes = &buf[..PAGE_SIZE as usize];
+                self.resolve(|d| uffd.copy(addr + d, &page_bytes[d as usize..], false), page, 1, "copy")
+            }
+            None => {
+                self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
+                Ok(())
+            }
+        });
+        st.bounce = buf;
+        placed?;
+        self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
+        st.flags[page as usize] |= self.held_flags();
+        st.resident += 1;
+        if transfer && from != self.me {
+            st.held_by[from as usize] = st.held_by[from as usize].saturating_sub(1);
+        }
+        self.enqueue(st, page);
+        Ok(())
+    }
+
+    fn map(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else { return Ok(()) };
+        if !writable {
+            // only node 0 runs vCPUs and it always asks to write: a
+            // read-only copy here means a peer broke that rule
+            return Err(format!("page {page}: a read-only mapping was asked for; this pod has one writer"));
+        }
+        if st.flags[page as usize] & MAPPED != 0 {
+            return Ok(());
+        }
+        match uffd.continue_(self.page_addr(page), PAGE_SIZE, false) {
+            Ok(Outcome::Done | Outcome::Exists) => {}
+            Ok(other) => return Err(format!("mapping page {page} back: {other:?}")),
+            Err(e) => return Err(format!("mapping page {page} back: {e}")),
+        }
+        st.flags[page as usize] |= MAPPED;
+        Ok(())
+    }
+
+    fn unmap(&self, st: &mut State, page: Page) -> Result<(), String> {
+        if self.uffd.is_none() || st.flags[page as usize] & MAPPED == 0 {
+            return Ok(());
+        }
+        self.mem.unmap_guest_view(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("unmapping page {page}: {e}"))?;
+        st.flags[page as usize] &= !MAPPED;
+        Ok(())
+    }
+
+    fn drop_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+        self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
+        let f = &mut st.flags[page as usize];
+        if *f & RESIDENT != 0 {
+            st.resident -= 1;
+        }
+        if *f & PINNED != 0 {
+            st.pinned -= 1;
+        }
+        *f &= !(RESIDENT | MAPPED | PINNED);
+        match st.evicting.remove(&page) {
+            Some(Some(_)) => self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed),
+            Some(None) => self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+        Ok(())
+    }
+
+    /// Whether our (protected) copy of `page` is all zeros.
+    fn is_zero(&self, st: &State, page: Page) -> Result<bool, String> {
+        let offset = page * PAGE_SIZE;
+        if st.flags[page as usize] & RESIDENT == 0 || self.mem.is_hole(offset).unwrap_or(false) {
+            return Ok(true);
+        }
+        // SAFETY: the page is inside guest memory; it is protected (the
+        // guest cannot write it), and it is resident, so reading the alias
+        // view materialises nothing.
+        let bytes = unsafe { self.mem.alias_slice(offset, PAGE_SIZE as usize) };
+        Ok(bytes.iter().all(|&b| b == 0))
+    }
+
+    fn wake_now(&self, page: Page) -> Result<(), String> {
+        match &self.uffd {
+            Some(uffd) => uffd.wake(self.page_addr(page), PAGE_SIZE).map_err(|e| format!("waking page {page}: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn flush_wakes(&self, st: &mut State) -> Result<(), String> {
+        let mut wakes = std::mem::take(&mut st.wakes);
+        if self.uffd.is_none() {
+            return Ok(());
+        }
+        wakes.sort_unstable();
+        wakes.dedup();
+        for &page in &wakes {
+            let f = st.flags[page as usize];
+            if f & RESIDENT != 0 && f & MAPPED == 0 && st.node.local(page).allows(Access::Write) {
+                // ours and writable but not in the guest view: map it, or
+                // the vCPU would fault again on the same page forever
+                self.map(st, page, true)?;
+            }
+            if st.flags[page as usize] & WAITING != 0 {
+                st.flags[page as usize] &= !WAITING;
+                st.incoming -= 1;
+                if let Some(t) = st.waiting_since.remove(&page) {
+                    st.latency.record(t.elapsed());
+                }
+            }
+            self.wake_now(page)?;
+        }
+        Ok(())
+    }
+
+    // ---- memory budget -------------------------------------------------
+
+    fn enqueue(&self, st: &mut State, page: Page) {
+        if self.settings.budget.is_some() && st.flags[page as usize] & (QUEUED | PINNED) == 0 {
+            st.flags[page as usize] |= QUEUED;
+            st.queue.push_back(page);
+        }
+    }
+
+    /// An eviction of ours was refused (the page stays here): give the
+    /// target its room back and queue the page again.
+    fn eviction_refused(&self, st: &mut State, page: Page) {
+        if let Some(target) = st.evicting.remove(&page) {
+            if let Some(t) = target {
+                st.held_by[t as usize] -= 1;
+            }
+            self.enqueue(st, page);
+        }
+    }
+
+    /// Refusals from a remote home arrive as messages; evictions that
+    /// succeed end in a `Drop` (see `drop_page`).
+    fn note_eviction_answer(&self, st: &mut State, msg: &Msg) {
+        if let Msg::Refused { page } = msg {
+            self.eviction_refused(st, *page);
+        }
+    }
+
+    /// Finds evictions refused by ourselves as home (no message shows
+    /// those): settled here, not protected, not being handed over.
+    fn sweep_refusals(&self, st: &mut State) {
+        let refused: Vec<Page> = st
+            .evicting
+            .keys()
+            .copied()
+            .filter(|&p| {
+                let l = st.node.local(p);
+                l.copy == Held::Data && !l.protected && !l.handing
+            })
+            .collect();
+        for p in refused {
+            self.eviction_refused(st, p);
+        }
+    }
+
+    /// After every event: start evictions ahead of need, let parked faults
+    /// in where there is room, and fail rather than wait forever.
+    fn settle(&self, st: &mut State) -> Result<(), String> {
+        let Some(budget) = self.settings.budget.filter(|_| self.uffd.is_some()) else { return Ok(()) };
+        if !st.parked.is_empty() {
+            self.sweep_refusals(st);
+        }
+        self.evict_ahead(st, budget)?;
+        while !st.parked.is_empty() && st.resident + st.incoming < budget {
+            let page = st.parked.pop_front().expect("not empty");
+            st.flags[page as usize] &= !PARKED;
+            self.fault_page(st, page)?;
+        }
+        self.evict_ahead(st, budget)?;
+        if !st.parked.is_empty() && st.evicting.is_empty() && st.incoming == 0 {
+            return Err(format!(
+                "node {} cannot make room under --node-memory ({} pages): {} of its pages are pinned by the loader \
+                 and nothing else can be evicted",
+                self.me, budget, st.pinned
+            ));
+        }
+        Ok(())
+    }
+
+    fn evict_ahead(&self, st: &mut State, budget: u64) -> Result<(), String> {
+        // keep some room free so that faults rarely wait for an eviction
+        let slack = (budget / 8).clamp(1, 1024);
+        let level = budget.saturating_sub(slack);
+        let demand = st.resident + st.incoming + st.parked.len() as u64;
+        let mut need = demand.saturating_sub(level + st.evicting.len() as u64);
+        let mut scanned = st.queue.len();
+        while need > 0 && scanned > 0 {
+            scanned -= 1;
+            let Some(page) = st.queue.pop_front() else { break };
+            st.flags[page as usize] &= !QUEUED;
+            let f = st.flags[page as usize];
+            if f & RESIDENT == 0 || f & PINNED != 0 || st.evicting.contains_key(&page) {
+                continue;
+            }
+            let zero = self.settings.dormant && self.is_zero(st, page)?;
+            let target = if zero { None } else { Some(self.pick_target(st)?) };
+            let acts = st.node.evict(page, target).map_err(|e| format!("page protocol: {e}"))?;
+            if acts.is_empty() {
+                // not settled here (a transaction is under way): later
+                self.enqueue(st, page);
+                continue;
+            }
+            if let Some(t) = target {
+                st.held_by[t as usize] += 1;
+            }
+            st.evicting.insert(page, target);
+            need -= 1;
+            self.apply(st, acts)?;
+        }
+        Ok(())
+    }
+
+    /// The next node with room for an evicted page (round robin).
+    fn pick_target(&self, st: &mut State) -> Result<NodeId, String> {
+        let nodes = self.settings.config.nodes;
+        for _ in 0..nodes {
+            st.next_target = (st.next_target + 1) % nodes;
+            let t = st.next_target;
+            if t != self.me && self.settings.peer_budget.is_none_or(|b| st.held_by[t as usize] < b) {
+                return Ok(t);
+            }
+        }
+        Err(format!(
+            "the pod is out of memory: the guest touched more than its {} nodes may hold under --node-memory",
+            nodes
+        ))
+    }
+
+    // ---- reports ---------------------------------------------------------
+
+    /// Pages held in memory here.
+    pub fn resident_pages(&self) -> u64 {
+        self.lock().resident
+    }
+
+    /// This node's metrics so far.
+    pub fn metrics(&self) -> NodeMetrics {
+        let st = self.lock();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let mut m = NodeMetrics::collect_latency(u64::from(self.me), &st.latency);
+        m.faults = get(&c.faults);
+        m.faults_already_resident = get(&c.faults_already_resident);
+        m.pages_zero_filled = get(&c.pages_zero_filled);
+        m.pages_copied = get(&c.pages_copied);
+        m.pages_loaded = st.pinned;
+        m.pages_resident = st.resident;
+        m.remote_fetches = get(&c.remote_fetches);
+        m.bytes_fabric_read = get(&c.bytes_fabric_read);
+        m.pages_evicted = get(&c.pages_evicted);
+        m.pages_redormanted = get(&c.pages_redormanted);
+        m.faults_parked = get(&c.faults_parked);
+        m.messages_sent = get(&c.messages_sent);
+        m.messages_received = get(&c.messages_received);
+        m.memfd_bytes = self.mem.allocated_bytes();
+        m
+    }
+}
