@@ -1,0 +1,302 @@
+//! Pods under real KVM: one guest over several node processes on this
+//! host (`shoal run --nodes N`, and `shoal node --pod FILE` as a cluster
+//! launcher would start it). Every test asserts exact counters.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Every node's metrics object.
+fn nodes(r: &Run) -> Vec<serde_json::Value> {
+    r.metrics.as_ref().expect("metrics")["nodes"].as_array().expect("nodes").clone()
+}
+
+fn get(n: &serde_json::Value, key: &str) -> u64 {
+    n[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {n}"))
+}
+
+/// memtouch over more memory than any node may hold: pages move between
+/// nodes with one-sided reads and come back intact.
+fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u64) {
+    let n = nodes_n.to_string();
+    let r = shoal(
+        &[
+            "run",
+            "--guest",
+            "memtouch",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mib=20 seed=5",
+            "--nodes",
+            &n,
+            "--fabric",
+            fabric,
+            "--node-memory",
+            &format!("{node_memory_mib}M"),
+        ],
+        LIMIT,
+    );
+    r.expect_status(0);
+    assert!(r.stdout.contains("memtouch: verified 5120 pages"), "{}", r.stdout);
+    assert_eq!(printed_checksum(&r.stdout), expected_checksum(20, 5));
+    let ns = nodes(&r);
+    assert_eq!(ns.len(), nodes_n);
+    let budget = node_memory_mib << 20 >> 12;
+    for node in &ns {
+        // every fetch is one page, and the bytes say so
+        assert_eq!(get(node, "bytes_fabric_read"), 4096 * get(node, "remote_fetches"), "{node}");
+        assert!(get(node, "pages_resident") <= budget, "over --node-memory: {node}");
+        assert_eq!(get(node, "memfd_bytes"), 4096 * get(node, "pages_resident"), "the kernel agrees: {node}");
+    }
+    // node 0 pulled evicted pages back; the others pulled them away
+    assert!(get(&ns[0], "remote_fetches") > 0 && get(&ns[0], "pages_evicted") > 0, "{}", ns[0]);
+    let pulled_by_others: u64 = ns[1..].iter().map(|n| get(n, "remote_fetches")).sum();
+    // each page evicted with contents was pulled by exactly one node
+    assert_eq!(pulled_by_others, get(&ns[0], "pages_evicted"), "{ns:?}");
+    // every page exists once: the loader's, plus node 0's zero-fills less
+    // the zero pages it made dormant again instead of moving them
+    let resident: u64 = ns.iter().map(|n| get(n, "pages_resident")).sum();
+    let made = get(&ns[0], "pages_loaded") + get(&ns[0], "pages_zero_filled") - get(&ns[0], "pages_redormanted");
+    assert_eq!(resident, made, "{ns:?}");
+    assert!(resident >= 5120, "{ns:?}");
+}
+
+#[test]
+fn three_nodes_over_tcp_hold_more_than_one_node_may() {
+    if kvm_or_skip("pod tcp") {
+        memtouch_beyond_node_memory("tcp", 3, 8);
+    }
+}
+
+#[test]
+fn three_nodes_over_shm_hold_more_than_one_node_may() {
+    if kvm_or_skip("pod shm") {
+        memtouch_beyond_node_memory("shm", 3, 8);
+    }
+}
+
+#[test]
+fn two_nodes_over_shm_hold_more_than_one_node_may() {
+    if kvm_or_skip("pod shm 2") {
+        memtouch_beyond_node_memory("shm", 2, 12);
+    }
+}
+
+/// The fast boot: a guest that zeroes all of its memory on a 3-node pod
+/// sends no page bytes with dormant pages, and with them off pulls every
+/// page homed elsewhere over the fabric.
+#[test]
+fn zeroboot_on_three_nodes_sends_no_page_bytes_unless_dormant_is_off() {
+    if !kvm_or_skip("pod zeroboot") {
+        return;
+    }
+    let pages = 128 << 20 >> 12;
+    let run = |dormant: &str| {
+        let r = shoal(
+            &[
+                "run",
+                "--guest",
+                "zeroboot",
+                "--memory",
+                "128M",
+                "--nodes",
+                "3",
+                "--fabric",
+                "tcp",
+                "--dormant",
+                dormant,
+            ],
+            LIMIT,
+        );
+        r.expect_status(0);
+        assert!(r.stdout.contains("zeroboot: verified"), "{}", r.stdout);
+        r
+    };
+    let on = run("on");
+    assert_eq!(on.metric("bytes_fabric_read"), 0);
+    assert_eq!(on.metric("remote_fetches"), 0);
+    assert_eq!(on.metric("pages_zero_filled") + on.metric("pages_loaded"), pages, "every page zero-filled on node 0");
+    // the grants did travel: a few messages per 2 MiB block, not per page
+    let msgs = on.metric("messages_sent");
+    assert!(msgs > 0 && msgs < pages / 64, "messages_sent = {msgs}");
+
+    let off = run("off");
+    let fetched = off.metric("remote_fetches");
+    assert_eq!(off.metric("bytes_fabric_read"), 4096 * fetched);
+    assert_eq!(off.metric("pages_zero_filled"), 0);
+    assert_eq!(fetched + off.metric("pages_copied") + off.metric("pages_loaded"), pages);
+    // blocks are homed round robin: two thirds of them on nodes 1 and 2
+    let blocks_elsewhere = (0..pages / 512).filter(|b| b % 3 != 0).count() as u64;
+    assert!(fetched <= blocks_elsewhere * 512 && fetched + 64 >= blocks_elsewhere * 512, "fetched {fetched}");
+}
+
+#[test]
+fn smp_runs_its_vcpus_on_node_0_over_memory_on_every_node() {
+    if !kvm_or_skip("pod smp") {
+        return;
+    }
+    let r = shoal(
+        &[
+            "run",
+            "--guest",
+            "smp",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "iters=2000",
+            "--nodes",
+            "3",
+            "--fabric",
+            "shm",
+        ],
+        LIMIT,
+    );
+    r.expect_status(0);
+    assert!(r.stdout.contains("counter=4000 expected=4000") && r.stdout.contains("smp: OK"), "{}", r.stdout);
+    assert_eq!(nodes(&r).len(), 3);
+    assert_eq!(r.metric("bytes_fabric_read"), 0);
+}
+
+/// The process ids of `pid`'s children, in the order they were started.
+fn children_of(pid: u32) -> Vec<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// A guest that touches more than all nodes may hold together ends with
+/// a clear error, not a hang.
+#[test]
+fn a_pod_out_of_memory_fails_clearly() {
+    if !kvm_or_skip("pod out of memory") {
+        return;
+    }
+    let r = shoal(
+        &["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=20", "--nodes", "2"]
+            .into_iter()
+            .chain(["--fabric", "shm", "--node-memory", "8M"])
+            .collect::<Vec<_>>(),
+        LIMIT,
+    );
+    assert_eq!(r.status, 70, "{}", r.stderr);
+    assert!(r.stderr.contains("the pod is out of memory"), "{}", r.stderr);
+}
+
+#[test]
+fn killing_a_node_mid_run_ends_the_pod_naming_it() {
+    if !kvm_or_skip("pod kill") {
+        return;
+    }
+    let mut child = Command::new(shoal_bin())
+        .args(["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=40", "--nodes", "3"])
+        .args(["--fabric", "tcp", "--node-memory", "8M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    // wait until both nodes run, and the guest has pushed pages out
+    let start = Instant::now();
+    let node2 = loop {
+        let kids = children_of(child.id());
+        if kids.len() == 2 && start.elapsed() > Duration::from_secs(3) {
+            break kids[1];
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the nodes did not start");
+        assert!(child.try_wait().unwrap().is_none(), "the pod ended before the kill: {}", err_t.join().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: SIGKILL to a process of the pod we started.
+    unsafe { libc::kill(node2 as i32, libc::SIGKILL) };
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20), "the pod did not end after node 2 died (a hang)");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = killed.elapsed();
+    let stderr = err_t.join().unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("node 2 left the pod"), "{stderr}");
+    // noticed within 2 s; the rest is tearing down
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// Two `shoal node` processes whose pod files disagree: the pod does not
+/// start, and both say why.
+#[test]
+fn nodes_with_different_configurations_are_refused_at_join() {
+    let dir = scratch("pod-mismatch");
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let write = |name: &str, memory: &str| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "pod_id = \"mismatch\"\nnodes = 2\nfabric = \"tcp\"\nmemory = \"{memory}\"\nguest = \"hello\"\n\
+                 addresses = [\"127.0.0.1:{port}\", \"127.0.0.1:{}\"]\njoin_timeout = 20.0\n",
+                port + 1
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let a = write("a.toml", "64M");
+    let b = write("b.toml", "128M");
+    let node = |file: &std::path::Path, rank: &str| {
+        let mut c = Command::new(shoal_bin());
+        c.args(["node", "--pod"]).arg(file).args(["--rank", rank]);
+        c.env("SHOAL_POD_SECRET", "000102030405060708090a0b0c0d0e0f");
+        c
+    };
+    let n1 = std::thread::spawn({
+        let cmd = node(&b, "1");
+        move || run_bounded(cmd, LIMIT)
+    });
+    let r0 = run_bounded(node(&a, "0"), LIMIT);
+    let r1 = n1.join().unwrap();
+    assert_eq!(r0.status, 2, "{}", r0.stderr);
+    assert!(r0.stderr.contains("node 1 does not match this pod: guest memory 128 MiB against 64 MiB"), "{}", r0.stderr);
+    assert_eq!(r1.status, 2, "{}", r1.stderr);
+    assert!(r1.stderr.contains("guest memory 128 MiB against 64 MiB"), "{}", r1.stderr);
+    assert!(!r0.stdout.contains("hello"), "the guest must not start: {}", r0.stdout);
+}
+
+#[test]
+fn bad_pod_input_is_refused_with_status_2() {
+    let dir = scratch("pod-bad");
+    let file = dir.join("pod.toml");
+    std::fs::write(&file, "pod_id = \"x\"\nmemory = \"64M\"\nguest = \"hello\"\nnodes = 2\nfabric = \"shm\"\n")
+        .unwrap();
+    // no secret anywhere
+    let r = shoal(&["node", "--pod", file.to_str().unwrap(), "--rank", "0"], LIMIT);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no pod secret"), "{}", r.stderr);
+    // a misspelt key
+    std::fs::write(&file, "pod_id = \"x\"\nmemroy = \"64M\"\n").unwrap();
+    let r = shoal(&["node", "--pod", file.to_str().unwrap(), "--rank", "0"], LIMIT);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("memroy"), "{}", r.stderr);
+    // a pod of zero nodes, an unknown fabric
+    let r = shoal(&["run", "--guest", "hello", "--memory", "64M", "--nodes", "0"], LIMIT);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    let r = shoal(&["run", "--guest", "hello", "--memory", "64M", "--nodes", "2", "--fabric", "carrier-pigeon"], LIMIT);
+    assert_eq!(r.status, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--fabric"), "{}", r.stderr);
+}
