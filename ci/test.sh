@@ -38,4 +38,10 @@ else
     conformance --test-threads=1 verbs::
 fi
 
+# A pod as a cluster starts it: two tasks of a real (single-host) Slurm
+# cluster, each running `shoal node --pod FILE`.
+step "a 2-node pod under Slurm's srun (ci/slurm.sh, ci/pod-srun.sh)"
+cargo build --locked -p shoal-vmm --bin shoal
+ci/slurm.sh -- ci/pod-srun.sh target/debug/shoal
+
 step "all checks passed"
