@@ -125,10 +125,10 @@ copy() { # src [dst]
   mkdir -p "$ROOT$(dirname "${2:-$1}")"
   cp -L --preserve=mode "$1" "$ROOT${2:-$1}"
 }
-copy_elf() { # src [dst]: plus the libraries ldd names
+copy_elf() { # src [dst]: plus the libraries ldd names (none for a script)
   copy "$@"
   local lib
-  ldd "$1" 2>/dev/null | awk '$2=="=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
+  { ldd "$1" 2>/dev/null || true; } | awk '$2=="=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
     [ -e "$ROOT$lib" ] || copy "$lib"
   done
 }

@@ -36,6 +36,11 @@ else
   [ -x "$conformance" ] || { echo "cannot find the conformance test binary" >&2; exit 1; }
   ci/softroce.sh --add "$conformance:/usr/local/bin/conformance" --env SHOAL_REQUIRE_VERBS=1 -- \
     conformance --test-threads=1 verbs::
+
+  step "a 2-node pod over verbs on soft-RoCE, the guest under nested KVM (ci/pod-verbs.sh)"
+  cargo build --locked -p shoal-vmm --bin shoal
+  ci/softroce.sh --add target/debug/shoal:/usr/local/bin/shoal --add ci/pod-verbs.sh:/usr/local/bin/pod-verbs -- \
+    pod-verbs
 fi
 
 # A pod as a cluster starts it: two tasks of a real (single-host) Slurm

@@ -385,7 +385,7 @@ fn node(args: NodeArgs) -> ExitCode {
         let link = pod::Link { transport, facts, join_timeout, mem };
         return execute(&config, Some(&link), file.metrics_json.as_deref());
     }
-    let settings = match pod::settings_for(&facts, mem.layout().pages()) {
+    let settings = match pod::settings_for(&facts, mem.layout().pages(), kind) {
         Ok(s) => s,
         Err(e) => return bad_input(e),
     };

@@ -337,6 +337,15 @@ impl GuestMemory {
         };
     }
 
+    /// Writes zeros over `[offset, offset + len)` of the alias view (a hole
+    /// gets a zeroed page; a page that exists keeps its place in memory).
+    pub fn zero_alias(&self, offset: u64, len: u64) {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.layout.size()));
+        // SAFETY: the range is inside the alias mapping (asserted), which
+        // lives as long as self; no Rust reference to it exists.
+        unsafe { std::ptr::write_bytes(self.alias_ptr().as_ptr().add(offset as usize), 0, len as usize) };
+    }
+
     /// Frees the memfd's pages in `[offset, offset + len)`: they read as
     /// zeros again (holes), and both views lose their mappings.
     pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -362,7 +362,8 @@ fn start_pod_engine(
             return Err(config::Error::Budget { budget, needed: loaded_bytes }.into());
         }
     }
-    let settings = crate::pod::settings_for(&link.facts, mem.layout().pages()).map_err(config::Error::Invalid)?;
+    let settings = crate::pod::settings_for(&link.facts, mem.layout().pages(), link.transport.kind())
+        .map_err(config::Error::Invalid)?;
     let on_fatal = {
         let control = control.clone();
         Arc::new(move |e: String| control.fail(e))

@@ -71,6 +71,12 @@ pub struct Settings {
     pub budget: Option<u64>,
     /// Pages each other node may hold (all nodes share `--node-memory`).
     pub peer_budget: Option<u64>,
+    /// Never free a page's memory, only zero it in place, and fill pages
+    /// through the alias view (then `UFFDIO_CONTINUE`). For verbs without
+    /// on-demand paging: a registered chunk pins its pages, so a punched
+    /// and refilled page would be a new page the peers' RDMA reads never
+    /// see (they would read the stale pinned one).
+    pub keep_pages: bool,
 }
 
 #[derive(Debug, Default)]
@@ -426,7 +432,12 @@ impl Engine {
         let addr = self.page_addr(first);
         let len = count * PAGE_SIZE;
         if self.settings.dormant {
-            self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
+            if self.settings.keep_pages {
+                self.mem.zero_alias(first * PAGE_SIZE, len);
+                self.resolve(|d| uffd.continue_(addr + d, len - d, false), first, count, "map")?;
+            } else {
+                self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
+            }
             self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
             return Ok(());
         }
@@ -442,7 +453,21 @@ impl Engine {
             self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
         }
         let buf = &st.bounce[..len as usize];
-        self.resolve(|d| uffd.copy(addr + d, &buf[d as usize..], false), first, count, "copy")
+        self.place(uffd, first, buf)
+    }
+
+    /// Puts `bytes` into the guest at `first` and maps them: one
+    /// `UFFDIO_COPY`, or (keeping pages) a write through the alias view and
+    /// one `UFFDIO_CONTINUE`.
+    fn place(&self, uffd: &Uffd, first: Page, bytes: &[u8]) -> Result<(), String> {
+        let addr = self.page_addr(first);
+        let count = bytes.len() as u64 / PAGE_SIZE;
+        if self.settings.keep_pages {
+            self.mem.write_alias(first * PAGE_SIZE, bytes);
+            let len = bytes.len() as u64;
+            return self.resolve(|d| uffd.continue_(addr + d, len - d, false), first, count, "map");
+        }
+        self.resolve(|d| uffd.copy(addr + d, &bytes[d as usize..], false), first, count, "copy")
     }
 
     /// Runs a resolving ioctl over `count` pages from `first`; `op(done)`
@@ -499,11 +524,7 @@ impl Engine {
         let mut buf = std::mem::take(&mut st.bounce);
         let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
         let placed = got.and_then(|()| match &self.uffd {
-            Some(uffd) => {
-                let addr = self.page_addr(page);
-                let page_bytes = &buf[..PAGE_SIZE as usize];
-                self.resolve(|d| uffd.copy(addr + d, &page_bytes[d as usize..], false), page, 1, "copy")
-            }
+            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize]),
             None => {
                 self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
                 Ok(())
@@ -551,7 +572,13 @@ impl Engine {
     }
 
     fn drop_page(&self, st: &mut State, page: Page) -> Result<(), String> {
-        self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
+        if self.settings.keep_pages {
+            // the guest view no longer maps it (it was handed over or
+            // made dormant): zeroing cannot race with the guest
+            self.mem.zero_alias(page * PAGE_SIZE, PAGE_SIZE);
+        } else {
+            self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
+        }
         let f = &mut st.flags[page as usize];
         if *f & RESIDENT != 0 {
             st.resident -= 1;

@@ -196,11 +196,12 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
 }
 
 /// The engine settings every node derives from the same facts.
-pub fn settings_for(facts: &Facts, pages: u64) -> Result<engine::Settings, String> {
+pub fn settings_for(facts: &Facts, pages: u64, fabric: shoal_fabric::Kind) -> Result<engine::Settings, String> {
     let config = shoal_protocol::Config::new(facts.nodes, BLOCK_PAGES, pages)
         .ok_or_else(|| format!("a pod of {} nodes", facts.nodes))?;
     let budget = facts.node_memory.map(|b| b / crate::memory::PAGE_SIZE);
-    Ok(engine::Settings { config, dormant: facts.dormant, budget, peer_budget: budget })
+    let keep_pages = fabric == shoal_fabric::Kind::Verbs;
+    Ok(engine::Settings { config, dormant: facts.dormant, budget, peer_budget: budget, keep_pages })
 }
 
 /// Node 0's end of a joined pod.
