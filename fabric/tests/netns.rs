@@ -4,11 +4,14 @@
 //! SHOAL_REQUIRE_NETNS=1 (CI), where that is a failure.
 
 mod common;
+// shared with the VMM's pod tests
+#[path = "common/netns_util.rs"]
+mod netns_util;
 
 use std::io::Write;
-use std::process::Command;
 
 use common::*;
+use netns_util::*;
 use shoal_fabric::Kind;
 
 #[test]
@@ -16,57 +19,6 @@ fn child_entry() {
     if let Ok(spec) = std::env::var("SHOAL_FABRIC_CHILD") {
         child_main(&spec);
     }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// Two namespaces and the veth between them; deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    fn create(tag: &str, a_ip: &str, b_ip: &str) -> Result<Netns, String> {
-        let n = Netns { a: format!("shoal-{tag}-a"), b: format!("shoal-{tag}-b") };
-        let _ = ip(&["netns", "del", &n.a]);
-        let _ = ip(&["netns", "del", &n.b]);
-        ip(&["netns", "add", &n.a])?;
-        ip(&["netns", "add", &n.b])?;
-        let (va, vb) = (format!("sh{tag}a"), format!("sh{tag}b"));
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &n.a])?;
-        ip(&["link", "set", &vb, "netns", &n.b])?;
-        for (ns, dev, addr) in [(&n.a, &va, a_ip), (&n.b, &vb, b_ip)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // deleting a namespace deletes the veth end inside it, and its peer
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
-
-fn netns_usable() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    ip(&["-V"]).map_err(|e| format!("iproute2 missing: {e}"))
 }
 
 #[test]

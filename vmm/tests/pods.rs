@@ -3,6 +3,8 @@
 //! launcher would start it). Every test asserts exact counters.
 
 mod common;
+#[path = "../../fabric/tests/common/netns_util.rs"]
+mod netns_util;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -299,4 +301,57 @@ fn bad_pod_input_is_refused_with_status_2() {
     let r = shoal(&["run", "--guest", "hello", "--memory", "64M", "--nodes", "2", "--fabric", "carrier-pigeon"], LIMIT);
     assert_eq!(r.status, 2, "{}", r.stderr);
     assert!(r.stderr.contains("--fabric"), "{}", r.stderr);
+}
+
+/// Two hosts on one machine: each node in its own network namespace, the
+/// pod's tcp crossing a veth pair, started as a cluster would start it.
+#[test]
+fn a_pod_spans_two_network_namespaces_over_tcp() {
+    if !kvm_or_skip("pod netns") {
+        return;
+    }
+    if let Err(why) = netns_util::netns_usable() {
+        if std::env::var("SHOAL_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!("network namespaces unusable ({why}) and SHOAL_REQUIRE_NETNS=1");
+        }
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "\n*** SKIPPED a_pod_spans_two_network_namespaces_over_tcp: {why} ***");
+        return;
+    }
+    let ns = netns_util::Netns::create("pod", "10.77.3.1", "10.77.3.2").unwrap();
+    let dir = scratch("pod-netns");
+    let file = dir.join("pod.toml");
+    let metrics = dir.join("metrics.json");
+    std::fs::write(
+        &file,
+        format!(
+            "pod_id = \"netns\"\nnodes = 2\nfabric = \"tcp\"\nmemory = \"64M\"\nnode_memory = \"8M\"\n\
+             guest = \"memtouch\"\ncmdline = \"mib=12 seed=4\"\nmetrics_json = \"{}\"\n\
+             addresses = [\"10.77.3.1:7470\", \"10.77.3.2:7470\"]\njoin_timeout = 20.0\n",
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let node = |netns: &str, rank: &str| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns]).arg(shoal_bin()).args(["node", "--pod"]).arg(&file).args(["--rank", rank]);
+        c.env("SHOAL_POD_SECRET", "ffeeddccbbaa99887766554433221100");
+        c
+    };
+    let n1 = std::thread::spawn({
+        let cmd = node(&ns.b, "1");
+        move || run_bounded(cmd, LIMIT)
+    });
+    let r0 = run_bounded(node(&ns.a, "0"), LIMIT);
+    let r1 = n1.join().unwrap();
+    r0.expect_status(0);
+    r1.expect_status(0);
+    assert!(r0.stdout.contains("memtouch: verified 3072 pages"), "{}", r0.stdout);
+    assert_eq!(printed_checksum(&r0.stdout), expected_checksum(12, 4));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let ns_metrics = m["nodes"].as_array().unwrap();
+    assert_eq!(ns_metrics.len(), 2);
+    let node1_pulled = get(&ns_metrics[1], "remote_fetches");
+    assert!(node1_pulled > 0, "{m}");
+    assert_eq!(node1_pulled, get(&ns_metrics[0], "pages_evicted"), "{m}");
 }
