@@ -24,4 +24,14 @@ for dormant in on off; do
     --metrics-json "$out/zeroboot-dormant-$dormant.json"
   echo
 done
-echo "metrics: $out/zeroboot-dormant-{on,off}.json"
+for dormant in on off; do
+  echo "== zeroboot on a 3-node pod (shm), 256 MiB, dormant $dormant"
+  "$shoal" run --guest zeroboot --memory 256M --cmdline "mib=16" --nodes 3 --fabric shm --dormant "$dormant" \
+    --metrics-json "$out/pod-zeroboot-dormant-$dormant.json"
+  echo
+done
+echo "== memtouch on a 3-node pod (tcp): 20 MiB over nodes that may hold 8 MiB each"
+"$shoal" run --guest memtouch --memory 64M --cmdline "mib=20" --nodes 3 --fabric tcp --node-memory 8M \
+  --metrics-json "$out/pod-memtouch.json"
+echo
+echo "metrics: $out/{zeroboot-dormant-{on,off},pod-zeroboot-dormant-{on,off},pod-memtouch}.json"
