@@ -329,7 +329,9 @@ fn run_local_pod(
     };
     let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, mem };
     let code = execute(config, Some(&link), metrics);
-    for (node, how) in children.wait(Duration::from_secs(10)) {
+    // after a failure a node may hang (that may be why): do not wait long
+    let grace = if code == ExitCode::SUCCESS { Duration::from_secs(10) } else { Duration::from_secs(2) };
+    for (node, how) in children.wait(grace) {
         eprintln!("shoal: node {node} ended badly: {how}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -199,7 +199,8 @@ fn killing_a_node_mid_run_ends_the_pod_naming_it() {
     }
     let mut child = Command::new(shoal_bin())
         .args(["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=40", "--nodes", "3"])
-        .args(["--fabric", "tcp", "--node-memory", "8M"])
+        // 40 MiB over 3 nodes of 16 MiB: it fits, so only the node's fate ends it
+        .args(["--fabric", "tcp", "--node-memory", "16M"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -235,9 +236,65 @@ fn killing_a_node_mid_run_ends_the_pod_naming_it() {
     let took = killed.elapsed();
     let stderr = err_t.join().unwrap();
     assert!(!status.success(), "{stderr}");
-    assert!(stderr.contains("node 2 left the pod"), "{stderr}");
+    let failed = stderr.lines().find(|l| l.starts_with("shoal: error: the VM failed")).unwrap_or_default();
+    assert!(failed.contains("node 2 left the pod"), "{stderr}");
     // noticed within 2 s; the rest is tearing down
     assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// A node that hangs (stopped, its connections up) cannot hang the pod:
+/// a read from it times out, or a fault waiting on it does, and the VM ends
+/// with an error.
+#[test]
+fn a_hung_node_ends_the_pod_instead_of_hanging_it() {
+    if !kvm_or_skip("pod hung node") {
+        return;
+    }
+    let mut child = Command::new(shoal_bin())
+        .args(["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=40", "--nodes", "3"])
+        // 40 MiB over 3 nodes of 16 MiB: it fits, so only the node's fate ends it
+        .args(["--fabric", "tcp", "--node-memory", "16M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let node2 = loop {
+        let kids = children_of(child.id());
+        if kids.len() == 2 && start.elapsed() > Duration::from_secs(3) {
+            break kids[1];
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the nodes did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: SIGSTOP to a process of the pod we started.
+    unsafe { libc::kill(node2 as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if stopped.elapsed() > Duration::from_secs(40) {
+            let _ = child.kill();
+            panic!("the pod hung with node 2 stopped");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = stopped.elapsed();
+    // SAFETY: as above; let it go so it can be reaped (it dies with its parent).
+    unsafe { libc::kill(node2 as i32, libc::SIGCONT) };
+    let stderr = err_t.join().unwrap();
+    assert!(!status.success(), "{stderr}");
+    let failed = stderr.lines().find(|l| l.starts_with("shoal: error: the VM failed")).unwrap_or_default();
+    assert!(failed.contains("node 2") || failed.contains("does not answer"), "{stderr}");
+    assert!(took < Duration::from_secs(20), "took {took:?}: {stderr}");
 }
 
 /// Two `shoal node` processes whose pod files disagree: the pod does not

@@ -96,6 +96,9 @@ struct Counters {
 
 struct State {
     node: Node,
+    /// Page messages received from each node since `heard_from` last
+    /// looked.
+    heard: Vec<bool>,
     flags: Vec<u8>,
     resident: u64,
     pinned: u64,
@@ -174,6 +177,7 @@ impl Engine {
         let nodes = settings.config.nodes as usize;
         let state = State {
             node,
+            heard: vec![false; nodes],
             flags,
             resident: pinned,
             pinned,
@@ -251,6 +255,9 @@ impl Engine {
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
         let msg = codec::decode(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
         let mut st = self.lock();
+        if let Some(h) = st.heard.get_mut(from as usize) {
+            *h = true;
+        }
         if self.failed() {
             return Ok(());
         }
@@ -756,6 +763,47 @@ impl Engine {
         Err(format!(
             "the pod is out of memory: the guest touched more than its {} nodes may hold under --node-memory",
             nodes
+        ))
+    }
+
+    // ---- watchdogs -------------------------------------------------------
+
+    /// Whether a page message came from `node` since the last call.
+    pub fn heard_from(&self, node: NodeId) -> bool {
+        let mut st = self.lock();
+        st.heard.get_mut(node as usize).is_some_and(std::mem::take)
+    }
+
+    /// A fault that has waited longer than `limit`, in words: the pod is
+    /// stuck (a node hangs without leaving), so the VM must end rather
+    /// than leave a vCPU blocked forever.
+    pub fn stuck_fault(&self, limit: std::time::Duration) -> Option<String> {
+        let st = self.lock();
+        let (&page, since) = st.waiting_since.iter().max_by_key(|(_, t)| t.elapsed())?;
+        let waited = since.elapsed();
+        if waited < limit {
+            return None;
+        }
+        let gpa = self.mem.layout().offset_to_gpa(page * PAGE_SIZE).unwrap_or(0);
+        let home = self.settings.config.home(page);
+        let what = if st.flags[page as usize] & PARKED != 0 {
+            let mut targets: Vec<NodeId> = st.evicting.values().flatten().copied().collect();
+            targets.sort_unstable();
+            targets.dedup();
+            let to: Vec<String> = targets.iter().map(|t| format!("node {t}")).collect();
+            format!("room under --node-memory (evictions to {} are not answered)", to.join(", "))
+        } else if home == self.me {
+            match st.node.dir(page).owner {
+                Some(owner) if owner != self.me => format!("its owner, node {owner}"),
+                _ => "this node (its home)".to_string(),
+            }
+        } else {
+            format!("its home, node {home}, or the node holding it")
+        };
+        Some(format!(
+            "the guest's fault on page {page} (guest-physical {gpa:#x}) waited {:.1} s for {what}: a node of the pod \
+             does not answer",
+            waited.as_secs_f64()
         ))
     }
 

@@ -39,6 +39,15 @@ pub const BLOCK_PAGES: u64 = 512;
 
 /// How long node 0 waits for the others' metrics at the end.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a guest fault may wait before the pod is declared stuck (a
+/// node that hangs without leaving: its connection stays up, it just never
+/// answers). Remote faults take milliseconds; evictions ahead of a parked
+/// fault a few round trips each.
+pub const FAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often node 0 tells the others it is alive, and how long they wait
+/// without hearing from it before they give up.
+const BEAT_EVERY: Duration = Duration::from_secs(1);
+const BEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every node of a pod must agree on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +125,8 @@ pub enum Control {
     Metrics { metrics: NodeMetrics },
     /// node 0 → node: the pod failed.
     Abort { reason: String },
+    /// node 0 → node: still here (every second while the guest runs).
+    Beat,
 }
 
 /// Errors of a pod's setup.
@@ -355,7 +366,19 @@ impl std::fmt::Debug for Serving {
 }
 
 fn receive_loop(t: &dyn Transport, engine: &Engine, tx: &Sender<Arrival>, stop: &AtomicBool, finishing: &AtomicBool) {
+    let mut last_beat = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        if !finishing.load(Ordering::SeqCst) {
+            if let Some(why) = engine.stuck_fault(FAULT_TIMEOUT) {
+                engine.fail(why);
+            }
+            if last_beat.elapsed() >= BEAT_EVERY {
+                last_beat = Instant::now();
+                for p in t.peers() {
+                    let _ = send_control(t, p, &Control::Beat);
+                }
+            }
+        }
         match next(t, Some(engine), Duration::from_millis(50)) {
             Ok(None) => {}
             Ok(Some(Arrival::Gone { node, reason })) => {
@@ -423,14 +446,24 @@ pub fn run_member(
     };
     let engine = Engine::new(me, settings, t.clone(), mem, None, &loaded, on_fatal).map_err(Error::Failed)?;
     send_control(&*t, 0, &Control::Started)?;
+    let mut heard = Instant::now();
     loop {
+        if heard.elapsed() > BEAT_TIMEOUT {
+            let why = format!("node 0 has not been heard from for {BEAT_TIMEOUT:?} (hung?)");
+            t.shutdown();
+            return Ok(MemberEnd::Failed(why));
+        }
         if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             let _ = send_control(&*t, 0, &Control::Abort { reason: format!("node {me}: {why}") });
             t.shutdown();
             return Ok(MemberEnd::Failed(why));
         }
-        match next(&*t, Some(&engine), Duration::from_millis(100)) {
-            Ok(None) => {}
+        let arrival = next(&*t, Some(&engine), Duration::from_millis(100));
+        if matches!(arrival, Ok(Some(Arrival::Control { from: 0, .. }))) || engine.heard_from(0) {
+            heard = Instant::now();
+        }
+        match arrival {
+            Ok(None) | Ok(Some(Arrival::Control { msg: Control::Beat, .. })) => {}
             Ok(Some(Arrival::Control { msg: Control::Finish, .. })) => {
                 let _ = send_control(&*t, 0, &Control::Metrics { metrics: engine.metrics() });
                 // node 0 leaves the fabric once it has every node's metrics
