@@ -315,6 +315,21 @@ pub fn explore(config: Config, ops_per_node: u32) -> Result<Coverage, Violation>
     explore_from(World::new(config, ops_per_node))
 }
 
+/// As [`explore`], from a start where node 0 owns `preloaded` pages with
+/// contents (what the loader wrote), every other page dormant.
+pub fn explore_preloaded(config: Config, ops_per_node: u32, preloaded: &[Page]) -> Result<Coverage, Violation> {
+    let mut w = World::new(config, ops_per_node);
+    for &p in preloaded {
+        for n in &mut w.nodes {
+            n.preload(p, 0).map_err(|e| Violation { what: e.to_string(), trace: Vec::new() })?;
+        }
+        w.memory[0][p as usize] = Some(w.next_value);
+        w.last[p as usize] = w.next_value;
+        w.next_value += 1;
+    }
+    explore_from(w)
+}
+
 fn explore_from(start: World) -> Result<Coverage, Violation> {
     let mut seen: HashSet<World> = HashSet::new();
     let mut cov = Coverage {

@@ -4,7 +4,7 @@
 //! protocol (grants, shares, transfers, evictions, re-dormanting), so a
 //! bound too small to reach them fails instead of passing vacuously.
 
-use shoal_protocol::model::{explore, Coverage};
+use shoal_protocol::model::{explore, explore_preloaded, Coverage};
 use shoal_protocol::Config;
 
 fn run(nodes: u32, pages: u64, block_pages: u64, ops: u32) -> Coverage {
@@ -46,4 +46,20 @@ fn two_nodes_one_page_deeper() {
 fn two_nodes_two_pages_in_one_block_deeper() {
     let c = run(2, 2, 2, 3);
     assert_covers_everything(&c);
+}
+
+/// A pod starts with the loader's pages owned by node 0 (with contents),
+/// the rest dormant: the same properties hold from there.
+#[test]
+fn two_nodes_with_a_page_the_loader_wrote() {
+    // (3 nodes with 2 ops each from this start: 2.6 million states, three
+    // minutes here; too slow for every run of the suite)
+    let config = Config::new(2, 1, 2).expect("a valid pod shape");
+    match explore_preloaded(config, 3, &[0]) {
+        Ok(c) => {
+            eprintln!("2 nodes x 2 pages, page 0 preloaded on node 0, 3 ops each: {c:?}");
+            assert!(c.transfers_seen && c.fetches > 0 && c.terminal_states > 0, "{c:?}");
+        }
+        Err(v) => panic!("preloaded start:\n{v}"),
+    }
 }
