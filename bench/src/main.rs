@@ -6,6 +6,7 @@
 mod chart;
 mod fabric;
 mod fault;
+mod pod;
 mod report;
 
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ enum Bench {
     /// 4 KiB read latency and batched throughput per fabric backend, beside
     /// memcpy (shm's floor) and perftest (verbs) in the same run.
     Fabric(fabric::Args),
+    /// Pods: a remote fault over shm against a dormant fault in the same
+    /// run; fast boot on 1, 2 and 3 nodes with dormant pages on and off.
+    Pod(pod::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.bench {
         Bench::Fault(args) => fault::run(&args, &cli.out),
         Bench::Fabric(args) => fabric::run(&args, &cli.out),
+        Bench::Pod(args) => pod::run(&args, &cli.out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

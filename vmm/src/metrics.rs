@@ -53,7 +53,13 @@ impl FaultLatency {
         let _ = self.0.add(&other.0);
     }
 
-    fn quantile_us(&self, q: f64) -> f64 {
+    /// Resolutions recorded.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// The `q` quantile in microseconds (0 when nothing was recorded).
+    pub fn quantile_us(&self, q: f64) -> f64 {
         if self.0.is_empty() {
             return 0.0;
         }
@@ -97,6 +103,15 @@ pub struct NodeMetrics {
     pub fault_us_p50: f64,
     pub fault_us_p99: f64,
     pub fault_us_max: f64,
+    /// Pods, node 0: faults resolved by zero-filling dormant pages (with
+    /// or without a grant's round trip) and by a one-sided read of a page
+    /// with contents, each with its resolution time.
+    pub faults_zero: u64,
+    pub fault_zero_us_p50: f64,
+    pub fault_zero_us_p99: f64,
+    pub faults_remote: u64,
+    pub fault_remote_us_p50: f64,
+    pub fault_remote_us_p99: f64,
 }
 
 impl NodeMetrics {
@@ -164,6 +179,12 @@ impl Report {
             t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);
             t.fault_us_p99 = t.fault_us_p99.max(n.fault_us_p99);
             t.fault_us_max = t.fault_us_max.max(n.fault_us_max);
+            t.faults_zero += n.faults_zero;
+            t.faults_remote += n.faults_remote;
+            t.fault_zero_us_p50 = t.fault_zero_us_p50.max(n.fault_zero_us_p50);
+            t.fault_zero_us_p99 = t.fault_zero_us_p99.max(n.fault_zero_us_p99);
+            t.fault_remote_us_p50 = t.fault_remote_us_p50.max(n.fault_remote_us_p50);
+            t.fault_remote_us_p99 = t.fault_remote_us_p99.max(n.fault_remote_us_p99);
         }
         Report { total: t, nodes }
     }

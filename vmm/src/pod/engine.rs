@@ -55,6 +55,7 @@ const QUEUED: u8 = 8; // in the eviction queue
 const PENDING_ZERO: u8 = 16; // a zero-fill of this batch, not done yet
 const WAITING: u8 = 32; // a vCPU waits on it (counted in `incoming`)
 const PARKED: u8 = 64; // a fault waits for room
+const FETCHED: u8 = 128; // a waiting fault's page came by a one-sided read
 
 /// What ends the VM (or the node) when the engine cannot go on.
 pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
@@ -113,6 +114,10 @@ struct State {
     waiting_since: HashMap<Page, Instant>,
     parked: VecDeque<Page>,
     latency: FaultLatency,
+    /// Faults resolved by zero-filling dormant pages, and by a one-sided
+    /// read of a page with contents: the two costs the pod is judged by.
+    latency_zero: FaultLatency,
+    latency_remote: FaultLatency,
     pending_zero: Vec<Page>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
@@ -188,6 +193,8 @@ impl Engine {
             waiting_since: HashMap::new(),
             parked: VecDeque::new(),
             latency: FaultLatency::default(),
+            latency_zero: FaultLatency::default(),
+            latency_remote: FaultLatency::default(),
             pending_zero: Vec::new(),
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
@@ -542,6 +549,9 @@ impl Engine {
         self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
         st.flags[page as usize] |= self.held_flags();
+        if st.flags[page as usize] & WAITING != 0 {
+            st.flags[page as usize] |= FETCHED;
+        }
         st.resident += 1;
         if transfer && from != self.me {
             st.held_by[from as usize] = st.held_by[from as usize].saturating_sub(1);
@@ -640,8 +650,15 @@ impl Engine {
                 st.flags[page as usize] &= !WAITING;
                 st.incoming -= 1;
                 if let Some(t) = st.waiting_since.remove(&page) {
-                    st.latency.record(t.elapsed());
+                    let took = t.elapsed();
+                    st.latency.record(took);
+                    if st.flags[page as usize] & FETCHED != 0 {
+                        st.latency_remote.record(took);
+                    } else {
+                        st.latency_zero.record(took);
+                    }
                 }
+                st.flags[page as usize] &= !FETCHED;
             }
             self.wake_now(page)?;
         }
@@ -833,6 +850,12 @@ impl Engine {
         m.faults_parked = get(&c.faults_parked);
         m.messages_sent = get(&c.messages_sent);
         m.messages_received = get(&c.messages_received);
+        m.faults_zero = st.latency_zero.count();
+        m.fault_zero_us_p50 = st.latency_zero.quantile_us(0.5);
+        m.fault_zero_us_p99 = st.latency_zero.quantile_us(0.99);
+        m.faults_remote = st.latency_remote.count();
+        m.fault_remote_us_p50 = st.latency_remote.quantile_us(0.5);
+        m.fault_remote_us_p99 = st.latency_remote.quantile_us(0.99);
         m.memfd_bytes = self.mem.allocated_bytes();
         m
     }

@@ -122,7 +122,7 @@ pub enum Control {
     /// node 0 → node: the guest ended; send your metrics.
     Finish,
     /// node → node 0.
-    Metrics { metrics: NodeMetrics },
+    Metrics { metrics: Box<NodeMetrics> },
     /// node 0 → node: the pod failed.
     Abort { reason: String },
     /// node 0 → node: still here (every second while the guest runs).
@@ -331,7 +331,7 @@ impl Link {
                 match rx.rx.recv_timeout(left) {
                     Ok(Arrival::Control { from, msg: Control::Metrics { mut metrics } }) => {
                         metrics.node = Some(u64::from(from));
-                        out.push(metrics);
+                        out.push(*metrics);
                     }
                     Ok(other) => tracing::debug!(?other, "while finishing"),
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
@@ -465,7 +465,7 @@ pub fn run_member(
         match arrival {
             Ok(None) | Ok(Some(Arrival::Control { msg: Control::Beat, .. })) => {}
             Ok(Some(Arrival::Control { msg: Control::Finish, .. })) => {
-                let _ = send_control(&*t, 0, &Control::Metrics { metrics: engine.metrics() });
+                let _ = send_control(&*t, 0, &Control::Metrics { metrics: Box::new(engine.metrics()) });
                 // node 0 leaves the fabric once it has every node's metrics
                 let until = Instant::now() + FINISH_TIMEOUT;
                 while Instant::now() < until {
