@@ -647,7 +647,12 @@ impl Node {
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
             }
             Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
+                self.check_page(page)?;
                 let mut l = self.local(page);
+                // (not checked: that we asked. A request the home queued
+                // before a block grant answered it is answered again later,
+                // after `requested` was cleared; the model checker finds
+                // that order, so a Ready may come when nothing is asked.)
                 if l.owner || l.handing {
                     return Err(self.unexpected(page, &msg));
                 }

@@ -254,6 +254,11 @@ pub fn run_node(
 
     let end = setup_error.is_none().then(|| wait(&events, config));
     let failed = matches!(end, Some(End::Failed(_)));
+    if let (Some(Paging::Pod(_, _, serving)), Some(link)) = (&paging, pod) {
+        // the end is decided: what stopping the vCPUs does to messages
+        // still in flight is no failure of the pod
+        link.quiesce(serving);
+    }
     let uffd = match &paging {
         Some(Paging::Single(p, _)) => Some(p.uffd()),
         Some(Paging::Pod(e, ..)) => e.uffd(),

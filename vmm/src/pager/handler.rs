@@ -137,7 +137,10 @@ fn serve(pager: &dyn Resolver, stop: &EventFd, on_fatal: &(dyn Fn(String) + Send
             return latency;
         }
         for f in &faults {
-            match pager.resolve(*f, &mut latency) {
+            // a bug must end the VM, not leave this fault's vCPU blocked
+            let resolved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pager.resolve(*f, &mut latency)))
+                .unwrap_or_else(|_| Err("internal error resolving a page fault (see the panic above)".into()));
+            match resolved {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::debug!(addr = f.addr, tid = f.tid, "fault not resolved");

@@ -48,14 +48,15 @@ pub const CHANNEL_CONTROL: u8 = 1;
 pub const REGION_MEMORY: u32 = 0;
 
 // per-page flags
-const RESIDENT: u8 = 1; // the memfd holds the page here
-const MAPPED: u8 = 2; // the guest view maps it (vCPU node)
-const PINNED: u8 = 4; // the loader's: never evicted
-const QUEUED: u8 = 8; // in the eviction queue
-const PENDING_ZERO: u8 = 16; // a zero-fill of this batch, not done yet
-const WAITING: u8 = 32; // a vCPU waits on it (counted in `incoming`)
-const PARKED: u8 = 64; // a fault waits for room
-const FETCHED: u8 = 128; // a waiting fault's page came by a one-sided read
+const RESIDENT: u16 = 1; // the memfd holds the page here
+const MAPPED: u16 = 2; // the guest view maps it (vCPU node)
+const PINNED: u16 = 4; // the loader's: never evicted
+const QUEUED: u16 = 8; // in the eviction queue
+const PENDING_ZERO: u16 = 16; // a zero-fill of this batch, not done yet
+const WAITING: u16 = 32; // a vCPU waits on it
+const PARKED: u16 = 64; // a fault waits for room
+const FETCHED: u16 = 128; // a waiting fault's page came by a one-sided read
+const COUNTED: u16 = 256; // a waiting fault's page is counted in `incoming`
 
 /// What ends the VM (or the node) when the engine cannot go on.
 pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
@@ -100,15 +101,17 @@ struct State {
     /// Page messages received from each node since `heard_from` last
     /// looked.
     heard: Vec<bool>,
-    flags: Vec<u8>,
+    flags: Vec<u16>,
     resident: u64,
     pinned: u64,
     /// Eviction candidates, oldest first.
     queue: VecDeque<Page>,
     /// Our evictions not settled yet, with their targets (None: re-dormant).
     evicting: HashMap<Page, Option<NodeId>>,
-    /// Pages we placed on each node and have not taken back.
+    /// Pages we placed (or are placing) on each node and have not taken
+    /// back, and where each of the placed ones went.
     held_by: Vec<u64>,
+    placed: HashMap<Page, NodeId>,
     /// Faults waiting for a page (each will bring one page here).
     incoming: u64,
     waiting_since: HashMap<Page, Instant>,
@@ -144,6 +147,21 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Where evictions ahead of need aim: some room stays free so that
+/// faults rarely wait for an eviction.
+fn evict_level(budget: u64) -> u64 {
+    budget.saturating_sub((budget / 8).clamp(1, 1024))
+}
+
+/// A fabric error in words; a peer's departure is said the same way
+/// wherever it is noticed (a send, a read, the receiver), naming the node.
+fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
+    match e {
+        shoal_fabric::Error::PeerGone { peer, reason } => format!("node {peer} left the pod: {reason} ({what})"),
+        e => format!("{what}: {e}"),
+    }
+}
+
 /// Encodes a page-protocol message for the fabric.
 pub fn encode_page_msg(msg: &Msg) -> Vec<u8> {
     let mut out = vec![CHANNEL_PAGES];
@@ -166,7 +184,7 @@ impl Engine {
     ) -> Result<Self, String> {
         let pages = settings.config.pages;
         let mut node = Node::new(me, settings.config);
-        let mut flags = vec![0u8; pages as usize];
+        let mut flags = vec![0u16; pages as usize];
         let mut pinned = 0;
         for &(offset, len) in loaded {
             for page in offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE) {
@@ -189,6 +207,7 @@ impl Engine {
             queue: VecDeque::new(),
             evicting: HashMap::new(),
             held_by: vec![0; nodes],
+            placed: HashMap::new(),
             incoming: 0,
             waiting_since: HashMap::new(),
             parked: VecDeque::new(),
@@ -268,11 +287,40 @@ impl Engine {
         if self.failed() {
             return Ok(());
         }
+        self.check_peer_msg(from, &msg)?;
+        let acts = st.node.receive(msg.clone()).map_err(|e| format!("page protocol: {e}"))?;
         self.note_eviction_answer(&mut st, &msg);
-        let acts = st.node.receive(msg).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(&mut st, acts)?;
         self.apply(&mut st, acts)?;
         self.settle(&mut st)
+    }
+
+    /// Refuses a message naming a page outside the guest or a node outside
+    /// the pod, before anything indexes by them.
+    fn check_peer_msg(&self, from: NodeId, msg: &Msg) -> Result<(), String> {
+        let cfg = &self.settings.config;
+        let (pages, nodes): (Vec<Page>, Vec<NodeId>) = match msg {
+            Msg::Request { page, from, .. } => (vec![*page], vec![*from]),
+            Msg::Grant { pages } => (pages.iter().map(|(p, _)| *p).collect(), vec![]),
+            Msg::GrantDone { pages, from } => (pages.clone(), vec![*from]),
+            Msg::Share { page, to } | Msg::Transfer { page, to, .. } => (vec![*page], vec![*to]),
+            Msg::Ready { page, from, .. }
+            | Msg::Fetched { page, from }
+            | Msg::Done { page, from }
+            | Msg::InvalAck { page, from }
+            | Msg::Redormant { page, from, .. } => (vec![*page], vec![*from]),
+            Msg::Evict { page, from, to, .. } => (vec![*page], vec![*from, *to]),
+            Msg::Upgrade { page } | Msg::Inval { page } | Msg::Refused { page } | Msg::Dormanted { page } => {
+                (vec![*page], vec![])
+            }
+        };
+        if let Some(p) = pages.iter().find(|&&p| p >= cfg.pages) {
+            return Err(format!("node {from} sent a message about page {p}, outside the guest ({} pages)", cfg.pages));
+        }
+        if let Some(n) = nodes.iter().find(|&&n| n >= cfg.nodes) {
+            return Err(format!("node {from} sent a message naming node {n}, outside the pod ({} nodes)", cfg.nodes));
+        }
+        Ok(())
     }
 
     // ---- faults --------------------------------------------------------
@@ -288,7 +336,10 @@ impl Engine {
             // already on its way; the wake covers every waiter
             return Ok(());
         }
-        if let Some(budget) = self.settings.budget {
+        // a page held here already (mapped back after a refused eviction,
+        // or the loader's on first touch) needs no room
+        let needs_room = f & RESIDENT == 0;
+        if let Some(budget) = self.settings.budget.filter(|_| needs_room) {
             if st.resident + st.incoming >= budget {
                 st.flags[page as usize] |= PARKED;
                 st.parked.push_back(page);
@@ -298,7 +349,10 @@ impl Engine {
             }
         }
         st.flags[page as usize] |= WAITING;
-        st.incoming += 1;
+        if needs_room {
+            st.flags[page as usize] |= COUNTED;
+            st.incoming += 1;
+        }
         st.waiting_since.entry(page).or_insert_with(Instant::now);
         let acts = st.node.fault(page, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
@@ -321,8 +375,11 @@ impl Engine {
                     continue;
                 }
                 if let Some(budget) = self.settings.budget {
+                    // leave parked faults their room: fault-around then
+                    // stops at the eviction level, not at the bound
+                    let limit = if st.parked.is_empty() { budget } else { evict_level(budget) };
                     let planned = acts.iter().filter(|a| matches!(a, Action::ZeroFill { .. })).count() as u64;
-                    if st.resident + st.incoming + planned >= budget {
+                    if st.resident + st.incoming + planned >= limit {
                         break;
                     }
                 }
@@ -360,7 +417,7 @@ impl Engine {
                     match other {
                         Action::Send { to, msg } => self.send(to, &msg)?,
                         Action::Fetch { page, from, transfer, evict, epoch } => {
-                            self.fetch(st, page, from, transfer)?;
+                            self.fetch(st, page, from)?;
                             let more = st
                                 .node
                                 .fetched(page, from, transfer, evict, epoch)
@@ -388,12 +445,12 @@ impl Engine {
 
     fn send(&self, to: NodeId, msg: &Msg) -> Result<(), String> {
         self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.transport.send(to, &encode_page_msg(msg)).map_err(|e| format!("sending to node {to}: {e}"))
+        self.transport.send(to, &encode_page_msg(msg)).map_err(|e| fabric_error(format!("sending to node {to}"), e))
     }
 
     /// The flags of a page that just arrived: resident, and mapped in the
     /// guest view on the vCPU node.
-    fn held_flags(&self) -> u8 {
+    fn held_flags(&self) -> u16 {
         if self.uffd.is_some() {
             RESIDENT | MAPPED
         } else {
@@ -429,6 +486,7 @@ impl Engine {
             for p in first..first + n as u64 {
                 let f = &mut st.flags[p as usize];
                 *f = (*f & !PENDING_ZERO) | self.held_flags();
+                self.taken_back(st, p);
                 self.enqueue(st, p);
             }
             st.resident += n as u64;
@@ -522,11 +580,11 @@ impl Engine {
                 buf[at..at + bytes.len()].copy_from_slice(bytes);
                 Ok(())
             })
-            .map_err(|e| format!("reading page {page} from node {from}: {e}"))
+            .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
     }
 
     /// Pulls `page` from `from` with a one-sided read.
-    fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
+    fn fetch(&self, st: &mut State, page: Page, from: NodeId) -> Result<(), String> {
         if let Some(budget) = self.settings.budget.filter(|_| self.uffd.is_none()) {
             if st.resident >= budget {
                 return Err(format!(
@@ -553,9 +611,7 @@ impl Engine {
             st.flags[page as usize] |= FETCHED;
         }
         st.resident += 1;
-        if transfer && from != self.me {
-            st.held_by[from as usize] = st.held_by[from as usize].saturating_sub(1);
-        }
+        self.taken_back(st, page);
         self.enqueue(st, page);
         Ok(())
     }
@@ -598,17 +654,29 @@ impl Engine {
         }
         let f = &mut st.flags[page as usize];
         if *f & RESIDENT != 0 {
-            st.resident -= 1;
+            st.resident = st.resident.saturating_sub(1);
         }
         if *f & PINNED != 0 {
-            st.pinned -= 1;
+            st.pinned = st.pinned.saturating_sub(1);
         }
         *f &= !(RESIDENT | MAPPED | PINNED);
         match st.evicting.remove(&page) {
-            Some(Some(_)) => self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed),
-            Some(None) => self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed),
-            None => 0,
-        };
+            Some(Some(target)) => {
+                st.placed.insert(page, target);
+                self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(None) => {
+                self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        // a fault that waits on the page will bring it back: its room is
+        // the room this page leaves
+        let f = &mut st.flags[page as usize];
+        if *f & WAITING != 0 && *f & COUNTED == 0 {
+            *f |= COUNTED;
+            st.incoming += 1;
+        }
         Ok(())
     }
 
@@ -647,8 +715,10 @@ impl Engine {
                 self.map(st, page, true)?;
             }
             if st.flags[page as usize] & WAITING != 0 {
-                st.flags[page as usize] &= !WAITING;
-                st.incoming -= 1;
+                if st.flags[page as usize] & COUNTED != 0 {
+                    st.incoming = st.incoming.saturating_sub(1);
+                }
+                st.flags[page as usize] &= !(WAITING | COUNTED);
                 if let Some(t) = st.waiting_since.remove(&page) {
                     let took = t.elapsed();
                     st.latency.record(took);
@@ -674,37 +744,47 @@ impl Engine {
         }
     }
 
+    /// A page we placed on another node is back here: that node has
+    /// room again.
+    fn taken_back(&self, st: &mut State, page: Page) {
+        if let Some(t) = st.placed.remove(&page) {
+            st.held_by[t as usize] = st.held_by[t as usize].saturating_sub(1);
+        }
+    }
+
     /// An eviction of ours was refused (the page stays here): give the
     /// target its room back and queue the page again.
     fn eviction_refused(&self, st: &mut State, page: Page) {
         if let Some(target) = st.evicting.remove(&page) {
             if let Some(t) = target {
-                st.held_by[t as usize] -= 1;
+                st.held_by[t as usize] = st.held_by[t as usize].saturating_sub(1);
             }
             self.enqueue(st, page);
         }
     }
 
-    /// Refusals from a remote home arrive as messages; evictions that
-    /// succeed end in a `Drop` (see `drop_page`).
+    /// Whether our eviction of `page` has settled with the page still
+    /// here (refused): ours, not protected, not being handed over.
+    fn settled_here(st: &State, page: Page) -> bool {
+        let l = st.node.local(page);
+        l.copy == Held::Data && !l.protected && !l.handing
+    }
+
+    /// Refusals from a remote home arrive as messages (looked at after the
+    /// protocol accepted the message); evictions that succeed end in a
+    /// `Drop` (see `drop_page`).
     fn note_eviction_answer(&self, st: &mut State, msg: &Msg) {
         if let Msg::Refused { page } = msg {
-            self.eviction_refused(st, *page);
+            if st.evicting.contains_key(page) && Self::settled_here(st, *page) {
+                self.eviction_refused(st, *page);
+            }
         }
     }
 
     /// Finds evictions refused by ourselves as home (no message shows
     /// those): settled here, not protected, not being handed over.
     fn sweep_refusals(&self, st: &mut State) {
-        let refused: Vec<Page> = st
-            .evicting
-            .keys()
-            .copied()
-            .filter(|&p| {
-                let l = st.node.local(p);
-                l.copy == Held::Data && !l.protected && !l.handing
-            })
-            .collect();
+        let refused: Vec<Page> = st.evicting.keys().copied().filter(|&p| Self::settled_here(st, p)).collect();
         for p in refused {
             self.eviction_refused(st, p);
         }
@@ -717,14 +797,23 @@ impl Engine {
         if !st.parked.is_empty() {
             self.sweep_refusals(st);
         }
-        self.evict_ahead(st, budget)?;
-        while !st.parked.is_empty() && st.resident + st.incoming < budget {
-            let page = st.parked.pop_front().expect("not empty");
-            st.flags[page as usize] &= !PARKED;
-            self.fault_page(st, page)?;
+        // evictions that settle at once (we are the page's home) make room
+        // at once: go round until nothing changes (each turn resumes a
+        // parked fault, so there are at most as many turns as those)
+        loop {
+            self.evict_ahead(st, budget)?;
+            let mut resumed = false;
+            while !st.parked.is_empty() && st.resident + st.incoming < budget {
+                let page = st.parked.pop_front().expect("not empty");
+                st.flags[page as usize] &= !PARKED;
+                self.fault_page(st, page)?;
+                resumed = true;
+            }
+            if !resumed {
+                break;
+            }
         }
-        self.evict_ahead(st, budget)?;
-        if !st.parked.is_empty() && st.evicting.is_empty() && st.incoming == 0 {
+        if !st.parked.is_empty() && st.evicting.is_empty() && st.incoming == 0 && st.resident >= budget {
             return Err(format!(
                 "node {} cannot make room under --node-memory ({} pages): {} of its pages are pinned by the loader \
                  and nothing else can be evicted",
@@ -735,9 +824,7 @@ impl Engine {
     }
 
     fn evict_ahead(&self, st: &mut State, budget: u64) -> Result<(), String> {
-        // keep some room free so that faults rarely wait for an eviction
-        let slack = (budget / 8).clamp(1, 1024);
-        let level = budget.saturating_sub(slack);
+        let level = evict_level(budget);
         let demand = st.resident + st.incoming + st.parked.len() as u64;
         let mut need = demand.saturating_sub(level + st.evicting.len() as u64);
         let mut scanned = st.queue.len();
@@ -749,6 +836,11 @@ impl Engine {
             if f & RESIDENT == 0 || f & PINNED != 0 || st.evicting.contains_key(&page) {
                 continue;
             }
+            // take it from the guest first: a zero check of a page the
+            // guest can still write could re-dormant a page just written
+            // (if the eviction does not go ahead, the next touch is a
+            // minor fault that maps it back)
+            self.unmap(st, page)?;
             let zero = self.settings.dormant && self.is_zero(st, page)?;
             let target = if zero { None } else { Some(self.pick_target(st)?) };
             let acts = st.node.evict(page, target).map_err(|e| format!("page protocol: {e}"))?;

@@ -111,7 +111,8 @@ pub fn expand_hostlist(list: &str) -> Result<Vec<String>, String> {
         match item.find('[') {
             None => out.push(item.to_string()),
             Some(open) => {
-                let close = item.rfind(']').ok_or_else(|| format!("host list {list:?}: unclosed '['"))?;
+                let close =
+                    item.rfind(']').filter(|&c| c > open).ok_or_else(|| format!("host list {list:?}: unclosed '['"))?;
                 let (prefix, suffix) = (&item[..open], &item[close + 1..]);
                 for part in item[open + 1..close].split(',') {
                     let (lo, hi) = part.split_once('-').unwrap_or((part, part));
@@ -512,6 +513,7 @@ mod tests {
         assert_eq!(expand_hostlist("solo").unwrap(), ["solo"]);
         assert!(expand_hostlist("n[1-").is_err());
         assert!(expand_hostlist("n[3-1]").is_err());
+        assert!(expand_hostlist("a]b[c").is_err());
         assert_eq!(expand_tasks_per_node("2(x3),1").unwrap(), [2, 2, 2, 1]);
         assert!(expand_tasks_per_node("x").is_err());
     }

@@ -310,6 +310,13 @@ impl Link {
         Ok(Serving { rx, stop, finishing, thread: Mutex::new(Some(thread)) })
     }
 
+    /// The guest is ending: from now on errors (of messages still in
+    /// flight while the VM's memory is released) and departures are no
+    /// longer failures of the pod.
+    pub fn quiesce(&self, rx: &Serving) {
+        rx.finishing.store(true, Ordering::SeqCst);
+    }
+
     /// The guest ended: ask every node for its metrics (bounded), or, when
     /// the pod failed, tell them why. Then leave the fabric.
     pub fn finish(&self, rx: &Serving, failure: Option<&str>) -> Vec<NodeMetrics> {
@@ -368,33 +375,73 @@ impl std::fmt::Debug for Serving {
 fn receive_loop(t: &dyn Transport, engine: &Engine, tx: &Sender<Arrival>, stop: &AtomicBool, finishing: &AtomicBool) {
     let mut last_beat = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        if !finishing.load(Ordering::SeqCst) {
-            if let Some(why) = engine.stuck_fault(FAULT_TIMEOUT) {
-                engine.fail(why);
-            }
-            if last_beat.elapsed() >= BEAT_EVERY {
-                last_beat = Instant::now();
-                for p in t.peers() {
-                    let _ = send_control(t, p, &Control::Beat);
-                }
+        // a bug must end the VM, not silently end this thread (and with it
+        // the watchdog and the heartbeat)
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            receive_turn(t, engine, tx, finishing, &mut last_beat)
+        }));
+        if turn.is_err() {
+            engine.fail("internal error in the pod's receiver thread (see the panic above)".into());
+            return;
+        }
+    }
+}
+
+fn receive_turn(
+    t: &dyn Transport,
+    engine: &Engine,
+    tx: &Sender<Arrival>,
+    finishing: &AtomicBool,
+    last_beat: &mut Instant,
+) {
+    if !finishing.load(Ordering::SeqCst) {
+        if let Some(why) = engine.stuck_fault(FAULT_TIMEOUT) {
+            engine.fail(why);
+        }
+        if last_beat.elapsed() >= BEAT_EVERY {
+            *last_beat = Instant::now();
+            for p in t.peers() {
+                let _ = send_control(t, p, &Control::Beat);
             }
         }
-        match next(t, Some(engine), Duration::from_millis(50)) {
-            Ok(None) => {}
-            Ok(Some(Arrival::Gone { node, reason })) => {
-                if !finishing.load(Ordering::SeqCst) {
-                    engine.fail(format!("node {node} left the pod: {reason}"));
+    }
+    match next(t, Some(engine), Duration::from_millis(50)) {
+        Ok(None) => {}
+        Ok(Some(Arrival::Gone { node, reason })) => {
+            if !finishing.load(Ordering::SeqCst) {
+                engine.fail(format!("node {node} left the pod: {reason}"));
+            }
+            let _ = tx.send(Arrival::Gone { node, reason });
+        }
+        Ok(Some(Arrival::Control { msg: Control::Abort { reason }, .. })) => {
+            // a node gave up (its reason is better than its departure)
+            if !finishing.load(Ordering::SeqCst) {
+                engine.fail(reason);
+            }
+        }
+        Ok(Some(a)) => {
+            let _ = tx.send(a);
+        }
+        Err(e) => {
+            if !finishing.load(Ordering::SeqCst) {
+                engine.fail(e.to_string());
+            }
+        }
+    }
+}
+
+/// Waits (at most 2 s) for node 0 to stop the pod or leave.
+fn linger_for_node0(t: &dyn Transport) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        match t.recv(Duration::from_millis(100)) {
+            Ok(Some(Incoming::PeerGone { node: 0, .. })) | Err(_) => return,
+            Ok(Some(Incoming::Message { from: 0, payload })) if payload.first() == Some(&CHANNEL_CONTROL) => {
+                if let Ok(Control::Abort { .. }) = serde_json::from_slice(&payload[1..]) {
+                    return;
                 }
-                let _ = tx.send(Arrival::Gone { node, reason });
             }
-            Ok(Some(a)) => {
-                let _ = tx.send(a);
-            }
-            Err(e) => {
-                if !finishing.load(Ordering::SeqCst) {
-                    engine.fail(e.to_string());
-                }
-            }
+            _ => {}
         }
     }
 }
@@ -446,10 +493,13 @@ pub fn run_member(
     };
     let engine = Engine::new(me, settings, t.clone(), mem, None, &loaded, on_fatal).map_err(Error::Failed)?;
     send_control(&*t, 0, &Control::Started)?;
+    // node 0 starts beating once every node has started, which may take
+    // up to the join timeout: until the first beat, that is the bound
     let mut heard = Instant::now();
+    let mut silence_limit = join_timeout + BEAT_TIMEOUT;
     loop {
-        if heard.elapsed() > BEAT_TIMEOUT {
-            let why = format!("node 0 has not been heard from for {BEAT_TIMEOUT:?} (hung?)");
+        if heard.elapsed() > silence_limit {
+            let why = format!("node 0 has not been heard from for {silence_limit:?} (hung?)");
             t.shutdown();
             return Ok(MemberEnd::Failed(why));
         }
@@ -461,6 +511,9 @@ pub fn run_member(
         let arrival = next(&*t, Some(&engine), Duration::from_millis(100));
         if matches!(arrival, Ok(Some(Arrival::Control { from: 0, .. }))) || engine.heard_from(0) {
             heard = Instant::now();
+        }
+        if matches!(arrival, Ok(Some(Arrival::Control { from: 0, msg: Control::Beat }))) {
+            silence_limit = BEAT_TIMEOUT;
         }
         match arrival {
             Ok(None) | Ok(Some(Arrival::Control { msg: Control::Beat, .. })) => {}
@@ -484,8 +537,16 @@ pub fn run_member(
                 tracing::warn!(from, ?msg, "unexpected control message while running");
             }
             Ok(Some(Arrival::Gone { node, reason })) => {
+                let why = format!("node {node} left the pod: {reason}");
+                if node != 0 {
+                    // tell node 0 why we go too, and stay until it stops the
+                    // pod: leaving at once could make our goodbye, not the
+                    // node that died, the reason node 0 reports
+                    let _ = send_control(&*t, 0, &Control::Abort { reason: why.clone() });
+                    linger_for_node0(&*t);
+                }
                 t.shutdown();
-                return Ok(MemberEnd::Failed(format!("node {node} left the pod: {reason}")));
+                return Ok(MemberEnd::Failed(why));
             }
             Err(e) => engine.fail(e.to_string()),
         }
