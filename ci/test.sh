@@ -41,6 +41,14 @@ else
   cargo build --locked -p shoal-vmm --bin shoal
   ci/softroce.sh --add target/debug/shoal:/usr/local/bin/shoal --add ci/pod-verbs.sh:/usr/local/bin/pod-verbs -- \
     pod-verbs
+
+  # Debian's stock kernel cannot run on this machine's KVM (it emulates);
+  # it runs as a nested guest inside the harness's QEMU
+  step "Linux guests: Debian's kernel on shoal, one node and a 2-node pod (ci/linux-guest.sh in ci/softroce.sh)"
+  linux_out=${SHOAL_LINUX_DIR:-/var/tmp/shoal-linux}/out
+  guest-images/linux/build.sh "$linux_out"
+  ci/softroce.sh --add target/debug/shoal:/usr/local/bin/shoal --add ci/linux-guest.sh:/usr/local/bin/linux-guest \
+    --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/initrd.img:/initrd.img" -- linux-guest
 fi
 
 # A pod as a cluster starts it: two tasks of a real (single-host) Slurm

@@ -14,6 +14,10 @@
 
 /// Port that takes a 32-bit hypercall number.
 pub const HC_PORT: u16 = 0x0510;
+/// An `outb` of one byte here ends the VM with that byte as shoal's exit
+/// status: for guests that cannot make hypercalls (a Linux guest's init
+/// writes it through /dev/port).
+pub const EXIT_PORT: u16 = 0x0511;
 /// Print bytes to the console: rdi = guest-physical address, rsi = length.
 /// Returns 0, or u64::MAX when the buffer is outside guest RAM.
 pub const HC_PRINT: u32 = 1;

@@ -137,6 +137,10 @@ pub struct VmConfig {
     /// How guest RAM is backed: the pager's memfd, or the anonymous
     /// baseline for benchmarks.
     pub backing: Backing,
+    /// A Linux guest's initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Hide XSAVE (and AVX) from a Linux guest's CPUID.
+    pub no_xsave: bool,
 }
 
 impl VmConfig {
@@ -153,6 +157,8 @@ impl VmConfig {
             timeout: None,
             fault_threads: None,
             backing: Backing::Memfd,
+            initrd: None,
+            no_xsave: false,
         }
     }
 

@@ -12,6 +12,8 @@ pub enum VmEvent {
     Exit { vcpu: u64, status: u64 },
     /// A vCPU executed `hlt`; it stays stopped (no interrupts wake it).
     Halted { vcpu: u64 },
+    /// The guest reset the machine (a Linux guest's `reboot`).
+    Reset { vcpu: u64 },
     /// The VM cannot go on.
     Failed(String),
 }

@@ -110,17 +110,36 @@ impl Write for ConsoleWriter {
     }
 }
 
-/// A unikernel guest has no interrupt controller: the serial port's
-/// interrupt goes nowhere and the guest polls the line status register.
+/// The serial port's interrupt line. A unikernel guest has no interrupt
+/// controller (`None`: the guest polls the line status register); a Linux
+/// guest's goes to IRQ 4 of the in-kernel PIC/IOAPIC through an irqfd.
 #[derive(Debug)]
-pub struct NoInterrupt;
+pub struct IrqLine(pub Option<vmm_sys_util::eventfd::EventFd>);
 
-impl Trigger for NoInterrupt {
+impl Trigger for IrqLine {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        Ok(())
+        match &self.0 {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
+}
+
+/// The i8042 keyboard controller's ports: only its reset line is wired
+/// (`reboot` in a Linux guest with `reboot=k`).
+const I8042_DATA: u16 = 0x60;
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// What a port write asks of the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortEvent {
+    /// The guest wrote its exit status to [`abi::EXIT_PORT`].
+    Exit(u8),
+    /// The guest pulsed the reset line (i8042).
+    Reset,
 }
 
 /// Facts HC_INFO answers.
@@ -144,7 +163,7 @@ pub enum HcResult {
 /// The devices all vCPUs share.
 #[derive(Debug)]
 pub struct Devices {
-    serial: Mutex<Serial<NoInterrupt, NoEvents, ConsoleWriter>>,
+    serial: Mutex<Serial<IrqLine, NoEvents, ConsoleWriter>>,
     console: Arc<Mutex<Console>>,
     memory: GuestReader,
     start: Instant,
@@ -152,8 +171,8 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub fn new(console: Arc<Mutex<Console>>, memory: GuestReader, info: GuestInfo) -> Self {
-        let serial = Serial::new(NoInterrupt, ConsoleWriter(console.clone()));
+    pub fn new(console: Arc<Mutex<Console>>, memory: GuestReader, info: GuestInfo, irq: IrqLine) -> Self {
+        let serial = Serial::new(irq, ConsoleWriter(console.clone()));
         Devices { serial: Mutex::new(serial), console, memory, start: Instant::now(), info }
     }
 
@@ -171,19 +190,38 @@ impl Devices {
             }
             return;
         }
+        if port == I8042_COMMAND || port == I8042_DATA {
+            // status: no data, ready for a command
+            data.fill(0);
+            return;
+        }
         data.fill(0xff);
     }
 
-    /// An `out` to `port` other than the hypercall port. Unclaimed ports
-    /// are ignored.
-    pub fn pio_write(&self, port: u16, data: &[u8]) {
-        if let (Some(offset), Some(&b)) = (serial_offset(port), data.first()) {
+    /// Bytes typed at shoal's stdin, for the guest's serial console (and
+    /// its interrupt, when it has one).
+    pub fn serial_input(&self, bytes: &[u8]) {
+        if let Err(e) = self.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_raw_bytes(bytes) {
+            tracing::debug!(error = ?e, "serial input dropped");
+        }
+    }
+
+    /// An `out` to `port` other than the hypercall port; what it asks of
+    /// the VM, if anything. Unclaimed ports are ignored.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<PortEvent> {
+        let b = *data.first()?;
+        if let Some(offset) = serial_offset(port) {
             if let Err(e) = self.serial.lock().unwrap_or_else(|p| p.into_inner()).write(offset, b) {
                 tracing::warn!(error = ?e, "serial write failed");
             }
+        } else if port == abi::EXIT_PORT {
+            return Some(PortEvent::Exit(b));
+        } else if port == I8042_COMMAND && b == I8042_RESET {
+            return Some(PortEvent::Reset);
         } else {
             tracing::trace!(port, "write to an unclaimed port");
         }
+        None
     }
 
     /// Runs hypercall `nr` for vCPU `vcpu` with arguments (rdi, rsi, rcx).

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod metrics;

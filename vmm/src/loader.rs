@@ -172,6 +172,30 @@ pub struct BootPlan {
     pub vcpus: Vec<(u64, u64)>,
     /// First free guest-physical byte (2 MiB aligned).
     pub free_base: u64,
+    /// A Linux kernel: entered through the 64-bit boot protocol instead.
+    pub linux: Option<LinuxEntry>,
+}
+
+/// How vCPU 0 enters a Linux kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxEntry {
+    pub zero_page: u64,
+    pub stack: u64,
+    /// Hide XSAVE from the guest (see `vcpu::cpuid_with`).
+    pub no_xsave: bool,
+}
+
+/// Writes the GDT and identity page tables over all of `mem` (and at
+/// least 4 GiB) from `base` up; returns (GDT, PML4) addresses. For
+/// kernels with their own loader (Linux).
+pub fn write_boot_paging(mem: &GuestMemory, base: u64) -> Result<(u64, u64)> {
+    let p = place(base, mem.layout().top(), 0);
+    let write = |bytes: &[u8], gpa: u64| {
+        mem.alias().write_slice(bytes, GuestAddress(gpa)).map_err(|e| Error::Write(e.to_string()))
+    };
+    write(&words(&GDT), p.gdt)?;
+    write_page_tables(&p, &write)?;
+    Ok((p.gdt, p.pml4))
 }
 
 /// Guest-physical placement of the boot data after the image.
@@ -277,7 +301,7 @@ pub fn load(image: &Image, mem: &GuestMemory, params: &BootParams) -> Result<Boo
         write(&info.to_bytes(), info_gpa)?;
         vcpus.push((info_gpa, stack_top));
     }
-    Ok(BootPlan { entry: image.entry, pml4: p.pml4, gdt: p.gdt, vcpus, free_base: p.free_base })
+    Ok(BootPlan { entry: image.entry, pml4: p.pml4, gdt: p.gdt, vcpus, free_base: p.free_base, linux: None })
 }
 
 /// PML4 → PDPTs → PDs of 2 MiB pages, identity mapping [0, n_pd GiB).

@@ -107,9 +107,17 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
-    /// The guest's command line, e.g. "mib=64 seed=7".
+    /// The guest's command line, e.g. "mib=64 seed=7"; for Linux, the
+    /// kernel's ("console=ttyS0 reboot=k panic=-1 -- /bin/memfill 64").
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
+    /// A Linux guest's initramfs (with --kernel naming a bzImage).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Show XSAVE and AVX in a Linux guest's CPUID (off where the host's
+    /// KVM cannot keep their state consistent, e.g. nested under TCG).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    xsave: OnOff,
     /// Dormant pages: off treats every page as having contents, to measure
     /// what dormant pages save.
     #[arg(long, value_name = "on|off", default_value = "on")]
@@ -215,6 +223,8 @@ fn run(args: RunArgs) -> ExitCode {
     config.pin = args.pin;
     config.timeout = timeout;
     config.fault_threads = args.fault_threads;
+    config.initrd = args.initrd.clone();
+    config.no_xsave = args.xsave == OnOff::Off;
     config.backing = match args.memory_backing {
         BackingArg::Memfd => config::Backing::Memfd,
         BackingArg::Anonymous => config::Backing::Anonymous,
@@ -243,6 +253,8 @@ fn run(args: RunArgs) -> ExitCode {
             node_memory: args.node_memory.map(|m| m.to_string()),
             guest: args.image.guest.clone(),
             kernel: args.image.kernel.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            initrd: args.initrd.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            xsave: Some(args.xsave == OnOff::On),
             cmdline: Some(config.cmdline.clone()),
             cpus: Some(config.cpus),
             dormant: Some(config.dormant),
@@ -421,6 +433,8 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.dormant = f.dormant.unwrap_or(true);
     c.node_memory = f.node_memory.as_deref().map(size).transpose()?;
     c.timeout = f.timeout.map(|t| positive_seconds("timeout", t)).transpose()?;
+    c.initrd = f.initrd.clone();
+    c.no_xsave = f.xsave == Some(false);
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }

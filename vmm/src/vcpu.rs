@@ -8,7 +8,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use shoal_guest_images::abi;
 
 use crate::control::{Control, VmEvent};
-use crate::devices::{Devices, HcResult};
+use crate::devices::{Devices, HcResult, PortEvent};
 use crate::loader::{self, BootPlan};
 
 const CR0_PE: u64 = 1 << 0;
@@ -33,8 +33,22 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// KVM's paravirtual feature leaf and the asynchronous page fault bits in
+/// its EAX (Linux's arch/x86/include/uapi/asm/kvm_para.h).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_ASYNC_PF: u32 = 1 << 4;
+const KVM_FEATURE_ASYNC_PF_VMEXIT: u32 = 1 << 10;
+const KVM_FEATURE_ASYNC_PF_INT: u32 = 1 << 14;
+
 /// The CPUID the guest sees: what KVM supports, with vCPU `id`'s APIC id.
 pub fn cpuid_for(kvm: &Kvm, id: u64) -> std::result::Result<CpuId, kvm_ioctls::Error> {
+    cpuid_with(kvm, id, false, false)
+}
+
+/// As [`cpuid_for`]; for `linux` with the hypervisor bit set; `no_xsave`
+/// hides XSAVE and what needs it (AVX and later): Linux under nested KVM
+/// on TCG finds the XSAVE state sizes inconsistent there (DESIGN §6).
+pub fn cpuid_with(kvm: &Kvm, id: u64, linux: bool, no_xsave: bool) -> std::result::Result<CpuId, kvm_ioctls::Error> {
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -43,6 +57,35 @@ pub fn cpuid_for(kvm: &Kvm, id: u64) -> std::result::Result<CpuId, kvm_ioctls::E
             // x2APIC id
             0xb | 0x1f => e.edx = id as u32,
             _ => {}
+        }
+        if linux && e.function == 1 {
+            // "running under a hypervisor": Linux then finds KVM's leaves
+            // (0x4000_0000: kvm-clock, paravirtual features)
+            e.ecx |= 1 << 31;
+        }
+        if linux && e.function == KVM_CPUID_FEATURES {
+            // No asynchronous page faults: a vCPU must block on a page the
+            // pager is bringing in. Measured on a 2-node pod under nested
+            // KVM: with async PF a Linux guest triple-faults as soon as
+            // pages are evicted (KVM delivers its async-PF notices through
+            // guest memory that may itself be away); with it off the same
+            // boot and 64 MiB memfill pass (also `no-kvmapf` in the guest).
+            e.eax &= !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT);
+        }
+        if no_xsave {
+            match e.function {
+                // XSAVE, OSXSAVE, AVX, F16C, FMA
+                1 => e.ecx &= !((1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 12)),
+                // AVX2, AVX-512*
+                7 if e.index == 0 => e.ebx &= !((1 << 5) | 0xfffc_0000 | (1 << 16) | (1 << 17)),
+                0xd => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = 0;
+                    e.edx = 0;
+                }
+                _ => {}
+            }
         }
     }
     Ok(cpuid)
@@ -71,6 +114,9 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 pub struct Vcpu {
     id: u64,
     fd: VcpuFd,
+    /// A Linux guest: stray MMIO reads all ones (no device there), as on a
+    /// PC; a unikernel's is a bug that ends the VM.
+    linux: bool,
     devices: Arc<Devices>,
     control: Arc<Control>,
     exits: Arc<AtomicU64>,
@@ -89,7 +135,8 @@ impl Vcpu {
         exits: Arc<AtomicU64>,
     ) -> Result<Self> {
         let err = |what| move |source| Error::Kvm { vcpu: id, what, source };
-        let cpuid = cpuid_for(kvm, id).map_err(err("reading KVM's supported CPUID"))?;
+        let cpuid = cpuid_with(kvm, id, plan.linux.is_some(), plan.linux.is_some_and(|l| l.no_xsave))
+            .map_err(err("reading KVM's supported CPUID"))?;
         // CPUID first: KVM only accepts EFER.LME once CPUID says long mode
         fd.set_cpuid2(&cpuid).map_err(err("setting CPUID"))?;
 
@@ -120,10 +167,21 @@ impl Vcpu {
         sregs.efer = EFER_LME | EFER_LMA;
         fd.set_sregs(&sregs).map_err(err("entering long mode (KVM_SET_SREGS)"))?;
 
-        let (boot_info, stack_top) = plan.vcpus[id as usize];
-        let regs = kvm_regs { rip: plan.entry, rsp: stack_top, rdi: boot_info, rflags: 0x2, ..Default::default() };
+        let regs = match plan.linux {
+            // the 64-bit boot protocol: rsi points at the zero page. Only
+            // vCPU 0 starts there; the others wait for the kernel's
+            // INIT/SIPI in the in-kernel local APIC.
+            Some(l) => {
+                set_lint(&fd).map_err(err("setting up the local APIC"))?;
+                kvm_regs { rip: plan.entry, rsp: l.stack, rsi: l.zero_page, rflags: 0x2, ..Default::default() }
+            }
+            None => {
+                let (boot_info, stack_top) = plan.vcpus[id as usize];
+                kvm_regs { rip: plan.entry, rsp: stack_top, rdi: boot_info, rflags: 0x2, ..Default::default() }
+            }
+        };
         fd.set_regs(&regs).map_err(err("setting registers"))?;
-        Ok(Vcpu { id, fd, devices, control, exits })
+        Ok(Vcpu { id, fd, linux: plan.linux.is_some(), devices, control, exits })
     }
 
     /// Runs until the guest exits or halts, the VM fails, or it is stopped.
@@ -158,7 +216,17 @@ impl Vcpu {
                         Err(e) => break Err(e),
                     }
                 }
-                VcpuExit::IoOut(port, data) => self.devices.pio_write(port, data),
+                VcpuExit::IoOut(port, data) => match self.devices.pio_write(port, data) {
+                    None => {}
+                    Some(PortEvent::Exit(status)) => {
+                        self.control.report(VmEvent::Exit { vcpu: self.id, status: status.into() });
+                        break Ok(());
+                    }
+                    Some(PortEvent::Reset) => {
+                        self.control.report(VmEvent::Reset { vcpu: self.id });
+                        break Ok(());
+                    }
+                },
                 VcpuExit::IoIn(port, data) => self.devices.pio_read(port, data),
                 VcpuExit::Hlt => {
                     self.control.report(VmEvent::Halted { vcpu: self.id });
@@ -179,6 +247,8 @@ impl Vcpu {
                 VcpuExit::FailEntry(reason, cpu) => {
                     break Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"));
                 }
+                VcpuExit::MmioRead(_, data) if self.linux => data.fill(0xff),
+                VcpuExit::MmioWrite(..) if self.linux => {}
                 VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
                     break Err(self.describe(&format!("the guest accessed {addr:#x}, which is not RAM")));
                 }
@@ -211,6 +281,24 @@ impl Vcpu {
             Err(_) => what.to_string(),
         }
     }
+}
+
+/// Local APIC LINT0 as ExtINT (the PIC's interrupts) and LINT1 as NMI,
+/// as a PC's firmware leaves them.
+fn set_lint(fd: &VcpuFd) -> std::result::Result<(), kvm_ioctls::Error> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 7;
+    const DELIVERY_NMI: u32 = 4;
+    let mut lapic = fd.get_lapic()?;
+    for (reg, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+        let v = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+            lapic.regs[reg + i] = b as libc::c_char;
+        }
+    }
+    fd.set_lapic(&lapic)
 }
 
 /// Pins the calling thread to host CPU `cpu` (best effort: a failure is

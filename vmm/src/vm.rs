@@ -16,8 +16,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::{self, Backing, ImageSource, VmConfig};
 use crate::control::{Control, VmEvent};
-use crate::devices::{Console, Devices, GuestInfo, GuestReader};
-use crate::loader::{self, BootParams};
+use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
+use crate::loader::{self, BootParams, BootPlan, LinuxEntry};
 use crate::memory::{self, GuestMemory, Layout, PAGE_SIZE};
 use crate::metrics::{self, NodeMetrics, Report};
 use crate::pager::handler::FaultHandlers;
@@ -58,6 +58,8 @@ pub enum Error {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Pod(#[from] crate::pod::Error),
+    #[error(transparent)]
+    Linux(#[from] crate::linux::Error),
 }
 
 impl Error {
@@ -65,6 +67,7 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Error::Config(_) | Error::ReadImage { .. } => true,
+            Error::Linux(e) => !matches!(e, crate::linux::Error::Write(_)),
             Error::Pod(crate::pod::Error::Mismatch { .. } | crate::pod::Error::Refused(_)) => true,
             Error::Load(e) => !matches!(e, loader::Error::Write(_)),
             Error::Memory(e) => matches!(
@@ -166,7 +169,15 @@ pub fn run_node(
             (path.display().to_string(), Cow::Owned(bytes))
         }
     };
-    let image = loader::Image::parse(&name, &bytes)?;
+    let linux_kernel = match &config.image {
+        ImageSource::File(path) if crate::linux::is_bzimage(&bytes) => Some(path.clone()),
+        _ => None,
+    };
+    if config.initrd.is_some() && linux_kernel.is_none() {
+        return Err(
+            config::Error::Invalid(format!("--initrd needs a Linux kernel (a bzImage); {name} is not one")).into()
+        );
+    }
     let mem = match pod {
         Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),
         Some(_) => return Err(config::Error::Invalid("the pod's memory differs from --memory".into()).into()),
@@ -175,7 +186,24 @@ pub fn run_node(
     let num_nodes = pod.map_or(1, |l| l.facts.nodes);
     let params =
         BootParams { cmdline: config.cmdline.clone(), vcpus: config.cpus, node_id: 0, num_nodes: num_nodes.into() };
-    let plan = loader::load(&image, &mem, &params)?;
+    let plan = match &linux_kernel {
+        Some(path) => {
+            let l = crate::linux::load(path, config.initrd.as_deref(), &config.cmdline, &mem)?;
+            BootPlan {
+                entry: l.entry,
+                pml4: l.pml4,
+                gdt: l.gdt,
+                vcpus: Vec::new(),
+                free_base: 0,
+                linux: Some(LinuxEntry {
+                    zero_page: l.zero_page,
+                    stack: crate::linux::BOOT_STACK,
+                    no_xsave: config.no_xsave,
+                }),
+            }
+        }
+        None => loader::load(&loader::Image::parse(&name, &bytes)?, &mem, &params)?,
+    };
 
     let kvm = Kvm::new().map_err(|source| Error::Kvm { what: "cannot open /dev/kvm".into(), source })?;
     let vm = kvm.create_vm().map_err(|source| Error::Kvm { what: "cannot create a KVM VM".into(), source })?;
@@ -195,6 +223,10 @@ pub fn run_node(
             source,
         })?;
     }
+
+    // a Linux guest gets a PC's interrupt controllers and timer (in KVM)
+    // and the serial port's interrupt on IRQ 4
+    let serial_irq = if plan.linux.is_some() { Some(setup_pc_platform(&vm)?) } else { None };
 
     let (control, events) = Control::new();
     let control = Arc::new(control);
@@ -220,7 +252,10 @@ pub fn run_node(
         Some(Paging::Pod(..)) => GuestReader::GuestView(mem.clone()),
         None => GuestReader::Direct(mem.clone()),
     };
-    let devices = Arc::new(Devices::new(console.clone(), reader, info));
+    let devices = Arc::new(Devices::new(console.clone(), reader, info, IrqLine(serial_irq)));
+    if plan.linux.is_some() {
+        forward_stdin(devices.clone());
+    }
     let exits = Arc::new(AtomicU64::new(0));
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut setup_error = None;
@@ -384,6 +419,40 @@ fn start_pod_engine(
     Ok(Paging::Pod(engine, handlers, serving))
 }
 
+/// The in-kernel PIC, IOAPIC, local APICs and PIT of a PC, for a Linux
+/// guest; returns the eventfd that raises the serial port's IRQ 4.
+fn setup_pc_platform(vm: &kvm_ioctls::VmFd) -> Result<vmm_sys_util::eventfd::EventFd> {
+    let kvm_err = |what: &str| {
+        let what = what.to_string();
+        move |source| Error::Kvm { what: what.clone(), source }
+    };
+    // KVM needs three pages of guest-physical space for the TSS of real
+    // mode emulation: in the MMIO hole, below the 4 GiB boundary
+    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("setting the TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("creating the in-kernel interrupt controllers"))?;
+    let pit = kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("creating the in-kernel PIT"))?;
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+    vm.register_irqfd(&irq, 4).map_err(kvm_err("wiring the serial port to IRQ 4"))?;
+    Ok(irq)
+}
+
+/// Forwards shoal's stdin to the guest's serial console, from a thread
+/// that ends at end of input (and with the process otherwise).
+fn forward_stdin(devices: Arc<Devices>) {
+    let spawned = std::thread::Builder::new().name("shoal-stdin".into()).spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n @ 1..) = stdin.read(&mut buf) {
+            devices.serial_input(&buf[..n]);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no console input: cannot start its thread");
+    }
+}
+
 /// Waits for the event that ends the VM.
 fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig) -> End {
     let start = Instant::now();
@@ -408,6 +477,10 @@ fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig) -> End {
                 if halted == config.cpus {
                     return End::Failed("every vCPU halted without calling exit".into());
                 }
+            }
+            Ok(VmEvent::Reset { vcpu }) => {
+                tracing::debug!(vcpu, "the guest reset the machine");
+                return End::Exited(0);
             }
             Ok(VmEvent::Failed(why)) => return End::Failed(why),
             Err(RecvTimeoutError::Timeout) => {}

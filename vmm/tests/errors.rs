@@ -184,3 +184,38 @@ fn guest_exit_status_passes_through() {
     let r = shoal(&["run", "--kernel", &p, "--memory", "16M"], LIMIT);
     r.expect_status(42);
 }
+
+/// A file that starts like a bzImage: the Linux boot protocol's header
+/// magic at 0x202, with `version` and `loadflags` as given.
+fn fake_bzimage(version: u16, loadflags: u8) -> Vec<u8> {
+    let mut k = vec![0u8; 64 << 10];
+    k[0x1f1] = 1; // setup_sects
+    k[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+    k[0x211] = loadflags;
+    k[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    k
+}
+
+#[test]
+fn linux_kernels_with_bad_input() {
+    let dir = scratch("linux-bad");
+    let old = write_file(&dir, "old", &fake_bzimage(0x0100, 1));
+    refused(&["run", "--kernel", &old, "--memory", "256M"], "not a bzImage this loader can boot");
+    let k = write_file(&dir, "k", &fake_bzimage(0x020f, 1));
+    refused(&["run", "--kernel", &k, "--memory", "64M"], "at least 128 MiB");
+    refused(
+        &["run", "--kernel", &k, "--initrd", "/nonexistent/initrd.img", "--memory", "256M"],
+        "initrd /nonexistent/initrd.img",
+    );
+    // an initramfs bigger than the guest
+    let big = dir.join("big.img");
+    std::fs::File::create(&big).unwrap().set_len(300 << 20).unwrap();
+    refused(&["run", "--kernel", &k, "--initrd", big.to_str().unwrap(), "--memory", "256M"], "does not fit");
+    // an initramfs for a guest that is not Linux
+    refused(
+        &["run", "--guest", "hello", "--initrd", big.to_str().unwrap(), "--memory", "64M"],
+        "--initrd needs a Linux kernel",
+    );
+}

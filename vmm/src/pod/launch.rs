@@ -45,6 +45,10 @@ pub struct PodFile {
     pub node_memory: Option<String>,
     pub guest: Option<String>,
     pub kernel: Option<PathBuf>,
+    /// A Linux guest's initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Show XSAVE and AVX to a Linux guest (default true).
+    pub xsave: Option<bool>,
     pub cmdline: Option<String>,
     pub cpus: Option<u32>,
     pub dormant: Option<bool>,
@@ -480,6 +484,12 @@ fn pod_file_text(f: &PodFile) -> String {
     }
     if let Some(v) = &f.kernel {
         line("kernel", q(&v.display().to_string()));
+    }
+    if let Some(v) = &f.initrd {
+        line("initrd", q(&v.display().to_string()));
+    }
+    if let Some(v) = f.xsave {
+        line("xsave", v.to_string());
     }
     if let Some(v) = &f.cmdline {
         line("cmdline", q(v));

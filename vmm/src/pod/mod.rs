@@ -188,13 +188,26 @@ fn next(t: &dyn Transport, engine: Option<&Engine>, timeout: Duration) -> Result
 /// hashed (so nodes with different files of one name are told apart).
 pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, String> {
     use sha2::Digest;
-    let (name, sha) = match &config.image {
-        crate::config::ImageSource::Embedded(g) => (g.name.to_string(), sha2::Sha256::digest(g.elf)),
+    let mut h = sha2::Sha256::new();
+    let name = match &config.image {
+        crate::config::ImageSource::Embedded(g) => {
+            h.update(g.elf);
+            g.name.to_string()
+        }
         crate::config::ImageSource::File(p) => {
-            let bytes = std::fs::read(p).map_err(|e| format!("guest image {}: {e}", p.display()))?;
-            (p.display().to_string(), sha2::Sha256::digest(&bytes))
+            h.update(std::fs::read(p).map_err(|e| format!("guest image {}: {e}", p.display()))?);
+            p.display().to_string()
         }
     };
+    // a Linux guest's initramfs is part of its image
+    let name = match &config.initrd {
+        Some(p) => {
+            h.update(std::fs::read(p).map_err(|e| format!("initrd {}: {e}", p.display()))?);
+            format!("{name} with initrd {}", p.display())
+        }
+        None => name,
+    };
+    let sha = h.finalize();
     Ok(Facts {
         shoal_version: env!("CARGO_PKG_VERSION").to_string(),
         nodes,

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Linux boot-to-init on shoal: one node against a 2-node pod (shm), dormant
+# pages on and off, inside the soft-RoCE harness's QEMU (nested KVM: compare
+# ratios, not times). Writes bench/results/linux-boot.{md,json}.
+#
+#   cargo build --release && bench/scripts/linux-boot.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=bench/results
+shoal=target/release/shoal
+[ -x "$shoal" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+linux_out=${SHOAL_LINUX_DIR:-/var/tmp/shoal-linux}/out
+guest-images/linux/build.sh "$linux_out"
+inner=$(mktemp /tmp/linux-boot-inner.XXXXXX)
+cat >"$inner" <<'IN'
+#!/bin/sh
+# boot NAME [options]: one line "NAME up wall zero_filled fetched bytes"
+boot() {
+  name=$1; shift
+  timeout 600 shoal run --kernel /vmlinuz --initrd /initrd.img --memory 256M \
+    --cmdline "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux quiet -- /bin/true" \
+    --metrics-json /tmp/m.json "$@" >/tmp/out 2>/tmp/err || { cat /tmp/err; return 1; }
+  up=$(sed -n 's/^shoal-init: up \([0-9.]*\).*/\1/p' /tmp/out | head -1)
+  m() { grep "\"$1\"" /tmp/m.json | head -1 | tr -dc '0-9.'; }
+  echo "ROW $name $up $(m wall_seconds) $(m pages_zero_filled) $(m pages_copied) $(m remote_fetches) $(m bytes_fabric_read)"
+}
+boot one-on
+boot one-off --dormant off
+boot pod-on --nodes 2 --fabric shm
+boot pod-off --nodes 2 --fabric shm --dormant off
+IN
+chmod +x "$inner"
+rows=$(ci/softroce.sh --add "$shoal:/usr/local/bin/shoal" --add "$inner:/usr/local/bin/boots" \
+  --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/initrd.img:/initrd.img" -- boots | grep '^ROW ')
+rm -f "$inner"
+echo "$rows"
+base=$(echo "$rows" | awk '$2=="one-on" {print $3}')
+{
+  echo "# Linux boot to init"
+  echo
+  echo "\`bench/scripts/linux-boot.sh\`: Debian's kernel with shoal's initramfs running \`/bin/true\`, 256 MiB,"
+  echo "inside the soft-RoCE harness's QEMU/TCG under nested KVM (compare ratios, not times). Boot to init is"
+  echo "the guest's uptime when init starts."
+  echo
+  echo "| run | boot to init s | ÷ one node, dormant on | shoal wall s | pages zero-filled | pages copied | remote fetches | page bytes on the wire |"
+  echo "|---|---|---|---|---|---|---|---|"
+  echo "$rows" | awk -v b="$base" '{printf "| %s | %s | %.2f | %.1f | %s | %s | %s | %s |\n", $2, $3, $3/b, $4, $5, $6, $7, $8}'
+} >"$out/linux-boot.md"
+echo "$rows" | awk 'BEGIN{print "["} {printf "%s{\"run\":\"%s\",\"boot_to_init_s\":%s,\"wall_s\":%s,\"pages_zero_filled\":%s,\"pages_copied\":%s,\"remote_fetches\":%s,\"bytes_fabric_read\":%s}", (NR>1?",\n":""), $2,$3,$4,$5,$6,$7,$8} END{print "\n]"}' >"$out/linux-boot.json"
+cat "$out/linux-boot.md"
