@@ -44,7 +44,7 @@ else
 
   # Debian's stock kernel cannot run on this machine's KVM (it emulates);
   # it runs as a nested guest inside the harness's QEMU
-  step "Linux guests: Debian's kernel on shoal, one node and a 2-node pod (ci/linux-guest.sh in ci/softroce.sh)"
+  step "Linux guests: Debian's kernel on shoal (ci/linux-guest.sh in ci/softroce.sh)"
   linux_out=${SHOAL_LINUX_DIR:-/var/tmp/shoal-linux}/out
   guest-images/linux/build.sh "$linux_out"
   ci/softroce.sh --add target/debug/shoal:/usr/local/bin/shoal --add ci/linux-guest.sh:/usr/local/bin/linux-guest \

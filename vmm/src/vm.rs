@@ -173,6 +173,15 @@ pub fn run_node(
         ImageSource::File(path) if crate::linux::is_bzimage(&bytes) => Some(path.clone()),
         _ => None,
     };
+    if linux_kernel.is_some() && config.cpus > 1 {
+        // without MP tables (or ACPI's MADT) Linux finds one CPU and the
+        // others would wait for a SIPI that never comes
+        return Err(config::Error::Invalid(format!(
+            "--cpus {}: Linux guests boot with one vCPU for now (shoal gives them no MP tables yet)",
+            config.cpus
+        ))
+        .into());
+    }
     if config.initrd.is_some() && linux_kernel.is_none() {
         return Err(
             config::Error::Invalid(format!("--initrd needs a Linux kernel (a bzImage); {name} is not one")).into()
