@@ -130,7 +130,6 @@ impl NodeMetrics {
     pub fn collect(node: u64, c: &PagerCounters, pages_resident: u64, latency: &FaultLatency) -> Self {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeMetrics {
-            node: Some(node),
             faults: get(&c.faults),
             faults_already_resident: get(&c.faults_already_resident),
             pages_zero_filled: get(&c.pages_zero_filled),
@@ -138,10 +137,7 @@ impl NodeMetrics {
             pages_loaded: get(&c.pages_loaded),
             pages_resident,
             pages_found_present: get(&c.pages_found_present),
-            fault_us_p50: latency.quantile_us(0.50),
-            fault_us_p99: latency.quantile_us(0.99),
-            fault_us_max: latency.quantile_us(1.0),
-            ..Default::default()
+            ..Self::collect_latency(node, latency)
         }
     }
 }

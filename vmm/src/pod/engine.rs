@@ -368,6 +368,10 @@ impl Engine {
         }
         let seeds: Vec<Page> =
             acts.iter().filter_map(|a| if let Action::ZeroFill { page } = a { Some(*page) } else { None }).collect();
+        // pages these actions will zero-fill, counted as they are added (a
+        // rescan of the actions per neighbour would be quadratic in the
+        // block, on the fault path)
+        let mut planned = seeds.len() as u64;
         for seed in seeds {
             let block = self.settings.config.block_of(seed);
             for q in block {
@@ -378,7 +382,6 @@ impl Engine {
                     // leave parked faults their room: fault-around then
                     // stops at the eviction level, not at the bound
                     let limit = if st.parked.is_empty() { budget } else { evict_level(budget) };
-                    let planned = acts.iter().filter(|a| matches!(a, Action::ZeroFill { .. })).count() as u64;
                     if st.resident + st.incoming + planned >= limit {
                         break;
                     }
@@ -388,6 +391,7 @@ impl Engine {
                     continue;
                 }
                 let more = st.node.fault(q, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
+                planned += more.iter().filter(|a| matches!(a, Action::ZeroFill { .. })).count() as u64;
                 // a Wake for a page nobody waits on is harmless, but costs
                 // an ioctl: leave it out
                 acts.extend(more.into_iter().filter(|a| !matches!(a, Action::Wake { .. })));

@@ -407,15 +407,15 @@ fn receive_turn(
     finishing: &AtomicBool,
     last_beat: &mut Instant,
 ) {
-    if !finishing.load(Ordering::SeqCst) {
+    // the watchdog and the beat run once a second, not once per message:
+    // the watchdog takes the engine's lock
+    if !finishing.load(Ordering::SeqCst) && last_beat.elapsed() >= BEAT_EVERY {
+        *last_beat = Instant::now();
         if let Some(why) = engine.stuck_fault(FAULT_TIMEOUT) {
             engine.fail(why);
         }
-        if last_beat.elapsed() >= BEAT_EVERY {
-            *last_beat = Instant::now();
-            for p in t.peers() {
-                let _ = send_control(t, p, &Control::Beat);
-            }
+        for p in t.peers() {
+            let _ = send_control(t, p, &Control::Beat);
         }
     }
     match next(t, Some(engine), Duration::from_millis(50)) {
