@@ -48,7 +48,8 @@ else
   linux_out=${SHOAL_LINUX_DIR:-/var/tmp/shoal-linux}/out
   guest-images/linux/build.sh "$linux_out"
   ci/softroce.sh --add target/debug/shoal:/usr/local/bin/shoal --add ci/linux-guest.sh:/usr/local/bin/linux-guest \
-    --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/initrd.img:/initrd.img" -- linux-guest
+    --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/vmlinux:/vmlinux" --add "$linux_out/initrd.img:/initrd.img" \
+    -- linux-guest
 fi
 
 # A pod as a cluster starts it: two tasks of a real (single-host) Slurm

@@ -13,6 +13,7 @@ pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod mptable;
 pub mod pager;
 pub mod pod;
 pub mod uffd;

@@ -1,23 +1,38 @@
-//! Linux guests: the x86 64-bit boot protocol for a bzImage (Debian's
-//! stock kernel), with linux-loader for the image and our own zero page,
-//! e820 map, initramfs placement, GDT and identity page tables.
+//! Linux guests: Debian's stock kernel booted with linux-loader, either
+//! - a bzImage through the x86 64-bit boot protocol (our zero page, e820
+//!   map, GDT and identity page tables; entered in long mode), or
+//! - an ELF vmlinux through its PVH entry (the Xen PVH boot ABI:
+//!   `hvm_start_info` with the memory map and the initramfs as a module;
+//!   entered in 32-bit protected mode without paging).
 //!
-//! Guest-physical layout below 1 MiB: the zero page (`boot_params`) at
-//! 0x7000, the boot stack below 0x8ff0, GDT and page tables from 0x9000,
-//! the command line at 0x20000; the kernel goes where its header says
-//! (1 MiB); the initramfs at the top of low RAM.
+//! Both get MP tables (see [`crate::mptable`]) listing the vCPUs and the
+//! I/O APIC, and the initramfs at the top of low RAM.
+//!
+//! Guest-physical layout below 1 MiB: the PVH start info at 0x6000, the
+//! zero page (or the PVH memory map) at 0x7000, the boot stack below
+//! 0x8ff0, GDT and page tables from 0x9000, the command line at 0x20000,
+//! the MP tables at 0xf0000; the kernel goes where its header (or ELF
+//! program headers) say, at or above 1 MiB.
 
 use std::fs::File;
 use std::path::Path;
 
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::loader;
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, Layout, PAGE_SIZE};
+use crate::mptable;
 
-/// The zero page.
+/// The PVH start info (`hvm_start_info`) and, after it, the module list.
+pub const PVH_INFO: u64 = 0x6000;
+const PVH_MODLIST: u64 = PVH_INFO + 0x40;
+/// The zero page (bzImage), or the PVH memory map.
 pub const ZERO_PAGE: u64 = 0x7000;
 /// The boot stack's top (the kernel sets up its own at once).
 pub const BOOT_STACK: u64 = 0x8ff0;
@@ -39,6 +54,12 @@ const E820_RESERVED: u32 = 2;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
+/// "xEn3" with its top bit flipped: the PVH start info's magic.
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// The ELF note (owner "Xen") that gives a kernel's 32-bit PVH entry.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// A PVH kernel starts in 32-bit mode: its initramfs must sit below 4 GiB.
+const PVH_MAX_ADDR: u64 = 1 << 32;
 /// loadflags: the kernel may use the heap up to heap_end_ptr.
 const CAN_USE_HEAP: u8 = 0x80;
 
@@ -53,6 +74,8 @@ pub enum Error {
     },
     #[error("kernel {path}: not a bzImage this loader can boot ({why})")]
     NotKernel { path: String, why: String },
+    #[error("kernel {path}: not an ELF vmlinux this loader can boot through its PVH entry ({why})")]
+    NotPvhKernel { path: String, why: String },
     #[error("initrd {path}: {source}")]
     Initrd {
         path: String,
@@ -67,6 +90,8 @@ pub enum Error {
     CmdlineTooLong { len: usize },
     #[error("writing the boot data into guest memory: {0}")]
     Write(String),
+    #[error("MP tables: {0}")]
+    MpTable(#[from] mptable::Error),
 }
 
 /// Whether `bytes` (an image's first 1 KiB or more) is a bzImage: the
@@ -75,18 +100,106 @@ pub fn is_bzimage(bytes: &[u8]) -> bool {
     bytes.get(0x202..0x206) == Some(&KERNEL_HDR_MAGIC.to_le_bytes()[..])
 }
 
-/// Where the Linux loader put things.
+/// What an ELF file's notes say about it being a Linux kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ElfNotes {
+    /// A note owned by "Linux" (every vmlinux has some).
+    linux: bool,
+    /// The PVH entry ("Xen", `XEN_ELFNOTE_PHYS32_ENTRY`; `CONFIG_PVH`).
+    pvh: bool,
+}
+
+fn elf_notes(bytes: &[u8]) -> ElfNotes {
+    let mut found = ElfNotes::default();
+    let Ok(elf) = goblin::elf::Elf::parse(bytes) else { return found };
+    let Some(notes) = elf.iter_note_headers(bytes) else { return found };
+    for n in notes.flatten() {
+        match n.name.trim_end_matches('\0') {
+            "Linux" => found.linux = true,
+            "Xen" if n.n_type == XEN_ELFNOTE_PHYS32_ENTRY => found.pvh = true,
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Whether `bytes` is an ELF file with a PVH entry note (a vmlinux built
+/// with `CONFIG_PVH`, as Debian's is).
+pub fn has_pvh_entry(bytes: &[u8]) -> bool {
+    elf_notes(bytes).pvh
+}
+
+/// Whether `bytes` is a Linux vmlinux without a PVH entry: shoal cannot
+/// enter it (its bzImage boots), and it is no unikernel either.
+pub fn is_vmlinux_without_pvh(bytes: &[u8]) -> bool {
+    let notes = elf_notes(bytes);
+    notes.linux && !notes.pvh
+}
+
+/// The kinds of Linux kernel image shoal boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A bzImage, entered through the 64-bit boot protocol.
+    BzImage,
+    /// An ELF vmlinux, entered through its PVH entry.
+    Pvh,
+}
+
+impl Format {
+    /// The format of a kernel image, from its bytes (None: not a Linux
+    /// kernel shoal knows; a unikernel, say).
+    pub fn of(bytes: &[u8]) -> Option<Format> {
+        if is_bzimage(bytes) {
+            Some(Format::BzImage)
+        } else if has_pvh_entry(bytes) {
+            Some(Format::Pvh)
+        } else {
+            None
+        }
+    }
+}
+
+/// How vCPU 0 enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// 64-bit mode at `rip` with rsi = the zero page, on our page tables.
+    Boot64 { rip: u64, zero_page: u64 },
+    /// 32-bit protected mode, paging off, at `rip` with ebx = the start info.
+    Pvh { rip: u64, start_info: u64 },
+}
+
+/// What the Linux loader wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinuxPlan {
-    /// The 64-bit entry point.
-    pub entry: u64,
-    pub zero_page: u64,
+    pub entry: Entry,
+    /// Our GDT and identity page tables (the 64-bit entry runs on them;
+    /// a PVH kernel sets up its own at once).
     pub gdt: u64,
     pub pml4: u64,
 }
 
-/// Loads `kernel` (and `initrd`) into `mem` and writes the zero page.
-pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str, mem: &GuestMemory) -> Result<LinuxPlan, Error> {
+/// The e820 map of `layout`: low RAM up to the EBDA, the BIOS area
+/// reserved (the MP tables live there), and every region above 1 MiB.
+fn e820(layout: &Layout) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED)];
+    for (i, r) in layout.regions().iter().enumerate() {
+        // the first region starts at 0: its part above 1 MiB
+        let (start, end) = if i == 0 { (HIGH_MEMORY, r.end()) } else { (r.gpa, r.end()) };
+        map.push((start, end - start, E820_RAM));
+    }
+    map
+}
+
+/// Loads `kernel` (a bzImage or a PVH vmlinux, as `format` says) and
+/// `initrd` into `mem`, with the boot data and MP tables for `cpus` vCPUs.
+pub fn load(
+    kernel: &Path,
+    format: Format,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    cpus: u32,
+    mem: &GuestMemory,
+) -> Result<LinuxPlan, Error> {
     let layout = mem.layout();
     if layout.size() < MIN_MEMORY {
         return Err(Error::TooSmall { mib: layout.size() >> 20 });
@@ -94,6 +207,7 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str, mem: &GuestMemo
     if cmdline.len() >= CMDLINE_MAX {
         return Err(Error::CmdlineTooLong { len: cmdline.len() });
     }
+    let tables = mptable::build(cpus)?;
     // the initramfs first: a missing one is the user's mistake to report
     // before anything is loaded
     let initrd = match initrd {
@@ -105,64 +219,106 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str, mem: &GuestMemo
     };
     let kpath = kernel.display().to_string();
     let mut file = File::open(kernel).map_err(|source| Error::Open { path: kpath.clone(), source })?;
-    let loaded = BzImage::load(mem.alias(), None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
-        .map_err(|e| Error::NotKernel { path: kpath.clone(), why: e.to_string() })?;
-    let mut hdr = loaded.setup_header.ok_or_else(|| Error::NotKernel { path: kpath, why: "no setup header".into() })?;
     let write = |bytes: &[u8], gpa: u64| {
         mem.alias().write_slice(bytes, GuestAddress(gpa)).map_err(|e| Error::Write(e.to_string()))
     };
-
-    // the initramfs at the top of low RAM, below what the kernel may reach
-    let low_end = layout.regions()[0].end();
-    if let Some((p, bytes)) = initrd {
+    // the initramfs at the top of low RAM (and below `max`), above the kernel
+    let place_initrd = |(p, bytes): (String, Vec<u8>), kernel_end: u64, max: u64| {
         let size = bytes.len() as u64;
-        let ceiling = low_end.min(u64::from(hdr.initrd_addr_max) + 1);
+        let ceiling = layout.regions()[0].end().min(max);
         let at = ceiling.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1));
-        let at = at.filter(|&a| a >= loaded.kernel_end.next_multiple_of(PAGE_SIZE));
+        let at = at.filter(|&a| a >= kernel_end.next_multiple_of(PAGE_SIZE));
         let at = at.ok_or(Error::InitrdTooBig { path: p, size, mem_mib: layout.size() >> 20 })?;
         write(&bytes, at)?;
-        hdr.ramdisk_image = at as u32;
-        hdr.ramdisk_size = size as u32;
-    }
+        Ok::<_, Error>((at, size))
+    };
 
     let mut line = cmdline.as_bytes().to_vec();
     line.push(0);
-    write(&line, CMDLINE)?;
+    let e820 = e820(layout);
 
-    hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
-    hdr.header = KERNEL_HDR_MAGIC;
-    hdr.cmd_line_ptr = CMDLINE as u32;
-    hdr.cmdline_size = cmdline.len() as u32;
-    hdr.loadflags |= CAN_USE_HEAP;
-    hdr.heap_end_ptr = (ZERO_PAGE - 0x200) as u16;
+    let entry = match format {
+        Format::BzImage => {
+            let loaded = BzImage::load(mem.alias(), None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
+                .map_err(|e| Error::NotKernel { path: kpath.clone(), why: e.to_string() })?;
+            let mut hdr =
+                loaded.setup_header.ok_or_else(|| Error::NotKernel { path: kpath, why: "no setup header".into() })?;
+            if let Some(initrd) = initrd {
+                let (at, size) = place_initrd(initrd, loaded.kernel_end, u64::from(hdr.initrd_addr_max) + 1)?;
+                hdr.ramdisk_image = at as u32;
+                hdr.ramdisk_size = size as u32;
+            }
+            hdr.type_of_loader = KERNEL_LOADER_OTHER;
+            hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+            hdr.header = KERNEL_HDR_MAGIC;
+            hdr.cmd_line_ptr = CMDLINE as u32;
+            hdr.cmdline_size = cmdline.len() as u32;
+            hdr.loadflags |= CAN_USE_HEAP;
+            hdr.heap_end_ptr = (ZERO_PAGE - 0x200) as u16;
 
-    let mut params = boot_params { hdr, ..Default::default() };
-    let mut e820 = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED)];
-    for (i, r) in layout.regions().iter().enumerate() {
-        // the first region starts at 0: its part above 1 MiB
-        let (start, end) = if i == 0 { (HIGH_MEMORY, r.end()) } else { (r.gpa, r.end()) };
-        e820.push((start, end - start, E820_RAM));
-    }
-    for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(&e820) {
-        *slot = boot_e820_entry { addr, size, r#type: kind };
-    }
-    params.e820_entries = e820.len() as u8;
-    // SAFETY: boot_params is a plain-old-data C struct (bindgen, packed, no
-    // padding with meaning); viewing it as bytes to copy it is sound.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((&params as *const boot_params).cast::<u8>(), std::mem::size_of::<boot_params>())
+            let mut params = boot_params { hdr, ..Default::default() };
+            for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(&e820) {
+                *slot = boot_e820_entry { addr, size, r#type: kind };
+            }
+            params.e820_entries = e820.len() as u8;
+            // SAFETY: boot_params is a plain-old-data C struct (bindgen,
+            // packed, no padding with meaning); viewing it as bytes to copy
+            // it is sound.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&params as *const boot_params).cast::<u8>(),
+                    std::mem::size_of::<boot_params>(),
+                )
+            };
+            write(bytes, ZERO_PAGE)?;
+            // the 64-bit entry is 0x200 past the start of the protected-mode kernel
+            Entry::Boot64 { rip: loaded.kernel_load.0 + 0x200, zero_page: ZERO_PAGE }
+        }
+        Format::Pvh => {
+            let loaded = Elf::load(mem.alias(), None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
+                .map_err(|e| Error::NotPvhKernel { path: kpath.clone(), why: e.to_string() })?;
+            let PvhBootCapability::PvhEntryPresent(rip) = loaded.pvh_boot_cap else {
+                return Err(Error::NotPvhKernel { path: kpath, why: "no usable PVH entry note".into() });
+            };
+            let memmap: Vec<hvm_memmap_table_entry> = e820
+                .iter()
+                .map(|&(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
+                .collect();
+            let mut info = hvm_start_info {
+                magic: XEN_HVM_START_MAGIC,
+                version: 1,
+                cmdline_paddr: CMDLINE,
+                memmap_paddr: ZERO_PAGE,
+                memmap_entries: memmap.len() as u32,
+                ..Default::default()
+            };
+            let mut modules = Vec::new();
+            if let Some(initrd) = initrd {
+                let (paddr, size) = place_initrd(initrd, loaded.kernel_end, PVH_MAX_ADDR)?;
+                modules.push(hvm_modlist_entry { paddr, size, ..Default::default() });
+                info.nr_modules = 1;
+                info.modlist_paddr = PVH_MODLIST;
+            }
+            let mut params = BootParams::new(&info, GuestAddress(PVH_INFO));
+            params.set_sections(&memmap, GuestAddress(ZERO_PAGE));
+            if !modules.is_empty() {
+                params.set_modules(&modules, GuestAddress(PVH_MODLIST));
+            }
+            PvhBootConfigurator::write_bootparams(&params, mem.alias()).map_err(|e| Error::Write(e.to_string()))?;
+            Entry::Pvh { rip: rip.0, start_info: PVH_INFO }
+        }
     };
-    write(bytes, ZERO_PAGE)?;
-
+    write(&line, CMDLINE)?;
+    write(&tables, mptable::MPTABLE_START)?;
     let (gdt, pml4) = loader::write_boot_paging(mem, TABLES).map_err(|e| Error::Write(e.to_string()))?;
-    // the 64-bit entry is 0x200 past the start of the protected-mode kernel
-    Ok(LinuxPlan { entry: loaded.kernel_load.0 + 0x200, zero_page: ZERO_PAGE, gdt, pml4 })
+    Ok(LinuxPlan { entry, gdt, pml4 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use vm_memory::Bytes;
 
     #[test]
     fn bzimages_are_told_from_elf_files() {
@@ -174,6 +330,132 @@ mod tests {
         assert!(!is_bzimage(b"short"));
     }
 
+    /// A minimal x86-64 ELF executable: one 4 KiB segment loaded at
+    /// 1 MiB and, with `pvh`, a "Xen" note giving the PVH entry, with
+    /// `linux` a "Linux" note as every vmlinux has.
+    fn tiny_elf(pvh: Option<u32>, linux: bool) -> Vec<u8> {
+        let mut note = Vec::new();
+        if linux {
+            for v in [6u32, 4, 0x100] {
+                note.extend_from_slice(&v.to_le_bytes());
+            }
+            note.extend_from_slice(b"Linux\0\0\0"); // padded to 4 bytes
+            note.extend_from_slice(&[0; 4]);
+        }
+        if let Some(entry) = pvh {
+            for v in [4u32, 4, XEN_ELFNOTE_PHYS32_ENTRY] {
+                note.extend_from_slice(&v.to_le_bytes());
+            }
+            note.extend_from_slice(b"Xen\0");
+            note.extend_from_slice(&entry.to_le_bytes());
+        }
+        let has_notes = !note.is_empty();
+        let phnum: u16 = if has_notes { 2 } else { 1 };
+        let mut f = vec![0u8; 0x2000];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little-endian
+        f[6] = 1; // version
+        let put = |f: &mut Vec<u8>, at: usize, bytes: &[u8]| f[at..at + bytes.len()].copy_from_slice(bytes);
+        put(&mut f, 16, &2u16.to_le_bytes()); // ET_EXEC
+        put(&mut f, 18, &0x3eu16.to_le_bytes()); // x86-64
+        put(&mut f, 20, &1u32.to_le_bytes());
+        put(&mut f, 24, &0x10_0000u64.to_le_bytes()); // e_entry
+        put(&mut f, 32, &64u64.to_le_bytes()); // e_phoff
+        put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
+        put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
+        put(&mut f, 56, &phnum.to_le_bytes());
+        // PT_LOAD: file 0x1000..0x2000 at 1 MiB, 8 KiB in memory
+        let load: [u64; 6] = [0x1000, 0x10_0000, 0x10_0000, 0x1000, 0x2000, 0x1000];
+        put(&mut f, 64, &[1u32.to_le_bytes(), 5u32.to_le_bytes()].concat());
+        for (i, v) in load.iter().enumerate() {
+            put(&mut f, 72 + 8 * i, &v.to_le_bytes());
+        }
+        if has_notes {
+            let note_at = 64 + 2 * 56;
+            let ph: [u64; 6] = [note_at as u64, 0, 0, note.len() as u64, note.len() as u64, 4];
+            put(&mut f, 120, &[4u32.to_le_bytes(), 4u32.to_le_bytes()].concat());
+            for (i, v) in ph.iter().enumerate() {
+                put(&mut f, 128 + 8 * i, &v.to_le_bytes());
+            }
+            put(&mut f, note_at, &note);
+        }
+        f
+    }
+
+    #[test]
+    fn pvh_kernels_are_found_by_their_note() {
+        assert_eq!(Format::of(&tiny_elf(Some(0x10_0040), true)), Some(Format::Pvh));
+        assert_eq!(Format::of(&tiny_elf(Some(0x10_0040), false)), Some(Format::Pvh));
+        assert_eq!(Format::of(&tiny_elf(None, true)), None);
+        assert_eq!(Format::of(&tiny_elf(None, false)), None);
+        // a vmlinux without the PVH entry is told from a unikernel
+        assert!(is_vmlinux_without_pvh(&tiny_elf(None, true)));
+        assert!(!is_vmlinux_without_pvh(&tiny_elf(Some(0x10_0040), true)));
+        assert!(!is_vmlinux_without_pvh(&tiny_elf(None, false)));
+        assert!(!is_vmlinux_without_pvh(shoal_guest_images::find("hello").unwrap().elf));
+        assert_eq!(Format::of(shoal_guest_images::find("hello").unwrap().elf), None);
+        let mut b = vec![0u8; 0x400];
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(Format::of(&b), Some(Format::BzImage));
+    }
+
+    #[test]
+    fn a_pvh_kernel_gets_its_start_info() {
+        let dir = std::env::temp_dir().join(format!("shoal-pvh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("vmlinux");
+        std::fs::write(&k, tiny_elf(Some(0x10_0040), true)).unwrap();
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
+        let mem = GuestMemory::new(crate::memory::Layout::new(128 << 20).unwrap()).unwrap();
+        let plan = load(&k, Format::Pvh, Some(&initrd), "console=ttyS0", 2, &mem).unwrap();
+        assert_eq!(plan.entry, Entry::Pvh { rip: 0x10_0040, start_info: PVH_INFO });
+        let read = |gpa: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            mem.alias().read_slice(&mut b, GuestAddress(gpa)).unwrap();
+            b
+        };
+        let u32_at = |gpa| u32::from_le_bytes(read(gpa, 4).try_into().unwrap());
+        let u64_at = |gpa| u64::from_le_bytes(read(gpa, 8).try_into().unwrap());
+        // hvm_start_info: magic, version, flags, nr_modules, modlist,
+        // cmdline, rsdp, memmap, memmap entries
+        assert_eq!(u32_at(PVH_INFO), XEN_HVM_START_MAGIC);
+        assert_eq!(u32_at(PVH_INFO + 12), 1);
+        assert_eq!(u64_at(PVH_INFO + 16), PVH_MODLIST);
+        assert_eq!(u64_at(PVH_INFO + 24), CMDLINE);
+        assert_eq!(u64_at(PVH_INFO + 40), ZERO_PAGE);
+        let entries = u32_at(PVH_INFO + 48) as u64;
+        assert_eq!(entries, e820(mem.layout()).len() as u64);
+        // the memory map covers the guest's RAM; the module is the initrd,
+        // page-aligned at the top of low RAM
+        let ram: u64 = (0..entries)
+            .filter(|i| u32_at(ZERO_PAGE + 24 * i + 16) == E820_RAM)
+            .map(|i| u64_at(ZERO_PAGE + 24 * i + 8))
+            .sum();
+        assert_eq!(ram, (128 << 20) - (HIGH_MEMORY - EBDA_START));
+        let (paddr, size) = (u64_at(PVH_MODLIST), u64_at(PVH_MODLIST + 8));
+        assert_eq!(size, 10_000);
+        assert_eq!(paddr % PAGE_SIZE, 0);
+        assert_eq!(read(paddr, 10_000), vec![7u8; 10_000]);
+        assert_eq!(read(CMDLINE, 14), b"console=ttyS0\0");
+        // the kernel's segment, and the MP tables for 2 vCPUs
+        assert_eq!(read(mptable::MPTABLE_START, 4), b"_MP_");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_elf_without_a_pvh_note_is_refused_as_pvh() {
+        let dir = std::env::temp_dir().join(format!("shoal-nopvh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("vmlinux");
+        std::fs::write(&k, tiny_elf(None, true)).unwrap();
+        let mem = GuestMemory::new(crate::memory::Layout::new(128 << 20).unwrap()).unwrap();
+        let e = load(&k, Format::Pvh, None, "", 1, &mem).unwrap_err();
+        assert!(matches!(e, Error::NotPvhKernel { .. }), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_fake_kernel_is_refused_clearly() {
         let dir = std::env::temp_dir().join(format!("shoal-linux-{}", std::process::id()));
@@ -181,10 +463,10 @@ mod tests {
         let k = dir.join("not-a-kernel");
         std::fs::write(&k, vec![0u8; 4096]).unwrap();
         let mem = GuestMemory::new(crate::memory::Layout::new(128 << 20).unwrap()).unwrap();
-        let e = load(&k, None, "console=ttyS0", &mem).unwrap_err();
+        let e = load(&k, Format::BzImage, None, "console=ttyS0", 1, &mem).unwrap_err();
         assert!(matches!(e, Error::NotKernel { .. }), "{e}");
         let small = GuestMemory::new(crate::memory::Layout::new(64 << 20).unwrap()).unwrap();
-        assert!(matches!(load(&k, None, "", &small), Err(Error::TooSmall { mib: 64 })));
+        assert!(matches!(load(&k, Format::BzImage, None, "", 1, &small), Err(Error::TooSmall { mib: 64 })));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

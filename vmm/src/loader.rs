@@ -179,7 +179,7 @@ pub struct BootPlan {
 /// How vCPU 0 enters a Linux kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxEntry {
-    pub zero_page: u64,
+    pub entry: crate::linux::Entry,
     pub stack: u64,
     /// Hide XSAVE from the guest (see `vcpu::cpuid_with`).
     pub no_xsave: bool,

@@ -9,7 +9,8 @@ use shoal_guest_images::abi;
 
 use crate::control::{Control, VmEvent};
 use crate::devices::{Devices, HcResult, PortEvent};
-use crate::loader::{self, BootPlan};
+use crate::linux;
+use crate::loader::{self, BootPlan, LinuxEntry};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -141,7 +142,10 @@ impl Vcpu {
         fd.set_cpuid2(&cpuid).map_err(err("setting CPUID"))?;
 
         let mut sregs = fd.get_sregs().map_err(err("reading special registers"))?;
-        sregs.cs = segment(loader::CODE_SELECTOR, 0xb, true);
+        let pvh = matches!(plan.linux, Some(LinuxEntry { entry: linux::Entry::Pvh { .. }, .. }));
+        // 64-bit mode on our tables; a PVH kernel wants 32-bit protected
+        // mode with flat segments and paging off
+        sregs.cs = segment(loader::CODE_SELECTOR, 0xb, !pvh);
         let data = segment(loader::DATA_SELECTOR, 0x3, false);
         sregs.ds = data;
         sregs.es = data;
@@ -161,19 +165,35 @@ impl Vcpu {
         sregs.gdt.limit = (loader::GDT.len() * 8 - 1) as u16;
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
-        sregs.cr3 = plan.pml4;
-        sregs.cr4 = CR4_PAE;
-        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
-        sregs.efer = EFER_LME | EFER_LMA;
-        fd.set_sregs(&sregs).map_err(err("entering long mode (KVM_SET_SREGS)"))?;
+        if pvh {
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.cr0 = CR0_PE | CR0_ET;
+            sregs.efer = 0;
+        } else {
+            sregs.cr3 = plan.pml4;
+            sregs.cr4 = CR4_PAE;
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+            sregs.efer = EFER_LME | EFER_LMA;
+        }
+        fd.set_sregs(&sregs).map_err(err("setting the entry mode (KVM_SET_SREGS)"))?;
 
         let regs = match plan.linux {
-            // the 64-bit boot protocol: rsi points at the zero page. Only
-            // vCPU 0 starts there; the others wait for the kernel's
-            // INIT/SIPI in the in-kernel local APIC.
+            // Only vCPU 0 starts at the kernel's entry; the others wait
+            // for the kernel's INIT/SIPI in the in-kernel local APIC
+            // (which resets what is set here), as the MP tables say.
             Some(l) => {
                 set_lint(&fd).map_err(err("setting up the local APIC"))?;
-                kvm_regs { rip: plan.entry, rsp: l.stack, rsi: l.zero_page, rflags: 0x2, ..Default::default() }
+                match l.entry {
+                    // the 64-bit boot protocol: rsi points at the zero page
+                    linux::Entry::Boot64 { rip, zero_page } => {
+                        kvm_regs { rip, rsp: l.stack, rsi: zero_page, rflags: 0x2, ..Default::default() }
+                    }
+                    // PVH: ebx points at the start info
+                    linux::Entry::Pvh { rip, start_info } => {
+                        kvm_regs { rip, rsp: l.stack, rbx: start_info, rflags: 0x2, ..Default::default() }
+                    }
+                }
             }
             None => {
                 let (boot_info, stack_top) = plan.vcpus[id as usize];

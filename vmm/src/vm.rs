@@ -170,22 +170,20 @@ pub fn run_node(
         }
     };
     let linux_kernel = match &config.image {
-        ImageSource::File(path) if crate::linux::is_bzimage(&bytes) => Some(path.clone()),
-        _ => None,
+        ImageSource::File(path) => crate::linux::Format::of(&bytes).map(|f| (path.clone(), f)),
+        ImageSource::Embedded(_) => None,
     };
-    if linux_kernel.is_some() && config.cpus > 1 {
-        // without MP tables (or ACPI's MADT) Linux finds one CPU and the
-        // others would wait for a SIPI that never comes
+    if linux_kernel.is_none() && crate::linux::is_vmlinux_without_pvh(&bytes) {
         return Err(config::Error::Invalid(format!(
-            "--cpus {}: Linux guests boot with one vCPU for now (shoal gives them no MP tables yet)",
-            config.cpus
+            "{name} is a Linux vmlinux without a PVH entry (built without CONFIG_PVH): boot its bzImage instead"
         ))
         .into());
     }
     if config.initrd.is_some() && linux_kernel.is_none() {
-        return Err(
-            config::Error::Invalid(format!("--initrd needs a Linux kernel (a bzImage); {name} is not one")).into()
-        );
+        return Err(config::Error::Invalid(format!(
+            "--initrd needs a Linux kernel (a bzImage, or an ELF vmlinux with a PVH entry); {name} is not one"
+        ))
+        .into());
     }
     let mem = match pod {
         Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),
@@ -196,19 +194,15 @@ pub fn run_node(
     let params =
         BootParams { cmdline: config.cmdline.clone(), vcpus: config.cpus, node_id: 0, num_nodes: num_nodes.into() };
     let plan = match &linux_kernel {
-        Some(path) => {
-            let l = crate::linux::load(path, config.initrd.as_deref(), &config.cmdline, &mem)?;
+        Some((path, format)) => {
+            let l = crate::linux::load(path, *format, config.initrd.as_deref(), &config.cmdline, config.cpus, &mem)?;
             BootPlan {
-                entry: l.entry,
+                entry: 0,
                 pml4: l.pml4,
                 gdt: l.gdt,
                 vcpus: Vec::new(),
                 free_base: 0,
-                linux: Some(LinuxEntry {
-                    zero_page: l.zero_page,
-                    stack: crate::linux::BOOT_STACK,
-                    no_xsave: config.no_xsave,
-                }),
+                linux: Some(LinuxEntry { entry: l.entry, stack: crate::linux::BOOT_STACK, no_xsave: config.no_xsave }),
             }
         }
         None => loader::load(&loader::Image::parse(&name, &bytes)?, &mem, &params)?,
