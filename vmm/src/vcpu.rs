@@ -66,11 +66,12 @@ pub fn cpuid_with(kvm: &Kvm, id: u64, linux: bool, no_xsave: bool) -> std::resul
         }
         if linux && e.function == KVM_CPUID_FEATURES {
             // No asynchronous page faults: a vCPU must block on a page the
-            // pager is bringing in. Measured on a 2-node pod under nested
-            // KVM: with async PF a Linux guest triple-faults as soon as
-            // pages are evicted (KVM delivers its async-PF notices through
-            // guest memory that may itself be away); with it off the same
-            // boot and 64 MiB memfill pass (also `no-kvmapf` in the guest).
+            // pager is bringing in (KVM would deliver its async-PF notices
+            // through guest memory that may itself be away). On a 2-node
+            // pod under nested KVM a guest with async PF triple-faulted as
+            // soon as pages were evicted; that harness (QEMU with two CPUs)
+            // was later seen to wedge on its own, so the measurement is
+            // weak, but blocking is the simpler contract either way.
             e.eax &= !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT);
         }
         if no_xsave {
