@@ -58,6 +58,9 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 /// The ELF note (owner "Xen") that gives a kernel's 32-bit PVH entry.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// A flat 4 GiB 32-bit code segment (present, ring 0, execute/read, D=1,
+/// 4 KiB granularity): the PVH entry's CS.
+const CODE32_DESCRIPTOR: u64 = 0x00cf_9b00_0000_ffff;
 /// A PVH kernel starts in 32-bit mode: its initramfs must sit below 4 GiB.
 const PVH_MAX_ADDR: u64 = 1 << 32;
 /// loadflags: the kernel may use the heap up to heap_end_ptr.
@@ -74,6 +77,8 @@ pub enum Error {
     },
     #[error("kernel {path}: not a bzImage this loader can boot ({why})")]
     NotKernel { path: String, why: String },
+    #[error("the kernel is a Linux vmlinux without a PVH entry (built without CONFIG_PVH): boot its bzImage instead")]
+    NoPvhEntry,
     #[error("kernel {path}: not an ELF vmlinux this loader can boot through its PVH entry ({why})")]
     NotPvhKernel { path: String, why: String },
     #[error("initrd {path}: {source}")]
@@ -100,7 +105,8 @@ pub fn is_bzimage(bytes: &[u8]) -> bool {
     bytes.get(0x202..0x206) == Some(&KERNEL_HDR_MAGIC.to_le_bytes()[..])
 }
 
-/// What an ELF file's notes say about it being a Linux kernel.
+/// What an ELF file's notes say about it being a Linux kernel (only its
+/// header, program headers and notes are parsed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct ElfNotes {
     /// A note owned by "Linux" (every vmlinux has some).
@@ -110,8 +116,16 @@ struct ElfNotes {
 }
 
 fn elf_notes(bytes: &[u8]) -> ElfNotes {
+    use goblin::container::{Container, Ctx, Endian};
+    use goblin::elf::{Elf, ProgramHeader};
     let mut found = ElfNotes::default();
-    let Ok(elf) = goblin::elf::Elf::parse(bytes) else { return found };
+    let Ok(header) = Elf::parse_header(bytes) else { return found };
+    let Ok(mut elf) = Elf::lazy_parse(header) else { return found };
+    let container = if elf.is_64 { Container::Big } else { Container::Little };
+    let endian = if elf.little_endian { Endian::Little } else { Endian::Big };
+    let (offset, count) = (header.e_phoff as usize, usize::from(header.e_phnum));
+    let Ok(phdrs) = ProgramHeader::parse(bytes, offset, count, Ctx::new(container, endian)) else { return found };
+    elf.program_headers = phdrs;
     let Some(notes) = elf.iter_note_headers(bytes) else { return found };
     for n in notes.flatten() {
         match n.name.trim_end_matches('\0') {
@@ -121,19 +135,6 @@ fn elf_notes(bytes: &[u8]) -> ElfNotes {
         }
     }
     found
-}
-
-/// Whether `bytes` is an ELF file with a PVH entry note (a vmlinux built
-/// with `CONFIG_PVH`, as Debian's is).
-pub fn has_pvh_entry(bytes: &[u8]) -> bool {
-    elf_notes(bytes).pvh
-}
-
-/// Whether `bytes` is a Linux vmlinux without a PVH entry: shoal cannot
-/// enter it (its bzImage boots), and it is no unikernel either.
-pub fn is_vmlinux_without_pvh(bytes: &[u8]) -> bool {
-    let notes = elf_notes(bytes);
-    notes.linux && !notes.pvh
 }
 
 /// The kinds of Linux kernel image shoal boots.
@@ -146,15 +147,18 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format of a kernel image, from its bytes (None: not a Linux
-    /// kernel shoal knows; a unikernel, say).
-    pub fn of(bytes: &[u8]) -> Option<Format> {
+    /// The format of a kernel image, from its bytes: `Ok(None)` for a file
+    /// that is no Linux kernel (a unikernel, say), an error for a Linux
+    /// vmlinux shoal cannot enter (no PVH entry).
+    pub fn of(bytes: &[u8]) -> Result<Option<Format>, Error> {
         if is_bzimage(bytes) {
-            Some(Format::BzImage)
-        } else if has_pvh_entry(bytes) {
-            Some(Format::Pvh)
-        } else {
-            None
+            return Ok(Some(Format::BzImage));
+        }
+        let notes = elf_notes(bytes);
+        match (notes.linux, notes.pvh) {
+            (true, true) => Ok(Some(Format::Pvh)),
+            (true, false) => Err(Error::NoPvhEntry),
+            (false, _) => Ok(None),
         }
     }
 }
@@ -311,6 +315,12 @@ pub fn load(
     write(&line, CMDLINE)?;
     write(&tables, mptable::MPTABLE_START)?;
     let (gdt, pml4) = loader::write_boot_paging(mem, TABLES).map_err(|e| Error::Write(e.to_string()))?;
+    if matches!(entry, Entry::Pvh { .. }) {
+        // the PVH ABI's CS is a flat 32-bit code segment: make the GDT's
+        // code descriptor say so too (the kernel loads its own GDT at
+        // once, but a reload of CS before that must not turn 16-bit)
+        write(&CODE32_DESCRIPTOR.to_le_bytes(), gdt + u64::from(loader::CODE_SELECTOR))?;
+    }
     Ok(LinuxPlan { entry, gdt, pml4 })
 }
 
@@ -385,19 +395,17 @@ mod tests {
 
     #[test]
     fn pvh_kernels_are_found_by_their_note() {
-        assert_eq!(Format::of(&tiny_elf(Some(0x10_0040), true)), Some(Format::Pvh));
-        assert_eq!(Format::of(&tiny_elf(Some(0x10_0040), false)), Some(Format::Pvh));
-        assert_eq!(Format::of(&tiny_elf(None, true)), None);
-        assert_eq!(Format::of(&tiny_elf(None, false)), None);
-        // a vmlinux without the PVH entry is told from a unikernel
-        assert!(is_vmlinux_without_pvh(&tiny_elf(None, true)));
-        assert!(!is_vmlinux_without_pvh(&tiny_elf(Some(0x10_0040), true)));
-        assert!(!is_vmlinux_without_pvh(&tiny_elf(None, false)));
-        assert!(!is_vmlinux_without_pvh(shoal_guest_images::find("hello").unwrap().elf));
-        assert_eq!(Format::of(shoal_guest_images::find("hello").unwrap().elf), None);
+        let of = |b: &[u8]| Format::of(b).ok().flatten();
+        assert_eq!(of(&tiny_elf(Some(0x10_0040), true)), Some(Format::Pvh));
+        // a PVH entry alone (a unikernel could have one) is not Linux
+        assert_eq!(of(&tiny_elf(Some(0x10_0040), false)), None);
+        assert_eq!(of(&tiny_elf(None, false)), None);
+        assert_eq!(of(shoal_guest_images::find("hello").unwrap().elf), None);
         let mut b = vec![0u8; 0x400];
         b[0x202..0x206].copy_from_slice(b"HdrS");
-        assert_eq!(Format::of(&b), Some(Format::BzImage));
+        assert_eq!(of(&b), Some(Format::BzImage));
+        // a vmlinux without the PVH entry is told from a unikernel
+        assert!(matches!(Format::of(&tiny_elf(None, true)), Err(Error::NoPvhEntry)));
     }
 
     #[test]
@@ -421,6 +429,8 @@ mod tests {
         // hvm_start_info: magic, version, flags, nr_modules, modlist,
         // cmdline, rsdp, memmap, memmap entries
         assert_eq!(u32_at(PVH_INFO), XEN_HVM_START_MAGIC);
+        assert_eq!(u32_at(PVH_INFO + 4), 1);
+        assert_eq!(u32_at(PVH_INFO + 8), 0);
         assert_eq!(u32_at(PVH_INFO + 12), 1);
         assert_eq!(u64_at(PVH_INFO + 16), PVH_MODLIST);
         assert_eq!(u64_at(PVH_INFO + 24), CMDLINE);
@@ -439,8 +449,9 @@ mod tests {
         assert_eq!(paddr % PAGE_SIZE, 0);
         assert_eq!(read(paddr, 10_000), vec![7u8; 10_000]);
         assert_eq!(read(CMDLINE, 14), b"console=ttyS0\0");
-        // the kernel's segment, and the MP tables for 2 vCPUs
+        // the MP tables for 2 vCPUs, and a 32-bit code segment in the GDT
         assert_eq!(read(mptable::MPTABLE_START, 4), b"_MP_");
+        assert_eq!(u64_at(plan.gdt + u64::from(loader::CODE_SELECTOR)), CODE32_DESCRIPTOR);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

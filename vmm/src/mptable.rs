@@ -56,7 +56,7 @@ const SMALL_ENTRY_SIZE: usize = 8;
 /// Errors building the tables.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
-    #[error("a Linux guest can have 1 to {MAX_CPUS} vCPUs (xAPIC ids, with the I/O APIC's after them), not {cpus}")]
+    #[error("--cpus {cpus}: a Linux guest can have 1 to {MAX_CPUS} vCPUs (xAPIC ids, with the I/O APIC's after them)")]
     Cpus { cpus: u32 },
 }
 

@@ -170,15 +170,9 @@ pub fn run_node(
         }
     };
     let linux_kernel = match &config.image {
-        ImageSource::File(path) => crate::linux::Format::of(&bytes).map(|f| (path.clone(), f)),
+        ImageSource::File(path) => crate::linux::Format::of(&bytes)?.map(|f| (path.clone(), f)),
         ImageSource::Embedded(_) => None,
     };
-    if linux_kernel.is_none() && crate::linux::is_vmlinux_without_pvh(&bytes) {
-        return Err(config::Error::Invalid(format!(
-            "{name} is a Linux vmlinux without a PVH entry (built without CONFIG_PVH): boot its bzImage instead"
-        ))
-        .into());
-    }
     if config.initrd.is_some() && linux_kernel.is_none() {
         return Err(config::Error::Invalid(format!(
             "--initrd needs a Linux kernel (a bzImage, or an ELF vmlinux with a PVH entry); {name} is not one"
@@ -197,6 +191,7 @@ pub fn run_node(
         Some((path, format)) => {
             let l = crate::linux::load(path, *format, config.initrd.as_deref(), &config.cmdline, config.cpus, &mem)?;
             BootPlan {
+                // a Linux kernel is entered as `linux` says
                 entry: 0,
                 pml4: l.pml4,
                 gdt: l.gdt,
