@@ -18,7 +18,11 @@
 # Inside: RXE_DEV=rxe0, RXE_IP=127.0.0.1, RXE_GID_INDEX (the GID of
 # RXE_IP), GUEST_KVM=1 when /dev/kvm works there (TCG offers SVM, so
 # kvm_amd loads: nested KVM). The locked-memory limit is unlimited.
-# Exit status: the command's; 125 when the harness itself failed.
+# Exit status: the command's; 125 when the harness itself failed, also
+# when the VM wedged: it prints a tick every 20 s, and nothing at all for
+# 120 s means its clock or CPUs stopped (QEMU/TCG's nested KVM does that
+# now and then under a Linux guest; see ci/test.sh), so QEMU is stopped
+# then instead of at --timeout.
 #
 # Nothing is installed on the host beyond ci/packages.txt (QEMU, its
 # firmware, busybox and the kernel are downloaded and unpacked under
@@ -184,6 +188,8 @@ done
 [ -n "$RXE_GID_INDEX" ] || fail "no GID for 127.0.0.1 on rxe0"
 export RXE_DEV=rxe0 RXE_IP=127.0.0.1 RXE_GID_INDEX GUEST_KVM
 echo "@@SOFTROCE ready: rxe0 gid $RXE_GID_INDEX, nested KVM $GUEST_KVM, up $(cut -d' ' -f1 /proc/uptime) s"
+# a sign of life for the host: silence means the VM's clock stopped
+( while sleep 20; do echo "@@SOFTROCE tick"; done ) &
 cd /tmp
 status=0
 /etc/command </dev/null || status=$?
@@ -201,23 +207,42 @@ INITRD=$WORK/initramfs.cpio.gz
 # several microseconds (measured: it skewed 4 KiB read latencies by ~10 us)
 say "booting $(basename "$KERNEL") (${MEM} MiB, $SMP CPUs, TCG)"
 LOG=$WORK/console.log
+PIDFILE=$WORK/qemu.pid
+STALL=120
 status=
+wedged=
 start=$SECONDS
-while IFS= read -r line; do
+rm -f "$PIDFILE"
+while :; do
+  rc=0
+  IFS= read -r -t "$STALL" line || rc=$?
+  if [ "$rc" -gt 128 ]; then
+    # no line, not even a tick, for $STALL s: the VM's clock or CPUs stopped
+    wedged=1
+    kill -KILL "$(cat "$PIDFILE" 2>/dev/null)" 2>/dev/null || true
+    break
+  fi
+  [ "$rc" = 0 ] || [ -n "$line" ] || break
   line=${line%$'\r'}
   printf '%s\n' "$line" >> "$LOG"
   case $line in
     *@@SOFTROCE_STATUS=*) status=${line##*@@SOFTROCE_STATUS=} ;;
+    *'@@SOFTROCE tick'*) ;;
     *@@SOFTROCE*|*'Kernel panic'*) printf '%s\n' "${line#*@@}" >&2 ;;
     *) [ -n "${ready:-}" ] && printf '%s\n' "$line" ;;
   esac
   case $line in *'@@SOFTROCE ready'*) ready=1 ;; esac
+  [ "$rc" = 0 ] || break
 done < <(: > "$LOG"; timeout --kill-after=10 "$TIMEOUT" "${QEMU[@]}" \
            -L "$QROOT/usr/share/qemu" -L "$QROOT/usr/share/seabios" \
            -accel tcg -cpu max -m "$MEM" -smp "$SMP" \
            -kernel "$KERNEL" -initrd "$INITRD" \
            -append "console=ttyS0 panic=-1 oops=panic quiet loglevel=3 tsc=reliable clocksource=tsc" \
+           -pidfile "$PIDFILE" \
            -nographic -no-reboot -nic none -monitor none -serial stdio </dev/null 2>&1)
+if [ -n "$wedged" ]; then
+  say "the VM printed nothing for $STALL s, not even its tick: it wedged (its clock or CPUs stopped); stopped it"
+fi
 say "VM ran $((SECONDS - start)) s"
 if [ -z "$status" ]; then
   say "the guest never reported a status; console log: $LOG"
