@@ -101,7 +101,7 @@ pub enum Error {
 
 /// Whether `bytes` (an image's first 1 KiB or more) is a bzImage: the
 /// "HdrS" magic of the Linux boot protocol at 0x202.
-pub fn is_bzimage(bytes: &[u8]) -> bool {
+fn is_bzimage(bytes: &[u8]) -> bool {
     bytes.get(0x202..0x206) == Some(&KERNEL_HDR_MAGIC.to_le_bytes()[..])
 }
 
@@ -340,6 +340,20 @@ mod tests {
         assert!(!is_bzimage(b"short"));
     }
 
+    /// A scratch directory of this test process holding `name` with
+    /// `bytes`: (directory, file).
+    fn scratch_file(test: &str, name: &str, bytes: &[u8]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("shoal-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(name);
+        std::fs::write(&file, bytes).unwrap();
+        (dir, file)
+    }
+
+    fn guest_memory(mib: u64) -> GuestMemory {
+        GuestMemory::new(crate::memory::Layout::new(mib << 20).unwrap()).unwrap()
+    }
+
     /// A minimal x86-64 ELF executable: one 4 KiB segment loaded at
     /// 1 MiB and, with `pvh`, a "Xen" note giving the PVH entry, with
     /// `linux` a "Linux" note as every vmlinux has.
@@ -410,13 +424,10 @@ mod tests {
 
     #[test]
     fn a_pvh_kernel_gets_its_start_info() {
-        let dir = std::env::temp_dir().join(format!("shoal-pvh-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let k = dir.join("vmlinux");
-        std::fs::write(&k, tiny_elf(Some(0x10_0040), true)).unwrap();
+        let (dir, k) = scratch_file("pvh", "vmlinux", &tiny_elf(Some(0x10_0040), true));
         let initrd = dir.join("initrd");
         std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
-        let mem = GuestMemory::new(crate::memory::Layout::new(128 << 20).unwrap()).unwrap();
+        let mem = guest_memory(128);
         let plan = load(&k, Format::Pvh, Some(&initrd), "console=ttyS0", 2, &mem).unwrap();
         assert_eq!(plan.entry, Entry::Pvh { rip: 0x10_0040, start_info: PVH_INFO });
         let read = |gpa: u64, len: usize| {
@@ -457,27 +468,18 @@ mod tests {
 
     #[test]
     fn an_elf_without_a_pvh_note_is_refused_as_pvh() {
-        let dir = std::env::temp_dir().join(format!("shoal-nopvh-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let k = dir.join("vmlinux");
-        std::fs::write(&k, tiny_elf(None, true)).unwrap();
-        let mem = GuestMemory::new(crate::memory::Layout::new(128 << 20).unwrap()).unwrap();
-        let e = load(&k, Format::Pvh, None, "", 1, &mem).unwrap_err();
+        let (dir, k) = scratch_file("nopvh", "vmlinux", &tiny_elf(None, true));
+        let e = load(&k, Format::Pvh, None, "", 1, &guest_memory(128)).unwrap_err();
         assert!(matches!(e, Error::NotPvhKernel { .. }), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_fake_kernel_is_refused_clearly() {
-        let dir = std::env::temp_dir().join(format!("shoal-linux-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let k = dir.join("not-a-kernel");
-        std::fs::write(&k, vec![0u8; 4096]).unwrap();
-        let mem = GuestMemory::new(crate::memory::Layout::new(128 << 20).unwrap()).unwrap();
-        let e = load(&k, Format::BzImage, None, "console=ttyS0", 1, &mem).unwrap_err();
+        let (dir, k) = scratch_file("linux", "not-a-kernel", &[0u8; 4096]);
+        let e = load(&k, Format::BzImage, None, "console=ttyS0", 1, &guest_memory(128)).unwrap_err();
         assert!(matches!(e, Error::NotKernel { .. }), "{e}");
-        let small = GuestMemory::new(crate::memory::Layout::new(64 << 20).unwrap()).unwrap();
-        assert!(matches!(load(&k, Format::BzImage, None, "", 1, &small), Err(Error::TooSmall { mib: 64 })));
+        assert!(matches!(load(&k, Format::BzImage, None, "", 1, &guest_memory(64)), Err(Error::TooSmall { mib: 64 })));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
