@@ -21,6 +21,8 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("zeroboot", &["zeroboot.c", "pattern.c"]),
     ("smp", &["smp.c"]),
     ("touch", &["touch.c"]),
+    ("migrate", &["migrate.c"]),
+    ("sharing", &["sharing.c"]),
 ];
 const RUNTIME: &[&str] = &["start.S", "rt.c"];
 
@@ -110,6 +112,9 @@ fn abi_header() -> String {
         ("HC_EXIT", HC_EXIT.into()),
         ("HC_CLOCK_NS", HC_CLOCK_NS.into()),
         ("HC_INFO", HC_INFO.into()),
+        ("HC_IPI", HC_IPI.into()),
+        ("HC_WAIT_IPI", HC_WAIT_IPI.into()),
+        ("HC_MIGRATE", HC_MIGRATE.into()),
         ("INFO_VCPU_ID", INFO_VCPU_ID),
         ("INFO_NUM_VCPUS", INFO_NUM_VCPUS),
         ("INFO_NODE_ID", INFO_NODE_ID),

@@ -28,6 +28,17 @@ pub const HC_CLOCK_NS: u32 = 3;
 /// Query one fact: rdi = one of the INFO_* keys. Unknown keys return u64::MAX.
 pub const HC_INFO: u32 = 4;
 
+/// Send an inter-processor interrupt to vCPU rdi, wherever it runs.
+/// Returns 0, or u64::MAX when there is no such vCPU.
+pub const HC_IPI: u32 = 5;
+/// Sleep until an IPI arrives for the calling vCPU, or rdi nanoseconds
+/// pass (0: no limit). Returns how many IPIs arrived since the last call
+/// (they are taken), 0 after a timeout.
+pub const HC_WAIT_IPI: u32 = 6;
+/// Move the calling vCPU to node rdi; returns 0 there. A node outside the
+/// pod ends the VM with an error.
+pub const HC_MIGRATE: u32 = 7;
+
 /// HC_INFO key: id of the calling vCPU.
 pub const INFO_VCPU_ID: u64 = 0;
 /// HC_INFO key: number of vCPUs.

@@ -72,6 +72,25 @@ pub const GUESTS: &[Guest] = &[
         params: &[MIB],
         elf: elf!("touch"),
     },
+    Guest {
+        name: "migrate",
+        summary: "vCPU 0 moves itself between the nodes of a pod: mode=0 checks registers, stack and memory survive every move; mode=1 reads data written on node 1 (the vCPU should follow it)",
+        params: &[
+            Param { key: "mode", help: "0 tour every node, 1 follow data on node 1, 2 move outside the pod", default: 0 },
+            MIB,
+            Param { key: "rounds", help: "tours (mode 0) or read passes (mode 1)", default: 1 },
+        ],
+        elf: elf!("migrate"),
+    },
+    Guest {
+        name: "sharing",
+        summary: "vCPU 0 writes 1..rounds into a shared page, the other vCPUs read every value and acknowledge it; ipi=1 wakes them with IPIs",
+        params: &[
+            Param { key: "rounds", help: "values written", default: 100 },
+            Param { key: "ipi", help: "1: readers sleep until an IPI", default: 0 },
+        ],
+        elf: elf!("sharing"),
+    },
 ];
 
 /// The guest called `name`.

@@ -63,6 +63,39 @@ pub fn parse_size(s: &str) -> Result<u64> {
     n.checked_mul(1u64 << shift).ok_or_else(|| Error::SizeOverflow(s.to_string()))
 }
 
+/// Parses `--placement 0,0,1,2`: each vCPU's first node.
+pub fn parse_placement(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|w| {
+            w.trim().parse::<u32>().map_err(|_| {
+                Error::Invalid(format!("--placement {s:?}: {w:?} is not a node number (a list like 0,0,1,2)"))
+            })
+        })
+        .collect()
+}
+
+/// Where the vCPUs start: `explicit` checked against the pod, or by
+/// default contiguous blocks (vCPU i on node i × nodes / cpus: vCPUs
+/// 0..cpus/nodes on node 0, the next block on node 1, ...).
+pub fn placement(cpus: u32, nodes: u32, explicit: &[u32]) -> Result<Vec<u32>> {
+    if explicit.is_empty() {
+        return Ok((0..cpus).map(|i| (u64::from(i) * u64::from(nodes) / u64::from(cpus.max(1))) as u32).collect());
+    }
+    if explicit.len() != cpus as usize {
+        return Err(Error::Invalid(format!(
+            "--placement names {} vCPU(s) but --cpus is {cpus}: give one node per vCPU",
+            explicit.len()
+        )));
+    }
+    if let Some((vcpu, node)) = explicit.iter().enumerate().find(|(_, &n)| n >= nodes) {
+        return Err(Error::Invalid(format!(
+            "--placement puts vCPU {vcpu} on node {node}, outside the pod of {nodes} node(s) (0 to {})",
+            nodes - 1
+        )));
+    }
+    Ok(explicit.to_vec())
+}
+
 /// Finds an embedded guest by name.
 pub fn find_guest(name: &str) -> Result<&'static Guest> {
     shoal_guest_images::find(name).ok_or_else(|| Error::UnknownGuest {
@@ -141,6 +174,11 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// Hide XSAVE (and AVX) from a Linux guest's CPUID.
     pub no_xsave: bool,
+    /// The node each vCPU starts on (empty: contiguous blocks, see
+    /// [`placement`]).
+    pub placement: Vec<u32>,
+    /// Whether the policy may move vCPUs to the nodes that hold their data.
+    pub migration: bool,
 }
 
 impl VmConfig {
@@ -159,6 +197,8 @@ impl VmConfig {
             backing: Backing::Memfd,
             initrd: None,
             no_xsave: false,
+            placement: Vec::new(),
+            migration: true,
         }
     }
 
@@ -212,6 +252,23 @@ mod tests {
         let hello = find_guest("hello").unwrap();
         let e = check_cmdline("x=1", Some(hello)).unwrap_err();
         assert!(e.to_string().contains("it accepts: none"), "{e}");
+    }
+
+    #[test]
+    fn placements() {
+        assert_eq!(placement(4, 2, &[]).unwrap(), [0, 0, 1, 1]);
+        assert_eq!(placement(5, 2, &[]).unwrap(), [0, 0, 0, 1, 1]);
+        assert_eq!(placement(1, 3, &[]).unwrap(), [0]);
+        assert_eq!(placement(3, 3, &[]).unwrap(), [0, 1, 2]);
+        assert_eq!(placement(2, 1, &[]).unwrap(), [0, 0]);
+        assert_eq!(placement(3, 3, &[2, 2, 0]).unwrap(), [2, 2, 0]);
+        let e = placement(3, 3, &[0, 3, 1]).unwrap_err().to_string();
+        assert!(e.contains("vCPU 1 on node 3, outside the pod of 3"), "{e}");
+        let e = placement(4, 3, &[0, 1]).unwrap_err().to_string();
+        assert!(e.contains("2 vCPU(s) but --cpus is 4"), "{e}");
+        assert_eq!(parse_placement("0, 1,2").unwrap(), [0, 1, 2]);
+        assert!(parse_placement("0,x").is_err());
+        assert!(parse_placement("").is_err());
     }
 
     #[test]

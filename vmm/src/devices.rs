@@ -142,13 +142,17 @@ pub enum PortEvent {
     Reset,
 }
 
-/// Facts HC_INFO answers.
+/// Facts HC_INFO answers, and the clock HC_CLOCK_NS reads.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestInfo {
     pub num_vcpus: u64,
+    /// This node: the node a vCPU asking runs on.
     pub node_id: u64,
     pub num_nodes: u64,
     pub mem_bytes: u64,
+    /// When the VM started, on this host's monotonic clock (on a pod's
+    /// other nodes: node 0's start, as node 0 told it at the pod's start).
+    pub clock_start: Instant,
 }
 
 /// What a hypercall asks the vCPU loop to do.
@@ -173,7 +177,7 @@ pub struct Devices {
 impl Devices {
     pub fn new(console: Arc<Mutex<Console>>, memory: GuestReader, info: GuestInfo, irq: IrqLine) -> Self {
         let serial = Serial::new(irq, ConsoleWriter(console.clone()));
-        Devices { serial: Mutex::new(serial), console, memory, start: Instant::now(), info }
+        Devices { serial: Mutex::new(serial), console, memory, start: info.clock_start, info }
     }
 
     /// The console (to flush at exit).

@@ -6,6 +6,7 @@
 //! and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
 //! tells how a guest page fault flows through them.
 
+pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
@@ -18,4 +19,5 @@ pub mod pager;
 pub mod pod;
 pub mod uffd;
 pub mod vcpu;
+pub mod vcpus;
 pub mod vm;

@@ -164,7 +164,7 @@ impl Format {
 }
 
 /// How vCPU 0 enters the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Entry {
     /// 64-bit mode at `rip` with rsi = the zero page, on our page tables.
     Boot64 { rip: u64, zero_page: u64 },

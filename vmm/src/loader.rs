@@ -21,6 +21,12 @@ const TWO_MIB: u64 = 2 << 20;
 const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITE: u64 = 1 << 1;
 const PTE_HUGE: u64 = 1 << 7;
+// Accessed and dirty set up front: the CPU (or KVM walking the tables for
+// an emulated access) then never writes the tables, so on a pod the pages
+// holding them stay read-shared by every node that runs vCPUs instead of
+// bouncing between them as written pages.
+const PTE_ACCESSED: u64 = 1 << 5;
+const PTE_DIRTY: u64 = 1 << 6;
 
 /// GDT: null, 64-bit code, data, and a TSS descriptor for TR.
 pub const GDT: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_ffff];
@@ -158,12 +164,14 @@ impl<'a> Image<'a> {
 pub struct BootParams {
     pub cmdline: String,
     pub vcpus: u32,
-    pub node_id: u64,
+    /// The node each vCPU starts on (empty: all on node 0).
+    pub placement: Vec<u32>,
     pub num_nodes: u64,
 }
 
-/// Where the loader put things: what each vCPU is entered with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the loader put things: what each vCPU is entered with (sent to
+/// every node of a pod, which starts the vCPUs placed on it from it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootPlan {
     pub entry: u64,
     pub pml4: u64,
@@ -177,7 +185,7 @@ pub struct BootPlan {
 }
 
 /// How vCPU 0 enters a Linux kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinuxEntry {
     pub entry: crate::linux::Entry,
     pub stack: u64,
@@ -288,7 +296,7 @@ pub fn load(image: &Image, mem: &GuestMemory, params: &BootParams) -> Result<Boo
             version: abi::BOOT_INFO_VERSION,
             vcpu_id: id,
             num_vcpus: params.vcpus.into(),
-            node_id: params.node_id,
+            node_id: params.placement.get(id as usize).copied().map_or(0, u64::from),
             num_nodes: params.num_nodes,
             mem_bytes: layout.size(),
             cmdline_gpa: p.cmdline,
@@ -306,11 +314,12 @@ pub fn load(image: &Image, mem: &GuestMemory, params: &BootParams) -> Result<Boo
 
 /// PML4 → PDPTs → PDs of 2 MiB pages, identity mapping [0, n_pd GiB).
 fn write_page_tables(p: &Placement, write: &dyn Fn(&[u8], u64) -> Result<()>) -> Result<()> {
-    let pml4: Vec<u64> = (0..p.n_pdpt).map(|i| (p.pdpts + i * PAGE_SIZE) | PTE_PRESENT | PTE_WRITE).collect();
+    let table = PTE_PRESENT | PTE_WRITE | PTE_ACCESSED;
+    let pml4: Vec<u64> = (0..p.n_pdpt).map(|i| (p.pdpts + i * PAGE_SIZE) | table).collect();
     write(&words(&pml4), p.pml4)?;
-    let pdpt: Vec<u64> = (0..p.n_pd).map(|i| (p.pds + i * PAGE_SIZE) | PTE_PRESENT | PTE_WRITE).collect();
+    let pdpt: Vec<u64> = (0..p.n_pd).map(|i| (p.pds + i * PAGE_SIZE) | table).collect();
     write(&words(&pdpt), p.pdpts)?;
-    let pd: Vec<u64> = (0..p.n_pd * 512).map(|i| (i * TWO_MIB) | PTE_PRESENT | PTE_WRITE | PTE_HUGE).collect();
+    let pd: Vec<u64> = (0..p.n_pd * 512).map(|i| (i * TWO_MIB) | table | PTE_DIRTY | PTE_HUGE).collect();
     write(&words(&pd), p.pds)
 }
 
@@ -331,7 +340,7 @@ mod tests {
     }
 
     fn params(vcpus: u32) -> BootParams {
-        BootParams { cmdline: "mib=4 seed=7".into(), vcpus, node_id: 0, num_nodes: 1 }
+        BootParams { cmdline: "mib=4 seed=7".into(), vcpus, placement: Vec::new(), num_nodes: 1 }
     }
 
     #[test]
@@ -380,7 +389,7 @@ mod tests {
         assert_eq!(word(plan.pml4) & !0xfff, plan.pml4 + PAGE_SIZE);
         // the PD maps GPA 2 MiB * i at entry i
         let pd = plan.pml4 + 2 * PAGE_SIZE;
-        assert_eq!(word(pd + 8 * 3), (3 * TWO_MIB) | PTE_PRESENT | PTE_WRITE | PTE_HUGE);
+        assert_eq!(word(pd + 8 * 3), (3 * TWO_MIB) | PTE_PRESENT | PTE_WRITE | PTE_ACCESSED | PTE_DIRTY | PTE_HUGE);
         let (info, stack) = plan.vcpus[1];
         assert_eq!(word(info), abi::BOOT_INFO_MAGIC);
         assert_eq!(word(info + 16), 1, "vcpu_id");

@@ -126,10 +126,19 @@ struct RunArgs {
     /// it ends the VM; in a pod, cold pages move to nodes with room.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     node_memory: Option<u64>,
-    /// Run the guest on a pod of N node processes on this host: node 0
-    /// runs the vCPUs and the console, every node holds memory.
+    /// Run the guest on a pod of N node processes on this host: every
+    /// node holds memory and runs the vCPUs placed on it; node 0 keeps the
+    /// console.
     #[arg(long, value_name = "N", default_value_t = 1)]
     nodes: u32,
+    /// Each vCPU's first node, e.g. 0,0,1,2 (default: contiguous blocks,
+    /// vCPUs 0..cpus/nodes on node 0, the next block on node 1, ...).
+    #[arg(long, value_name = "LIST")]
+    placement: Option<String>,
+    /// Whether vCPUs may move to the node that holds their data (the
+    /// guest's own migration hypercall works either way).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    migration: OnOff,
     /// How the pod's nodes reach each other's memory: shm, tcp, verbs or
     /// auto (verbs when an RDMA device is present, else shm).
     #[arg(long, value_name = "KIND", default_value = "auto")]
@@ -225,6 +234,13 @@ fn run(args: RunArgs) -> ExitCode {
     config.fault_threads = args.fault_threads;
     config.initrd = args.initrd.clone();
     config.no_xsave = args.xsave == OnOff::Off;
+    config.migration = args.migration == OnOff::On;
+    if let Some(p) = &args.placement {
+        match config::parse_placement(p) {
+            Ok(p) => config.placement = p,
+            Err(e) => return bad_input(e),
+        }
+    }
     config.backing = match args.memory_backing {
         BackingArg::Memfd => config::Backing::Memfd,
         BackingArg::Anonymous => config::Backing::Anonymous,
@@ -235,6 +251,10 @@ fn run(args: RunArgs) -> ExitCode {
 
     if args.nodes == 0 {
         return bad_input("--nodes must be at least 1");
+    }
+    // everything that can be checked before a node starts
+    if let Err(e) = config.check() {
+        return bad_input(e);
     }
     if args.nodes > 1 {
         let kind = match parse_fabric(&args.fabric, true) {
@@ -257,11 +277,16 @@ fn run(args: RunArgs) -> ExitCode {
             xsave: Some(args.xsave == OnOff::On),
             cmdline: Some(config.cmdline.clone()),
             cpus: Some(config.cpus),
+            placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
+            migration: Some(config.migration),
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
             ..Default::default()
         };
         return run_local_pod(&config, &file, kind, join_timeout, args.metrics_json.as_deref());
+    }
+    if let Err(e) = config::placement(config.cpus, 1, &config.placement) {
+        return bad_input(e);
     }
     execute(&config, None, args.metrics_json.as_deref())
 }
@@ -342,7 +367,9 @@ fn run_local_pod(
     let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, mem };
     let code = execute(config, Some(&link), metrics);
     // after a failure a node may hang (that may be why): do not wait long
-    let grace = if code == ExitCode::SUCCESS { Duration::from_secs(10) } else { Duration::from_secs(2) };
+    // (healthy nodes exit within milliseconds of node 0's Abort; one that
+    // hangs never will: kill it soon, so the pod ends within its bound)
+    let grace = if code == ExitCode::SUCCESS { Duration::from_secs(10) } else { Duration::from_millis(500) };
     for (node, how) in children.wait(grace) {
         eprintln!("shoal: node {node} ended badly: {how}");
     }
@@ -403,7 +430,15 @@ fn node(args: NodeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return bad_input(e),
     };
-    match pod::run_member(transport, &facts, settings, mem, join_timeout) {
+    let member = pod::Member {
+        transport,
+        facts,
+        settings,
+        mem,
+        join_timeout,
+        fault_threads: config.fault_threads.unwrap_or(config.cpus as usize).clamp(1, 8),
+    };
+    match pod::run_member(member) {
         Ok(pod::MemberEnd::Finished) => ExitCode::SUCCESS,
         Ok(pod::MemberEnd::Failed(why)) => fail(EXIT_HOST, why),
         Err(e @ (pod::Error::Mismatch { .. } | pod::Error::Refused(_))) => fail(EXIT_BAD_INPUT, e.to_string()),
@@ -435,6 +470,8 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.timeout = f.timeout.map(|t| positive_seconds("timeout", t)).transpose()?;
     c.initrd = f.initrd.clone();
     c.no_xsave = f.xsave == Some(false);
+    c.placement = f.placement.clone().unwrap_or_default();
+    c.migration = f.migration.unwrap_or(true);
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }

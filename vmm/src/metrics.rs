@@ -112,6 +112,29 @@ pub struct NodeMetrics {
     pub faults_remote: u64,
     pub fault_remote_us_p50: f64,
     pub fault_remote_us_p99: f64,
+    /// Remote faults split by what the guest did (a read takes a read
+    /// copy, a write the page), and upgrades of a read copy held here.
+    pub faults_remote_read: u64,
+    pub fault_remote_read_us_p50: f64,
+    pub faults_remote_write: u64,
+    pub fault_remote_write_us_p50: f64,
+    pub faults_upgrade: u64,
+    pub fault_upgrade_us_p50: f64,
+    /// Read copies of pages made here (fetched or zero-filled).
+    pub pages_shared: u64,
+    /// Read copies dropped here because a writer elsewhere needed them gone.
+    pub invalidations: u64,
+    /// Pages that became this node's by a transfer from another node.
+    pub ownership_transfers: u64,
+    /// vCPUs on this node at the end.
+    pub vcpus: u64,
+    /// vCPUs that moved here from another node, and away from here.
+    pub vcpu_migrations_in: u64,
+    pub vcpu_migrations_out: u64,
+    /// IPIs vCPUs here sent to vCPUs on other nodes, and IPIs that came
+    /// from other nodes for vCPUs here.
+    pub ipis_sent: u64,
+    pub ipis_received: u64,
 }
 
 impl NodeMetrics {
@@ -181,6 +204,20 @@ impl Report {
             t.fault_zero_us_p99 = t.fault_zero_us_p99.max(n.fault_zero_us_p99);
             t.fault_remote_us_p50 = t.fault_remote_us_p50.max(n.fault_remote_us_p50);
             t.fault_remote_us_p99 = t.fault_remote_us_p99.max(n.fault_remote_us_p99);
+            t.faults_remote_read += n.faults_remote_read;
+            t.fault_remote_read_us_p50 = t.fault_remote_read_us_p50.max(n.fault_remote_read_us_p50);
+            t.faults_remote_write += n.faults_remote_write;
+            t.fault_remote_write_us_p50 = t.fault_remote_write_us_p50.max(n.fault_remote_write_us_p50);
+            t.faults_upgrade += n.faults_upgrade;
+            t.fault_upgrade_us_p50 = t.fault_upgrade_us_p50.max(n.fault_upgrade_us_p50);
+            t.pages_shared += n.pages_shared;
+            t.invalidations += n.invalidations;
+            t.ownership_transfers += n.ownership_transfers;
+            t.vcpus += n.vcpus;
+            t.vcpu_migrations_in += n.vcpu_migrations_in;
+            t.vcpu_migrations_out += n.vcpu_migrations_out;
+            t.ipis_sent += n.ipis_sent;
+            t.ipis_received += n.ipis_received;
         }
         Report { total: t, nodes }
     }

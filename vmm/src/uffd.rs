@@ -27,14 +27,25 @@ pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 /// keeping its bytes for a peer's read).
 pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 
+/// Write-protect faults on shared memory: a page mapped read-only (a read
+/// copy of a page another node owns) traps the guest's first write.
+pub const FEATURE_WP_SHMEM: u64 = 1 << 12;
+
 const REGISTER_MODE_MISSING: u64 = 1;
+const REGISTER_MODE_WP: u64 = 2;
 const REGISTER_MODE_MINOR: u64 = 4;
 const CONTINUE_MODE_DONTWAKE: u64 = 1;
+const CONTINUE_MODE_WP: u64 = 2;
 const ZEROPAGE_MODE_DONTWAKE: u64 = 1;
 const COPY_MODE_DONTWAKE: u64 = 1;
+const COPY_MODE_WP: u64 = 2;
+const WRITEPROTECT_MODE_WP: u64 = 1;
+const WRITEPROTECT_MODE_DONTWAKE: u64 = 2;
 
 const EVENT_PAGEFAULT: u8 = 0x12;
 const PAGEFAULT_FLAG_WRITE: u64 = 1;
+const PAGEFAULT_FLAG_WP: u64 = 2;
+const PAGEFAULT_FLAG_MINOR: u64 = 4;
 
 #[repr(C)]
 #[derive(Default)]
@@ -79,6 +90,13 @@ struct UffdioCopy {
 
 #[repr(C)]
 #[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
 struct UffdioContinue {
     range: UffdioRange,
     mode: u64,
@@ -105,6 +123,7 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
 
 // USERFAULTFD_IOC_NEW on /dev/userfaultfd: _IO(0xAA, 0x00)
@@ -147,6 +166,10 @@ pub struct Fault {
     pub addr: u64,
     /// The access was a write.
     pub write: bool,
+    /// A write to a page mapped write-protected (a read copy).
+    pub wp: bool,
+    /// The page is in the memfd but not mapped in the view (minor fault).
+    pub minor: bool,
     /// Thread id of the faulting thread (0 when the kernel does not say).
     pub tid: u32,
 }
@@ -235,6 +258,14 @@ impl Uffd {
         self.register(start, len, REGISTER_MODE_MISSING | REGISTER_MODE_MINOR)
     }
 
+    /// Registers `[start, start + len)` for missing, minor and
+    /// write-protect faults (needs [`FEATURE_MINOR_SHMEM`] and
+    /// [`FEATURE_WP_SHMEM`]): a pod node maps read copies of pages
+    /// write-protected, so the guest's first write to one traps.
+    pub fn register_pod(&self, start: u64, len: u64) -> Result<()> {
+        self.register(start, len, REGISTER_MODE_MISSING | REGISTER_MODE_MINOR | REGISTER_MODE_WP)
+    }
+
     fn register(&self, start: u64, len: u64, mode: u64) -> Result<()> {
         let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register; the kernel checks the
@@ -278,9 +309,15 @@ impl Uffd {
     /// Copies `len` bytes from `src` into the registered range at `dst`,
     /// allocating the pages.
     pub fn copy(&self, dst: u64, src: &[u8], wake: bool) -> Result<Outcome> {
+        self.copy_mode(dst, src, wake, false)
+    }
+
+    /// As [`Uffd::copy`]; `read_only` maps the pages write-protected (the
+    /// range must be registered for write-protect faults).
+    pub fn copy_mode(&self, dst: u64, src: &[u8], wake: bool, read_only: bool) -> Result<Outcome> {
         let len = src.len() as u64;
-        let mut cp =
-            UffdioCopy { dst, src: src.as_ptr() as u64, len, mode: if wake { 0 } else { COPY_MODE_DONTWAKE }, copy: 0 };
+        let mode = if wake { 0 } else { COPY_MODE_DONTWAKE } | if read_only { COPY_MODE_WP } else { 0 };
+        let mut cp = UffdioCopy { dst, src: src.as_ptr() as u64, len, mode, copy: 0 };
         // SAFETY: `src` is a live slice of `len` bytes the kernel only
         // reads; `dst` must lie in a range registered with this
         // userfaultfd, which the kernel checks.
@@ -291,11 +328,15 @@ impl Uffd {
     /// Maps the pages the memfd already holds over `[start, start + len)`
     /// (resolves minor faults).
     pub fn continue_(&self, start: u64, len: u64, wake: bool) -> Result<Outcome> {
-        let mut c = UffdioContinue {
-            range: UffdioRange { start, len },
-            mode: if wake { 0 } else { CONTINUE_MODE_DONTWAKE },
-            mapped: 0,
-        };
+        self.continue_mode(start, len, wake, false)
+    }
+
+    /// As [`Uffd::continue_`]; `read_only` maps the pages write-protected
+    /// (Linux 6.6 and later; the range must be registered for
+    /// write-protect faults).
+    pub fn continue_mode(&self, start: u64, len: u64, wake: bool, read_only: bool) -> Result<Outcome> {
+        let mode = if wake { 0 } else { CONTINUE_MODE_DONTWAKE } | if read_only { CONTINUE_MODE_WP } else { 0 };
+        let mut c = UffdioContinue { range: UffdioRange { start, len }, mode, mapped: 0 };
         // SAFETY: `c` is a valid uffdio_continue; the kernel only maps
         // pages of the backing file into a range registered with this
         // userfaultfd.
@@ -315,6 +356,29 @@ impl Uffd {
             (Some(libc::EEXIST), _) => Ok(Outcome::Exists),
             _ => Err(Error::Resolve { op, addr, len, done: u64::try_from(done).unwrap_or(0), source: err }),
         }
+    }
+
+    /// Write-protects `[start, start + len)` (`protect`), or lifts the
+    /// protection; then `wake` wakes the threads blocked on write-protect
+    /// faults there. Pages not mapped are left alone.
+    pub fn write_protect(&self, start: u64, len: u64, protect: bool, wake: bool) -> Result<()> {
+        // the kernel refuses DONTWAKE with WP (protecting wakes nobody)
+        let mode = if protect {
+            WRITEPROTECT_MODE_WP
+        } else if wake {
+            0
+        } else {
+            WRITEPROTECT_MODE_DONTWAKE
+        };
+        let mut w = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+        // SAFETY: `w` is a valid uffdio_writeprotect; the kernel only
+        // changes the protection of our own mappings in a registered range.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_WRITEPROTECT(), &mut w) };
+        if ret < 0 {
+            let op = if protect { "write-protect" } else { "unprotect" };
+            return Err(Error::Resolve { op, addr: start, len, done: 0, source: io::Error::last_os_error() });
+        }
+        Ok(())
     }
 
     /// Wakes the threads blocked on faults in `[start, start + len)`.
@@ -348,7 +412,13 @@ impl Uffd {
         let count = n as usize / std::mem::size_of::<UffdMsg>();
         for m in &msgs[..count] {
             if m.event == EVENT_PAGEFAULT {
-                out.push(Fault { addr: m.address, write: m.flags & PAGEFAULT_FLAG_WRITE != 0, tid: m.ptid });
+                out.push(Fault {
+                    addr: m.address,
+                    write: m.flags & PAGEFAULT_FLAG_WRITE != 0,
+                    wp: m.flags & PAGEFAULT_FLAG_WP != 0,
+                    minor: m.flags & PAGEFAULT_FLAG_MINOR != 0,
+                    tid: m.ptid,
+                });
             }
         }
         Ok(())
@@ -384,6 +454,7 @@ mod tests {
         assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
         assert_eq!(UFFDIO_CONTINUE(), 0xc020_aa07);
+        assert_eq!(UFFDIO_WRITEPROTECT(), 0xc018_aa06);
         assert_eq!(USERFAULTFD_IOC_NEW(), 0xaa00);
     }
 }

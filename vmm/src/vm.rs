@@ -1,19 +1,20 @@
 //! Builds a VM from a [`VmConfig`] and runs it to its end, in one readable
-//! sequence: check input, make guest memory, load the image, create the KVM
-//! VM and its memslots, register the guest view with userfaultfd, start the
-//! pager's fault handlers, start the vCPUs, wait, stop everything, report.
+//! sequence: check input, make guest memory, load the image, build the KVM
+//! VM ([`builder`]), register the guest view with userfaultfd (the pager
+//! alone, a pod's page engine on node 0), start the pod and the fault
+//! handlers, start the vCPUs placed here ([`Vcpus`]), wait, stop
+//! everything, report. A pod's other nodes run `pod::run_member`, which
+//! builds the same VM and runs the vCPUs placed on them.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::Kvm;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::builder;
 use crate::config::{self, Backing, ImageSource, VmConfig};
 use crate::control::{Control, VmEvent};
 use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
@@ -24,7 +25,8 @@ use crate::pager::handler::FaultHandlers;
 use crate::pager::{Pager, Policy};
 use crate::pod::engine::Engine as PodEngine;
 use crate::uffd::{self, Uffd};
-use crate::vcpu::{self, Vcpu};
+use crate::vcpu;
+use crate::vcpus::Vcpus;
 
 /// Errors before the guest runs. [`Error::is_bad_input`] tells the user's
 /// mistakes (exit status 2) from the host's problems.
@@ -60,6 +62,10 @@ pub enum Error {
     Pod(#[from] crate::pod::Error),
     #[error(transparent)]
     Linux(#[from] crate::linux::Error),
+    #[error(transparent)]
+    Build(#[from] builder::Error),
+    #[error("starting the vCPUs: {0}")]
+    Start(String),
 }
 
 impl Error {
@@ -114,7 +120,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 
 /// The signal that kicks a vCPU out of KVM_RUN (or out of a wait on a page
 /// fault: KVM waits for userfaultfd interruptibly).
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -129,7 +135,7 @@ pub fn install_interrupt_handlers() -> std::io::Result<()> {
 
 /// Installs the (empty) handler of the vCPU kick signal, once per process:
 /// without it the signal's default action would kill the process.
-fn install_kick_handler() -> Result<()> {
+pub(crate) fn install_kick_handler() -> Result<()> {
     static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> = std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
@@ -185,8 +191,17 @@ pub fn run_node(
         None => Arc::new(GuestMemory::with_backing(Layout::new(config.memory)?, config.backing)?),
     };
     let num_nodes = pod.map_or(1, |l| l.facts.nodes);
-    let params =
-        BootParams { cmdline: config.cmdline.clone(), vcpus: config.cpus, node_id: 0, num_nodes: num_nodes.into() };
+    let linux = linux_kernel.is_some();
+    let placement = match pod {
+        Some(link) => link.facts.placement.clone(),
+        None => vcpu_placement(config, 1, linux)?,
+    };
+    let params = BootParams {
+        cmdline: config.cmdline.clone(),
+        vcpus: config.cpus,
+        placement: placement.clone(),
+        num_nodes: num_nodes.into(),
+    };
     let plan = match &linux_kernel {
         Some((path, format)) => {
             let l = crate::linux::load(path, *format, config.initrd.as_deref(), &config.cmdline, config.cpus, &mem)?;
@@ -203,88 +218,84 @@ pub fn run_node(
         None => loader::load(&loader::Image::parse(&name, &bytes)?, &mem, &params)?,
     };
 
-    let kvm = Kvm::new().map_err(|source| Error::Kvm { what: "cannot open /dev/kvm".into(), source })?;
-    let vm = kvm.create_vm().map_err(|source| Error::Kvm { what: "cannot create a KVM VM".into(), source })?;
-    for (slot, r) in mem.layout().regions().iter().enumerate() {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: r.gpa,
-            memory_size: r.len,
-            userspace_addr: mem.guest_view_base() + r.offset,
-            flags: 0,
-        };
-        // SAFETY: the guest view stays mapped for as long as the VM exists:
-        // `mem` outlives `vm` (both are dropped at the end of this function,
-        // `vm` first, as it is declared later).
-        unsafe { vm.set_user_memory_region(region) }.map_err(|source| Error::Kvm {
-            what: format!("cannot give KVM {} MiB of guest memory at {:#x}", r.len >> 20, r.gpa),
-            source,
-        })?;
-    }
-
     // a Linux guest gets a PC's interrupt controllers and timer (in KVM)
     // and the serial port's interrupt on IRQ 4
-    let serial_irq = if plan.linux.is_some() { Some(setup_pc_platform(&vm)?) } else { None };
+    let built = builder::build(&mem, linux)?;
+    let vm = Arc::new(built.vm);
 
     let (control, events) = Control::new();
     let control = Arc::new(control);
     let cpus = vcpu::allowed_cpus();
     let pin = config.pin.then_some(cpus.as_slice());
-    let paging = match (config.backing, pod) {
-        (Backing::Memfd, None) => {
-            let (pager, handlers) = start_pager(config, &mem, &control, pin)?;
-            Some(Paging::Single(pager, handlers))
-        }
-        (Backing::Memfd, Some(link)) => Some(start_pod_engine(config, link, &mem, &control, pin)?),
-        (Backing::Anonymous, None) => None,
+    let console = Arc::new(Mutex::new(Console::new(console_out)));
+    let clock_start = Instant::now();
+    let info = GuestInfo {
+        num_vcpus: config.cpus.into(),
+        node_id: 0,
+        num_nodes: num_nodes.into(),
+        mem_bytes: config.memory,
+        clock_start,
+    };
+    // a pod's engine is made first: the devices read guest memory through
+    // it, and the vCPUs' faults go to it
+    let engine = match (config.backing, pod) {
+        (Backing::Memfd, Some(link)) => Some(make_pod_engine(config, link, &mem, &control)?),
         (Backing::Anonymous, Some(_)) => {
             return Err(config::Error::Invalid("a pod needs --memory-backing memfd".into()).into())
         }
+        _ => None,
     };
-
-    let console = Arc::new(Mutex::new(Console::new(console_out)));
-    let info =
-        GuestInfo { num_vcpus: config.cpus.into(), node_id: 0, num_nodes: num_nodes.into(), mem_bytes: config.memory };
-    let reader = match &paging {
-        Some(Paging::Single(pager, _)) => GuestReader::Paged(pager.clone()),
-        Some(Paging::Pod(..)) => GuestReader::GuestView(mem.clone()),
-        None => GuestReader::Direct(mem.clone()),
+    let pager = match (config.backing, pod) {
+        (Backing::Memfd, None) => Some(make_pager(config, &mem)?),
+        _ => None,
     };
-    let devices = Arc::new(Devices::new(console.clone(), reader, info, IrqLine(serial_irq)));
-    if plan.linux.is_some() {
+    let reader = match (&pager, &engine) {
+        (Some(pager), _) => GuestReader::Paged(pager.clone()),
+        (None, Some(_)) => GuestReader::GuestView(mem.clone()),
+        (None, None) => GuestReader::Direct(mem.clone()),
+    };
+    let devices = Arc::new(Devices::new(console.clone(), reader, info, IrqLine(built.serial_irq)));
+    if linux {
         forward_stdin(devices.clone());
     }
-    let exits = Arc::new(AtomicU64::new(0));
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    let mut setup_error = None;
-    for id in 0..u64::from(config.cpus) {
-        let started = vm
-            .create_vcpu(id)
-            .map_err(|source| Error::Kvm { what: format!("cannot create vCPU {id}"), source })
-            .and_then(|fd| {
-                Vcpu::new(id, fd, &kvm, &plan, devices.clone(), control.clone(), exits.clone()).map_err(Error::from)
-            })
-            .and_then(|vcpu| {
-                let cpu = pin.map(|c| c[id as usize % c.len()]);
-                std::thread::Builder::new()
-                    .name(format!("shoal-vcpu{id}"))
-                    .spawn(move || {
-                        if let Some(cpu) = cpu {
-                            vcpu::pin_current_thread(cpu);
-                        }
-                        vcpu.run()
-                    })
-                    .map_err(Error::Thread)
-            });
-        match started {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                setup_error = Some(e);
-                break;
-            }
+    let setup = crate::vcpus::Setup {
+        me: 0,
+        nodes: num_nodes,
+        count: config.cpus,
+        placement,
+        migration: config.migration && !linux,
+        irqchip: linux,
+        linux,
+        pin: pin.map(<[usize]>::to_vec),
+    };
+    let transport = pod.map(|l| l.transport.clone());
+    let vcpus = Vcpus::new(setup, built.kvm, vm.clone(), devices, control.clone(), transport);
+    let on_fatal = {
+        let control = control.clone();
+        Arc::new(move |e: String| control.fail(e))
+    };
+    let threads = config.fault_threads.unwrap_or(config.cpus as usize);
+    let paging = match (pager, engine, pod) {
+        (Some(pager), _, _) => {
+            let handlers = FaultHandlers::spawn(pager.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
+            Some(Paging::Single(pager, handlers))
         }
-    }
+        (None, Some((engine, loaded)), Some(link)) => {
+            engine.set_vcpus(vcpus.clone());
+            let start_plan = crate::pod::StartPlan {
+                loaded,
+                boot: plan.clone(),
+                clock_ns: u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            };
+            link.start(&start_plan, &engine, &vcpus)?;
+            let serving = link.serve(engine.clone(), vcpus.clone()).map_err(Error::Thread)?;
+            let handlers = FaultHandlers::spawn(engine.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
+            Some(Paging::Pod(engine, handlers, serving))
+        }
+        _ => None,
+    };
 
+    let setup_error = vcpus.start(&plan).err().map(Error::Start);
     let end = setup_error.is_none().then(|| wait(&events, config));
     let failed = matches!(end, Some(End::Failed(_)));
     if let (Some(Paging::Pod(_, _, serving)), Some(link)) = (&paging, pod) {
@@ -297,10 +308,17 @@ pub fn run_node(
         Some(Paging::Pod(e, ..)) => e.uffd(),
         None => None,
     };
-    stop_vcpus(&control, &threads, uffd, &mem, failed);
-    for t in threads.into_iter().filter(JoinHandle::is_finished) {
-        let _ = t.join();
-    }
+    let release = || {
+        if let Some(uffd) = uffd {
+            if let Err(e) = uffd.unregister(mem.guest_view_base(), mem.layout().size()) {
+                tracing::warn!(error = %e, "cannot unregister guest memory");
+            }
+        }
+    };
+    // after a failure at once; otherwise only if kicks alone have not
+    // stopped every vCPU within 100 ms (see `Vcpus::stop`)
+    let release_after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
+    vcpus.stop(release_after, &release);
     let wall = started.elapsed();
     flush_console(&console);
     let mut others = Vec::new();
@@ -333,10 +351,24 @@ pub fn run_node(
     node.wall_seconds = wall.as_secs_f64();
     node.memfd_bytes = mem.allocated_bytes();
     node.peak_rss_bytes = metrics::peak_rss_bytes();
-    node.vcpu_exits = exits.load(Ordering::Relaxed);
+    vcpus.add_metrics(&mut node);
     let mut nodes = vec![node];
     nodes.extend(others);
     Ok(Outcome { end, report: Report::new(nodes) })
+}
+
+/// Where the vCPUs start on a pod of `nodes`: `--placement`, or
+/// contiguous blocks; a Linux guest runs every vCPU on node 0 (for now).
+pub fn vcpu_placement(config: &VmConfig, nodes: u32, linux: bool) -> std::result::Result<Vec<u32>, config::Error> {
+    if linux {
+        if config.placement.iter().any(|&n| n != 0) {
+            return Err(config::Error::Invalid(
+                "a Linux guest runs every vCPU on node 0 for now: leave --placement out, or name node 0 only".into(),
+            ));
+        }
+        return Ok(vec![0; config.cpus as usize]);
+    }
+    config::placement(config.cpus, nodes, &config.placement)
 }
 
 /// Writes out the console's last partial line, unless a vCPU left behind
@@ -353,14 +385,8 @@ fn flush_console(console: &Mutex<Console>) {
     tracing::warn!("the console is blocked; its last partial line is lost");
 }
 
-/// Registers the guest view with userfaultfd and starts the pager's fault
-/// handlers; a fault they cannot resolve ends the VM through `control`.
-fn start_pager(
-    config: &VmConfig,
-    mem: &Arc<GuestMemory>,
-    control: &Arc<Control>,
-    pin: Option<&[usize]>,
-) -> Result<(Arc<Pager>, FaultHandlers)> {
+/// Registers the guest view with userfaultfd and makes the pager.
+fn make_pager(config: &VmConfig, mem: &Arc<GuestMemory>) -> Result<Arc<Pager>> {
     let uffd = Arc::new(Uffd::new(uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_THREAD_ID)?);
     uffd.register_missing(mem.guest_view_base(), mem.layout().size())?;
     let policy = Policy { dormant: config.dormant, budget_pages: config.node_memory.map(|b| b / PAGE_SIZE) };
@@ -371,28 +397,22 @@ fn start_pager(
             return Err(config::Error::Budget { budget, needed }.into());
         }
     }
-    let on_fatal = {
-        let control = control.clone();
-        Arc::new(move |e: String| control.fail(e))
-    };
-    let threads = config.fault_threads.unwrap_or(config.cpus as usize);
-    let handlers = FaultHandlers::spawn(pager.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
-    Ok((pager, handlers))
+    Ok(pager)
 }
 
-/// Node 0 of a pod: registers the guest view with userfaultfd for missing
-/// and minor faults, builds the page engine (the loader's pages start
-/// owned here), starts every other node, then the receiver and the fault
-/// handlers. A fault or message the engine cannot handle ends the VM.
-fn start_pod_engine(
+/// (offset, len) extents of guest memory.
+type Extents = Vec<(u64, u64)>;
+
+/// Node 0 of a pod: registers the guest view with userfaultfd for
+/// missing, minor and write-protect faults and builds the page engine (the
+/// loader's pages start owned here). Returns it with the loader's extents.
+fn make_pod_engine(
     config: &VmConfig,
     link: &crate::pod::Link,
     mem: &Arc<GuestMemory>,
     control: &Arc<Control>,
-    pin: Option<&[usize]>,
-) -> Result<Paging> {
-    let uffd = Arc::new(Uffd::new(uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_THREAD_ID)?);
-    uffd.register_missing_and_minor(mem.guest_view_base(), mem.layout().size())?;
+) -> Result<(Arc<PodEngine>, Extents)> {
+    let uffd = crate::pod::pod_uffd(mem)?;
     let loaded = mem.populated_extents().map_err(Error::Pager)?;
     let loaded_bytes: u64 = loaded.iter().map(|&(_, len)| len.div_ceil(PAGE_SIZE) * PAGE_SIZE).sum();
     if let Some(budget) = config.node_memory {
@@ -406,33 +426,9 @@ fn start_pod_engine(
         let control = control.clone();
         Arc::new(move |e: String| control.fail(e))
     };
-    let engine =
-        PodEngine::new(0, settings, link.transport.clone(), mem.clone(), Some(uffd), &loaded, on_fatal.clone())
-            .map_err(|e| Error::Pod(crate::pod::Error::Failed(e)))?;
-    let engine = Arc::new(engine);
-    link.start(&loaded)?;
-    let serving = link.serve(engine.clone()).map_err(Error::Thread)?;
-    let threads = config.fault_threads.unwrap_or(config.cpus as usize);
-    let handlers = FaultHandlers::spawn(engine.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
-    Ok(Paging::Pod(engine, handlers, serving))
-}
-
-/// The in-kernel PIC, IOAPIC, local APICs and PIT of a PC, for a Linux
-/// guest; returns the eventfd that raises the serial port's IRQ 4.
-fn setup_pc_platform(vm: &kvm_ioctls::VmFd) -> Result<vmm_sys_util::eventfd::EventFd> {
-    let kvm_err = |what: &str| {
-        let what = what.to_string();
-        move |source| Error::Kvm { what: what.clone(), source }
-    };
-    // KVM needs three pages of guest-physical space for the TSS of real
-    // mode emulation: in the MMIO hole, below the 4 GiB boundary
-    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("setting the TSS address"))?;
-    vm.create_irq_chip().map_err(kvm_err("creating the in-kernel interrupt controllers"))?;
-    let pit = kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(kvm_err("creating the in-kernel PIT"))?;
-    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
-    vm.register_irqfd(&irq, 4).map_err(kvm_err("wiring the serial port to IRQ 4"))?;
-    Ok(irq)
+    let engine = PodEngine::new(0, settings, link.transport.clone(), mem.clone(), Some(uffd), &loaded, on_fatal)
+        .map_err(|e| Error::Pod(crate::pod::Error::Failed(e)))?;
+    Ok((Arc::new(engine), loaded))
 }
 
 /// Forwards shoal's stdin to the guest's serial console, from a thread
@@ -484,40 +480,5 @@ fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig) -> End {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return End::Failed("lost the VM's event channel".into()),
         }
-    }
-}
-
-/// Stops every vCPU: set the flag they check before each entry, then kick
-/// them out of KVM_RUN until they are all gone.
-///
-/// A vCPU blocked on a page fault the pager will never resolve (after a
-/// failure) does not notice the kick: measured on kvm_pvm / Linux 6.18, the
-/// wait on userfaultfd is not interrupted by our signal. Unregistering guest
-/// memory from userfaultfd wakes every waiter (their retried fault is served
-/// by the kernel), and the pending kick then ends KVM_RUN. After a failure
-/// that happens at once; otherwise only if kicks alone have not stopped
-/// every vCPU within 100 ms.
-fn stop_vcpus(control: &Control, threads: &[JoinHandle<()>], uffd: Option<&Uffd>, mem: &GuestMemory, failed: bool) {
-    control.stop();
-    let start = Instant::now();
-    let release_after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
-    let mut released = false;
-    while threads.iter().any(|t| !t.is_finished()) {
-        for t in threads.iter().filter(|t| !t.is_finished()) {
-            let _ = t.kill(kick_signal());
-        }
-        let waited = start.elapsed();
-        if let Some(uffd) = uffd.filter(|_| !released && waited >= release_after) {
-            tracing::debug!(failed, "releasing guest memory from the pager to stop the vCPUs");
-            if let Err(e) = uffd.unregister(mem.guest_view_base(), mem.layout().size()) {
-                tracing::warn!(error = %e, "cannot unregister guest memory");
-            }
-            released = true;
-        }
-        if waited > Duration::from_secs(10) {
-            tracing::error!("a vCPU thread does not stop; leaving it behind");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
 }

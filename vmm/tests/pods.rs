@@ -151,6 +151,8 @@ fn smp_runs_its_vcpus_on_node_0_over_memory_on_every_node() {
             "smp",
             "--cpus",
             "2",
+            "--placement",
+            "0,0",
             "--memory",
             "64M",
             "--cmdline",

@@ -23,9 +23,13 @@
 //! are evicted ahead of need to the node with the most room, or made
 //! dormant again when they are all zeros.
 //!
-//! Only node 0 runs vCPUs, and it always asks for write access: a pod of
-//! one guest has one writer, so pages are never shared read-only between
-//! nodes (the protocol could; the model checker covers it).
+//! Every node may run vCPUs, so every node's guest view is registered with
+//! userfaultfd (missing, minor and write-protect faults). A read fault asks
+//! for a read copy, mapped write-protected (pages read by vCPUs of several
+//! nodes, code above all, are shared, not bounced); a write fault asks for
+//! the page itself, and a write to a read copy traps and upgrades it through
+//! the home. With `--node-memory` a node asks for the page itself on every
+//! fault: read copies cannot be evicted yet.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,8 +59,8 @@ const QUEUED: u16 = 8; // in the eviction queue
 const PENDING_ZERO: u16 = 16; // a zero-fill of this batch, not done yet
 const WAITING: u16 = 32; // a vCPU waits on it
 const PARKED: u16 = 64; // a fault waits for room
-const FETCHED: u16 = 128; // a waiting fault's page came by a one-sided read
 const COUNTED: u16 = 256; // a waiting fault's page is counted in `incoming`
+const WRITABLE: u16 = 512; // the guest view maps it writable (with MAPPED)
 
 /// What ends the VM (or the node) when the engine cannot go on.
 pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
@@ -81,6 +85,29 @@ pub struct Settings {
     pub keep_pages: bool,
 }
 
+/// How a waiting fault was resolved (for the latency split).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FaultKind {
+    /// Zero-filled here (a dormant page).
+    Zero,
+    /// Its bytes came by a one-sided read, for a read.
+    RemoteRead,
+    /// Its bytes came by a one-sided read, for a write.
+    RemoteWrite,
+    /// A read copy made writable here (the readers invalidated).
+    Upgrade,
+}
+
+/// A fault waiting for its page.
+#[derive(Clone, Copy, Debug)]
+struct Waiter {
+    since: Instant,
+    access: Access,
+    /// The vCPU that faulted, when the fault came from one of ours.
+    vcpu: Option<u32>,
+    kind: FaultKind,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     faults: AtomicU64,
@@ -94,13 +121,13 @@ struct Counters {
     faults_parked: AtomicU64,
     messages_sent: AtomicU64,
     messages_received: AtomicU64,
+    pages_shared: AtomicU64,
+    invalidations: AtomicU64,
+    ownership_transfers: AtomicU64,
 }
 
 struct State {
     node: Node,
-    /// Page messages received from each node since `heard_from` last
-    /// looked.
-    heard: Vec<bool>,
     flags: Vec<u16>,
     resident: u64,
     pinned: u64,
@@ -114,13 +141,16 @@ struct State {
     placed: HashMap<Page, NodeId>,
     /// Faults waiting for a page (each will bring one page here).
     incoming: u64,
-    waiting_since: HashMap<Page, Instant>,
+    waiting: HashMap<Page, Waiter>,
     parked: VecDeque<Page>,
     latency: FaultLatency,
     /// Faults resolved by zero-filling dormant pages, and by a one-sided
     /// read of a page with contents: the two costs the pod is judged by.
     latency_zero: FaultLatency,
     latency_remote: FaultLatency,
+    latency_remote_read: FaultLatency,
+    latency_remote_write: FaultLatency,
+    latency_upgrade: FaultLatency,
     pending_zero: Vec<Page>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
@@ -139,6 +169,11 @@ pub struct Engine {
     counters: Counters,
     failed: AtomicBool,
     on_fatal: OnFatal,
+    /// The node's vCPUs (which vCPU faulted; the migration policy).
+    vcpus: std::sync::OnceLock<Arc<crate::vcpus::Vcpus>>,
+    /// A guest fault happened here: this node runs vCPUs, and keeps its
+    /// memory bound by evicting ahead of need.
+    faulted: AtomicBool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -200,7 +235,6 @@ impl Engine {
         let nodes = settings.config.nodes as usize;
         let state = State {
             node,
-            heard: vec![false; nodes],
             flags,
             resident: pinned,
             pinned,
@@ -209,11 +243,14 @@ impl Engine {
             held_by: vec![0; nodes],
             placed: HashMap::new(),
             incoming: 0,
-            waiting_since: HashMap::new(),
+            waiting: HashMap::new(),
             parked: VecDeque::new(),
             latency: FaultLatency::default(),
             latency_zero: FaultLatency::default(),
             latency_remote: FaultLatency::default(),
+            latency_remote_read: FaultLatency::default(),
+            latency_remote_write: FaultLatency::default(),
+            latency_upgrade: FaultLatency::default(),
             pending_zero: Vec::new(),
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
@@ -229,6 +266,8 @@ impl Engine {
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             on_fatal,
+            vcpus: std::sync::OnceLock::new(),
+            faulted: AtomicBool::new(false),
         })
     }
 
@@ -239,6 +278,12 @@ impl Engine {
     /// The guest view's userfaultfd (vCPU node).
     pub fn uffd(&self) -> Option<&Uffd> {
         self.uffd.as_deref()
+    }
+
+    /// Tells the engine which vCPUs run here (to attribute faults to them
+    /// and let the migration policy see remote faults).
+    pub fn set_vcpus(&self, vcpus: Arc<crate::vcpus::Vcpus>) {
+        let _ = self.vcpus.set(vcpus);
     }
 
     /// Ends the VM (or this node) with `why`, once.
@@ -268,11 +313,15 @@ impl Engine {
             .filter(|o| *o < self.mem.layout().size())
             .ok_or_else(|| format!("fault at host address {:#x} is outside guest memory", fault.addr))?;
         let page = offset / PAGE_SIZE;
+        // a write, or a write to a read copy (write-protected)
+        let access = if fault.write || fault.wp { Access::Write } else { Access::Read };
+        let vcpu = self.vcpus.get().and_then(|v| v.vcpu_of_thread(fault.tid));
+        self.faulted.store(true, Ordering::Relaxed);
         let mut st = self.lock();
         if self.failed() {
             return Err("the pod failed".into());
         }
-        self.fault_page(&mut st, page)?;
+        self.fault_page(&mut st, page, access, vcpu)?;
         self.settle(&mut st)
     }
 
@@ -281,13 +330,21 @@ impl Engine {
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
         let msg = codec::decode(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
         let mut st = self.lock();
-        if let Some(h) = st.heard.get_mut(from as usize) {
-            *h = true;
-        }
         if self.failed() {
             return Ok(());
         }
         self.check_peer_msg(from, &msg)?;
+        match msg {
+            Msg::Inval { .. } => {
+                self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+            }
+            // the page becomes ours (pulled, zero-filled, or a read copy
+            // we hold already made the owner's)
+            Msg::Ready { transfer: true, .. } => {
+                self.counters.ownership_transfers.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         let acts = st.node.receive(msg.clone()).map_err(|e| format!("page protocol: {e}"))?;
         self.note_eviction_answer(&mut st, &msg);
         let acts = self.with_fault_around(&mut st, acts)?;
@@ -320,30 +377,61 @@ impl Engine {
         if let Some(n) = nodes.iter().find(|&&n| n >= cfg.nodes) {
             return Err(format!("node {from} sent a message naming node {n}, outside the pod ({} nodes)", cfg.nodes));
         }
+        // a message's claimed sender is the connection it came on; what
+        // only a page's home sends comes from that home
+        let claimed = match msg {
+            Msg::Request { from, .. }
+            | Msg::GrantDone { from, .. }
+            | Msg::Ready { from, .. }
+            | Msg::Fetched { from, .. }
+            | Msg::Done { from, .. }
+            | Msg::InvalAck { from, .. }
+            | Msg::Evict { from, .. }
+            | Msg::Redormant { from, .. } => Some(*from),
+            _ => None,
+        };
+        if let Some(c) = claimed.filter(|&c| c != from) {
+            return Err(format!("node {from} sent a page message in the name of node {c}"));
+        }
+        if claimed.is_none() {
+            if let Some(&p) = pages.first() {
+                let home = cfg.home(p);
+                if home != from {
+                    return Err(format!("node {from} sent {msg:?}, which only page {p}'s home (node {home}) may send"));
+                }
+            }
+        }
         Ok(())
     }
 
     // ---- faults --------------------------------------------------------
 
-    fn fault_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+    fn fault_page(&self, st: &mut State, page: Page, access: Access, vcpu: Option<u32>) -> Result<(), String> {
         let f = st.flags[page as usize];
-        if f & MAPPED != 0 {
-            // resolved meanwhile (another vCPU's fault, or fault-around)
+        let l = st.node.local(page);
+        if l.copy == Held::Data && l.allows(access) && f & RESIDENT != 0 {
+            // we hold it with the access asked for: resolved meanwhile
+            // (another vCPU's fault, fault-around), or the guest view lost
+            // the mapping (a swapped-out page raises a minor fault): map
+            // it as it should be, then wake
             self.counters.faults_already_resident.fetch_add(1, Ordering::Relaxed);
+            self.remap(st, page, l.writable)?;
             return self.wake_now(page);
         }
         if f & (WAITING | PARKED) != 0 {
-            // already on its way; the wake covers every waiter
+            // already on its way; the wake covers every waiter (a write
+            // behind a read asks again when the read copy arrives)
             return Ok(());
         }
         // a page held here already (mapped back after a refused eviction,
-        // or the loader's on first touch) needs no room
+        // a read copy to upgrade, or the loader's on first touch) needs no
+        // room
         let needs_room = f & RESIDENT == 0;
         if let Some(budget) = self.settings.budget.filter(|_| needs_room) {
             if st.resident + st.incoming >= budget {
                 st.flags[page as usize] |= PARKED;
                 st.parked.push_back(page);
-                st.waiting_since.insert(page, Instant::now());
+                st.waiting.insert(page, Waiter { since: Instant::now(), access, vcpu, kind: FaultKind::Zero });
                 self.counters.faults_parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
@@ -353,8 +441,13 @@ impl Engine {
             st.flags[page as usize] |= COUNTED;
             st.incoming += 1;
         }
-        st.waiting_since.entry(page).or_insert_with(Instant::now);
-        let acts = st.node.fault(page, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
+        let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
+        let w = st.waiting.entry(page).or_insert(Waiter { since: Instant::now(), access, vcpu, kind });
+        w.access = w.access.max(access);
+        // with a memory bound every fault takes the page itself: read
+        // copies cannot be evicted yet, so none are made
+        let ask = if self.settings.budget.is_some() { Access::Write } else { access };
+        let acts = st.node.fault(page, ask).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         self.apply(st, acts)
     }
@@ -421,14 +514,15 @@ impl Engine {
                     match other {
                         Action::Send { to, msg } => self.send(to, &msg)?,
                         Action::Fetch { page, from, transfer, evict, epoch } => {
-                            self.fetch(st, page, from)?;
+                            self.fetch(st, page, from, transfer)?;
                             let more = st
                                 .node
                                 .fetched(page, from, transfer, evict, epoch)
                                 .map_err(|e| format!("page protocol: {e}"))?;
                             queue.extend(more);
                         }
-                        Action::WriteProtect { page } | Action::Unmap { page } => self.unmap(st, page)?,
+                        Action::WriteProtect { page } => self.write_protect(st, page)?,
+                        Action::Unmap { page } => self.unmap(st, page)?,
                         Action::Drop { page } => self.drop_page(st, page)?,
                         Action::Offer { page, to, transfer, evict, epoch } => {
                             let zero = self.settings.dormant && self.is_zero(st, page)?;
@@ -453,12 +547,12 @@ impl Engine {
     }
 
     /// The flags of a page that just arrived: resident, and mapped in the
-    /// guest view on the vCPU node.
-    fn held_flags(&self) -> u16 {
-        if self.uffd.is_some() {
-            RESIDENT | MAPPED
-        } else {
-            RESIDENT
+    /// guest view (writable or not) where there is one.
+    fn held_flags(&self, writable: bool) -> u16 {
+        match (self.uffd.is_some(), writable) {
+            (true, true) => RESIDENT | MAPPED | WRITABLE,
+            (true, false) => RESIDENT | MAPPED,
+            (false, _) => RESIDENT,
         }
     }
 
@@ -486,10 +580,17 @@ impl Engine {
             {
                 n += 1;
             }
-            self.zero_run(st, first, n as u64)?;
+            // a run is mapped writable when its pages are ours to write,
+            // read-only when they are read copies of dormant pages
+            let writable = st.node.local(first).writable;
+            let n = (0..n).take_while(|&k| st.node.local(first + k as u64).writable == writable).count().max(1);
+            self.zero_run(st, first, n as u64, writable)?;
+            if !writable {
+                self.counters.pages_shared.fetch_add(n as u64, Ordering::Relaxed);
+            }
             for p in first..first + n as u64 {
                 let f = &mut st.flags[p as usize];
-                *f = (*f & !PENDING_ZERO) | self.held_flags();
+                *f = (*f & !PENDING_ZERO) | self.held_flags(writable);
                 self.taken_back(st, p);
                 self.enqueue(st, p);
             }
@@ -499,7 +600,7 @@ impl Engine {
         Ok(())
     }
 
-    fn zero_run(&self, st: &mut State, first: Page, count: u64) -> Result<(), String> {
+    fn zero_run(&self, st: &mut State, first: Page, count: u64, writable: bool) -> Result<(), String> {
         let Some(uffd) = &self.uffd else {
             // a node without a guest: a hole in its memfd is the zero page
             self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
@@ -508,9 +609,13 @@ impl Engine {
         let addr = self.page_addr(first);
         let len = count * PAGE_SIZE;
         if self.settings.dormant {
-            if self.settings.keep_pages {
+            if self.settings.keep_pages || !writable {
+                // zeros through the alias view, then one mapping of them:
+                // a read copy must never be mapped writable, not even for
+                // the instant between a zero-fill and a write-protect
                 self.mem.zero_alias(first * PAGE_SIZE, len);
-                self.resolve(|d| uffd.continue_(addr + d, len - d, false), first, count, "map")?;
+                let ro = !writable;
+                self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map")?;
             } else {
                 self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
             }
@@ -529,21 +634,22 @@ impl Engine {
             self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
         }
         let buf = &st.bounce[..len as usize];
-        self.place(uffd, first, buf)
+        self.place(uffd, first, buf, writable)
     }
 
     /// Puts `bytes` into the guest at `first` and maps them: one
     /// `UFFDIO_COPY`, or (keeping pages) a write through the alias view and
     /// one `UFFDIO_CONTINUE`.
-    fn place(&self, uffd: &Uffd, first: Page, bytes: &[u8]) -> Result<(), String> {
+    fn place(&self, uffd: &Uffd, first: Page, bytes: &[u8], writable: bool) -> Result<(), String> {
         let addr = self.page_addr(first);
         let count = bytes.len() as u64 / PAGE_SIZE;
+        let ro = !writable;
         if self.settings.keep_pages {
             self.mem.write_alias(first * PAGE_SIZE, bytes);
             let len = bytes.len() as u64;
-            return self.resolve(|d| uffd.continue_(addr + d, len - d, false), first, count, "map");
+            return self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map");
         }
-        self.resolve(|d| uffd.copy(addr + d, &bytes[d as usize..], false), first, count, "copy")
+        self.resolve(|d| uffd.copy_mode(addr + d, &bytes[d as usize..], false, ro), first, count, "copy")
     }
 
     /// Runs a resolving ioctl over `count` pages from `first`; `op(done)`
@@ -587,20 +693,13 @@ impl Engine {
             .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
     }
 
-    /// Pulls `page` from `from` with a one-sided read.
-    fn fetch(&self, st: &mut State, page: Page, from: NodeId) -> Result<(), String> {
-        if let Some(budget) = self.settings.budget.filter(|_| self.uffd.is_none()) {
-            if st.resident >= budget {
-                return Err(format!(
-                    "node {} holds {} pages, its --node-memory, and was sent one more",
-                    self.me, st.resident
-                ));
-            }
-        }
+    /// Pulls `page` from `from` with a one-sided read; `transfer`: it
+    /// becomes ours (else a read copy, mapped read-only).
+    fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
         let mut buf = std::mem::take(&mut st.bounce);
         let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
         let placed = got.and_then(|()| match &self.uffd {
-            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize]),
+            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer),
             None => {
                 self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
                 Ok(())
@@ -610,9 +709,19 @@ impl Engine {
         placed?;
         self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
-        st.flags[page as usize] |= self.held_flags();
-        if st.flags[page as usize] & WAITING != 0 {
-            st.flags[page as usize] |= FETCHED;
+        if !transfer {
+            self.counters.pages_shared.fetch_add(1, Ordering::Relaxed);
+        }
+        st.flags[page as usize] |= self.held_flags(transfer);
+        // a page this node evicted and takes back is its own working set
+        // coming home, not data of the node that kept it: the policy does
+        // not follow it (it would only move the memory pressure)
+        let ours = st.placed.contains_key(&page);
+        if let Some(w) = st.waiting.get_mut(&page) {
+            w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
+            if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
+                host.remote_fault(vcpu, from);
+            }
         }
         st.resident += 1;
         self.taken_back(st, page);
@@ -620,22 +729,53 @@ impl Engine {
         Ok(())
     }
 
+    /// Maps our copy in the guest view as the protocol allows: writable,
+    /// or write-protected (a read copy, or ours while readers share it).
     fn map(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
-        let Some(uffd) = &self.uffd else { return Ok(()) };
-        if !writable {
-            // only node 0 runs vCPUs and it always asks to write: a
-            // read-only copy here means a peer broke that rule
-            return Err(format!("page {page}: a read-only mapping was asked for; this pod has one writer"));
-        }
-        if st.flags[page as usize] & MAPPED != 0 {
+        if self.uffd.is_none() {
             return Ok(());
         }
-        match uffd.continue_(self.page_addr(page), PAGE_SIZE, false) {
-            Ok(Outcome::Done | Outcome::Exists) => {}
-            Ok(other) => return Err(format!("mapping page {page} back: {other:?}")),
-            Err(e) => return Err(format!("mapping page {page} back: {e}")),
+        let f = st.flags[page as usize];
+        if f & MAPPED != 0 && (f & WRITABLE != 0) == writable {
+            return Ok(());
         }
-        st.flags[page as usize] |= MAPPED;
+        self.remap(st, page, writable)
+    }
+
+    /// Maps our copy as `writable` says, whatever the guest view holds now
+    /// (nothing, the page write-protected, or the page already as wanted).
+    fn remap(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else { return Ok(()) };
+        let addr = self.page_addr(page);
+        match uffd.continue_mode(addr, PAGE_SIZE, false, !writable) {
+            Ok(Outcome::Done) => {}
+            Ok(Outcome::Exists) => {
+                // mapped already: set its protection as asked
+                uffd.write_protect(addr, PAGE_SIZE, !writable, false)
+                    .map_err(|e| format!("protecting page {page}: {e}"))?;
+            }
+            Ok(other) => return Err(format!("mapping page {page}: {other:?}")),
+            Err(e) => return Err(format!("mapping page {page}: {e}")),
+        }
+        let f = &mut st.flags[page as usize];
+        *f |= MAPPED;
+        if writable {
+            *f |= WRITABLE;
+        } else {
+            *f &= !WRITABLE;
+        }
+        Ok(())
+    }
+
+    /// Our copy stays readable by the guest here, but no longer writable.
+    fn write_protect(&self, st: &mut State, page: Page) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else { return Ok(()) };
+        if st.flags[page as usize] & WRITABLE == 0 {
+            return Ok(());
+        }
+        uffd.write_protect(self.page_addr(page), PAGE_SIZE, true, false)
+            .map_err(|e| format!("write-protecting page {page}: {e}"))?;
+        st.flags[page as usize] &= !WRITABLE;
         Ok(())
     }
 
@@ -644,12 +784,14 @@ impl Engine {
             return Ok(());
         }
         self.mem.unmap_guest_view(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("unmapping page {page}: {e}"))?;
-        st.flags[page as usize] &= !MAPPED;
+        st.flags[page as usize] &= !(MAPPED | WRITABLE);
         Ok(())
     }
 
     fn drop_page(&self, st: &mut State, page: Page) -> Result<(), String> {
         if self.settings.keep_pages {
+            // zeroing in place must not race the guest: take it away first
+            self.unmap(st, page)?;
             // the guest view no longer maps it (it was handed over or
             // made dormant): zeroing cannot race with the guest
             self.mem.zero_alias(page * PAGE_SIZE, PAGE_SIZE);
@@ -663,7 +805,7 @@ impl Engine {
         if *f & PINNED != 0 {
             st.pinned = st.pinned.saturating_sub(1);
         }
-        *f &= !(RESIDENT | MAPPED | PINNED);
+        *f &= !(RESIDENT | MAPPED | WRITABLE | PINNED);
         match st.evicting.remove(&page) {
             Some(Some(target)) => {
                 st.placed.insert(page, target);
@@ -713,26 +855,33 @@ impl Engine {
         wakes.dedup();
         for &page in &wakes {
             let f = st.flags[page as usize];
-            if f & RESIDENT != 0 && f & MAPPED == 0 && st.node.local(page).allows(Access::Write) {
-                // ours and writable but not in the guest view: map it, or
-                // the vCPU would fault again on the same page forever
-                self.map(st, page, true)?;
+            let l = st.node.local(page);
+            if f & RESIDENT != 0 && l.allows(Access::Read) {
+                // ours, but maybe not (or not as writable) in the guest
+                // view: map it, or the vCPU would fault again forever
+                self.map(st, page, l.writable)?;
             }
             if st.flags[page as usize] & WAITING != 0 {
                 if st.flags[page as usize] & COUNTED != 0 {
                     st.incoming = st.incoming.saturating_sub(1);
                 }
                 st.flags[page as usize] &= !(WAITING | COUNTED);
-                if let Some(t) = st.waiting_since.remove(&page) {
-                    let took = t.elapsed();
+                if let Some(w) = st.waiting.remove(&page) {
+                    let took = w.since.elapsed();
                     st.latency.record(took);
-                    if st.flags[page as usize] & FETCHED != 0 {
-                        st.latency_remote.record(took);
-                    } else {
-                        st.latency_zero.record(took);
+                    match w.kind {
+                        FaultKind::Zero => st.latency_zero.record(took),
+                        FaultKind::RemoteRead => {
+                            st.latency_remote.record(took);
+                            st.latency_remote_read.record(took);
+                        }
+                        FaultKind::RemoteWrite => {
+                            st.latency_remote.record(took);
+                            st.latency_remote_write.record(took);
+                        }
+                        FaultKind::Upgrade => st.latency_upgrade.record(took),
                     }
                 }
-                st.flags[page as usize] &= !FETCHED;
             }
             self.wake_now(page)?;
         }
@@ -797,7 +946,11 @@ impl Engine {
     /// After every event: start evictions ahead of need, let parked faults
     /// in where there is room, and fail rather than wait forever.
     fn settle(&self, st: &mut State) -> Result<(), String> {
-        let Some(budget) = self.settings.budget.filter(|_| self.uffd.is_some()) else { return Ok(()) };
+        // a node whose guest never faulted (no vCPUs run here) only takes
+        // the pages others place on it, which they count exactly
+        let Some(budget) = self.settings.budget.filter(|_| self.faulted.load(Ordering::Relaxed)) else {
+            return Ok(());
+        };
         if !st.parked.is_empty() {
             self.sweep_refusals(st);
         }
@@ -810,7 +963,8 @@ impl Engine {
             while !st.parked.is_empty() && st.resident + st.incoming < budget {
                 let page = st.parked.pop_front().expect("not empty");
                 st.flags[page as usize] &= !PARKED;
-                self.fault_page(st, page)?;
+                let (access, vcpu) = st.waiting.get(&page).map_or((Access::Write, None), |w| (w.access, w.vcpu));
+                self.fault_page(st, page, access, vcpu)?;
                 resumed = true;
             }
             if !resumed {
@@ -881,19 +1035,13 @@ impl Engine {
 
     // ---- watchdogs -------------------------------------------------------
 
-    /// Whether a page message came from `node` since the last call.
-    pub fn heard_from(&self, node: NodeId) -> bool {
-        let mut st = self.lock();
-        st.heard.get_mut(node as usize).is_some_and(std::mem::take)
-    }
-
     /// A fault that has waited longer than `limit`, in words: the pod is
     /// stuck (a node hangs without leaving), so the VM must end rather
     /// than leave a vCPU blocked forever.
     pub fn stuck_fault(&self, limit: std::time::Duration) -> Option<String> {
         let st = self.lock();
-        let (&page, since) = st.waiting_since.iter().max_by_key(|(_, t)| t.elapsed())?;
-        let waited = since.elapsed();
+        let (&page, w) = st.waiting.iter().max_by_key(|(_, w)| w.since.elapsed())?;
+        let waited = w.since.elapsed();
         if waited < limit {
             return None;
         }
@@ -952,6 +1100,15 @@ impl Engine {
         m.faults_remote = st.latency_remote.count();
         m.fault_remote_us_p50 = st.latency_remote.quantile_us(0.5);
         m.fault_remote_us_p99 = st.latency_remote.quantile_us(0.99);
+        m.faults_remote_read = st.latency_remote_read.count();
+        m.fault_remote_read_us_p50 = st.latency_remote_read.quantile_us(0.5);
+        m.faults_remote_write = st.latency_remote_write.count();
+        m.fault_remote_write_us_p50 = st.latency_remote_write.quantile_us(0.5);
+        m.faults_upgrade = st.latency_upgrade.count();
+        m.fault_upgrade_us_p50 = st.latency_upgrade.quantile_us(0.5);
+        m.pages_shared = get(&c.pages_shared);
+        m.invalidations = get(&c.invalidations);
+        m.ownership_transfers = get(&c.ownership_transfers);
         m.memfd_bytes = self.mem.allocated_bytes();
         m
     }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shoal_fabric::{Addr, Identity, Kind, LocalRegion, Options, Transport};
 use shoal_protocol::NodeId;
 
@@ -23,7 +23,7 @@ pub const DEFAULT_PORT: u16 = 7470;
 
 /// A pod file (`shoal node --pod POD.toml`). Every node of a pod reads the
 /// same one. See README.md for an example.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PodFile {
     /// Names the pod; nodes of another pod are refused.
@@ -51,6 +51,10 @@ pub struct PodFile {
     pub xsave: Option<bool>,
     pub cmdline: Option<String>,
     pub cpus: Option<u32>,
+    /// Each vCPU's first node (default: contiguous blocks).
+    pub placement: Option<Vec<u32>>,
+    /// Whether vCPUs may move to their data (default true).
+    pub migration: Option<bool>,
     pub dormant: Option<bool>,
     pub metrics_json: Option<PathBuf>,
     pub timeout: Option<f64>,
@@ -465,45 +469,11 @@ impl Drop for LocalNodes {
     }
 }
 
-/// The pod file the started nodes read (they learn addresses over stdio).
+/// The pod file the started nodes read (they learn addresses over stdio),
+/// written by the TOML serializer (strings quoted and escaped as TOML
+/// wants, whatever a path or command line holds).
 fn pod_file_text(f: &PodFile) -> String {
-    let q = |s: &str| format!("{s:?}");
-    let mut t = format!("pod_id = {}\nmemory = {}\n", q(&f.pod_id), q(&f.memory));
-    let mut line = |k: &str, v: String| t.push_str(&format!("{k} = {v}\n"));
-    if let Some(v) = f.nodes {
-        line("nodes", v.to_string());
-    }
-    if let Some(v) = &f.fabric {
-        line("fabric", q(v));
-    }
-    if let Some(v) = &f.node_memory {
-        line("node_memory", q(v));
-    }
-    if let Some(v) = &f.guest {
-        line("guest", q(v));
-    }
-    if let Some(v) = &f.kernel {
-        line("kernel", q(&v.display().to_string()));
-    }
-    if let Some(v) = &f.initrd {
-        line("initrd", q(&v.display().to_string()));
-    }
-    if let Some(v) = f.xsave {
-        line("xsave", v.to_string());
-    }
-    if let Some(v) = &f.cmdline {
-        line("cmdline", q(v));
-    }
-    if let Some(v) = f.cpus {
-        line("cpus", v.to_string());
-    }
-    if let Some(v) = f.dormant {
-        line("dormant", v.to_string());
-    }
-    if let Some(v) = f.join_timeout {
-        line("join_timeout", format!("{v:?}"));
-    }
-    t
+    toml::to_string(f).expect("a pod file serialises")
 }
 
 #[cfg(test)]

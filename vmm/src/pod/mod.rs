@@ -1,7 +1,9 @@
-//! Pods: one guest whose memory spans several node processes.
+//! Pods: one guest whose memory and vCPUs span several node processes.
 //!
-//! Node 0 runs the vCPUs and the console; every node contributes memory.
-//! A pod starts in four steps, each bounded by the join timeout:
+//! Node 0 keeps the devices (the console, the exit port); every node
+//! contributes memory, builds its own KVM VM over it, and runs the vCPUs
+//! placed on it (and those that move to it). A pod starts in four steps,
+//! each bounded by the join timeout:
 //! 1. every node binds its fabric endpoint and joins the others (the
 //!    fabric's handshake checks protocol version, pod id and pod secret);
 //! 2. every other node sends node 0 its [`Facts`] (memory size, guest
@@ -9,17 +11,21 @@
 //!    refuses a node whose facts differ from its own, naming the
 //!    difference, and the pod does not start;
 //! 3. node 0 loads the image and tells every node which pages the loader
-//!    wrote ([`Control::Start`]); they answer [`Control::Started`];
+//!    wrote and how the vCPUs start ([`Control::Start`]); they build their
+//!    VM and answer [`Control::Started`], then start their vCPUs;
 //! 4. the guest runs; at its end node 0 sends [`Control::Finish`] and
 //!    collects every node's metrics.
 //!
 //! A node that leaves early (dies, disconnects) is noticed through the
 //! fabric (a closed connection, or a read or message timing out after the
-//! fabric's io timeout): node 0 stops the guest and names the node; the
-//! others exit with an error naming it too.
+//! fabric's io timeout); one that hangs is noticed by its silence: every
+//! node sends every other a beat each [`BEAT_EVERY`], and a peer not heard
+//! from for [`SILENCE_LIMIT`] has failed. Node 0 stops the guest and names
+//! the node; the others exit with an error naming it too.
 
 pub mod engine;
 pub mod launch;
+pub mod policy;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -32,6 +38,7 @@ use shoal_fabric::{Incoming, Transport};
 use shoal_protocol::NodeId;
 
 use crate::metrics::NodeMetrics;
+use crate::vcpus::{Vcpus, CHANNEL_VCPU};
 use engine::{Engine, CHANNEL_CONTROL, CHANNEL_PAGES};
 
 /// Pages per block: the unit of homes and of dormant grants (2 MiB).
@@ -44,10 +51,11 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// answers). Remote faults take milliseconds; evictions ahead of a parked
 /// fault a few round trips each.
 pub const FAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often node 0 tells the others it is alive, and how long they wait
-/// without hearing from it before they give up.
-const BEAT_EVERY: Duration = Duration::from_secs(1);
-const BEAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often every node tells every other it is alive, and how long a
+/// peer may stay silent (no beat, no message) before it counts as hung:
+/// within 2 s of a node hanging, the pod names it and ends.
+pub const BEAT_EVERY: Duration = Duration::from_millis(250);
+pub const SILENCE_LIMIT: Duration = Duration::from_millis(1500);
 
 /// What every node of a pod must agree on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +68,10 @@ pub struct Facts {
     pub image_sha256: String,
     pub dormant: bool,
     pub node_memory: Option<u64>,
+    pub cpus: u32,
+    /// Each vCPU's first node.
+    pub placement: Vec<u32>,
+    pub migration: bool,
 }
 
 impl Facts {
@@ -91,6 +103,15 @@ impl Facts {
                 size_text(self.node_memory)
             ));
         }
+        if self.cpus != theirs.cpus || self.placement != theirs.placement {
+            diffs.push(format!(
+                "{} vCPUs placed {:?} against {} placed {:?}",
+                theirs.cpus, theirs.placement, self.cpus, self.placement
+            ));
+        }
+        if self.migration != theirs.migration {
+            diffs.push(format!("--migration {} against {}", on_off(theirs.migration), on_off(self.migration)));
+        }
         (!diffs.is_empty()).then(|| diffs.join(", "))
     }
 }
@@ -114,19 +135,34 @@ pub enum Control {
     Hello { facts: Facts },
     /// node 0 → node: your facts differ; the pod does not start.
     Mismatch { reason: String },
-    /// node 0 → node: the pages the loader wrote, as (offset, len)
-    /// extents of guest memory; they start owned by node 0.
-    Start { loaded: Vec<(u64, u64)> },
-    /// node → node 0: ready.
+    /// node 0 → node: the pages the loader wrote and how the vCPUs start.
+    Start { plan: StartPlan },
+    /// node → node 0: ready (the VM built, the engine serving).
     Started,
+    /// node 0 → node: every node is ready: start your vCPUs.
+    Run,
     /// node 0 → node: the guest ended; send your metrics.
     Finish,
     /// node → node 0.
     Metrics { metrics: Box<NodeMetrics> },
     /// node 0 → node: the pod failed.
     Abort { reason: String },
-    /// node 0 → node: still here (every second while the guest runs).
+    /// any node → any node: still here (every [`BEAT_EVERY`]).
     Beat,
+}
+
+/// What every node needs to start the guest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartPlan {
+    /// The pages the loader wrote, as (offset, len) extents of guest
+    /// memory; they start owned by node 0.
+    pub loaded: Vec<(u64, u64)>,
+    /// Where the vCPUs enter the guest.
+    pub boot: crate::loader::BootPlan,
+    /// Node 0's guest clock (ns since the VM started) when it sent this:
+    /// the other nodes start theirs from it (on one host exactly, across
+    /// hosts give or take the message's latency).
+    pub clock_ns: u64,
 }
 
 /// Errors of a pod's setup.
@@ -164,24 +200,109 @@ enum Arrival {
     Gone { node: NodeId, reason: String },
 }
 
-/// Reads the next message; control messages are returned, page messages
-/// handed to `engine` (None before the engine exists: then a page message
-/// is a peer's mistake).
-fn next(t: &dyn Transport, engine: Option<&Engine>, timeout: Duration) -> Result<Option<Arrival>, Error> {
+/// When each peer was last heard from (any message counts).
+#[derive(Debug)]
+pub struct Liveness {
+    me: NodeId,
+    last: Vec<Instant>,
+    /// Beats are due from every peer from now on (after the start).
+    watching: bool,
+}
+
+impl Liveness {
+    pub fn new(me: NodeId, nodes: u32) -> Self {
+        Liveness { me, last: vec![Instant::now(); nodes as usize], watching: false }
+    }
+
+    fn heard(&mut self, from: NodeId) {
+        if let Some(t) = self.last.get_mut(from as usize) {
+            *t = Instant::now();
+        }
+    }
+
+    /// Every peer counts as just heard; from now on silence is failure.
+    pub fn watch(&mut self) {
+        let now = Instant::now();
+        self.last.iter_mut().for_each(|t| *t = now);
+        self.watching = true;
+    }
+
+    /// The peer silent the longest, if longer than [`SILENCE_LIMIT`].
+    pub fn silent(&self) -> Option<(NodeId, Duration)> {
+        if !self.watching {
+            return None;
+        }
+        let (node, t) =
+            self.last.iter().enumerate().filter(|(n, _)| *n as NodeId != self.me).min_by_key(|(_, t)| **t)?;
+        let quiet = t.elapsed();
+        (quiet > SILENCE_LIMIT).then_some((node as NodeId, quiet))
+    }
+}
+
+/// The words for a peer that went silent.
+pub fn silent_peer(node: NodeId, quiet: Duration) -> String {
+    format!(
+        "node {node} does not answer: nothing heard from it for {:.1} s (it hangs, or the network to it is cut)",
+        quiet.as_secs_f64()
+    )
+}
+
+/// Sends a beat to every peer.
+fn beat(t: &dyn Transport) {
+    for p in t.peers() {
+        let _ = send_control(t, p, &Control::Beat);
+    }
+}
+
+/// Reads the next message; control messages are returned, page and vCPU
+/// messages handed to `engine` and `vcpus` (None before they exist: then
+/// such a message is a peer's mistake). Every arrival counts as hearing
+/// from its sender.
+fn next(
+    t: &dyn Transport,
+    engine: Option<&Engine>,
+    vcpus: Option<&Arc<Vcpus>>,
+    live: Option<&mut Liveness>,
+    timeout: Duration,
+) -> Result<Option<Arrival>, Error> {
     match t.recv(timeout)? {
         None => Ok(None),
         Some(Incoming::PeerGone { node, reason }) => Ok(Some(Arrival::Gone { node, reason })),
-        Some(Incoming::Message { from, payload }) => match payload.split_first() {
-            Some((&CHANNEL_CONTROL, body)) => serde_json::from_slice(body)
-                .map(|msg| Some(Arrival::Control { from, msg }))
-                .map_err(|e| Error::Malformed { node: from, reason: e.to_string() }),
-            Some((&CHANNEL_PAGES, body)) => match engine {
-                Some(e) => e.on_message(from, body).map(|()| None).map_err(Error::Failed),
-                None => Err(Error::Malformed { node: from, reason: "a page message before the pod started".into() }),
-            },
-            _ => Err(Error::Malformed { node: from, reason: "an unknown channel".into() }),
-        },
+        Some(Incoming::Message { from, payload }) => {
+            if let Some(l) = live {
+                l.heard(from);
+            }
+            match payload.split_first() {
+                Some((&CHANNEL_CONTROL, body)) => serde_json::from_slice(body)
+                    .map(|msg| Some(Arrival::Control { from, msg }))
+                    .map_err(|e| Error::Malformed { node: from, reason: e.to_string() }),
+                Some((&CHANNEL_PAGES, body)) => match engine {
+                    Some(e) => e.on_message(from, body).map(|()| None).map_err(Error::Failed),
+                    None => {
+                        Err(Error::Malformed { node: from, reason: "a page message before the pod started".into() })
+                    }
+                },
+                Some((&CHANNEL_VCPU, body)) => match vcpus {
+                    Some(v) => v.on_message(from, body).map(|()| None).map_err(Error::Failed),
+                    None => {
+                        Err(Error::Malformed { node: from, reason: "a vCPU message before the pod started".into() })
+                    }
+                },
+                _ => Err(Error::Malformed { node: from, reason: "an unknown channel".into() }),
+            }
+        }
     }
+}
+
+/// A pod's userfaultfd over a node's guest view: missing, minor and
+/// write-protect faults.
+pub fn pod_uffd(mem: &crate::memory::GuestMemory) -> Result<Arc<crate::uffd::Uffd>, crate::uffd::Error> {
+    use crate::uffd;
+    let uffd = uffd::Uffd::new(
+        uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM | uffd::FEATURE_WP_SHMEM | uffd::FEATURE_THREAD_ID,
+    )?;
+    uffd.register_pod(mem.guest_view_base(), mem.layout().size())?;
+    Ok(Arc::new(uffd))
 }
 
 /// The facts of a node configured with `config`: the image is read and
@@ -189,16 +310,19 @@ fn next(t: &dyn Transport, engine: Option<&Engine>, timeout: Duration) -> Result
 pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    let name = match &config.image {
+    let (name, linux) = match &config.image {
         crate::config::ImageSource::Embedded(g) => {
             h.update(g.elf);
-            g.name.to_string()
+            (g.name.to_string(), false)
         }
         crate::config::ImageSource::File(p) => {
-            h.update(std::fs::read(p).map_err(|e| format!("guest image {}: {e}", p.display()))?);
-            p.display().to_string()
+            let bytes = std::fs::read(p).map_err(|e| format!("guest image {}: {e}", p.display()))?;
+            h.update(&bytes);
+            let linux = crate::linux::Format::of(&bytes).map_err(|e| e.to_string())?.is_some();
+            (p.display().to_string(), linux)
         }
     };
+    let placement = crate::vm::vcpu_placement(config, nodes, linux).map_err(|e| e.to_string())?;
     // a Linux guest's initramfs is part of its image
     let name = match &config.initrd {
         Some(p) => {
@@ -216,6 +340,9 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
         image_sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
         dormant: config.dormant,
         node_memory: config.node_memory,
+        cpus: config.cpus,
+        placement,
+        migration: config.migration && !linux,
     })
 }
 
@@ -258,8 +385,8 @@ impl Link {
                     after: self.join_timeout,
                 });
             }
-            match next(t, None, left.min(Duration::from_millis(200)))? {
-                None => {}
+            match next(t, None, None, None, left.min(Duration::from_millis(200)))? {
+                None | Some(Arrival::Control { msg: Control::Beat, .. }) => {}
                 Some(Arrival::Gone { node, reason }) => return Err(Error::PeerGone { node, reason }),
                 Some(Arrival::Control { from, msg: Control::Hello { facts } }) => {
                     if let Some(reason) = self.facts.mismatch(&facts) {
@@ -280,12 +407,14 @@ impl Link {
         Ok(())
     }
 
-    /// Tells every node which pages the loader wrote and waits until all
-    /// are ready.
-    pub fn start(&self, loaded: &[(u64, u64)]) -> Result<(), Error> {
+    /// Tells every node which pages the loader wrote and how the vCPUs
+    /// start, and waits until all are ready. Nodes that are ready start
+    /// their vCPUs at once: their page and vCPU messages go to `engine`
+    /// and `vcpus` meanwhile.
+    pub fn start(&self, plan: &StartPlan, engine: &Engine, vcpus: &Arc<Vcpus>) -> Result<(), Error> {
         let t = &*self.transport;
         for p in t.peers() {
-            send_control(t, p, &Control::Start { loaded: loaded.to_vec() })?;
+            send_control(t, p, &Control::Start { plan: plan.clone() })?;
         }
         let deadline = Instant::now() + self.join_timeout;
         let mut missing = t.peers();
@@ -294,8 +423,8 @@ impl Link {
             if left.is_zero() {
                 return Err(Error::Timeout { what: format!("nodes {missing:?} to start"), after: self.join_timeout });
             }
-            match next(t, None, left.min(Duration::from_millis(200)))? {
-                None => {}
+            match next(t, Some(engine), Some(vcpus), None, left.min(Duration::from_millis(200)))? {
+                None | Some(Arrival::Control { msg: Control::Beat, .. }) => {}
                 Some(Arrival::Gone { node, reason }) => return Err(Error::PeerGone { node, reason }),
                 Some(Arrival::Control { from, msg: Control::Started }) => missing.retain(|&n| n != from),
                 Some(Arrival::Control { from, msg }) => {
@@ -303,12 +432,16 @@ impl Link {
                 }
             }
         }
+        for p in t.peers() {
+            send_control(t, p, &Control::Run)?;
+        }
         Ok(())
     }
 
-    /// Starts node 0's receiver thread: page messages to `engine`; a node
-    /// leaving or a protocol failure fails the engine (so the VM ends).
-    pub fn serve(&self, engine: Arc<Engine>) -> std::io::Result<Serving> {
+    /// Starts node 0's receiver thread: page messages to `engine`, vCPU
+    /// messages to `vcpus`; a node leaving or going silent, or a protocol
+    /// failure, fails the engine (so the VM ends).
+    pub fn serve(&self, engine: Arc<Engine>, vcpus: Arc<Vcpus>) -> std::io::Result<Serving> {
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let finishing = Arc::new(AtomicBool::new(false));
@@ -318,7 +451,7 @@ impl Link {
             let finishing = finishing.clone();
             std::thread::Builder::new()
                 .name("shoal-pod-rx".into())
-                .spawn(move || receive_loop(&*t, &engine, &tx, &stop, &finishing))?
+                .spawn(move || receive_loop(&*t, &engine, &vcpus, &tx, &stop, &finishing))?
         };
         Ok(Serving { rx, stop, finishing, thread: Mutex::new(Some(thread)) })
     }
@@ -385,13 +518,23 @@ impl std::fmt::Debug for Serving {
     }
 }
 
-fn receive_loop(t: &dyn Transport, engine: &Engine, tx: &Sender<Arrival>, stop: &AtomicBool, finishing: &AtomicBool) {
+fn receive_loop(
+    t: &dyn Transport,
+    engine: &Engine,
+    vcpus: &Arc<Vcpus>,
+    tx: &Sender<Arrival>,
+    stop: &AtomicBool,
+    finishing: &AtomicBool,
+) {
     let mut last_beat = Instant::now();
+    let mut live = Liveness::new(t.node(), t.peers().len() as u32 + 1);
+    live.watch();
+    beat(t);
     while !stop.load(Ordering::SeqCst) {
         // a bug must end the VM, not silently end this thread (and with it
         // the watchdog and the heartbeat)
         let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            receive_turn(t, engine, tx, finishing, &mut last_beat)
+            receive_turn(t, engine, vcpus, tx, finishing, &mut last_beat, &mut live)
         }));
         if turn.is_err() {
             engine.fail("internal error in the pod's receiver thread (see the panic above)".into());
@@ -403,23 +546,26 @@ fn receive_loop(t: &dyn Transport, engine: &Engine, tx: &Sender<Arrival>, stop: 
 fn receive_turn(
     t: &dyn Transport,
     engine: &Engine,
+    vcpus: &Arc<Vcpus>,
     tx: &Sender<Arrival>,
     finishing: &AtomicBool,
     last_beat: &mut Instant,
+    live: &mut Liveness,
 ) {
-    // the watchdog and the beat run once a second, not once per message:
-    // the watchdog takes the engine's lock
-    if !finishing.load(Ordering::SeqCst) && last_beat.elapsed() >= BEAT_EVERY {
+    let running = !finishing.load(Ordering::SeqCst);
+    if running && last_beat.elapsed() >= BEAT_EVERY {
         *last_beat = Instant::now();
+        beat(t);
+        if let Some((node, quiet)) = live.silent() {
+            engine.fail(silent_peer(node, quiet));
+        }
+        // the backstop: a fault that waits too long ends the VM too
         if let Some(why) = engine.stuck_fault(FAULT_TIMEOUT) {
             engine.fail(why);
         }
-        for p in t.peers() {
-            let _ = send_control(t, p, &Control::Beat);
-        }
     }
-    match next(t, Some(engine), Duration::from_millis(50)) {
-        Ok(None) => {}
+    match next(t, Some(engine), Some(vcpus), Some(live), Duration::from_millis(50)) {
+        Ok(None) | Ok(Some(Arrival::Control { msg: Control::Beat, .. })) => {}
         Ok(Some(Arrival::Gone { node, reason })) => {
             if !finishing.load(Ordering::SeqCst) {
                 engine.fail(format!("node {node} left the pod: {reason}"));
@@ -468,81 +614,174 @@ pub enum MemberEnd {
     Failed(String),
 }
 
-/// Runs a member node: says its facts, waits for the start, serves pages
-/// until node 0 finishes (or the pod fails).
-pub fn run_member(
-    t: Arc<dyn Transport>,
-    facts: &Facts,
-    settings: engine::Settings,
+/// What a member node runs with.
+#[derive(Debug)]
+pub struct Member {
+    pub transport: Arc<dyn Transport>,
+    pub facts: Facts,
+    pub settings: engine::Settings,
+    pub mem: Arc<crate::memory::GuestMemory>,
+    pub join_timeout: Duration,
+    /// Fault-handler threads.
+    pub fault_threads: usize,
+}
+
+/// A member's running VM: what its main loop drives and stops.
+struct MemberVm {
+    engine: Arc<Engine>,
+    vcpus: Arc<Vcpus>,
+    handlers: Option<crate::pager::handler::FaultHandlers>,
+    events: Receiver<crate::control::VmEvent>,
     mem: Arc<crate::memory::GuestMemory>,
-    join_timeout: Duration,
-) -> Result<MemberEnd, Error> {
+    started: Instant,
+}
+
+impl MemberVm {
+    /// Builds this node's VM, its page engine and its vCPUs (not started).
+    fn build(m: &Member, plan: &StartPlan) -> Result<MemberVm, String> {
+        use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
+        let me = m.transport.node();
+        crate::vm::install_kick_handler().map_err(|e| e.to_string())?;
+        let built = crate::builder::build(&m.mem, false).map_err(|e| e.to_string())?;
+        let (control, events) = crate::control::Control::new();
+        let control = Arc::new(control);
+        let uffd = pod_uffd(&m.mem).map_err(|e| e.to_string())?;
+        let on_fatal: engine::OnFatal = {
+            let control = control.clone();
+            Arc::new(move |why| control.fail(why))
+        };
+        let engine = Engine::new(
+            me,
+            m.settings.clone(),
+            m.transport.clone(),
+            m.mem.clone(),
+            Some(uffd),
+            &plan.loaded,
+            on_fatal.clone(),
+        )?;
+        let engine = Arc::new(engine);
+        // the guest's clock runs from node 0's start
+        let clock_start = Instant::now().checked_sub(Duration::from_nanos(plan.clock_ns)).unwrap_or_else(Instant::now);
+        let info = GuestInfo {
+            num_vcpus: m.facts.cpus.into(),
+            node_id: me.into(),
+            num_nodes: m.facts.nodes.into(),
+            mem_bytes: m.facts.memory,
+            clock_start,
+        };
+        let console = Arc::new(Mutex::new(Console::new(Box::new(crate::vcpus::ForwardConsole(m.transport.clone())))));
+        let devices = Arc::new(Devices::new(console, GuestReader::GuestView(m.mem.clone()), info, IrqLine(None)));
+        let setup = crate::vcpus::Setup {
+            me,
+            nodes: m.facts.nodes,
+            count: m.facts.cpus,
+            placement: m.facts.placement.clone(),
+            migration: m.facts.migration,
+            irqchip: false,
+            linux: false,
+            pin: None,
+        };
+        let vcpus = Vcpus::new(setup, built.kvm, Arc::new(built.vm), devices, control, Some(m.transport.clone()));
+        engine.set_vcpus(vcpus.clone());
+        let handlers = crate::pager::handler::FaultHandlers::spawn(engine.clone(), m.fault_threads, None, on_fatal)
+            .map_err(|e| format!("starting the fault handlers: {e}"))?;
+        Ok(MemberVm { engine, vcpus, handlers: Some(handlers), events, mem: m.mem.clone(), started: Instant::now() })
+    }
+
+    /// Stops the vCPUs and fault handlers; returns the node's metrics.
+    fn stop(&mut self, failed: bool) -> NodeMetrics {
+        let uffd = self.engine.uffd();
+        let release = || {
+            if let Some(u) = uffd {
+                let _ = u.unregister(self.mem.guest_view_base(), self.mem.layout().size());
+            }
+        };
+        let after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
+        self.vcpus.stop(after, &release);
+        if let Some(h) = self.handlers.take() {
+            h.stop();
+        }
+        let mut m = self.engine.metrics();
+        self.vcpus.add_metrics(&mut m);
+        m.wall_seconds = self.started.elapsed().as_secs_f64();
+        m.peak_rss_bytes = crate::metrics::peak_rss_bytes();
+        m
+    }
+}
+
+/// Runs a member node: says its facts, waits for the start, builds its
+/// VM, runs the vCPUs placed on it (and those that move to it) and serves
+/// pages until node 0 finishes (or the pod fails).
+pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
+    let t = m.transport.clone();
     let me = t.node();
-    send_control(&*t, 0, &Control::Hello { facts: facts.clone() })?;
+    send_control(&*t, 0, &Control::Hello { facts: m.facts.clone() })?;
     // wait for the start (node 0 checks every node's facts, then loads)
-    let deadline = Instant::now() + join_timeout * 2;
-    let loaded = loop {
+    let deadline = Instant::now() + m.join_timeout * 2;
+    let plan = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Timeout { what: "node 0 to start the pod".into(), after: join_timeout * 2 });
+            return Err(Error::Timeout { what: "node 0 to start the pod".into(), after: m.join_timeout * 2 });
         }
-        match next(&*t, None, left.min(Duration::from_millis(200)))? {
-            None => {}
+        match next(&*t, None, None, None, left.min(Duration::from_millis(200)))? {
+            None | Some(Arrival::Control { msg: Control::Beat, .. }) => {}
             Some(Arrival::Gone { node, reason }) => return Err(Error::PeerGone { node, reason }),
             Some(Arrival::Control { msg: Control::Mismatch { reason }, .. }) => return Err(Error::Refused(reason)),
             Some(Arrival::Control { msg: Control::Abort { reason }, .. }) => return Err(Error::Failed(reason)),
-            Some(Arrival::Control { msg: Control::Start { loaded }, .. }) => break loaded,
+            Some(Arrival::Control { msg: Control::Start { plan }, .. }) => break plan,
             Some(Arrival::Control { from, msg }) => {
                 return Err(Error::Malformed { node: from, reason: format!("{msg:?} before the start") })
             }
         }
     };
-    let failure: Arc<Mutex<Option<String>>> = Arc::default();
-    let on_fatal: engine::OnFatal = {
-        let failure = failure.clone();
-        Arc::new(move |why| {
-            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
-        })
-    };
-    let engine = Engine::new(me, settings, t.clone(), mem, None, &loaded, on_fatal).map_err(Error::Failed)?;
-    send_control(&*t, 0, &Control::Started)?;
-    // node 0 starts beating once every node has started, which may take
-    // up to the join timeout: until the first beat, that is the bound
-    let mut heard = Instant::now();
-    let mut silence_limit = join_timeout + BEAT_TIMEOUT;
-    loop {
-        if heard.elapsed() > silence_limit {
-            let why = format!("node 0 has not been heard from for {silence_limit:?} (hung?)");
-            t.shutdown();
-            return Ok(MemberEnd::Failed(why));
-        }
-        if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    let mut vm = match MemberVm::build(&m, &plan) {
+        Ok(vm) => vm,
+        Err(why) => {
             let _ = send_control(&*t, 0, &Control::Abort { reason: format!("node {me}: {why}") });
             t.shutdown();
-            return Ok(MemberEnd::Failed(why));
+            return Err(Error::Failed(why));
         }
-        let arrival = next(&*t, Some(&engine), Duration::from_millis(100));
-        if matches!(arrival, Ok(Some(Arrival::Control { from: 0, .. }))) || engine.heard_from(0) {
-            heard = Instant::now();
-        }
-        if matches!(arrival, Ok(Some(Arrival::Control { from: 0, msg: Control::Beat }))) {
-            silence_limit = BEAT_TIMEOUT;
-        }
-        match arrival {
-            Ok(None) | Ok(Some(Arrival::Control { msg: Control::Beat, .. })) => {}
-            Ok(Some(Arrival::Control { msg: Control::Finish, .. })) => {
-                let _ = send_control(&*t, 0, &Control::Metrics { metrics: Box::new(engine.metrics()) });
-                // node 0 leaves the fabric once it has every node's metrics
-                let until = Instant::now() + FINISH_TIMEOUT;
-                while Instant::now() < until {
-                    if let Ok(Some(Arrival::Gone { node: 0, .. })) = next(&*t, None, Duration::from_millis(100)) {
-                        break;
-                    }
-                }
-                t.shutdown();
-                return Ok(MemberEnd::Finished);
+    };
+    send_control(&*t, 0, &Control::Started)?;
+    let mut live = Liveness::new(me, m.facts.nodes);
+    let mut last_beat = Instant::now();
+    // until Run, node 0 waits for the other nodes: the join timeout bounds it
+    let run_deadline = Instant::now() + m.join_timeout;
+    let mut running = false;
+    let end = loop {
+        if running && last_beat.elapsed() >= BEAT_EVERY {
+            last_beat = Instant::now();
+            beat(&*t);
+            if let Some((node, quiet)) = live.silent() {
+                break Err(silent_peer(node, quiet));
             }
+        }
+        if !running && Instant::now() > run_deadline {
+            break Err(format!("node 0 did not start the guest within {:?}", m.join_timeout));
+        }
+        // what the vCPUs here did: node 0 decides what it means
+        let mut failure = None;
+        while let Ok(event) = vm.events.try_recv() {
+            match event {
+                crate::control::VmEvent::Failed(why) => failure = failure.or(Some(why)),
+                event => vm.vcpus.send_to_node0(crate::vcpus::VcpuMsg::Event { event }),
+            }
+        }
+        if let Some(why) = failure {
+            break Err(why);
+        }
+        match next(&*t, Some(&vm.engine), Some(&vm.vcpus), Some(&mut live), Duration::from_millis(50)) {
+            Ok(None) | Ok(Some(Arrival::Control { msg: Control::Beat, .. })) => {}
+            Ok(Some(Arrival::Control { msg: Control::Run, .. })) => {
+                running = true;
+                live.watch();
+                if let Err(why) = vm.vcpus.start(&plan.boot) {
+                    break Err(why);
+                }
+            }
+            Ok(Some(Arrival::Control { msg: Control::Finish, .. })) => break Ok(()),
             Ok(Some(Arrival::Control { msg: Control::Abort { reason }, .. })) => {
+                vm.stop(true);
                 t.shutdown();
                 return Ok(MemberEnd::Failed(format!("node 0 stopped the pod: {reason}")));
             }
@@ -551,6 +790,7 @@ pub fn run_member(
             }
             Ok(Some(Arrival::Gone { node, reason })) => {
                 let why = format!("node {node} left the pod: {reason}");
+                vm.stop(true);
                 if node != 0 {
                     // tell node 0 why we go too, and stay until it stops the
                     // pod: leaving at once could make our goodbye, not the
@@ -561,7 +801,29 @@ pub fn run_member(
                 t.shutdown();
                 return Ok(MemberEnd::Failed(why));
             }
-            Err(e) => engine.fail(e.to_string()),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    match end {
+        Ok(()) => {
+            let metrics = vm.stop(false);
+            let _ = send_control(&*t, 0, &Control::Metrics { metrics: Box::new(metrics) });
+            // node 0 leaves the fabric once it has every node's metrics
+            let until = Instant::now() + FINISH_TIMEOUT;
+            while Instant::now() < until {
+                if let Ok(Some(Arrival::Gone { node: 0, .. })) = next(&*t, None, None, None, Duration::from_millis(100))
+                {
+                    break;
+                }
+            }
+            t.shutdown();
+            Ok(MemberEnd::Finished)
+        }
+        Err(why) => {
+            vm.stop(true);
+            let _ = send_control(&*t, 0, &Control::Abort { reason: format!("node {me}: {why}") });
+            t.shutdown();
+            Ok(MemberEnd::Failed(why))
         }
     }
 }

@@ -1,6 +1,7 @@
 //! vCPUs: long-mode setup and the run loop.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod state;
+
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -11,6 +12,7 @@ use crate::control::{Control, VmEvent};
 use crate::devices::{Devices, HcResult, PortEvent};
 use crate::linux;
 use crate::loader::{self, BootPlan, LinuxEntry};
+use crate::vcpus::Vcpus;
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -111,7 +113,19 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
-/// One vCPU, ready to run.
+/// Why a vCPU's thread left its run loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leave {
+    /// The VM is stopping, or the guest ended (reported to the VM's
+    /// control already).
+    Stopped,
+    /// The vCPU cannot go on: the VM fails.
+    Failed(String),
+    /// The vCPU moves to this node (the guest asked, or the policy).
+    Migrate(u32),
+}
+
+/// One vCPU, ready to run on this node.
 #[derive(Debug)]
 pub struct Vcpu {
     id: u64,
@@ -119,23 +133,17 @@ pub struct Vcpu {
     /// A Linux guest: stray MMIO reads all ones (no device there), as on a
     /// PC; a unikernel's is a bug that ends the VM.
     linux: bool,
-    devices: Arc<Devices>,
-    control: Arc<Control>,
-    exits: Arc<AtomicU64>,
+    host: Arc<Vcpus>,
+    exits: u64,
+    /// The largest clock value the guest read (the clock never goes back,
+    /// also not when the vCPU moves to a node whose clock is behind).
+    clock_floor: u64,
 }
 
 impl Vcpu {
     /// Puts vCPU `id` in 64-bit mode at the image's entry, with its stack
     /// and boot-info block from `plan`.
-    pub fn new(
-        id: u64,
-        fd: VcpuFd,
-        kvm: &Kvm,
-        plan: &BootPlan,
-        devices: Arc<Devices>,
-        control: Arc<Control>,
-        exits: Arc<AtomicU64>,
-    ) -> Result<Self> {
+    pub fn new(id: u64, fd: VcpuFd, kvm: &Kvm, plan: &BootPlan, host: Arc<Vcpus>) -> Result<Self> {
         let err = |what| move |source| Error::Kvm { vcpu: id, what, source };
         let cpuid = cpuid_with(kvm, id, plan.linux.is_some(), plan.linux.is_some_and(|l| l.no_xsave))
             .map_err(err("reading KVM's supported CPUID"))?;
@@ -202,98 +210,179 @@ impl Vcpu {
             }
         };
         fd.set_regs(&regs).map_err(err("setting registers"))?;
-        Ok(Vcpu { id, fd, linux: plan.linux.is_some(), devices, control, exits })
+        Ok(Vcpu { id, fd, linux: plan.linux.is_some(), host, exits: 0, clock_floor: 0 })
     }
 
-    /// Runs until the guest exits or halts, the VM fails, or it is stopped.
-    pub fn run(mut self) {
-        if let Err(why) = self.run_loop() {
-            self.control.fail(format_args!("vCPU {}: {why}", self.id));
+    /// A vCPU whose state was restored into `fd` (it arrived from another
+    /// node).
+    pub fn resume(id: u64, fd: VcpuFd, linux: bool, clock_floor: u64, host: Arc<Vcpus>) -> Self {
+        Vcpu { id, fd, linux, host, exits: 0, clock_floor }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The KVM vCPU back, when the vCPU leaves this node.
+    pub fn into_parts(self) -> (VcpuFd, u64) {
+        (self.fd, self.exits)
+    }
+
+    /// Exits counted since the last call.
+    pub fn take_exits(&mut self) -> u64 {
+        std::mem::take(&mut self.exits)
+    }
+
+    pub fn clock_floor(&self) -> u64 {
+        self.clock_floor
+    }
+
+    /// Lets KVM finish the instruction that exited to us (a port write's
+    /// `rip` moves past it only on the next entry): one `KVM_RUN` with
+    /// `immediate_exit`, which completes it and returns at once. Without
+    /// this a captured state would run the hypercall again.
+    pub fn complete_io(&mut self) -> std::result::Result<(), kvm_ioctls::Error> {
+        self.fd.set_kvm_immediate_exit(1);
+        // immediate_exit returns EINTR before entering the guest
+        let r = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Ok(()),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
+    /// Runs until the guest exits or halts, the VM fails or stops, or the
+    /// vCPU is to move to another node.
+    pub fn run(&mut self) -> Leave {
+        match self.run_loop() {
+            Ok(leave) => leave,
+            Err(why) => Leave::Failed(why),
         }
     }
 
-    fn run_loop(&mut self) -> std::result::Result<(), String> {
-        let mut exits = 0u64;
-        let result = loop {
-            if self.control.stopping() {
-                break Ok(());
+    fn run_loop(&mut self) -> std::result::Result<Leave, String> {
+        let control = self.host.control().clone();
+        let devices = self.host.devices().clone();
+        loop {
+            if control.stopping() {
+                return Ok(Leave::Stopped);
+            }
+            if let Some(to) = self.host.take_move(self.id) {
+                if to != self.host.node() {
+                    return Ok(Leave::Migrate(to));
+                }
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 // a kick (signal) or a spurious wakeup: check for a stop
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => break Err(format!("KVM_RUN failed: {e}")),
+                Err(e) => return Err(format!("KVM_RUN failed: {e}")),
             };
-            exits += 1;
+            self.exits += 1;
             match exit {
                 VcpuExit::IoOut(port, data) if port == abi::HC_PORT => {
                     let nr = match data.try_into() {
                         Ok(b) => u32::from_le_bytes(b),
-                        Err(_) => break Err(format!("hypercall with a {}-byte out; use outl", data.len())),
+                        Err(_) => return Err(format!("hypercall with a {}-byte out; use outl", data.len())),
                     };
-                    match self.hypercall(nr) {
-                        Ok(true) => break Ok(()),
-                        Ok(false) => {}
-                        Err(e) => break Err(e),
+                    if let Some(leave) = self.hypercall(nr, &devices, &control)? {
+                        return Ok(leave);
                     }
                 }
-                VcpuExit::IoOut(port, data) => match self.devices.pio_write(port, data) {
+                VcpuExit::IoOut(port, data) => match devices.pio_write(port, data) {
                     None => {}
                     Some(PortEvent::Exit(status)) => {
-                        self.control.report(VmEvent::Exit { vcpu: self.id, status: status.into() });
-                        break Ok(());
+                        control.report(VmEvent::Exit { vcpu: self.id, status: status.into() });
+                        return Ok(Leave::Stopped);
                     }
                     Some(PortEvent::Reset) => {
-                        self.control.report(VmEvent::Reset { vcpu: self.id });
-                        break Ok(());
+                        control.report(VmEvent::Reset { vcpu: self.id });
+                        return Ok(Leave::Stopped);
                     }
                 },
-                VcpuExit::IoIn(port, data) => self.devices.pio_read(port, data),
+                VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
                 VcpuExit::Hlt => {
-                    self.control.report(VmEvent::Halted { vcpu: self.id });
-                    break Ok(());
+                    control.report(VmEvent::Halted { vcpu: self.id });
+                    return Ok(Leave::Stopped);
                 }
                 VcpuExit::Shutdown => {
-                    break Err(self.describe("the guest shut down the CPU (triple fault)"));
+                    return Err(self.describe("the guest shut down the CPU (triple fault)"));
                 }
                 VcpuExit::InternalError => {
                     // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the kernel
                     // filled in the `internal` arm of the exit union.
                     let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    break Err(self.describe(&format!(
+                    return Err(self.describe(&format!(
                         "KVM internal error (suberror {suberror}; 1 = the guest used an instruction \
                          this KVM cannot emulate)"
                     )));
                 }
                 VcpuExit::FailEntry(reason, cpu) => {
-                    break Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"));
+                    return Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"));
                 }
                 VcpuExit::MmioRead(_, data) if self.linux => data.fill(0xff),
                 VcpuExit::MmioWrite(..) if self.linux => {}
                 VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
-                    break Err(self.describe(&format!("the guest accessed {addr:#x}, which is not RAM")));
+                    return Err(self.describe(&format!("the guest accessed {addr:#x}, which is not RAM")));
                 }
-                other => break Err(format!("unexpected VM exit {other:?}")),
-            }
-        };
-        self.exits.fetch_add(exits, Ordering::Relaxed);
-        result
-    }
-
-    /// Handles one hypercall; true when the guest exited.
-    fn hypercall(&mut self, nr: u32) -> std::result::Result<bool, String> {
-        let mut regs = self.fd.get_regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?;
-        match self.devices.hypercall(self.id, nr, [regs.rdi, regs.rsi, regs.rcx]) {
-            HcResult::Exit(status) => {
-                self.control.report(VmEvent::Exit { vcpu: self.id, status });
-                Ok(true)
-            }
-            HcResult::Return(value) => {
-                regs.rax = value;
-                self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}"))?;
-                Ok(false)
+                other => return Err(format!("unexpected VM exit {other:?}")),
             }
         }
+    }
+
+    /// Handles one hypercall; Some when the vCPU leaves its loop.
+    fn hypercall(
+        &mut self,
+        nr: u32,
+        devices: &Devices,
+        control: &Control,
+    ) -> std::result::Result<Option<Leave>, String> {
+        let mut regs = self.fd.get_regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?;
+        let host = &self.host;
+        let value = match nr {
+            abi::HC_IPI => host.send_ipi(regs.rdi),
+            abi::HC_WAIT_IPI => host.wait_ipi(self.id, regs.rdi),
+            abi::HC_MIGRATE => {
+                let to = regs.rdi;
+                if to >= u64::from(host.nodes()) {
+                    return Err(format!(
+                        "the guest asked to move vCPU {} to node {to}; the pod has {} node(s) (0 to {})",
+                        self.id,
+                        host.nodes(),
+                        host.nodes() - 1
+                    ));
+                }
+                regs.rax = 0;
+                self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}"))?;
+                if to as u32 == host.node() {
+                    return Ok(None);
+                }
+                return Ok(Some(Leave::Migrate(to as u32)));
+            }
+            abi::HC_CLOCK_NS => {
+                let HcResult::Return(now) = devices.hypercall(self.id, nr, [regs.rdi, regs.rsi, regs.rcx]) else {
+                    unreachable!("the clock returns")
+                };
+                self.clock_floor = self.clock_floor.max(now);
+                self.clock_floor
+            }
+            _ => match devices.hypercall(self.id, nr, [regs.rdi, regs.rsi, regs.rcx]) {
+                HcResult::Exit(status) => {
+                    control.report(VmEvent::Exit { vcpu: self.id, status });
+                    return Ok(Some(Leave::Stopped));
+                }
+                HcResult::Return(value) => value,
+            },
+        };
+        regs.rax = value;
+        self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}"))?;
+        Ok(None)
     }
 
     fn describe(&self, what: &str) -> String {

@@ -1,0 +1,580 @@
+//! The vCPUs one node hosts, and what vCPUs ask of each other across
+//! nodes: inter-processor interrupts, migrations, and where each vCPU is.
+//!
+//! Every node of a pod (and a VM alone, a pod of one) has one [`Vcpus`].
+//! It knows, for every vCPU of the VM, the node it last heard the vCPU is
+//! on, and for the vCPUs here their mailbox of IPIs, their thread and the
+//! KVM vCPU that runs them. A vCPU that leaves keeps its KVM vCPU here
+//! (KVM cannot create one id twice), ready for the day it comes back.
+//!
+//! Messages between nodes (channel [`CHANNEL_VCPU`]) rely on the fabric's
+//! per-pair order, which every backend has (one stream, or one RC queue
+//! pair, per pair of nodes): a vCPU's state reaches its new node before
+//! any IPI its old node forwards after it.
+//!
+//! - **IPI**: to the node the sender believes holds the target; a node
+//!   that no longer holds it forwards it to where it sent it.
+//! - **Migration**: the vCPU's thread leaves `KVM_RUN`, completes the
+//!   pending port I/O (an `immediate_exit` run), captures the whole state
+//!   ([`VcpuState`]), marks the vCPU as gone to the target (under its
+//!   mailbox lock, so no IPI is lost: posted ones go with the state, later
+//!   ones are forwarded), and sends it; the target restores it into its
+//!   own KVM vCPU, starts a thread, and tells every other node where the
+//!   vCPU is now (`Location`, with a count of moves so a late, older
+//!   location never wins).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use shoal_fabric::Transport;
+use shoal_protocol::NodeId;
+use vmm_sys_util::signal::Killable;
+
+use crate::control::{Control, VmEvent};
+use crate::devices::Devices;
+use crate::loader::BootPlan;
+use crate::pod::policy::Policy;
+use crate::vcpu::state::VcpuState;
+use crate::vcpu::{self, Leave, Vcpu};
+
+/// The first byte of a message about vCPUs.
+pub const CHANNEL_VCPU: u8 = 2;
+
+/// What nodes tell each other about vCPUs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuMsg {
+    /// The vCPU moves to the receiver: its state ([`VcpuState::encode`]).
+    Migrate { vcpu: u32, moves: u64, state: Vec<u8> },
+    /// The vCPU is on `node` now, after `moves` moves.
+    Location { vcpu: u32, node: NodeId, moves: u64 },
+    /// An inter-processor interrupt for the vCPU.
+    Ipi { vcpu: u32 },
+    /// node → node 0: bytes for the console (a vCPU here printed them).
+    Print { bytes: Vec<u8> },
+    /// node → node 0: something a vCPU here did that ends it or the VM.
+    Event { event: VmEvent },
+}
+
+impl VcpuMsg {
+    /// The message with its channel byte, for the fabric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![CHANNEL_VCPU];
+        out.extend(bincode::serde::encode_to_vec(self, bincode::config::standard()).expect("vCPU messages encode"));
+        out
+    }
+
+    /// A message a peer sent (without its channel byte).
+    pub fn decode(from: NodeId, body: &[u8]) -> Result<VcpuMsg, String> {
+        let config = bincode::config::standard().with_limit::<{ shoal_fabric::MAX_MESSAGE }>();
+        match bincode::serde::decode_from_slice(body, config) {
+            Ok((msg, used)) if used == body.len() => Ok(msg),
+            Ok(_) => Err(format!("node {from} sent a vCPU message with bytes left over")),
+            Err(e) => Err(format!("node {from} sent a malformed vCPU message: {e}")),
+        }
+    }
+}
+
+/// Counters of this node's vCPU traffic.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    pub migrations_in: AtomicU64,
+    pub migrations_out: AtomicU64,
+    pub ipis_sent: AtomicU64,
+    pub ipis_received: AtomicU64,
+    pub exits: AtomicU64,
+}
+
+/// One vCPU, as this node sees it.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The node it is on (as far as we know) and how often it moved.
+    location: AtomicU32,
+    moves: AtomicU64,
+    /// IPIs posted here and not yet taken; its lock also orders IPIs
+    /// against the vCPU leaving.
+    mailbox: Mutex<u64>,
+    bell: Condvar,
+    /// A policy decision: move to this node (u32::MAX: none).
+    move_to: AtomicU32,
+    /// The thread running it here (its kernel tid while in the guest).
+    thread: Mutex<Option<JoinHandle<()>>>,
+    tid: AtomicI32,
+    /// The KVM vCPU of this id on this node, while no thread runs it.
+    parked: Mutex<Option<VcpuFd>>,
+}
+
+const NO_MOVE: u32 = u32::MAX;
+
+/// The vCPUs of one node.
+pub struct Vcpus {
+    me: NodeId,
+    nodes: u32,
+    slots: Vec<Slot>,
+    /// Whether the policy may move vCPUs (`--migration on`); the guest's
+    /// own migration hypercall works either way.
+    migration: bool,
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    /// The VM has an in-kernel interrupt controller (local APICs).
+    irqchip: bool,
+    linux: bool,
+    devices: Arc<Devices>,
+    control: Arc<Control>,
+    transport: Option<Arc<dyn Transport>>,
+    pin: Option<Vec<usize>>,
+    policy: Mutex<Policy>,
+    tids: Mutex<HashMap<i32, u32>>,
+    pub counters: VcpuCounters,
+}
+
+impl std::fmt::Debug for Vcpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpus").field("me", &self.me).field("vcpus", &self.slots.len()).finish_non_exhaustive()
+    }
+}
+
+/// Settings of a node's vCPUs.
+#[derive(Debug)]
+pub struct Setup {
+    pub me: NodeId,
+    pub nodes: u32,
+    pub count: u32,
+    /// Each vCPU's first node.
+    pub placement: Vec<NodeId>,
+    pub migration: bool,
+    pub irqchip: bool,
+    pub linux: bool,
+    /// Host CPUs to pin vCPU threads to (vCPU i on `pin[i % len]`).
+    pub pin: Option<Vec<usize>>,
+}
+
+impl Vcpus {
+    pub fn new(
+        setup: Setup,
+        kvm: Kvm,
+        vm: Arc<VmFd>,
+        devices: Arc<Devices>,
+        control: Arc<Control>,
+        transport: Option<Arc<dyn Transport>>,
+    ) -> Arc<Self> {
+        let slots = (0..setup.count)
+            .map(|i| {
+                let s = Slot::default();
+                s.location.store(setup.placement.get(i as usize).copied().unwrap_or(0), Ordering::Relaxed);
+                s.move_to.store(NO_MOVE, Ordering::Relaxed);
+                s
+            })
+            .collect();
+        Arc::new(Vcpus {
+            me: setup.me,
+            nodes: setup.nodes,
+            slots,
+            migration: setup.migration,
+            kvm,
+            vm,
+            irqchip: setup.irqchip,
+            linux: setup.linux,
+            devices,
+            control,
+            transport,
+            pin: setup.pin,
+            policy: Mutex::new(Policy::new(setup.count)),
+            tids: Mutex::new(HashMap::new()),
+            counters: VcpuCounters::default(),
+        })
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.me
+    }
+
+    /// Nodes in the pod.
+    pub fn nodes(&self) -> u32 {
+        self.nodes
+    }
+
+    /// vCPUs in the VM.
+    pub fn count(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// The VM's devices as this node has them.
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// How the VM's end is reported on this node.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// vCPUs on this node now.
+    pub fn here(&self) -> u64 {
+        self.slots.iter().filter(|s| s.location.load(Ordering::Acquire) == self.me).count() as u64
+    }
+
+    /// Adds this node's vCPU counters to its metrics.
+    pub fn add_metrics(&self, m: &mut crate::metrics::NodeMetrics) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        m.vcpus = self.here();
+        m.vcpu_exits = get(&c.exits);
+        m.vcpu_migrations_in = get(&c.migrations_in);
+        m.vcpu_migrations_out = get(&c.migrations_out);
+        m.ipis_sent = get(&c.ipis_sent);
+        m.ipis_received = get(&c.ipis_received);
+    }
+
+    /// Starts the vCPUs placed on this node at the entry `plan` describes.
+    pub fn start(self: &Arc<Self>, plan: &BootPlan) -> Result<(), String> {
+        for id in 0..self.count() {
+            if self.slots[id as usize].location.load(Ordering::Acquire) != self.me {
+                continue;
+            }
+            let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?;
+            let vcpu = Vcpu::new(u64::from(id), fd, &self.kvm, plan, self.clone()).map_err(|e| e.to_string())?;
+            self.spawn(vcpu)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(self: &Arc<Self>, vcpu: Vcpu) -> Result<(), String> {
+        let id = vcpu.id() as u32;
+        let host = self.clone();
+        let cpu = self.pin.as_ref().map(|c| c[id as usize % c.len()]);
+        let t = std::thread::Builder::new()
+            .name(format!("shoal-vcpu{id}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    vcpu::pin_current_thread(cpu);
+                }
+                host.run(vcpu)
+            })
+            .map_err(|e| format!("cannot start vCPU {id}'s thread: {e}"))?;
+        *self.slots[id as usize].thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        Ok(())
+    }
+
+    /// A vCPU thread: run until the guest leaves this node or ends.
+    fn run(self: Arc<Self>, mut vcpu: Vcpu) {
+        let id = vcpu.id() as u32;
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.slots[id as usize].tid.store(tid, Ordering::Release);
+        self.tids.lock().unwrap_or_else(|p| p.into_inner()).insert(tid, id);
+        let leave = vcpu.run();
+        self.tids.lock().unwrap_or_else(|p| p.into_inner()).remove(&tid);
+        self.slots[id as usize].tid.store(0, Ordering::Release);
+        self.counters.exits.fetch_add(vcpu.take_exits(), Ordering::Relaxed);
+        match leave {
+            Leave::Stopped => {}
+            Leave::Failed(why) => self.control.fail(format_args!("vCPU {id} on node {}: {why}", self.me)),
+            Leave::Migrate(to) => {
+                if let Err(why) = self.emigrate(vcpu, to) {
+                    self.control.fail(format_args!("vCPU {id} moving from node {} to node {to}: {why}", self.me));
+                }
+            }
+        }
+    }
+
+    // ---- guest requests ------------------------------------------------
+
+    /// `HC_IPI`: interrupts vCPU `target` wherever it is; u64::MAX when
+    /// there is no such vCPU.
+    pub fn send_ipi(&self, target: u64) -> u64 {
+        let Some(slot) = usize::try_from(target).ok().and_then(|t| self.slots.get(t)) else { return u64::MAX };
+        self.post_ipi(target as u32, slot, false);
+        0
+    }
+
+    /// Posts an IPI here, or sends it on to where the vCPU is.
+    fn post_ipi(&self, vcpu: u32, slot: &Slot, remote: bool) {
+        let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+        let at = slot.location.load(Ordering::Acquire);
+        if at == self.me {
+            *mail += 1;
+            slot.bell.notify_all();
+            if remote {
+                self.counters.ipis_received.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        drop(mail);
+        if !remote {
+            self.counters.ipis_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        self.send(at, &VcpuMsg::Ipi { vcpu });
+    }
+
+    /// `HC_WAIT_IPI`: sleeps until an IPI is posted for `vcpu` (or
+    /// `timeout_ns` passes, 0 = no limit, or the VM stops); takes and
+    /// returns the IPIs posted (0 after a timeout).
+    pub fn wait_ipi(&self, vcpu: u64, timeout_ns: u64) -> u64 {
+        let Some(slot) = self.slots.get(vcpu as usize) else { return u64::MAX };
+        let deadline = (timeout_ns > 0).then(|| Instant::now() + Duration::from_nanos(timeout_ns));
+        let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if *mail > 0 {
+                return std::mem::take(&mut *mail);
+            }
+            if self.control.stopping() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return 0;
+            }
+            // wake now and then to notice the VM stopping
+            let slice = Duration::from_millis(20);
+            let slice = deadline.map_or(slice, |d| slice.min(d.saturating_duration_since(Instant::now())));
+            mail = slot.bell.wait_timeout(mail, slice).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Whether the policy asked vCPU `vcpu` to move (taken once).
+    pub fn take_move(&self, vcpu: u64) -> Option<NodeId> {
+        let to = self.slots.get(vcpu as usize)?.move_to.swap(NO_MOVE, Ordering::AcqRel);
+        (to != NO_MOVE).then_some(to)
+    }
+
+    // ---- the page engine's view ------------------------------------------
+
+    /// The vCPU a faulting thread runs, if it is one of ours.
+    pub fn vcpu_of_thread(&self, tid: u32) -> Option<u32> {
+        self.tids.lock().unwrap_or_else(|p| p.into_inner()).get(&(tid as i32)).copied()
+    }
+
+    /// A fault of vCPU `vcpu` (here) was served with bytes from `from`:
+    /// the policy may decide to move the vCPU there. The fault is resolved
+    /// either way (a vCPU blocked in the kernel on a page cannot be taken
+    /// out without it: measured here, waking it unresolved only makes it
+    /// fault again); the vCPU is kicked and leaves at its next exit.
+    pub fn remote_fault(&self, vcpu: u32, from: NodeId) {
+        if !self.migration || from == self.me {
+            return;
+        }
+        let decided = self.policy.lock().unwrap_or_else(|p| p.into_inner()).remote_fault(vcpu, from);
+        let Some(to) = decided else { return };
+        let slot = &self.slots[vcpu as usize];
+        slot.move_to.store(to, Ordering::Release);
+        if let Some(t) = slot.thread.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = t.kill(crate::vm::kick_signal());
+        }
+        tracing::debug!(vcpu, from = self.me, to, "policy: the vCPU follows its data");
+    }
+
+    // ---- migration -------------------------------------------------------
+
+    fn emigrate(&self, mut vcpu: Vcpu, to: NodeId) -> Result<(), String> {
+        let id = vcpu.id() as u32;
+        let slot = &self.slots[id as usize];
+        vcpu.complete_io().map_err(|e| format!("completing its port I/O: {e}"))?;
+        let mut state =
+            VcpuState::capture(&self.kvm, vcpu.fd(), id, self.irqchip).map_err(|e| format!("capturing it: {e}"))?;
+        state.clock_floor_ns = vcpu.clock_floor();
+        let (fd, _) = vcpu.into_parts();
+        *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id);
+        // under the mailbox lock: IPIs posted so far go with the state,
+        // later ones see the new location and are forwarded behind it
+        let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+        state.pending_ipis = std::mem::take(&mut *mail);
+        slot.location.store(to, Ordering::Release);
+        let moves = slot.moves.fetch_add(1, Ordering::AcqRel) + 1;
+        let msg = VcpuMsg::Migrate { vcpu: id, moves, state: state.encode() };
+        let sent = self.send_checked(to, &msg);
+        drop(mail);
+        sent?;
+        self.counters.migrations_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn immigrate(self: &Arc<Self>, from: NodeId, vcpu: u32, moves: u64, bytes: &[u8]) -> Result<(), String> {
+        let slot = self
+            .slots
+            .get(vcpu as usize)
+            .ok_or_else(|| format!("node {from} sent vCPU {vcpu}, which does not exist"))?;
+        let state = VcpuState::decode(from, bytes).map_err(|e| e.to_string())?;
+        if state.id != vcpu {
+            return Err(format!("node {from} sent vCPU {}'s state as vCPU {vcpu}'s", state.id));
+        }
+        if slot.location.load(Ordering::Acquire) == self.me {
+            return Err(format!("node {from} sent vCPU {vcpu}, which already runs here"));
+        }
+        let parked = slot.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let fd = match parked {
+            Some(fd) => fd,
+            None => self.vm.create_vcpu(u64::from(vcpu)).map_err(|e| format!("cannot create vCPU {vcpu}: {e}"))?,
+        };
+        state.restore(&fd).map_err(|e| e.to_string())?;
+        // the old thread of this vCPU here (if it ran here before) is done
+        if let Some(old) = slot.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = old.join();
+        }
+        {
+            let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+            *mail += state.pending_ipis;
+            slot.location.store(self.me, Ordering::Release);
+            slot.moves.store(moves, Ordering::Release);
+        }
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(vcpu);
+        self.counters.migrations_in.fetch_add(1, Ordering::Relaxed);
+        let v = Vcpu::resume(u64::from(vcpu), fd, self.linux, state.clock_floor_ns, self.clone());
+        self.spawn(v)?;
+        for n in (0..self.nodes).filter(|&n| n != self.me && n != from) {
+            self.send(n, &VcpuMsg::Location { vcpu, node: self.me, moves });
+        }
+        Ok(())
+    }
+
+    // ---- messages ----------------------------------------------------------
+
+    /// A vCPU message from `from`. Node 0 also takes the console output
+    /// and events of vCPUs elsewhere.
+    pub fn on_message(self: &Arc<Self>, from: NodeId, body: &[u8]) -> Result<(), String> {
+        match VcpuMsg::decode(from, body)? {
+            VcpuMsg::Migrate { vcpu, moves, state } => self.immigrate(from, vcpu, moves, &state),
+            VcpuMsg::Location { vcpu, node, moves } => {
+                let slot = self.slots.get(vcpu as usize).ok_or_else(|| format!("node {from} names vCPU {vcpu}"))?;
+                if node >= self.nodes {
+                    return Err(format!("node {from} places vCPU {vcpu} on node {node}, outside the pod"));
+                }
+                let _mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+                if moves > slot.moves.load(Ordering::Acquire) && slot.location.load(Ordering::Acquire) != self.me {
+                    slot.location.store(node, Ordering::Release);
+                    slot.moves.store(moves, Ordering::Release);
+                }
+                Ok(())
+            }
+            VcpuMsg::Ipi { vcpu } => {
+                let slot =
+                    self.slots.get(vcpu as usize).ok_or_else(|| format!("node {from} sent an IPI to vCPU {vcpu}"))?;
+                self.post_ipi(vcpu, slot, true);
+                Ok(())
+            }
+            VcpuMsg::Print { bytes } if self.me == 0 => {
+                self.devices.console().lock().unwrap_or_else(|p| p.into_inner()).put(&bytes);
+                Ok(())
+            }
+            VcpuMsg::Event { event } if self.me == 0 => {
+                if let VmEvent::Failed(why) = event {
+                    self.control.fail(format_args!("node {from}: {why}"));
+                } else {
+                    self.control.report(event);
+                }
+                Ok(())
+            }
+            other => Err(format!("node {from} sent node {} {other:?}, which only node 0 takes", self.me)),
+        }
+    }
+
+    /// Sends node 0 what a vCPU here did (a member node's part).
+    pub fn send_to_node0(&self, msg: VcpuMsg) {
+        self.send(0, &msg);
+    }
+
+    fn send_checked(&self, to: NodeId, msg: &VcpuMsg) -> Result<(), String> {
+        let t = self.transport.as_ref().ok_or("this VM has one node")?;
+        t.send(to, &msg.encode()).map_err(|e| format!("sending to node {to}: {e}"))
+    }
+
+    /// Sends; a failure fails the VM (the node is gone, which the pod
+    /// notices and names anyway).
+    fn send(&self, to: NodeId, msg: &VcpuMsg) {
+        if let Err(why) = self.send_checked(to, msg) {
+            if !self.control.stopping() {
+                self.control.fail(why);
+            }
+        }
+    }
+
+    // ---- the end -------------------------------------------------------------
+
+    /// Stops every vCPU thread here: flag, kick until they are gone.
+    /// `release` runs once when kicks alone have not stopped them within
+    /// `release_after` (it unregisters guest memory from userfaultfd,
+    /// which wakes a vCPU blocked on a fault that will not be resolved).
+    pub fn stop(&self, release_after: Duration, release: &dyn Fn()) {
+        self.control.stop();
+        let start = Instant::now();
+        let mut released = false;
+        loop {
+            let mut running = 0;
+            for s in &self.slots {
+                let t = s.thread.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(t) = t.as_ref().filter(|t| !t.is_finished()) {
+                    running += 1;
+                    let _ = t.kill(crate::vm::kick_signal());
+                }
+                drop(t);
+                s.bell.notify_all();
+            }
+            if running == 0 {
+                break;
+            }
+            let waited = start.elapsed();
+            if !released && waited >= release_after {
+                tracing::debug!("releasing guest memory from the pager to stop the vCPUs");
+                release();
+                released = true;
+            }
+            if waited > Duration::from_secs(10) {
+                tracing::error!("a vCPU thread does not stop; leaving it behind");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for s in &self.slots {
+            if let Some(t) = s.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The console of a node other than node 0: complete lines go to node 0's
+/// console (one console for the VM, wherever a vCPU prints).
+#[derive(Debug)]
+pub struct ForwardConsole(pub Arc<dyn Transport>);
+
+impl std::io::Write for ForwardConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for chunk in buf.chunks(8 << 10) {
+            // best effort, as the console is: a node 0 that is gone is
+            // noticed by the pod, not here
+            let _ = self.0.send(0, &VcpuMsg::Print { bytes: chunk.to_vec() }.encode());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_messages_round_trip_and_bad_ones_are_errors() {
+        let msgs = [
+            VcpuMsg::Migrate { vcpu: 1, moves: 2, state: vec![1, 2, 3] },
+            VcpuMsg::Location { vcpu: 3, node: 2, moves: 9 },
+            VcpuMsg::Ipi { vcpu: 4 },
+            VcpuMsg::Print { bytes: b"hi\n".to_vec() },
+            VcpuMsg::Event { event: VmEvent::Halted { vcpu: 2 } },
+        ];
+        for m in msgs {
+            let bytes = m.encode();
+            assert_eq!(bytes[0], CHANNEL_VCPU);
+            assert_eq!(VcpuMsg::decode(1, &bytes[1..]).unwrap(), m);
+            for len in 1..bytes.len() {
+                assert!(VcpuMsg::decode(1, &bytes[1..len]).is_err());
+            }
+        }
+        assert!(VcpuMsg::decode(1, &[0, 0xfc, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}
