@@ -425,3 +425,19 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     md.push_str(&format!("\n![chart]({name}.svg)\n"));
     report::write(out, name, &results, &md)
 }
+
+/// The 4 KiB one-sided read latency p50 of `kind` (µs), in place, for
+/// other benchmarks' floors in their own run.
+pub fn read_floor_us(kind: Kind) -> anyhow::Result<f64> {
+    let args = Args {
+        kinds: vec![kind.to_string()],
+        reads: 2000,
+        batch: 1,
+        batches: 1,
+        perftest: false,
+        rounds: 1,
+        gid_index: None,
+        print_json: false,
+    };
+    Ok(measure(kind, &args)?.lat_us_p50)
+}

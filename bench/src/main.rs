@@ -8,6 +8,7 @@ mod fabric;
 mod fault;
 mod pod;
 mod report;
+mod vcpus;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Bench {
     /// Pods: a remote fault over shm against a dormant fault in the same
     /// run; fast boot on 1, 2 and 3 nodes with dormant pages on and off.
     Pod(pod::Args),
+    /// vCPUs across nodes: write ping-pong, IPI round trip, migration
+    /// beside a remote fault, smp on 1-3 nodes, following data.
+    Vcpus(vcpus::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Bench::Fault(args) => fault::run(&args, &cli.out),
         Bench::Fabric(args) => fabric::run(&args, &cli.out),
         Bench::Pod(args) => pod::run(&args, &cli.out),
+        Bench::Vcpus(args) => vcpus::run(&args, &cli.out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

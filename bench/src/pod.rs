@@ -36,11 +36,11 @@ pub struct Args {
 
 /// One pod run: how it was started and what every node counted.
 #[derive(Debug, Serialize)]
-struct RunResult {
-    args: Vec<String>,
-    one_cpu: bool,
-    total: NodeMetrics,
-    nodes: Vec<NodeMetrics>,
+pub(crate) struct RunResult {
+    pub args: Vec<String>,
+    pub one_cpu: bool,
+    pub total: NodeMetrics,
+    pub nodes: Vec<NodeMetrics>,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,7 +82,7 @@ struct Report {
     runs: Vec<RunResult>,
 }
 
-fn shoal_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn shoal_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let shoal = me.with_file_name("shoal");
     if !shoal.exists() {
@@ -92,6 +92,11 @@ fn shoal_binary() -> anyhow::Result<PathBuf> {
 }
 
 fn run_pod(args: &[&str], one_cpu: bool) -> anyhow::Result<RunResult> {
+    run_pod_out(args, one_cpu).map(|(r, _)| r)
+}
+
+/// A pod run, with what the guest printed.
+pub(crate) fn run_pod_out(args: &[&str], one_cpu: bool) -> anyhow::Result<(RunResult, String)> {
     let dir = std::env::temp_dir().join(format!("shoal-bench-pod-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let metrics = dir.join("metrics.json");
@@ -117,7 +122,9 @@ fn run_pod(args: &[&str], one_cpu: bool) -> anyhow::Result<RunResult> {
     let text = std::fs::read_to_string(&metrics).with_context(|| format!("reading {}", metrics.display()))?;
     let f: File = serde_json::from_str(&text)?;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(RunResult { args: args.iter().map(|s| s.to_string()).collect(), one_cpu, total: f.total, nodes: f.nodes })
+    let result =
+        RunResult { args: args.iter().map(|s| s.to_string()).collect(), one_cpu, total: f.total, nodes: f.nodes };
+    Ok((result, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {

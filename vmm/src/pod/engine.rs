@@ -83,6 +83,10 @@ pub struct Settings {
     /// and refilled page would be a new page the peers' RDMA reads never
     /// see (they would read the stale pinned one).
     pub keep_pages: bool,
+    /// Make read copies for read faults (this kernel can map a page
+    /// write-protected in one step, see `uffd::continue_wp_supported`);
+    /// otherwise every fault takes the page itself.
+    pub read_copies: bool,
 }
 
 /// How a waiting fault was resolved (for the latency split).
@@ -407,6 +411,12 @@ impl Engine {
     // ---- faults --------------------------------------------------------
 
     fn fault_page(&self, st: &mut State, page: Page, access: Access, vcpu: Option<u32>) -> Result<(), String> {
+        // with a memory bound every fault takes the page itself: read
+        // copies cannot be evicted yet, so none are made (nor where the
+        // kernel cannot map them write-protected); a page of ours that is
+        // write-protected (an eviction refused) is then upgraded, not
+        // mapped read-only
+        let access = if self.makes_read_copies() { access } else { Access::Write };
         let f = st.flags[page as usize];
         let l = st.node.local(page);
         if l.copy == Held::Data && l.allows(access) && f & RESIDENT != 0 {
@@ -444,10 +454,7 @@ impl Engine {
         let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
         let w = st.waiting.entry(page).or_insert(Waiter { since: Instant::now(), access, vcpu, kind });
         w.access = w.access.max(access);
-        // with a memory bound every fault takes the page itself: read
-        // copies cannot be evicted yet, so none are made
-        let ask = if self.settings.budget.is_some() { Access::Write } else { access };
-        let acts = st.node.fault(page, ask).map_err(|e| format!("page protocol: {e}"))?;
+        let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         self.apply(st, acts)
     }
@@ -742,10 +749,20 @@ impl Engine {
         self.remap(st, page, writable)
     }
 
+    /// Whether this node makes read copies for read faults.
+    fn makes_read_copies(&self) -> bool {
+        self.settings.budget.is_none() && self.settings.read_copies
+    }
+
     /// Maps our copy as `writable` says, whatever the guest view holds now
     /// (nothing, the page write-protected, or the page already as wanted).
     fn remap(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
         let Some(uffd) = &self.uffd else { return Ok(()) };
+        if !writable && !self.settings.read_copies {
+            // this kernel cannot map it write-protected in one step: leave
+            // it unmapped; the next touch faults and asks for write
+            return Ok(());
+        }
         let addr = self.page_addr(page);
         match uffd.continue_mode(addr, PAGE_SIZE, false, !writable) {
             Ok(Outcome::Done) => {}

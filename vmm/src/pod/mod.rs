@@ -352,7 +352,8 @@ pub fn settings_for(facts: &Facts, pages: u64, fabric: shoal_fabric::Kind) -> Re
         .ok_or_else(|| format!("a pod of {} nodes", facts.nodes))?;
     let budget = facts.node_memory.map(|b| b / crate::memory::PAGE_SIZE);
     let keep_pages = fabric == shoal_fabric::Kind::Verbs;
-    Ok(engine::Settings { config, dormant: facts.dormant, budget, peer_budget: budget, keep_pages })
+    let read_copies = crate::uffd::continue_wp_supported();
+    Ok(engine::Settings { config, dormant: facts.dormant, budget, peer_budget: budget, keep_pages, read_copies })
 }
 
 /// Node 0's end of a joined pod.

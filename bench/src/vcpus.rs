@@ -1,0 +1,189 @@
+//! vCPUs across nodes, each beside a baseline of the same run, with the
+//! counters next to every time:
+//!
+//! - **write ping-pong**: `sharing` with the writer on node 0 and a reader
+//!   on node 1 (polling): per round, the pages that moved and the time,
+//!   beside the shm fabric's 4 KiB read floor measured in this process.
+//! - **IPI round trip**: the same with `ipi=1` (write, IPI across nodes,
+//!   the reader wakes, reads, acknowledges).
+//! - **vCPU migration**: `migrate` touring two nodes, the guest timing
+//!   each move, beside one remote page fault of the same kind of pod
+//!   (target: a move ≤ 2× a remote fault).
+//! - **smp** on 1, 2 and 3 nodes (3 vCPUs), migration on and off: wall
+//!   time beside the ownership transfers of the shared counter's page.
+//! - **following data**: `migrate mode=1` (data written on node 1, read
+//!   from node 0) with migration off and on: read time and pages pulled.
+//!
+//! Every run is unpinned and again with the whole pod on one CPU
+//! (`taskset -c 0`: the threads handing a fault or a message to each
+//! other cannot wake each other across CPUs), as the fault bench does.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::pod::{run_pod_out, RunResult};
+use crate::report::{self, Host};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Rounds of the ping-pong and IPI runs.
+    #[arg(long, default_value_t = 200)]
+    rounds: u64,
+    /// Tours of the migration run (each moves the vCPU twice).
+    #[arg(long, default_value_t = 20)]
+    tours: u64,
+    /// Increments per vCPU in the smp runs.
+    #[arg(long, default_value_t = 20000)]
+    iters: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    what: String,
+    one_cpu: bool,
+    /// The measured time (µs): per round, per move, or the run's wall time.
+    us: f64,
+    /// The baseline of the same run (µs) and the ratio.
+    baseline_us: f64,
+    ratio: f64,
+    baseline: String,
+    remote_fetches: u64,
+    ownership_transfers: u64,
+    pages_shared: u64,
+    invalidations: u64,
+    vcpu_migrations: u64,
+    ipis_sent: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    host: Host,
+    shm_read_floor_us: f64,
+    rows: Vec<Row>,
+    runs: Vec<RunResult>,
+}
+
+/// The number after `key` in what the guest printed.
+fn printed(stdout: &str, key: &str) -> anyhow::Result<f64> {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in the guest's output:\n{stdout}"))
+}
+
+fn row(what: &str, r: &RunResult, us: f64, baseline_us: f64, baseline: &str) -> Row {
+    let t = &r.total;
+    Row {
+        what: what.to_string(),
+        one_cpu: r.one_cpu,
+        us,
+        baseline_us,
+        ratio: us / baseline_us,
+        baseline: baseline.to_string(),
+        remote_fetches: t.remote_fetches,
+        ownership_transfers: t.ownership_transfers,
+        pages_shared: t.pages_shared,
+        invalidations: t.invalidations,
+        vcpu_migrations: t.vcpu_migrations_out,
+        ipis_sent: t.ipis_sent,
+    }
+}
+
+pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
+    let floor = crate::fabric::read_floor_us(shoal_fabric::Kind::Shm)?;
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    let pod = ["--memory", "64M", "--fabric", "shm", "--migration", "off"];
+    for one_cpu in [false, true] {
+        // write ping-pong and IPI round trip: writer on node 0, reader on 1
+        for ipi in [0, 1] {
+            let cmdline = format!("rounds={} ipi={ipi}", args.rounds);
+            let mut a = vec!["run", "--guest", "sharing", "--cmdline", &cmdline, "--cpus", "2", "--nodes", "2"];
+            a.extend(pod);
+            let (r, stdout) = run_pod_out(&a, one_cpu)?;
+            let us = printed(&stdout, "round_trip_ns=")? / 1000.0;
+            let what = if ipi == 1 { "IPI round trip (write, IPI, read, ack)" } else { "write ping-pong round" };
+            rows.push(row(what, &r, us, floor, "shm 4 KiB read"));
+            runs.push(r);
+        }
+        // a move against a remote fault: the tour reads its 1 MiB after
+        // every move, pulling read copies from the other node
+        let cmdline = format!("mode=0 mib=1 rounds={}", args.tours);
+        let mut a = vec!["run", "--guest", "migrate", "--cmdline", &cmdline, "--nodes", "2"];
+        a.extend(pod);
+        let (r, stdout) = run_pod_out(&a, one_cpu)?;
+        let move_us = printed(&stdout, "move_ns=")? / 1000.0;
+        let remote = r.nodes.iter().map(|n| n.fault_remote_us_p50).fold(0.0, f64::max);
+        if remote == 0.0 {
+            bail!("the migration run had no remote fault to compare with");
+        }
+        rows.push(row("vCPU migration (per move)", &r, move_us, remote, "remote fault p50, same run"));
+        runs.push(r);
+    }
+    // smp on 1, 2, 3 nodes, migration on and off
+    let cmdline = format!("iters={}", args.iters);
+    let mut base = None;
+    for nodes in [1u32, 2, 3] {
+        for migration in ["off", "on"] {
+            let n = nodes.to_string();
+            let mut a = vec!["run", "--guest", "smp", "--cmdline", &cmdline, "--cpus", "3", "--memory", "64M"];
+            a.extend(["--nodes", &n, "--migration", migration]);
+            if nodes > 1 {
+                a.extend(["--fabric", "shm"]);
+            }
+            let (r, _) = run_pod_out(&a, false)?;
+            let us = r.total.wall_seconds * 1e6;
+            let b = *base.get_or_insert(us);
+            rows.push(row(&format!("smp, 3 vCPUs on {nodes} node(s), migration {migration}"), &r, us, b, "1 node"));
+            runs.push(r);
+        }
+    }
+    // data on another node: follow it or pull it
+    let mut base = None;
+    for migration in ["off", "on"] {
+        let mut a = vec!["run", "--guest", "migrate", "--cmdline", "mode=1 mib=8 rounds=2", "--nodes", "2"];
+        a.extend(["--memory", "64M", "--fabric", "shm", "--migration", migration]);
+        let (r, stdout) = run_pod_out(&a, false)?;
+        let us = printed(&stdout, "read_ns=")? / 1000.0;
+        let b = *base.get_or_insert(us);
+        rows.push(row(&format!("read 8 MiB written on node 1, migration {migration}"), &r, us, b, "migration off"));
+        runs.push(r);
+    }
+
+    let mut md = String::from("# vCPUs across nodes\n\n");
+    md.push_str(&format!(
+        "`target/release/shoal-bench vcpus` — pods over shm; the shm fabric's 4 KiB read floor in this run: \
+         {floor:.2} µs. Counters are the pod's totals for the whole run.\n\n"
+    ));
+    md.push_str(
+        "| what | CPUs | µs | baseline | baseline µs | ratio | remote fetches | ownership transfers | read copies | \
+         invalidations | vCPU moves | IPIs across nodes |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {} | {:.1} | **{:.2}** | {} | {} | {} | {} | {} | {} |\n",
+            r.what,
+            if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            r.us,
+            r.baseline,
+            r.baseline_us,
+            r.ratio,
+            r.remote_fetches,
+            r.ownership_transfers,
+            r.pages_shared,
+            r.invalidations,
+            r.vcpu_migrations,
+            r.ipis_sent
+        ));
+    }
+    md.push_str(
+        "\nA round of the ping-pong moves several pages (the shared page to the writer, a read copy to the \
+         reader, the reader's acknowledgement page back to a read copy on the writer), each a protocol round \
+         trip: compare its counters. The migration row's target is a move ≤ 2× a remote fault.\n",
+    );
+    print!("{md}");
+    report::write(out, "vcpus", &Report { host: Host::probe(), shm_read_floor_us: floor, rows, runs }, &md)
+}
