@@ -184,6 +184,11 @@ pub enum Action {
     Wake {
         page: Page,
     },
+    /// Our eviction or re-dormanting of `page` was refused by its home:
+    /// the page stays ours (write-protected) if we still hold it.
+    Refused {
+        page: Page,
+    },
 }
 
 /// Our copy of a page.
@@ -692,6 +697,7 @@ impl Node {
                 let mut l = self.local(page);
                 l.protected = false;
                 self.set_local(page, l);
+                out.push(Action::Refused { page });
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
                 self.request_if_needed(page, out)?;
             }

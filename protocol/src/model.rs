@@ -176,7 +176,11 @@ impl World {
                         queue.insert(i, m);
                     }
                 }
-                Action::Map { .. } | Action::WriteProtect { .. } | Action::Unmap { .. } | Action::Wake { .. } => {}
+                Action::Map { .. }
+                | Action::WriteProtect { .. }
+                | Action::Unmap { .. }
+                | Action::Wake { .. }
+                | Action::Refused { .. } => {}
             }
         }
         Ok(())

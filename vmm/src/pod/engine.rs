@@ -350,7 +350,6 @@ impl Engine {
             _ => {}
         }
         let acts = st.node.receive(msg.clone()).map_err(|e| format!("page protocol: {e}"))?;
-        self.note_eviction_answer(&mut st, &msg);
         let acts = self.with_fault_around(&mut st, acts)?;
         self.apply(&mut st, acts)?;
         self.settle(&mut st)
@@ -516,6 +515,15 @@ impl Engine {
                     }
                 }
                 Action::Wake { page } => st.wakes.push(page),
+                // the protocol says when a home refused our eviction (a
+                // message, or our own home side): the page stays, if it is
+                // still ours and not on its way to a requester
+                Action::Refused { page } => {
+                    let l = st.node.local(page);
+                    if l.copy == Held::Data && !l.handing {
+                        self.eviction_refused(st, page);
+                    }
+                }
                 other => {
                     self.flush_zero(st)?;
                     match other {
@@ -539,7 +547,9 @@ impl Engine {
                                 .map_err(|e| format!("page protocol: {e}"))?;
                             queue.extend(more);
                         }
-                        Action::ZeroFill { .. } | Action::Map { .. } | Action::Wake { .. } => unreachable!(),
+                        Action::ZeroFill { .. } | Action::Map { .. } | Action::Wake { .. } | Action::Refused { .. } => {
+                            unreachable!()
+                        }
                     }
                 }
             }
@@ -933,33 +943,6 @@ impl Engine {
         }
     }
 
-    /// Whether our eviction of `page` has settled with the page still
-    /// here (refused): ours, not protected, not being handed over.
-    fn settled_here(st: &State, page: Page) -> bool {
-        let l = st.node.local(page);
-        l.copy == Held::Data && !l.protected && !l.handing
-    }
-
-    /// Refusals from a remote home arrive as messages (looked at after the
-    /// protocol accepted the message); evictions that succeed end in a
-    /// `Drop` (see `drop_page`).
-    fn note_eviction_answer(&self, st: &mut State, msg: &Msg) {
-        if let Msg::Refused { page } = msg {
-            if st.evicting.contains_key(page) && Self::settled_here(st, *page) {
-                self.eviction_refused(st, *page);
-            }
-        }
-    }
-
-    /// Finds evictions refused by ourselves as home (no message shows
-    /// those): settled here, not protected, not being handed over.
-    fn sweep_refusals(&self, st: &mut State) {
-        let refused: Vec<Page> = st.evicting.keys().copied().filter(|&p| Self::settled_here(st, p)).collect();
-        for p in refused {
-            self.eviction_refused(st, p);
-        }
-    }
-
     /// After every event: start evictions ahead of need, let parked faults
     /// in where there is room, and fail rather than wait forever.
     fn settle(&self, st: &mut State) -> Result<(), String> {
@@ -968,9 +951,6 @@ impl Engine {
         let Some(budget) = self.settings.budget.filter(|_| self.faulted.load(Ordering::Relaxed)) else {
             return Ok(());
         };
-        if !st.parked.is_empty() {
-            self.sweep_refusals(st);
-        }
         // evictions that settle at once (we are the page's home) make room
         // at once: go round until nothing changes (each turn resumes a
         // parked fault, so there are at most as many turns as those)
