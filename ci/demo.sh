@@ -34,4 +34,12 @@ echo "== memtouch on a 3-node pod (tcp): 20 MiB over nodes that may hold 8 MiB e
 "$shoal" run --guest memtouch --memory 64M --cmdline "mib=20" --nodes 3 --fabric tcp --node-memory 8M \
   --metrics-json "$out/pod-memtouch.json"
 echo
-echo "metrics: $out/{zeroboot-dormant-{on,off},pod-zeroboot-dormant-{on,off},pod-memtouch}.json"
+echo "== smp on a 3-node pod (shm): one vCPU on each node, one shared counter"
+"$shoal" run --guest smp --cpus 3 --memory 64M --cmdline "iters=2000" --nodes 3 --fabric shm \
+  --metrics-json "$out/pod-smp.json"
+echo
+echo "== migrate on a 3-node pod (shm): vCPU 0 moves itself around every node, twice"
+"$shoal" run --guest migrate --memory 64M --cmdline "mode=0 mib=2 rounds=2" --nodes 3 --fabric shm \
+  --metrics-json "$out/pod-migrate.json"
+echo
+echo "metrics: $out/{zeroboot-dormant-{on,off},pod-zeroboot-dormant-{on,off},pod-memtouch,pod-smp,pod-migrate}.json"

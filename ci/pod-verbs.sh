@@ -8,7 +8,7 @@ fail() { echo "pod-verbs: FAILED: $*" >&2; exit 1; }
 [ "${GUEST_KVM:-0}" = 1 ] || fail "no /dev/kvm inside the harness (nested KVM did not load)"
 out=/tmp/pod-verbs.out
 status=0
-timeout 300 shoal run --guest memtouch --memory 32M --cmdline "mib=6 seed=3" --nodes 2 --fabric verbs \
+timeout 300 shoal run --guest memtouch --memory 32M --cmdline "mib=6 seed=3" --nodes 2 --fabric verbs --liveness-timeout 30 \
   --node-memory 4M --metrics-json /tmp/pod-verbs.json >"$out" || status=$?
 cat "$out"
 [ "$status" = 0 ] || fail "shoal exited with status $status"

@@ -43,6 +43,8 @@
 
 pub mod codec;
 pub mod model;
+pub mod roster;
+pub mod roster_model;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

@@ -63,3 +63,13 @@ fn two_nodes_with_a_page_the_loader_wrote() {
         Err(v) => panic!("preloaded start:\n{v}"),
     }
 }
+
+/// The vCPU roster (where vCPUs are, IPIs that find them): 3 nodes, two
+/// vCPUs, moves and IPIs interleaved with every delivery order the fabric
+/// allows. No vCPU lost or duplicated, no IPI lost or doubled.
+#[test]
+fn vcpus_move_and_ipis_find_them_on_three_nodes() {
+    let c = shoal_protocol::roster_model::explore_roster(3, &[0, 1], 3, 3).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("roster, 3 nodes, 2 vCPUs, 3 moves, 3 IPIs: {c:?}");
+    assert!(c.forwards_seen && c.carried_seen && c.quiet_states > 0, "{c:?}");
+}

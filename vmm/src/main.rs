@@ -146,6 +146,10 @@ struct RunArgs {
     /// Seconds the pod's nodes may take to join.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     join_timeout: f64,
+    /// Seconds a pod's node may stay silent (every node beats every
+    /// 250 ms) before the pod counts it as hung and ends.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.5)]
+    liveness_timeout: f64,
     /// Write the metrics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     metrics_json: Option<PathBuf>,
@@ -265,6 +269,10 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(t) => t,
             Err(e) => return bad_input(e),
         };
+        let liveness = match liveness_seconds("--liveness-timeout", args.liveness_timeout) {
+            Ok(t) => t,
+            Err(e) => return bad_input(e),
+        };
         let file = PodFile {
             pod_id: format!("run-{}-{:08x}", std::process::id(), rand_u32()),
             nodes: Some(args.nodes),
@@ -281,9 +289,10 @@ fn run(args: RunArgs) -> ExitCode {
             migration: Some(config.migration),
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
+            liveness_timeout: Some(args.liveness_timeout),
             ..Default::default()
         };
-        return run_local_pod(&config, &file, kind, join_timeout, args.metrics_json.as_deref());
+        return run_local_pod(&config, &file, kind, join_timeout, liveness, args.metrics_json.as_deref());
     }
     if let Err(e) = config::placement(config.cpus, 1, &config.placement) {
         return bad_input(e);
@@ -294,6 +303,15 @@ fn run(args: RunArgs) -> ExitCode {
 fn rand_u32() -> u32 {
     let s = launch::random_secret();
     u32::from_le_bytes([s[0], s[1], s[2], s[3]])
+}
+
+/// A silence limit: more than one beat (0.25 s), at most an hour.
+fn liveness_seconds(flag: &str, t: f64) -> Result<Duration, String> {
+    if t.is_finite() && (0.5..=3600.0).contains(&t) {
+        Ok(Duration::from_secs_f64(t))
+    } else {
+        Err(format!("{flag} must be between 0.5 and 3600 seconds (nodes beat every 0.25 s), not {t}"))
+    }
 }
 
 fn positive_seconds(flag: &str, t: f64) -> Result<Duration, String> {
@@ -317,6 +335,7 @@ fn run_local_pod(
     file: &PodFile,
     kind: Kind,
     join_timeout: Duration,
+    liveness: Duration,
     metrics: Option<&std::path::Path>,
 ) -> ExitCode {
     let host = |e: String| {
@@ -364,7 +383,7 @@ fn run_local_pod(
         Ok(t) => t,
         Err(e) => return host(format!("joining the pod: {e}")),
     };
-    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, mem };
+    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, liveness, mem };
     let code = execute(config, Some(&link), metrics);
     // after a failure a node may hang (that may be why): do not wait long
     // (healthy nodes exit within milliseconds of node 0's Abort; one that
@@ -396,10 +415,11 @@ fn node(args: NodeArgs) -> ExitCode {
         };
         let secret = launch::read_secret(&file, &env)?;
         let join_timeout = positive_seconds("join_timeout", file.join_timeout.unwrap_or(30.0))?;
+        let liveness = liveness_seconds("liveness_timeout", file.liveness_timeout.unwrap_or(1.5))?;
         let facts = pod::facts_for(&config, placement.nodes)?;
-        Ok((config, kind, placement, secret, join_timeout, facts))
+        Ok((config, kind, placement, secret, (join_timeout, liveness), facts))
     })();
-    let (config, kind, placement, secret, join_timeout, facts) = match prepared {
+    let (config, kind, placement, secret, (join_timeout, liveness), facts) = match prepared {
         Ok(p) => p,
         Err(e) => return bad_input(e),
     };
@@ -423,7 +443,7 @@ fn node(args: NodeArgs) -> ExitCode {
             Err(e) => return fail(EXIT_HOST, format!("joining the pod: {e}")),
         };
     if me == 0 {
-        let link = pod::Link { transport, facts, join_timeout, mem };
+        let link = pod::Link { transport, facts, join_timeout, liveness, mem };
         return execute(&config, Some(&link), file.metrics_json.as_deref());
     }
     let settings = match pod::settings_for(&facts, mem.layout().pages(), kind) {
@@ -436,6 +456,7 @@ fn node(args: NodeArgs) -> ExitCode {
         settings,
         mem,
         join_timeout,
+        liveness,
         fault_threads: config.fault_threads.unwrap_or(config.cpus as usize).clamp(1, 8),
     };
     match pod::run_member(member) {

@@ -370,9 +370,13 @@ impl Vcpus {
     fn emigrate(&self, mut vcpu: Vcpu, to: NodeId) -> Result<(), String> {
         let id = vcpu.id() as u32;
         let slot = &self.slots[id as usize];
+        let t0 = Instant::now();
         vcpu.complete_io().map_err(|e| format!("completing its port I/O: {e}"))?;
+        let t1 = Instant::now();
         let mut state =
             VcpuState::capture(&self.kvm, vcpu.fd(), id, self.irqchip).map_err(|e| format!("capturing it: {e}"))?;
+        let t2 = Instant::now();
+        tracing::debug!(io_us = (t1 - t0).as_micros() as u64, capture_us = (t2 - t1).as_micros() as u64, "emigrate");
         state.clock_floor_ns = vcpu.clock_floor();
         let (fd, _) = vcpu.into_parts();
         *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
@@ -408,7 +412,9 @@ impl Vcpus {
             Some(fd) => fd,
             None => self.vm.create_vcpu(u64::from(vcpu)).map_err(|e| format!("cannot create vCPU {vcpu}: {e}"))?,
         };
+        let t0 = Instant::now();
         state.restore(&fd).map_err(|e| e.to_string())?;
+        tracing::debug!(restore_us = t0.elapsed().as_micros() as u64, "immigrate");
         // the old thread of this vCPU here (if it ran here before) is done
         if let Some(old) = slot.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = old.join();

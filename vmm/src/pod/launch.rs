@@ -60,6 +60,9 @@ pub struct PodFile {
     pub timeout: Option<f64>,
     /// Seconds joining may take (default 30).
     pub join_timeout: Option<f64>,
+    /// Seconds a node may stay silent before the pod counts it as hung
+    /// (default 1.5).
+    pub liveness_timeout: Option<f64>,
 }
 
 impl PodFile {

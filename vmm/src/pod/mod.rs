@@ -20,7 +20,8 @@
 //! fabric (a closed connection, or a read or message timing out after the
 //! fabric's io timeout); one that hangs is noticed by its silence: every
 //! node sends every other a beat each [`BEAT_EVERY`], and a peer not heard
-//! from for [`SILENCE_LIMIT`] has failed. Node 0 stops the guest and names
+//! from for the silence limit (`--liveness-timeout`, default
+//! [`SILENCE_LIMIT`]) has failed. Node 0 stops the guest and names
 //! the node; the others exit with an error naming it too.
 
 pub mod engine;
@@ -52,8 +53,8 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// fault a few round trips each.
 pub const FAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often every node tells every other it is alive, and how long a
-/// peer may stay silent (no beat, no message) before it counts as hung:
-/// within 2 s of a node hanging, the pod names it and ends.
+/// peer may stay silent (no beat, no message) by default before it counts
+/// as hung: within 2 s of a node hanging, the pod names it and ends.
 pub const BEAT_EVERY: Duration = Duration::from_millis(250);
 pub const SILENCE_LIMIT: Duration = Duration::from_millis(1500);
 
@@ -204,14 +205,15 @@ enum Arrival {
 #[derive(Debug)]
 pub struct Liveness {
     me: NodeId,
+    limit: Duration,
     last: Vec<Instant>,
     /// Beats are due from every peer from now on (after the start).
     watching: bool,
 }
 
 impl Liveness {
-    pub fn new(me: NodeId, nodes: u32) -> Self {
-        Liveness { me, last: vec![Instant::now(); nodes as usize], watching: false }
+    pub fn new(me: NodeId, nodes: u32, limit: Duration) -> Self {
+        Liveness { me, limit, last: vec![Instant::now(); nodes as usize], watching: false }
     }
 
     fn heard(&mut self, from: NodeId) {
@@ -227,7 +229,7 @@ impl Liveness {
         self.watching = true;
     }
 
-    /// The peer silent the longest, if longer than [`SILENCE_LIMIT`].
+    /// The peer silent the longest, if longer than the limit.
     pub fn silent(&self) -> Option<(NodeId, Duration)> {
         if !self.watching {
             return None;
@@ -235,7 +237,7 @@ impl Liveness {
         let (node, t) =
             self.last.iter().enumerate().filter(|(n, _)| *n as NodeId != self.me).min_by_key(|(_, t)| **t)?;
         let quiet = t.elapsed();
-        (quiet > SILENCE_LIMIT).then_some((node as NodeId, quiet))
+        (quiet > self.limit).then_some((node as NodeId, quiet))
     }
 }
 
@@ -361,6 +363,8 @@ pub struct Link {
     pub transport: Arc<dyn Transport>,
     pub facts: Facts,
     pub join_timeout: Duration,
+    /// How long a peer may stay silent before it counts as hung.
+    pub liveness: Duration,
     /// This node's guest memory (exposed to the fabric at join).
     pub mem: Arc<crate::memory::GuestMemory>,
 }
@@ -447,12 +451,13 @@ impl Link {
         let stop = Arc::new(AtomicBool::new(false));
         let finishing = Arc::new(AtomicBool::new(false));
         let t = self.transport.clone();
+        let limit = self.liveness;
         let thread = {
             let stop = stop.clone();
             let finishing = finishing.clone();
             std::thread::Builder::new()
                 .name("shoal-pod-rx".into())
-                .spawn(move || receive_loop(&*t, &engine, &vcpus, &tx, &stop, &finishing))?
+                .spawn(move || receive_loop(&*t, &engine, &vcpus, &tx, &stop, &finishing, limit))?
         };
         Ok(Serving { rx, stop, finishing, thread: Mutex::new(Some(thread)) })
     }
@@ -526,9 +531,10 @@ fn receive_loop(
     tx: &Sender<Arrival>,
     stop: &AtomicBool,
     finishing: &AtomicBool,
+    limit: Duration,
 ) {
     let mut last_beat = Instant::now();
-    let mut live = Liveness::new(t.node(), t.peers().len() as u32 + 1);
+    let mut live = Liveness::new(t.node(), t.peers().len() as u32 + 1, limit);
     live.watch();
     beat(t);
     while !stop.load(Ordering::SeqCst) {
@@ -623,6 +629,8 @@ pub struct Member {
     pub settings: engine::Settings,
     pub mem: Arc<crate::memory::GuestMemory>,
     pub join_timeout: Duration,
+    /// How long a peer may stay silent before it counts as hung.
+    pub liveness: Duration,
     /// Fault-handler threads.
     pub fault_threads: usize,
 }
@@ -744,7 +752,7 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
         }
     };
     send_control(&*t, 0, &Control::Started)?;
-    let mut live = Liveness::new(me, m.facts.nodes);
+    let mut live = Liveness::new(me, m.facts.nodes, m.liveness);
     let mut last_beat = Instant::now();
     // until Run, node 0 waits for the other nodes: the join timeout bounds it
     let run_deadline = Instant::now() + m.join_timeout;
