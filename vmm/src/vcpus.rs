@@ -2,10 +2,12 @@
 //! nodes: inter-processor interrupts, migrations, and where each vCPU is.
 //!
 //! Every node of a pod (and a VM alone, a pod of one) has one [`Vcpus`].
-//! It knows, for every vCPU of the VM, the node it last heard the vCPU is
-//! on, and for the vCPUs here their mailbox of IPIs, their thread and the
-//! KVM vCPU that runs them. A vCPU that leaves keeps its KVM vCPU here
-//! (KVM cannot create one id twice), ready for the day it comes back.
+//! Where every vCPU is and the IPI mailboxes of the vCPUs here are its
+//! [`Roster`] (the I/O-free protocol, model-checked in
+//! `shoal_protocol::roster_model`); this file carries out the roster's
+//! actions and keeps, for the vCPUs here, their thread and the KVM vCPU
+//! that runs them. A vCPU that leaves keeps its KVM vCPU here (KVM cannot
+//! create one id twice), ready for the day it comes back.
 //!
 //! Messages between nodes (channel [`CHANNEL_VCPU`]) rely on the fabric's
 //! per-pair order, which every backend has (one stream, or one RC queue
@@ -16,15 +18,16 @@
 //!   that no longer holds it forwards it to where it sent it.
 //! - **Migration**: the vCPU's thread leaves `KVM_RUN`, completes the
 //!   pending port I/O (an `immediate_exit` run), captures the whole state
-//!   ([`VcpuState`]), marks the vCPU as gone to the target (under its
-//!   mailbox lock, so no IPI is lost: posted ones go with the state, later
-//!   ones are forwarded), and sends it; the target restores it into its
-//!   own KVM vCPU, starts a thread, and tells every other node where the
-//!   vCPU is now (`Location`, with a count of moves so a late, older
-//!   location never wins).
+//!   ([`VcpuState`]), and, under the roster's lock, leaves (the roster
+//!   takes the posted IPIs into the state and names the target, so later
+//!   IPIs are forwarded behind it) and sends it; the target restores it
+//!   into its own KVM vCPU, starts a thread, and tells every other node
+//!   where the vCPU is now (`Location`, with a count of moves so a late,
+//!   older location never wins).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::MutexGuard;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use shoal_fabric::Transport;
+use shoal_protocol::roster::{RAction, RMsg, Roster};
 use shoal_protocol::NodeId;
 use vmm_sys_util::signal::Killable;
 
@@ -89,15 +93,10 @@ pub struct VcpuCounters {
     pub exits: AtomicU64,
 }
 
-/// One vCPU, as this node sees it.
+/// One vCPU, as this node runs it.
 #[derive(Debug, Default)]
 struct Slot {
-    /// The node it is on (as far as we know) and how often it moved.
-    location: AtomicU32,
-    moves: AtomicU64,
-    /// IPIs posted here and not yet taken; its lock also orders IPIs
-    /// against the vCPU leaving.
-    mailbox: Mutex<u64>,
+    /// Rung when IPIs are posted to it here (waits on the roster's lock).
     bell: Condvar,
     /// A policy decision: move to this node (u32::MAX: none).
     move_to: AtomicU32,
@@ -114,6 +113,10 @@ const NO_MOVE: u32 = u32::MAX;
 pub struct Vcpus {
     me: NodeId,
     nodes: u32,
+    /// Where every vCPU is, and the mailboxes of those here. Sends of its
+    /// actions happen under its lock: a vCPU's state leaves before any
+    /// IPI forwarded after it.
+    roster: Mutex<Roster>,
     slots: Vec<Slot>,
     /// Whether the policy may move vCPUs (`--migration on`); the guest's
     /// own migration hypercall works either way.
@@ -163,16 +166,18 @@ impl Vcpus {
         transport: Option<Arc<dyn Transport>>,
     ) -> Arc<Self> {
         let slots = (0..setup.count)
-            .map(|i| {
+            .map(|_| {
                 let s = Slot::default();
-                s.location.store(setup.placement.get(i as usize).copied().unwrap_or(0), Ordering::Relaxed);
                 s.move_to.store(NO_MOVE, Ordering::Relaxed);
                 s
             })
             .collect();
+        let mut placement = setup.placement.clone();
+        placement.resize(setup.count as usize, 0);
         Arc::new(Vcpus {
             me: setup.me,
             nodes: setup.nodes,
+            roster: Mutex::new(Roster::new(setup.me, setup.nodes, &placement)),
             slots,
             migration: setup.migration,
             kvm,
@@ -214,9 +219,14 @@ impl Vcpus {
         &self.control
     }
 
+    fn roster(&self) -> MutexGuard<'_, Roster> {
+        self.roster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// vCPUs on this node now.
     pub fn here(&self) -> u64 {
-        self.slots.iter().filter(|s| s.location.load(Ordering::Acquire) == self.me).count() as u64
+        let r = self.roster();
+        (0..self.count()).filter(|&v| r.here(v)).count() as u64
     }
 
     /// Adds this node's vCPU counters to its metrics.
@@ -234,7 +244,7 @@ impl Vcpus {
     /// Starts the vCPUs placed on this node at the entry `plan` describes.
     pub fn start(self: &Arc<Self>, plan: &BootPlan) -> Result<(), String> {
         for id in 0..self.count() {
-            if self.slots[id as usize].location.load(Ordering::Acquire) != self.me {
+            if !self.roster().here(id) {
                 continue;
             }
             let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?;
@@ -288,28 +298,44 @@ impl Vcpus {
     /// `HC_IPI`: interrupts vCPU `target` wherever it is; u64::MAX when
     /// there is no such vCPU.
     pub fn send_ipi(&self, target: u64) -> u64 {
-        let Some(slot) = usize::try_from(target).ok().and_then(|t| self.slots.get(t)) else { return u64::MAX };
-        self.post_ipi(target as u32, slot, false);
+        let Ok(target) = u32::try_from(target) else { return u64::MAX };
+        let mut r = self.roster();
+        let Some(acts) = r.ipi(target) else { return u64::MAX };
+        self.carry_out(&r, acts, false);
         0
     }
 
-    /// Posts an IPI here, or sends it on to where the vCPU is.
-    fn post_ipi(&self, vcpu: u32, slot: &Slot, remote: bool) {
-        let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
-        let at = slot.location.load(Ordering::Acquire);
-        if at == self.me {
-            *mail += 1;
-            slot.bell.notify_all();
-            if remote {
-                self.counters.ipis_received.fetch_add(1, Ordering::Relaxed);
+    /// Carries out roster actions (under the roster's lock `_r`: sends
+    /// keep their order against a vCPU leaving). `remote`: they answer a
+    /// message (a posted IPI came from another node).
+    fn carry_out(&self, _r: &Roster, acts: Vec<RAction>, remote: bool) {
+        for a in acts {
+            match a {
+                RAction::Send { to, msg } => {
+                    let msg = match msg {
+                        RMsg::Ipi { vcpu } => {
+                            if !remote {
+                                self.counters.ipis_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                            VcpuMsg::Ipi { vcpu }
+                        }
+                        RMsg::Location { vcpu, node, moves } => VcpuMsg::Location { vcpu, node, moves },
+                        RMsg::Migrate { .. } => unreachable!("a migration is sent by emigrate, with the state"),
+                    };
+                    self.send(to, &msg);
+                }
+                RAction::Posted { vcpu } => {
+                    if remote {
+                        self.counters.ipis_received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(s) = self.slots.get(vcpu as usize) {
+                        s.bell.notify_all();
+                    }
+                }
+                // the caller starts it
+                RAction::Arrived { .. } => {}
             }
-            return;
         }
-        drop(mail);
-        if !remote {
-            self.counters.ipis_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        self.send(at, &VcpuMsg::Ipi { vcpu });
     }
 
     /// `HC_WAIT_IPI`: sleeps until an IPI is posted for `vcpu` (or
@@ -317,11 +343,13 @@ impl Vcpus {
     /// returns the IPIs posted (0 after a timeout).
     pub fn wait_ipi(&self, vcpu: u64, timeout_ns: u64) -> u64 {
         let Some(slot) = self.slots.get(vcpu as usize) else { return u64::MAX };
+        let vcpu = vcpu as u32;
         let deadline = (timeout_ns > 0).then(|| Instant::now() + Duration::from_nanos(timeout_ns));
-        let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.roster();
         loop {
-            if *mail > 0 {
-                return std::mem::take(&mut *mail);
+            let got = r.take(vcpu);
+            if got > 0 {
+                return got;
             }
             if self.control.stopping() || deadline.is_some_and(|d| Instant::now() >= d) {
                 return 0;
@@ -329,7 +357,7 @@ impl Vcpus {
             // wake now and then to notice the VM stopping
             let slice = Duration::from_millis(20);
             let slice = deadline.map_or(slice, |d| slice.min(d.saturating_duration_since(Instant::now())));
-            mail = slot.bell.wait_timeout(mail, slice).unwrap_or_else(|p| p.into_inner()).0;
+            r = slot.bell.wait_timeout(r, slice).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -381,15 +409,16 @@ impl Vcpus {
         let (fd, _) = vcpu.into_parts();
         *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id);
-        // under the mailbox lock: IPIs posted so far go with the state,
+        // under the roster's lock: IPIs posted so far go with the state,
         // later ones see the new location and are forwarded behind it
-        let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
-        state.pending_ipis = std::mem::take(&mut *mail);
-        slot.location.store(to, Ordering::Release);
-        let moves = slot.moves.fetch_add(1, Ordering::AcqRel) + 1;
-        let msg = VcpuMsg::Migrate { vcpu: id, moves, state: state.encode() };
-        let sent = self.send_checked(to, &msg);
-        drop(mail);
+        let mut r = self.roster();
+        let acts = r.leave(id, to).map_err(|e| e.to_string())?;
+        let Some(RAction::Send { msg: RMsg::Migrate { moves, pending, .. }, .. }) = acts.first().cloned() else {
+            return Err(format!("the roster did not send vCPU {id} to node {to}: {acts:?}"));
+        };
+        state.pending_ipis = pending;
+        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state: state.encode() });
+        drop(r);
         sent?;
         self.counters.migrations_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -404,7 +433,7 @@ impl Vcpus {
         if state.id != vcpu {
             return Err(format!("node {from} sent vCPU {}'s state as vCPU {vcpu}'s", state.id));
         }
-        if slot.location.load(Ordering::Acquire) == self.me {
+        if self.roster().here(vcpu) {
             return Err(format!("node {from} sent vCPU {vcpu}, which already runs here"));
         }
         let parked = slot.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -419,20 +448,16 @@ impl Vcpus {
         if let Some(old) = slot.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = old.join();
         }
-        {
-            let mut mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
-            *mail += state.pending_ipis;
-            slot.location.store(self.me, Ordering::Release);
-            slot.moves.store(moves, Ordering::Release);
-        }
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(vcpu);
-        self.counters.migrations_in.fetch_add(1, Ordering::Relaxed);
         let v = Vcpu::resume(u64::from(vcpu), fd, self.linux, state.clock_floor_ns, self.clone());
-        self.spawn(v)?;
-        for n in (0..self.nodes).filter(|&n| n != self.me && n != from) {
-            self.send(n, &VcpuMsg::Location { vcpu, node: self.me, moves });
+        {
+            let mut r = self.roster();
+            let msg = RMsg::Migrate { vcpu, moves, pending: state.pending_ipis };
+            let acts = r.receive(from, msg).map_err(|e| e.to_string())?;
+            self.carry_out(&r, acts, true);
         }
-        Ok(())
+        self.counters.migrations_in.fetch_add(1, Ordering::Relaxed);
+        self.spawn(v)
     }
 
     // ---- messages ----------------------------------------------------------
@@ -442,24 +467,8 @@ impl Vcpus {
     pub fn on_message(self: &Arc<Self>, from: NodeId, body: &[u8]) -> Result<(), String> {
         match VcpuMsg::decode(from, body)? {
             VcpuMsg::Migrate { vcpu, moves, state } => self.immigrate(from, vcpu, moves, &state),
-            VcpuMsg::Location { vcpu, node, moves } => {
-                let slot = self.slots.get(vcpu as usize).ok_or_else(|| format!("node {from} names vCPU {vcpu}"))?;
-                if node >= self.nodes {
-                    return Err(format!("node {from} places vCPU {vcpu} on node {node}, outside the pod"));
-                }
-                let _mail = slot.mailbox.lock().unwrap_or_else(|p| p.into_inner());
-                if moves > slot.moves.load(Ordering::Acquire) && slot.location.load(Ordering::Acquire) != self.me {
-                    slot.location.store(node, Ordering::Release);
-                    slot.moves.store(moves, Ordering::Release);
-                }
-                Ok(())
-            }
-            VcpuMsg::Ipi { vcpu } => {
-                let slot =
-                    self.slots.get(vcpu as usize).ok_or_else(|| format!("node {from} sent an IPI to vCPU {vcpu}"))?;
-                self.post_ipi(vcpu, slot, true);
-                Ok(())
-            }
+            VcpuMsg::Location { vcpu, node, moves } => self.roster_receive(from, RMsg::Location { vcpu, node, moves }),
+            VcpuMsg::Ipi { vcpu } => self.roster_receive(from, RMsg::Ipi { vcpu }),
             VcpuMsg::Print { bytes } if self.me == 0 => {
                 self.devices.console().lock().unwrap_or_else(|p| p.into_inner()).put(&bytes);
                 Ok(())
@@ -474,6 +483,13 @@ impl Vcpus {
             }
             other => Err(format!("node {from} sent node {} {other:?}, which only node 0 takes", self.me)),
         }
+    }
+
+    fn roster_receive(&self, from: NodeId, msg: RMsg) -> Result<(), String> {
+        let mut r = self.roster();
+        let acts = r.receive(from, msg).map_err(|e| e.to_string())?;
+        self.carry_out(&r, acts, true);
+        Ok(())
     }
 
     /// Sends node 0 what a vCPU here did (a member node's part).
