@@ -17,7 +17,10 @@
 //! with the other nodes' addresses. Every connection starts with the
 //! handshake of [`auth`] (version, pod id, HMAC proof of the pod secret):
 //! nothing else crosses before it succeeds. Memory is exposed for remote
-//! **read only**; no peer can write another node's memory.
+//! **read only**: nothing a peer receives through the fabric lets it write
+//! another node's memory (shm peers get read-only descriptors). A process
+//! of the same user can still reach a node's memory through the operating
+//! system (`/proc/PID/mem`, `ptrace`): see the README.
 
 pub mod auth;
 mod mesh;

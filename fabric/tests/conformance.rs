@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
-use shoal_fabric::wire::{decode_prefixed, Frame, Hello};
+use shoal_fabric::wire::{decode_prefixed, read_frame, write_frame, Frame, Hello};
 use shoal_fabric::{bind, Error, Identity, Incoming, Kind, ReadOp, Transport, MAX_MESSAGE, MAX_READ};
 
 /// The child-process entry point: a no-op unless SHOAL_FABRIC_CHILD is set.
@@ -381,6 +381,77 @@ fn shm_refuses_a_memfd_that_could_shrink() {
     let e1 = r1.unwrap_err();
     assert!(e1.to_string().contains("not sealed against shrinking"), "{e1}");
     assert!(t.join().unwrap().is_err(), "node 0 cannot complete the join either");
+}
+
+/// A peer of the shm backend receives a descriptor it cannot map
+/// writable, and its read-only mapping cannot be made writable: no peer
+/// can write our memory.
+#[test]
+fn shm_peers_cannot_write_our_memory() {
+    use std::os::fd::AsRawFd;
+    // a peer played by hand: it takes the descriptor node 0 hands it
+    let dir = scratch("read-only-fd");
+    let b0 = bind(Kind::Shm, &test_addr(Kind::Shm, &dir, 0)).unwrap();
+    let shoal_fabric::Addr::Unix(path0) = b0.local_addr().clone() else { unreachable!() };
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(5), ..quick_options() };
+    let node0 = std::thread::spawn(move || {
+        let m = Memory::new(0, REGION);
+        let id = Identity { node: 0, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+        b0.join(id, &[(1, test_addr(Kind::Shm, &dir, 1))], vec![m.region()], opts).map(|_| ())
+    });
+    let mut s = std::os::unix::net::UnixStream::connect(&path0).unwrap();
+    let id1 = Identity { node: 1, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    shoal_fabric::auth::handshake(&mut s, &id1, Kind::Shm, Some(0)).unwrap();
+    write_frame(&mut s, &Frame::Regions(Vec::new())).unwrap();
+    assert!(matches!(read_frame(&mut s).unwrap(), Frame::Regions(r) if r.len() == 1));
+    let fds = recv_fds(s.as_raw_fd()).unwrap();
+    assert_eq!(fds.len(), 1, "one region, one descriptor");
+    let fd = fds[0].as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY, "the peer's descriptor is read-only");
+    let len = REGION as usize;
+    // SAFETY: a new mapping at an address the kernel picks (unmapped below
+    // if the kernel allowed it, which is the failure this test catches).
+    let rw =
+        unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    let err = std::io::Error::last_os_error();
+    if rw != libc::MAP_FAILED {
+        // SAFETY: the mapping just made.
+        unsafe { libc::munmap(rw, len) };
+    }
+    assert_eq!(rw, libc::MAP_FAILED, "mmap(PROT_WRITE, MAP_SHARED) of the peer's descriptor must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    // SAFETY: a new read-only mapping, as the shm backend makes.
+    let ro = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+    assert_ne!(ro, libc::MAP_FAILED);
+    // SAFETY: changes the protection of the mapping just made.
+    let r = unsafe { libc::mprotect(ro, len, libc::PROT_READ | libc::PROT_WRITE) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping just made.
+    unsafe { libc::munmap(ro, len) };
+    assert_eq!(r, -1, "mprotect(PROT_WRITE) of a read-only mapping of the peer's descriptor must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    drop((s, fds));
+    assert!(node0.join().unwrap().is_err(), "the hand-played peer never said Ready");
+
+    // and the mapping a real peer made: node 1's mapping of node 0's memory
+    let (ts, mem) = pod(Kind::Shm, 2);
+    let theirs: Vec<_> =
+        mappings_of(inode(&mem[0].fd)).into_iter().filter(|(_, _, perms)| perms.starts_with("r--s")).collect();
+    assert_eq!(theirs.len(), 1, "node 1 maps node 0's memory once, read-only: {theirs:?}");
+    let (at, len, _) = theirs[0];
+    // SAFETY: asks to make node 1's read-only mapping writable; put back at
+    // once if the kernel allowed it (the failure this test catches).
+    let r = unsafe { libc::mprotect(at as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE) };
+    let err = std::io::Error::last_os_error();
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::mprotect(at as *mut libc::c_void, len, libc::PROT_READ) };
+    }
+    assert_eq!(r, -1, "mprotect(PROT_WRITE) of node 1's mapping of node 0's memory must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert_eq!(read_one(&*ts[1], 0, 0, 4096).unwrap(), expected(0, 0, 4096), "and reads still work");
 }
 
 macro_rules! suite {
