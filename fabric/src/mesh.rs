@@ -10,8 +10,33 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use crate::auth::{handshake, Identity};
+use crate::auth::{handshake, Identity, Session};
+use crate::framing::{Opener, Sealer};
+use crate::wire::{Frame, StreamError};
 use crate::{Addr, Error, Kind, LocalRegion, NodeId, Options, Result, Transport};
+
+/// An authenticated connection to one peer: the stream and how frames are
+/// sealed on it in each direction (see [`crate::framing`]).
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub conn: Conn,
+    pub sealer: Sealer,
+    pub opener: Opener,
+}
+
+impl Link {
+    fn new(conn: Conn, session: Session) -> Link {
+        Link { conn, sealer: session.sealer, opener: session.opener }
+    }
+
+    pub fn write_frame(&mut self, frame: &Frame) -> io::Result<()> {
+        self.sealer.write_frame(&mut self.conn, frame)
+    }
+
+    pub fn read_frame(&mut self) -> std::result::Result<Frame, StreamError> {
+        self.opener.read_frame(&mut self.conn)
+    }
+}
 
 /// A connected, authenticated stream to one peer.
 #[derive(Debug)]
@@ -183,7 +208,7 @@ impl Binding {
         peers: &[(NodeId, Addr)],
         deadline: Instant,
         opts: &Options,
-    ) -> Result<BTreeMap<NodeId, Conn>> {
+    ) -> Result<BTreeMap<NodeId, Link>> {
         let mut want_accept = Vec::new();
         let mut want_dial = Vec::new();
         for (id, addr) in peers {
@@ -211,7 +236,7 @@ impl Binding {
         // bounded: a client that connects and says nothing cannot hold up
         // the real peers, and one that says the wrong thing cannot abort
         // the join (it is refused and remembered for the error message).
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<(Result<NodeId>, Conn)>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(Result<Session>, Conn)>();
         loop {
             let mut progressed = false;
             while let Some(conn) = self.try_accept()? {
@@ -220,20 +245,20 @@ impl Binding {
                     .saturating_duration_since(Instant::now())
                     .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
                 let _ = conn.set_timeouts(Some(left), Some(left));
-                let (me, kind, tx) = (me.clone(), self.kind, done_tx.clone());
+                let (me, kind, tx, auth) = (me.clone(), self.kind, done_tx.clone(), opts.authenticate_frames);
                 std::thread::spawn(move || {
                     let mut conn = conn;
-                    let r = handshake(&mut conn, &me, kind, None);
+                    let r = handshake(&mut conn, &me, kind, None, auth);
                     let _ = tx.send((r, conn));
                 });
             }
             while let Ok((result, conn)) = done_rx.try_recv() {
                 progressed = true;
                 match result {
-                    Ok(peer) if want_accept.contains(&peer) && !conns.contains_key(&peer) => {
-                        conns.insert(peer, conn);
+                    Ok(s) if want_accept.contains(&s.peer) && !conns.contains_key(&s.peer) => {
+                        conns.insert(s.peer, Link::new(conn, s));
                     }
-                    Ok(peer) => {
+                    Ok(Session { peer, .. }) => {
                         tracing::warn!(peer, "unexpected node connected; dropping it");
                         last_refusal = Some(format!("unexpected connection from node {peer}"));
                     }
@@ -254,9 +279,9 @@ impl Binding {
                     .saturating_duration_since(Instant::now())
                     .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
                 let _ = conn.set_timeouts(Some(left), Some(left));
-                match handshake(&mut conn, me, self.kind, Some(*id)) {
-                    Ok(_) => {
-                        conns.insert(*id, conn);
+                match handshake(&mut conn, me, self.kind, Some(*id), opts.authenticate_frames) {
+                    Ok(s) => {
+                        conns.insert(*id, Link::new(conn, s));
                     }
                     // the node we dialed disagrees with us: a clear error now
                     Err(e) if is_config_mismatch(&e) => return Err(e),
@@ -287,7 +312,8 @@ impl Binding {
             }
         }
         for c in conns.values() {
-            c.set_timeouts(Some(opts.join_timeout), Some(opts.io_timeout))
+            c.conn
+                .set_timeouts(Some(opts.join_timeout), Some(opts.io_timeout))
                 .map_err(|source| Error::Io { what: "setting socket timeouts".into(), source })?;
         }
         Ok(conns)
@@ -323,6 +349,7 @@ fn is_config_mismatch(e: &Error) -> bool {
             | Error::PodMismatch { .. }
             | Error::BackendMismatch { .. }
             | Error::WrongSecret { .. }
+            | Error::FrameAuthMismatch { .. }
             | Error::Refused { .. }
     )
 }

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::mesh::Conn;
+use crate::mesh::Link;
 use crate::peer::{Core, Handler, Peer};
 use crate::wire::{Frame, RegionInfo, MAX_REGIONS};
 use crate::{
@@ -53,7 +53,7 @@ impl Handler for NoFrames {
 impl ShmTransport {
     pub fn start(
         node: NodeId,
-        mut conns: BTreeMap<NodeId, Conn>,
+        mut conns: BTreeMap<NodeId, Link>,
         local: Vec<LocalRegion>,
         opts: &Options,
     ) -> Result<Self> {
@@ -71,13 +71,13 @@ impl ShmTransport {
         let fds: Vec<RawFd> = read_only.iter().map(AsRawFd::as_raw_fd).collect();
         let regions = Core::exchange_regions(&mut conns, &local)?;
         for (id, c) in &conns {
-            send_fds(c.raw_fd(), &fds)
+            send_fds(c.conn.raw_fd(), &fds)
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("passing memfds: {e}") })?;
         }
         let mut maps = BTreeMap::new();
         for (id, c) in &conns {
             let theirs = &regions[id];
-            let got = recv_fds(c.raw_fd(), theirs.len())
+            let got = recv_fds(c.conn.raw_fd(), theirs.len())
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("receiving memfds: {e}") })?;
             let mut m = Vec::with_capacity(got.len());
             for (info, fd) in theirs.iter().zip(got) {

@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 
 /// Version of the fabric protocol (handshake, frames, page messages).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of every Hello: a peer that is not shoal fails here.
 pub const MAGIC: [u8; 8] = *b"SHOALFAB";
 /// Largest single read: 2 MiB (one fault-around block).
@@ -58,7 +58,13 @@ pub struct Hello {
     pub node: u32,
     pub pod_id: String,
     pub nonce: [u8; 32],
+    /// [`HELLO_AUTHENTICATED_FRAMES`] and future bits.
+    pub flags: u8,
 }
+
+/// Hello flag: the sender authenticates every frame after the handshake
+/// (both sides must agree).
+pub const HELLO_AUTHENTICATED_FRAMES: u8 = 1;
 
 /// A region a node exposes for remote reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,6 +210,7 @@ impl Frame {
                 w.u32(h.node);
                 w.str8(&h.pod_id);
                 w.bytes(&h.nonce);
+                w.u8(h.flags);
             }
             Frame::Auth { mac } => {
                 w.u8(K_AUTH);
@@ -299,6 +306,7 @@ impl Frame {
                         node: 0,
                         pod_id: String::new(),
                         nonce: [0; 32],
+                        flags: 0,
                     }));
                 }
                 let backend = r.u8("backend")?;
@@ -309,7 +317,11 @@ impl Frame {
                 }
                 let pod_id = r.string(pod_len, "pod id")?;
                 let nonce = r.array::<32>("nonce")?;
-                Frame::Hello(Hello { version, backend, node, pod_id, nonce })
+                let flags = r.u8("flags")?;
+                if flags & !HELLO_AUTHENTICATED_FRAMES != 0 {
+                    return Err(WireError::BadValue { what: "Hello flags", value: flags.into() });
+                }
+                Frame::Hello(Hello { version, backend, node, pod_id, nonce, flags })
             }
             K_AUTH => Frame::Auth { mac: r.array::<32>("mac")? },
             K_REFUSE => {
@@ -403,6 +415,9 @@ pub enum StreamError {
     Io(#[from] io::Error),
     #[error("malformed frame: {0}")]
     Wire(#[from] WireError),
+    /// An authenticated frame whose tag did not verify.
+    #[error("frame #{seq} failed authentication (altered, replayed or reordered on the way)")]
+    Forged { seq: u64 },
 }
 
 /// Reads one frame from a byte stream.
@@ -518,6 +533,7 @@ mod tests {
                 node: 7,
                 pod_id: "pod-é".into(),
                 nonce: [9; 32],
+                flags: HELLO_AUTHENTICATED_FRAMES,
             }),
             Frame::Auth { mac: [3; 32] },
             Frame::Refuse { reason: "wrong pod secret".into() },

@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
-use shoal_fabric::wire::{decode_prefixed, read_frame, write_frame, Frame, Hello};
-use shoal_fabric::{bind, Error, Identity, Incoming, Kind, ReadOp, Transport, MAX_MESSAGE, MAX_READ};
+use shoal_fabric::wire::{decode_prefixed, Frame, Hello};
+use shoal_fabric::{bind, Error, Identity, Incoming, Kind, ReadOp, Transport, MAX_MESSAGE, MAX_READ, PROTOCOL_VERSION};
 
 /// The child-process entry point: a no-op unless SHOAL_FABRIC_CHILD is set.
 #[test]
@@ -214,8 +214,14 @@ fn version_mismatch_is_refused(kind: Kind) {
         shoal_fabric::Addr::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p).unwrap()),
         shoal_fabric::Addr::Tcp(a) => Box::new(std::net::TcpStream::connect(a).unwrap()),
     };
-    let hello =
-        Frame::Hello(Hello { version: 99, backend: kind as u8, node: 1, pod_id: "test-pod".into(), nonce: [1; 32] });
+    let hello = Frame::Hello(Hello {
+        version: 99,
+        backend: kind as u8,
+        node: 1,
+        pod_id: "test-pod".into(),
+        nonce: [1; 32],
+        flags: 0,
+    });
     sock.write_all(&hello.encode()).unwrap();
     let mut got = Vec::new();
     let _ = sock.read_to_end(&mut got);
@@ -228,7 +234,10 @@ fn version_mismatch_is_refused(kind: Kind) {
     assert!(matches!(frames.first(), Some(Frame::Hello(_))), "{kind}: {frames:?}");
     match frames.get(1) {
         Some(Frame::Refuse { reason }) => {
-            assert!(reason.contains("version 99") && reason.contains("speaks 1"), "{kind}: {reason}")
+            assert!(
+                reason.contains("version 99") && reason.contains(&format!("speaks {PROTOCOL_VERSION}")),
+                "{kind}: {reason}"
+            )
         }
         other => panic!("{kind}: expected a Refuse, got {other:?}"),
     }
@@ -237,7 +246,8 @@ fn version_mismatch_is_refused(kind: Kind) {
     // names the refusal when it gives up
     let e = node0.join().unwrap().unwrap_err();
     assert!(matches!(e, Error::JoinTimeout { .. }), "{kind}: {e}");
-    assert!(e.to_string().contains("speaks fabric protocol version 99, this node speaks 1"), "{kind}: {e}");
+    let says = format!("speaks fabric protocol version 99, this node speaks {PROTOCOL_VERSION}");
+    assert!(e.to_string().contains(&says), "{kind}: {e}");
 }
 
 trait ReadWrite: Read + Write {}
@@ -401,9 +411,9 @@ fn shm_peers_cannot_write_our_memory() {
     });
     let mut s = std::os::unix::net::UnixStream::connect(&path0).unwrap();
     let id1 = Identity { node: 1, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
-    shoal_fabric::auth::handshake(&mut s, &id1, Kind::Shm, Some(0)).unwrap();
-    write_frame(&mut s, &Frame::Regions(Vec::new())).unwrap();
-    assert!(matches!(read_frame(&mut s).unwrap(), Frame::Regions(r) if r.len() == 1));
+    let mut session = shoal_fabric::auth::handshake(&mut s, &id1, Kind::Shm, Some(0), true).unwrap();
+    session.sealer.write_frame(&mut s, &Frame::Regions(Vec::new())).unwrap();
+    assert!(matches!(session.opener.read_frame(&mut s).unwrap(), Frame::Regions(r) if r.len() == 1));
     let fds = recv_fds(s.as_raw_fd()).unwrap();
     assert_eq!(fds.len(), 1, "one region, one descriptor");
     let fd = fds[0].as_raw_fd();
@@ -452,6 +462,63 @@ fn shm_peers_cannot_write_our_memory() {
     assert_eq!(r, -1, "mprotect(PROT_WRITE) of node 1's mapping of node 0's memory must fail");
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
     assert_eq!(read_one(&*ts[1], 0, 0, 4096).unwrap(), expected(0, 0, 4096), "and reads still work");
+}
+
+/// A man in the middle flips one bit of what node 0 sends node 1 after
+/// the handshake: node 1 refuses the frame (it fails authentication) and
+/// disconnects node 0, naming it; no read returns the altered bytes.
+#[test]
+fn tcp_frames_altered_in_flight_are_refused() {
+    let dir = scratch("tamper");
+    let b0 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 0)).unwrap();
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
+    let shoal_fabric::Addr::Tcp(real0) = b0.local_addr().clone() else { unreachable!() };
+    let a1 = b1.local_addr().clone();
+    // past the handshake and setup (a few hundred bytes), inside the page
+    // data of node 1's 13th 4 KiB read
+    let via = flipping_proxy(real0, 50_000);
+    let id = |n| Identity { node: n, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    let t0 = std::thread::spawn(move || {
+        let m = Memory::new(0, REGION);
+        (b0.join(id(0), &[(1, a1)], vec![m.region()], quick_options()).unwrap(), m)
+    });
+    let m1 = Memory::new(1, REGION);
+    let t1 = b1.join(id(1), &[(0, shoal_fabric::Addr::Tcp(via))], vec![m1.region()], quick_options()).unwrap();
+    let (_t0, _m0) = t0.join().unwrap();
+    let mut failure = None;
+    for page in 0..64u64 {
+        match read_one(&*t1, 0, page * 4096, 4096) {
+            Ok(bytes) => assert!(bytes == expected(0, page * 4096, 4096), "read {page} returned altered bytes"),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failure.expect("the altered frame was accepted");
+    assert!(matches!(e, Error::PeerGone { peer: 0, .. } | Error::Protocol { peer: 0, .. }), "{e}");
+    assert!(e.to_string().contains("failed authentication"), "{e}");
+    match t1.recv(Duration::from_secs(5)).unwrap() {
+        Some(Incoming::PeerGone { node: 0, reason }) => assert!(reason.contains("failed authentication"), "{reason}"),
+        other => panic!("expected node 0 gone, got {other:?}"),
+    }
+}
+
+/// Frame authentication off (the default) on both sides: the pod joins
+/// and reads and messages work on plain frames.
+#[test]
+fn tcp_works_with_frames_not_authenticated() {
+    let opts = shoal_fabric::Options { authenticate_frames: false, ..quick_options() };
+    let mut nodes = pod_with(Kind::Tcp, 2, &[b"pod secret", b"pod secret"], opts);
+    let (t1, _m1) = nodes.pop().unwrap();
+    let (t0, _m0) = nodes.pop().unwrap();
+    let (t0, t1) = (t0.unwrap(), t1.unwrap());
+    assert_eq!(read_one(&*t1, 0, 8192, 4096).unwrap(), expected(0, 8192, 4096));
+    t0.send(1, b"plain").unwrap();
+    match t1.recv(Duration::from_secs(5)).unwrap() {
+        Some(Incoming::Message { from: 0, payload }) => assert_eq!(payload, b"plain"),
+        other => panic!("{other:?}"),
+    }
 }
 
 macro_rules! suite {

@@ -142,8 +142,16 @@ pub fn test_addr(kind: Kind, dir: &std::path::Path, node: NodeId) -> Addr {
     }
 }
 
+/// Options of the test nodes: short bounds, and frames authenticated (off
+/// by default) so that the suite runs every backend through the tagged
+/// framing.
 pub fn quick_options() -> Options {
-    Options { join_timeout: Duration::from_secs(20), io_timeout: Duration::from_secs(2), ..Options::default() }
+    Options {
+        join_timeout: Duration::from_secs(20),
+        io_timeout: Duration::from_secs(2),
+        authenticate_frames: true,
+        ..Options::default()
+    }
 }
 
 /// A pod of `n` nodes in threads of this process. `secrets[i]` is node
@@ -430,4 +438,41 @@ pub fn mappings_of(ino: u64) -> Vec<(usize, usize, String)> {
             Some((a, b - a, f[1].to_string()))
         })
         .collect()
+}
+
+/// A man in the middle for one tcp connection: listens on a fresh port,
+/// forwards the first connection it accepts to `target` and back, and
+/// flips the lowest bit of the byte at offset `flip_at` of what `target`
+/// sends. Returns the address to dial instead of `target`.
+pub fn flipping_proxy(target: SocketAddr, flip_at: u64) -> SocketAddr {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (client, _) = l.accept().unwrap();
+        let server = std::net::TcpStream::connect(target).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut s2);
+            let _ = s2.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut from, mut to) = (server, client);
+        let mut at = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (at..at + n as u64).contains(&flip_at) {
+                buf[(flip_at - at) as usize] ^= 1;
+            }
+            at += n as u64;
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    addr
 }
