@@ -46,7 +46,7 @@ impl std::fmt::Debug for FrameKeys {
 
 impl FrameKeys {
     /// HKDF-SHA256: extract with salt `dialer nonce | acceptor nonce` from
-    /// the pod secret, expand with [`LABEL`], the direction, both node ids
+    /// the pod secret, expand with a label, the direction, both node ids
     /// and the pod id. Fresh nonces make the keys of every connection new.
     pub fn derive(
         secret: &[u8],
