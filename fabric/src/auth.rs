@@ -13,6 +13,10 @@
 //! 4. both derive the connection's frame keys from the secret and both
 //!    nonces ([`crate::framing`]): every frame after this is tagged.
 //!
+//! Every frame of the handshake is read with
+//! [`crate::wire::read_handshake_frame`]: at most a Hello's worth of bytes,
+//! dropped at the first byte that cannot begin one.
+//!
 //! Only after this do regions, memfds or queue-pair details cross. A
 //! replayed `Auth` fails (fresh nonces); a reflected one fails (the role is
 //! signed); and because a listener never signs anything for a peer that
@@ -29,7 +33,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::framing::{FrameKeys, Opener, Sealer};
-use crate::wire::{read_frame, write_frame, Frame, Hello, StreamError, HELLO_AUTHENTICATED_FRAMES, PROTOCOL_VERSION};
+use crate::wire::{
+    read_handshake_frame, write_frame, Frame, Hello, StreamError, HELLO_AUTHENTICATED_FRAMES, PROTOCOL_VERSION,
+};
 use crate::{Error, Kind, NodeId};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -136,7 +142,7 @@ pub fn handshake<S: Read + Write>(
         flags,
     };
     write_frame(stream, &Frame::Hello(hello)).map_err(|e| stream_err(expect, "sending Hello", e.into()))?;
-    let theirs = match read_frame(stream).map_err(|e| stream_err(expect, "waiting for Hello", e))? {
+    let theirs = match read_handshake_frame(stream).map_err(|e| stream_err(expect, "waiting for Hello", e))? {
         Frame::Hello(h) => h,
         Frame::Refuse { reason } => return Err(Error::Refused { peer: expect, reason }),
         other => {
@@ -163,7 +169,7 @@ pub fn handshake<S: Read + Write>(
         None
     };
     if let Some(err) = refusal {
-        let _ = write_frame(stream, &Frame::Refuse { reason: err.to_string() });
+        let _ = write_frame(stream, &Frame::handshake_refusal(&err.to_string()));
         return Err(err);
     }
 
@@ -180,7 +186,7 @@ pub fn handshake<S: Read + Write>(
     if mine == Role::Dialer {
         send_proof(stream)?;
     }
-    let their_mac = match read_frame(stream).map_err(|e| stream_err(peer, "waiting for Auth", e))? {
+    let their_mac = match read_handshake_frame(stream).map_err(|e| stream_err(peer, "waiting for Auth", e))? {
         Frame::Auth { mac } => mac,
         Frame::Refuse { reason } => return Err(Error::Refused { peer, reason }),
         other => {
@@ -190,7 +196,7 @@ pub fn handshake<S: Read + Write>(
     let expected = mac(&me.secret, flags, their_role, theirs.node, me.node, &theirs.nonce, &my_nonce, &me.pod_id);
     if expected.verify_slice(&their_mac).is_err() {
         let err = Error::WrongSecret { peer };
-        let _ = write_frame(stream, &Frame::Refuse { reason: "authentication failed: wrong pod secret".into() });
+        let _ = write_frame(stream, &Frame::handshake_refusal("authentication failed: wrong pod secret"));
         return Err(err);
     }
     if mine == Role::Acceptor {

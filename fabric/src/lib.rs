@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use auth::Identity;
-pub use mesh::{bind, Binding};
+pub use mesh::{bind, Binding, MAX_PENDING_HANDSHAKES};
 pub use wire::{RegionInfo, MAX_MESSAGE, MAX_READ, PROTOCOL_VERSION};
 
 /// A node of a pod.
