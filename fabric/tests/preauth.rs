@@ -77,9 +77,12 @@ fn a_join_completes_while_bogus_connections_hold_every_slot() {
         assert!(e.to_string().contains("wrong pod secret"), "{e}");
     }
 
-    // the honest node 1 joins while the silent connections are still open
+    // the honest node 1 joins while the silent connections are still open.
+    // They would hold node 0's handshake slots for 10 s (its handshake
+    // bound): joining within 5 s takes the cut of the oldest handshake.
     let mem = Memory::new(1, REGION);
-    let t = b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], quick_options());
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(5), ..quick_options() };
+    let t = b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], opts);
     let t = t.unwrap_or_else(|e| panic!("node 1 could not join beside the bogus connections: {e}"));
     assert_eq!(child.line(), "JOINED", "node 0 joined too");
     assert!(t.peers() == vec![0]);
