@@ -3,7 +3,9 @@
 //! Baselines measured in the same run: a plain `memcpy` of 4 KiB for shm
 //! (its floor), and perftest's `ib_read_lat` / `ib_read_bw -s 4096` on the
 //! same RDMA device for verbs (target: verbs p50 within 1.1× of
-//! `ib_read_lat`'s typical latency, DESIGN §5).
+//! `ib_read_lat`'s typical latency, DESIGN §5). For tcp, the cost of
+//! frame authentication: rounds with it on and off, interleaved, in the
+//! same run.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -38,6 +40,10 @@ pub struct Args {
     /// comparing with perftest: the ratio is the median of the rounds'.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Rounds of tcp with and without frame authentication, interleaved:
+    /// the ratios are the medians of the rounds'.
+    #[arg(long, default_value_t = 3)]
+    auth_rounds: usize,
     /// GID index for perftest (default: $RXE_GID_INDEX, else 0).
     #[arg(long)]
     gid_index: Option<u8>,
@@ -83,7 +89,7 @@ struct Results {
     host: Host,
     rows: Vec<Row>,
     perftest: Vec<Perftest>,
-    ratios: Vec<(String, f64)>,
+    ratios: Vec<Ratio>,
 }
 
 struct Mem {
@@ -140,7 +146,7 @@ struct Pair {
     _m1: Mem,
 }
 
-fn pair(kind: Kind) -> anyhow::Result<Pair> {
+fn pair(kind: Kind, authenticate_frames: bool) -> anyhow::Result<Pair> {
     let dir = std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let addr = |i: u32| match kind {
@@ -150,7 +156,7 @@ fn pair(kind: Kind) -> anyhow::Result<Pair> {
     let b0 = bind(kind, &addr(0))?;
     let b1 = bind(kind, &addr(1))?;
     let (a0, a1) = (b0.local_addr().clone(), b1.local_addr().clone());
-    let opts = Options { io_timeout: Duration::from_secs(10), ..Options::default() };
+    let opts = Options { io_timeout: Duration::from_secs(10), authenticate_frames, ..Options::default() };
     let o2 = opts.clone();
     let t = std::thread::spawn(move || -> anyhow::Result<(Box<dyn Transport>, Mem)> {
         let m = Mem::new()?;
@@ -201,7 +207,12 @@ fn row(backend: String, lat: &[f64], copied: &[f64], args: &Args, bytes: u64, se
 }
 
 fn measure(kind: Kind, args: &Args) -> anyhow::Result<Row> {
-    let Pair { t0, t1, _m0, _m1 } = pair(kind).with_context(|| format!("setting up a {kind} pair"))?;
+    measure_with(kind, Options::default().authenticate_frames, kind.to_string(), args)
+}
+
+fn measure_with(kind: Kind, authenticate_frames: bool, label: String, args: &Args) -> anyhow::Result<Row> {
+    let Pair { t0, t1, _m0, _m1 } =
+        pair(kind, authenticate_frames).with_context(|| format!("setting up a {kind} pair"))?;
     let mut buf = vec![0u8; PAGE];
     let pages = REGION / PAGE as u64;
     // warm up: registration of every chunk (verbs), connection buffers
@@ -238,8 +249,35 @@ fn measure(kind: Kind, args: &Args) -> anyhow::Result<Row> {
     Ok(Row {
         bytes_read_counter: stats.bytes_read,
         chunks_registered: served.chunks_registered,
-        ..row(kind.to_string(), &lat, &copied, args, batched_bytes, secs)
+        ..row(label, &lat, &copied, args, batched_bytes, secs)
     })
+}
+
+/// A named ratio of the report.
+type Ratio = (String, f64);
+
+/// tcp with frame authentication on and off, in interleaved rounds; the
+/// ratios (on ÷ off) are the medians of the rounds'.
+fn frame_auth_cost(args: &Args) -> anyhow::Result<(Vec<Row>, Vec<Ratio>)> {
+    let mut rows = Vec::new();
+    let (mut lat, mut copied, mut bw) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.auth_rounds {
+        eprintln!("shoal-bench fabric: round {round}: tcp with and without frame authentication");
+        let on = measure_with(Kind::Tcp, true, format!("tcp, frames authenticated (round {round})"), args)?;
+        let off = measure_with(Kind::Tcp, false, format!("tcp, frames not authenticated (round {round})"), args)?;
+        lat.push(on.lat_us_p50 / off.lat_us_p50);
+        copied.push(on.copied_us_p50 / off.copied_us_p50);
+        bw.push(on.batched_mb_s / off.batched_mb_s);
+        rows.push(on);
+        rows.push(off);
+    }
+    let n = args.auth_rounds;
+    let ratios = vec![
+        (format!("tcp p50, authenticated ÷ not, median of {n} rounds"), report::median(&lat)),
+        (format!("tcp p50 copied, authenticated ÷ not, median of {n} rounds"), report::median(&copied)),
+        (format!("tcp batched MB/s, authenticated ÷ not, median of {n} rounds"), report::median(&bw)),
+    ];
+    Ok((rows, ratios))
 }
 
 /// The floor of shm: 4 KiB memcpy from a shared mapping, timed the same way.
@@ -304,12 +342,18 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         rows.push(memcpy_floor(args)?);
     }
     let with_perftest = args.perftest && kinds.contains(&Kind::Verbs);
+    let mut ratios = Vec::new();
     for k in kinds.iter().filter(|k| !(with_perftest && **k == Kind::Verbs)) {
+        if *k == Kind::Tcp && args.auth_rounds > 0 {
+            let (r, mut found) = frame_auth_cost(args)?;
+            rows.extend(r);
+            ratios.append(&mut found);
+            continue;
+        }
         eprintln!("shoal-bench fabric: measuring {k}");
         rows.push(measure(*k, args)?);
     }
     let mut perf = Vec::new();
-    let mut ratios = Vec::new();
     if with_perftest {
         let gid =
             args.gid_index.or_else(|| std::env::var("RXE_GID_INDEX").ok().and_then(|g| g.parse().ok())).unwrap_or(0);

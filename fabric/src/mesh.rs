@@ -1,6 +1,8 @@
 //! Joining a pod: bind, connect every pair of nodes once (the higher id
 //! dials the lower), authenticate each connection, then hand the
-//! authenticated streams to the backend.
+//! authenticated streams to the backend. Connections that have not
+//! authenticated get little: at most [`MAX_PENDING_HANDSHAKES`] handshakes
+//! run at once, and nothing they send or answer ends the join.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -8,10 +10,37 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth::{handshake, Identity};
+use crate::auth::{handshake, Identity, Session};
+use crate::framing::{Opener, Sealer};
+use crate::wire::{Frame, StreamError};
 use crate::{Addr, Error, Kind, LocalRegion, NodeId, Options, Result, Transport};
+
+/// An authenticated connection to one peer: the stream and how frames are
+/// sealed on it in each direction (see [`crate::framing`]).
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub conn: Conn,
+    pub sealer: Sealer,
+    pub opener: Opener,
+}
+
+impl Link {
+    fn new(conn: Conn, session: Session) -> Link {
+        Link { conn, sealer: session.sealer, opener: session.opener }
+    }
+
+    pub fn write_frame(&mut self, frame: &Frame) -> io::Result<()> {
+        self.sealer.write_frame(&mut self.conn, frame)
+    }
+
+    pub fn read_frame(&mut self) -> std::result::Result<Frame, StreamError> {
+        self.opener.read_frame(&mut self.conn)
+    }
+}
 
 /// A connected, authenticated stream to one peer.
 #[derive(Debug)]
@@ -183,7 +212,7 @@ impl Binding {
         peers: &[(NodeId, Addr)],
         deadline: Instant,
         opts: &Options,
-    ) -> Result<BTreeMap<NodeId, Conn>> {
+    ) -> Result<BTreeMap<NodeId, Link>> {
         let mut want_accept = Vec::new();
         let mut want_dial = Vec::new();
         for (id, addr) in peers {
@@ -206,46 +235,36 @@ impl Binding {
         .map_err(|source| Error::Io { what: "making the listener non-blocking".into(), source })?;
 
         let mut conns = BTreeMap::new();
-        let mut last_refusal: Option<String> = None;
-        // Handshakes of accepted connections run in their own threads, each
-        // bounded: a client that connects and says nothing cannot hold up
-        // the real peers, and one that says the wrong thing cannot abort
-        // the join (it is refused and remembered for the error message).
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<(Result<NodeId>, Conn)>();
+        let mut last_refusal = Refusal::default();
+        // Handshakes of accepted connections run in their own threads, at
+        // most MAX_PENDING_HANDSHAKES at once, each bounded in time: a
+        // client that connects and says nothing cannot hold up the real
+        // peers, and one that says the wrong thing cannot abort the join
+        // (it is refused and remembered for the error message).
+        let mut accepted = Handshakes::new();
+        // when each node we dial may be dialed again
+        let mut redial_at: BTreeMap<NodeId, Instant> = BTreeMap::new();
         loop {
-            let mut progressed = false;
-            while let Some(conn) = self.try_accept()? {
-                progressed = true;
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
-                let _ = conn.set_timeouts(Some(left), Some(left));
-                let (me, kind, tx) = (me.clone(), self.kind, done_tx.clone());
-                std::thread::spawn(move || {
-                    let mut conn = conn;
-                    let r = handshake(&mut conn, &me, kind, None);
-                    let _ = tx.send((r, conn));
-                });
-            }
-            while let Ok((result, conn)) = done_rx.try_recv() {
+            let mut progressed = accepted.admit(self, me, opts.authenticate_frames, deadline)?;
+            while let Ok((result, conn)) = accepted.done_rx.try_recv() {
                 progressed = true;
                 match result {
-                    Ok(peer) if want_accept.contains(&peer) && !conns.contains_key(&peer) => {
-                        conns.insert(peer, conn);
+                    Ok(s) if want_accept.contains(&s.peer) && !conns.contains_key(&s.peer) => {
+                        conns.insert(s.peer, Link::new(conn, s));
                     }
-                    Ok(peer) => {
+                    Ok(Session { peer, .. }) => {
                         tracing::warn!(peer, "unexpected node connected; dropping it");
-                        last_refusal = Some(format!("unexpected connection from node {peer}"));
+                        last_refusal.note(true, format!("unexpected connection from node {peer}"));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "refused a connection");
-                        last_refusal = Some(e.to_string());
+                        last_refusal.note(is_refusal(&e), e.to_string());
                     }
                 }
             }
             // dial the lower ids that are still missing
             for (id, addr) in &want_dial {
-                if conns.contains_key(id) {
+                if conns.contains_key(id) || redial_at.get(id).is_some_and(|t| Instant::now() < *t) {
                     continue;
                 }
                 let Some(mut conn) = dial(addr)? else { continue };
@@ -254,16 +273,19 @@ impl Binding {
                     .saturating_duration_since(Instant::now())
                     .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
                 let _ = conn.set_timeouts(Some(left), Some(left));
-                match handshake(&mut conn, me, self.kind, Some(*id)) {
-                    Ok(_) => {
-                        conns.insert(*id, conn);
+                match handshake(&mut conn, me, self.kind, Some(*id), opts.authenticate_frames) {
+                    Ok(s) => {
+                        conns.insert(*id, Link::new(conn, s));
                     }
-                    // the node we dialed disagrees with us: a clear error now
-                    Err(e) if is_config_mismatch(&e) => return Err(e),
-                    // a connection that broke: try again
+                    // Whatever answered did not prove it knows the secret
+                    // (a refusal, a wrong proof, junk or a broken
+                    // connection): nothing before authentication may end
+                    // the join. Try again shortly; the join's error names
+                    // the refusal if the node never joins.
                     Err(e) => {
-                        tracing::debug!(peer = id, error = %e, "handshake failed; retrying");
-                        last_refusal = Some(e.to_string());
+                        tracing::warn!(peer = id, error = %e, "handshake with a node we dialed failed; retrying");
+                        last_refusal.note(is_refusal(&e), e.to_string());
+                        redial_at.insert(*id, Instant::now() + REDIAL_AFTER);
                     }
                 }
             }
@@ -277,22 +299,30 @@ impl Binding {
                     .map(|(id, a)| format!("node {id} ({a})"))
                     .collect();
                 let mut missing = missing.join(", ");
-                if let Some(r) = last_refusal {
+                if let Some(r) = last_refusal.text {
                     missing.push_str(&format!("; last refused connection: {r}"));
                 }
                 return Err(Error::JoinTimeout { after: opts.join_timeout, missing });
             }
             if !progressed {
-                std::thread::sleep(Duration::from_millis(20));
+                // a connection waiting for a slot gets it as soon as the
+                // handshake cut short for it has ended
+                let nap = if accepted.waiting.is_some() { 2 } else { 20 };
+                std::thread::sleep(Duration::from_millis(nap));
             }
         }
         for c in conns.values() {
-            c.set_timeouts(Some(opts.join_timeout), Some(opts.io_timeout))
+            c.conn
+                .set_timeouts(Some(opts.join_timeout), Some(opts.io_timeout))
                 .map_err(|source| Error::Io { what: "setting socket timeouts".into(), source })?;
         }
         Ok(conns)
     }
 
+    /// The next connection waiting on the listener, if any. Errors that
+    /// concern one connection or a passing shortage (a client that reset
+    /// before we accepted it, out of descriptors) are logged and skipped:
+    /// they must not end the join.
     fn try_accept(&self) -> Result<Option<Conn>> {
         let r = match &self.listener {
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
@@ -303,29 +333,190 @@ impl Binding {
         };
         match r {
             Ok(Ok(c)) => Ok(Some(c)),
-            Ok(Err(source)) | Err(source) if source.kind() != io::ErrorKind::WouldBlock => {
-                Err(Error::Io { what: "accepting a peer".into(), source })
+            Ok(Err(e)) | Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Ok(Err(e)) | Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc::ECONNABORTED
+                                | libc::EMFILE
+                                | libc::ENFILE
+                                | libc::ENOBUFS
+                                | libc::ENOMEM
+                                | libc::EPROTO
+                                | libc::EPERM
+                        )
+                    ) =>
+            {
+                tracing::warn!(error = %e, "could not accept a connection; going on");
+                Ok(None)
             }
-            _ => Ok(None),
+            Ok(Err(source)) | Err(source) => Err(Error::Io { what: "accepting a peer".into(), source }),
         }
     }
 }
 
-/// The longest one handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the join's timeout error names: the last refusal, where a peer's
+/// answer (a refusal, a wrong proof, a version or pod that differs) is
+/// kept over a connection that merely broke or timed out afterwards.
+#[derive(Default)]
+struct Refusal {
+    text: Option<String>,
+    definite: bool,
+}
 
-/// Whether a handshake error with a node we dialed means the two of us
-/// are configured differently (as opposed to a connection that broke).
-fn is_config_mismatch(e: &Error) -> bool {
+impl Refusal {
+    fn note(&mut self, definite: bool, text: String) {
+        if definite || !self.definite {
+            self.text = Some(text);
+            self.definite = definite;
+        }
+    }
+}
+
+/// Whether a handshake error is an answer of the other side (as opposed to
+/// a connection that broke, timed out or was cut short).
+fn is_refusal(e: &Error) -> bool {
     matches!(
         e,
         Error::Version { .. }
             | Error::PodMismatch { .. }
             | Error::BackendMismatch { .. }
             | Error::WrongSecret { .. }
+            | Error::FrameAuthMismatch { .. }
             | Error::Refused { .. }
     )
 }
+
+/// Most handshakes of accepted connections in progress at once. Each runs
+/// in a thread of its own, so this bounds what connections that have not
+/// authenticated can hold of a node: 16 threads, 16 sockets (and one more
+/// waiting for a slot), and a frame of at most `MAX_HANDSHAKE_FRAME` bytes
+/// each. When all are taken and another connection arrives, the oldest
+/// handshake is cut short to make room for it: an honest peer completes
+/// its handshake in milliseconds, so clients that connect and stall
+/// cannot keep it out.
+pub const MAX_PENDING_HANDSHAKES: usize = 16;
+
+/// How long a node we dialed waits before we dial it again after a failed
+/// handshake.
+const REDIAL_AFTER: Duration = Duration::from_millis(250);
+
+/// One handshake in progress.
+struct Running {
+    /// A clone of its connection, to cut it short.
+    conn: Conn,
+    thread: std::thread::JoinHandle<()>,
+    /// Set once, by whichever comes first: the handshake's end (its thread)
+    /// or a cut (the joining thread). A connection whose handshake ended
+    /// is never cut: it may be the real peer's.
+    settled: Arc<Mutex<bool>>,
+    cut: bool,
+}
+
+impl Running {
+    /// Cuts the handshake short unless it has ended; returns whether it
+    /// did.
+    fn cut(&mut self) -> bool {
+        let mut settled = self.settled.lock().unwrap_or_else(|p| p.into_inner());
+        if *settled {
+            return false;
+        }
+        *settled = true;
+        self.conn.shutdown();
+        self.cut = true;
+        true
+    }
+}
+
+/// The handshakes of accepted connections, in the order they arrived.
+struct Handshakes {
+    running: std::collections::VecDeque<Running>,
+    /// An accepted connection waiting for a slot.
+    waiting: Option<Conn>,
+    done_tx: Sender<(Result<Session>, Conn)>,
+    done_rx: Receiver<(Result<Session>, Conn)>,
+}
+
+impl Handshakes {
+    fn new() -> Handshakes {
+        let (done_tx, done_rx) = channel();
+        Handshakes { running: Default::default(), waiting: None, done_tx, done_rx }
+    }
+
+    /// Starts handshakes for the connections waiting on the listener while
+    /// slots are free; when none is, cuts the oldest handshake short for
+    /// the next connection. Returns whether anything started.
+    fn admit(&mut self, b: &Binding, me: &Identity, auth: bool, deadline: Instant) -> Result<bool> {
+        // a slot is free once its thread has ended, not just answered
+        self.running.retain(|r| !r.thread.is_finished());
+        let mut started = false;
+        loop {
+            if self.running.len() >= MAX_PENDING_HANDSHAKES {
+                if self.waiting.is_none() {
+                    self.waiting = b.try_accept()?;
+                }
+                // one cut at a time: the next when that slot has freed (or
+                // none when the oldest has ended anyway)
+                if self.waiting.is_some() && !self.running.iter().any(|r| r.cut) {
+                    if let Some(oldest) = self.running.front_mut() {
+                        if oldest.cut() {
+                            tracing::debug!("every handshake slot is taken: cut the oldest short");
+                        }
+                    }
+                }
+                return Ok(started);
+            }
+            let conn = match self.waiting.take() {
+                Some(c) => c,
+                None => match b.try_accept()? {
+                    Some(c) => c,
+                    None => return Ok(started),
+                },
+            };
+            started = true;
+            let left =
+                deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
+            let _ = conn.set_timeouts(Some(left), Some(left));
+            let Ok(handle) = conn.try_clone() else {
+                tracing::warn!("could not clone an accepted connection; dropping it");
+                continue;
+            };
+            let (me, kind, tx) = (me.clone(), b.kind, self.done_tx.clone());
+            let settled = Arc::new(Mutex::new(false));
+            let ours = settled.clone();
+            let spawned = std::thread::Builder::new().name("fabric-handshake".into()).spawn(move || {
+                let mut conn = conn;
+                let mut r = handshake(&mut conn, &me, kind, None, auth);
+                let was_cut = std::mem::replace(&mut *ours.lock().unwrap_or_else(|p| p.into_inner()), true);
+                if was_cut && r.is_ok() {
+                    // cut just as it ended: the stream is shut down
+                    r = Err(Error::Handshake { peer: None, reason: "cut short for a newer connection".into() });
+                }
+                let _ = tx.send((r, conn));
+            });
+            match spawned {
+                Ok(thread) => self.running.push_back(Running { conn: handle, thread, settled, cut: false }),
+                // the connection was moved into the closure and is closed
+                Err(e) => tracing::warn!(error = %e, "could not start a handshake thread; dropped the connection"),
+            }
+        }
+    }
+}
+
+impl Drop for Handshakes {
+    /// Handshakes still running when the join ends are cut short (those
+    /// that ended are left alone: their connections may be in the pod).
+    fn drop(&mut self) {
+        for r in &mut self.running {
+            r.cut();
+        }
+    }
+}
+
+/// The longest one handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One connection attempt; None when the peer is not listening yet.
 fn dial(addr: &Addr) -> Result<Option<Conn>> {

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::mesh::Conn;
-use crate::wire::{read_frame, write_frame, Frame, ReadFailure, RegionInfo, StreamError};
+use crate::framing::{Opener, Sealer};
+use crate::mesh::{Conn, Link};
+use crate::wire::{Frame, ReadFailure, RegionInfo, StreamError};
 use crate::{Error, Incoming, LocalRegion, NodeId, Result, Stats};
 
 /// The answer to a request, delivered by the reader thread.
@@ -25,7 +26,9 @@ type Waiter = (Sender<(usize, Answer)>, usize);
 pub(crate) struct Peer {
     pub id: NodeId,
     pub regions: Vec<RegionInfo>,
-    writer: Mutex<Conn>,
+    /// The write half of the stream and the sealer of what we send (one
+    /// lock: frames are numbered in the order they go out).
+    writer: Mutex<(Conn, Sealer)>,
     alive: AtomicBool,
     gone: Mutex<Option<String>>,
     /// Requests (tcp reads, verbs key requests) waiting for their answer,
@@ -34,11 +37,11 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    pub fn new(id: NodeId, regions: Vec<RegionInfo>, conn: &Conn) -> std::io::Result<Self> {
+    pub fn new(id: NodeId, regions: Vec<RegionInfo>, conn: &Conn, sealer: Sealer) -> std::io::Result<Self> {
         Ok(Peer {
             id,
             regions,
-            writer: Mutex::new(conn.try_clone()?),
+            writer: Mutex::new((conn.try_clone()?, sealer)),
             alive: AtomicBool::new(true),
             gone: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
@@ -57,12 +60,13 @@ impl Peer {
     /// Writes frames as one write.
     pub fn write(&self, frames: &[Frame]) -> Result<()> {
         self.check_alive()?;
+        let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (w, sealer) = &mut *guard;
         let mut bytes = Vec::new();
         for f in frames {
-            bytes.extend_from_slice(&f.encode());
+            sealer.seal_into(f, &mut bytes);
         }
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        std::io::Write::write_all(&mut *w, &bytes).map_err(|e| {
+        std::io::Write::write_all(w, &bytes).map_err(|e| {
             // Part of a frame may be out: the stream is out of step for
             // good. Close it, so that neither side reads a frame boundary
             // where there is none; our reader thread then reports the peer
@@ -120,7 +124,7 @@ impl Peer {
 
     /// Closes the stream both ways (the reader thread then ends).
     pub fn shutdown(&self) {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).0.shutdown();
     }
 }
 
@@ -218,17 +222,16 @@ impl Core {
     /// Sends our regions to every peer and reads theirs (then the
     /// backend's own setup runs, then [`Core::start`]).
     pub fn exchange_regions(
-        conns: &mut BTreeMap<NodeId, Conn>,
+        conns: &mut BTreeMap<NodeId, Link>,
         local: &[LocalRegion],
     ) -> Result<BTreeMap<NodeId, Vec<RegionInfo>>> {
         let mine = Frame::Regions(local.iter().map(LocalRegion::info).collect());
         for (id, c) in conns.iter_mut() {
-            write_frame(c, &mine)
-                .map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending regions: {e}") })?;
+            c.write_frame(&mine).map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending regions: {e}") })?;
         }
         let mut out = BTreeMap::new();
         for (id, c) in conns.iter_mut() {
-            match read_frame(c) {
+            match c.read_frame() {
                 Ok(Frame::Regions(r)) => {
                     out.insert(*id, r);
                 }
@@ -246,13 +249,13 @@ impl Core {
 
     /// Sends Ready and waits for the peers' Ready: after this every
     /// backend-specific setup frame has been read.
-    pub fn ready(conns: &mut BTreeMap<NodeId, Conn>) -> Result<()> {
+    pub fn ready(conns: &mut BTreeMap<NodeId, Link>) -> Result<()> {
         for (id, c) in conns.iter_mut() {
-            write_frame(c, &Frame::Ready)
+            c.write_frame(&Frame::Ready)
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending Ready: {e}") })?;
         }
         for (id, c) in conns.iter_mut() {
-            match read_frame(c) {
+            match c.read_frame() {
                 Ok(Frame::Ready) => {}
                 Ok(other) => {
                     return Err(Error::Protocol { peer: *id, reason: format!("expected Ready, got {}", other.name()) })
@@ -266,7 +269,7 @@ impl Core {
     /// Builds the core and starts one reader thread per peer.
     pub fn start(
         node: NodeId,
-        conns: BTreeMap<NodeId, Conn>,
+        conns: BTreeMap<NodeId, Link>,
         regions: BTreeMap<NodeId, Vec<RegionInfo>>,
         local: Vec<LocalRegion>,
         io_timeout: Duration,
@@ -274,10 +277,12 @@ impl Core {
     ) -> Result<Arc<Core>> {
         let (tx, rx) = channel();
         let mut peers = BTreeMap::new();
-        for (id, c) in &conns {
-            let p = Peer::new(*id, regions.get(id).cloned().unwrap_or_default(), c)
+        let mut readers = Vec::new();
+        for (id, Link { conn, sealer, opener }) in conns {
+            let p = Peer::new(id, regions.get(&id).cloned().unwrap_or_default(), &conn, sealer)
                 .map_err(|source| Error::Io { what: format!("cloning the stream of node {id}"), source })?;
-            peers.insert(*id, Arc::new(p));
+            peers.insert(id, Arc::new(p));
+            readers.push((id, conn, opener));
         }
         let core = Arc::new(Core {
             node,
@@ -292,15 +297,16 @@ impl Core {
             readers: Mutex::new(Vec::new()),
         });
         let handler = make_handler(Arc::downgrade(&core));
-        for (id, conn) in conns {
+        for (id, conn, opener) in readers {
             // the reader blocks until a frame or the end of the stream
             conn.set_timeouts(None, Some(io_timeout))
                 .map_err(|source| Error::Io { what: "setting socket timeouts".into(), source })?;
             let peer = core.peers[&id].clone();
             let c = core.clone();
             let h = handler.clone();
-            let t =
-                std::thread::Builder::new().name(format!("fabric-rx{id}")).spawn(move || c.read_loop(&peer, conn, &*h));
+            let t = std::thread::Builder::new()
+                .name(format!("fabric-rx{id}"))
+                .spawn(move || c.read_loop(&peer, conn, opener, &*h));
             match t {
                 Ok(t) => core.readers.lock().unwrap_or_else(|p| p.into_inner()).push(t),
                 Err(source) => {
@@ -369,15 +375,19 @@ impl Core {
         }
     }
 
-    fn read_loop(&self, peer: &Peer, mut conn: Conn, handler: &dyn Handler) {
+    fn read_loop(&self, peer: &Peer, mut conn: Conn, mut opener: Opener, handler: &dyn Handler) {
         loop {
-            let frame = match read_frame(&mut conn) {
+            let frame = match opener.read_frame(&mut conn) {
                 Ok(f) => f,
                 Err(e) => {
                     let reason = match e {
                         StreamError::Closed => "connection closed".to_string(),
                         StreamError::Io(e) => format!("connection failed: {e}"),
                         StreamError::Wire(w) => format!("sent a malformed frame ({w}); disconnected it"),
+                        f @ StreamError::Forged { .. } => {
+                            tracing::warn!(peer = peer.id, error = %f, "disconnecting a peer whose frame failed authentication");
+                            format!("its {f}; disconnected it")
+                        }
                     };
                     self.peer_gone(peer, &reason);
                     conn.shutdown();
@@ -465,5 +475,6 @@ pub(crate) fn stream_error(peer: NodeId, what: &str, e: StreamError) -> Error {
         }
         StreamError::Io(e) => Error::PeerGone { peer, reason: format!("{what}: {e}") },
         StreamError::Wire(w) => Error::Protocol { peer, reason: format!("{what}: {w}") },
+        f @ StreamError::Forged { .. } => Error::Protocol { peer, reason: format!("{what}: its {f}") },
     }
 }

@@ -1,8 +1,9 @@
 //! The shm backend: every node on one host. After the handshake each node
-//! passes the memfds of its regions over the Unix socket (SCM_RIGHTS); the
-//! peer maps them read-only, and a read is a `memcpy` out of that mapping:
-//! the lower bound for every other backend. Messages travel as frames on
-//! the Unix socket.
+//! passes read-only descriptors of its regions' memfds over the Unix
+//! socket (SCM_RIGHTS); the peer maps them read-only (and cannot make the
+//! mapping writable), and a read is a `memcpy` out of that mapping: the
+//! lower bound for every other backend. Messages travel as frames on the
+//! Unix socket.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -10,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::mesh::Conn;
+use crate::mesh::Link;
 use crate::peer::{Core, Handler, Peer};
 use crate::wire::{Frame, RegionInfo, MAX_REGIONS};
 use crate::{
@@ -52,27 +53,31 @@ impl Handler for NoFrames {
 impl ShmTransport {
     pub fn start(
         node: NodeId,
-        mut conns: BTreeMap<NodeId, Conn>,
+        mut conns: BTreeMap<NodeId, Link>,
         local: Vec<LocalRegion>,
         opts: &Options,
     ) -> Result<Self> {
-        let fds: Vec<RawFd> = local
+        // peers get read-only descriptors: the ones we hold could be
+        // mapped (or mprotected) writable
+        let read_only: Vec<OwnedFd> = local
             .iter()
             .map(|r| {
-                r.fd.as_ref().map(AsRawFd::as_raw_fd).ok_or_else(|| {
+                let fd = r.fd.as_ref().ok_or_else(|| {
                     Error::Config(format!("the shm fabric needs memfd-backed regions; region {} has no memfd", r.id))
-                })
+                })?;
+                read_only_reopen(r.id, fd)
             })
             .collect::<Result<_>>()?;
+        let fds: Vec<RawFd> = read_only.iter().map(AsRawFd::as_raw_fd).collect();
         let regions = Core::exchange_regions(&mut conns, &local)?;
         for (id, c) in &conns {
-            send_fds(c.raw_fd(), &fds)
+            send_fds(c.conn.raw_fd(), &fds)
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("passing memfds: {e}") })?;
         }
         let mut maps = BTreeMap::new();
         for (id, c) in &conns {
             let theirs = &regions[id];
-            let got = recv_fds(c.raw_fd(), theirs.len())
+            let got = recv_fds(c.conn.raw_fd(), theirs.len())
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("receiving memfds: {e}") })?;
             let mut m = Vec::with_capacity(got.len());
             for (info, fd) in theirs.iter().zip(got) {
@@ -84,6 +89,36 @@ impl ShmTransport {
         let core = Core::start(node, conns, regions, local, opts.io_timeout, |_| Arc::new(NoFrames))?;
         Ok(ShmTransport { core, maps })
     }
+}
+
+/// What a peer receives for a region: the same memfd opened again,
+/// read-only. A mapping of it cannot be made writable (`mmap` with
+/// `PROT_WRITE` and `MAP_SHARED`, or `mprotect` to `PROT_WRITE`, fail with
+/// EACCES), and the memfd is not sealed against writes, so this node can
+/// still punch holes in it (eviction). The memfd's mode is narrowed to its
+/// owner first (memfds are created 0777): otherwise a peer running as
+/// another user could reopen its descriptor read-write through
+/// `/proc/self/fd`. What a process of the same user can still do is in the
+/// README (fabric section).
+fn read_only_reopen(region: u32, memfd: &OwnedFd) -> Result<OwnedFd> {
+    let io = |what: &str| Error::Io {
+        what: format!("{what} the memfd of region {region} (the shm fabric needs /proc mounted)"),
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: fchmod on a descriptor we own; no memory involved.
+    if unsafe { libc::fchmod(memfd.as_raw_fd(), 0o600) } != 0 {
+        return Err(io("restricting to its owner"));
+    }
+    let path =
+        std::ffi::CString::new(format!("/proc/self/fd/{}", memfd.as_raw_fd())).expect("no NUL in a path of digits");
+    // SAFETY: open with a NUL-terminated path we own; returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io("reopening read-only"));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn map_read_only(peer: NodeId, info: &RegionInfo, fd: &OwnedFd) -> Result<PeerMapping> {

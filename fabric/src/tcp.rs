@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::mesh::Conn;
+use crate::mesh::Link;
 use crate::peer::{wait_answers, Core, Handler, Peer};
 use crate::wire::{Frame, ReadFailure};
 use crate::{
@@ -56,7 +56,7 @@ impl Handler for Responders {
 impl TcpTransport {
     pub fn start(
         node: NodeId,
-        mut conns: BTreeMap<NodeId, Conn>,
+        mut conns: BTreeMap<NodeId, Link>,
         local: Vec<LocalRegion>,
         opts: &Options,
     ) -> Result<Self> {

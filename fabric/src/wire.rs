@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 
 /// Version of the fabric protocol (handshake, frames, page messages).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of every Hello: a peer that is not shoal fails here.
 pub const MAGIC: [u8; 8] = *b"SHOALFAB";
 /// Largest single read: 2 MiB (one fault-around block).
@@ -25,6 +25,14 @@ pub const MAX_POD_ID: usize = 64;
 pub const MAX_REASON: usize = 512;
 /// Most regions a node exposes.
 pub const MAX_REGIONS: usize = 64;
+/// Longest frame read before a connection is authenticated (`len` field):
+/// the largest Hello (kind, magic, version, backend, node, pod-id length,
+/// pod id, nonce, flags). Every version's Hello must fit, so that a node
+/// can always tell a peer's version.
+pub const MAX_HANDSHAKE_FRAME: usize = 1 + 8 + 2 + 1 + 4 + 1 + MAX_POD_ID + 32 + 1;
+/// Longest refusal reason sent during the handshake (a Refuse must fit in
+/// [`MAX_HANDSHAKE_FRAME`]); longer ones are cut.
+pub const MAX_HANDSHAKE_REASON: usize = MAX_HANDSHAKE_FRAME - 3;
 
 /// Why bytes are not a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +53,8 @@ pub enum WireError {
     Trailing { kind: &'static str, extra: usize },
     #[error("bad value {value} for {what}")]
     BadValue { what: &'static str, value: u64 },
+    #[error("a {0} frame before authentication")]
+    NotInHandshake(&'static str),
 }
 
 /// The first frame each side sends.
@@ -58,7 +68,13 @@ pub struct Hello {
     pub node: u32,
     pub pod_id: String,
     pub nonce: [u8; 32],
+    /// [`HELLO_AUTHENTICATED_FRAMES`] and future bits.
+    pub flags: u8,
 }
+
+/// Hello flag: the sender authenticates every frame after the handshake
+/// (both sides must agree).
+pub const HELLO_AUTHENTICATED_FRAMES: u8 = 1;
 
 /// A region a node exposes for remote reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +188,12 @@ const K_KEY_GRANT: u8 = 15;
 const K_GOODBYE: u8 = 16;
 
 impl Frame {
+    /// A refusal that fits in a handshake frame (the reason cut to
+    /// [`MAX_HANDSHAKE_REASON`] bytes).
+    pub fn handshake_refusal(reason: &str) -> Frame {
+        Frame::Refuse { reason: truncate_utf8(reason, MAX_HANDSHAKE_REASON).to_string() }
+    }
+
     /// A short name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -204,6 +226,7 @@ impl Frame {
                 w.u32(h.node);
                 w.str8(&h.pod_id);
                 w.bytes(&h.nonce);
+                w.u8(h.flags);
             }
             Frame::Auth { mac } => {
                 w.u8(K_AUTH);
@@ -299,6 +322,7 @@ impl Frame {
                         node: 0,
                         pod_id: String::new(),
                         nonce: [0; 32],
+                        flags: 0,
                     }));
                 }
                 let backend = r.u8("backend")?;
@@ -309,7 +333,11 @@ impl Frame {
                 }
                 let pod_id = r.string(pod_len, "pod id")?;
                 let nonce = r.array::<32>("nonce")?;
-                Frame::Hello(Hello { version, backend, node, pod_id, nonce })
+                let flags = r.u8("flags")?;
+                if flags & !HELLO_AUTHENTICATED_FRAMES != 0 {
+                    return Err(WireError::BadValue { what: "Hello flags", value: flags.into() });
+                }
+                Frame::Hello(Hello { version, backend, node, pod_id, nonce, flags })
             }
             K_AUTH => Frame::Auth { mac: r.array::<32>("mac")? },
             K_REFUSE => {
@@ -403,6 +431,9 @@ pub enum StreamError {
     Io(#[from] io::Error),
     #[error("malformed frame: {0}")]
     Wire(#[from] WireError),
+    /// An authenticated frame whose tag did not verify.
+    #[error("frame #{seq} failed authentication (altered, replayed or reordered on the way)")]
+    Forged { seq: u64 },
 }
 
 /// Reads one frame from a byte stream.
@@ -424,6 +455,77 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, StreamError> {
         Err(e) => return Err(e.into()),
     }
     Ok(Frame::decode(&body)?)
+}
+
+/// Reads one frame of the handshake (Hello, Auth or Refuse) from a
+/// connection that has not authenticated yet: the length is checked
+/// against [`MAX_HANDSHAKE_FRAME`] before anything else is read, the kind
+/// byte and a Hello's magic as soon as they arrive, and the frame lands in
+/// a buffer on the stack: whatever a client sends, the first byte that
+/// cannot begin a handshake frame ends the read, and nothing is allocated
+/// for it.
+pub fn read_handshake_frame(r: &mut impl Read) -> Result<Frame, StreamError> {
+    let mut len = [0u8; 4];
+    read_exact_or_closed(r, &mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_HANDSHAKE_FRAME {
+        return Err(WireError::TooLong { len, max: MAX_HANDSHAKE_FRAME }.into());
+    }
+    if len == 0 {
+        return Err(WireError::Empty.into());
+    }
+    let mut body = [0u8; MAX_HANDSHAKE_FRAME];
+    read_exact_or_closed(r, &mut body[..1])?;
+    match body[0] {
+        K_HELLO | K_AUTH | K_REFUSE => {}
+        other => {
+            return Err(match kind_name(other) {
+                Some(name) => WireError::NotInHandshake(name),
+                None => WireError::UnknownKind(other),
+            }
+            .into())
+        }
+    }
+    let mut at = 1;
+    if body[0] == K_HELLO && len > MAGIC.len() {
+        read_exact_or_closed(r, &mut body[1..1 + MAGIC.len()])?;
+        if body[1..1 + MAGIC.len()] != MAGIC {
+            let mut magic = [0u8; 8];
+            magic.copy_from_slice(&body[1..9]);
+            return Err(WireError::BadValue { what: "Hello magic", value: u64::from_le_bytes(magic) }.into());
+        }
+        at = 1 + MAGIC.len();
+    }
+    read_exact_or_closed(r, &mut body[at..len])?;
+    Ok(Frame::decode(&body[..len])?)
+}
+
+/// The name of a frame kind byte, None when it is no kind of ours.
+fn kind_name(kind: u8) -> Option<&'static str> {
+    Some(match kind {
+        K_HELLO => "Hello",
+        K_AUTH => "Auth",
+        K_REFUSE => "Refuse",
+        K_REGIONS => "Regions",
+        K_VERBS => "Verbs",
+        K_READY => "Ready",
+        K_MESSAGE => "Message",
+        K_READ_REQUEST => "ReadRequest",
+        K_READ_DATA => "ReadData",
+        K_READ_ERROR => "ReadError",
+        K_KEY_REQUEST => "KeyRequest",
+        K_KEY_GRANT => "KeyGrant",
+        K_GOODBYE => "Goodbye",
+        _ => return None,
+    })
+}
+
+fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), StreamError> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(StreamError::Closed),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes one frame to a byte stream.
@@ -518,6 +620,7 @@ mod tests {
                 node: 7,
                 pod_id: "pod-é".into(),
                 nonce: [9; 32],
+                flags: HELLO_AUTHENTICATED_FRAMES,
             }),
             Frame::Auth { mac: [3; 32] },
             Frame::Refuse { reason: "wrong pod secret".into() },
@@ -572,6 +675,73 @@ mod tests {
         assert_eq!(Frame::decode(&[]), Err(WireError::Empty));
         assert_eq!(Frame::decode(&[200]), Err(WireError::UnknownKind(200)));
         assert!(matches!(Frame::decode(&[K_READY, 0]), Err(WireError::Trailing { .. })));
+    }
+
+    /// A reader that counts what was taken from it.
+    struct Counting<'a> {
+        bytes: &'a [u8],
+        taken: usize,
+    }
+
+    impl Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.bytes.len() - self.taken);
+            buf[..n].copy_from_slice(&self.bytes[self.taken..self.taken + n]);
+            self.taken += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_handshake_frame_over_the_bound_is_refused_without_reading_it() {
+        // a 2 MiB frame is fine after authentication, not before it
+        let mut big = ((MAX_FRAME) as u32).to_le_bytes().to_vec();
+        big.extend(std::iter::repeat_n(0u8, 64));
+        let mut r = Counting { bytes: &big, taken: 0 };
+        let e = read_handshake_frame(&mut r).unwrap_err();
+        assert!(matches!(e, StreamError::Wire(WireError::TooLong { max: MAX_HANDSHAKE_FRAME, .. })), "{e}");
+        assert_eq!(r.taken, 4, "only the length prefix was read");
+        // one byte over the largest Hello
+        let mut r = Counting { bytes: &((MAX_HANDSHAKE_FRAME + 1) as u32).to_le_bytes(), taken: 0 };
+        assert!(matches!(read_handshake_frame(&mut r), Err(StreamError::Wire(WireError::TooLong { .. }))));
+        // the largest Hello fits, exactly
+        let hello = Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            backend: 2,
+            node: 1,
+            pod_id: "p".repeat(MAX_POD_ID),
+            nonce: [0; 32],
+            flags: 1,
+        });
+        let bytes = hello.encode();
+        assert_eq!(bytes.len(), 4 + MAX_HANDSHAKE_FRAME);
+        assert_eq!(read_handshake_frame(&mut std::io::Cursor::new(bytes)).unwrap(), hello);
+    }
+
+    #[test]
+    fn a_handshake_read_stops_at_the_first_bad_byte() {
+        // HTTP, say: its first four bytes make a length far over the bound
+        let mut r = Counting { bytes: b"GET / HTTP/1.1\r\n\r\n", taken: 0 };
+        assert!(read_handshake_frame(&mut r).is_err());
+        assert_eq!(r.taken, 4);
+        // a plausible length, then a kind that is no handshake frame
+        let mut r = Counting { bytes: &[20, 0, 0, 0, K_READ_DATA, 1, 2, 3], taken: 0 };
+        let e = read_handshake_frame(&mut r).unwrap_err();
+        assert!(matches!(e, StreamError::Wire(WireError::NotInHandshake("ReadData"))), "{e}");
+        assert_eq!(r.taken, 5);
+        let mut r = Counting { bytes: &[20, 0, 0, 0, 99, 1, 2, 3], taken: 0 };
+        assert!(matches!(read_handshake_frame(&mut r), Err(StreamError::Wire(WireError::UnknownKind(99)))));
+        assert_eq!(r.taken, 5);
+        // a Hello whose magic is wrong: stops after the magic
+        let mut bad = samples()[0].encode();
+        bad[5] = b'X';
+        let mut r = Counting { bytes: &bad, taken: 0 };
+        assert!(read_handshake_frame(&mut r).is_err());
+        assert_eq!(r.taken, 4 + 1 + 8);
+        // a refusal is cut to fit
+        let long = Frame::handshake_refusal(&"é".repeat(400));
+        assert!(long.encode().len() <= 4 + MAX_HANDSHAKE_FRAME);
+        assert!(read_handshake_frame(&mut std::io::Cursor::new(long.encode())).is_ok());
     }
 
     #[test]

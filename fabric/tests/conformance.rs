@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use shoal_fabric::wire::{decode_prefixed, Frame, Hello};
-use shoal_fabric::{bind, Error, Identity, Incoming, Kind, ReadOp, Transport, MAX_MESSAGE, MAX_READ};
+use shoal_fabric::{bind, Error, Identity, Incoming, Kind, ReadOp, Transport, MAX_MESSAGE, MAX_READ, PROTOCOL_VERSION};
 
 /// The child-process entry point: a no-op unless SHOAL_FABRIC_CHILD is set.
 #[test]
@@ -184,16 +184,19 @@ fn messages_arrive_in_order(kind: Kind) {
 }
 
 fn wrong_secret_is_refused(kind: Kind) {
-    // the dialer (node 1) is refused at once; the listener keeps waiting
-    // for a proper node 1 and then names the refusal
+    // neither side lets a connection that did not authenticate end its
+    // join: both keep waiting for a proper peer, then name the refusal
     let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(3), ..quick_options() };
     let results = pod_with(kind, 2, &[b"right", b"wrong"], opts);
     let e0 = results[0].0.as_ref().err().unwrap_or_else(|| panic!("{kind}: node 0 joined a node with a wrong secret"));
     assert!(matches!(e0, Error::JoinTimeout { .. }), "{kind}: node 0: {e0}");
     assert!(e0.to_string().contains("authentication with node 1 failed: wrong pod secret"), "{kind}: node 0: {e0}");
     let e1 = results[1].0.as_ref().err().unwrap_or_else(|| panic!("{kind}: node 1 joined with a wrong secret"));
-    assert!(matches!(e1, Error::Refused { peer: Some(0), .. }), "{kind}: node 1: {e1}");
-    assert!(e1.to_string().contains("wrong pod secret"), "{kind}: node 1: {e1}");
+    assert!(matches!(e1, Error::JoinTimeout { .. }), "{kind}: node 1: {e1}");
+    assert!(
+        e1.to_string().contains("node 0 refused us: authentication failed: wrong pod secret"),
+        "{kind}: node 1: {e1}"
+    );
 }
 
 /// A peer speaking another protocol version is refused before anything
@@ -214,8 +217,14 @@ fn version_mismatch_is_refused(kind: Kind) {
         shoal_fabric::Addr::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p).unwrap()),
         shoal_fabric::Addr::Tcp(a) => Box::new(std::net::TcpStream::connect(a).unwrap()),
     };
-    let hello =
-        Frame::Hello(Hello { version: 99, backend: kind as u8, node: 1, pod_id: "test-pod".into(), nonce: [1; 32] });
+    let hello = Frame::Hello(Hello {
+        version: 99,
+        backend: kind as u8,
+        node: 1,
+        pod_id: "test-pod".into(),
+        nonce: [1; 32],
+        flags: 0,
+    });
     sock.write_all(&hello.encode()).unwrap();
     let mut got = Vec::new();
     let _ = sock.read_to_end(&mut got);
@@ -228,7 +237,10 @@ fn version_mismatch_is_refused(kind: Kind) {
     assert!(matches!(frames.first(), Some(Frame::Hello(_))), "{kind}: {frames:?}");
     match frames.get(1) {
         Some(Frame::Refuse { reason }) => {
-            assert!(reason.contains("version 99") && reason.contains("speaks 1"), "{kind}: {reason}")
+            assert!(
+                reason.contains("version 99") && reason.contains(&format!("speaks {PROTOCOL_VERSION}")),
+                "{kind}: {reason}"
+            )
         }
         other => panic!("{kind}: expected a Refuse, got {other:?}"),
     }
@@ -237,7 +249,8 @@ fn version_mismatch_is_refused(kind: Kind) {
     // names the refusal when it gives up
     let e = node0.join().unwrap().unwrap_err();
     assert!(matches!(e, Error::JoinTimeout { .. }), "{kind}: {e}");
-    assert!(e.to_string().contains("speaks fabric protocol version 99, this node speaks 1"), "{kind}: {e}");
+    let says = format!("speaks fabric protocol version 99, this node speaks {PROTOCOL_VERSION}");
+    assert!(e.to_string().contains(&says), "{kind}: {e}");
 }
 
 trait ReadWrite: Read + Write {}
@@ -381,6 +394,134 @@ fn shm_refuses_a_memfd_that_could_shrink() {
     let e1 = r1.unwrap_err();
     assert!(e1.to_string().contains("not sealed against shrinking"), "{e1}");
     assert!(t.join().unwrap().is_err(), "node 0 cannot complete the join either");
+}
+
+/// A peer of the shm backend receives a descriptor it cannot map
+/// writable, and its read-only mapping cannot be made writable: no peer
+/// can write our memory.
+#[test]
+fn shm_peers_cannot_write_our_memory() {
+    use std::os::fd::AsRawFd;
+    // a peer played by hand: it takes the descriptor node 0 hands it
+    let dir = scratch("read-only-fd");
+    let b0 = bind(Kind::Shm, &test_addr(Kind::Shm, &dir, 0)).unwrap();
+    let shoal_fabric::Addr::Unix(path0) = b0.local_addr().clone() else { unreachable!() };
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(5), ..quick_options() };
+    let node0 = std::thread::spawn(move || {
+        let m = Memory::new(0, REGION);
+        let id = Identity { node: 0, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+        b0.join(id, &[(1, test_addr(Kind::Shm, &dir, 1))], vec![m.region()], opts).map(|_| ())
+    });
+    let mut s = std::os::unix::net::UnixStream::connect(&path0).unwrap();
+    let id1 = Identity { node: 1, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    let mut session = shoal_fabric::auth::handshake(&mut s, &id1, Kind::Shm, Some(0), true).unwrap();
+    session.sealer.write_frame(&mut s, &Frame::Regions(Vec::new())).unwrap();
+    assert!(matches!(session.opener.read_frame(&mut s).unwrap(), Frame::Regions(r) if r.len() == 1));
+    let fds = recv_fds(s.as_raw_fd()).unwrap();
+    assert_eq!(fds.len(), 1, "one region, one descriptor");
+    let fd = fds[0].as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY, "the peer's descriptor is read-only");
+    let len = REGION as usize;
+    // SAFETY: a new mapping at an address the kernel picks (unmapped below
+    // if the kernel allowed it, which is the failure this test catches).
+    let rw =
+        unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    let err = std::io::Error::last_os_error();
+    if rw != libc::MAP_FAILED {
+        // SAFETY: the mapping just made.
+        unsafe { libc::munmap(rw, len) };
+    }
+    assert_eq!(rw, libc::MAP_FAILED, "mmap(PROT_WRITE, MAP_SHARED) of the peer's descriptor must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    // SAFETY: a new read-only mapping, as the shm backend makes.
+    let ro = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+    assert_ne!(ro, libc::MAP_FAILED);
+    // SAFETY: changes the protection of the mapping just made.
+    let r = unsafe { libc::mprotect(ro, len, libc::PROT_READ | libc::PROT_WRITE) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping just made.
+    unsafe { libc::munmap(ro, len) };
+    assert_eq!(r, -1, "mprotect(PROT_WRITE) of a read-only mapping of the peer's descriptor must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    drop((s, fds));
+    assert!(node0.join().unwrap().is_err(), "the hand-played peer never said Ready");
+
+    // and the mapping a real peer made: node 1's mapping of node 0's memory
+    let (ts, mem) = pod(Kind::Shm, 2);
+    let theirs: Vec<_> =
+        mappings_of(inode(&mem[0].fd)).into_iter().filter(|(_, _, perms)| perms.starts_with("r--s")).collect();
+    assert_eq!(theirs.len(), 1, "node 1 maps node 0's memory once, read-only: {theirs:?}");
+    let (at, len, _) = theirs[0];
+    // SAFETY: asks to make node 1's read-only mapping writable; put back at
+    // once if the kernel allowed it (the failure this test catches).
+    let r = unsafe { libc::mprotect(at as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE) };
+    let err = std::io::Error::last_os_error();
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::mprotect(at as *mut libc::c_void, len, libc::PROT_READ) };
+    }
+    assert_eq!(r, -1, "mprotect(PROT_WRITE) of node 1's mapping of node 0's memory must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert_eq!(read_one(&*ts[1], 0, 0, 4096).unwrap(), expected(0, 0, 4096), "and reads still work");
+}
+
+/// A man in the middle flips one bit of what node 0 sends node 1 after
+/// the handshake: node 1 refuses the frame (it fails authentication) and
+/// disconnects node 0, naming it; no read returns the altered bytes.
+#[test]
+fn tcp_frames_altered_in_flight_are_refused() {
+    let dir = scratch("tamper");
+    let b0 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 0)).unwrap();
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
+    let shoal_fabric::Addr::Tcp(real0) = b0.local_addr().clone() else { unreachable!() };
+    let a1 = b1.local_addr().clone();
+    // past the handshake and setup (a few hundred bytes), inside the page
+    // data of node 1's 13th 4 KiB read
+    let via = flipping_proxy(real0, 50_000);
+    let id = |n| Identity { node: n, pod_id: "test-pod".into(), secret: b"pod secret".to_vec() };
+    let t0 = std::thread::spawn(move || {
+        let m = Memory::new(0, REGION);
+        (b0.join(id(0), &[(1, a1)], vec![m.region()], quick_options()).unwrap(), m)
+    });
+    let m1 = Memory::new(1, REGION);
+    let t1 = b1.join(id(1), &[(0, shoal_fabric::Addr::Tcp(via))], vec![m1.region()], quick_options()).unwrap();
+    let (_t0, _m0) = t0.join().unwrap();
+    let mut failure = None;
+    for page in 0..64u64 {
+        match read_one(&*t1, 0, page * 4096, 4096) {
+            Ok(bytes) => assert!(bytes == expected(0, page * 4096, 4096), "read {page} returned altered bytes"),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failure.expect("the altered frame was accepted");
+    assert!(matches!(e, Error::PeerGone { peer: 0, .. } | Error::Protocol { peer: 0, .. }), "{e}");
+    assert!(e.to_string().contains("failed authentication"), "{e}");
+    match t1.recv(Duration::from_secs(5)).unwrap() {
+        Some(Incoming::PeerGone { node: 0, reason }) => assert!(reason.contains("failed authentication"), "{reason}"),
+        other => panic!("expected node 0 gone, got {other:?}"),
+    }
+}
+
+/// Frame authentication off (the default) on both sides: the pod joins
+/// and reads and messages work on plain frames.
+#[test]
+fn tcp_works_with_frames_not_authenticated() {
+    let opts = shoal_fabric::Options { authenticate_frames: false, ..quick_options() };
+    let mut nodes = pod_with(Kind::Tcp, 2, &[b"pod secret", b"pod secret"], opts);
+    let (t1, _m1) = nodes.pop().unwrap();
+    let (t0, _m0) = nodes.pop().unwrap();
+    let (t0, t1) = (t0.unwrap(), t1.unwrap());
+    assert_eq!(read_one(&*t1, 0, 8192, 4096).unwrap(), expected(0, 8192, 4096));
+    t0.send(1, b"plain").unwrap();
+    match t1.recv(Duration::from_secs(5)).unwrap() {
+        Some(Incoming::Message { from: 0, payload }) => assert_eq!(payload, b"plain"),
+        other => panic!("{other:?}"),
+    }
 }
 
 macro_rules! suite {

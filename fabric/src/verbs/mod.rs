@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::mesh::Conn;
+use crate::mesh::Link;
 use crate::peer::{stream_error, wait_answers, Core, Counters, Handler, Peer};
-use crate::wire::{read_frame, write_frame, Frame, ReadFailure, VerbsEndpoint, MAX_MESSAGE};
+use crate::wire::{Frame, ReadFailure, VerbsEndpoint, MAX_MESSAGE};
 use crate::{
     check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, Result, Sink, Stats, Transport,
 };
@@ -259,7 +259,7 @@ impl SendSide {
 impl VerbsTransport {
     pub fn start(
         node: NodeId,
-        mut conns: BTreeMap<NodeId, Conn>,
+        mut conns: BTreeMap<NodeId, Link>,
         local: Vec<LocalRegion>,
         opts: &Options,
     ) -> Result<Self> {
@@ -291,6 +291,7 @@ impl VerbsTransport {
                 (Some(i), _) => i,
                 (None, true) => {
                     let ip = conn
+                        .conn
                         .local_ip()
                         .ok_or_else(|| Error::Config("verbs needs TCP addresses to find its GID".into()))?;
                     find_gid(&ctx, port, pinfo.gid_tbl_len, ip)?
@@ -308,12 +309,12 @@ impl VerbsTransport {
         let regions = Core::exchange_regions(&mut conns, &local)?;
         for (id, c) in conns.iter_mut() {
             let me = setup[id].3;
-            write_frame(c, &Frame::Verbs(me))
+            c.write_frame(&Frame::Verbs(me))
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("sending queue-pair details: {e}") })?;
         }
         let mut peers = BTreeMap::new();
         for (id, c) in conns.iter_mut() {
-            let remote = match read_frame(c) {
+            let remote = match c.read_frame() {
                 Ok(Frame::Verbs(v)) => v,
                 Ok(other) => {
                     return Err(Error::Protocol { peer: *id, reason: format!("expected Verbs, got {}", other.name()) })

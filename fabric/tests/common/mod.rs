@@ -142,8 +142,16 @@ pub fn test_addr(kind: Kind, dir: &std::path::Path, node: NodeId) -> Addr {
     }
 }
 
+/// Options of the test nodes: short bounds, and frames authenticated (off
+/// by default) so that the suite runs every backend through the tagged
+/// framing.
 pub fn quick_options() -> Options {
-    Options { join_timeout: Duration::from_secs(20), io_timeout: Duration::from_secs(2), ..Options::default() }
+    Options {
+        join_timeout: Duration::from_secs(20),
+        io_timeout: Duration::from_secs(2),
+        authenticate_frames: true,
+        ..Options::default()
+    }
 }
 
 /// A pod of `n` nodes in threads of this process. `secrets[i]` is node
@@ -370,4 +378,101 @@ pub fn child_main(spec: &str) {
     }
     t.shutdown();
     drop(mem);
+}
+
+/// Receives the descriptors of one SCM_RIGHTS message (and its one byte),
+/// as a peer of the shm backend does.
+pub fn recv_fds(sock: std::os::fd::RawFd) -> std::io::Result<Vec<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut cbuf = [0u64; 64];
+    // SAFETY: plain data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: every buffer `msg` points to is ours and sized as declared.
+    if unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    // SAFETY: the CMSG macros walk what the kernel wrote into `cbuf`; each
+    // descriptor it installed is ours to own once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+                let n = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..n {
+                    out.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(out)
+}
+
+/// The inode of an open descriptor.
+pub fn inode(fd: &OwnedFd) -> u64 {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::from(fd.as_fd().try_clone_to_owned().unwrap());
+    f.metadata().unwrap().ino()
+}
+
+/// The mappings of this process of the file with inode `ino`: (start,
+/// length, permissions as /proc/self/maps shows them).
+pub fn mappings_of(ino: u64) -> Vec<(usize, usize, String)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 || f[4].parse::<u64>().ok()? != ino {
+                return None;
+            }
+            let (a, b) = f[0].split_once('-')?;
+            let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+            Some((a, b - a, f[1].to_string()))
+        })
+        .collect()
+}
+
+/// A man in the middle for one tcp connection: listens on a fresh port,
+/// forwards the first connection it accepts to `target` and back, and
+/// flips the lowest bit of the byte at offset `flip_at` of what `target`
+/// sends. Returns the address to dial instead of `target`.
+pub fn flipping_proxy(target: SocketAddr, flip_at: u64) -> SocketAddr {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (client, _) = l.accept().unwrap();
+        let server = std::net::TcpStream::connect(target).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut s2);
+            let _ = s2.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut from, mut to) = (server, client);
+        let mut at = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (at..at + n as u64).contains(&flip_at) {
+                buf[(flip_at - at) as usize] ^= 1;
+            }
+            at += n as u64;
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    addr
 }

@@ -1,0 +1,152 @@
+//! What connections that never authenticate can do to a joining node:
+//! hold at most `MAX_PENDING_HANDSHAKES` handshakes (threads), send no
+//! more than a Hello's worth of bytes before they are dropped, and never
+//! end a join that an honest peer completes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use shoal_fabric::wire::{read_handshake_frame, write_frame, Frame, MAX_FRAME};
+use shoal_fabric::{bind, Addr, Identity, Kind, MAX_PENDING_HANDSHAKES};
+
+/// The child-process entry point: a no-op unless SHOAL_FABRIC_CHILD is set.
+#[test]
+fn child_entry() {
+    if let Ok(spec) = std::env::var("SHOAL_FABRIC_CHILD") {
+        child_main(&spec);
+    }
+}
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+fn id(node: u32, secret: &[u8]) -> Identity {
+    Identity { node, pod_id: "test-pod".into(), secret: secret.to_vec() }
+}
+
+/// 48 connections that never authenticate (32 silent, 8 sending junk, 8
+/// with the wrong secret) are open while node 0 joins: its threads stay
+/// within the cap on pending handshakes, and the honest node 1 still joins.
+#[test]
+fn a_join_completes_while_bogus_connections_hold_every_slot() {
+    let mut child = ChildNode::start(Kind::Tcp, 0, "127.0.0.1:0", "serve", None);
+    let pid = child.child.id();
+    let addr0: SocketAddr = child.addr.parse().unwrap();
+    let baseline = threads_of(pid);
+    let dir = scratch("bogus");
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
+    let a1 = b1.local_addr().to_string();
+    child.send_peers(&[(1, a1)]);
+
+    let mut held = Vec::new();
+    let mut wrong = Vec::new();
+    for i in 0..48 {
+        match i % 6 {
+            0..=3 => held.push(TcpStream::connect(addr0).unwrap()),
+            4 => {
+                let mut s = TcpStream::connect(addr0).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: shoal\r\n\r\n").unwrap();
+                held.push(s);
+            }
+            _ => wrong.push(std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr0).unwrap();
+                shoal_fabric::auth::handshake(&mut s, &id(1, b"a guess"), Kind::Tcp, Some(0), true).map(|_| ())
+            })),
+        }
+    }
+    // node 0 is accepting them all now: watch its threads
+    let bound = baseline + MAX_PENDING_HANDSHAKES + 2;
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        most = most.max(threads_of(pid));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        most <= bound,
+        "node 0 ran {most} threads with 48 unauthenticated connections open ({baseline} before; the cap is \
+         {MAX_PENDING_HANDSHAKES} handshakes, plus 2 for threads that are ending)"
+    );
+    for w in wrong {
+        let e = w.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("wrong pod secret"), "{e}");
+    }
+
+    // the honest node 1 joins while the silent connections are still open.
+    // They would hold node 0's handshake slots for 10 s (its handshake
+    // bound): joining within 5 s takes the cut of the oldest handshake.
+    let mem = Memory::new(1, REGION);
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(5), ..quick_options() };
+    let t = b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], opts);
+    let t = t.unwrap_or_else(|e| panic!("node 1 could not join beside the bogus connections: {e}"));
+    assert_eq!(child.line(), "JOINED", "node 0 joined too");
+    assert!(t.peers() == vec![0]);
+    drop(held);
+}
+
+/// Before authentication a frame is at most a Hello: a client that
+/// announces a 1 MiB frame (fine after authentication) is disconnected at
+/// once, without node 0 waiting for or allocating the megabyte; then the
+/// honest node 1 joins.
+#[test]
+fn a_preauth_frame_over_the_bound_is_dropped_at_once() {
+    let dir = scratch("preauth-bound");
+    let b0 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 0)).unwrap();
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
+    let (a0, a1) = (b0.local_addr().clone(), b1.local_addr().clone());
+    let Addr::Tcp(sa0) = a0.clone() else { unreachable!() };
+    let node0 = std::thread::spawn(move || {
+        let mem = Memory::new(0, REGION);
+        b0.join(id(0, b"pod secret"), &[(1, a1)], vec![mem.region()], quick_options()).map(|t| t.peers())
+    });
+    let mut s = TcpStream::connect(sa0).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(matches!(read_handshake_frame(&mut s).unwrap(), Frame::Hello(_)), "node 0 says Hello first");
+    let claim = (1u32 << 20).to_le_bytes();
+    const { assert!(1 << 20 <= MAX_FRAME, "a length a frame may have after authentication") };
+    s.write_all(&claim).unwrap();
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let r = s.read_to_end(&mut rest);
+    // closed (EOF) or reset: either way not left waiting for the megabyte
+    match r {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("node 0 kept the connection open after a 1 MiB pre-auth length ({e}, {:?})", start.elapsed()),
+    }
+    let mem = Memory::new(1, REGION);
+    let t1 = b1.join(id(1, b"pod secret"), &[(0, a0)], vec![mem.region()], quick_options());
+    assert_eq!(t1.unwrap().peers(), vec![0]);
+    assert_eq!(node0.join().unwrap().unwrap(), vec![1], "the bogus client did not end node 0's join");
+}
+
+/// Whatever answers the address of the node we dial first refuses us
+/// (anyone can send a Refuse before authentication); the real node 0 then
+/// listens there. The dialing node keeps trying and joins.
+#[test]
+fn a_refusal_before_authentication_does_not_end_a_dialers_join() {
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr0 = squatter.local_addr().unwrap();
+    let dir = scratch("squatter");
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
+    let a1 = b1.local_addr().clone();
+    let node1 = std::thread::spawn(move || {
+        let mem = Memory::new(1, REGION);
+        b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], quick_options()).map(|t| t.peers())
+    });
+    let (mut s, _) = squatter.accept().unwrap();
+    assert!(matches!(read_handshake_frame(&mut s).unwrap(), Frame::Hello(_)));
+    write_frame(&mut s, &Frame::Refuse { reason: "authentication failed: wrong pod secret".into() }).unwrap();
+    drop((s, squatter));
+    let b0 = bind(Kind::Tcp, &Addr::Tcp(addr0)).unwrap();
+    let mem = Memory::new(0, REGION);
+    let t0 = b0.join(id(0, b"pod secret"), &[(1, a1)], vec![mem.region()], quick_options());
+    assert_eq!(t0.unwrap().peers(), vec![1]);
+    let r1 = node1.join().unwrap();
+    assert_eq!(r1.unwrap_or_else(|e| panic!("node 1 gave up: {e}")), vec![0]);
+}
