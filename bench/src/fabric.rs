@@ -482,6 +482,7 @@ pub fn read_floor_us(kind: Kind) -> anyhow::Result<f64> {
         rounds: 1,
         gid_index: None,
         print_json: false,
+        auth_rounds: 1,
     };
     Ok(measure(kind, &args)?.lat_us_p50)
 }
