@@ -146,6 +146,11 @@ struct RunArgs {
     /// Seconds the pod's nodes may take to join.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     join_timeout: f64,
+    /// Authenticate every fabric frame after the handshake (HMAC-SHA256
+    /// with per-connection keys): off by default, it halves tcp's batched
+    /// read throughput (bench/results/fabric.md).
+    #[arg(long, value_name = "on|off", default_value = "off")]
+    frame_auth: OnOff,
     /// Seconds a pod's node may stay silent (every node beats every
     /// 250 ms) before the pod counts it as hung and ends.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.5)]
@@ -290,6 +295,7 @@ fn run(args: RunArgs) -> ExitCode {
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
             liveness_timeout: Some(args.liveness_timeout),
+            frame_auth: Some(args.frame_auth == OnOff::On),
             ..Default::default()
         };
         return run_local_pod(&config, &file, kind, join_timeout, liveness, args.metrics_json.as_deref());
@@ -378,7 +384,11 @@ fn run_local_pod(
     }
     let peers: Vec<(u32, Addr)> = addrs.iter().cloned().enumerate().skip(1).map(|(i, a)| (i as u32, a)).collect();
     let id = shoal_fabric::Identity { node: 0, pod_id: file.pod_id.clone(), secret };
-    let opts = shoal_fabric::Options { join_timeout, ..Default::default() };
+    let opts = shoal_fabric::Options {
+        join_timeout,
+        authenticate_frames: file.frame_auth.unwrap_or(false),
+        ..Default::default()
+    };
     let transport = match binding.join(id, &peers, vec![region], opts) {
         Ok(t) => t,
         Err(e) => return host(format!("joining the pod: {e}")),
@@ -436,7 +446,11 @@ fn node(args: NodeArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_HOST, e.to_string()),
     };
-    let opts = shoal_fabric::Options { join_timeout, ..Default::default() };
+    let opts = shoal_fabric::Options {
+        join_timeout,
+        authenticate_frames: file.frame_auth.unwrap_or(false),
+        ..Default::default()
+    };
     let transport: Arc<dyn shoal_fabric::Transport> =
         match launch::join(kind, &placement, &file.pod_id, secret, region, opts) {
             Ok(t) => Arc::from(t),

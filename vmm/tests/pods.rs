@@ -405,3 +405,24 @@ fn a_pod_spans_two_network_namespaces_over_tcp() {
     assert!(node1_pulled > 0, "{m}");
     assert_eq!(node1_pulled, get(&ns_metrics[0], "pages_evicted"), "{m}");
 }
+
+/// With --frame-auth on every frame after the handshake carries a MAC:
+/// the pod runs as without it, pages crossing tcp intact.
+#[test]
+fn a_pod_with_authenticated_frames_runs_over_tcp() {
+    if !kvm_or_skip("pod frame auth") {
+        return;
+    }
+    let r = shoal(
+        &["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=12 seed=9", "--nodes", "2"]
+            .into_iter()
+            .chain(["--fabric", "tcp", "--node-memory", "8M", "--frame-auth", "on", "--migration", "off"])
+            .collect::<Vec<_>>(),
+        LIMIT,
+    );
+    r.expect_status(0);
+    assert_eq!(printed_checksum(&r.stdout), expected_checksum(12, 9));
+    let ns = nodes(&r);
+    assert!(get(&ns[1], "remote_fetches") > 0, "{ns:?}");
+    assert_eq!(get(&ns[1], "remote_fetches"), get(&ns[0], "pages_evicted"), "{ns:?}");
+}

@@ -63,6 +63,9 @@ pub struct PodFile {
     /// Seconds a node may stay silent before the pod counts it as hung
     /// (default 1.5).
     pub liveness_timeout: Option<f64>,
+    /// Authenticate every fabric frame after the handshake (default
+    /// false; every node must agree).
+    pub frame_auth: Option<bool>,
 }
 
 impl PodFile {
