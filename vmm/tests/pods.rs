@@ -426,3 +426,64 @@ fn a_pod_with_authenticated_frames_runs_over_tcp() {
     assert!(get(&ns[1], "remote_fetches") > 0, "{ns:?}");
     assert_eq!(get(&ns[1], "remote_fetches"), get(&ns[0], "pages_evicted"), "{ns:?}");
 }
+
+/// The read-write mappings of a process's guest memfd (the guest view and
+/// the alias view), from /proc/PID/maps.
+fn guest_ram_mappings(pid: u32) -> Vec<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| {
+            l.contains("memfd:shoal-guest-ram") && l.split_whitespace().nth(1).is_some_and(|p| p.starts_with("rw"))
+        })
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+        })
+        .collect()
+}
+
+/// A page the node holds can lose its mapping in the guest view while
+/// staying in the memfd (the kernel swapping shmem out, or reclaiming it:
+/// `MADV_PAGEOUT` does that even without swap). The guest's next touch is
+/// a minor fault on a page the engine holds: it must map it again, not
+/// only wake the vCPU (which would fault again forever).
+#[test]
+fn pages_paged_out_of_the_guest_view_are_mapped_again() {
+    if !kvm_or_skip("pod pageout") {
+        return;
+    }
+    let mut child = Command::new(shoal_bin())
+        .args(["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=24 seed=2", "--nodes", "2"])
+        .args(["--fabric", "shm", "--migration", "off"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // SAFETY: pidfd_open on our child; the descriptor is closed below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    let start = Instant::now();
+    let mut rounds = 0;
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < LIMIT, "the pod did not end (a vCPU faulting forever on a paged-out page?)");
+        for (a, b) in guest_ram_mappings(pid) {
+            let iov = libc::iovec { iov_base: a as *mut libc::c_void, iov_len: (b - a) as usize };
+            // SAFETY: process_madvise reads one iovec we own; MADV_PAGEOUT
+            // only drops the child's page-table entries (the memfd keeps
+            // every page).
+            unsafe { libc::syscall(libc::SYS_process_madvise, pidfd, &iov as *const libc::iovec, 1, 21, 0) };
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(pidfd) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("memtouch: verified 6144 pages"), "{stdout}");
+    assert_eq!(printed_checksum(&stdout), expected_checksum(24, 2));
+    assert!(rounds > 3, "paged out only {rounds} times");
+}
