@@ -219,4 +219,10 @@ fn linux_kernels_with_bad_input() {
         &["run", "--guest", "hello", "--initrd", big.to_str().unwrap(), "--memory", "64M"],
         "--initrd needs a Linux kernel",
     );
+    // a Linux guest runs its vCPUs on node 0 (for now), refused before
+    // any node starts
+    refused(
+        &["run", "--kernel", &k, "--memory", "256M", "--cpus", "2", "--nodes", "2", "--placement", "0,1"],
+        "a Linux guest runs every vCPU on node 0 for now",
+    );
 }
