@@ -68,7 +68,7 @@ pub const GUESTS: &[Guest] = &[
     },
     Guest {
         name: "touch",
-        summary: "writes one word in every page of mib MiB and reports the first-touch time (the fault benchmark)",
+        summary: "writes one word in every page of mib MiB and reports the first-touch time (the fault benchmark); every vCPU touches its own mib MiB",
         params: &[MIB],
         elf: elf!("touch"),
     },

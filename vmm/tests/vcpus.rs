@@ -328,3 +328,30 @@ fn a_hung_node_with_vcpus_is_named_within_two_seconds() {
         assert!(took < Duration::from_secs(3), "{fabric}: ended {took:?} after the hang: {line}");
     }
 }
+
+/// Dormant pages stay free with vCPUs on every node: each of three vCPUs,
+/// one per node, first-touches its own 8 MiB; every node zero-fills its
+/// slice locally, and only the few pages with contents (code, boot data,
+/// the guest's shared report page) cross the fabric.
+#[test]
+fn first_touches_on_every_node_send_no_dormant_page() {
+    if !kvm_or_skip("vcpus touch") {
+        return;
+    }
+    let r = shoal(
+        &["run", "--guest", "touch", "--memory", "128M", "--cmdline", "mib=8", "--cpus", "3", "--nodes", "3"]
+            .into_iter()
+            .chain(["--fabric", "tcp", "--migration", "off"])
+            .collect::<Vec<_>>(),
+        LIMIT,
+    );
+    r.expect_status(0);
+    assert!(r.stdout.contains("touch: vcpus=3 pages=6144") && r.stdout.contains("bad=0"), "{}", r.stdout);
+    let ns = nodes(&r);
+    for n in &ns {
+        assert!(get(n, "pages_zero_filled") >= 2048, "each node zero-filled its own slice: {n}");
+        assert_eq!(get(n, "bytes_fabric_read"), 4096 * get(n, "remote_fetches"), "{n}");
+    }
+    // 6144 pages touched; what crossed is the handful with contents
+    assert!(r.metric("remote_fetches") <= 32, "{ns:?}");
+}
