@@ -96,6 +96,30 @@ pub fn placement(cpus: u32, nodes: u32, explicit: &[u32]) -> Result<Vec<u32>> {
     Ok(explicit.to_vec())
 }
 
+/// The largest file shoal reads as a guest image or initramfs.
+pub const MAX_INPUT_FILE: u64 = 1 << 30;
+
+/// Reads an input file (a guest image, an initramfs, a secret) of at most
+/// `max` bytes: a directory, a device (`/dev/zero` would never end) or a
+/// bigger file is an error, not an unbounded read.
+pub fn read_input_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!("{} bytes, more than shoal reads ({max})", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!("it grew past {max} bytes while read")));
+    }
+    Ok(bytes)
+}
+
 /// Finds an embedded guest by name.
 pub fn find_guest(name: &str) -> Result<&'static Guest> {
     shoal_guest_images::find(name).ok_or_else(|| Error::UnknownGuest {

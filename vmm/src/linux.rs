@@ -217,7 +217,9 @@ pub fn load(
     let initrd = match initrd {
         Some(path) => {
             let p = path.display().to_string();
-            Some((p.clone(), std::fs::read(path).map_err(|source| Error::Initrd { path: p, source })?))
+            let bytes = crate::config::read_input_file(path, crate::config::MAX_INPUT_FILE)
+                .map_err(|source| Error::Initrd { path: p.clone(), source })?;
+            Some((p, bytes))
         }
         None => None,
     };

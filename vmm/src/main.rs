@@ -23,6 +23,10 @@ const EXIT_VM_FAILED: u8 = 70;
 const EXIT_TIMEOUT: u8 = 124;
 /// Exit status after SIGINT/SIGTERM.
 const EXIT_INTERRUPTED: u8 = 130;
+/// Most node processes `shoal run --nodes` starts on this host.
+const MAX_LOCAL_NODES: u32 = 64;
+/// Most fault-handler threads.
+const MAX_FAULT_THREADS: usize = 256;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about = "A distributed, unikernel-style hypervisor", long_about = None)]
@@ -177,9 +181,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // colour codes only for a person at a terminal, not in logs
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -254,12 +261,15 @@ fn run(args: RunArgs) -> ExitCode {
         BackingArg::Memfd => config::Backing::Memfd,
         BackingArg::Anonymous => config::Backing::Anonymous,
     };
-    if config.fault_threads == Some(0) {
-        return bad_input("--fault-threads must be at least 1");
+    if config.fault_threads.is_some_and(|n| n == 0 || n > MAX_FAULT_THREADS) {
+        return bad_input(format_args!("--fault-threads must be between 1 and {MAX_FAULT_THREADS}"));
     }
 
-    if args.nodes == 0 {
-        return bad_input("--nodes must be at least 1");
+    if args.nodes == 0 || args.nodes > MAX_LOCAL_NODES {
+        return bad_input(format_args!(
+            "--nodes must be between 1 and {MAX_LOCAL_NODES} (a pod on this host; a bigger one runs `shoal node` \
+             on each host)"
+        ));
     }
     // everything that can be checked before a node starts
     if let Err(e) = config.check() {
@@ -357,6 +367,8 @@ fn run_local_pod(
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return host(format!("{}: {e}", dir.display()));
     }
+    // gone however this function returns, an early error included
+    let _dir = RemoveDir(dir.clone());
     let listen = |i: u32| match kind {
         Kind::Shm => Addr::Unix(dir.join(format!("node-{i}.sock"))),
         _ => Addr::Tcp("127.0.0.1:0".parse().expect("an address")),
@@ -402,8 +414,16 @@ fn run_local_pod(
     for (node, how) in children.wait(grace) {
         eprintln!("shoal: node {node} ended badly: {how}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
     code
+}
+
+/// A directory removed (with what it holds) when this is dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `shoal node --pod FILE`.

@@ -170,8 +170,8 @@ pub fn run_node(
     let (name, bytes): (String, Cow<'static, [u8]>) = match &config.image {
         ImageSource::Embedded(g) => (g.name.to_string(), Cow::Borrowed(g.elf)),
         ImageSource::File(path) => {
-            let bytes =
-                std::fs::read(path).map_err(|source| Error::ReadImage { path: path.display().to_string(), source })?;
+            let bytes = config::read_input_file(path, config::MAX_INPUT_FILE)
+                .map_err(|source| Error::ReadImage { path: path.display().to_string(), source })?;
             (path.display().to_string(), Cow::Owned(bytes))
         }
     };

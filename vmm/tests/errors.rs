@@ -226,3 +226,17 @@ fn linux_kernels_with_bad_input() {
         "a Linux guest runs every vCPU on node 0 for now",
     );
 }
+
+#[test]
+fn unbounded_or_odd_inputs_are_refused() {
+    // a device that never ends, and a directory, as a guest image
+    refused(&["run", "--kernel", "/dev/zero", "--memory", "64M"], "not a regular file");
+    refused(&["run", "--kernel", "/tmp", "--memory", "64M"], "not a regular file");
+    refused(&["run", "--kernel", "/dev/zero", "--memory", "64M", "--nodes", "2"], "not a regular file");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--nodes", "100000"], "--nodes must be between 1 and 64");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--fault-threads", "99999"], "--fault-threads must be");
+    refused(
+        &["run", "--guest", "hello", "--memory", "64M", "--nodes", "2", "--liveness-timeout", "0.1"],
+        "--liveness-timeout must be between",
+    );
+}

@@ -251,6 +251,8 @@ impl RunningPod {
         };
         let stderr = self.stderr.join().unwrap();
         assert!(!status.success(), "{stderr}");
+        // the log lines on a pipe carry no terminal colour codes
+        assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
         let line = stderr.lines().find(|l| l.starts_with("shoal: error: the VM failed")).unwrap_or_default();
         assert!(!line.is_empty(), "{stderr}");
         line.to_string()

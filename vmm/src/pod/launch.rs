@@ -253,7 +253,9 @@ pub fn place(
 /// Reads the pod secret: `secret_file`, else $SHOAL_POD_SECRET (hex).
 pub fn read_secret(file: &PodFile, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<u8>, String> {
     let secret = match &file.secret_file {
-        Some(p) => std::fs::read(p).map_err(|e| format!("secret file {}: {e}", p.display()))?,
+        Some(p) => {
+            crate::config::read_input_file(p, 64 << 10).map_err(|e| format!("secret file {}: {e}", p.display()))?
+        }
         None => {
             let hex = env(SECRET_ENV).ok_or_else(|| format!("no pod secret: set secret_file or ${SECRET_ENV}"))?;
             from_hex(hex.trim()).ok_or_else(|| format!("${SECRET_ENV} is not hexadecimal"))?

@@ -318,7 +318,8 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
             (g.name.to_string(), false)
         }
         crate::config::ImageSource::File(p) => {
-            let bytes = std::fs::read(p).map_err(|e| format!("guest image {}: {e}", p.display()))?;
+            let bytes = crate::config::read_input_file(p, crate::config::MAX_INPUT_FILE)
+                .map_err(|e| format!("guest image {}: {e}", p.display()))?;
             h.update(&bytes);
             let linux = crate::linux::Format::of(&bytes).map_err(|e| e.to_string())?.is_some();
             (p.display().to_string(), linux)
@@ -328,7 +329,10 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
     // a Linux guest's initramfs is part of its image
     let name = match &config.initrd {
         Some(p) => {
-            h.update(std::fs::read(p).map_err(|e| format!("initrd {}: {e}", p.display()))?);
+            h.update(
+                crate::config::read_input_file(p, crate::config::MAX_INPUT_FILE)
+                    .map_err(|e| format!("initrd {}: {e}", p.display()))?,
+            );
             format!("{name} with initrd {}", p.display())
         }
         None => name,
