@@ -27,6 +27,7 @@
 pub mod engine;
 pub mod launch;
 pub mod policy;
+pub mod residency;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};

@@ -1,47 +1,61 @@
 //! The page engine of one pod node: the I/O-free protocol
-//! ([`shoal_protocol::Node`]) wired to this node's memory, to userfaultfd
-//! (on the node that runs the vCPUs) and to the fabric.
+//! ([`shoal_protocol::Node`]) and the I/O-free record of what this node
+//! holds and may hold ([`Residency`], `residency.rs`) wired to this node's
+//! memory, to userfaultfd and to the fabric. This file decides what to do
+//! with an event; `memops.rs` does the memory half of it.
 //!
 //! Two kinds of event drive it, each under the engine's one lock:
-//! - a guest fault ([`Engine::handle_fault`], from the fault-handler
-//!   threads of the vCPU node), and
+//! - a guest fault ([`Engine::handle_fault`], from the node's
+//!   fault-handler threads), and
 //! - a protocol message from a peer ([`Engine::on_message`], from the
 //!   node's receiver thread).
-//!
-//! Each turns into protocol actions, carried out here in order: zero-fill
-//! (batched over the dormant run of a granted block, one
-//! `UFFDIO_ZEROPAGE`), one-sided fabric reads (`UFFDIO_COPY` of the bytes
-//! on the vCPU node, a write into the memfd elsewhere), taking a page from
-//! the guest while the memfd keeps its bytes for a peer's read
-//! (`MADV_DONTNEED` on the guest view; the guest's next touch is a minor
-//! fault), mapping it back (`UFFDIO_CONTINUE`), freeing it (punching the
-//! memfd), and waking the faulting vCPUs.
-//!
-//! The vCPU node stays within `--node-memory`: a fault only starts when
-//! the pages already held plus those on their way leave room, otherwise
-//! it is parked; cold pages (first in, first out; the loader's pages stay)
-//! are evicted ahead of need to the node with the most room, or made
-//! dormant again when they are all zeros.
 //!
 //! Every node may run vCPUs, so every node's guest view is registered with
 //! userfaultfd (missing, minor and write-protect faults). A read fault asks
 //! for a read copy, mapped write-protected (pages read by vCPUs of several
 //! nodes, code above all, are shared, not bounced); a write fault asks for
 //! the page itself, and a write to a read copy traps and upgrades it through
-//! the home. With `--node-memory` a node asks for the page itself on every
-//! fault: read copies cannot be evicted yet.
+//! the home. With `--node-memory` (read copies cannot be evicted yet), and
+//! where the kernel cannot map a page write-protected in one step, a node
+//! asks for the page itself on every fault.
+//!
+//! # The executor's ordering contract (`apply`)
+//!
+//! The protocol's actions are carried out in the order it returns them,
+//! with these rules, which the protocol's correctness relies on:
+//! 1. Zero-fills are batched: consecutive `ZeroFill`s (and the `Map`s of
+//!    those pages, which the zero-fill does) wait in `pending_zero` and are
+//!    done as one ioctl per run, but always **before** the next action of
+//!    any other kind: a `Send` never overtakes a zero-fill it follows (a
+//!    peer told "done" finds the page in place).
+//! 2. A `Fetch` is done at once (the read, then the mapping), and the
+//!    protocol is told (`fetched`) before the next action: its follow-up
+//!    actions (map, `Fetched` to the old owner, wake) run next.
+//! 3. `WriteProtect` and `Unmap` take effect before the next action: a
+//!    page is never offered to a peer (`Offer`, then `Ready`) while the
+//!    guest here can still write it.
+//! 4. `Offer` checks the (protected) page for zeros, then tells the
+//!    protocol, whose answer (`Ready`) is sent in order.
+//! 5. Wakes come last, after every mapping of the event: a vCPU never
+//!    retries on a page not yet mapped. A woken page the protocol allows
+//!    us to read is mapped as it allows first (writable or not).
+//! 6. After every event, `settle` starts evictions ahead of need and lets
+//!    parked faults in as room allows (`Residency` decides both).
+
+mod memops;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use shoal_fabric::{ReadReq, Transport};
+use shoal_fabric::Transport;
 use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page};
 
+use super::residency::{Admission, Residency};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{FaultLatency, NodeMetrics};
-use crate::uffd::{Fault, Outcome, Uffd};
+use crate::uffd::{Fault, Uffd};
 
 /// The first byte of every pod message: which layer it belongs to.
 pub const CHANNEL_PAGES: u8 = 0;
@@ -50,17 +64,6 @@ pub const CHANNEL_CONTROL: u8 = 1;
 
 /// The fabric region id of a node's guest memory.
 pub const REGION_MEMORY: u32 = 0;
-
-// per-page flags
-const RESIDENT: u16 = 1; // the memfd holds the page here
-const MAPPED: u16 = 2; // the guest view maps it (vCPU node)
-const PINNED: u16 = 4; // the loader's: never evicted
-const QUEUED: u16 = 8; // in the eviction queue
-const PENDING_ZERO: u16 = 16; // a zero-fill of this batch, not done yet
-const WAITING: u16 = 32; // a vCPU waits on it
-const PARKED: u16 = 64; // a fault waits for room
-const COUNTED: u16 = 256; // a waiting fault's page is counted in `incoming`
-const WRITABLE: u16 = 512; // the guest view maps it writable (with MAPPED)
 
 /// What ends the VM (or the node) when the engine cannot go on.
 pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
@@ -132,21 +135,9 @@ struct Counters {
 
 struct State {
     node: Node,
-    flags: Vec<u16>,
-    resident: u64,
-    pinned: u64,
-    /// Eviction candidates, oldest first.
-    queue: VecDeque<Page>,
-    /// Our evictions not settled yet, with their targets (None: re-dormant).
-    evicting: HashMap<Page, Option<NodeId>>,
-    /// Pages we placed (or are placing) on each node and have not taken
-    /// back, and where each of the placed ones went.
-    held_by: Vec<u64>,
-    placed: HashMap<Page, NodeId>,
-    /// Faults waiting for a page (each will bring one page here).
-    incoming: u64,
+    /// What this node holds and may hold (no I/O): see `residency.rs`.
+    res: Residency,
     waiting: HashMap<Page, Waiter>,
-    parked: VecDeque<Page>,
     latency: FaultLatency,
     /// Faults resolved by zero-filling dormant pages, and by a one-sided
     /// read of a page with contents: the two costs the pod is judged by.
@@ -158,7 +149,6 @@ struct State {
     pending_zero: Vec<Page>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
-    next_target: NodeId,
 }
 
 /// One node's page engine.
@@ -184,12 +174,6 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("me", &self.me).field("settings", &self.settings).finish_non_exhaustive()
     }
-}
-
-/// Where evictions ahead of need aim: some room stays free so that
-/// faults rarely wait for an eviction.
-fn evict_level(budget: u64) -> u64 {
-    budget.saturating_sub((budget / 8).clamp(1, 1024))
 }
 
 /// A fabric error in words; a peer's departure is said the same way
@@ -223,32 +207,22 @@ impl Engine {
     ) -> Result<Self, String> {
         let pages = settings.config.pages;
         let mut node = Node::new(me, settings.config);
-        let mut flags = vec![0u16; pages as usize];
-        let mut pinned = 0;
+        let nodes = settings.config.nodes;
+        let mut res = Residency::new(me, nodes, pages, settings.budget, settings.peer_budget);
         for &(offset, len) in loaded {
             for page in offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE) {
                 node.preload(page, 0).map_err(|e| format!("the loaded image: {e}"))?;
                 if me == 0 {
                     // in the memfd, not yet in the guest view: the first
                     // touch is a minor fault, mapped by `flush_wakes`
-                    flags[page as usize] = RESIDENT | PINNED;
-                    pinned += 1;
+                    res.preload(page);
                 }
             }
         }
-        let nodes = settings.config.nodes as usize;
         let state = State {
             node,
-            flags,
-            resident: pinned,
-            pinned,
-            queue: VecDeque::new(),
-            evicting: HashMap::new(),
-            held_by: vec![0; nodes],
-            placed: HashMap::new(),
-            incoming: 0,
+            res,
             waiting: HashMap::new(),
-            parked: VecDeque::new(),
             latency: FaultLatency::default(),
             latency_zero: FaultLatency::default(),
             latency_remote: FaultLatency::default(),
@@ -258,7 +232,6 @@ impl Engine {
             pending_zero: Vec::new(),
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
-            next_target: 0,
         };
         Ok(Engine {
             me,
@@ -416,9 +389,8 @@ impl Engine {
         // write-protected (an eviction refused) is then upgraded, not
         // mapped read-only
         let access = if self.makes_read_copies() { access } else { Access::Write };
-        let f = st.flags[page as usize];
         let l = st.node.local(page);
-        if l.copy == Held::Data && l.allows(access) && f & RESIDENT != 0 {
+        if l.copy == Held::Data && l.allows(access) && st.res.is_resident(page) {
             // we hold it with the access asked for: resolved meanwhile
             // (another vCPU's fault, fault-around), or the guest view lost
             // the mapping (a swapped-out page raises a minor fault): map
@@ -427,30 +399,18 @@ impl Engine {
             self.remap(st, page, l.writable)?;
             return self.wake_now(page);
         }
-        if f & (WAITING | PARKED) != 0 {
+        let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
+        match st.res.admit(page) {
             // already on its way; the wake covers every waiter (a write
             // behind a read asks again when the read copy arrives)
-            return Ok(());
-        }
-        // a page held here already (mapped back after a refused eviction,
-        // a read copy to upgrade, or the loader's on first touch) needs no
-        // room
-        let needs_room = f & RESIDENT == 0;
-        if let Some(budget) = self.settings.budget.filter(|_| needs_room) {
-            if st.resident + st.incoming >= budget {
-                st.flags[page as usize] |= PARKED;
-                st.parked.push_back(page);
-                st.waiting.insert(page, Waiter { since: Instant::now(), access, vcpu, kind: FaultKind::Zero });
+            Admission::OnItsWay => return Ok(()),
+            Admission::Parked => {
+                st.waiting.insert(page, Waiter { since: Instant::now(), access, vcpu, kind });
                 self.counters.faults_parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
+            Admission::Go => {}
         }
-        st.flags[page as usize] |= WAITING;
-        if needs_room {
-            st.flags[page as usize] |= COUNTED;
-            st.incoming += 1;
-        }
-        let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
         let w = st.waiting.entry(page).or_insert(Waiter { since: Instant::now(), access, vcpu, kind });
         w.access = w.access.max(access);
         let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
@@ -477,16 +437,12 @@ impl Engine {
                 if q == seed {
                     continue;
                 }
-                if let Some(budget) = self.settings.budget {
-                    // leave parked faults their room: fault-around then
-                    // stops at the eviction level, not at the bound
-                    let limit = if st.parked.is_empty() { budget } else { evict_level(budget) };
-                    if st.resident + st.incoming + planned >= limit {
-                        break;
-                    }
+                // leave parked faults their room: fault-around then stops
+                // at the eviction level, not at the bound
+                if !st.res.room_for_fault_around(planned) {
+                    break;
                 }
-                let f = st.flags[q as usize];
-                if f & (RESIDENT | PENDING_ZERO | WAITING | PARKED) != 0 || st.node.local(q).copy != Held::Dormant {
+                if !st.res.untouched(q) || st.node.local(q).copy != Held::Dormant {
                     continue;
                 }
                 let more = st.node.fault(q, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
@@ -506,11 +462,11 @@ impl Engine {
         while let Some(act) = queue.pop_front() {
             match act {
                 Action::ZeroFill { page } => {
-                    st.flags[page as usize] |= PENDING_ZERO;
+                    st.res.zero_pending(page);
                     st.pending_zero.push(page);
                 }
                 Action::Map { page, writable } => {
-                    if st.flags[page as usize] & PENDING_ZERO == 0 {
+                    if !st.res.is_zero_pending(page) {
                         self.map(st, page, writable)?;
                     }
                 }
@@ -521,7 +477,7 @@ impl Engine {
                 Action::Refused { page } => {
                     let l = st.node.local(page);
                     if l.copy == Held::Data && !l.handing {
-                        self.eviction_refused(st, page);
+                        st.res.eviction_refused(page);
                     }
                 }
                 other => {
@@ -563,385 +519,7 @@ impl Engine {
         self.transport.send(to, &encode_page_msg(msg)).map_err(|e| fabric_error(format!("sending to node {to}"), e))
     }
 
-    /// The flags of a page that just arrived: resident, and mapped in the
-    /// guest view (writable or not) where there is one.
-    fn held_flags(&self, writable: bool) -> u16 {
-        match (self.uffd.is_some(), writable) {
-            (true, true) => RESIDENT | MAPPED | WRITABLE,
-            (true, false) => RESIDENT | MAPPED,
-            (false, _) => RESIDENT,
-        }
-    }
-
-    fn page_addr(&self, page: Page) -> u64 {
-        self.mem.guest_view_base() + page * PAGE_SIZE
-    }
-
-    /// Zero-fills the pending pages, one ioctl per contiguous run (with
-    /// `--dormant off`, reads each run from its home instead).
-    fn flush_zero(&self, st: &mut State) -> Result<(), String> {
-        if st.pending_zero.is_empty() {
-            return Ok(());
-        }
-        let mut pages = std::mem::take(&mut st.pending_zero);
-        pages.sort_unstable();
-        pages.dedup();
-        let cfg = self.settings.config;
-        let mut i = 0;
-        while i < pages.len() {
-            let first = pages[i];
-            let mut n = 1;
-            while i + n < pages.len()
-                && pages[i + n] == first + n as u64
-                && cfg.block_of(first).contains(&(first + n as u64))
-            {
-                n += 1;
-            }
-            // a run is mapped writable when its pages are ours to write,
-            // read-only when they are read copies of dormant pages
-            let writable = st.node.local(first).writable;
-            let n = (0..n).take_while(|&k| st.node.local(first + k as u64).writable == writable).count().max(1);
-            self.zero_run(st, first, n as u64, writable)?;
-            if !writable {
-                self.counters.pages_shared.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            for p in first..first + n as u64 {
-                let f = &mut st.flags[p as usize];
-                *f = (*f & !PENDING_ZERO) | self.held_flags(writable);
-                self.taken_back(st, p);
-                self.enqueue(st, p);
-            }
-            st.resident += n as u64;
-            i += n;
-        }
-        Ok(())
-    }
-
-    fn zero_run(&self, st: &mut State, first: Page, count: u64, writable: bool) -> Result<(), String> {
-        let Some(uffd) = &self.uffd else {
-            // a node without a guest: a hole in its memfd is the zero page
-            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
-            return Ok(());
-        };
-        let addr = self.page_addr(first);
-        let len = count * PAGE_SIZE;
-        if self.settings.dormant {
-            if self.settings.keep_pages || !writable {
-                // zeros through the alias view, then one mapping of them:
-                // a read copy must never be mapped writable, not even for
-                // the instant between a zero-fill and a write-protect
-                self.mem.zero_alias(first * PAGE_SIZE, len);
-                let ro = !writable;
-                self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map")?;
-            } else {
-                self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
-            }
-            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
-            return Ok(());
-        }
-        // --dormant off: the page's contents live at its home
-        let home = self.settings.config.home(first);
-        let buf = &mut st.bounce[..len as usize];
-        if home == self.me {
-            buf.fill(0);
-            self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
-        } else {
-            self.read_remote(home, first, buf)?;
-            self.counters.remote_fetches.fetch_add(count, Ordering::Relaxed);
-            self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
-        }
-        let buf = &st.bounce[..len as usize];
-        self.place(uffd, first, buf, writable)
-    }
-
-    /// Puts `bytes` into the guest at `first` and maps them: one
-    /// `UFFDIO_COPY`, or (keeping pages) a write through the alias view and
-    /// one `UFFDIO_CONTINUE`.
-    fn place(&self, uffd: &Uffd, first: Page, bytes: &[u8], writable: bool) -> Result<(), String> {
-        let addr = self.page_addr(first);
-        let count = bytes.len() as u64 / PAGE_SIZE;
-        let ro = !writable;
-        if self.settings.keep_pages {
-            self.mem.write_alias(first * PAGE_SIZE, bytes);
-            let len = bytes.len() as u64;
-            return self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map");
-        }
-        self.resolve(|d| uffd.copy_mode(addr + d, &bytes[d as usize..], false, ro), first, count, "copy")
-    }
-
-    /// Runs a resolving ioctl over `count` pages from `first`; `op(done)`
-    /// resolves what is left after `done` bytes. A page found present
-    /// means our records are wrong (an error); a partial resolution goes
-    /// on from where it stopped, EAGAIN is retried, both boundedly.
-    fn resolve(
-        &self,
-        mut op: impl FnMut(u64) -> crate::uffd::Result<Outcome>,
-        first: Page,
-        count: u64,
-        what: &str,
-    ) -> Result<(), String> {
-        let mut done = 0;
-        for _ in 0..1000 {
-            match op(done).map_err(|e| format!("{what} of page {first}: {e}"))? {
-                Outcome::Done => return Ok(()),
-                Outcome::Retry => std::thread::yield_now(),
-                Outcome::Partial { done: more } => done += more,
-                Outcome::Exists => {
-                    return Err(format!(
-                        "{what}: page {} is present although this node did not hold it",
-                        first + done / PAGE_SIZE
-                    ))
-                }
-            }
-            if done >= count * PAGE_SIZE {
-                return Ok(());
-            }
-        }
-        Err(format!("{what} of pages {first}+{count}: the kernel kept asking to retry"))
-    }
-
-    fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
-        let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
-        self.transport
-            .read_with(from, &[req], &mut |_, at, bytes| {
-                buf[at..at + bytes.len()].copy_from_slice(bytes);
-                Ok(())
-            })
-            .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
-    }
-
-    /// Pulls `page` from `from` with a one-sided read; `transfer`: it
-    /// becomes ours (else a read copy, mapped read-only).
-    fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
-        let mut buf = std::mem::take(&mut st.bounce);
-        let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
-        let placed = got.and_then(|()| match &self.uffd {
-            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer),
-            None => {
-                self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
-                Ok(())
-            }
-        });
-        st.bounce = buf;
-        placed?;
-        self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
-        if !transfer {
-            self.counters.pages_shared.fetch_add(1, Ordering::Relaxed);
-        }
-        st.flags[page as usize] |= self.held_flags(transfer);
-        // a page this node evicted and takes back is its own working set
-        // coming home, not data of the node that kept it: the policy does
-        // not follow it (it would only move the memory pressure)
-        let ours = st.placed.contains_key(&page);
-        if let Some(w) = st.waiting.get_mut(&page) {
-            w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
-            if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
-                host.remote_fault(vcpu, from);
-            }
-        }
-        st.resident += 1;
-        self.taken_back(st, page);
-        self.enqueue(st, page);
-        Ok(())
-    }
-
-    /// Maps our copy in the guest view as the protocol allows: writable,
-    /// or write-protected (a read copy, or ours while readers share it).
-    fn map(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
-        if self.uffd.is_none() {
-            return Ok(());
-        }
-        let f = st.flags[page as usize];
-        if f & MAPPED != 0 && (f & WRITABLE != 0) == writable {
-            return Ok(());
-        }
-        self.remap(st, page, writable)
-    }
-
-    /// Whether this node makes read copies for read faults.
-    fn makes_read_copies(&self) -> bool {
-        self.settings.budget.is_none() && self.settings.read_copies
-    }
-
-    /// Maps our copy as `writable` says, whatever the guest view holds now
-    /// (nothing, the page write-protected, or the page already as wanted).
-    fn remap(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
-        let Some(uffd) = &self.uffd else { return Ok(()) };
-        if !writable && !self.settings.read_copies {
-            // this kernel cannot map it write-protected in one step: leave
-            // it unmapped; the next touch faults and asks for write
-            return Ok(());
-        }
-        let addr = self.page_addr(page);
-        match uffd.continue_mode(addr, PAGE_SIZE, false, !writable) {
-            Ok(Outcome::Done) => {}
-            Ok(Outcome::Exists) => {
-                // mapped already: set its protection as asked
-                uffd.write_protect(addr, PAGE_SIZE, !writable, false)
-                    .map_err(|e| format!("protecting page {page}: {e}"))?;
-            }
-            Ok(other) => return Err(format!("mapping page {page}: {other:?}")),
-            Err(e) => return Err(format!("mapping page {page}: {e}")),
-        }
-        let f = &mut st.flags[page as usize];
-        *f |= MAPPED;
-        if writable {
-            *f |= WRITABLE;
-        } else {
-            *f &= !WRITABLE;
-        }
-        Ok(())
-    }
-
-    /// Our copy stays readable by the guest here, but no longer writable.
-    fn write_protect(&self, st: &mut State, page: Page) -> Result<(), String> {
-        let Some(uffd) = &self.uffd else { return Ok(()) };
-        if st.flags[page as usize] & WRITABLE == 0 {
-            return Ok(());
-        }
-        uffd.write_protect(self.page_addr(page), PAGE_SIZE, true, false)
-            .map_err(|e| format!("write-protecting page {page}: {e}"))?;
-        st.flags[page as usize] &= !WRITABLE;
-        Ok(())
-    }
-
-    fn unmap(&self, st: &mut State, page: Page) -> Result<(), String> {
-        if self.uffd.is_none() || st.flags[page as usize] & MAPPED == 0 {
-            return Ok(());
-        }
-        self.mem.unmap_guest_view(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("unmapping page {page}: {e}"))?;
-        st.flags[page as usize] &= !(MAPPED | WRITABLE);
-        Ok(())
-    }
-
-    fn drop_page(&self, st: &mut State, page: Page) -> Result<(), String> {
-        if self.settings.keep_pages {
-            // zeroing in place must not race the guest: take it away first
-            self.unmap(st, page)?;
-            // the guest view no longer maps it (it was handed over or
-            // made dormant): zeroing cannot race with the guest
-            self.mem.zero_alias(page * PAGE_SIZE, PAGE_SIZE);
-        } else {
-            self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
-        }
-        let f = &mut st.flags[page as usize];
-        if *f & RESIDENT != 0 {
-            st.resident = st.resident.saturating_sub(1);
-        }
-        if *f & PINNED != 0 {
-            st.pinned = st.pinned.saturating_sub(1);
-        }
-        *f &= !(RESIDENT | MAPPED | WRITABLE | PINNED);
-        match st.evicting.remove(&page) {
-            Some(Some(target)) => {
-                st.placed.insert(page, target);
-                self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(None) => {
-                self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {}
-        }
-        // a fault that waits on the page will bring it back: its room is
-        // the room this page leaves
-        let f = &mut st.flags[page as usize];
-        if *f & WAITING != 0 && *f & COUNTED == 0 {
-            *f |= COUNTED;
-            st.incoming += 1;
-        }
-        Ok(())
-    }
-
-    /// Whether our (protected) copy of `page` is all zeros.
-    fn is_zero(&self, st: &State, page: Page) -> Result<bool, String> {
-        let offset = page * PAGE_SIZE;
-        if st.flags[page as usize] & RESIDENT == 0 || self.mem.is_hole(offset).unwrap_or(false) {
-            return Ok(true);
-        }
-        // SAFETY: the page is inside guest memory; it is protected (the
-        // guest cannot write it), and it is resident, so reading the alias
-        // view materialises nothing.
-        let bytes = unsafe { self.mem.alias_slice(offset, PAGE_SIZE as usize) };
-        Ok(bytes.iter().all(|&b| b == 0))
-    }
-
-    fn wake_now(&self, page: Page) -> Result<(), String> {
-        match &self.uffd {
-            Some(uffd) => uffd.wake(self.page_addr(page), PAGE_SIZE).map_err(|e| format!("waking page {page}: {e}")),
-            None => Ok(()),
-        }
-    }
-
-    fn flush_wakes(&self, st: &mut State) -> Result<(), String> {
-        let mut wakes = std::mem::take(&mut st.wakes);
-        if self.uffd.is_none() {
-            return Ok(());
-        }
-        wakes.sort_unstable();
-        wakes.dedup();
-        for &page in &wakes {
-            let f = st.flags[page as usize];
-            let l = st.node.local(page);
-            if f & RESIDENT != 0 && l.allows(Access::Read) {
-                // ours, but maybe not (or not as writable) in the guest
-                // view: map it, or the vCPU would fault again forever
-                self.map(st, page, l.writable)?;
-            }
-            if st.flags[page as usize] & WAITING != 0 {
-                if st.flags[page as usize] & COUNTED != 0 {
-                    st.incoming = st.incoming.saturating_sub(1);
-                }
-                st.flags[page as usize] &= !(WAITING | COUNTED);
-                if let Some(w) = st.waiting.remove(&page) {
-                    let took = w.since.elapsed();
-                    st.latency.record(took);
-                    match w.kind {
-                        FaultKind::Zero => st.latency_zero.record(took),
-                        FaultKind::RemoteRead => {
-                            st.latency_remote.record(took);
-                            st.latency_remote_read.record(took);
-                        }
-                        FaultKind::RemoteWrite => {
-                            st.latency_remote.record(took);
-                            st.latency_remote_write.record(took);
-                        }
-                        FaultKind::Upgrade => st.latency_upgrade.record(took),
-                    }
-                }
-            }
-            self.wake_now(page)?;
-        }
-        Ok(())
-    }
-
     // ---- memory budget -------------------------------------------------
-
-    fn enqueue(&self, st: &mut State, page: Page) {
-        if self.settings.budget.is_some() && st.flags[page as usize] & (QUEUED | PINNED) == 0 {
-            st.flags[page as usize] |= QUEUED;
-            st.queue.push_back(page);
-        }
-    }
-
-    /// A page we placed on another node is back here: that node has
-    /// room again.
-    fn taken_back(&self, st: &mut State, page: Page) {
-        if let Some(t) = st.placed.remove(&page) {
-            st.held_by[t as usize] = st.held_by[t as usize].saturating_sub(1);
-        }
-    }
-
-    /// An eviction of ours was refused (the page stays here): give the
-    /// target its room back and queue the page again.
-    fn eviction_refused(&self, st: &mut State, page: Page) {
-        if let Some(target) = st.evicting.remove(&page) {
-            if let Some(t) = target {
-                st.held_by[t as usize] = st.held_by[t as usize].saturating_sub(1);
-            }
-            self.enqueue(st, page);
-        }
-    }
 
     /// After every event: start evictions ahead of need, let parked faults
     /// in where there is room, and fail rather than wait forever.
@@ -955,11 +533,9 @@ impl Engine {
         // at once: go round until nothing changes (each turn resumes a
         // parked fault, so there are at most as many turns as those)
         loop {
-            self.evict_ahead(st, budget)?;
+            self.evict_ahead(st)?;
             let mut resumed = false;
-            while !st.parked.is_empty() && st.resident + st.incoming < budget {
-                let page = st.parked.pop_front().expect("not empty");
-                st.flags[page as usize] &= !PARKED;
+            while let Some(page) = st.res.unpark() {
                 let (access, vcpu) = st.waiting.get(&page).map_or((Access::Write, None), |w| (w.access, w.vcpu));
                 self.fault_page(st, page, access, vcpu)?;
                 resumed = true;
@@ -968,66 +544,44 @@ impl Engine {
                 break;
             }
         }
-        if !st.parked.is_empty() && st.evicting.is_empty() && st.incoming == 0 && st.resident >= budget {
+        if st.res.stuck() {
             return Err(format!(
                 "node {} cannot make room under --node-memory ({} pages): {} of its pages are pinned by the loader \
                  and nothing else can be evicted",
-                self.me, budget, st.pinned
+                self.me,
+                budget,
+                st.res.pinned()
             ));
         }
         Ok(())
     }
 
-    fn evict_ahead(&self, st: &mut State, budget: u64) -> Result<(), String> {
-        let level = evict_level(budget);
-        let demand = st.resident + st.incoming + st.parked.len() as u64;
-        let mut need = demand.saturating_sub(level + st.evicting.len() as u64);
-        let mut scanned = st.queue.len();
-        while need > 0 && scanned > 0 {
-            scanned -= 1;
-            let Some(page) = st.queue.pop_front() else { break };
-            st.flags[page as usize] &= !QUEUED;
-            let f = st.flags[page as usize];
-            if f & RESIDENT == 0 || f & PINNED != 0 || st.evicting.contains_key(&page) {
-                continue;
-            }
+    /// Starts as many evictions as `Residency` wants ahead of need, oldest
+    /// pages first: each taken from the guest, checked for zeros (made
+    /// dormant again) or handed to a node with room.
+    fn evict_ahead(&self, st: &mut State) -> Result<(), String> {
+        let mut need = st.res.evictions_wanted();
+        let mut scanned = st.res.queued();
+        while need > 0 {
+            let Some(page) = st.res.next_candidate(&mut scanned) else { break };
             // take it from the guest first: a zero check of a page the
             // guest can still write could re-dormant a page just written
             // (if the eviction does not go ahead, the next touch is a
             // minor fault that maps it back)
             self.unmap(st, page)?;
             let zero = self.settings.dormant && self.is_zero(st, page)?;
-            let target = if zero { None } else { Some(self.pick_target(st)?) };
+            let target = if zero { None } else { Some(st.res.pick_target()?) };
             let acts = st.node.evict(page, target).map_err(|e| format!("page protocol: {e}"))?;
             if acts.is_empty() {
                 // not settled here (a transaction is under way): later
-                self.enqueue(st, page);
+                st.res.requeue(page);
                 continue;
             }
-            if let Some(t) = target {
-                st.held_by[t as usize] += 1;
-            }
-            st.evicting.insert(page, target);
+            st.res.eviction_started(page, target);
             need -= 1;
             self.apply(st, acts)?;
         }
         Ok(())
-    }
-
-    /// The next node with room for an evicted page (round robin).
-    fn pick_target(&self, st: &mut State) -> Result<NodeId, String> {
-        let nodes = self.settings.config.nodes;
-        for _ in 0..nodes {
-            st.next_target = (st.next_target + 1) % nodes;
-            let t = st.next_target;
-            if t != self.me && self.settings.peer_budget.is_none_or(|b| st.held_by[t as usize] < b) {
-                return Ok(t);
-            }
-        }
-        Err(format!(
-            "the pod is out of memory: the guest touched more than its {} nodes may hold under --node-memory",
-            nodes
-        ))
     }
 
     // ---- watchdogs -------------------------------------------------------
@@ -1044,11 +598,8 @@ impl Engine {
         }
         let gpa = self.mem.layout().offset_to_gpa(page * PAGE_SIZE).unwrap_or(0);
         let home = self.settings.config.home(page);
-        let what = if st.flags[page as usize] & PARKED != 0 {
-            let mut targets: Vec<NodeId> = st.evicting.values().flatten().copied().collect();
-            targets.sort_unstable();
-            targets.dedup();
-            let to: Vec<String> = targets.iter().map(|t| format!("node {t}")).collect();
+        let what = if st.res.is_parked(page) {
+            let to: Vec<String> = st.res.eviction_targets().iter().map(|t| format!("node {t}")).collect();
             format!("room under --node-memory (evictions to {} are not answered)", to.join(", "))
         } else if home == self.me {
             match st.node.dir(page).owner {
@@ -1069,7 +620,7 @@ impl Engine {
 
     /// Pages held in memory here.
     pub fn resident_pages(&self) -> u64 {
-        self.lock().resident
+        self.lock().res.resident()
     }
 
     /// This node's metrics so far.
@@ -1082,8 +633,8 @@ impl Engine {
         m.faults_already_resident = get(&c.faults_already_resident);
         m.pages_zero_filled = get(&c.pages_zero_filled);
         m.pages_copied = get(&c.pages_copied);
-        m.pages_loaded = st.pinned;
-        m.pages_resident = st.resident;
+        m.pages_loaded = st.res.pinned();
+        m.pages_resident = st.res.resident();
         m.remote_fetches = get(&c.remote_fetches);
         m.bytes_fabric_read = get(&c.bytes_fabric_read);
         m.pages_evicted = get(&c.pages_evicted);

@@ -1,0 +1,328 @@
+//! Carrying out the protocol's memory actions on this node's memory: the
+//! ioctls and fabric reads behind zero-fill, fetch, map, write-protect,
+//! unmap, drop, the zero check and the wake (the executor's I/O half; the
+//! order they run in is `apply`'s, in `mod.rs`).
+
+use shoal_fabric::ReadReq;
+use shoal_protocol::{Access, NodeId, Page};
+
+use super::{fabric_error, Engine, FaultKind, State, REGION_MEMORY};
+use crate::memory::PAGE_SIZE;
+use crate::pod::residency::Dropped;
+use crate::uffd::{Outcome, Uffd};
+use std::sync::atomic::Ordering;
+
+impl Engine {
+    /// How a page that just arrived is mapped in the guest view: as
+    /// `writable` says where there is a guest view.
+    pub(super) fn arrival_mapping(&self, writable: bool) -> Option<bool> {
+        self.uffd.is_some().then_some(writable)
+    }
+
+    pub(super) fn page_addr(&self, page: Page) -> u64 {
+        self.mem.guest_view_base() + page * PAGE_SIZE
+    }
+
+    /// Zero-fills the pending pages, one ioctl per contiguous run (with
+    /// `--dormant off`, reads each run from its home instead).
+    pub(super) fn flush_zero(&self, st: &mut State) -> Result<(), String> {
+        if st.pending_zero.is_empty() {
+            return Ok(());
+        }
+        let mut pages = std::mem::take(&mut st.pending_zero);
+        pages.sort_unstable();
+        pages.dedup();
+        let cfg = self.settings.config;
+        let mut i = 0;
+        while i < pages.len() {
+            let first = pages[i];
+            let mut n = 1;
+            while i + n < pages.len()
+                && pages[i + n] == first + n as u64
+                && cfg.block_of(first).contains(&(first + n as u64))
+            {
+                n += 1;
+            }
+            // a run is mapped writable when its pages are ours to write,
+            // read-only when they are read copies of dormant pages
+            let writable = st.node.local(first).writable;
+            let n = (0..n).take_while(|&k| st.node.local(first + k as u64).writable == writable).count().max(1);
+            self.zero_run(st, first, n as u64, writable)?;
+            if !writable {
+                self.counters.pages_shared.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            for p in first..first + n as u64 {
+                st.res.arrived(p, self.arrival_mapping(writable));
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn zero_run(&self, st: &mut State, first: Page, count: u64, writable: bool) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else {
+            // a node without a guest: a hole in its memfd is the zero page
+            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
+            return Ok(());
+        };
+        let addr = self.page_addr(first);
+        let len = count * PAGE_SIZE;
+        if self.settings.dormant {
+            if self.settings.keep_pages || !writable {
+                // zeros through the alias view, then one mapping of them:
+                // a read copy must never be mapped writable, not even for
+                // the instant between a zero-fill and a write-protect
+                self.mem.zero_alias(first * PAGE_SIZE, len);
+                let ro = !writable;
+                self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map")?;
+            } else {
+                self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
+            }
+            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
+            return Ok(());
+        }
+        // --dormant off: the page's contents live at its home
+        let home = self.settings.config.home(first);
+        let buf = &mut st.bounce[..len as usize];
+        if home == self.me {
+            buf.fill(0);
+            self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
+        } else {
+            self.read_remote(home, first, buf)?;
+            self.counters.remote_fetches.fetch_add(count, Ordering::Relaxed);
+            self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
+        }
+        let buf = &st.bounce[..len as usize];
+        self.place(uffd, first, buf, writable)
+    }
+
+    /// Puts `bytes` into the guest at `first` and maps them: one
+    /// `UFFDIO_COPY`, or (keeping pages) a write through the alias view and
+    /// one `UFFDIO_CONTINUE`.
+    pub(super) fn place(&self, uffd: &Uffd, first: Page, bytes: &[u8], writable: bool) -> Result<(), String> {
+        let addr = self.page_addr(first);
+        let count = bytes.len() as u64 / PAGE_SIZE;
+        let ro = !writable;
+        if self.settings.keep_pages {
+            self.mem.write_alias(first * PAGE_SIZE, bytes);
+            let len = bytes.len() as u64;
+            return self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map");
+        }
+        self.resolve(|d| uffd.copy_mode(addr + d, &bytes[d as usize..], false, ro), first, count, "copy")
+    }
+
+    /// Runs a resolving ioctl over `count` pages from `first`; `op(done)`
+    /// resolves what is left after `done` bytes. A page found present
+    /// means our records are wrong (an error); a partial resolution goes
+    /// on from where it stopped, EAGAIN is retried, both boundedly.
+    pub(super) fn resolve(
+        &self,
+        mut op: impl FnMut(u64) -> crate::uffd::Result<Outcome>,
+        first: Page,
+        count: u64,
+        what: &str,
+    ) -> Result<(), String> {
+        let mut done = 0;
+        for _ in 0..1000 {
+            match op(done).map_err(|e| format!("{what} of page {first}: {e}"))? {
+                Outcome::Done => return Ok(()),
+                Outcome::Retry => std::thread::yield_now(),
+                Outcome::Partial { done: more } => done += more,
+                Outcome::Exists => {
+                    return Err(format!(
+                        "{what}: page {} is present although this node did not hold it",
+                        first + done / PAGE_SIZE
+                    ))
+                }
+            }
+            if done >= count * PAGE_SIZE {
+                return Ok(());
+            }
+        }
+        Err(format!("{what} of pages {first}+{count}: the kernel kept asking to retry"))
+    }
+
+    pub(super) fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
+        let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
+        self.transport
+            .read_with(from, &[req], &mut |_, at, bytes| {
+                buf[at..at + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            })
+            .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
+    }
+
+    /// Pulls `page` from `from` with a one-sided read; `transfer`: it
+    /// becomes ours (else a read copy, mapped read-only).
+    pub(super) fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
+        let mut buf = std::mem::take(&mut st.bounce);
+        let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
+        let placed = got.and_then(|()| match &self.uffd {
+            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer),
+            None => {
+                self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
+                Ok(())
+            }
+        });
+        st.bounce = buf;
+        placed?;
+        self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
+        if !transfer {
+            self.counters.pages_shared.fetch_add(1, Ordering::Relaxed);
+        }
+        // a page this node evicted and takes back is its own working set
+        // coming home, not data of the node that kept it: the policy does
+        // not follow it (it would only move the memory pressure)
+        let ours = st.res.is_placed(page);
+        st.res.arrived(page, self.arrival_mapping(transfer));
+        if let Some(w) = st.waiting.get_mut(&page) {
+            w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
+            if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
+                host.remote_fault(vcpu, from);
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps our copy in the guest view as the protocol allows: writable,
+    /// or write-protected (a read copy, or ours while readers share it).
+    pub(super) fn map(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
+        if self.uffd.is_none() {
+            return Ok(());
+        }
+        if st.res.mapping(page) == Some(writable) {
+            return Ok(());
+        }
+        self.remap(st, page, writable)
+    }
+
+    /// Whether this node makes read copies for read faults.
+    pub(super) fn makes_read_copies(&self) -> bool {
+        self.settings.budget.is_none() && self.settings.read_copies
+    }
+
+    /// Maps our copy as `writable` says, whatever the guest view holds now
+    /// (nothing, the page write-protected, or the page already as wanted).
+    pub(super) fn remap(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else { return Ok(()) };
+        if !writable && !self.settings.read_copies {
+            // this kernel cannot map it write-protected in one step: leave
+            // it unmapped; the next touch faults and asks for write
+            return Ok(());
+        }
+        let addr = self.page_addr(page);
+        match uffd.continue_mode(addr, PAGE_SIZE, false, !writable) {
+            Ok(Outcome::Done) => {}
+            Ok(Outcome::Exists) => {
+                // mapped already: set its protection as asked
+                uffd.write_protect(addr, PAGE_SIZE, !writable, false)
+                    .map_err(|e| format!("protecting page {page}: {e}"))?;
+            }
+            Ok(other) => return Err(format!("mapping page {page}: {other:?}")),
+            Err(e) => return Err(format!("mapping page {page}: {e}")),
+        }
+        st.res.set_mapping(page, Some(writable));
+        Ok(())
+    }
+
+    /// Our copy stays readable by the guest here, but no longer writable.
+    pub(super) fn write_protect(&self, st: &mut State, page: Page) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else { return Ok(()) };
+        if st.res.mapping(page) != Some(true) {
+            return Ok(());
+        }
+        uffd.write_protect(self.page_addr(page), PAGE_SIZE, true, false)
+            .map_err(|e| format!("write-protecting page {page}: {e}"))?;
+        st.res.set_mapping(page, Some(false));
+        Ok(())
+    }
+
+    pub(super) fn unmap(&self, st: &mut State, page: Page) -> Result<(), String> {
+        if self.uffd.is_none() || st.res.mapping(page).is_none() {
+            return Ok(());
+        }
+        self.mem.unmap_guest_view(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("unmapping page {page}: {e}"))?;
+        st.res.set_mapping(page, None);
+        Ok(())
+    }
+
+    pub(super) fn drop_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+        if self.settings.keep_pages {
+            // zeroing in place must not race the guest: take it away first
+            self.unmap(st, page)?;
+            // the guest view no longer maps it (it was handed over or
+            // made dormant): zeroing cannot race with the guest
+            self.mem.zero_alias(page * PAGE_SIZE, PAGE_SIZE);
+        } else {
+            self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
+        }
+        match st.res.dropped(page) {
+            Dropped::Evicted(_) => {
+                self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            Dropped::Redormanted => {
+                self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
+            }
+            Dropped::Other => {}
+        }
+        Ok(())
+    }
+
+    /// Whether our (protected) copy of `page` is all zeros.
+    pub(super) fn is_zero(&self, st: &State, page: Page) -> Result<bool, String> {
+        let offset = page * PAGE_SIZE;
+        if !st.res.is_resident(page) || self.mem.is_hole(offset).unwrap_or(false) {
+            return Ok(true);
+        }
+        // SAFETY: the page is inside guest memory; it is protected (the
+        // guest cannot write it), and it is resident, so reading the alias
+        // view materialises nothing.
+        let bytes = unsafe { self.mem.alias_slice(offset, PAGE_SIZE as usize) };
+        Ok(bytes.iter().all(|&b| b == 0))
+    }
+
+    pub(super) fn wake_now(&self, page: Page) -> Result<(), String> {
+        match &self.uffd {
+            Some(uffd) => uffd.wake(self.page_addr(page), PAGE_SIZE).map_err(|e| format!("waking page {page}: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn flush_wakes(&self, st: &mut State) -> Result<(), String> {
+        let mut wakes = std::mem::take(&mut st.wakes);
+        if self.uffd.is_none() {
+            return Ok(());
+        }
+        wakes.sort_unstable();
+        wakes.dedup();
+        for &page in &wakes {
+            let l = st.node.local(page);
+            if st.res.is_resident(page) && l.allows(Access::Read) {
+                // ours, but maybe not (or not as writable) in the guest
+                // view: map it, or the vCPU would fault again forever
+                self.map(st, page, l.writable)?;
+            }
+            if st.res.woken(page) {
+                if let Some(w) = st.waiting.remove(&page) {
+                    let took = w.since.elapsed();
+                    st.latency.record(took);
+                    match w.kind {
+                        FaultKind::Zero => st.latency_zero.record(took),
+                        FaultKind::RemoteRead => {
+                            st.latency_remote.record(took);
+                            st.latency_remote_read.record(took);
+                        }
+                        FaultKind::RemoteWrite => {
+                            st.latency_remote.record(took);
+                            st.latency_remote_write.record(took);
+                        }
+                        FaultKind::Upgrade => st.latency_upgrade.record(took),
+                    }
+                }
+            }
+            self.wake_now(page)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,465 @@
+//! What a pod node holds and may hold, plain logic with no I/O (as
+//! `pager/state.rs` is for one node): the record of each page here
+//! (resident, how the guest view maps it, pinned by the loader, on its
+//! way), the memory bound's accounting (pages held plus pages coming must
+//! stay within `--node-memory`; faults beyond it park), and the eviction
+//! decisions (which page next, which node takes it). The page engine asks
+//! and carries out; where a page is owned and who reads it is the
+//! protocol's business, not this record's.
+
+use std::collections::{HashMap, VecDeque};
+
+use shoal_protocol::{NodeId, Page};
+
+// per-page flags
+const RESIDENT: u16 = 1; // the memfd holds the page here
+const MAPPED: u16 = 2; // the guest view maps it
+const PINNED: u16 = 4; // the loader's: never evicted
+const QUEUED: u16 = 8; // in the eviction queue
+const PENDING_ZERO: u16 = 16; // a zero-fill of this batch, not done yet
+const WAITING: u16 = 32; // a fault waits on it
+const PARKED: u16 = 64; // a fault waits for room
+const COUNTED: u16 = 256; // a waiting fault's page is counted in `incoming`
+const WRITABLE: u16 = 512; // the guest view maps it writable (with MAPPED)
+
+/// Where evictions ahead of need aim: some room stays free so that faults
+/// rarely wait for an eviction.
+pub fn evict_level(budget: u64) -> u64 {
+    budget.saturating_sub((budget / 8).clamp(1, 1024))
+}
+
+/// What to do with a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A fault on the page is under way already: its wake covers this one.
+    OnItsWay,
+    /// No room under the bound: the fault waits until evictions make some.
+    Parked,
+    /// Go ahead (the page's room is counted).
+    Go,
+}
+
+/// How a dropped page left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Our eviction to this node settled.
+    Evicted(NodeId),
+    /// Our re-dormanting settled: it is zeros nowhere now.
+    Redormanted,
+    /// Handed over, or a read copy invalidated.
+    Other,
+}
+
+/// The record of one node's pages and its memory bound.
+#[derive(Debug)]
+pub struct Residency {
+    me: NodeId,
+    nodes: u32,
+    budget: Option<u64>,
+    peer_budget: Option<u64>,
+    flags: Vec<u16>,
+    resident: u64,
+    pinned: u64,
+    /// Faults on their way (each will bring one page here).
+    incoming: u64,
+    /// Eviction candidates, oldest first.
+    queue: VecDeque<Page>,
+    /// Our evictions not settled yet, with their targets (None: re-dormant).
+    evicting: HashMap<Page, Option<NodeId>>,
+    /// Pages we placed (or are placing) on each node and have not taken
+    /// back, and where each of the placed ones went.
+    held_by: Vec<u64>,
+    placed: HashMap<Page, NodeId>,
+    parked: VecDeque<Page>,
+    next_target: NodeId,
+}
+
+impl Residency {
+    /// A node with `pages` guest pages, none here; at most `budget` pages
+    /// here and `peer_budget` on each other node (None: unbounded).
+    pub fn new(me: NodeId, nodes: u32, pages: u64, budget: Option<u64>, peer_budget: Option<u64>) -> Self {
+        Residency {
+            me,
+            nodes,
+            budget,
+            peer_budget,
+            flags: vec![0; pages as usize],
+            resident: 0,
+            pinned: 0,
+            incoming: 0,
+            queue: VecDeque::new(),
+            evicting: HashMap::new(),
+            held_by: vec![0; nodes as usize],
+            placed: HashMap::new(),
+            parked: VecDeque::new(),
+            next_target: 0,
+        }
+    }
+
+    fn has(&self, page: Page, flag: u16) -> bool {
+        self.flags[page as usize] & flag != 0
+    }
+
+    /// The loader wrote `page` here: resident (in the memfd, not yet in the
+    /// guest view) and never evicted.
+    pub fn preload(&mut self, page: Page) {
+        self.flags[page as usize] = RESIDENT | PINNED;
+        self.resident += 1;
+        self.pinned += 1;
+    }
+
+    pub fn is_resident(&self, page: Page) -> bool {
+        self.has(page, RESIDENT)
+    }
+
+    /// The guest view maps it, and whether writable.
+    pub fn mapping(&self, page: Page) -> Option<bool> {
+        self.has(page, MAPPED).then(|| self.has(page, WRITABLE))
+    }
+
+    /// A fault waits on it (for the page, or for room).
+    pub fn is_waiting(&self, page: Page) -> bool {
+        self.has(page, WAITING | PARKED)
+    }
+
+    pub fn is_parked(&self, page: Page) -> bool {
+        self.has(page, PARKED)
+    }
+
+    pub fn resident(&self) -> u64 {
+        self.resident
+    }
+
+    pub fn pinned(&self) -> u64 {
+        self.pinned
+    }
+
+    // ---- faults ------------------------------------------------------------
+
+    /// A fault on `page`: on its way, parked for room, or admitted (then its
+    /// page's room is counted until it is woken).
+    pub fn admit(&mut self, page: Page) -> Admission {
+        if self.is_waiting(page) {
+            return Admission::OnItsWay;
+        }
+        // a page held here already (a read copy to upgrade, a refused
+        // eviction, the loader's) needs no room
+        let needs_room = !self.is_resident(page);
+        if let Some(budget) = self.budget.filter(|_| needs_room) {
+            if self.resident + self.incoming >= budget {
+                self.flags[page as usize] |= PARKED;
+                self.parked.push_back(page);
+                return Admission::Parked;
+            }
+        }
+        self.flags[page as usize] |= WAITING;
+        if needs_room {
+            self.flags[page as usize] |= COUNTED;
+            self.incoming += 1;
+        }
+        Admission::Go
+    }
+
+    /// A parked fault to admit now, if there is room for it.
+    pub fn unpark(&mut self) -> Option<Page> {
+        let budget = self.budget?;
+        if self.resident + self.incoming >= budget {
+            return None;
+        }
+        let page = self.parked.pop_front()?;
+        self.flags[page as usize] &= !PARKED;
+        Some(page)
+    }
+
+    /// Whether fault-around may zero-fill one more page, `planned` being
+    /// counted already: up to the bound, or up to the eviction level while
+    /// faults are parked (they keep their room).
+    pub fn room_for_fault_around(&self, planned: u64) -> bool {
+        let Some(budget) = self.budget else { return true };
+        let limit = if self.parked.is_empty() { budget } else { evict_level(budget) };
+        self.resident + self.incoming + planned < limit
+    }
+
+    /// Whether fault-around may take `page` (nothing here, nothing on its
+    /// way, not in this batch already).
+    pub fn untouched(&self, page: Page) -> bool {
+        !self.has(page, RESIDENT | PENDING_ZERO | WAITING | PARKED)
+    }
+
+    /// The fault on `page` is resolved and woken: its room was used by the
+    /// page it brought. Returns whether a fault waited on it.
+    pub fn woken(&mut self, page: Page) -> bool {
+        if !self.has(page, WAITING) {
+            return false;
+        }
+        if self.has(page, COUNTED) {
+            self.incoming = self.incoming.saturating_sub(1);
+        }
+        self.flags[page as usize] &= !(WAITING | COUNTED);
+        true
+    }
+
+    // ---- pages coming and going ---------------------------------------------
+
+    /// `page` will be zero-filled with this batch.
+    pub fn zero_pending(&mut self, page: Page) {
+        self.flags[page as usize] |= PENDING_ZERO;
+    }
+
+    pub fn is_zero_pending(&self, page: Page) -> bool {
+        self.has(page, PENDING_ZERO)
+    }
+
+    /// `page` is here now (zero-filled or fetched), mapped in the guest
+    /// view as `mapped` says (None: not mapped).
+    pub fn arrived(&mut self, page: Page, mapped: Option<bool>) {
+        let f = &mut self.flags[page as usize];
+        *f = (*f & !(PENDING_ZERO | MAPPED | WRITABLE)) | RESIDENT;
+        match mapped {
+            Some(true) => *f |= MAPPED | WRITABLE,
+            Some(false) => *f |= MAPPED,
+            None => {}
+        }
+        self.resident += 1;
+        self.taken_back(page);
+        self.enqueue(page);
+    }
+
+    /// The guest view maps `page` now (`writable` or not), or not at all.
+    pub fn set_mapping(&mut self, page: Page, mapping: Option<bool>) {
+        let f = &mut self.flags[page as usize];
+        *f &= !(MAPPED | WRITABLE);
+        match mapping {
+            Some(true) => *f |= MAPPED | WRITABLE,
+            Some(false) => *f |= MAPPED,
+            None => {}
+        }
+    }
+
+    /// Whether we placed `page` on another node and take it back now (the
+    /// guest's own working set coming home).
+    pub fn is_placed(&self, page: Page) -> bool {
+        self.placed.contains_key(&page)
+    }
+
+    /// `page` left this node's memory.
+    pub fn dropped(&mut self, page: Page) -> Dropped {
+        let f = &mut self.flags[page as usize];
+        if *f & RESIDENT != 0 {
+            self.resident = self.resident.saturating_sub(1);
+        }
+        if *f & PINNED != 0 {
+            self.pinned = self.pinned.saturating_sub(1);
+        }
+        *f &= !(RESIDENT | MAPPED | WRITABLE | PINNED);
+        // a fault that waits on the page will bring it back: its room is
+        // the room this page leaves
+        if *f & WAITING != 0 && *f & COUNTED == 0 {
+            *f |= COUNTED;
+            self.incoming += 1;
+        }
+        match self.evicting.remove(&page) {
+            Some(Some(target)) => {
+                self.placed.insert(page, target);
+                Dropped::Evicted(target)
+            }
+            Some(None) => Dropped::Redormanted,
+            None => Dropped::Other,
+        }
+    }
+
+    fn enqueue(&mut self, page: Page) {
+        if self.budget.is_some() && !self.has(page, QUEUED | PINNED) {
+            self.flags[page as usize] |= QUEUED;
+            self.queue.push_back(page);
+        }
+    }
+
+    /// A page we placed on another node is back here: that node has room
+    /// again.
+    fn taken_back(&mut self, page: Page) {
+        if let Some(t) = self.placed.remove(&page) {
+            self.held_by[t as usize] = self.held_by[t as usize].saturating_sub(1);
+        }
+    }
+
+    // ---- eviction ------------------------------------------------------------
+
+    /// How many more evictions to start now, ahead of need.
+    pub fn evictions_wanted(&self) -> u64 {
+        let Some(budget) = self.budget else { return 0 };
+        let demand = self.resident + self.incoming + self.parked.len() as u64;
+        demand.saturating_sub(evict_level(budget) + self.evicting.len() as u64)
+    }
+
+    /// The oldest page that may be evicted, taken off the queue; None when
+    /// a whole pass of the queue found none (bounded: each call looks at
+    /// each queued page at most once, `scanned` counting them).
+    pub fn next_candidate(&mut self, scanned: &mut usize) -> Option<Page> {
+        while *scanned > 0 {
+            *scanned -= 1;
+            let page = self.queue.pop_front()?;
+            self.flags[page as usize] &= !QUEUED;
+            if self.is_resident(page) && !self.has(page, PINNED) && !self.evicting.contains_key(&page) {
+                return Some(page);
+            }
+        }
+        None
+    }
+
+    /// Pages in the eviction queue (the bound of one pass).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// A candidate could not be evicted now (a transaction on it is under
+    /// way): later.
+    pub fn requeue(&mut self, page: Page) {
+        self.enqueue(page);
+    }
+
+    /// The next node with room for an evicted page (round robin).
+    pub fn pick_target(&mut self) -> Result<NodeId, String> {
+        for _ in 0..self.nodes {
+            self.next_target = (self.next_target + 1) % self.nodes;
+            let t = self.next_target;
+            if t != self.me && self.peer_budget.is_none_or(|b| self.held_by[t as usize] < b) {
+                return Ok(t);
+            }
+        }
+        Err(format!(
+            "the pod is out of memory: the guest touched more than its {} nodes may hold under --node-memory",
+            self.nodes
+        ))
+    }
+
+    /// Our eviction of `page` (to `target`, or re-dormanting) started.
+    pub fn eviction_started(&mut self, page: Page, target: Option<NodeId>) {
+        if let Some(t) = target {
+            self.held_by[t as usize] += 1;
+        }
+        self.evicting.insert(page, target);
+    }
+
+    /// An eviction of ours was refused (the page stays here): the target
+    /// gets its room back and the page is queued again.
+    pub fn eviction_refused(&mut self, page: Page) {
+        if let Some(target) = self.evicting.remove(&page) {
+            if let Some(t) = target {
+                self.held_by[t as usize] = self.held_by[t as usize].saturating_sub(1);
+            }
+            self.enqueue(page);
+        }
+    }
+
+    /// Faults wait for room that nothing can make: nothing is being
+    /// evicted, nothing is on its way, and the node is full.
+    pub fn stuck(&self) -> bool {
+        let Some(budget) = self.budget else { return false };
+        !self.parked.is_empty() && self.evicting.is_empty() && self.incoming == 0 && self.resident >= budget
+    }
+
+    /// The nodes our unsettled evictions wait on.
+    pub fn eviction_targets(&self) -> Vec<NodeId> {
+        let mut t: Vec<NodeId> = self.evicting.values().flatten().copied().collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_park_at_the_bound_and_go_on_as_room_is_made() {
+        let mut r = Residency::new(0, 2, 64, Some(2), Some(8));
+        assert_eq!(r.admit(1), Admission::Go);
+        assert_eq!(r.admit(1), Admission::OnItsWay);
+        assert_eq!(r.admit(2), Admission::Go);
+        // two pages on their way fill the bound of 2
+        assert_eq!(r.admit(3), Admission::Parked);
+        assert!(r.is_waiting(3) && r.is_parked(3));
+        assert_eq!(r.unpark(), None, "no room yet");
+        r.arrived(1, Some(true));
+        assert!(r.woken(1));
+        assert_eq!((r.resident(), r.unpark()), (1, None), "1 here + 1 coming = 2");
+        r.dropped(1);
+        assert_eq!(r.unpark(), Some(3));
+        assert_eq!(r.admit(3), Admission::Go);
+    }
+
+    #[test]
+    fn a_page_held_here_needs_no_room() {
+        let mut r = Residency::new(0, 2, 64, Some(1), None);
+        r.preload(5);
+        assert_eq!(r.admit(5), Admission::Go, "the loader's page is here already");
+        assert_eq!(r.admit(6), Admission::Parked);
+    }
+
+    #[test]
+    fn evictions_go_round_robin_to_nodes_with_room_and_settle() {
+        let mut r = Residency::new(0, 3, 64, Some(8), Some(1));
+        for p in 0..8 {
+            assert_eq!(r.admit(p), Admission::Go);
+            r.arrived(p, Some(true));
+            r.woken(p);
+        }
+        // 8 held, the level is 7: one eviction wanted
+        assert_eq!(r.evictions_wanted(), 1);
+        let mut scanned = r.queued();
+        let page = r.next_candidate(&mut scanned).unwrap();
+        assert_eq!(page, 0, "oldest first");
+        let t = r.pick_target().unwrap();
+        assert_eq!(t, 1);
+        r.eviction_started(page, Some(t));
+        assert_eq!(r.evictions_wanted(), 0);
+        // node 1 holds its one page: the next goes to node 2, then none
+        assert_eq!(r.pick_target().unwrap(), 2);
+        r.eviction_started(1, Some(2));
+        assert!(r.pick_target().unwrap_err().contains("out of memory"));
+        // the first settles, the second is refused
+        assert_eq!(r.dropped(0), Dropped::Evicted(1));
+        assert!(r.is_placed(0));
+        r.eviction_refused(1);
+        assert_eq!(r.pick_target().unwrap(), 2, "node 2 has its room back");
+        // page 0 comes back: node 1 has room again
+        r.arrived(0, Some(true));
+        assert!(!r.is_placed(0));
+        assert_eq!(r.eviction_targets(), Vec::<NodeId>::new());
+    }
+
+    #[test]
+    fn the_loaders_pages_are_never_candidates() {
+        let mut r = Residency::new(0, 2, 64, Some(4), None);
+        r.preload(0);
+        r.admit(1);
+        r.arrived(1, Some(true));
+        let mut scanned = r.queued();
+        assert_eq!(r.next_candidate(&mut scanned), Some(1));
+        assert_eq!(r.next_candidate(&mut scanned), None);
+        assert_eq!((r.resident(), r.pinned()), (2, 1));
+    }
+
+    #[test]
+    fn a_node_full_of_pinned_pages_is_stuck() {
+        let mut r = Residency::new(0, 2, 64, Some(1), None);
+        r.preload(0);
+        assert_eq!(r.admit(1), Admission::Parked);
+        assert!(r.stuck());
+    }
+
+    #[test]
+    fn a_waiting_fault_on_a_dropped_page_keeps_its_room() {
+        let mut r = Residency::new(0, 2, 64, Some(4), None);
+        r.preload(3);
+        // a write to the loader's page waits (an upgrade): no room counted
+        assert_eq!(r.admit(3), Admission::Go);
+        // the page is handed over meanwhile: the fault will bring it back
+        assert_eq!(r.dropped(3), Dropped::Other);
+        assert_eq!(r.resident(), 0);
+        assert!(r.woken(3));
+        assert_eq!(r.admit(9), Admission::Go);
+    }
+}
