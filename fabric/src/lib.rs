@@ -139,7 +139,13 @@ pub enum Error {
     #[error("authentication with {} failed: wrong pod secret", peer_name(*peer))]
     WrongSecret { peer: Option<NodeId> },
     #[error("joining the pod timed out after {after:?}: no connection with {missing}")]
-    JoinTimeout { after: Duration, missing: String },
+    JoinTimeout {
+        after: Duration,
+        missing: String,
+        /// The last refusal was a wrong pod secret (ours or a peer's): a
+        /// misconfiguration, most likely, rather than a peer that is late.
+        wrong_secret: bool,
+    },
     #[error("node {0} is not a peer of this node")]
     UnknownPeer(NodeId),
     #[error("node {peer} exposes no region {region}")]
@@ -166,6 +172,21 @@ pub enum Error {
     Verbs(String),
     #[error("{0}")]
     Config(String),
+}
+
+impl Error {
+    /// Whether the user's configuration is at fault (a different version,
+    /// pod, backend, or pod secret), as opposed to the network or a peer.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(
+            self,
+            Error::Version { .. }
+                | Error::PodMismatch { .. }
+                | Error::BackendMismatch { .. }
+                | Error::WrongSecret { .. }
+                | Error::JoinTimeout { wrong_secret: true, .. }
+        )
+    }
 }
 
 fn peer_name(peer: Option<NodeId>) -> String {

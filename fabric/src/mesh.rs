@@ -299,10 +299,13 @@ impl Binding {
                     .map(|(id, a)| format!("node {id} ({a})"))
                     .collect();
                 let mut missing = missing.join(", ");
+                // (the words of Error::WrongSecret and of the refusal a
+                // peer sends for it, on either side of the handshake)
+                let wrong_secret = last_refusal.text.as_deref().is_some_and(|t| t.contains("wrong pod secret"));
                 if let Some(r) = last_refusal.text {
                     missing.push_str(&format!("; last refused connection: {r}"));
                 }
-                return Err(Error::JoinTimeout { after: opts.join_timeout, missing });
+                return Err(Error::JoinTimeout { after: opts.join_timeout, missing, wrong_secret });
             }
             if !progressed {
                 // a connection waiting for a slot gets it as soon as the

@@ -189,10 +189,12 @@ fn wrong_secret_is_refused(kind: Kind) {
     let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(3), ..quick_options() };
     let results = pod_with(kind, 2, &[b"right", b"wrong"], opts);
     let e0 = results[0].0.as_ref().err().unwrap_or_else(|| panic!("{kind}: node 0 joined a node with a wrong secret"));
-    assert!(matches!(e0, Error::JoinTimeout { .. }), "{kind}: node 0: {e0}");
+    assert!(matches!(e0, Error::JoinTimeout { wrong_secret: true, .. }), "{kind}: node 0: {e0}");
+    assert!(e0.is_misconfiguration(), "{kind}: {e0}");
     assert!(e0.to_string().contains("authentication with node 1 failed: wrong pod secret"), "{kind}: node 0: {e0}");
     let e1 = results[1].0.as_ref().err().unwrap_or_else(|| panic!("{kind}: node 1 joined with a wrong secret"));
-    assert!(matches!(e1, Error::JoinTimeout { .. }), "{kind}: node 1: {e1}");
+    assert!(matches!(e1, Error::JoinTimeout { wrong_secret: true, .. }), "{kind}: node 1: {e1}");
+    assert!(e1.is_misconfiguration(), "{kind}: {e1}");
     assert!(
         e1.to_string().contains("node 0 refused us: authentication failed: wrong pod secret"),
         "{kind}: node 1: {e1}"

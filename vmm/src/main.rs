@@ -474,7 +474,10 @@ fn node(args: NodeArgs) -> ExitCode {
     let transport: Arc<dyn shoal_fabric::Transport> =
         match launch::join(kind, &placement, &file.pod_id, secret, region, opts) {
             Ok(t) => Arc::from(t),
-            Err(e) => return fail(EXIT_HOST, format!("joining the pod: {e}")),
+            // a wrong pod secret (ours or a peer's), another version or pod:
+            // the configuration is at fault
+            Err(e) if e.misconfigured => return fail(EXIT_BAD_INPUT, format!("joining the pod: {}", e.text)),
+            Err(e) => return fail(EXIT_HOST, format!("joining the pod: {}", e.text)),
         };
     if me == 0 {
         let link = pod::Link { transport, facts, join_timeout, liveness, mem };

@@ -489,3 +489,39 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
     assert_eq!(printed_checksum(&stdout), expected_checksum(24, 2));
     assert!(rounds > 3, "paged out only {rounds} times");
 }
+
+/// Two nodes with different pod secrets never join; both exit 2 (bad
+/// input) naming the secret once the join timeout passes (a refusal
+/// before authentication could be forged, so none ends a join at once).
+#[test]
+fn nodes_with_different_secrets_exit_2_naming_the_secret() {
+    let dir = scratch("pod-secret");
+    let port = 21000 + (std::process::id() % 20000) as u16;
+    let file = dir.join("pod.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "pod_id = \"secret\"\nnodes = 2\nfabric = \"tcp\"\nmemory = \"64M\"\nguest = \"hello\"\n\
+             addresses = [\"127.0.0.1:{port}\", \"127.0.0.1:{}\"]\njoin_timeout = 3.0\n",
+            port + 1
+        ),
+    )
+    .unwrap();
+    let node = |rank: &str, secret: &str| {
+        let mut c = Command::new(shoal_bin());
+        c.args(["node", "--pod"]).arg(&file).args(["--rank", rank]);
+        c.env("SHOAL_POD_SECRET", secret);
+        c
+    };
+    let n1 = std::thread::spawn({
+        let cmd = node("1", "00112233445566778899aabbccddeeff");
+        move || run_bounded(cmd, LIMIT)
+    });
+    let r0 = run_bounded(node("0", "ffeeddccbbaa99887766554433221100"), LIMIT);
+    let r1 = n1.join().unwrap();
+    for (r, n) in [(&r0, 0), (&r1, 1)] {
+        assert_eq!(r.status, 2, "node {n}: {}", r.stderr);
+        assert!(r.stderr.contains("wrong pod secret"), "node {n}: {}", r.stderr);
+    }
+    assert!(!r0.stdout.contains("hello"), "the guest must not start: {}", r0.stdout);
+}

@@ -295,6 +295,26 @@ pub fn memory_region(mem: &GuestMemory) -> std::io::Result<LocalRegion> {
     Ok(unsafe { LocalRegion::with_memfd(super::engine::REGION_MEMORY, mem.alias_base(), mem.layout().size(), fd) })
 }
 
+/// Why joining failed, and whether the configuration is at fault (a
+/// wrong pod secret, another version or pod: shoal exits 2 then).
+#[derive(Debug)]
+pub struct JoinError {
+    pub text: String,
+    pub misconfigured: bool,
+}
+
+impl From<String> for JoinError {
+    fn from(text: String) -> Self {
+        JoinError { text, misconfigured: false }
+    }
+}
+
+impl From<shoal_fabric::Error> for JoinError {
+    fn from(e: shoal_fabric::Error) -> Self {
+        JoinError { misconfigured: e.is_misconfiguration(), text: e.to_string() }
+    }
+}
+
 /// Binds, learns the peers' addresses (from `placement`, or over
 /// stdin/stdout from the process that started us), and joins the pod.
 pub fn join(
@@ -304,8 +324,8 @@ pub fn join(
     secret: Vec<u8>,
     region: LocalRegion,
     opts: Options,
-) -> Result<Box<dyn Transport>, String> {
-    let binding = shoal_fabric::bind(kind, &placement.listen).map_err(|e| e.to_string())?;
+) -> Result<Box<dyn Transport>, JoinError> {
+    let binding = shoal_fabric::bind(kind, &placement.listen)?;
     let addrs = match &placement.addresses {
         Some(a) => a.clone(),
         None => stdio_rendezvous(binding.local_addr(), opts.join_timeout)?,
@@ -314,7 +334,7 @@ pub fn join(
     let peers: Vec<(NodeId, Addr)> =
         addrs.into_iter().enumerate().map(|(i, a)| (i as NodeId, a)).filter(|(i, _)| *i != me).collect();
     let id = Identity { node: me, pod_id: pod_id.to_string(), secret };
-    binding.join(id, &peers, vec![region], opts).map_err(|e| e.to_string())
+    Ok(binding.join(id, &peers, vec![region], opts)?)
 }
 
 /// A node started by `shoal run --nodes N`: print where we listen, read
