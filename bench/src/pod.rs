@@ -58,6 +58,11 @@ struct RemoteRow {
     ratio_per_page: f64,
     remote_fetches: u64,
     bytes_fabric_read: u64,
+    /// Where a remote fault's time went (p50 of each phase, node 0).
+    owner_us_p50: f64,
+    fabric_read_us_p50: f64,
+    map_us_p50: f64,
+    rest_us_p50: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -167,6 +172,10 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             ratio_per_page: n0.fault_remote_us_p50 / (n0.fault_zero_us_p50 / per_fault),
             remote_fetches: r.total.remote_fetches,
             bytes_fabric_read: r.total.bytes_fabric_read,
+            owner_us_p50: n0.fault_remote_owner_us_p50,
+            fabric_read_us_p50: n0.fault_remote_fabric_read_us_p50,
+            map_us_p50: n0.fault_remote_map_us_p50,
+            rest_us_p50: n0.fault_remote_rest_us_p50,
         });
         runs.push(r);
     }
@@ -217,6 +226,22 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             r.fault_remote_us_p99,
             r.ratio_per_fault,
             r.ratio_per_page
+        ));
+    }
+    md.push_str(
+        "\nWhere a remote fault's time goes, p50 of each phase on node 0: waiting for the owner's answer (request \
+         to the home, home to owner, the owner protecting its copy and answering: protocol hops and cross-process \
+         wakeups), the one-sided read, the map into the guest view (`UFFDIO_COPY`), and the rest to the wake.\n\n\
+         | CPUs | owner's answer µs | fabric read µs | map µs | rest µs |\n|---|---|---|---|---|\n",
+    );
+    for r in &remote {
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            r.owner_us_p50,
+            r.fabric_read_us_p50,
+            r.map_us_p50,
+            r.rest_us_p50
         ));
     }
     md.push_str(&format!(

@@ -120,6 +120,14 @@ pub struct NodeMetrics {
     pub fault_remote_write_us_p50: f64,
     pub faults_upgrade: u64,
     pub fault_upgrade_us_p50: f64,
+    /// Where a remote fault's time goes (p50 of each phase): waiting for
+    /// the owner's answer (the request to the home, the home to the owner,
+    /// the owner protecting its copy and answering), the one-sided read,
+    /// the map into the guest view, and the rest to the wake.
+    pub fault_remote_owner_us_p50: f64,
+    pub fault_remote_fabric_read_us_p50: f64,
+    pub fault_remote_map_us_p50: f64,
+    pub fault_remote_rest_us_p50: f64,
     /// Read copies of pages made here (fetched or zero-filled).
     pub pages_shared: u64,
     /// Read copies dropped here because a writer elsewhere needed them gone.
@@ -209,6 +217,11 @@ impl Report {
             t.faults_remote_write += n.faults_remote_write;
             t.fault_remote_write_us_p50 = t.fault_remote_write_us_p50.max(n.fault_remote_write_us_p50);
             t.faults_upgrade += n.faults_upgrade;
+            t.fault_remote_owner_us_p50 = t.fault_remote_owner_us_p50.max(n.fault_remote_owner_us_p50);
+            t.fault_remote_fabric_read_us_p50 =
+                t.fault_remote_fabric_read_us_p50.max(n.fault_remote_fabric_read_us_p50);
+            t.fault_remote_map_us_p50 = t.fault_remote_map_us_p50.max(n.fault_remote_map_us_p50);
+            t.fault_remote_rest_us_p50 = t.fault_remote_rest_us_p50.max(n.fault_remote_rest_us_p50);
             t.fault_upgrade_us_p50 = t.fault_upgrade_us_p50.max(n.fault_upgrade_us_p50);
             t.pages_shared += n.pages_shared;
             t.invalidations += n.invalidations;

@@ -156,7 +156,9 @@ impl Engine {
     /// becomes ours (else a read copy, mapped read-only).
     pub(super) fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
         let mut buf = std::mem::take(&mut st.bounce);
+        let t0 = std::time::Instant::now();
         let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
+        let t1 = std::time::Instant::now();
         let placed = got.and_then(|()| match &self.uffd {
             Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer),
             None => {
@@ -164,8 +166,13 @@ impl Engine {
                 Ok(())
             }
         });
+        let t2 = std::time::Instant::now();
         st.bounce = buf;
         placed?;
+        if let Some(w) = st.waiting.get_mut(&page) {
+            w.read = t1 - t0;
+            w.map = t2 - t1;
+        }
         self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
         if !transfer {
@@ -309,13 +316,19 @@ impl Engine {
                     st.latency.record(took);
                     match w.kind {
                         FaultKind::Zero => st.latency_zero.record(took),
-                        FaultKind::RemoteRead => {
+                        FaultKind::RemoteRead | FaultKind::RemoteWrite => {
                             st.latency_remote.record(took);
-                            st.latency_remote_read.record(took);
-                        }
-                        FaultKind::RemoteWrite => {
-                            st.latency_remote.record(took);
-                            st.latency_remote_write.record(took);
+                            if w.kind == FaultKind::RemoteRead {
+                                st.latency_remote_read.record(took);
+                            } else {
+                                st.latency_remote_write.record(took);
+                            }
+                            let owner = w.answered.map_or(took, |a| a - w.since);
+                            let b = &mut st.breakdown;
+                            b.owner.record(owner);
+                            b.read.record(w.read);
+                            b.map.record(w.map);
+                            b.rest.record(took.saturating_sub(owner + w.read + w.map));
                         }
                         FaultKind::Upgrade => st.latency_upgrade.record(took),
                     }

@@ -113,6 +113,34 @@ struct Waiter {
     /// The vCPU that faulted, when the fault came from one of ours.
     vcpu: Option<u32>,
     kind: FaultKind,
+    /// Where a remote fault's time went: the owner's answer (`Ready`)
+    /// arrived, and the one-sided read and the map (uffd copy or continue)
+    /// took these long.
+    answered: Option<Instant>,
+    read: std::time::Duration,
+    map: std::time::Duration,
+}
+
+impl Waiter {
+    fn new(access: Access, vcpu: Option<u32>, kind: FaultKind) -> Self {
+        let zero = std::time::Duration::ZERO;
+        Waiter { since: Instant::now(), access, vcpu, kind, answered: None, read: zero, map: zero }
+    }
+}
+
+/// Where remote faults' time went, phase by phase.
+#[derive(Debug, Default)]
+struct Breakdown {
+    /// From the fault to the owner's answer: the request to the home, the
+    /// home's message to the owner, the owner protecting its copy and
+    /// answering (protocol hops).
+    owner: FaultLatency,
+    /// The one-sided read of the page.
+    read: FaultLatency,
+    /// Putting it into the guest view (`UFFDIO_COPY` / `CONTINUE`).
+    map: FaultLatency,
+    /// The rest, to the wake: messages the event sends on, the wake ioctl.
+    rest: FaultLatency,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +174,7 @@ struct State {
     latency_remote_read: FaultLatency,
     latency_remote_write: FaultLatency,
     latency_upgrade: FaultLatency,
+    breakdown: Breakdown,
     pending_zero: Vec<Page>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
@@ -229,6 +258,7 @@ impl Engine {
             latency_remote_read: FaultLatency::default(),
             latency_remote_write: FaultLatency::default(),
             latency_upgrade: FaultLatency::default(),
+            breakdown: Breakdown::default(),
             pending_zero: Vec::new(),
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
@@ -322,6 +352,11 @@ impl Engine {
             }
             _ => {}
         }
+        if let Msg::Ready { page, .. } = msg {
+            if let Some(w) = st.waiting.get_mut(&page) {
+                w.answered.get_or_insert_with(Instant::now);
+            }
+        }
         let acts = st.node.receive(msg.clone()).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(&mut st, acts)?;
         self.apply(&mut st, acts)?;
@@ -405,13 +440,13 @@ impl Engine {
             // behind a read asks again when the read copy arrives)
             Admission::OnItsWay => return Ok(()),
             Admission::Parked => {
-                st.waiting.insert(page, Waiter { since: Instant::now(), access, vcpu, kind });
+                st.waiting.insert(page, Waiter::new(access, vcpu, kind));
                 self.counters.faults_parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             Admission::Go => {}
         }
-        let w = st.waiting.entry(page).or_insert(Waiter { since: Instant::now(), access, vcpu, kind });
+        let w = st.waiting.entry(page).or_insert_with(|| Waiter::new(access, vcpu, kind));
         w.access = w.access.max(access);
         let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
@@ -652,6 +687,10 @@ impl Engine {
         m.fault_remote_read_us_p50 = st.latency_remote_read.quantile_us(0.5);
         m.faults_remote_write = st.latency_remote_write.count();
         m.fault_remote_write_us_p50 = st.latency_remote_write.quantile_us(0.5);
+        m.fault_remote_owner_us_p50 = st.breakdown.owner.quantile_us(0.5);
+        m.fault_remote_fabric_read_us_p50 = st.breakdown.read.quantile_us(0.5);
+        m.fault_remote_map_us_p50 = st.breakdown.map.quantile_us(0.5);
+        m.fault_remote_rest_us_p50 = st.breakdown.rest.quantile_us(0.5);
         m.faults_upgrade = st.latency_upgrade.count();
         m.fault_upgrade_us_p50 = st.latency_upgrade.quantile_us(0.5);
         m.pages_shared = get(&c.pages_shared);
