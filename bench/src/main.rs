@@ -8,6 +8,7 @@ mod fabric;
 mod fault;
 mod pod;
 mod report;
+mod scaling;
 mod vcpus;
 
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ enum Bench {
     /// vCPUs across nodes: write ping-pong, IPI round trip, migration
     /// beside a remote fault, smp on 1-3 nodes, following data.
     Vcpus(vcpus::Args),
+    /// Dormant first touch on one node with 1 to 16 vCPUs: does fault
+    /// throughput hold as vCPUs outnumber cores?
+    Scaling(scaling::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Bench::Fabric(args) => fabric::run(&args, &cli.out),
         Bench::Pod(args) => pod::run(&args, &cli.out),
         Bench::Vcpus(args) => vcpus::run(&args, &cli.out),
+        Bench::Scaling(args) => scaling::run(&args, &cli.out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
