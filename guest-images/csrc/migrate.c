@@ -13,7 +13,12 @@
  * few remote faults; with it off, every page is pulled to node 0. Prints
  * where it ended and the checksum (a function of N only).
  *
- * mode=2: asks to move to a node outside the pod (shoal ends the VM). */
+ * mode=2: asks to move to a node outside the pod (shoal ends the VM).
+ *
+ * mode=3 (ipis): vCPU 1 sends vCPU 0 `ipis=K` IPIs while vCPU 0 moves
+ * around every node (`rounds` tours) and counts them with HC_WAIT_IPI: an
+ * IPI posted before a move goes with it, one sent after follows it. Exits
+ * 0 when exactly K arrived (none lost, none doubled). */
 #include "shoal.h"
 
 static u64 migrate_to(u64 node, u64 *saved)
@@ -119,6 +124,59 @@ static u64 tour(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 	return 0;
 }
 
+static struct {
+	volatile u64 sent;
+	u8 pad[PAGE - 8];
+} ipi_done __attribute__((aligned(4096)));
+
+u64 shoal_ap_main(const struct shoal_boot_info *bi)
+{
+	if (shoal_arg_or(bi, "mode", 0) == 3 && bi->vcpu_id == 1) {
+		u64 k = shoal_arg_or(bi, "ipis", 100);
+		for (u64 i = 0; i < k; i++) {
+			shoal_hc(SHOAL_HC_IPI, 0, 0, 0);
+			/* a little time between IPIs, so that moves fall between them */
+			for (volatile u64 spin = 0; spin < 200; spin++)
+				;
+		}
+		__atomic_store_n(&ipi_done.sent, k, __ATOMIC_SEQ_CST);
+	}
+	for (;;)
+		__asm__ volatile("hlt");
+}
+
+static u64 ipis(u64 rounds, u64 k)
+{
+	u64 nodes = shoal_info(SHOAL_INFO_NUM_NODES), got = 0, moves = 0, saved[5];
+	if (shoal_info(SHOAL_INFO_NUM_VCPUS) < 2) {
+		shoal_printf("migrate: error: mode=3 needs 2 vCPUs\n");
+		return 2;
+	}
+	/* move while IPIs arrive: every few waits, to the next node */
+	for (u64 turn = 0; __atomic_load_n(&ipi_done.sent, __ATOMIC_SEQ_CST) == 0 || got < k; turn++) {
+		got += shoal_hc(SHOAL_HC_WAIT_IPI, 1000000, 0, 0); /* 1 ms */
+		if (moves < rounds * nodes && turn % 3 == 0) {
+			migrate_to((shoal_info(SHOAL_INFO_NODE_ID) + 1) % nodes, saved);
+			moves++;
+		}
+		if (got > k)
+			break;
+		if (turn > 100000) {
+			shoal_printf("migrate: FAILED: %lu of %lu IPIs after %lu waits\n", got, k, turn);
+			return 1;
+		}
+	}
+	/* anything still coming would be a double: wait a little more */
+	for (int i = 0; i < 50; i++)
+		got += shoal_hc(SHOAL_HC_WAIT_IPI, 2000000, 0, 0);
+	if (got != k) {
+		shoal_printf("migrate: FAILED: %lu IPIs arrived, %lu were sent\n", got, k);
+		return 1;
+	}
+	shoal_printf("migrate: ipis ok: %lu IPIs while moving %lu times over %lu nodes\n", got, moves, nodes);
+	return 0;
+}
+
 static u64 follow(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 {
 	u64 saved[5];
@@ -148,6 +206,7 @@ u64 shoal_main(const struct shoal_boot_info *bi)
 	switch (mode) {
 	case 0: return tour(bi, mib * MIB, rounds);
 	case 1: return follow(bi, mib * MIB, rounds);
+	case 3: return ipis(rounds, shoal_arg_or(bi, "ipis", 100));
 	case 2: {
 		/* a move to the node one past the last: shoal must end the VM */
 		u64 saved[5];
@@ -155,6 +214,8 @@ u64 shoal_main(const struct shoal_boot_info *bi)
 		shoal_printf("migrate: FAILED: a move outside the pod returned\n");
 		return 1;
 	}
-	default: shoal_printf("migrate: error: mode=%lu; use 0 (tour), 1 (follow) or 2 (outside)\n", mode); return 2;
+	default:
+		shoal_printf("migrate: error: mode=%lu; use 0 (tour), 1 (follow), 2 (outside) or 3 (ipis)\n", mode);
+		return 2;
 	}
 }

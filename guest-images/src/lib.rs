@@ -76,9 +76,10 @@ pub const GUESTS: &[Guest] = &[
         name: "migrate",
         summary: "vCPU 0 moves itself between the nodes of a pod: mode=0 checks registers, stack and memory survive every move; mode=1 reads data written on node 1 (the vCPU should follow it)",
         params: &[
-            Param { key: "mode", help: "0 tour every node, 1 follow data on node 1, 2 move outside the pod", default: 0 },
+            Param { key: "mode", help: "0 tour every node, 1 follow data on node 1, 2 move outside the pod, 3 count IPIs while moving", default: 0 },
             MIB,
-            Param { key: "rounds", help: "tours (mode 0) or read passes (mode 1)", default: 1 },
+            Param { key: "rounds", help: "tours (modes 0 and 3) or read passes (mode 1)", default: 1 },
+            Param { key: "ipis", help: "IPIs vCPU 1 sends vCPU 0 while it moves (mode 3)", default: 100 },
         ],
         elf: elf!("migrate"),
     },

@@ -355,3 +355,25 @@ fn first_touches_on_every_node_send_no_dormant_page() {
     // 6144 pages touched; what crossed is the handful with contents
     assert!(r.metric("remote_fetches") <= 32, "{ns:?}");
 }
+
+/// IPIs chase a moving vCPU: vCPU 1 sends vCPU 0 200 IPIs while vCPU 0
+/// tours three nodes five times; exactly 200 arrive (the guest counts), and
+/// every IPI that crossed the fabric was posted exactly once.
+#[test]
+fn ipis_find_a_vcpu_that_keeps_moving() {
+    if !kvm_or_skip("vcpus ipis while moving") {
+        return;
+    }
+    let r = run(
+        "migrate",
+        "mode=3 ipis=200 rounds=5",
+        &["--cpus", "2", "--nodes", "3", "--fabric", "tcp", "--migration", "off"],
+    );
+    r.expect_status(0);
+    assert!(r.stdout.contains("migrate: ipis ok: 200 IPIs while moving 15 times over 3 nodes"), "{}", r.stdout);
+    assert_eq!(r.metric("vcpu_migrations_out"), 15);
+    assert_eq!(r.metric("vcpu_migrations_in"), 15);
+    // sent across nodes (first hop) = posted from a message (last hop)
+    assert_eq!(r.metric("ipis_sent"), r.metric("ipis_received"), "{:?}", nodes(&r));
+    assert!(r.metric("ipis_sent") > 0);
+}
