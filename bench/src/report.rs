@@ -20,6 +20,15 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The number after `key` (as in `key=123`) in what a guest printed.
+pub fn printed(stdout: &str, key: &str) -> anyhow::Result<f64> {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in the guest's output:\n{stdout}"))
+}
+
 /// Facts about the machine a result came from.
 #[derive(Debug, Serialize)]
 pub struct Host {

@@ -7,11 +7,10 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use serde::Serialize;
 
 use crate::pod::{run_pod_out, RunResult};
-use crate::report::{self, Host};
+use crate::report::{self, printed, Host};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,14 +40,6 @@ struct Report {
     host: Host,
     rows: Vec<Row>,
     runs: Vec<RunResult>,
-}
-
-fn printed(stdout: &str, key: &str) -> anyhow::Result<f64> {
-    stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {key} in the guest's output:\n{stdout}"))
 }
 
 pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {

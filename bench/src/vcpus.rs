@@ -20,11 +20,11 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde::Serialize;
 
 use crate::pod::{run_pod_out, RunResult};
-use crate::report::{self, Host};
+use crate::report::{self, printed, Host};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -63,15 +63,6 @@ struct Report {
     shm_read_floor_us: f64,
     rows: Vec<Row>,
     runs: Vec<RunResult>,
-}
-
-/// The number after `key` in what the guest printed.
-fn printed(stdout: &str, key: &str) -> anyhow::Result<f64> {
-    stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {key} in the guest's output:\n{stdout}"))
 }
 
 fn row(what: &str, r: &RunResult, us: f64, baseline_us: f64, baseline: &str) -> Row {

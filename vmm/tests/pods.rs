@@ -6,7 +6,6 @@ mod common;
 #[path = "../../fabric/tests/common/netns_util.rs"]
 mod netns_util;
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -173,12 +172,6 @@ fn smp_runs_its_vcpus_on_node_0_over_memory_on_every_node() {
     assert_eq!(r.metric("bytes_fabric_read"), 0);
 }
 
-/// The process ids of `pid`'s children, in the order they were started.
-fn children_of(pid: u32) -> Vec<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    text.split_whitespace().filter_map(|s| s.parse().ok()).collect()
-}
-
 /// A guest that touches more than all nodes may hold together ends with
 /// a clear error, not a hang.
 #[test]
@@ -199,67 +192,31 @@ fn a_pod_out_of_memory_fails_clearly() {
 
 /// memtouch over 40 MiB on 3 tcp nodes of 16 MiB each (it fits: only a
 /// node's fate can end it early), running in the background.
-struct RunningPod {
-    child: std::process::Child,
-    stderr: std::thread::JoinHandle<String>,
+fn running_pod() -> BackgroundPod {
+    BackgroundPod::start(&[
+        "run",
+        "--guest",
+        "memtouch",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mib=40",
+        "--nodes",
+        "3",
+        "--fabric",
+        "tcp",
+        "--node-memory",
+        "16M",
+    ])
 }
 
-impl RunningPod {
-    fn start() -> RunningPod {
-        let mut child = Command::new(shoal_bin())
-            .args(["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=40", "--nodes", "3"])
-            .args(["--fabric", "tcp", "--node-memory", "16M"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        RunningPod { child, stderr }
-    }
-
-    /// Node 2's process id, once both nodes run and the guest has been
-    /// going for 3 s.
-    fn node2_running(&mut self) -> u32 {
-        let start = Instant::now();
-        loop {
-            let kids = children_of(self.child.id());
-            if kids.len() == 2 && start.elapsed() > Duration::from_secs(3) {
-                return kids[1];
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "the nodes did not start");
-            assert!(self.child.try_wait().unwrap().is_none(), "the pod ended early");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for the pod to end (a failure if it takes longer than
-    /// `bound`: a hang); returns its line saying why the VM failed.
-    fn failure(mut self, bound: Duration) -> String {
-        let since = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if since.elapsed() > bound {
-                let _ = self.child.kill();
-                panic!("the pod did not end within {bound:?} (a hang)");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stderr = self.stderr.join().unwrap();
-        assert!(!status.success(), "{stderr}");
-        // the log lines on a pipe carry no terminal colour codes
-        assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
-        let line = stderr.lines().find(|l| l.starts_with("shoal: error: the VM failed")).unwrap_or_default();
-        assert!(!line.is_empty(), "{stderr}");
-        line.to_string()
-    }
+/// A failed pod's end: not a success, its reason on a line of its own,
+/// and no terminal colour codes in its log on a pipe.
+fn failed(end: PodEnd) -> String {
+    assert!(end.status.is_some_and(|s| s != 0), "{}", end.stderr);
+    assert!(!end.failure.is_empty(), "{}", end.stderr);
+    assert!(!end.stderr.contains('\u{1b}'), "{:?}", end.stderr);
+    end.failure
 }
 
 #[test]
@@ -267,12 +224,12 @@ fn killing_a_node_mid_run_ends_the_pod_naming_it() {
     if !kvm_or_skip("pod kill") {
         return;
     }
-    let mut pod = RunningPod::start();
-    let node2 = pod.node2_running();
+    let mut pod = running_pod();
+    let node2 = pod.node(2, 2, Duration::from_secs(3));
     // SAFETY: SIGKILL to a process of the pod we started.
     unsafe { libc::kill(node2 as i32, libc::SIGKILL) };
     // noticed at once (the connection closes); the bound is for a hang
-    let failed = pod.failure(Duration::from_secs(20));
+    let failed = failed(pod.end(Instant::now(), Duration::from_secs(20)));
     assert!(failed.contains("node 2 left the pod"), "{failed}");
 }
 
@@ -284,12 +241,12 @@ fn a_hung_node_ends_the_pod_instead_of_hanging_it() {
     if !kvm_or_skip("pod hung node") {
         return;
     }
-    let mut pod = RunningPod::start();
-    let node2 = pod.node2_running();
+    let mut pod = running_pod();
+    let node2 = pod.node(2, 2, Duration::from_secs(3));
     // SAFETY: SIGSTOP to a process of the pod we started.
     unsafe { libc::kill(node2 as i32, libc::SIGSTOP) };
     // a 2 s read timeout or the 10 s fault watchdog; the bound is for a hang
-    let failed = pod.failure(Duration::from_secs(40));
+    let failed = failed(pod.end(Instant::now(), Duration::from_secs(40)));
     // SAFETY: as above; let it go so it can be reaped (it dies with its parent).
     unsafe { libc::kill(node2 as i32, libc::SIGCONT) };
     assert!(failed.contains("node 2") || failed.contains("does not answer"), "{failed}");

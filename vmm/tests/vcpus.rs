@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -219,66 +217,24 @@ fn bad_placements_are_refused_before_any_node_starts() {
 
 /// A pod running `sharing` for a long time with a vCPU on each of three
 /// nodes, in the background.
-struct Busy {
-    child: std::process::Child,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-impl Busy {
-    fn start(fabric: &str) -> Busy {
-        let mut child = Command::new(shoal_bin())
-            .args(["run", "--guest", "sharing", "--memory", "64M", "--cmdline", "rounds=100000000 ipi=1"])
-            .args(["--cpus", "3", "--nodes", "3", "--fabric", fabric, "--migration", "off"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Busy { child, stderr }
-    }
-
-    /// Node 2's pid once the pod has run its guest for 2 s.
-    fn node2(&mut self) -> u32 {
-        let start = Instant::now();
-        loop {
-            let text =
-                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id())).unwrap_or_default();
-            let kids: Vec<u32> = text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
-            if kids.len() == 2 && start.elapsed() > Duration::from_secs(2) {
-                return kids[1];
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "the nodes did not start");
-            assert!(self.child.try_wait().unwrap().is_none(), "the pod ended early");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the pod to end; returns how long that took after `since`
-    /// and its line saying why the VM failed. Longer than `bound` is a hang.
-    fn failure(mut self, since: Instant, bound: Duration) -> (Duration, String) {
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if since.elapsed() > bound {
-                let _ = self.child.kill();
-                panic!("the pod did not end within {bound:?} (a hang)");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let took = since.elapsed();
-        let stderr = self.stderr.join().unwrap();
-        assert_eq!(status.code(), Some(70), "{stderr}");
-        let line = stderr.lines().find(|l| l.starts_with("shoal: error: the VM failed")).unwrap_or_default();
-        assert!(!line.is_empty(), "{stderr}");
-        (took, line.to_string())
-    }
+fn busy(fabric: &str) -> BackgroundPod {
+    BackgroundPod::start(&[
+        "run",
+        "--guest",
+        "sharing",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "rounds=100000000 ipi=1",
+        "--cpus",
+        "3",
+        "--nodes",
+        "3",
+        "--fabric",
+        fabric,
+        "--migration",
+        "off",
+    ])
 }
 
 #[test]
@@ -286,13 +242,14 @@ fn a_killed_node_with_vcpus_ends_the_pod_naming_it() {
     if !kvm_or_skip("vcpus kill") {
         return;
     }
-    let mut pod = Busy::start("tcp");
-    let node2 = pod.node2();
+    let mut pod = busy("tcp");
+    let node2 = pod.node(2, 2, Duration::from_secs(2));
     let since = Instant::now();
     // SAFETY: SIGKILL to a process of the pod we started.
     unsafe { libc::kill(node2 as i32, libc::SIGKILL) };
-    let (_, line) = pod.failure(since, Duration::from_secs(20));
-    assert!(line.contains("node 2"), "{line}");
+    let end = pod.end(since, Duration::from_secs(20));
+    assert_eq!(end.status, Some(70), "{}", end.stderr);
+    assert!(end.failure.contains("node 2"), "{}", end.stderr);
 }
 
 /// A node that hangs (stopped: its connections stay up) is named by its
@@ -304,12 +261,14 @@ fn a_hung_node_with_vcpus_is_named_within_two_seconds() {
         return;
     }
     for fabric in ["shm", "tcp"] {
-        let mut pod = Busy::start(fabric);
-        let node2 = pod.node2();
+        let mut pod = busy(fabric);
+        let node2 = pod.node(2, 2, Duration::from_secs(2));
         let since = Instant::now();
         // SAFETY: SIGSTOP to a process of the pod we started.
         unsafe { libc::kill(node2 as i32, libc::SIGSTOP) };
-        let (took, line) = pod.failure(since, Duration::from_secs(20));
+        let end = pod.end(since, Duration::from_secs(20));
+        assert_eq!(end.status, Some(70), "{}", end.stderr);
+        let (took, line) = (end.took, end.failure);
         // SAFETY: as above; let it go so it can be reaped.
         unsafe { libc::kill(node2 as i32, libc::SIGCONT) };
         assert!(line.contains("node 2 does not answer"), "{fabric}: {line}");

@@ -197,3 +197,77 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> String {
     std::fs::write(&p, bytes).unwrap();
     p.display().to_string()
 }
+
+/// A pod started in the background (`shoal ARGS`, stdout discarded), for
+/// tests that do something to its nodes while it runs.
+pub struct BackgroundPod {
+    child: std::process::Child,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// How a background pod ended.
+#[derive(Debug)]
+pub struct PodEnd {
+    /// From the moment given to `BackgroundPod::end` to the exit.
+    pub took: Duration,
+    pub status: Option<i32>,
+    pub stderr: String,
+    /// Its `shoal: error: the VM failed: ...` line, if any.
+    pub failure: String,
+}
+
+impl BackgroundPod {
+    pub fn start(args: &[&str]) -> BackgroundPod {
+        let mut child = Command::new(shoal_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        BackgroundPod { child, stderr }
+    }
+
+    /// The process id of node `n` (its `n`-th child) once all `members`
+    /// member nodes run and the guest has gone on for `after`.
+    pub fn node(&mut self, n: usize, members: usize, after: Duration) -> u32 {
+        let start = Instant::now();
+        loop {
+            let pid = self.child.id();
+            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            let kids: Vec<u32> = text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+            if kids.len() == members && start.elapsed() > after {
+                return kids[n - 1];
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "the nodes did not start");
+            assert!(self.child.try_wait().unwrap().is_none(), "the pod ended early");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the pod to end; longer than `bound` after `since` is a
+    /// hang (the test fails, the pod is killed).
+    pub fn end(mut self, since: Instant, bound: Duration) -> PodEnd {
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if since.elapsed() > bound {
+                let _ = self.child.kill();
+                panic!("the pod did not end within {bound:?} (a hang)");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let took = since.elapsed();
+        let stderr = self.stderr.join().unwrap();
+        let failure =
+            stderr.lines().find(|l| l.starts_with("shoal: error: the VM failed")).unwrap_or_default().to_string();
+        PodEnd { took, status: status.code(), stderr, failure }
+    }
+}
