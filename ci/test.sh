@@ -24,6 +24,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
+# Coverage-guided fuzzing of every decoder of bytes from outside (fuzz/):
+# a bounded run on every submission (about 2 minutes once built; the build
+# is kept under /var/tmp/shoal-fuzz). `ci/fuzz.sh 3600` is a campaign.
+step "fuzz every decoder, 20 s each (ci/fuzz.sh)"
+ci/fuzz.sh 20
+
 # The verbs backend, for real: the fabric's conformance suite inside a VM
 # with soft-RoCE (SHOAL_SKIP_SOFTROCE=1 skips it, loudly, for quick local
 # runs; CI never sets it).
