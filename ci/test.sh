@@ -17,6 +17,7 @@ if [ "${CI:-}" = true ]; then export SHOAL_REQUIRE_KVM=1 SHOAL_REQUIRE_NETNS=1; 
 
 step "cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check   # not a workspace member
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
