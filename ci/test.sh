@@ -17,12 +17,19 @@ if [ "${CI:-}" = true ]; then export SHOAL_REQUIRE_KVM=1 SHOAL_REQUIRE_NETNS=1; 
 
 step "cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check   # not a workspace member
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+# Coverage-guided fuzzing of every decoder of bytes from outside (fuzz/):
+# a bounded run on every submission (about 2 minutes once built; the build
+# is kept under /var/tmp/shoal-fuzz). `ci/fuzz.sh 3600` is a campaign.
+step "fuzz every decoder, 20 s each (ci/fuzz.sh)"
+ci/fuzz.sh 20
 
 # The verbs backend, for real: the fabric's conformance suite inside a VM
 # with soft-RoCE (SHOAL_SKIP_SOFTROCE=1 skips it, loudly, for quick local

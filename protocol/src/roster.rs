@@ -129,7 +129,8 @@ impl Roster {
         let me = self.me;
         let e = &mut self.vcpus[vcpu as usize];
         if e.location == me {
-            e.pending += 1;
+            // saturating: a peer's Migrate may have brought any count
+            e.pending = e.pending.saturating_add(1);
             vec![RAction::Posted { vcpu }]
         } else {
             vec![RAction::Send { to: e.location, msg: RMsg::Ipi { vcpu } }]
@@ -150,7 +151,9 @@ impl Roster {
         }
         let e = &mut self.vcpus[vcpu as usize];
         e.location = to;
-        e.moves += 1;
+        // saturating: the count came from a peer's Migrate, which may
+        // carry any value
+        e.moves = e.moves.saturating_add(1);
         let pending = std::mem::take(&mut e.pending);
         Ok(vec![RAction::Send { to, msg: RMsg::Migrate { vcpu, moves: e.moves, pending } }])
     }
@@ -188,7 +191,7 @@ impl Roster {
                 }
                 e.location = me;
                 e.moves = moves;
-                e.pending += pending;
+                e.pending = e.pending.saturating_add(pending);
                 let mut out = vec![RAction::Arrived { vcpu }];
                 if e.pending > 0 {
                     out.push(RAction::Posted { vcpu });
@@ -243,6 +246,29 @@ mod tests {
         b.receive(0, msg.clone()).unwrap();
         assert_eq!(b.pending(0), 2);
         assert_eq!(a.pending(0), 0);
+    }
+
+    #[test]
+    fn counts_from_a_peer_at_their_limit_do_not_overflow() {
+        // found by fuzz/ (roster): a Migrate bringing u64::MAX pending
+        // IPIs, then one more IPI, overflowed the mailbox's count
+        let mut a = Roster::new(0, 2, &[1]);
+        a.receive(1, RMsg::Migrate { vcpu: 0, moves: u64::MAX, pending: u64::MAX }).unwrap();
+        assert_eq!(a.ipi(0).unwrap(), vec![RAction::Posted { vcpu: 0 }]);
+        assert_eq!(a.receive(1, RMsg::Ipi { vcpu: 0 }).unwrap(), vec![RAction::Posted { vcpu: 0 }]);
+        assert_eq!(a.pending(0), u64::MAX);
+        // and leaving after u64::MAX moves
+        let acts = a.leave(0, 1).unwrap();
+        assert_eq!(
+            acts,
+            vec![RAction::Send { to: 1, msg: RMsg::Migrate { vcpu: 0, moves: u64::MAX, pending: u64::MAX } }]
+        );
+        // a vCPU that left and comes back with more pending IPIs
+        let mut b = Roster::new(1, 2, &[1]);
+        b.ipi(0).unwrap();
+        b.leave(0, 0).unwrap();
+        b.receive(0, RMsg::Migrate { vcpu: 0, moves: 2, pending: u64::MAX }).unwrap();
+        assert_eq!(b.pending(0), u64::MAX);
     }
 
     #[test]

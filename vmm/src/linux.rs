@@ -127,11 +127,17 @@ fn elf_notes(bytes: &[u8]) -> ElfNotes {
     let Ok(phdrs) = ProgramHeader::parse(bytes, offset, count, Ctx::new(container, endian)) else { return found };
     elf.program_headers = phdrs;
     let Some(notes) = elf.iter_note_headers(bytes) else { return found };
-    for n in notes.flatten() {
-        match n.name.trim_end_matches('\0') {
-            "Linux" => found.linux = true,
-            "Xen" if n.n_type == XEN_ELFNOTE_PHYS32_ENTRY => found.pvh = true,
-            _ => {}
+    // One note segment at a time, each to its first malformed note: on an
+    // error goblin's iterator does not move on, it yields the same error
+    // forever (skipping errors, a crafted note hung `shoal run`).
+    for segment in notes.iters {
+        for n in segment {
+            let Ok(n) = n else { break };
+            match n.name.trim_end_matches('\0') {
+                "Linux" => found.linux = true,
+                "Xen" if n.n_type == XEN_ELFNOTE_PHYS32_ENTRY => found.pvh = true,
+                _ => {}
+            }
         }
     }
     found
@@ -422,6 +428,26 @@ mod tests {
         assert_eq!(of(&b), Some(Format::BzImage));
         // a vmlinux without the PVH entry is told from a unikernel
         assert!(matches!(Format::of(&tiny_elf(None, true)), Err(Error::NoPvhEntry)));
+    }
+
+    #[test]
+    fn a_malformed_note_ends_the_search_instead_of_hanging() {
+        // found by fuzz/ (linux_format): a note segment with an alignment
+        // goblin does not implement (0x2b), after which its note iterator
+        // yielded the same error forever
+        let mut k = tiny_elf(Some(0x10_0040), true);
+        let p_align = 120 + 48;
+        k[p_align..p_align + 8].copy_from_slice(&0x2bu64.to_le_bytes());
+        assert_eq!(Format::of(&k).ok().flatten(), None);
+        // a bad note segment does not hide a good one after it
+        let mut two = tiny_elf(Some(0x10_0040), true);
+        two[56..58].copy_from_slice(&3u16.to_le_bytes()); // e_phnum
+                                                          // the notes move to 0x800, the good PT_NOTE to third place
+        two.copy_within(176..176 + 48, 0x800);
+        two.copy_within(120..176, 176);
+        two[176 + 8..176 + 16].copy_from_slice(&0x800u64.to_le_bytes()); // its p_offset
+        two[p_align..p_align + 8].copy_from_slice(&0x2bu64.to_le_bytes());
+        assert_eq!(Format::of(&two).ok().flatten(), Some(Format::Pvh));
     }
 
     #[test]

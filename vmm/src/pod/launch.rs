@@ -20,6 +20,10 @@ use crate::memory::GuestMemory;
 pub const SECRET_ENV: &str = "SHOAL_POD_SECRET";
 /// Default first port of tcp and verbs pods: node i listens on PORT + i.
 pub const DEFAULT_PORT: u16 = 7470;
+/// Most nodes in a pod: every node connects to every other, and works out
+/// every node's address before it joins (a pod file saying 400 million
+/// nodes made a node allocate gigabytes of addresses).
+pub const MAX_POD_NODES: u32 = 1024;
 
 /// A pod file (`shoal node --pod POD.toml`). Every node of a pod reads the
 /// same one. See README.md for an example.
@@ -214,6 +218,9 @@ pub fn place(
     }
     if nodes < 2 {
         return Err(format!("a pod needs at least 2 nodes, not {nodes}"));
+    }
+    if nodes > MAX_POD_NODES {
+        return Err(format!("a pod has at most {MAX_POD_NODES} nodes, not {nodes}"));
     }
     if rank >= nodes {
         return Err(format!("rank {rank} is outside a pod of {nodes} nodes"));
@@ -559,8 +566,14 @@ mod tests {
         assert!(place(&three, Kind::Tcp, None, &env).unwrap_err().contains("3 nodes"));
         let one = PodFile { nodes: Some(1), ..file.clone() };
         assert!(place(&one, Kind::Shm, Some(0), &none).unwrap_err().contains("at least 2"));
-        let two = PodFile { nodes: Some(2), ..file };
+        let two = PodFile { nodes: Some(2), ..file.clone() };
         assert!(place(&two, Kind::Shm, Some(5), &none).unwrap_err().contains("outside"));
+        // found by fuzz/ (pod_file): 400 million nodes in a pod file took
+        // more than 2 GiB for their addresses before anything was checked
+        let huge = PodFile { nodes: Some(400_000_000), ..file.clone() };
+        assert!(place(&huge, Kind::Shm, Some(0), &none).unwrap_err().contains("at most 1024"));
+        let most = PodFile { nodes: Some(MAX_POD_NODES), ..file };
+        assert_eq!(place(&most, Kind::Shm, Some(0), &none).unwrap().addresses.unwrap().len(), 1024);
     }
 
     #[test]
