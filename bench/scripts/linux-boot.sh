@@ -23,7 +23,7 @@ boot() {
   kernel=/vmlinuz
   if [ "${1:-}" = --pvh ]; then kernel=/vmlinux; shift; fi
   timeout 600 shoal run --kernel "$kernel" --initrd /initrd.img --memory 256M \
-    --cmdline "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux quiet -- /bin/true" \
+    --cmdline "console=ttyS0 panic=-1 pci=off i8042.noaux quiet -- /bin/true" \
     --metrics-json /tmp/m.json "$@" >/tmp/out 2>/tmp/err || { cat /tmp/err; return 1; }
   up=$(sed -n 's/^shoal-init: up \([0-9.]*\).*/\1/p' /tmp/out | head -1)
   m() { v=$(grep "\"$1\"" /tmp/m.json | head -1 | tr -dc '0-9.'); echo "${v:-0}"; }

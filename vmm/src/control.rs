@@ -12,8 +12,11 @@ pub enum VmEvent {
     Exit { vcpu: u64, status: u64 },
     /// A vCPU executed `hlt`; it stays stopped (no interrupts wake it).
     Halted { vcpu: u64 },
-    /// The guest reset the machine (a Linux guest's `reboot`).
+    /// The guest reset the machine (a Linux guest's `reboot`, or a panic
+    /// with `panic=-1`).
     Reset { vcpu: u64 },
+    /// The guest powered off (a Linux guest's `poweroff`, through ACPI).
+    PowerOff { vcpu: u64 },
     /// The VM cannot go on.
     Failed(String),
 }

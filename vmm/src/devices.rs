@@ -1,6 +1,8 @@
-//! Port-I/O devices of a unikernel guest: the 16550 serial port at 0x3f8
-//! (vm-superio) and the hypercall port (print, exit, clock, info; see
-//! `shoal_guest_images::abi`). Both write to one console on stdout.
+//! Port-I/O devices: the 16550 serial port at 0x3f8 (vm-superio) and the
+//! hypercall port (print, exit, clock, info; see
+//! `shoal_guest_images::abi`), both writing to one console on stdout; the
+//! exit port; and for Linux guests the i8042's reset line and ACPI's PM1
+//! registers ([`AcpiPm`]: power-off). They live on node 0.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
@@ -128,10 +130,11 @@ impl Trigger for IrqLine {
 }
 
 /// The i8042 keyboard controller's ports: only its reset line is wired
-/// (`reboot` in a Linux guest with `reboot=k`).
+/// (a Linux guest's `reboot`: the FADT's reset register, and the kernel's
+/// fallback after it).
 const I8042_DATA: u16 = 0x60;
-const I8042_COMMAND: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
+const I8042_COMMAND: u16 = crate::acpi::RESET_PORT;
+const I8042_RESET: u8 = crate::acpi::RESET_VALUE;
 
 /// What a port write asks of the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +143,91 @@ pub enum PortEvent {
     Exit(u8),
     /// The guest pulsed the reset line (i8042).
     Reset,
+    /// The guest entered ACPI's S5 (soft off): it powered off.
+    PowerOff,
+}
+
+/// ACPI's PM1a registers, for the fixed-hardware ACPI of `acpi.rs` (why
+/// not hardware-reduced ACPI: see there). The event block's status
+/// register reads as zeros and ignores writes: shoal raises no ACPI event.
+/// Its enable register keeps what the guest writes (Linux enables the
+/// global lock's event and reads it back: a bit that does not stick is a
+/// machine without the lock, and an error on every boot). The control
+/// register keeps what the guest writes, reads with SCI_EN set (the
+/// machine is in ACPI mode), and SLP_EN with SLP_TYP = S5 powers off;
+/// SLP_EN with another sleep type (the DSDT declares none) is ignored and
+/// reads back clear. Accesses of any width are taken byte by byte.
+/// I/O-free: the vCPU loop acts on the [`PortEvent`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AcpiPm {
+    enable: u16,
+    control: u16,
+}
+
+/// The PM1a registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pm1 {
+    Status,
+    Enable,
+    Control,
+}
+
+impl AcpiPm {
+    /// Whether `port` is one of the PM1a registers.
+    pub fn claims(port: u16) -> bool {
+        use crate::acpi::{PM1_CNT_LEN, PM1_CNT_PORT, PM1_EVT_LEN, PM1_EVT_PORT};
+        (PM1_EVT_PORT..PM1_EVT_PORT + u16::from(PM1_EVT_LEN)).contains(&port)
+            || (PM1_CNT_PORT..PM1_CNT_PORT + u16::from(PM1_CNT_LEN)).contains(&port)
+    }
+
+    /// The register whose byte `port` is, and that byte's first bit (the
+    /// event block is status then enable, 2 bytes each).
+    fn register(port: u16) -> Option<(Pm1, u32)> {
+        use crate::acpi::{PM1_CNT_LEN, PM1_CNT_PORT, PM1_EVT_LEN, PM1_EVT_PORT};
+        let half = u16::from(PM1_EVT_LEN) / 2;
+        if let Some(o) = port.checked_sub(PM1_EVT_PORT).filter(|o| *o < u16::from(PM1_EVT_LEN)) {
+            let reg = if o < half { Pm1::Status } else { Pm1::Enable };
+            return Some((reg, u32::from(o % half) * 8));
+        }
+        let o = port.checked_sub(PM1_CNT_PORT).filter(|o| *o < u16::from(PM1_CNT_LEN))?;
+        Some((Pm1::Control, u32::from(o) * 8))
+    }
+
+    /// An `in` of `data.len()` bytes from `port`.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = match Self::register(port.wrapping_add(i as u16)) {
+                Some((Pm1::Status, _)) => 0,
+                Some((Pm1::Enable, shift)) => (self.enable >> shift) as u8,
+                Some((Pm1::Control, shift)) => ((self.control | crate::acpi::PM1_SCI_EN) >> shift) as u8,
+                None => 0xff,
+            };
+        }
+    }
+
+    /// An `out` of `data` to `port`; `PowerOff` when it enters S5.
+    pub fn write(&mut self, port: u16, data: &[u8]) -> Option<PortEvent> {
+        use crate::acpi::{PM1_SLP_EN, PM1_SLP_TYP_MASK, PM1_SLP_TYP_SHIFT, SLP_TYP_S5};
+        let set = |reg: &mut u16, shift: u32, b: u8| *reg = (*reg & !(0xff << shift)) | (u16::from(b) << shift);
+        for (i, &b) in data.iter().enumerate() {
+            match Self::register(port.wrapping_add(i as u16)) {
+                Some((Pm1::Enable, shift)) => set(&mut self.enable, shift, b),
+                Some((Pm1::Control, shift)) => set(&mut self.control, shift, b),
+                Some((Pm1::Status, _)) | None => {}
+            }
+        }
+        if self.control & PM1_SLP_EN == 0 {
+            return None;
+        }
+        // SLP_EN is write-only: it reads as 0
+        self.control &= !PM1_SLP_EN;
+        let slp_typ = (self.control & PM1_SLP_TYP_MASK) >> PM1_SLP_TYP_SHIFT;
+        if slp_typ == u16::from(SLP_TYP_S5) {
+            return Some(PortEvent::PowerOff);
+        }
+        tracing::warn!(slp_typ, "the guest asked for an ACPI sleep state shoal does not have; ignored");
+        None
+    }
 }
 
 /// Facts HC_INFO answers, and the clock HC_CLOCK_NS reads.
@@ -172,12 +260,21 @@ pub struct Devices {
     memory: GuestReader,
     start: Instant,
     info: GuestInfo,
+    /// ACPI's PM1 registers: a Linux guest's (on node 0), None otherwise.
+    pm: Option<Mutex<AcpiPm>>,
 }
 
 impl Devices {
     pub fn new(console: Arc<Mutex<Console>>, memory: GuestReader, info: GuestInfo, irq: IrqLine) -> Self {
         let serial = Serial::new(irq, ConsoleWriter(console.clone()));
-        Devices { serial: Mutex::new(serial), console, memory, start: info.clock_start, info }
+        Devices { serial: Mutex::new(serial), console, memory, start: info.clock_start, info, pm: None }
+    }
+
+    /// With ACPI's PM1 registers (a Linux guest, whose ACPI tables name
+    /// them); without, their ports stay unclaimed.
+    pub fn with_acpi_pm(mut self) -> Self {
+        self.pm = Some(Mutex::new(AcpiPm::default()));
+        self
     }
 
     /// The console (to flush at exit).
@@ -188,6 +285,10 @@ impl Devices {
     /// An `in` from `port`. Unclaimed ports read as all ones, like an empty
     /// ISA bus.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if let Some(pm) = self.pm.as_ref().filter(|_| AcpiPm::claims(port)) {
+            pm.lock().unwrap_or_else(|p| p.into_inner()).read(port, data);
+            return;
+        }
         if let Some(offset) = serial_offset(port) {
             if let Some(b) = data.first_mut() {
                 *b = self.serial.lock().unwrap_or_else(|p| p.into_inner()).read(offset);
@@ -213,6 +314,9 @@ impl Devices {
     /// An `out` to `port` other than the hypercall port; what it asks of
     /// the VM, if anything. Unclaimed ports are ignored.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<PortEvent> {
+        if let Some(pm) = self.pm.as_ref().filter(|_| AcpiPm::claims(port)) {
+            return pm.lock().unwrap_or_else(|p| p.into_inner()).write(port, data);
+        }
         let b = *data.first()?;
         if let Some(offset) = serial_offset(port) {
             if let Err(e) = self.serial.lock().unwrap_or_else(|p| p.into_inner()).write(offset, b) {
@@ -298,6 +402,61 @@ mod tests {
         assert_eq!(&*sink.0.lock().unwrap(), b"hello\n");
         c.flush_line();
         assert_eq!(&*sink.0.lock().unwrap(), b"hello\nwor");
+    }
+
+    #[test]
+    fn acpi_pm_powers_off_on_s5_only() {
+        use crate::acpi::{PM1_CNT_PORT, PM1_EVT_PORT, PM1_SCI_EN, PM1_SLP_EN, PM1_SLP_TYP_SHIFT, SLP_TYP_S5};
+        let s5 = u16::from(SLP_TYP_S5) << PM1_SLP_TYP_SHIFT;
+        let mut pm = AcpiPm::default();
+        // in ACPI mode from the start; no event status ever, enable bits stick
+        let mut w = [0u8; 2];
+        pm.read(PM1_CNT_PORT, &mut w);
+        assert_eq!(u16::from_le_bytes(w), PM1_SCI_EN);
+        let mut evt = [0xaau8; 4];
+        pm.read(PM1_EVT_PORT, &mut evt);
+        assert_eq!(evt, [0; 4]);
+        assert_eq!(pm.write(PM1_EVT_PORT, &[0xff, 0xff]), None);
+        const GBL_EN: u16 = 1 << 5;
+        assert_eq!(pm.write(PM1_EVT_PORT + 2, &GBL_EN.to_le_bytes()), None);
+        pm.read(PM1_EVT_PORT, &mut evt);
+        assert_eq!(evt, [0, 0, GBL_EN as u8, 0]);
+        // an access past the block's end reads as an empty bus
+        pm.read(PM1_CNT_PORT + 1, &mut w);
+        assert_eq!(w, [(PM1_SCI_EN >> 8) as u8, 0xff]);
+        // ACPICA's two writes: SLP_TYP, then SLP_TYP | SLP_EN
+        assert_eq!(pm.write(PM1_CNT_PORT, &(s5 | PM1_SCI_EN).to_le_bytes()), None);
+        pm.read(PM1_CNT_PORT, &mut w);
+        assert_eq!(u16::from_le_bytes(w), s5 | PM1_SCI_EN);
+        assert_eq!(pm.write(PM1_CNT_PORT, &(s5 | PM1_SLP_EN).to_le_bytes()), Some(PortEvent::PowerOff));
+        // byte by byte: the high byte holds SLP_TYP and SLP_EN
+        let mut pm = AcpiPm::default();
+        assert_eq!(pm.write(PM1_CNT_PORT, &[0]), None);
+        assert_eq!(pm.write(PM1_CNT_PORT + 1, &[((s5 | PM1_SLP_EN) >> 8) as u8]), Some(PortEvent::PowerOff));
+        // another sleep type is ignored, and SLP_EN reads back clear
+        let mut pm = AcpiPm::default();
+        let s1 = 1 << PM1_SLP_TYP_SHIFT;
+        assert_eq!(pm.write(PM1_CNT_PORT, &(s1 | PM1_SLP_EN).to_le_bytes()), None);
+        pm.read(PM1_CNT_PORT, &mut w);
+        assert_eq!(u16::from_le_bytes(w), s1 | PM1_SCI_EN);
+    }
+
+    #[test]
+    fn acpi_pm_ports_exist_only_for_linux_guests() {
+        use crate::acpi::{PM1_CNT_PORT, PM1_SLP_EN, PM1_SLP_TYP_SHIFT, SLP_TYP_S5};
+        let info =
+            GuestInfo { num_vcpus: 1, node_id: 0, num_nodes: 1, mem_bytes: 1 << 20, clock_start: Instant::now() };
+        let mem = Arc::new(GuestMemory::new(crate::memory::Layout::new(crate::memory::MIN_MEMORY).unwrap()).unwrap());
+        let console = || Arc::new(Mutex::new(Console::new(Box::new(Sink::default()))));
+        let off = ((u16::from(SLP_TYP_S5) << PM1_SLP_TYP_SHIFT) | PM1_SLP_EN).to_le_bytes();
+        let plain = Devices::new(console(), GuestReader::Direct(mem.clone()), info, IrqLine(None));
+        assert_eq!(plain.pio_write(PM1_CNT_PORT, &off), None);
+        let mut w = [0u8; 2];
+        plain.pio_read(PM1_CNT_PORT, &mut w);
+        assert_eq!(w, [0xff, 0xff], "unclaimed");
+        let linux = Devices::new(console(), GuestReader::Direct(mem), info, IrqLine(None)).with_acpi_pm();
+        assert_eq!(linux.pio_write(PM1_CNT_PORT, &off), Some(PortEvent::PowerOff));
+        assert_eq!(linux.pio_write(I8042_COMMAND, &[I8042_RESET]), Some(PortEvent::Reset));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
 //! tells how a guest page fault flows through them.
 
+pub mod acpi;
 pub mod builder;
 pub mod config;
 pub mod control;

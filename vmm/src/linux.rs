@@ -5,14 +5,18 @@
 //!   `hvm_start_info` with the memory map and the initramfs as a module;
 //!   entered in 32-bit protected mode without paging).
 //!
-//! Both get MP tables (see [`crate::mptable`]) listing the vCPUs and the
-//! I/O APIC, and the initramfs at the top of low RAM.
+//! Both get ACPI tables (see [`crate::acpi`]: the vCPUs, the I/O APIC, and
+//! the PM1 registers that power the VM off), the RSDP's address in the
+//! zero page (`acpi_rsdp_addr`) or the start info (`rsdp_paddr`), MP tables
+//! (see [`crate::mptable`]) for kernels without ACPI or booted with
+//! `acpi=off`, and the initramfs at the top of low RAM.
 //!
 //! Guest-physical layout below 1 MiB: the PVH start info at 0x6000, the
 //! zero page (or the PVH memory map) at 0x7000, the boot stack below
 //! 0x8ff0, GDT and page tables from 0x9000, the command line at 0x20000,
-//! the MP tables at 0xf0000; the kernel goes where its header (or ELF
-//! program headers) say, at or above 1 MiB.
+//! the ACPI tables at 0xe0000 (the RSDP first), the MP tables at 0xf0000;
+//! the kernel goes where its header (or ELF program headers) say, at or
+//! above 1 MiB.
 
 use std::fs::File;
 use std::path::Path;
@@ -25,6 +29,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::acpi;
 use crate::loader;
 use crate::memory::{GuestMemory, Layout, PAGE_SIZE};
 use crate::mptable;
@@ -51,6 +56,8 @@ pub const MIN_MEMORY: u64 = 128 << 20;
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
+/// ACPI tables (the OS may reuse the memory once it has read them).
+const E820_ACPI: u32 = 3;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
@@ -97,6 +104,8 @@ pub enum Error {
     Write(String),
     #[error("MP tables: {0}")]
     MpTable(#[from] mptable::Error),
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] acpi::Error),
 }
 
 /// Whether `bytes` (an image's first 1 KiB or more) is a bzImage: the
@@ -189,9 +198,17 @@ pub struct LinuxPlan {
 }
 
 /// The e820 map of `layout`: low RAM up to the EBDA, the BIOS area
-/// reserved (the MP tables live there), and every region above 1 MiB.
-fn e820(layout: &Layout) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED)];
+/// reserved (the MP tables live there) but for the pages of the ACPI
+/// tables (`acpi_len` bytes at [`acpi::ACPI_START`]), which are ACPI data,
+/// and every region above 1 MiB.
+fn e820(layout: &Layout, acpi_len: u64) -> Vec<(u64, u64, u32)> {
+    let acpi_end = acpi::ACPI_START + acpi_len.next_multiple_of(PAGE_SIZE);
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, acpi::ACPI_START - EBDA_START, E820_RESERVED),
+        (acpi::ACPI_START, acpi_end - acpi::ACPI_START, E820_ACPI),
+        (acpi_end, HIGH_MEMORY - acpi_end, E820_RESERVED),
+    ];
     for (i, r) in layout.regions().iter().enumerate() {
         // the first region starts at 0: its part above 1 MiB
         let (start, end) = if i == 0 { (HIGH_MEMORY, r.end()) } else { (r.gpa, r.end()) };
@@ -218,6 +235,7 @@ pub fn load(
         return Err(Error::CmdlineTooLong { len: cmdline.len() });
     }
     let tables = mptable::build(cpus)?;
+    let acpi_tables = acpi::build(cpus)?;
     // the initramfs first: a missing one is the user's mistake to report
     // before anything is loaded
     let initrd = match initrd {
@@ -247,7 +265,7 @@ pub fn load(
 
     let mut line = cmdline.as_bytes().to_vec();
     line.push(0);
-    let e820 = e820(layout);
+    let e820 = e820(layout, acpi_tables.len() as u64);
 
     let entry = match format {
         Format::BzImage => {
@@ -273,6 +291,7 @@ pub fn load(
                 *slot = boot_e820_entry { addr, size, r#type: kind };
             }
             params.e820_entries = e820.len() as u8;
+            params.acpi_rsdp_addr = acpi::RSDP_ADDR;
             // SAFETY: boot_params is a plain-old-data C struct (bindgen,
             // packed, no padding with meaning); viewing it as bytes to copy
             // it is sound.
@@ -302,6 +321,7 @@ pub fn load(
                 cmdline_paddr: CMDLINE,
                 memmap_paddr: ZERO_PAGE,
                 memmap_entries: memmap.len() as u32,
+                rsdp_paddr: acpi::RSDP_ADDR,
                 ..Default::default()
             };
             let mut modules = Vec::new();
@@ -322,6 +342,7 @@ pub fn load(
     };
     write(&line, CMDLINE)?;
     write(&tables, mptable::MPTABLE_START)?;
+    write(&acpi_tables, acpi::ACPI_START)?;
     let (gdt, pml4) = loader::write_boot_paging(mem, TABLES).map_err(|e| Error::Write(e.to_string()))?;
     if matches!(entry, Entry::Pvh { .. }) {
         // the PVH ABI's CS is a flat 32-bit code segment: make the GDT's
@@ -473,9 +494,10 @@ mod tests {
         assert_eq!(u32_at(PVH_INFO + 12), 1);
         assert_eq!(u64_at(PVH_INFO + 16), PVH_MODLIST);
         assert_eq!(u64_at(PVH_INFO + 24), CMDLINE);
+        assert_eq!(u64_at(PVH_INFO + 32), acpi::RSDP_ADDR, "rsdp_paddr");
         assert_eq!(u64_at(PVH_INFO + 40), ZERO_PAGE);
         let entries = u32_at(PVH_INFO + 48) as u64;
-        assert_eq!(entries, e820(mem.layout()).len() as u64);
+        assert_eq!(entries, e820(mem.layout(), acpi::build(2).unwrap().len() as u64).len() as u64);
         // the memory map covers the guest's RAM; the module is the initrd,
         // page-aligned at the top of low RAM
         let ram: u64 = (0..entries)
@@ -483,6 +505,13 @@ mod tests {
             .map(|i| u64_at(ZERO_PAGE + 24 * i + 8))
             .sum();
         assert_eq!(ram, (128 << 20) - (HIGH_MEMORY - EBDA_START));
+        // the ACPI tables' pages are ACPI data, the RSDP at their start
+        let acpi: Vec<(u64, u64)> = (0..entries)
+            .filter(|i| u32_at(ZERO_PAGE + 24 * i + 16) == E820_ACPI)
+            .map(|i| (u64_at(ZERO_PAGE + 24 * i), u64_at(ZERO_PAGE + 24 * i + 8)))
+            .collect();
+        assert_eq!(acpi, vec![(acpi::ACPI_START, PAGE_SIZE)]);
+        assert_eq!(read(acpi::RSDP_ADDR, 8), b"RSD PTR ");
         let (paddr, size) = (u64_at(PVH_MODLIST), u64_at(PVH_MODLIST + 8));
         assert_eq!(size, 10_000);
         assert_eq!(paddr % PAGE_SIZE, 0);
@@ -492,6 +521,22 @@ mod tests {
         assert_eq!(read(mptable::MPTABLE_START, 4), b"_MP_");
         assert_eq!(u64_at(plan.gdt + u64::from(loader::CODE_SELECTOR)), CODE32_DESCRIPTOR);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_e820_map_tiles_low_memory_and_marks_the_acpi_tables() {
+        let mem = guest_memory(128);
+        let map = e820(mem.layout(), 5000);
+        // below 1 MiB: back to back from 0, nothing overlapping
+        let mut end = 0;
+        for &(addr, size, _) in map.iter().take_while(|e| e.0 < HIGH_MEMORY) {
+            assert_eq!(addr, end);
+            end = addr + size;
+        }
+        assert_eq!(end, HIGH_MEMORY);
+        let acpi: Vec<_> = map.iter().filter(|e| e.2 == E820_ACPI).collect();
+        assert_eq!(acpi, vec![&(acpi::ACPI_START, 2 * PAGE_SIZE, E820_ACPI)]);
+        const { assert!(acpi::ACPI_START + 2 * PAGE_SIZE <= mptable::MPTABLE_START) };
     }
 
     #[test]

@@ -112,7 +112,7 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
     /// The guest's command line, e.g. "mib=64 seed=7"; for Linux, the
-    /// kernel's ("console=ttyS0 reboot=k panic=-1 -- /bin/memfill 64").
+    /// kernel's ("console=ttyS0 panic=-1 -- /bin/memfill 64").
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
     /// A Linux guest's initramfs (with --kernel naming a bzImage).

@@ -21,9 +21,10 @@ const MPTABLE_END: u64 = 0x10_0000;
 /// broadcast id, and the I/O APIC takes the id after the last CPU's.
 pub const MAX_CPUS: u32 = 254;
 
-/// Where KVM puts the local APICs and the I/O APIC.
-const LAPIC_ADDR: u32 = 0xfee0_0000;
-const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// Where KVM puts the local APICs and the I/O APIC (the ACPI tables say
+/// the same).
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 const LAPIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 /// KVM's I/O APIC has 24 pins.

@@ -254,7 +254,10 @@ pub fn run_node(
         (None, Some(_)) => GuestReader::GuestView(mem.clone()),
         (None, None) => GuestReader::Direct(mem.clone()),
     };
-    let devices = Arc::new(Devices::new(console.clone(), reader, info, IrqLine(built.serial_irq)));
+    let devices = Devices::new(console.clone(), reader, info, IrqLine(built.serial_irq));
+    // a Linux guest's ACPI tables name the PM1 registers (node 0 only:
+    // its vCPUs run here)
+    let devices = Arc::new(if linux { devices.with_acpi_pm() } else { devices });
     if linux {
         forward_stdin(devices.clone());
     }
@@ -472,8 +475,14 @@ fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig) -> End {
                     return End::Failed("every vCPU halted without calling exit".into());
                 }
             }
+            // shoal does not restart a guest: a reset (`reboot`, a panic
+            // with panic=-1) ends the VM with status 0, as a power-off does
             Ok(VmEvent::Reset { vcpu }) => {
                 tracing::debug!(vcpu, "the guest reset the machine");
+                return End::Exited(0);
+            }
+            Ok(VmEvent::PowerOff { vcpu }) => {
+                tracing::debug!(vcpu, "the guest powered off");
                 return End::Exited(0);
             }
             Ok(VmEvent::Failed(why)) => return End::Failed(why),

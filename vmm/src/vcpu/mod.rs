@@ -305,6 +305,10 @@ impl Vcpu {
                         control.report(VmEvent::Reset { vcpu: self.id });
                         return Ok(Leave::Stopped);
                     }
+                    Some(PortEvent::PowerOff) => {
+                        control.report(VmEvent::PowerOff { vcpu: self.id });
+                        return Ok(Leave::Stopped);
+                    }
                 },
                 VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
                 VcpuExit::Hlt => {
