@@ -63,6 +63,8 @@ pub enum RError {
     AlreadyHere { from: NodeId, vcpu: VcpuId },
     #[error("vCPU {vcpu} does not run on node {node}")]
     NotHere { node: NodeId, vcpu: VcpuId },
+    #[error("node {from} said vCPU {vcpu} runs on node {node}: only the node a vCPU arrived at says where it is")]
+    NotItsOwn { from: NodeId, vcpu: VcpuId, node: NodeId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -172,6 +174,12 @@ impl Roster {
                 if node >= self.nodes {
                     return Err(RError::NoSuchNode { from, node });
                 }
+                // the node a vCPU arrived at is the one that says so (a
+                // location naming another node, this one above all, would
+                // make IPIs vanish into a mailbox nobody takes)
+                if node != from {
+                    return Err(RError::NotItsOwn { from, vcpu, node });
+                }
                 let me = self.me;
                 let e = &mut self.vcpus[vcpu as usize];
                 // an older location, or one about a vCPU that has since
@@ -276,6 +284,9 @@ mod tests {
         let mut a = Roster::new(0, 2, &[0, 1]);
         assert!(a.receive(1, RMsg::Ipi { vcpu: 9 }).is_err());
         assert!(a.receive(1, RMsg::Location { vcpu: 1, node: 5, moves: 3 }).is_err());
+        // only the node a vCPU arrived at says where it is
+        assert!(a.receive(1, RMsg::Location { vcpu: 1, node: 0, moves: 3 }).is_err());
+        assert!(a.here(0) && !a.here(1));
         assert!(a.receive(1, RMsg::Migrate { vcpu: 0, moves: 1, pending: 0 }).is_err(), "vCPU 0 is here");
         assert!(a.leave(1, 0).is_err(), "vCPU 1 is not here");
         assert!(a.leave(0, 7).is_err());
