@@ -21,6 +21,7 @@ const WAITING: u16 = 32; // a fault waits on it
 const PARKED: u16 = 64; // a fault waits for room
 const COUNTED: u16 = 256; // a waiting fault's page is counted in `incoming`
 const WRITABLE: u16 = 512; // the guest view maps it writable (with MAPPED)
+const WRITTEN: u16 = 1024; // the guest here had it writable once (kept when it leaves)
 
 /// Where evictions ahead of need aim: some room stays free so that faults
 /// rarely wait for an eviction.
@@ -216,7 +217,7 @@ impl Residency {
         let f = &mut self.flags[page as usize];
         *f = (*f & !(PENDING_ZERO | MAPPED | WRITABLE)) | RESIDENT;
         match mapped {
-            Some(true) => *f |= MAPPED | WRITABLE,
+            Some(true) => *f |= MAPPED | WRITABLE | WRITTEN,
             Some(false) => *f |= MAPPED,
             None => {}
         }
@@ -230,10 +231,18 @@ impl Residency {
         let f = &mut self.flags[page as usize];
         *f &= !(MAPPED | WRITABLE);
         match mapping {
-            Some(true) => *f |= MAPPED | WRITABLE,
+            Some(true) => *f |= MAPPED | WRITABLE | WRITTEN,
             Some(false) => *f |= MAPPED,
             None => {}
         }
+    }
+
+    /// Whether the guest here has had `page` writable (now or before it
+    /// left): a read of it is most likely the first half of a
+    /// read-modify-write (an emulated locked instruction reads, then
+    /// writes), so it should take the page, not a read copy.
+    pub fn written_here(&self, page: Page) -> bool {
+        self.has(page, WRITTEN)
     }
 
     /// Whether we placed `page` on another node and take it back now (the
@@ -252,6 +261,7 @@ impl Residency {
             self.pinned = self.pinned.saturating_sub(1);
         }
         *f &= !(RESIDENT | MAPPED | WRITABLE | PINNED);
+        // (WRITTEN stays: it is this node's history of the page)
         // a fault that waits on the page will bring it back: its room is
         // the room this page leaves
         if *f & WAITING != 0 && *f & COUNTED == 0 {
@@ -440,6 +450,19 @@ mod tests {
         assert_eq!(r.next_candidate(&mut scanned), Some(1));
         assert_eq!(r.next_candidate(&mut scanned), None);
         assert_eq!((r.resident(), r.pinned()), (2, 1));
+    }
+
+    #[test]
+    fn a_page_written_here_is_remembered_after_it_leaves() {
+        let mut r = Residency::new(0, 2, 64, None, None);
+        r.arrived(1, Some(false));
+        assert!(!r.written_here(1), "a read copy");
+        r.set_mapping(1, Some(true));
+        assert!(r.written_here(1));
+        r.dropped(1);
+        assert!(r.written_here(1), "it stays this node's history");
+        r.arrived(2, Some(true));
+        assert!(r.written_here(2));
     }
 
     #[test]

@@ -326,7 +326,12 @@ impl Engine {
         self.faulted.store(true, Ordering::Relaxed);
         let mut st = self.lock();
         if self.failed() {
-            return Err("the pod failed".into());
+            // the VM is ending, and whoever failed the engine reported why:
+            // a second report ("the pod failed") could overtake that
+            // reason and be all the user sees; the vCPU is released when
+            // the VM stops
+            tracing::debug!(page, "a fault after the pod failed");
+            return Ok(());
         }
         self.fault_page(&mut st, page, access, vcpu)?;
         self.settle(&mut st)
@@ -424,6 +429,13 @@ impl Engine {
         // write-protected (an eviction refused) is then upgraded, not
         // mapped read-only
         let access = if self.makes_read_copies() { access } else { Access::Write };
+        // migratory sharing: a page the guest here wrote before is read
+        // most likely as the first half of a read-modify-write (this KVM
+        // emulates a locked add as a read, then a write): take it for
+        // writing at once, or two nodes that both increment one counter
+        // hand it to and fro twice per increment (a read copy, then an
+        // upgrade), and under network delay stop making progress
+        let access = if access == Access::Read && st.res.written_here(page) { Access::Write } else { access };
         let l = st.node.local(page);
         if l.copy == Held::Data && l.allows(access) && st.res.is_resident(page) {
             // we hold it with the access asked for: resolved meanwhile
