@@ -141,7 +141,7 @@ fn faults() -> String {
     std::env::var("SHOAL_NETEM").unwrap_or_else(|_| FAULTS.to_string())
 }
 
-/// memtouch over 4 MiB with 2 MiB a node: pages are evicted and pulled
+/// memtouch over 6 MiB with 4 MiB a node: pages are evicted and pulled
 /// back across the faulty network, and every one reads back what was
 /// written (the checksum is computed here, independently of the guest).
 #[test]
@@ -154,7 +154,7 @@ fn memtouch_checksum_is_exact_over_delay_jitter_loss_reordering_and_duplication(
     let file = net.pod_file(
         &dir,
         &format!(
-            "memory = \"32M\"\nnode_memory = \"2M\"\nguest = \"memtouch\"\ncmdline = \"mib=4 seed=11\"\n\
+            "memory = \"32M\"\nnode_memory = \"4M\"\nguest = \"memtouch\"\ncmdline = \"mib=6 seed=11\"\n\
              migration = false\nmetrics_json = \"{}\"\n",
             metrics.display()
         ),
@@ -162,8 +162,8 @@ fn memtouch_checksum_is_exact_over_delay_jitter_loss_reordering_and_duplication(
     let (r0, r1) = net.run_pod(&file);
     r0.expect_status(0);
     r1.expect_status(0);
-    assert!(r0.stdout.contains("memtouch: verified 1024 pages"), "{}", r0.stdout);
-    assert_eq!(printed_checksum(&r0.stdout), expected_checksum(4, 11));
+    assert!(r0.stdout.contains("memtouch: verified 1536 pages"), "{}", r0.stdout);
+    assert_eq!(printed_checksum(&r0.stdout), expected_checksum(6, 11));
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     let nodes = m["nodes"].as_array().unwrap();
     let get = |i: usize, k: &str| nodes[i][k].as_u64().unwrap_or_else(|| panic!("{k} missing in {m}"));
@@ -189,7 +189,7 @@ fn smp_counter_is_exact_with_vcpus_on_both_nodes_over_a_faulty_network() {
     let file = net.pod_file(
         &dir,
         &format!(
-            "memory = \"32M\"\nguest = \"smp\"\ncmdline = \"iters=100\"\ncpus = 2\nmigration = false\n\
+            "memory = \"32M\"\nguest = \"smp\"\ncmdline = \"iters=20\"\ncpus = 2\nmigration = false\n\
              metrics_json = \"{}\"\n",
             metrics.display()
         ),
@@ -197,7 +197,7 @@ fn smp_counter_is_exact_with_vcpus_on_both_nodes_over_a_faulty_network() {
     let (r0, r1) = net.run_pod(&file);
     r0.expect_status(0);
     r1.expect_status(0);
-    assert!(r0.stdout.contains("smp: vcpus=2 iters=100 counter=200 expected=200"), "{}", r0.stdout);
+    assert!(r0.stdout.contains("smp: vcpus=2 iters=20 counter=40 expected=40"), "{}", r0.stdout);
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     let transfers = m["total"]["ownership_transfers"].as_u64().unwrap_or_else(|| panic!("{m}"));
     assert!(transfers > 0, "the counter's page never moved: {m}");
@@ -247,11 +247,19 @@ fn ended(mut child: Child, since: Instant, bound: Duration, what: &str) -> (i32,
     (status.code().unwrap_or(-1), since.elapsed(), reader.join().unwrap())
 }
 
+/// Whether a node's error says `peer` fell silent: the liveness check
+/// ("node 1 does not answer"), or a page read from it that timed out
+/// first (posted just before the cut, its 2 s can end before the 1.5 s of
+/// silence the liveness check counts from the last message heard).
+fn blames_silence_of(stderr: &str, peer: u32) -> bool {
+    stderr.contains(&format!("node {peer} does not answer")) || stderr.contains(&format!("with node {peer} timed out"))
+}
+
 /// A partition (netem drops every packet both ways; the connections stay
 /// open, nothing closes them) is found by silence: each node names the
-/// other as not answering and the pod ends, node 0 with status 70, node
+/// other as silent and the pod ends, node 0 with status 70, node
 /// 1 with status 1. The bound only catches a hang (the 10 s fault watchdog is not what
-/// ends it: the message is the liveness check's).
+/// ends it: the message is the liveness check's or a read's timeout).
 #[test]
 fn a_partition_ends_the_pod_on_every_node_naming_the_silent_peer() {
     let Some(net) = faulty_network("netem partition", "nf3", 83, &faults()) else {
@@ -278,8 +286,8 @@ fn a_partition_ends_the_pod_on_every_node_naming_the_silent_peer() {
     let (s1, took1, err1) = t1.join().unwrap();
     eprintln!("partition: node 0 exited {s0} after {took0:?}, node 1 exited {s1} after {took1:?}");
     assert_eq!(s0, 70, "node 0:\n{err0}");
-    assert!(err0.contains("the VM failed") && err0.contains("node 1 does not answer"), "node 0:\n{err0}");
+    assert!(err0.contains("the VM failed") && blames_silence_of(&err0, 1), "node 0:\n{err0}");
     assert_eq!(s1, 1, "node 1:\n{err1}");
-    assert!(err1.contains("node 0 does not answer"), "node 1:\n{err1}");
+    assert!(blames_silence_of(&err1, 0), "node 1:\n{err1}");
     let _ = std::fs::remove_dir_all(&dir);
 }
