@@ -27,7 +27,7 @@ if [ "${1:-}" = inside ]; then
     for r in $(seq 1 "$rounds"); do
       status=0
       start=$(cut -d' ' -f1 /proc/uptime)
-      SHOAL_NETEM="$profile" timeout 900 netfaults --test-threads=1 $TESTS >/tmp/soak.out 2>&1 || status=$?
+      SHOAL_NETEM="$profile" timeout 900 netfaults --test-threads=1 --include-ignored $TESTS >/tmp/soak.out 2>&1 || status=$?
       end=$(cut -d' ' -f1 /proc/uptime)
       if [ "$status" = 0 ]; then
         echo "SOAK ok     [$profile] round $r ($(echo "$start $end" | awk '{printf "%.0f", $2 - $1}') s)"

@@ -179,7 +179,15 @@ fn memtouch_checksum_is_exact_over_delay_jitter_loss_reordering_and_duplication(
 /// smp with a vCPU on each node: every increment is a locked add on one
 /// page that moves between the nodes across the faulty network; none is
 /// lost.
+///
+/// Ignored by default: under the default faults in the harness it took
+/// 89 s for 100 increments a vCPU once, 488 s another time, and did not
+/// finish 20 in 4 minutes a third (no node failed; with no faults, 100
+/// took 25 s). The contended page may leave a node before its vCPU used
+/// it (nothing holds a page for a moment after a write fault); not proven.
+/// `ci/netem-soak.sh` runs it.
 #[test]
+#[ignore = "under injected delay the contended page can stall smp for minutes (see the comment; ci/netem-soak.sh runs it)"]
 fn smp_counter_is_exact_with_vcpus_on_both_nodes_over_a_faulty_network() {
     let Some(net) = faulty_network("netem smp", "nf2", 82, &faults()) else {
         return;
