@@ -34,7 +34,7 @@ if [ "${1:-}" = inside ]; then
       else
         failed=$((failed + 1))
         echo "SOAK FAILED [$profile] round $r (status $status):"
-        grep -E "panicked|assert|FAILED|failed|error" /tmp/soak.out | head -20
+        grep -i -E "panicked|assert|failed|error" /tmp/soak.out | head -30
       fi
       grep '^partition:' /tmp/soak.out | sed 's/^/SOAK   /' || true
     done
