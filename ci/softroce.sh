@@ -17,7 +17,8 @@
 #
 # Inside: RXE_DEV=rxe0, RXE_IP=127.0.0.1, RXE_GID_INDEX (the GID of
 # RXE_IP), GUEST_KVM=1 when /dev/kvm works there (TCG offers SVM, so
-# kvm_amd loads: nested KVM). The locked-memory limit is unlimited.
+# kvm_amd loads: nested KVM). The locked-memory limit is unlimited. ip and
+# tc are there, with veth and sch_netem loaded (tc netem works).
 # Exit status: the command's; 125 when the harness itself failed, also
 # when the VM wedged: it prints a tick every 20 s, and nothing at all for
 # 120 s means its clock or CPUs stopped (QEMU/TCG's nested KVM does that
@@ -140,7 +141,7 @@ cp "$QROOT/bin/busybox" "$ROOT/usr/bin/busybox"
 for a in $("$ROOT/usr/bin/busybox" --list-full); do
   [ -e "$ROOT/$a" ] || ln -s /usr/bin/busybox "$ROOT/$a"
 done
-for b in ibv_devices ibv_devinfo ib_read_lat ib_read_bw rdma ip; do
+for b in ibv_devices ibv_devinfo ib_read_lat ib_read_bw rdma ip tc; do
   rm -f "$ROOT/usr/bin/$b" "$ROOT/usr/sbin/$b"
   p=$(command -v "$b" || true)
   [ -n "$p" ] || die "$b not found: run ci/install-deps.sh"
@@ -152,8 +153,10 @@ printf '127.0.0.1 localhost\n' > "$ROOT/etc/hosts"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$ROOT/etc/passwd"
 printf 'root:x:0:\n' > "$ROOT/etc/group"
 # modules: rxe and its closure, crc32_generic (rxe's ICRC needs the crc32
-# shash, which modules.dep does not list), kvm_amd for nested KVM
-for m in rdma_rxe crc32_generic kvm_amd; do
+# shash, which modules.dep does not list), kvm_amd for nested KVM, veth and
+# sch_netem for pods across network namespaces with injected faults (the
+# development machine's kernel has no netem)
+for m in rdma_rxe crc32_generic kvm_amd veth sch_netem; do
   modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1=="insmod" {print $2}'
 done | sort -u | while read -r ko; do copy "$ko" "/lib/modules/$KVER/${ko#*/lib/modules/"$KVER"/}"; done
 for f in modules.order modules.builtin modules.builtin.modinfo; do
@@ -179,6 +182,8 @@ modprobe crc32_generic || fail "modprobe crc32_generic"
 modprobe rdma_rxe || fail "modprobe rdma_rxe"
 GUEST_KVM=0
 grep -qw svm /proc/cpuinfo && modprobe kvm_amd 2>/dev/null && [ -c /dev/kvm ] && GUEST_KVM=1
+modprobe veth || fail "modprobe veth"
+modprobe sch_netem || fail "modprobe sch_netem"
 rdma link add rxe0 type rxe netdev lo || fail "rdma link add rxe0"
 RXE_GID_INDEX=
 for i in $(seq 0 15); do

@@ -49,6 +49,18 @@ else
   ci/softroce.sh --add target/debug/shoal:/usr/local/bin/shoal --add ci/pod-verbs.sh:/usr/local/bin/pod-verbs -- \
     pod-verbs
 
+  # This machine's kernel has no sch_netem; the harness's has. Once, with
+  # the default faults; ci/netem-soak.sh is the longer campaign. One CPU:
+  # with two, the harness's nested KVM wedged under these pods too.
+  step "injected network faults: pods across namespaces under tc netem (vmm/tests/netfaults.rs in ci/softroce.sh)"
+  netfaults=$(cargo test --locked -p shoal-vmm --test netfaults --no-run --message-format=json 2>/dev/null |
+    grep -o '"executable":"[^"]*netfaults[^"]*"' | tail -1 | cut -d'"' -f4)
+  [ -x "$netfaults" ] || { echo "cannot find the netfaults test binary" >&2; exit 1; }
+  # the tests run shoal from the path cargo compiled into them
+  ci/softroce.sh --smp 1 --timeout 600 --add "$netfaults:/usr/local/bin/netfaults" \
+    --add "$PWD/target/debug/shoal:$PWD/target/debug/shoal" \
+    --env SHOAL_REQUIRE_NETEM=1 --env SHOAL_REQUIRE_KVM=1 -- netfaults --test-threads=1
+
   # Debian's stock kernel cannot run on this machine's KVM (it emulates);
   # it runs as a nested guest inside the harness's QEMU
   step "Linux guests: Debian's kernel on shoal (ci/linux-guest.sh in ci/softroce.sh)"

@@ -1,0 +1,301 @@
+//! Injected network faults: a 2-node tcp pod across two network
+//! namespaces, `tc netem` on both ends of the veth between them (delay
+//! with jitter, loss, reordering, duplication; or a partition). Results
+//! stay exact, a partition ends the pod on every node, nothing hangs.
+//!
+//! Needs root, iproute2 and the kernel's `sch_netem` (this development
+//! machine's kernel has none: `ci/test.sh` runs these tests inside the
+//! soft-RoCE harness, whose Debian kernel has it, with
+//! SHOAL_REQUIRE_NETEM=1). Elsewhere they say so loudly and skip.
+//! SHOAL_NETEM overrides the injected faults (netem's arguments, e.g.
+//! "delay 5ms 2ms loss 5%"), for the soak (`ci/netem-soak.sh`).
+
+mod common;
+#[path = "../../fabric/tests/common/netns_util.rs"]
+mod netns_util;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use netns_util::Netns;
+
+/// A bound that catches hangs: nested KVM inside the harness's QEMU/TCG
+/// is slow, so generous (not a timing assertion).
+const LIMIT: Duration = Duration::from_secs(600);
+
+/// The faults injected on both ends of the veth unless SHOAL_NETEM says
+/// otherwise: 1 ms ± 0.5 ms (which reorders by itself), 1% loss, a quarter
+/// of the packets sent at once (reordered), 1% duplicated.
+const FAULTS: &str = "delay 1ms 0.5ms loss 1% duplicate 1% reorder 25% 50%";
+
+const SECRET: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+/// Two namespaces joined by a veth pair with `netem ARGS` on both ends, or
+/// `None` (after saying so) when this host cannot make them.
+fn faulty_network(test: &str, tag: &str, subnet: u8, args: &str) -> Option<Faulty> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let skip = |why: String| {
+        if std::env::var("SHOAL_REQUIRE_NETEM").as_deref() == Ok("1") {
+            panic!("{test}: cannot inject faults ({why}) and SHOAL_REQUIRE_NETEM=1");
+        }
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***");
+        None
+    };
+    if let Err(why) = netns_util::netns_usable() {
+        return skip(why);
+    }
+    let ns = match Netns::create(tag, &format!("10.77.{subnet}.1"), &format!("10.77.{subnet}.2")) {
+        Ok(ns) => ns,
+        Err(why) => return skip(why),
+    };
+    let net = Faulty { ns, tag: tag.to_string(), subnet };
+    if let Err(why) = net.netem("add", args) {
+        return skip(format!("{why} (no sch_netem in this kernel?)"));
+    }
+    Some(net)
+}
+
+struct Faulty {
+    ns: Netns,
+    tag: String,
+    subnet: u8,
+}
+
+impl Faulty {
+    /// `tc qdisc VERB dev VETH root netem ARGS` on both ends.
+    fn netem(&self, verb: &str, args: &str) -> Result<(), String> {
+        for (ns, end) in [(&self.ns.a, 'a'), (&self.ns.b, 'b')] {
+            let dev = format!("sh{}{end}", self.tag);
+            let mut a = vec!["-n", ns, "qdisc", verb, "dev", &dev, "root", "netem"];
+            a.extend(args.split_whitespace());
+            let out = Command::new("tc").args(&a).output().map_err(|e| format!("tc: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("tc {}: {}", a.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Packets netem dropped on both ends so far (`tc -s qdisc show`).
+    fn dropped(&self) -> u64 {
+        [(&self.ns.a, 'a'), (&self.ns.b, 'b')]
+            .iter()
+            .map(|(ns, end)| {
+                let dev = format!("sh{}{end}", self.tag);
+                let out = Command::new("tc").args(["-n", ns, "-s", "qdisc", "show", "dev", &dev]).output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                text.split("(dropped ")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("no drop count in:\n{text}"))
+            })
+            .sum()
+    }
+
+    /// A pod file for two nodes at 10.77.SUBNET.1 and .2.
+    fn pod_file(&self, dir: &Path, body: &str) -> PathBuf {
+        let file = dir.join("pod.toml");
+        let s = self.subnet;
+        std::fs::write(
+            &file,
+            format!(
+                "pod_id = \"netem-{}\"\nnodes = 2\nfabric = \"tcp\"\n\
+                 addresses = [\"10.77.{s}.1:7470\", \"10.77.{s}.2:7470\"]\njoin_timeout = 60.0\n{body}",
+                self.tag
+            ),
+        )
+        .unwrap();
+        file
+    }
+
+    /// `shoal node --pod FILE --rank RANK` inside the rank's namespace.
+    fn node(&self, file: &Path, rank: u32) -> Command {
+        let ns = if rank == 0 { &self.ns.a } else { &self.ns.b };
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(shoal_bin()).args(["node", "--pod"]).arg(file);
+        c.args(["--rank", &rank.to_string()]);
+        c.env("SHOAL_POD_SECRET", SECRET);
+        c
+    }
+
+    /// Runs both nodes to the end (bounded); node 0's run first.
+    fn run_pod(&self, file: &Path) -> (Run, Run) {
+        let n1 = std::thread::spawn({
+            let cmd = self.node(file, 1);
+            move || run_bounded(cmd, LIMIT)
+        });
+        let r0 = run_bounded(self.node(file, 0), LIMIT);
+        eprintln!("pod {}: node 0 ran {:?}", self.tag, r0.elapsed);
+        (r0, n1.join().unwrap())
+    }
+}
+
+fn faults() -> String {
+    std::env::var("SHOAL_NETEM").unwrap_or_else(|_| FAULTS.to_string())
+}
+
+/// memtouch over 6 MiB with 4 MiB a node: pages are evicted and pulled
+/// back across the faulty network, and every one reads back what was
+/// written (the checksum is computed here, independently of the guest).
+#[test]
+fn memtouch_checksum_is_exact_over_delay_jitter_loss_reordering_and_duplication() {
+    let Some(net) = faulty_network("netem memtouch", "nf1", 81, &faults()) else {
+        return;
+    };
+    let dir = scratch("netem-memtouch");
+    let metrics = dir.join("metrics.json");
+    let file = net.pod_file(
+        &dir,
+        &format!(
+            "memory = \"32M\"\nnode_memory = \"4M\"\nguest = \"memtouch\"\ncmdline = \"mib=6 seed=11\"\n\
+             migration = false\nmetrics_json = \"{}\"\n",
+            metrics.display()
+        ),
+    );
+    let (r0, r1) = net.run_pod(&file);
+    r0.expect_status(0);
+    r1.expect_status(0);
+    assert!(r0.stdout.contains("memtouch: verified 1536 pages"), "{}", r0.stdout);
+    assert_eq!(printed_checksum(&r0.stdout), expected_checksum(6, 11));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let nodes = m["nodes"].as_array().unwrap();
+    let get = |i: usize, k: &str| nodes[i][k].as_u64().unwrap_or_else(|| panic!("{k} missing in {m}"));
+    assert!(get(1, "remote_fetches") > 0, "no page crossed: {m}");
+    assert_eq!(get(1, "remote_fetches"), get(0, "pages_evicted"), "{m}");
+    assert_eq!(get(1, "bytes_fabric_read"), 4096 * get(1, "remote_fetches"), "{m}");
+    if faults().contains("loss") {
+        assert!(net.dropped() > 0, "netem dropped nothing: the faults were not injected");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// smp with a vCPU on each node: every increment is a locked add on one
+/// page that moves between the nodes across the faulty network; none is
+/// lost.
+///
+/// Ignored by default: under the default faults in the harness it took
+/// 89 s for 100 increments a vCPU once, 488 s another time, and did not
+/// finish 20 in 4 minutes a third (no node failed; with no faults, 100
+/// took 25 s). The contended page may leave a node before its vCPU used
+/// it (nothing holds a page for a moment after a write fault); not proven.
+/// `ci/netem-soak.sh` runs it.
+#[test]
+#[ignore = "under injected delay the contended page can stall smp for minutes (see the comment; ci/netem-soak.sh runs it)"]
+fn smp_counter_is_exact_with_vcpus_on_both_nodes_over_a_faulty_network() {
+    let Some(net) = faulty_network("netem smp", "nf2", 82, &faults()) else {
+        return;
+    };
+    let dir = scratch("netem-smp");
+    let metrics = dir.join("metrics.json");
+    let file = net.pod_file(
+        &dir,
+        &format!(
+            "memory = \"32M\"\nguest = \"smp\"\ncmdline = \"iters=20\"\ncpus = 2\nmigration = false\n\
+             metrics_json = \"{}\"\n",
+            metrics.display()
+        ),
+    );
+    let (r0, r1) = net.run_pod(&file);
+    r0.expect_status(0);
+    r1.expect_status(0);
+    assert!(r0.stdout.contains("smp: vcpus=2 iters=20 counter=40 expected=40"), "{}", r0.stdout);
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let transfers = m["total"]["ownership_transfers"].as_u64().unwrap_or_else(|| panic!("{m}"));
+    assert!(transfers > 0, "the counter's page never moved: {m}");
+    if faults().contains("loss") {
+        assert!(net.dropped() > 0, "netem dropped nothing: the faults were not injected");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits (bounded) for `child` to run a vCPU thread.
+fn wait_for_vcpu(child: &mut Child, what: &str) {
+    let start = Instant::now();
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).map(|d| {
+            d.filter_map(|t| t.ok())
+                .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("shoal-vcpu")))
+        });
+        if tasks.unwrap_or(false) {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "{what} ended before its vCPU ran");
+        assert!(start.elapsed() < LIMIT, "{what} did not start a vCPU within {LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The status a node ended with and its stderr, after at most `bound`
+/// from `since` (longer is a hang: the node is killed and the test fails).
+fn ended(mut child: Child, since: Instant, bound: Duration, what: &str) -> (i32, Duration, String) {
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if since.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still ran {bound:?} after the partition (a hang):\n{}", reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status.code().unwrap_or(-1), since.elapsed(), reader.join().unwrap())
+}
+
+/// Whether a node's error says `peer` fell silent: the liveness check
+/// ("node 1 does not answer"), or a page read from it that timed out
+/// first (posted just before the cut, its 2 s can end before the 1.5 s of
+/// silence the liveness check counts from the last message heard).
+fn blames_silence_of(stderr: &str, peer: u32) -> bool {
+    stderr.contains(&format!("node {peer} does not answer")) || stderr.contains(&format!("with node {peer} timed out"))
+}
+
+/// A partition (netem drops every packet both ways; the connections stay
+/// open, nothing closes them) is found by silence: each node names the
+/// other as silent and the pod ends, node 0 with status 70, node
+/// 1 with status 1. The bound only catches a hang (the 10 s fault watchdog is not what
+/// ends it: the message is the liveness check's or a read's timeout).
+#[test]
+fn a_partition_ends_the_pod_on_every_node_naming_the_silent_peer() {
+    let Some(net) = faulty_network("netem partition", "nf3", 83, &faults()) else {
+        return;
+    };
+    let dir = scratch("netem-partition");
+    let file = net.pod_file(
+        &dir,
+        "memory = \"32M\"\nguest = \"sharing\"\ncmdline = \"rounds=100000000 ipi=1\"\ncpus = 2\nmigration = false\n",
+    );
+    let spawn =
+        |rank| net.node(&file, rank).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut n1 = spawn(1);
+    let mut n0 = spawn(0);
+    wait_for_vcpu(&mut n0, "node 0");
+    wait_for_vcpu(&mut n1, "node 1");
+    // let the guest run a moment across the nodes
+    std::thread::sleep(Duration::from_secs(1));
+    net.netem("change", "loss 100%").unwrap();
+    let since = Instant::now();
+    let bound = Duration::from_secs(60);
+    let t1 = std::thread::spawn(move || ended(n1, since, bound, "node 1"));
+    let (s0, took0, err0) = ended(n0, since, bound, "node 0");
+    let (s1, took1, err1) = t1.join().unwrap();
+    eprintln!("partition: node 0 exited {s0} after {took0:?}, node 1 exited {s1} after {took1:?}");
+    assert_eq!(s0, 70, "node 0:\n{err0}");
+    assert!(err0.contains("the VM failed") && blames_silence_of(&err0, 1), "node 0:\n{err0}");
+    assert_eq!(s1, 1, "node 1:\n{err1}");
+    assert!(blames_silence_of(&err1, 0), "node 1:\n{err1}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
