@@ -237,7 +237,11 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let timeout = match args.timeout {
         None => None,
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        // (try_: a number of seconds beyond what a Duration holds is an
+        // error, not a panic)
+        Some(t) if t.is_finite() && t > 0.0 && Duration::try_from_secs_f64(t).is_ok() => {
+            Some(Duration::from_secs_f64(t))
+        }
         Some(t) => return bad_input(format_args!("--timeout must be a positive number of seconds, not {t}")),
     };
     let mut config = VmConfig::new(image, args.memory);
@@ -331,10 +335,12 @@ fn liveness_seconds(flag: &str, t: f64) -> Result<Duration, String> {
 }
 
 fn positive_seconds(flag: &str, t: f64) -> Result<Duration, String> {
-    if t.is_finite() && t > 0.0 {
+    // at most a day: a join or a watchdog longer than that is a mistake,
+    // and a bounded value cannot overflow where it is doubled or added
+    if t.is_finite() && t > 0.0 && t <= 86_400.0 {
         Ok(Duration::from_secs_f64(t))
     } else {
-        Err(format!("{flag} must be a positive number of seconds, not {t}"))
+        Err(format!("{flag} must be a positive number of seconds, at most 86400, not {t}"))
     }
 }
 

@@ -239,4 +239,10 @@ fn unbounded_or_odd_inputs_are_refused() {
         &["run", "--guest", "hello", "--memory", "64M", "--nodes", "2", "--liveness-timeout", "0.1"],
         "--liveness-timeout must be between",
     );
+    // seconds beyond what a duration holds are refused, not a panic
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--timeout", "1e300"], "--timeout must be");
+    refused(
+        &["run", "--guest", "hello", "--memory", "64M", "--nodes", "2", "--join-timeout", "1e300"],
+        "--join-timeout must be",
+    );
 }
