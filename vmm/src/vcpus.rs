@@ -454,7 +454,9 @@ impl Vcpus {
             let mut r = self.roster();
             let msg = RMsg::Migrate { vcpu, moves, pending: state.pending_ipis };
             let acts = r.receive(from, msg).map_err(|e| e.to_string())?;
-            self.carry_out(&r, acts, true);
+            // not `remote`: the IPIs posted here now came with the vCPU
+            // (each was counted where it was posted first), not as IPIs
+            self.carry_out(&r, acts, false);
         }
         self.counters.migrations_in.fetch_add(1, Ordering::Relaxed);
         self.spawn(v)
