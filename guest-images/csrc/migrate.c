@@ -4,8 +4,8 @@
  * every node in turn (HC_MIGRATE), R rounds; after every move it checks that
  * it runs where it asked to (HC_INFO), that six callee-saved registers set
  * just before the move hold their values, that a canary on its stack
- * survived, and that the pattern's checksum is unchanged. Exits 0 when all
- * held.
+ * survived, that the pattern's checksum is unchanged, and that the clock
+ * (HC_CLOCK_NS) did not go back. Exits 0 when all held.
  *
  * mode=1 (follow): the data lives on another node: vCPU 0 moves to node 1,
  * writes N MiB there, moves back to node 0 and reads it all R times. With
@@ -98,7 +98,13 @@ static u64 tour(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 			u64 saved[5] = { 0 };
 			u64 t0 = shoal_clock_ns();
 			u64 ret = migrate_to(node, saved);
-			move_ns += shoal_clock_ns() - t0;
+			u64 t1 = shoal_clock_ns();
+			if (t1 < t0) {
+				shoal_printf("migrate: FAILED: the clock went back across move %lu (%lu, then %lu)\n",
+					     moves + 1, t0, t1);
+				return 1;
+			}
+			move_ns += t1 - t0;
 			moves++;
 			u64 here = shoal_info(SHOAL_INFO_NODE_ID);
 			if (ret != 0 || here != node || !regs_kept(saved)) {

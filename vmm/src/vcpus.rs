@@ -406,7 +406,7 @@ impl Vcpus {
         let t2 = Instant::now();
         tracing::debug!(io_us = (t1 - t0).as_micros() as u64, capture_us = (t2 - t1).as_micros() as u64, "emigrate");
         state.clock_floor_ns = vcpu.clock_floor();
-        let (fd, _) = vcpu.into_parts();
+        let fd = vcpu.into_fd();
         *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id);
         // under the roster's lock: IPIs posted so far go with the state,

@@ -227,9 +227,10 @@ impl Vcpu {
         &self.fd
     }
 
-    /// The KVM vCPU back, when the vCPU leaves this node.
-    pub fn into_parts(self) -> (VcpuFd, u64) {
-        (self.fd, self.exits)
+    /// The KVM vCPU back, when the vCPU leaves this node (its exits were
+    /// taken already: `take_exits`).
+    pub fn into_fd(self) -> VcpuFd {
+        self.fd
     }
 
     /// Exits counted since the last call.
