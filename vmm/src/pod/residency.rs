@@ -21,7 +21,7 @@ const WAITING: u16 = 32; // a fault waits on it
 const PARKED: u16 = 64; // a fault waits for room
 const COUNTED: u16 = 256; // a waiting fault's page is counted in `incoming`
 const WRITABLE: u16 = 512; // the guest view maps it writable (with MAPPED)
-const WRITTEN: u16 = 1024; // the guest here had it writable once (kept when it leaves)
+const WRITTEN: u16 = 1024; // the guest here wrote it once (kept when it leaves)
 
 /// Where evictions ahead of need aim: some room stays free so that faults
 /// rarely wait for an eviction.
@@ -217,7 +217,7 @@ impl Residency {
         let f = &mut self.flags[page as usize];
         *f = (*f & !(PENDING_ZERO | MAPPED | WRITABLE)) | RESIDENT;
         match mapped {
-            Some(true) => *f |= MAPPED | WRITABLE | WRITTEN,
+            Some(true) => *f |= MAPPED | WRITABLE,
             Some(false) => *f |= MAPPED,
             None => {}
         }
@@ -231,16 +231,23 @@ impl Residency {
         let f = &mut self.flags[page as usize];
         *f &= !(MAPPED | WRITABLE);
         match mapping {
-            Some(true) => *f |= MAPPED | WRITABLE | WRITTEN,
+            Some(true) => *f |= MAPPED | WRITABLE,
             Some(false) => *f |= MAPPED,
             None => {}
         }
     }
 
-    /// Whether the guest here has had `page` writable (now or before it
-    /// left): a read of it is most likely the first half of a
-    /// read-modify-write (an emulated locked instruction reads, then
-    /// writes), so it should take the page, not a read copy.
+    /// The guest here faulted to write `page`.
+    pub fn wrote(&mut self, page: Page) {
+        self.flags[page as usize] |= WRITTEN;
+    }
+
+    /// Whether the guest here has written `page` (now or before it left):
+    /// a read of it is most likely the first half of a read-modify-write
+    /// (an emulated locked instruction reads, then writes), so it should
+    /// take the page, not a read copy. (A page granted writable and only
+    /// read does not count: readers of a page first touched while dormant
+    /// stay readers.)
     pub fn written_here(&self, page: Page) -> bool {
         self.has(page, WRITTEN)
     }
@@ -455,14 +462,12 @@ mod tests {
     #[test]
     fn a_page_written_here_is_remembered_after_it_leaves() {
         let mut r = Residency::new(0, 2, 64, None, None);
-        r.arrived(1, Some(false));
-        assert!(!r.written_here(1), "a read copy");
-        r.set_mapping(1, Some(true));
+        r.arrived(1, Some(true));
+        assert!(!r.written_here(1), "granted writable, not written");
+        r.wrote(1);
         assert!(r.written_here(1));
         r.dropped(1);
         assert!(r.written_here(1), "it stays this node's history");
-        r.arrived(2, Some(true));
-        assert!(r.written_here(2));
     }
 
     #[test]

@@ -428,6 +428,10 @@ impl Engine {
         // kernel cannot map them write-protected); a page of ours that is
         // write-protected (an eviction refused) is then upgraded, not
         // mapped read-only
+        // what the guest itself did (before any promotion below)
+        if access == Access::Write {
+            st.res.wrote(page);
+        }
         let access = if self.makes_read_copies() { access } else { Access::Write };
         // migratory sharing: a page the guest here wrote before is read
         // most likely as the first half of a read-modify-write (this KVM
