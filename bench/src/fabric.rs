@@ -220,7 +220,7 @@ fn measure_with(kind: Kind, authenticate_frames: bool, label: String, args: &Arg
         t1.read(0, &mut [ReadOp { region: 0, offset: i * (2 << 20), buf: &mut buf }])?;
     }
     // in place: the read is done when the bytes are in local memory (as
-    // perftest counts it); the pager consumes them there
+    // perftest counts it); the page engine consumes them there
     let mut seen = 0usize;
     let lat = time_reads(args.reads, |offset| {
         Ok(t1.read_with(0, &[ReadReq { region: 0, offset, len: PAGE }], &mut |_, _, b| {

@@ -6,7 +6,8 @@
 //! divided by the pages. The same guest runs on three backings, interleaved
 //! rep by rep so that drift on the machine hits all alike:
 //! - `anonymous`: private anonymous memory, no userfaultfd (the baseline);
-//! - `dormant`: shoal's memfd under the pager, dormant pages zero-filled in
+//! - `dormant`: shoal's memfd under the page engine (a pod of one), dormant
+//!   pages zero-filled in
 //!   2 MiB fault-around batches;
 //! - `contents`: the same with `--dormant off` (pages copied in).
 //!

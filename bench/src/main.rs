@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Bench {
-    /// First touch per page: dormant zero-fill through the pager against
+    /// First touch per page: dormant zero-fill through the page engine against
     /// plain KVM first touch of anonymous memory (no userfaultfd), same
     /// guest, same run, threads pinned and unpinned.
     Fault(fault::Args),

@@ -319,7 +319,7 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// Reads from `peer`'s memory: every request is posted, then all are
     /// waited for, and the bytes are handed to `sink` where they landed
     /// (the peer's mapping for shm, the bounce buffer for verbs, the frame
-    /// for tcp): a caller that moves them on (the pager's `UFFDIO_COPY`)
+    /// for tcp): a caller that moves them on (the page engine's `UFFDIO_COPY`)
     /// copies them once. Fails as a whole when any request fails.
     fn read_with(&self, peer: NodeId, reqs: &[ReadReq], sink: &mut Sink<'_>) -> Result<()>;
 

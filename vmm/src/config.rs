@@ -191,7 +191,7 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Fault-handler threads; default one per vCPU.
     pub fault_threads: Option<usize>,
-    /// How guest RAM is backed: the pager's memfd, or the anonymous
+    /// How guest RAM is backed: the page engine's memfd, or the anonymous
     /// baseline for benchmarks.
     pub backing: Backing,
     /// A Linux guest's initramfs.

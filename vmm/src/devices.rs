@@ -13,25 +13,21 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::memory::GuestMemory;
-use crate::pager::Pager;
 
 /// How the devices read guest memory for a hypercall.
 #[derive(Debug, Clone)]
 pub enum GuestReader {
-    /// Through the pager, which knows which pages are dormant and must not
-    /// be materialised by a read.
-    Paged(Arc<Pager>),
-    /// Straight from memory that has no pager (the anonymous baseline).
+    /// Straight from memory that has no page engine (the anonymous
+    /// baseline).
     Direct(Arc<GuestMemory>),
-    /// Through the guest view, as the guest reads (a pod's node 0: a page
-    /// held elsewhere is faulted in through the page engine).
+    /// Through the guest view, as the guest reads: a page not here yet is
+    /// faulted in through the page engine.
     GuestView(Arc<GuestMemory>),
 }
 
 impl GuestReader {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
         match self {
-            GuestReader::Paged(p) => p.read_guest(gpa, buf).map_err(|e| e.to_string()),
             GuestReader::GuestView(m) => {
                 let layout = m.layout();
                 let len = buf.len() as u64;

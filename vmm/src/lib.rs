@@ -1,9 +1,9 @@
 //! shoal: a distributed, unikernel-style hypervisor.
 //!
-//! This crate is the VMM of one node: guest memory ([`memory`]), the pager
-//! that resolves the guest's faults on dormant memory ([`pager`]), the image
-//! loader ([`loader`]), vCPUs ([`vcpu`]), port-I/O devices ([`devices`]),
-//! and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
+//! This crate is the VMM of one node: guest memory ([`memory`]), the page
+//! engine that resolves the guest's faults, alone or in a pod ([`pod`]),
+//! the image loader ([`loader`]), vCPUs ([`vcpu`]), port-I/O devices
+//! ([`devices`]), and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
 //! tells how a guest page fault flows through them.
 
 pub mod acpi;
@@ -16,7 +16,6 @@ pub mod loader;
 pub mod memory;
 pub mod metrics;
 pub mod mptable;
-pub mod pager;
 pub mod pod;
 pub mod uffd;
 pub mod vcpu;

@@ -2,9 +2,10 @@
 //! mode: a GDT, identity-mapped page tables over all guest memory, the
 //! command line, one boot-info block and one stack per vCPU.
 //!
-//! Everything is written through the alias view before the pager starts;
-//! the pager then finds exactly these pages in the memfd and treats every
-//! other page (stacks and `.bss` included) as dormant.
+//! Everything is written through the alias view before the page engine
+//! starts; the engine then finds exactly these pages in the memfd (they
+//! start owned by node 0) and treats every other page (stacks and `.bss`
+//! included) as dormant.
 
 use goblin::elf::{header, program_header, Elf};
 use shoal_guest_images::abi::{self, BootInfo, Region};

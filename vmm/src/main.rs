@@ -94,9 +94,9 @@ enum OnOff {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackingArg {
-    /// A sparse memfd under shoal's pager (dormant pages).
+    /// A sparse memfd under shoal's page engine (dormant pages).
     Memfd,
-    /// Plain anonymous memory, no pager: the kernel serves first touches.
+    /// Plain anonymous memory, no userfaultfd: the kernel serves first touches.
     /// The benchmarks' baseline; the page counters stay 0.
     Anonymous,
 }

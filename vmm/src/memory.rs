@@ -2,12 +2,12 @@
 //! mapped twice.
 //!
 //! - The *guest view* backs the KVM memslots and is registered with
-//!   userfaultfd: the guest's first touch of a page not in the memfd stops
-//!   in the pager.
+//!   userfaultfd: the guest's first touch of a page it does not map yet
+//!   stops in the page engine.
 //! - The *alias view* is the VMM's own access (loader, hypercalls, and later
 //!   the fabric, which reads from and lands into it). It is not registered,
-//!   so the VMM must only touch pages the pager knows about (see
-//!   `Pager::read_guest`).
+//!   so the VMM must only touch pages the page engine knows are here (the
+//!   devices read guest memory through the guest view instead).
 //!
 //! Nothing is allocated up front: the memfd is sparse and both mappings are
 //! `MAP_NORESERVE`, so a 64 GiB guest costs what it touches.
@@ -197,9 +197,10 @@ impl Drop for Mapping {
 /// How guest RAM is backed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
-    /// A memfd mapped twice, the guest view under the pager: shoal's way.
+    /// A memfd mapped twice, the guest view under the page engine: shoal's
+    /// way.
     Memfd,
-    /// Plain private anonymous memory, one view, no pager: the kernel
+    /// Plain private anonymous memory, one view, no userfaultfd: the kernel
     /// serves every first touch. The benchmarks' baseline.
     Anonymous,
 }
@@ -300,8 +301,8 @@ impl GuestMemory {
     }
 
     /// The alias view as vm-memory guest memory, addressed by GPA. Writing
-    /// through it materialises pages without the pager: only the loader
-    /// does, before the pager starts.
+    /// through it materialises pages behind the page engine's back: only the
+    /// loader does, before the engine starts.
     pub fn alias(&self) -> &GuestMemoryMmap {
         &self.alias
     }
@@ -405,7 +406,7 @@ impl GuestMemory {
     pub fn read_guest_view(&self, offset: u64, buf: &mut [u8]) {
         assert!(offset.checked_add(buf.len() as u64).is_some_and(|end| end <= self.layout.size()));
         // SAFETY: the range is inside the guest view (asserted); reading it
-        // may fault, which the pager resolves; a racing guest write can only
+        // may fault, which the page engine resolves; a racing guest write can only
         // tear the bytes the guest asked us to read.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -418,7 +419,7 @@ impl GuestMemory {
 
     /// The memfd's populated extents (pages that hold data), as
     /// `(offset, len)` pairs, from the kernel's own record (SEEK_DATA /
-    /// SEEK_HOLE on tmpfs). The pager starts from this.
+    /// SEEK_HOLE on tmpfs). The page engine starts from this.
     pub fn populated_extents(&self) -> io::Result<Vec<(u64, u64)>> {
         let Some(memfd) = &self.memfd else {
             return Err(io::Error::other("anonymous guest memory has no extents"));
@@ -449,7 +450,7 @@ impl GuestMemory {
     }
 
     /// Pages of the guest view the kernel has mapped in (mincore): how the
-    /// baseline, which has no pager, counts what it touched.
+    /// baseline, which has no page engine, counts what it touched.
     pub fn mapped_pages(&self) -> io::Result<u64> {
         let mut vec = vec![0u8; self.layout.pages() as usize];
         // SAFETY: the range is exactly our guest-view mapping and `vec` has

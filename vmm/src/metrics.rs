@@ -2,10 +2,9 @@
 //! `--metrics-json FILE`, `{"total": {...}, "nodes": [{...}, ...]}`.
 //!
 //! Counters are exact (pages, bytes, faults); latencies come from a
-//! histogram of fault-resolution times measured in the fault handler, from
-//! reading the event to the ioctl that maps the pages.
+//! histogram of fault-resolution times the page engine measures, from a
+//! fault's arrival to the wake of its vCPU.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -13,24 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::memory::PAGE_SIZE;
 
-/// The pager's counters, updated on the fault path.
-#[derive(Debug, Default)]
-pub struct PagerCounters {
-    /// userfaultfd page-fault events handled.
-    pub faults: AtomicU64,
-    /// Faults whose page another fault had already made resident.
-    pub faults_already_resident: AtomicU64,
-    /// Dormant pages zero-filled on this node.
-    pub pages_zero_filled: AtomicU64,
-    /// Pages whose contents were copied in (`--dormant off`).
-    pub pages_copied: AtomicU64,
-    /// Pages the loader wrote before the guest started.
-    pub pages_loaded: AtomicU64,
-    /// Pages the kernel held although the pager believed them dormant.
-    pub pages_found_present: AtomicU64,
-}
-
-/// Fault-resolution latencies of one handler thread.
+/// Fault-resolution latencies.
 #[derive(Debug)]
 pub struct FaultLatency(Histogram<u64>);
 
@@ -80,6 +62,8 @@ pub struct NodeMetrics {
     pub pages_copied: u64,
     pub pages_loaded: u64,
     pub pages_resident: u64,
+    /// Kept for the report's shape; always 0: the page engine treats a
+    /// page the kernel holds against its record as an error.
     pub pages_found_present: u64,
     /// Pages read from peers with one-sided fabric reads.
     pub remote_fetches: u64,
@@ -154,21 +138,6 @@ impl NodeMetrics {
             fault_us_p99: latency.quantile_us(0.99),
             fault_us_max: latency.quantile_us(1.0),
             ..Default::default()
-        }
-    }
-
-    /// A node's metrics from its counters and latency record.
-    pub fn collect(node: u64, c: &PagerCounters, pages_resident: u64, latency: &FaultLatency) -> Self {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        NodeMetrics {
-            faults: get(&c.faults),
-            faults_already_resident: get(&c.faults_already_resident),
-            pages_zero_filled: get(&c.pages_zero_filled),
-            pages_copied: get(&c.pages_copied),
-            pages_loaded: get(&c.pages_loaded),
-            pages_resident,
-            pages_found_present: get(&c.pages_found_present),
-            ..Self::collect_latency(node, latency)
         }
     }
 }

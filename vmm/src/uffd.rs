@@ -1,4 +1,4 @@
-//! A thin, safe wrapper over Linux userfaultfd, for the pager.
+//! A thin, safe wrapper over Linux userfaultfd, for the page engine.
 //!
 //! We do not use the `userfaultfd` crate (0.9): its `zeropage` and `copy`
 //! drop the count of bytes already resolved when the ioctl fails part way
@@ -279,7 +279,7 @@ impl Uffd {
 
     /// Unregisters a range. Every thread blocked on a fault in it wakes up,
     /// and later faults there are served by the kernel: the last resort that
-    /// guarantees no vCPU stays blocked when the pager gives up.
+    /// guarantees no vCPU stays blocked when the page engine gives up.
     pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
         let mut range = UffdioRange { start, len };
         // SAFETY: `range` is a valid uffdio_range.

@@ -1,7 +1,8 @@
 //! Builds a VM from a [`VmConfig`] and runs it to its end, in one readable
 //! sequence: check input, make guest memory, load the image, build the KVM
-//! VM ([`builder`]), register the guest view with userfaultfd (the pager
-//! alone, a pod's page engine on node 0), start the pod and the fault
+//! VM ([`builder`]), register the guest view with userfaultfd and build
+//! the page engine (a node alone is a pod of one: the same engine, with no
+//! fabric), start the pod (if there are other nodes) and the fault
 //! handlers, start the vCPUs placed here ([`Vcpus`]), wait, stop
 //! everything, report. A pod's other nodes run `pod::run_member`, which
 //! builds the same VM and runs the vCPUs placed on them.
@@ -21,10 +22,9 @@ use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
 use crate::loader::{self, BootParams, BootPlan, LinuxEntry};
 use crate::memory::{self, GuestMemory, Layout, PAGE_SIZE};
 use crate::metrics::{self, NodeMetrics, Report};
-use crate::pager::handler::FaultHandlers;
-use crate::pager::{Pager, Policy};
+use crate::pod::engine::handlers::FaultHandlers;
 use crate::pod::engine::Engine as PodEngine;
-use crate::uffd::{self, Uffd};
+use crate::uffd;
 use crate::vcpu;
 use crate::vcpus::Vcpus;
 
@@ -55,7 +55,7 @@ pub enum Error {
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
     #[error("reading the loaded guest memory back: {0}")]
-    Pager(#[source] std::io::Error),
+    Loaded(#[source] std::io::Error),
     #[error("starting a thread: {0}")]
     Thread(#[source] std::io::Error),
     #[error(transparent)]
@@ -147,12 +147,13 @@ pub fn run(config: &VmConfig, console_out: Box<dyn std::io::Write + Send>) -> Re
     run_node(config, console_out, None)
 }
 
-/// How this node resolves the guest's faults.
-enum Paging {
-    /// One node: the pager (dormant pages zero-filled here).
-    Single(Arc<Pager>, FaultHandlers),
-    /// Node 0 of a pod: the page engine over the fabric.
-    Pod(Arc<PodEngine>, FaultHandlers, crate::pod::Serving),
+/// How this node resolves the guest's faults: its page engine and the
+/// threads that feed it, and on a pod of several nodes the receiver of
+/// the other nodes' messages.
+struct Paging {
+    engine: Arc<PodEngine>,
+    handlers: FaultHandlers,
+    serving: Option<crate::pod::Serving>,
 }
 
 /// Runs the VM as node 0 of a pod joined through `pod` (None: alone).
@@ -236,23 +237,18 @@ pub fn run_node(
         mem_bytes: config.memory,
         clock_start,
     };
-    // a pod's engine is made first: the devices read guest memory through
-    // it, and the vCPUs' faults go to it
+    // the engine is made first: the devices read guest memory through the
+    // guest view it serves, and the vCPUs' faults go to it
     let engine = match (config.backing, pod) {
-        (Backing::Memfd, Some(link)) => Some(make_pod_engine(config, link, &mem, &control)?),
+        (Backing::Memfd, pod) => Some(make_engine(config, pod, &mem, &control)?),
         (Backing::Anonymous, Some(_)) => {
             return Err(config::Error::Invalid("a pod needs --memory-backing memfd".into()).into())
         }
-        _ => None,
+        (Backing::Anonymous, None) => None,
     };
-    let pager = match (config.backing, pod) {
-        (Backing::Memfd, None) => Some(make_pager(config, &mem)?),
-        _ => None,
-    };
-    let reader = match (&pager, &engine) {
-        (Some(pager), _) => GuestReader::Paged(pager.clone()),
-        (None, Some(_)) => GuestReader::GuestView(mem.clone()),
-        (None, None) => GuestReader::Direct(mem.clone()),
+    let reader = match &engine {
+        Some(_) => GuestReader::GuestView(mem.clone()),
+        None => GuestReader::Direct(mem.clone()),
     };
     let devices = Devices::new(console.clone(), reader, info, IrqLine(built.serial_irq));
     // a Linux guest's ACPI tables name the PM1 registers (node 0 only:
@@ -278,39 +274,37 @@ pub fn run_node(
         Arc::new(move |e: String| control.fail(e))
     };
     let threads = config.fault_threads.unwrap_or(config.cpus as usize);
-    let paging = match (pager, engine, pod) {
-        (Some(pager), _, _) => {
-            let handlers = FaultHandlers::spawn(pager.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
-            Some(Paging::Single(pager, handlers))
-        }
-        (None, Some((engine, loaded)), Some(link)) => {
+    let paging = match engine {
+        Some((engine, loaded)) => {
             engine.set_vcpus(vcpus.clone());
-            let start_plan = crate::pod::StartPlan {
-                loaded,
-                boot: plan.clone(),
-                clock_ns: u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            // the other nodes of a pod (none for a pod of one) build theirs
+            let serving = match pod {
+                Some(link) => {
+                    let start_plan = crate::pod::StartPlan {
+                        loaded,
+                        boot: plan.clone(),
+                        clock_ns: u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                    };
+                    link.start(&start_plan, &engine, &vcpus)?;
+                    Some(link.serve(engine.clone(), vcpus.clone()).map_err(Error::Thread)?)
+                }
+                None => None,
             };
-            link.start(&start_plan, &engine, &vcpus)?;
-            let serving = link.serve(engine.clone(), vcpus.clone()).map_err(Error::Thread)?;
             let handlers = FaultHandlers::spawn(engine.clone(), threads, pin, on_fatal).map_err(Error::Thread)?;
-            Some(Paging::Pod(engine, handlers, serving))
+            Some(Paging { engine, handlers, serving })
         }
-        _ => None,
+        None => None,
     };
 
     let setup_error = vcpus.start(&plan).err().map(Error::Start);
     let end = setup_error.is_none().then(|| wait(&events, config));
     let failed = matches!(end, Some(End::Failed(_)));
-    if let (Some(Paging::Pod(_, _, serving)), Some(link)) = (&paging, pod) {
+    if let (Some(Paging { serving: Some(serving), .. }), Some(link)) = (&paging, pod) {
         // the end is decided: what stopping the vCPUs does to messages
         // still in flight is no failure of the pod
         link.quiesce(serving);
     }
-    let uffd = match &paging {
-        Some(Paging::Single(p, _)) => Some(p.uffd()),
-        Some(Paging::Pod(e, ..)) => e.uffd(),
-        None => None,
-    };
+    let uffd = paging.as_ref().and_then(|p| p.engine.uffd());
     let release = || {
         if let Some(uffd) = uffd {
             if let Err(e) = uffd.unregister(mem.guest_view_base(), mem.layout().size()) {
@@ -326,11 +320,7 @@ pub fn run_node(
     flush_console(&console);
     let mut others = Vec::new();
     let mut node = match paging {
-        Some(Paging::Single(pager, handlers)) => {
-            let latency = handlers.stop();
-            NodeMetrics::collect(0, pager.counters(), pager.resident_pages(), &latency)
-        }
-        Some(Paging::Pod(engine, handlers, serving)) => {
+        Some(Paging { engine, handlers, serving }) => {
             handlers.stop();
             let failure = match &end {
                 Some(End::Exited(_)) => None,
@@ -339,8 +329,8 @@ pub fn run_node(
                 Some(End::Interrupted) => Some("interrupted".to_string()),
                 None => Some("the VM could not start".to_string()),
             };
-            if let Some(link) = pod {
-                others = link.finish(&serving, failure.as_deref());
+            if let (Some(link), Some(serving)) = (pod, &serving) {
+                others = link.finish(serving, failure.as_deref());
             }
             engine.metrics()
         }
@@ -388,48 +378,39 @@ fn flush_console(console: &Mutex<Console>) {
     tracing::warn!("the console is blocked; its last partial line is lost");
 }
 
-/// Registers the guest view with userfaultfd and makes the pager.
-fn make_pager(config: &VmConfig, mem: &Arc<GuestMemory>) -> Result<Arc<Pager>> {
-    let uffd = Arc::new(Uffd::new(uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_THREAD_ID)?);
-    uffd.register_missing(mem.guest_view_base(), mem.layout().size())?;
-    let policy = Policy { dormant: config.dormant, budget_pages: config.node_memory.map(|b| b / PAGE_SIZE) };
-    let pager = Arc::new(Pager::new(mem.clone(), uffd, policy).map_err(Error::Pager)?);
-    if let Some(budget) = config.node_memory {
-        let needed = pager.resident_pages() * PAGE_SIZE;
-        if needed > budget {
-            return Err(config::Error::Budget { budget, needed }.into());
-        }
-    }
-    Ok(pager)
-}
-
 /// (offset, len) extents of guest memory.
 type Extents = Vec<(u64, u64)>;
 
-/// Node 0 of a pod: registers the guest view with userfaultfd for
-/// missing, minor and write-protect faults and builds the page engine (the
-/// loader's pages start owned here). Returns it with the loader's extents.
-fn make_pod_engine(
+/// Node 0 of a pod, or a node alone (a pod of one, `pod` None): registers
+/// the guest view with userfaultfd for missing, minor and write-protect
+/// faults and builds the page engine (the loader's pages start owned
+/// here). Returns it with the loader's extents.
+fn make_engine(
     config: &VmConfig,
-    link: &crate::pod::Link,
+    pod: Option<&crate::pod::Link>,
     mem: &Arc<GuestMemory>,
     control: &Arc<Control>,
 ) -> Result<(Arc<PodEngine>, Extents)> {
     let uffd = crate::pod::pod_uffd(mem)?;
-    let loaded = mem.populated_extents().map_err(Error::Pager)?;
+    let loaded = mem.populated_extents().map_err(Error::Loaded)?;
     let loaded_bytes: u64 = loaded.iter().map(|&(_, len)| len.div_ceil(PAGE_SIZE) * PAGE_SIZE).sum();
     if let Some(budget) = config.node_memory {
         if loaded_bytes > budget {
             return Err(config::Error::Budget { budget, needed: loaded_bytes }.into());
         }
     }
-    let settings = crate::pod::settings_for(&link.facts, mem.layout().pages(), link.transport.kind())
-        .map_err(config::Error::Invalid)?;
+    let pages = mem.layout().pages();
+    let settings = match pod {
+        Some(link) => crate::pod::settings_for(&link.facts, pages, link.transport.kind()),
+        None => crate::pod::settings_alone(config, pages),
+    }
+    .map_err(config::Error::Invalid)?;
     let on_fatal = {
         let control = control.clone();
         Arc::new(move |e: String| control.fail(e))
     };
-    let engine = PodEngine::new(0, settings, link.transport.clone(), mem.clone(), Some(uffd), &loaded, on_fatal)
+    let transport = pod.map(|l| l.transport.clone());
+    let engine = PodEngine::new(0, settings, transport, mem.clone(), Some(uffd), &loaded, on_fatal)
         .map_err(|e| Error::Pod(crate::pod::Error::Failed(e)))?;
     Ok((Arc::new(engine), loaded))
 }

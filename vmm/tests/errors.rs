@@ -113,8 +113,17 @@ fn a_fault_over_the_memory_budget_ends_the_vm() {
     let r =
         shoal(&["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=32", "--node-memory", "8M"], LIMIT);
     r.expect_status(70);
-    assert!(r.stderr.contains("node memory budget exhausted: 2048 pages (8 MiB)"), "{}", r.stderr);
-    assert!(r.metric("pages_resident") <= 2048, "the budget held");
+    assert!(r.stderr.contains("node memory budget exhausted: 2048 pages (8 MiB) are resident"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("raise --node-memory (a single node has nowhere to evict to)"),
+        "names the flag and why: {}",
+        r.stderr
+    );
+    // fault-around fills up to the bound exactly, then a fault finds no
+    // room: the page engine parks it, and alone it cannot evict
+    assert_eq!(r.metric("pages_resident"), 2048, "the budget held, and was used");
+    assert_eq!(r.metric("faults_parked"), 1);
+    assert_eq!((r.metric("pages_evicted"), r.metric("pages_redormanted")), (0, 0), "nowhere to evict to");
     // the kernel's count too: after the failure the vCPU is released by
     // unregistering userfaultfd, and may get at most a page or so more
     assert!(r.metric("memfd_bytes") <= (8 << 20) + (64 << 10), "memfd holds {}", r.metric("memfd_bytes"));

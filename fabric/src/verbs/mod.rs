@@ -36,7 +36,8 @@ pub use ffi::device_names;
 
 /// Bytes per lazily registered chunk: part of the protocol (a `KeyRequest`
 /// names chunk `c`, the bytes `[c * CHUNK, (c + 1) * CHUNK)` of a region).
-/// One fault-around block: the pager makes memory resident in such blocks,
+/// One fault-around block: the page engine makes memory resident in such
+/// blocks,
 /// so registering a chunk rarely pins pages that are not resident already.
 pub const CHUNK: u64 = 2 << 20;
 /// Bounce buffer per peer: two full-size reads.
@@ -58,8 +59,8 @@ pub fn device_present() -> bool {
 /// Known limits, left for the pod work: a registered chunk stays registered
 /// (pinned) until the transport shuts down, so what is pinned grows with
 /// what peers have read; registration pins every page of the chunk, which
-/// on guest memory under the pager would materialise dormant pages outside
-/// it; and `ibv_reg_mr` runs under the chunk-map lock (reads of other
+/// on guest memory under the page engine would materialise dormant pages
+/// outside it; and `ibv_reg_mr` runs under the chunk-map lock (reads of other
 /// chunks wait for it).
 #[derive(Debug)]
 struct Exposer {

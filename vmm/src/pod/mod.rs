@@ -355,12 +355,27 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
 
 /// The engine settings every node derives from the same facts.
 pub fn settings_for(facts: &Facts, pages: u64, fabric: shoal_fabric::Kind) -> Result<engine::Settings, String> {
-    let config = shoal_protocol::Config::new(facts.nodes, BLOCK_PAGES, pages)
-        .ok_or_else(|| format!("a pod of {} nodes", facts.nodes))?;
-    let budget = facts.node_memory.map(|b| b / crate::memory::PAGE_SIZE);
-    let keep_pages = fabric == shoal_fabric::Kind::Verbs;
+    engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric))
+}
+
+/// The engine settings of a node alone (a pod of one, with no fabric).
+pub fn settings_alone(config: &crate::config::VmConfig, pages: u64) -> Result<engine::Settings, String> {
+    engine_settings(1, pages, config.dormant, config.node_memory, None)
+}
+
+fn engine_settings(
+    nodes: u32,
+    pages: u64,
+    dormant: bool,
+    node_memory: Option<u64>,
+    fabric: Option<shoal_fabric::Kind>,
+) -> Result<engine::Settings, String> {
+    let config =
+        shoal_protocol::Config::new(nodes, BLOCK_PAGES, pages).ok_or_else(|| format!("a pod of {nodes} nodes"))?;
+    let budget = node_memory.map(|b| b / crate::memory::PAGE_SIZE);
+    let keep_pages = fabric == Some(shoal_fabric::Kind::Verbs);
     let read_copies = crate::uffd::continue_wp_supported();
-    Ok(engine::Settings { config, dormant: facts.dormant, budget, peer_budget: budget, keep_pages, read_copies })
+    Ok(engine::Settings { config, dormant, budget, peer_budget: budget, keep_pages, read_copies })
 }
 
 /// Node 0's end of a joined pod.
@@ -644,7 +659,7 @@ pub struct Member {
 struct MemberVm {
     engine: Arc<Engine>,
     vcpus: Arc<Vcpus>,
-    handlers: Option<crate::pager::handler::FaultHandlers>,
+    handlers: Option<engine::handlers::FaultHandlers>,
     events: Receiver<crate::control::VmEvent>,
     mem: Arc<crate::memory::GuestMemory>,
     started: Instant,
@@ -667,7 +682,7 @@ impl MemberVm {
         let engine = Engine::new(
             me,
             m.settings.clone(),
-            m.transport.clone(),
+            Some(m.transport.clone()),
             m.mem.clone(),
             Some(uffd),
             &plan.loaded,
@@ -697,7 +712,7 @@ impl MemberVm {
         };
         let vcpus = Vcpus::new(setup, built.kvm, Arc::new(built.vm), devices, control, Some(m.transport.clone()));
         engine.set_vcpus(vcpus.clone());
-        let handlers = crate::pager::handler::FaultHandlers::spawn(engine.clone(), m.fault_threads, None, on_fatal)
+        let handlers = engine::handlers::FaultHandlers::spawn(engine.clone(), m.fault_threads, None, on_fatal)
             .map_err(|e| format!("starting the fault handlers: {e}"))?;
         Ok(MemberVm { engine, vcpus, handlers: Some(handlers), events, mem: m.mem.clone(), started: Instant::now() })
     }

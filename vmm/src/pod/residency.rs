@@ -1,9 +1,9 @@
-//! What a pod node holds and may hold, plain logic with no I/O (as
-//! `pager/state.rs` is for one node): the record of each page here
-//! (resident, how the guest view maps it, pinned by the loader, on its
-//! way), the memory bound's accounting (pages held plus pages coming must
-//! stay within `--node-memory`; faults beyond it park), and the eviction
-//! decisions (which page next, which node takes it). The page engine asks
+//! What a node holds and may hold, plain logic with no I/O: the record of
+//! each page here (resident, how the guest view maps it, pinned by the
+//! loader, on its way), the memory bound's accounting (pages held plus
+//! pages coming must stay within `--node-memory`; faults beyond it park),
+//! and the eviction decisions (which page next, which node takes it; a
+//! node alone evicts nothing). The page engine asks
 //! and carries out; where a page is owned and who reads it is the
 //! protocol's business, not this record's.
 
@@ -302,9 +302,11 @@ impl Residency {
 
     // ---- eviction ------------------------------------------------------------
 
-    /// How many more evictions to start now, ahead of need.
+    /// How many more evictions to start now, ahead of need. A node alone
+    /// has nowhere to evict to: none (a fault beyond its bound parks, and
+    /// the node is [`Residency::stuck`]).
     pub fn evictions_wanted(&self) -> u64 {
-        let Some(budget) = self.budget else { return 0 };
+        let Some(budget) = self.budget.filter(|_| self.nodes > 1) else { return 0 };
         let demand = self.resident + self.incoming + self.parked.len() as u64;
         demand.saturating_sub(evict_level(budget) + self.evicting.len() as u64)
     }
@@ -374,6 +376,11 @@ impl Residency {
     pub fn stuck(&self) -> bool {
         let Some(budget) = self.budget else { return false };
         !self.parked.is_empty() && self.evicting.is_empty() && self.incoming == 0 && self.resident >= budget
+    }
+
+    /// The fault that has waited for room the longest.
+    pub fn first_parked(&self) -> Option<Page> {
+        self.parked.front().copied()
     }
 
     /// The nodes our unsettled evictions wait on.
@@ -468,6 +475,22 @@ mod tests {
         assert!(r.written_here(1));
         r.dropped(1);
         assert!(r.written_here(1), "it stays this node's history");
+    }
+
+    #[test]
+    fn a_node_alone_evicts_nothing_and_is_stuck_at_its_bound() {
+        let mut r = Residency::new(0, 1, 64, Some(2), Some(2));
+        for p in 0..2 {
+            assert_eq!(r.admit(p), Admission::Go);
+            r.arrived(p, Some(true));
+            assert!(r.woken(p));
+        }
+        assert_eq!(r.evictions_wanted(), 0, "nowhere to evict to");
+        assert!(!r.stuck());
+        assert_eq!(r.admit(5), Admission::Parked);
+        assert_eq!(r.evictions_wanted(), 0);
+        assert_eq!(r.first_parked(), Some(5));
+        assert!(r.stuck(), "nothing can make room");
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Engine {
 
     pub(super) fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
         let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
-        self.transport
+        self.transport(from)?
             .read_with(from, &[req], &mut |_, at, bytes| {
                 buf[at..at + bytes.len()].copy_from_slice(bytes);
                 Ok(())

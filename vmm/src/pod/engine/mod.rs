@@ -42,6 +42,7 @@
 //! 6. After every event, `settle` starts evictions ahead of need and lets
 //!    parked faults in as room allows (`Residency` decides both).
 
+pub mod handlers;
 mod memops;
 
 use std::collections::{HashMap, VecDeque};
@@ -184,7 +185,9 @@ struct State {
 pub struct Engine {
     me: NodeId,
     settings: Settings,
-    transport: Arc<dyn Transport>,
+    /// The fabric to the other nodes; None for a pod of one, which has no
+    /// peers: every page's home is this node, so the protocol never sends.
+    transport: Option<Arc<dyn Transport>>,
     mem: Arc<GuestMemory>,
     /// The guest view's userfaultfd: only on the node that runs vCPUs.
     uffd: Option<Arc<Uffd>>,
@@ -228,7 +231,7 @@ impl Engine {
     pub fn new(
         me: NodeId,
         settings: Settings,
-        transport: Arc<dyn Transport>,
+        transport: Option<Arc<dyn Transport>>,
         mem: Arc<GuestMemory>,
         uffd: Option<Arc<Uffd>>,
         loaded: &[(u64, u64)],
@@ -285,6 +288,11 @@ impl Engine {
     /// The guest view's userfaultfd (vCPU node).
     pub fn uffd(&self) -> Option<&Uffd> {
         self.uffd.as_deref()
+    }
+
+    /// The same, shared (for the fault-handler threads that read it).
+    pub fn uffd_arc(&self) -> Option<Arc<Uffd>> {
+        self.uffd.clone()
     }
 
     /// Tells the engine which vCPUs run here (to attribute faults to them
@@ -566,8 +574,15 @@ impl Engine {
     }
 
     fn send(&self, to: NodeId, msg: &Msg) -> Result<(), String> {
+        let t = self.transport(to)?;
         self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.transport.send(to, &encode_page_msg(msg)).map_err(|e| fabric_error(format!("sending to node {to}"), e))
+        t.send(to, &encode_page_msg(msg)).map_err(|e| fabric_error(format!("sending to node {to}"), e))
+    }
+
+    /// The fabric, to reach `peer`; a pod of one has none, and the
+    /// protocol never names a peer there (every page's home is here).
+    fn transport(&self, peer: NodeId) -> Result<&dyn Transport, String> {
+        self.transport.as_deref().ok_or_else(|| format!("node {peer} is named, but this node runs alone"))
     }
 
     // ---- memory budget -------------------------------------------------
@@ -596,6 +611,9 @@ impl Engine {
             }
         }
         if st.res.stuck() {
+            if self.settings.config.nodes == 1 {
+                return Err(self.budget_exhausted(st, budget));
+            }
             return Err(format!(
                 "node {} cannot make room under --node-memory ({} pages): {} of its pages are pinned by the loader \
                  and nothing else can be evicted",
@@ -605,6 +623,17 @@ impl Engine {
             ));
         }
         Ok(())
+    }
+
+    /// Why a node alone cannot go on: its guest touched more than
+    /// `--node-memory`, and it has no other node to evict to.
+    fn budget_exhausted(&self, st: &State, budget: u64) -> String {
+        let gpa = st.res.first_parked().and_then(|p| self.mem.layout().offset_to_gpa(p * PAGE_SIZE)).unwrap_or(0);
+        format!(
+            "node memory budget exhausted: {budget} pages ({} MiB) are resident and the guest touched \
+             guest-physical {gpa:#x}; raise --node-memory (a single node has nowhere to evict to)",
+            (budget * PAGE_SIZE) >> 20
+        )
     }
 
     /// Starts as many evictions as `Residency` wants ahead of need, oldest
