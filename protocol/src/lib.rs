@@ -43,10 +43,13 @@
 
 pub mod codec;
 pub mod model;
+mod pagemap;
 pub mod roster;
 pub mod roster_model;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use pagemap::PageMap;
 
 /// A node of the pod.
 pub type NodeId = u32;
@@ -302,8 +305,8 @@ pub enum Error {
 pub struct Node {
     pub id: NodeId,
     pub config: Config,
-    local: BTreeMap<Page, Local>,
-    dir: BTreeMap<Page, DirEntry>,
+    local: PageMap<Local>,
+    dir: PageMap<DirEntry>,
     /// A deliberate bug, for the test that shows the model checker finds
     /// bugs.
     #[cfg(test)]
@@ -329,8 +332,8 @@ impl Node {
         Node {
             id,
             config,
-            local: BTreeMap::new(),
-            dir: BTreeMap::new(),
+            local: PageMap::new(config.pages, config.block_pages),
+            dir: PageMap::new(config.pages, config.block_pages),
             #[cfg(test)]
             sabotage: Sabotage::None,
         }
@@ -353,28 +356,20 @@ impl Node {
 
     /// Our view of `page`.
     pub fn local(&self, page: Page) -> Local {
-        self.local.get(&page).cloned().unwrap_or_default()
+        self.local.get(page)
     }
 
     /// The directory entry of a page we are home to.
     pub fn dir(&self, page: Page) -> DirEntry {
-        self.dir.get(&page).cloned().unwrap_or_default()
+        self.dir.get(page)
     }
 
     fn set_local(&mut self, page: Page, l: Local) {
-        if l == Local::default() {
-            self.local.remove(&page);
-        } else {
-            self.local.insert(page, l);
-        }
+        self.local.set(page, l);
     }
 
     fn set_dir(&mut self, page: Page, d: DirEntry) {
-        if d == DirEntry::default() {
-            self.dir.remove(&page);
-        } else {
-            self.dir.insert(page, d);
-        }
+        self.dir.set(page, d);
     }
 
     fn check_page(&self, page: Page) -> Result<(), Error> {
@@ -389,7 +384,7 @@ impl Node {
             node: self.id,
             page,
             msg: format!("{msg:?}"),
-            state: format!("{:?} / {:?}", self.local(page), self.dir.get(&page)),
+            state: format!("{:?} / {:?}", self.local(page), self.dir(page)),
         }
     }
 
