@@ -63,6 +63,9 @@ pub struct Residency {
     pinned: u64,
     /// Faults on their way (each will bring one page here).
     incoming: u64,
+    /// Pages a zero-fill will bring here (decided, not done yet: a fill
+    /// runs outside the engine's lock, see the engine's `fill_unlocked`).
+    filling: u64,
     /// Eviction candidates, oldest first.
     queue: VecDeque<Page>,
     /// Our evictions not settled yet, with their targets (None: re-dormant).
@@ -88,6 +91,7 @@ impl Residency {
             resident: 0,
             pinned: 0,
             incoming: 0,
+            filling: 0,
             queue: VecDeque::new(),
             evicting: HashMap::new(),
             held_by: vec![0; nodes as usize],
@@ -131,6 +135,14 @@ impl Residency {
         self.resident
     }
 
+    /// What counts against the bound: pages here, and pages on their way
+    /// (faults waiting for theirs, zero-fills under way). A waiting fault
+    /// whose page is also being zero-filled counts twice for that while:
+    /// the bound errs on the safe side.
+    fn held(&self) -> u64 {
+        self.resident + self.incoming + self.filling
+    }
+
     pub fn pinned(&self) -> u64 {
         self.pinned
     }
@@ -147,7 +159,7 @@ impl Residency {
         // eviction, the loader's) needs no room
         let needs_room = !self.is_resident(page);
         if let Some(budget) = self.budget.filter(|_| needs_room) {
-            if self.resident + self.incoming >= budget {
+            if self.held() >= budget {
                 self.flags[page as usize] |= PARKED;
                 self.parked.push_back(page);
                 return Admission::Parked;
@@ -164,7 +176,7 @@ impl Residency {
     /// A parked fault to admit now, if there is room for it.
     pub fn unpark(&mut self) -> Option<Page> {
         let budget = self.budget?;
-        if self.resident + self.incoming >= budget {
+        if self.held() >= budget {
             return None;
         }
         let page = self.parked.pop_front()?;
@@ -178,7 +190,7 @@ impl Residency {
     pub fn room_for_fault_around(&self, planned: u64) -> bool {
         let Some(budget) = self.budget else { return true };
         let limit = if self.parked.is_empty() { budget } else { evict_level(budget) };
-        self.resident + self.incoming + planned < limit
+        self.held() + planned < limit
     }
 
     /// Whether fault-around may take `page` (nothing here, nothing on its
@@ -204,7 +216,10 @@ impl Residency {
 
     /// `page` will be zero-filled with this batch.
     pub fn zero_pending(&mut self, page: Page) {
-        self.flags[page as usize] |= PENDING_ZERO;
+        if !self.has(page, PENDING_ZERO) {
+            self.flags[page as usize] |= PENDING_ZERO;
+            self.filling += 1;
+        }
     }
 
     pub fn is_zero_pending(&self, page: Page) -> bool {
@@ -214,6 +229,9 @@ impl Residency {
     /// `page` is here now (zero-filled or fetched), mapped in the guest
     /// view as `mapped` says (None: not mapped).
     pub fn arrived(&mut self, page: Page, mapped: Option<bool>) {
+        if self.has(page, PENDING_ZERO) {
+            self.filling -= 1;
+        }
         let f = &mut self.flags[page as usize];
         *f = (*f & !(PENDING_ZERO | MAPPED | WRITABLE)) | RESIDENT;
         match mapped {
@@ -307,7 +325,7 @@ impl Residency {
     /// the node is [`Residency::stuck`]).
     pub fn evictions_wanted(&self) -> u64 {
         let Some(budget) = self.budget.filter(|_| self.nodes > 1) else { return 0 };
-        let demand = self.resident + self.incoming + self.parked.len() as u64;
+        let demand = self.held() + self.parked.len() as u64;
         demand.saturating_sub(evict_level(budget) + self.evicting.len() as u64)
     }
 
@@ -375,7 +393,11 @@ impl Residency {
     /// evicted, nothing is on its way, and the node is full.
     pub fn stuck(&self) -> bool {
         let Some(budget) = self.budget else { return false };
-        !self.parked.is_empty() && self.evicting.is_empty() && self.incoming == 0 && self.resident >= budget
+        !self.parked.is_empty()
+            && self.evicting.is_empty()
+            && self.incoming == 0
+            && self.filling == 0
+            && self.resident >= budget
     }
 
     /// The fault that has waited for room the longest.

@@ -6,7 +6,7 @@
 use shoal_fabric::ReadReq;
 use shoal_protocol::{Access, NodeId, Page};
 
-use super::{fabric_error, Engine, FaultKind, State, REGION_MEMORY};
+use super::{fabric_error, Engine, FaultKind, State, ZeroRun, REGION_MEMORY};
 use crate::memory::PAGE_SIZE;
 use crate::pod::residency::Dropped;
 use crate::uffd::{Outcome, Uffd};
@@ -23,11 +23,13 @@ impl Engine {
         self.mem.guest_view_base() + page * PAGE_SIZE
     }
 
-    /// Zero-fills the pending pages, one ioctl per contiguous run (with
-    /// `--dormant off`, reads each run from its home instead).
-    pub(super) fn flush_zero(&self, st: &mut State) -> Result<(), String> {
+    /// The pending zero-fills, taken as runs: one ioctl each, over
+    /// contiguous pages of one block that are mapped alike. The pages stay
+    /// marked pending (`Residency`) until [`Engine::zero_arrived`].
+    pub(super) fn take_zero_runs(&self, st: &mut State) -> Vec<ZeroRun> {
+        let mut runs = Vec::new();
         if st.pending_zero.is_empty() {
-            return Ok(());
+            return runs;
         }
         let mut pages = std::mem::take(&mut st.pending_zero);
         pages.sort_unstable();
@@ -47,51 +49,84 @@ impl Engine {
             // read-only when they are read copies of dormant pages
             let writable = st.node.local(first).writable;
             let n = (0..n).take_while(|&k| st.node.local(first + k as u64).writable == writable).count().max(1);
-            self.zero_run(st, first, n as u64, writable)?;
-            if !writable {
-                self.counters.pages_shared.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            for p in first..first + n as u64 {
-                st.res.arrived(p, self.arrival_mapping(writable));
-            }
+            runs.push(ZeroRun { first, count: n as u64, writable });
             i += n;
+        }
+        runs
+    }
+
+    /// Zero-fills the pending pages, one ioctl per run (with `--dormant
+    /// off`, copies each run's contents in, read from its home when that
+    /// is another node).
+    pub(super) fn flush_zero(&self, st: &mut State) -> Result<(), String> {
+        for run in self.take_zero_runs(st) {
+            self.zero_run(st, run)?;
+            self.zero_arrived(st, run);
         }
         Ok(())
     }
 
-    pub(super) fn zero_run(&self, st: &mut State, first: Page, count: u64, writable: bool) -> Result<(), String> {
+    /// A run's pages are here and mapped.
+    pub(super) fn zero_arrived(&self, st: &mut State, run: ZeroRun) {
+        if !run.writable {
+            self.counters.pages_shared.fetch_add(run.count, Ordering::Relaxed);
+        }
+        for p in run.first..run.first + run.count {
+            st.res.arrived(p, self.arrival_mapping(run.writable));
+        }
+    }
+
+    /// Whether a run's fill needs nothing but the ioctl: zeros, of dormant
+    /// pages or (`--dormant off`) of pages whose contents live here. Such
+    /// a fill reads and writes no engine state, so it may run outside the
+    /// engine's lock.
+    pub(super) fn fills_alone(&self, run: &ZeroRun) -> bool {
+        self.uffd.is_some() && (self.settings.dormant || self.settings.config.home(run.first) == self.me)
+    }
+
+    /// The fill of a run that [`Engine::fills_alone`]: zeros mapped as the
+    /// run says, or (`--dormant off`) copied in.
+    pub(super) fn fill_zeros(&self, run: &ZeroRun) -> Result<(), String> {
+        let Some(uffd) = &self.uffd else { return Ok(()) };
+        let ZeroRun { first, count, writable } = *run;
+        let addr = self.page_addr(first);
+        let len = count * PAGE_SIZE;
+        if !self.settings.dormant {
+            self.place(uffd, first, &self.zeros[..len as usize], writable)?;
+            self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
+            return Ok(());
+        }
+        if self.settings.keep_pages || !writable {
+            // zeros through the alias view, then one mapping of them: a
+            // read copy must never be mapped writable, not even for the
+            // instant between a zero-fill and a write-protect
+            self.mem.zero_alias(first * PAGE_SIZE, len);
+            let ro = !writable;
+            self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map")?;
+        } else {
+            self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
+        }
+        self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn zero_run(&self, st: &mut State, run: ZeroRun) -> Result<(), String> {
+        let ZeroRun { first, count, writable } = run;
         let Some(uffd) = &self.uffd else {
             // a node without a guest: a hole in its memfd is the zero page
             self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
             return Ok(());
         };
-        let addr = self.page_addr(first);
-        let len = count * PAGE_SIZE;
-        if self.settings.dormant {
-            if self.settings.keep_pages || !writable {
-                // zeros through the alias view, then one mapping of them:
-                // a read copy must never be mapped writable, not even for
-                // the instant between a zero-fill and a write-protect
-                self.mem.zero_alias(first * PAGE_SIZE, len);
-                let ro = !writable;
-                self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map")?;
-            } else {
-                self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
-            }
-            self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
-            return Ok(());
+        if self.fills_alone(&run) {
+            return self.fill_zeros(&run);
         }
-        // --dormant off: the page's contents live at its home
+        // --dormant off: the page's contents live at its home, another node
         let home = self.settings.config.home(first);
+        let len = count * PAGE_SIZE;
         let buf = &mut st.bounce[..len as usize];
-        if home == self.me {
-            buf.fill(0);
-            self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
-        } else {
-            self.read_remote(home, first, buf)?;
-            self.counters.remote_fetches.fetch_add(count, Ordering::Relaxed);
-            self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
-        }
+        self.read_remote(home, first, buf)?;
+        self.counters.remote_fetches.fetch_add(count, Ordering::Relaxed);
+        self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
         let buf = &st.bounce[..len as usize];
         self.place(uffd, first, buf, writable)
     }

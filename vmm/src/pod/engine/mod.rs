@@ -47,7 +47,7 @@ mod memops;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use shoal_fabric::Transport;
@@ -177,8 +177,20 @@ struct State {
     latency_upgrade: FaultLatency,
     breakdown: Breakdown,
     pending_zero: Vec<Page>,
+    /// A guest fault's event leaves its last zero-fills to the fault's
+    /// thread, which does them outside the lock (`fill_unlocked`).
+    defer_fills: bool,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
+}
+
+/// Contiguous pages of one block zero-filled by one ioctl, mapped
+/// writable or read-only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ZeroRun {
+    first: Page,
+    count: u64,
+    writable: bool,
 }
 
 /// One node's page engine.
@@ -192,6 +204,11 @@ pub struct Engine {
     /// The guest view's userfaultfd: only on the node that runs vCPUs.
     uffd: Option<Arc<Uffd>>,
     state: Mutex<State>,
+    /// Signalled when zero-fills done outside the lock have arrived.
+    filled: Condvar,
+    /// What `--dormant off` copies in for a page whose contents live here
+    /// (a block of zeros; empty with dormant pages).
+    zeros: Box<[u8]>,
     counters: Counters,
     failed: AtomicBool,
     on_fatal: OnFatal,
@@ -214,6 +231,27 @@ fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
     match e {
         shoal_fabric::Error::PeerGone { peer, reason } => format!("node {peer} left the pod: {reason} ({what})"),
         e => format!("{what}: {e}"),
+    }
+}
+
+/// The pages a message names.
+fn msg_pages(msg: &Msg) -> Vec<Page> {
+    match msg {
+        Msg::Grant { pages } => pages.iter().map(|(p, _)| *p).collect(),
+        Msg::GrantDone { pages, .. } => pages.clone(),
+        Msg::Request { page, .. }
+        | Msg::Share { page, .. }
+        | Msg::Transfer { page, .. }
+        | Msg::Upgrade { page }
+        | Msg::Ready { page, .. }
+        | Msg::Fetched { page, .. }
+        | Msg::Done { page, .. }
+        | Msg::Inval { page }
+        | Msg::InvalAck { page, .. }
+        | Msg::Evict { page, .. }
+        | Msg::Redormant { page, .. }
+        | Msg::Refused { page }
+        | Msg::Dormanted { page } => vec![*page],
     }
 }
 
@@ -263,8 +301,14 @@ impl Engine {
             latency_upgrade: FaultLatency::default(),
             breakdown: Breakdown::default(),
             pending_zero: Vec::new(),
+            defer_fills: false,
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
+        };
+        let zeros = if settings.dormant {
+            Box::default()
+        } else {
+            vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize].into_boxed_slice()
         };
         Ok(Engine {
             me,
@@ -273,6 +317,8 @@ impl Engine {
             mem,
             uffd,
             state: Mutex::new(state),
+            filled: Condvar::new(),
+            zeros,
             counters: Counters::default(),
             failed: AtomicBool::new(false),
             on_fatal,
@@ -332,7 +378,9 @@ impl Engine {
         let access = if fault.write || fault.wp { Access::Write } else { Access::Read };
         let vcpu = self.vcpus.get().and_then(|v| v.vcpu_of_thread(fault.tid));
         self.faulted.store(true, Ordering::Relaxed);
-        let mut st = self.lock();
+        // a fault on a page another fault's zero-fill is bringing waits
+        // for it, then finds it here
+        let mut st = self.wait_for_fills(self.lock(), &[page]);
         if self.failed() {
             // the VM is ending, and whoever failed the engine reported why:
             // a second report ("the pod failed") could overtake that
@@ -341,19 +389,68 @@ impl Engine {
             tracing::debug!(page, "a fault after the pod failed");
             return Ok(());
         }
-        self.fault_page(&mut st, page, access, vcpu)?;
+        st.defer_fills = true;
+        let faulted = self.fault_page(&mut st, page, access, vcpu);
+        st.defer_fills = false;
+        faulted?;
+        let mut st = self.fill_unlocked(st)?;
+        self.flush_wakes(&mut st)?;
         self.settle(&mut st)
+    }
+
+    /// Does the zero-fills a fault's event left (`defer_fills`): those
+    /// that need no engine state (`fills_alone`: zeros, no fabric) with
+    /// the lock released, so that faults on other blocks, and messages,
+    /// go on meanwhile; the rest under it. Until they arrive their pages
+    /// are marked pending in `Residency`: an event that names one waits
+    /// (`wait_for_fills`), and the bound counts them. Returns the lock
+    /// taken again, the pages here, their wakes still to do.
+    fn fill_unlocked<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, String> {
+        let (alone, locked): (Vec<ZeroRun>, Vec<ZeroRun>) =
+            self.take_zero_runs(&mut st).into_iter().partition(|r| self.fills_alone(r));
+        for run in locked {
+            self.zero_run(&mut st, run)?;
+            self.zero_arrived(&mut st, run);
+        }
+        if alone.is_empty() {
+            return Ok(st);
+        }
+        drop(st);
+        let filled = alone.iter().try_for_each(|r| self.fill_zeros(r));
+        let mut st = self.lock();
+        if let Err(e) = filled {
+            // the caller ends the VM with `e`; whoever waits for these
+            // pages, which will never arrive, gives up
+            self.failed.store(true, Ordering::SeqCst);
+            self.filled.notify_all();
+            return Err(e);
+        }
+        for run in alone {
+            self.zero_arrived(&mut st, run);
+        }
+        self.filled.notify_all();
+        Ok(st)
+    }
+
+    /// Waits, the lock released, while a zero-fill done outside the lock
+    /// (`fill_unlocked`) is bringing any of `pages`.
+    fn wait_for_fills<'a>(&self, mut st: MutexGuard<'a, State>, pages: &[Page]) -> MutexGuard<'a, State> {
+        let pending = |st: &State| pages.iter().any(|&p| p < self.settings.config.pages && st.res.is_zero_pending(p));
+        while !self.failed() && pending(&st) {
+            st = self.filled.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st
     }
 
     /// A message from a peer (any node).
     pub fn on_message(&self, from: NodeId, payload: &[u8]) -> Result<(), String> {
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
         let msg = codec::decode(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
-        let mut st = self.lock();
+        self.check_peer_msg(from, &msg)?;
+        let mut st = self.wait_for_fills(self.lock(), &msg_pages(&msg));
         if self.failed() {
             return Ok(());
         }
-        self.check_peer_msg(from, &msg)?;
         match msg {
             Msg::Inval { .. } => {
                 self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -380,20 +477,18 @@ impl Engine {
     /// the pod, before anything indexes by them.
     fn check_peer_msg(&self, from: NodeId, msg: &Msg) -> Result<(), String> {
         let cfg = &self.settings.config;
-        let (pages, nodes): (Vec<Page>, Vec<NodeId>) = match msg {
-            Msg::Request { page, from, .. } => (vec![*page], vec![*from]),
-            Msg::Grant { pages } => (pages.iter().map(|(p, _)| *p).collect(), vec![]),
-            Msg::GrantDone { pages, from } => (pages.clone(), vec![*from]),
-            Msg::Share { page, to } | Msg::Transfer { page, to, .. } => (vec![*page], vec![*to]),
-            Msg::Ready { page, from, .. }
-            | Msg::Fetched { page, from }
-            | Msg::Done { page, from }
-            | Msg::InvalAck { page, from }
-            | Msg::Redormant { page, from, .. } => (vec![*page], vec![*from]),
-            Msg::Evict { page, from, to, .. } => (vec![*page], vec![*from, *to]),
-            Msg::Upgrade { page } | Msg::Inval { page } | Msg::Refused { page } | Msg::Dormanted { page } => {
-                (vec![*page], vec![])
-            }
+        let pages = msg_pages(msg);
+        let nodes: Vec<NodeId> = match msg {
+            Msg::Request { from, .. } | Msg::GrantDone { from, .. } => vec![*from],
+            Msg::Grant { .. } => vec![],
+            Msg::Share { to, .. } | Msg::Transfer { to, .. } => vec![*to],
+            Msg::Ready { from, .. }
+            | Msg::Fetched { from, .. }
+            | Msg::Done { from, .. }
+            | Msg::InvalAck { from, .. }
+            | Msg::Redormant { from, .. } => vec![*from],
+            Msg::Evict { from, to, .. } => vec![*from, *to],
+            Msg::Upgrade { .. } | Msg::Inval { .. } | Msg::Refused { .. } | Msg::Dormanted { .. } => vec![],
         };
         if let Some(p) = pages.iter().find(|&&p| p >= cfg.pages) {
             return Err(format!("node {from} sent a message about page {p}, outside the guest ({} pages)", cfg.pages));
@@ -568,6 +663,11 @@ impl Engine {
                     }
                 }
             }
+        }
+        if st.defer_fills {
+            // a guest fault's thread fills (maybe outside the lock), then
+            // wakes
+            return Ok(());
         }
         self.flush_zero(st)?;
         self.flush_wakes(st)
