@@ -4,7 +4,8 @@
 //! memory, to userfaultfd and to the fabric. This file decides what to do
 //! with an event; `memops.rs` does the memory half of it.
 //!
-//! Two kinds of event drive it, each under the engine's one lock:
+//! Two kinds of event drive it, each decided under the engine's one lock
+//! (rule 7 below says what runs outside it):
 //! - a guest fault ([`Engine::handle_fault`], from the node's
 //!   fault-handler threads), and
 //! - a protocol message from a peer ([`Engine::on_message`], from the
@@ -41,6 +42,16 @@
 //!    us to read is mapped as it allows first (writable or not).
 //! 6. After every event, `settle` starts evictions ahead of need and lets
 //!    parked faults in as room allows (`Residency` decides both).
+//! 7. A guest fault's last batch of zero-fills (nothing follows it but
+//!    the wakes and `settle`) runs with the lock released when it needs
+//!    nothing but the ioctl (`fill_unlocked`): its pages stay pending in
+//!    `Residency` meanwhile, and an event that names one waits for it
+//!    (`wait_for_fills`). The wakes and `settle` follow under the lock.
+//!
+//! A node alone is a pod of one: the same engine, with no transport.
+//! Every page's home is the node itself, so its protocol settles every
+//! fault in place and never sends; with a memory bound it evicts nothing,
+//! and a fault beyond the bound ends the VM (`budget_exhausted`).
 
 pub mod handlers;
 mod memops;
