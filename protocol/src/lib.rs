@@ -137,6 +137,29 @@ pub enum Msg {
     Dormanted { page: Page },
 }
 
+impl Msg {
+    /// The pages the message names.
+    pub fn pages(&self) -> Vec<Page> {
+        match self {
+            Msg::Grant { pages } => pages.iter().map(|(p, _)| *p).collect(),
+            Msg::GrantDone { pages, .. } => pages.clone(),
+            Msg::Request { page, .. }
+            | Msg::Share { page, .. }
+            | Msg::Transfer { page, .. }
+            | Msg::Upgrade { page }
+            | Msg::Ready { page, .. }
+            | Msg::Fetched { page, .. }
+            | Msg::Done { page, .. }
+            | Msg::Inval { page }
+            | Msg::InvalAck { page, .. }
+            | Msg::Evict { page, .. }
+            | Msg::Redormant { page, .. }
+            | Msg::Refused { page }
+            | Msg::Dormanted { page } => vec![*page],
+        }
+    }
+}
+
 /// What the VMM must do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
@@ -439,6 +462,9 @@ impl Node {
 
     /// A message from a peer.
     pub fn receive(&mut self, msg: Msg) -> Result<Vec<Action>, Error> {
+        for page in msg.pages() {
+            self.check_page(page)?;
+        }
         let mut out = Vec::new();
         self.dispatch(msg, &mut out)?;
         Ok(out)
@@ -453,6 +479,7 @@ impl Node {
         evict: bool,
         epoch: u64,
     ) -> Result<Vec<Action>, Error> {
+        self.check_page(page)?;
         let mut out = Vec::new();
         let mut l = self.local(page);
         l.copy = Held::Data;
@@ -726,6 +753,7 @@ impl Node {
         epoch: u64,
         zero: bool,
     ) -> Result<Vec<Action>, Error> {
+        self.check_page(page)?;
         let mut out = Vec::new();
         #[cfg(test)]
         let zero = zero && self.sabotage != Sabotage::ShipZeroPages;

@@ -245,27 +245,6 @@ fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
     }
 }
 
-/// The pages a message names.
-fn msg_pages(msg: &Msg) -> Vec<Page> {
-    match msg {
-        Msg::Grant { pages } => pages.iter().map(|(p, _)| *p).collect(),
-        Msg::GrantDone { pages, .. } => pages.clone(),
-        Msg::Request { page, .. }
-        | Msg::Share { page, .. }
-        | Msg::Transfer { page, .. }
-        | Msg::Upgrade { page }
-        | Msg::Ready { page, .. }
-        | Msg::Fetched { page, .. }
-        | Msg::Done { page, .. }
-        | Msg::Inval { page }
-        | Msg::InvalAck { page, .. }
-        | Msg::Evict { page, .. }
-        | Msg::Redormant { page, .. }
-        | Msg::Refused { page }
-        | Msg::Dormanted { page } => vec![*page],
-    }
-}
-
 /// Encodes a page-protocol message for the fabric.
 pub fn encode_page_msg(msg: &Msg) -> Vec<u8> {
     let mut out = vec![CHANNEL_PAGES];
@@ -458,7 +437,7 @@ impl Engine {
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
         let msg = codec::decode(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
         self.check_peer_msg(from, &msg)?;
-        let mut st = self.wait_for_fills(self.lock(), &msg_pages(&msg));
+        let mut st = self.wait_for_fills(self.lock(), &msg.pages());
         if self.failed() {
             return Ok(());
         }
@@ -488,7 +467,7 @@ impl Engine {
     /// the pod, before anything indexes by them.
     fn check_peer_msg(&self, from: NodeId, msg: &Msg) -> Result<(), String> {
         let cfg = &self.settings.config;
-        let pages = msg_pages(msg);
+        let pages = msg.pages();
         let nodes: Vec<NodeId> = match msg {
             Msg::Request { from, .. } | Msg::GrantDone { from, .. } => vec![*from],
             Msg::Grant { .. } => vec![],
