@@ -845,12 +845,12 @@ impl Node {
             }
             Msg::GrantDone { pages, from } => {
                 for &page in &pages {
-                    let mut d = self.dir(page);
-                    match d.busy.take() {
-                        Some(t) if t.kind == TxnKind::Grant && t.to == from => {}
-                        _ => return Err(self.unexpected(page, &msg)),
+                    let granted =
+                        |d: &DirEntry| d.busy.as_ref().is_some_and(|t| t.kind == TxnKind::Grant && t.to == from);
+                    if !self.dir.peek(page).is_some_and(granted) {
+                        return Err(self.unexpected(page, &msg));
                     }
-                    self.set_dir(page, d);
+                    self.dir.get_mut(page).busy = None;
                 }
                 for page in pages {
                     self.home_next(page, out)?;
@@ -863,10 +863,11 @@ impl Node {
 
     /// Starts the next queued request of `page` if none is under way.
     fn home_next(&mut self, page: Page, out: &mut Vec<Action>) -> Result<(), Error> {
-        let mut d = self.dir(page);
-        if d.busy.is_some() {
+        // most calls find nothing to start: look before copying the entry
+        if !self.dir.peek(page).is_some_and(|d| d.busy.is_none() && !d.queue.is_empty()) {
             return Ok(());
         }
+        let mut d = self.dir(page);
         let Some(req) = d.queue.pop_front() else { return Ok(()) };
         self.set_dir(page, d.clone());
         let txn = |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false };
@@ -876,8 +877,10 @@ impl Node {
                     // dormant: grant every dormant, idle page of the block
                     let mut pages = Vec::new();
                     for p in self.config.block_of(page) {
-                        let mut e = self.dir(p);
-                        if e.owner.is_none() && e.busy.is_none() && (p == page || e.queue.is_empty()) {
+                        let idle =
+                            |e: &DirEntry| e.owner.is_none() && e.busy.is_none() && (p == page || e.queue.is_empty());
+                        if self.dir.peek(p).is_none_or(idle) {
+                            let e = self.dir.get_mut(p);
                             e.owner = Some(from);
                             e.readers.clear();
                             e.epoch += 1;
@@ -890,7 +893,6 @@ impl Node {
                                 acks_left: BTreeSet::new(),
                                 sent: true,
                             });
-                            self.set_dir(p, e);
                             pages.push((p, epoch));
                         }
                     }

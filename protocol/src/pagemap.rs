@@ -39,6 +39,23 @@ impl<T: Clone + Default + PartialEq> PageMap<T> {
         entry.map_or_else(T::default, |c| c[(page % self.chunk) as usize].clone())
     }
 
+    /// The entry of `page` without a copy; None where its chunk holds
+    /// nothing yet (the entry is the default one).
+    pub(crate) fn peek(&self, page: Page) -> Option<&T> {
+        let c = self.chunks.get((page / self.chunk) as usize)?.as_deref().filter(|_| page < self.pages)?;
+        Some(&c[(page % self.chunk) as usize])
+    }
+
+    /// The entry of `page` to change in place (allocating its chunk). The
+    /// page must be inside the map: callers check pages first.
+    pub(crate) fn get_mut(&mut self, page: Page) -> &mut T {
+        assert!(page < self.pages, "page {page} outside a map of {} pages", self.pages);
+        let (c, i) = ((page / self.chunk) as usize, (page % self.chunk) as usize);
+        let len = self.chunk.min(self.pages - c as u64 * self.chunk) as usize;
+        let entries = self.chunks[c].get_or_insert_with(|| (0..len).map(|_| T::default()).collect());
+        &mut entries[i]
+    }
+
     /// Sets the entry of `page` (the default value clears it). Pages
     /// outside the map are ignored: callers check pages first.
     pub(crate) fn set(&mut self, page: Page, value: T) {
@@ -113,6 +130,11 @@ mod tests {
         m.set(7, 0);
         assert_eq!(m.get(7), 0, "the default value clears");
         assert_eq!(m.iter().collect::<Vec<_>>(), vec![(999, &4)]);
+        assert_eq!((m.peek(999), m.peek(7)), (Some(&4), Some(&0)));
+        let mut fresh = PageMap::<u32>::new(1000, 512);
+        assert_eq!(fresh.peek(100), None);
+        *fresh.get_mut(100) += 2;
+        assert_eq!((fresh.get(100), fresh.peek(101)), (2, Some(&0)));
     }
 
     #[test]

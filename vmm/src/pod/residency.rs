@@ -313,6 +313,11 @@ impl Residency {
     /// A page we placed on another node is back here: that node has room
     /// again.
     fn taken_back(&mut self, page: Page) {
+        // (on the path of every page that arrives: skip the hash when
+        // nothing was placed, as on a node alone)
+        if self.placed.is_empty() {
+            return;
+        }
         if let Some(t) = self.placed.remove(&page) {
             self.held_by[t as usize] = self.held_by[t as usize].saturating_sub(1);
         }
