@@ -415,18 +415,27 @@ impl Node {
     /// it. Returns what to do; the fault stays pending until a
     /// [`Action::Wake`] for the page.
     pub fn fault(&mut self, page: Page, access: Access) -> Result<Vec<Action>, Error> {
-        self.check_page(page)?;
         let mut out = Vec::new();
+        self.fault_into(page, access, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Node::fault`], appending the actions to `out`: a caller that
+    /// faults many pages in a row (fault-around) saves an allocation per
+    /// page. When our copy allows the access, the last action is the
+    /// page's [`Action::Wake`].
+    pub fn fault_into(&mut self, page: Page, access: Access, out: &mut Vec<Action>) -> Result<(), Error> {
+        self.check_page(page)?;
         let mut l = self.local(page);
         if l.allows(access) {
             // resolved already (another fault got there first), or granted
             // and never touched: zero-fill here, no round trip
             if l.copy == Held::Dormant {
-                self.materialise(page, &mut l, &mut out);
+                self.materialise(page, &mut l, out);
             }
             out.push(Action::Wake { page });
             self.set_local(page, l);
-            return Ok(out);
+            return Ok(());
         }
         if !l.requested {
             // a write after a read that is not asked for yet asks for both
@@ -435,8 +444,7 @@ impl Node {
             l.waiting = Some(access);
         }
         self.set_local(page, l);
-        self.request_if_needed(page, &mut out)?;
-        Ok(out)
+        self.request_if_needed(page, out)
     }
 
     /// Sends our request for `page` when a fault waits, none is out, and

@@ -85,14 +85,15 @@ impl Engine {
     }
 
     /// The fill of a run that [`Engine::fills_alone`]: zeros mapped as the
-    /// run says, or (`--dormant off`) copied in.
-    pub(super) fn fill_zeros(&self, run: &ZeroRun) -> Result<(), String> {
+    /// run says, or (`--dormant off`) copied in; `wake`: the ioctl wakes
+    /// the faults waiting in the run, once its pages are mapped.
+    pub(super) fn fill_zeros(&self, run: &ZeroRun, wake: bool) -> Result<(), String> {
         let Some(uffd) = &self.uffd else { return Ok(()) };
         let ZeroRun { first, count, writable } = *run;
         let addr = self.page_addr(first);
         let len = count * PAGE_SIZE;
         if !self.settings.dormant {
-            self.place(uffd, first, &self.zeros[..len as usize], writable)?;
+            self.place(uffd, first, &self.zeros[..len as usize], writable, wake)?;
             self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
             return Ok(());
         }
@@ -102,9 +103,9 @@ impl Engine {
             // instant between a zero-fill and a write-protect
             self.mem.zero_alias(first * PAGE_SIZE, len);
             let ro = !writable;
-            self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map")?;
+            self.resolve(|d| uffd.continue_mode(addr + d, len - d, wake, ro), first, count, "map")?;
         } else {
-            self.resolve(|d| uffd.zeropage(addr + d, len - d, false), first, count, "zero-fill")?;
+            self.resolve(|d| uffd.zeropage(addr + d, len - d, wake), first, count, "zero-fill")?;
         }
         self.counters.pages_zero_filled.fetch_add(count, Ordering::Relaxed);
         Ok(())
@@ -118,7 +119,7 @@ impl Engine {
             return Ok(());
         };
         if self.fills_alone(&run) {
-            return self.fill_zeros(&run);
+            return self.fill_zeros(&run, false);
         }
         // --dormant off: the page's contents live at its home, another node
         let home = self.settings.config.home(first);
@@ -128,22 +129,29 @@ impl Engine {
         self.counters.remote_fetches.fetch_add(count, Ordering::Relaxed);
         self.counters.bytes_fabric_read.fetch_add(len, Ordering::Relaxed);
         let buf = &st.bounce[..len as usize];
-        self.place(uffd, first, buf, writable)
+        self.place(uffd, first, buf, writable, false)
     }
 
     /// Puts `bytes` into the guest at `first` and maps them: one
     /// `UFFDIO_COPY`, or (keeping pages) a write through the alias view and
-    /// one `UFFDIO_CONTINUE`.
-    pub(super) fn place(&self, uffd: &Uffd, first: Page, bytes: &[u8], writable: bool) -> Result<(), String> {
+    /// one `UFFDIO_CONTINUE`; `wake`: and wakes the faults waiting there.
+    pub(super) fn place(
+        &self,
+        uffd: &Uffd,
+        first: Page,
+        bytes: &[u8],
+        writable: bool,
+        wake: bool,
+    ) -> Result<(), String> {
         let addr = self.page_addr(first);
         let count = bytes.len() as u64 / PAGE_SIZE;
         let ro = !writable;
         if self.settings.keep_pages {
             self.mem.write_alias(first * PAGE_SIZE, bytes);
             let len = bytes.len() as u64;
-            return self.resolve(|d| uffd.continue_mode(addr + d, len - d, false, ro), first, count, "map");
+            return self.resolve(|d| uffd.continue_mode(addr + d, len - d, wake, ro), first, count, "map");
         }
-        self.resolve(|d| uffd.copy_mode(addr + d, &bytes[d as usize..], false, ro), first, count, "copy")
+        self.resolve(|d| uffd.copy_mode(addr + d, &bytes[d as usize..], wake, ro), first, count, "copy")
     }
 
     /// Runs a resolving ioctl over `count` pages from `first`; `op(done)`
@@ -195,7 +203,7 @@ impl Engine {
         let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
         let t1 = std::time::Instant::now();
         let placed = got.and_then(|()| match &self.uffd {
-            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer),
+            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer, false),
             None => {
                 self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
                 Ok(())
@@ -331,11 +339,18 @@ impl Engine {
         }
     }
 
+    /// Wakes the faults the event resolved, each page mapped as the
+    /// protocol allows first, and records their time. Pages a fill outside
+    /// the lock woke already (`State::woken_by_fill`) are not woken again;
+    /// their time ends when that fill did.
     pub(super) fn flush_wakes(&self, st: &mut State) -> Result<(), String> {
         let mut wakes = std::mem::take(&mut st.wakes);
+        let woken = std::mem::take(&mut st.woken_by_fill);
+        let filled_at = st.filled_at.take();
         if self.uffd.is_none() {
             return Ok(());
         }
+        let woken_already = |page: Page| woken.iter().any(|r| (r.first..r.first + r.count).contains(&page));
         wakes.sort_unstable();
         wakes.dedup();
         for &page in &wakes {
@@ -347,7 +362,10 @@ impl Engine {
             }
             if st.res.woken(page) {
                 if let Some(w) = st.waiting.remove(&page) {
-                    let took = w.since.elapsed();
+                    let took = match filled_at {
+                        Some(at) if woken_already(page) => at.saturating_duration_since(w.since),
+                        _ => w.since.elapsed(),
+                    };
                     st.latency.record(took);
                     match w.kind {
                         FaultKind::Zero => st.latency_zero.record(took),
@@ -369,7 +387,9 @@ impl Engine {
                     }
                 }
             }
-            self.wake_now(page)?;
+            if !woken_already(page) {
+                self.wake_now(page)?;
+            }
         }
         Ok(())
     }

@@ -191,6 +191,10 @@ struct State {
     /// A guest fault's event leaves its last zero-fills to the fault's
     /// thread, which does them outside the lock (`fill_unlocked`).
     defer_fills: bool,
+    /// Runs such a fill did and woke (when it ended): `flush_wakes` does
+    /// not wake them again.
+    woken_by_fill: Vec<ZeroRun>,
+    filled_at: Option<Instant>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
 }
@@ -292,6 +296,8 @@ impl Engine {
             breakdown: Breakdown::default(),
             pending_zero: Vec::new(),
             defer_fills: false,
+            woken_by_fill: Vec::new(),
+            filled_at: None,
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
         };
@@ -393,8 +399,10 @@ impl Engine {
     /// the lock released, so that faults on other blocks, and messages,
     /// go on meanwhile; the rest under it. Until they arrive their pages
     /// are marked pending in `Residency`: an event that names one waits
-    /// (`wait_for_fills`), and the bound counts them. Returns the lock
-    /// taken again, the pages here, their wakes still to do.
+    /// (`wait_for_fills`), and the bound counts them; the fill wakes the
+    /// faults waiting in its runs (the pages are mapped: rule 5 holds).
+    /// Returns the lock taken again, the pages here, the event's other
+    /// wakes still to do.
     fn fill_unlocked<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, String> {
         let (alone, locked): (Vec<ZeroRun>, Vec<ZeroRun>) =
             self.take_zero_runs(&mut st).into_iter().partition(|r| self.fills_alone(r));
@@ -406,7 +414,10 @@ impl Engine {
             return Ok(st);
         }
         drop(st);
-        let filled = alone.iter().try_for_each(|r| self.fill_zeros(r));
+        // each ioctl wakes the faults waiting in its run as soon as the
+        // run is mapped: the vCPU runs on while the engine records it
+        let filled = alone.iter().try_for_each(|r| self.fill_zeros(r, true));
+        let filled_at = Instant::now();
         let mut st = self.lock();
         if let Err(e) = filled {
             // the caller ends the VM with `e`; whoever waits for these
@@ -415,9 +426,11 @@ impl Engine {
             self.filled.notify_all();
             return Err(e);
         }
-        for run in alone {
+        for &run in &alone {
             self.zero_arrived(&mut st, run);
         }
+        st.woken_by_fill = alone;
+        st.filled_at = Some(filled_at);
         self.filled.notify_all();
         Ok(st)
     }
@@ -589,11 +602,14 @@ impl Engine {
                 if !st.res.untouched(q) || st.node.local(q).copy != Held::Dormant {
                     continue;
                 }
-                let more = st.node.fault(q, Access::Write).map_err(|e| format!("page protocol: {e}"))?;
-                planned += more.iter().filter(|a| matches!(a, Action::ZeroFill { .. })).count() as u64;
+                let start = acts.len();
+                st.node.fault_into(q, Access::Write, &mut acts).map_err(|e| format!("page protocol: {e}"))?;
                 // a Wake for a page nobody waits on is harmless, but costs
-                // an ioctl: leave it out
-                acts.extend(more.into_iter().filter(|a| !matches!(a, Action::Wake { .. })));
+                // an ioctl: leave it out (it comes last)
+                if matches!(acts.last(), Some(Action::Wake { page }) if *page == q) {
+                    acts.pop();
+                }
+                planned += acts[start..].iter().filter(|a| matches!(a, Action::ZeroFill { .. })).count() as u64;
             }
         }
         Ok(acts)
