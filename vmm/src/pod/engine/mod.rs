@@ -46,7 +46,13 @@
 //!    the wakes and `settle`) runs with the lock released when it needs
 //!    nothing but the ioctl (`fill_unlocked`): its pages stay pending in
 //!    `Residency` meanwhile, and an event that names one waits for it
-//!    (`wait_for_fills`). The wakes and `settle` follow under the lock.
+//!    (`wait_for_fills`). The ioctl wakes the faults in its runs once they
+//!    are mapped; the engine then records the pages and the event's other
+//!    wakes and `settle` follow under the lock. When the lock is taken by
+//!    then and nothing else is left (every wake was the fill's, no memory
+//!    bound to settle), the record is left to the lock's next holder
+//!    (`FillDone`, `record_fills` in `lock`): a fault thread never sleeps
+//!    on the lock a second time for one fault.
 //!
 //! A node alone is a pod of one: the same engine, with no transport.
 //! Every page's home is the node itself, so its protocol settles every
@@ -57,8 +63,8 @@ pub mod handlers;
 mod memops;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use shoal_fabric::Transport;
@@ -199,6 +205,16 @@ struct State {
     bounce: Vec<u8>,
 }
 
+/// A fill done outside the lock that the engine has not recorded yet (its
+/// thread found the lock taken and left the record to the next holder).
+#[derive(Debug)]
+struct FillDone {
+    runs: Vec<ZeroRun>,
+    /// The event's wakes: pages of `runs`, woken by the fill.
+    wakes: Vec<Page>,
+    at: Instant,
+}
+
 /// Contiguous pages of one block zero-filled by one ioctl, mapped
 /// writable or read-only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +237,10 @@ pub struct Engine {
     state: Mutex<State>,
     /// Signalled when zero-fills done outside the lock have arrived.
     filled: Condvar,
+    /// Fills done outside the lock, recorded by the next holder of it
+    /// (`lock`), and how many events wait for a fill (`wait_for_fills`).
+    fills_done: Mutex<Vec<FillDone>>,
+    fill_waiters: AtomicUsize,
     /// What `--dormant off` copies in for a page whose contents live here
     /// (a block of zeros; empty with dormant pages).
     zeros: Box<[u8]>,
@@ -314,6 +334,8 @@ impl Engine {
             uffd,
             state: Mutex::new(state),
             filled: Condvar::new(),
+            fills_done: Mutex::new(Vec::new()),
+            fill_waiters: AtomicUsize::new(0),
             zeros,
             counters: Counters::default(),
             failed: AtomicBool::new(false),
@@ -323,8 +345,29 @@ impl Engine {
         })
     }
 
+    /// The engine's lock, with the fills done outside it recorded.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.record_fills(&mut st);
+        st
+    }
+
+    /// Records the fills other threads did outside the lock and left to
+    /// the next holder: their pages arrived, their faults were woken.
+    fn record_fills(&self, st: &mut State) {
+        let done = std::mem::take(&mut *self.fills_done.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in done {
+            for &run in &f.runs {
+                self.zero_arrived(st, run);
+            }
+            st.wakes = f.wakes;
+            st.woken_by_fill = f.runs;
+            st.filled_at = Some(f.at);
+            // (the pages are mapped and woken: nothing here does I/O)
+            if let Err(e) = self.flush_wakes(st) {
+                self.fail(e);
+            }
+        }
     }
 
     /// The guest view's userfaultfd (vCPU node).
@@ -388,8 +431,15 @@ impl Engine {
         st.defer_fills = true;
         let faulted = self.fault_page(&mut st, page, access, vcpu);
         st.defer_fills = false;
-        faulted?;
-        let mut st = self.fill_unlocked(st)?;
+        if let Err(e) = faulted {
+            // fills it left may never be done
+            self.give_up();
+            return Err(e);
+        }
+        let Some(mut st) = self.fill_unlocked(st)? else {
+            // recorded by the next holder of the lock
+            return Ok(());
+        };
         self.flush_wakes(&mut st)?;
         self.settle(&mut st)
     }
@@ -402,46 +452,91 @@ impl Engine {
     /// (`wait_for_fills`), and the bound counts them; the fill wakes the
     /// faults waiting in its runs (the pages are mapped: rule 5 holds).
     /// Returns the lock taken again, the pages here, the event's other
-    /// wakes still to do.
-    fn fill_unlocked<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>, String> {
+    /// wakes still to do; or None when the lock was taken by another
+    /// thread and nothing of the event was left but recording the fill
+    /// and its wakes: then the next holder records them (`lock`), and this
+    /// thread goes back to its faults without waiting for the lock.
+    fn fill_unlocked<'a>(&'a self, mut st: MutexGuard<'a, State>) -> Result<Option<MutexGuard<'a, State>>, String> {
         let (alone, locked): (Vec<ZeroRun>, Vec<ZeroRun>) =
             self.take_zero_runs(&mut st).into_iter().partition(|r| self.fills_alone(r));
         for run in locked {
-            self.zero_run(&mut st, run)?;
+            if let Err(e) = self.zero_run(&mut st, run) {
+                self.give_up();
+                return Err(e);
+            }
             self.zero_arrived(&mut st, run);
         }
         if alone.is_empty() {
-            return Ok(st);
+            return Ok(Some(st));
         }
+        // the event's wakes are its own: another event must not wake them
+        // before their pages are mapped
+        let wakes = std::mem::take(&mut st.wakes);
+        let covered = |p: &Page| alone.iter().any(|r| (r.first..r.first + r.count).contains(p));
+        let may_leave = self.settings.budget.is_none() && wakes.iter().all(covered);
         drop(st);
         // each ioctl wakes the faults waiting in its run as soon as the
         // run is mapped: the vCPU runs on while the engine records it
         let filled = alone.iter().try_for_each(|r| self.fill_zeros(r, true));
-        let filled_at = Instant::now();
-        let mut st = self.lock();
+        let at = Instant::now();
         if let Err(e) = filled {
-            // the caller ends the VM with `e`; whoever waits for these
-            // pages, which will never arrive, gives up
-            self.failed.store(true, Ordering::SeqCst);
-            self.filled.notify_all();
+            let _st = self.lock();
+            self.give_up();
             return Err(e);
         }
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) if may_leave => {
+                self.fills_done.lock().unwrap_or_else(|p| p.into_inner()).push(FillDone { runs: alone, wakes, at });
+                if self.fill_waiters.load(Ordering::SeqCst) > 0 {
+                    // an event waits for these pages: taking the lock
+                    // records them (it waits in the condition variable
+                    // by then, or has not looked yet)
+                    drop(self.lock());
+                    self.filled.notify_all();
+                }
+                return Ok(None);
+            }
+            Err(TryLockError::WouldBlock) => self.state.lock().unwrap_or_else(|p| p.into_inner()),
+        };
+        self.record_fills(&mut st);
         for &run in &alone {
             self.zero_arrived(&mut st, run);
         }
+        st.wakes = wakes;
         st.woken_by_fill = alone;
-        st.filled_at = Some(filled_at);
+        st.filled_at = Some(at);
         self.filled.notify_all();
-        Ok(st)
+        Ok(Some(st))
+    }
+
+    /// The caller ends the VM with an error that left pages pending: the
+    /// engine gives up, and whoever waits for those pages (which will
+    /// never arrive) stops waiting. Called with the lock held (so that no
+    /// waiter is between its look and its wait).
+    fn give_up(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.filled.notify_all();
     }
 
     /// Waits, the lock released, while a zero-fill done outside the lock
     /// (`fill_unlocked`) is bringing any of `pages`.
     fn wait_for_fills<'a>(&self, mut st: MutexGuard<'a, State>, pages: &[Page]) -> MutexGuard<'a, State> {
         let pending = |st: &State| pages.iter().any(|&p| p < self.settings.config.pages && st.res.is_zero_pending(p));
+        if !pending(&st) {
+            return st;
+        }
+        // counted before looking again: a fill that finishes from now on
+        // and leaves its record to the next holder takes the lock to
+        // record it and signals (see `fill_unlocked`)
+        self.fill_waiters.fetch_add(1, Ordering::SeqCst);
+        self.record_fills(&mut st);
         while !self.failed() && pending(&st) {
             st = self.filled.wait(st).unwrap_or_else(|p| p.into_inner());
+            self.record_fills(&mut st);
         }
+        self.fill_waiters.fetch_sub(1, Ordering::SeqCst);
         st
     }
 
