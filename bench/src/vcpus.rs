@@ -106,7 +106,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         let mut a = vec!["run", "--guest", "migrate", "--cmdline", &cmdline, "--nodes", "2"];
         a.extend(pod);
         let (r, stdout) = run_pod_out(&a, one_cpu)?;
-        let move_us = printed(&stdout, "move_ns=")? / 1000.0;
+        let move_us = printed(&stdout, "move_p50_ns=")? / 1000.0;
         let remote = r.nodes.iter().map(|n| n.fault_remote_us_p50).fold(0.0, f64::max);
         if remote == 0.0 {
             bail!("the migration run had no remote fault to compare with");

@@ -125,6 +125,7 @@ fn controls() -> Vec<(&'static str, Control)> {
             linux: None,
         },
         clock_ns: 1_000_000,
+        wall_ns: 1_733_400_000_000_000_000,
     };
     let mut linux = plan.clone();
     linux.boot.linux = Some(LinuxEntry {
@@ -279,7 +280,7 @@ fn main() {
     let state = vcpu_state().encode();
     write(dir, "vcpu_state", "state", &state);
     let vcpu_msgs = [
-        ("migrate", VcpuMsg::Migrate { vcpu: 1, moves: 3, state }),
+        ("migrate", VcpuMsg::Migrate { vcpu: 1, moves: 3, state, stack_page: Some(0x1ff) }),
         ("location", VcpuMsg::Location { vcpu: 1, node: 2, moves: 3 }),
         ("ipi", VcpuMsg::Ipi { vcpu: 0 }),
         ("print", VcpuMsg::Print { bytes: b"memtouch: verified 16384 pages\n".to_vec() }),

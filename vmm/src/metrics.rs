@@ -134,6 +134,9 @@ pub struct NodeMetrics {
     pub invalidations: u64,
     /// Pages that became this node's by a transfer from another node.
     pub ownership_transfers: u64,
+    /// Pages asked for ahead of a fault (the stack page of a vCPU that
+    /// arrived, asked for while its state is restored).
+    pub pages_prefetched: u64,
     /// vCPUs on this node at the end.
     pub vcpus: u64,
     /// vCPUs that moved here from another node, and away from here.
@@ -226,6 +229,7 @@ impl Report {
             t.pages_shared += n.pages_shared;
             t.invalidations += n.invalidations;
             t.ownership_transfers += n.ownership_transfers;
+            t.pages_prefetched += n.pages_prefetched;
             t.vcpus += n.vcpus;
             t.vcpu_migrations_in += n.vcpu_migrations_in;
             t.vcpu_migrations_out += n.vcpu_migrations_out;

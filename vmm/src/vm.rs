@@ -289,6 +289,7 @@ pub fn run_node(
                 loaded,
                 boot: plan.clone(),
                 clock_ns: u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                wall_ns: crate::pod::wall_ns(),
             };
             link.start(&start_plan, &engine, &vcpus)?;
             let serving = link.serve(engine.clone(), vcpus.clone()).map_err(Error::Thread)?;

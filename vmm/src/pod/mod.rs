@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shoal_fabric::{Incoming, Transport};
-use shoal_protocol::NodeId;
+use shoal_protocol::{Access, NodeId};
 
 use crate::metrics::NodeMetrics;
 use crate::vcpus::{Vcpus, CHANNEL_VCPU};
@@ -161,10 +161,31 @@ pub struct StartPlan {
     pub loaded: Vec<(u64, u64)>,
     /// Where the vCPUs enter the guest.
     pub boot: crate::loader::BootPlan,
-    /// Node 0's guest clock (ns since the VM started) when it sent this:
-    /// the other nodes start theirs from it (on one host exactly, across
-    /// hosts give or take the message's latency).
+    /// Node 0's guest clock (ns since the VM started) when it sent this,
+    /// and its wall clock (ns since the Unix epoch) at that moment: the
+    /// other nodes start their guest clock from them, adding the time the
+    /// message took by their wall clock (exact on one host, and as good as
+    /// the hosts' clock synchronisation across hosts; a gap outside 0 to
+    /// 10 s is not believed: then the message's time is left out, and
+    /// the clocks differ by it).
     pub clock_ns: u64,
+    pub wall_ns: u64,
+}
+
+/// The wall clock, in ns since the Unix epoch (0 if it is before it).
+pub fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl StartPlan {
+    /// When node 0's guest clock read zero, by this node's monotonic clock.
+    pub fn clock_start(&self) -> Instant {
+        let in_flight = wall_ns().checked_sub(self.wall_ns).filter(|&d| d <= 10_000_000_000).unwrap_or(0);
+        let since = Duration::from_nanos(self.clock_ns.saturating_add(in_flight));
+        Instant::now().checked_sub(since).unwrap_or_else(Instant::now)
+    }
 }
 
 /// Errors of a pod's setup.
@@ -286,7 +307,15 @@ fn next(
                     }
                 },
                 Some((&CHANNEL_VCPU, body)) => match vcpus {
-                    Some(v) => v.on_message(from, body).map(|()| None).map_err(Error::Failed),
+                    Some(v) => match v.on_message(from, body).map_err(Error::Failed)? {
+                        // a vCPU arrived: ask for its stack page while its
+                        // thread restores it
+                        Some(page) => match engine {
+                            Some(e) => e.prefetch(page, Access::Write).map(|()| None).map_err(Error::Failed),
+                            None => Ok(None),
+                        },
+                        None => Ok(None),
+                    },
                     None => {
                         Err(Error::Malformed { node: from, reason: "a vCPU message before the pod started".into() })
                     }
@@ -653,6 +682,9 @@ struct MemberVm {
 impl MemberVm {
     /// Builds this node's VM, its page engine and its vCPUs (not started).
     fn build(m: &Member, plan: &StartPlan) -> Result<MemberVm, String> {
+        // the guest's clock runs from node 0's start (read first: what
+        // follows takes time)
+        let clock_start = plan.clock_start();
         use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
         let me = m.transport.node();
         crate::vm::install_kick_handler().map_err(|e| e.to_string())?;
@@ -675,7 +707,6 @@ impl MemberVm {
         )?;
         let engine = Arc::new(engine);
         // the guest's clock runs from node 0's start
-        let clock_start = Instant::now().checked_sub(Duration::from_nanos(plan.clock_ns)).unwrap_or_else(Instant::now);
         let info = GuestInfo {
             num_vcpus: m.facts.cpus.into(),
             node_id: me.into(),

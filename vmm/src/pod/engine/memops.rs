@@ -311,7 +311,8 @@ impl Engine {
                 self.map(st, page, l.writable)?;
             }
             if st.res.woken(page) {
-                if let Some(w) = st.waiting.remove(&page) {
+                // a prefetch is no fault: its time is not a fault's
+                if let Some(w) = st.waiting.remove(&page).filter(|w| !w.prefetch) {
                     let took = w.since.elapsed();
                     st.latency.record(took);
                     match w.kind {

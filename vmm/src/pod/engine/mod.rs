@@ -119,12 +119,15 @@ struct Waiter {
     answered: Option<Instant>,
     read: std::time::Duration,
     map: std::time::Duration,
+    /// Asked for ahead of a fault ([`Engine::prefetch`]): its time is not
+    /// a fault's.
+    prefetch: bool,
 }
 
 impl Waiter {
     fn new(access: Access, vcpu: Option<u32>, kind: FaultKind) -> Self {
         let zero = std::time::Duration::ZERO;
-        Waiter { since: Instant::now(), access, vcpu, kind, answered: None, read: zero, map: zero }
+        Waiter { since: Instant::now(), access, vcpu, kind, answered: None, read: zero, map: zero, prefetch: false }
     }
 }
 
@@ -159,6 +162,7 @@ struct Counters {
     pages_shared: AtomicU64,
     invalidations: AtomicU64,
     ownership_transfers: AtomicU64,
+    pages_prefetched: AtomicU64,
 }
 
 struct State {
@@ -334,6 +338,30 @@ impl Engine {
             return Ok(());
         }
         self.fault_page(&mut st, page, access, vcpu)?;
+        self.settle(&mut st)
+    }
+
+    /// Asks for `page` ahead of the fault a vCPU is about to take (the
+    /// page under the stack of a vCPU that just arrived: it is asked for
+    /// while the vCPU's state is restored), as a write. Nothing happens
+    /// when the page is here already as asked, or on its way; a fault that
+    /// comes while it travels waits for it like any other.
+    pub fn prefetch(&self, page: Page, access: Access) -> Result<(), String> {
+        if page >= self.settings.config.pages || self.uffd.is_none() {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        if self.failed() {
+            return Ok(());
+        }
+        let l = st.node.local(page);
+        if (l.copy == Held::Data && l.allows(access) && st.res.is_resident(page)) || st.waiting.contains_key(&page) {
+            return Ok(());
+        }
+        let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
+        st.waiting.insert(page, Waiter { prefetch: true, ..Waiter::new(access, None, kind) });
+        self.counters.pages_prefetched.fetch_add(1, Ordering::Relaxed);
+        self.fault_page(&mut st, page, access, None)?;
         self.settle(&mut st)
     }
 
@@ -711,6 +739,7 @@ impl Engine {
         m.fault_upgrade_us_p50 = st.latency_upgrade.quantile_us(0.5);
         m.pages_shared = get(&c.pages_shared);
         m.invalidations = get(&c.invalidations);
+        m.pages_prefetched = get(&c.pages_prefetched);
         m.ownership_transfers = get(&c.ownership_transfers);
         m.memfd_bytes = self.mem.allocated_bytes();
         m
