@@ -142,6 +142,10 @@ pub struct NodeMetrics {
     /// vCPUs that moved here from another node, and away from here.
     pub vcpu_migrations_in: u64,
     pub vcpu_migrations_out: u64,
+    /// p50 of capturing a leaving vCPU's state and of restoring an
+    /// arriving one's (KVM ioctls: the part of a move no fabric is in).
+    pub vcpu_capture_us_p50: f64,
+    pub vcpu_restore_us_p50: f64,
     /// IPIs vCPUs here sent to vCPUs on other nodes, and IPIs that came
     /// from other nodes for vCPUs here.
     pub ipis_sent: u64,
@@ -233,6 +237,8 @@ impl Report {
             t.vcpus += n.vcpus;
             t.vcpu_migrations_in += n.vcpu_migrations_in;
             t.vcpu_migrations_out += n.vcpu_migrations_out;
+            t.vcpu_capture_us_p50 = t.vcpu_capture_us_p50.max(n.vcpu_capture_us_p50);
+            t.vcpu_restore_us_p50 = t.vcpu_restore_us_p50.max(n.vcpu_restore_us_p50);
             t.ipis_sent += n.ipis_sent;
             t.ipis_received += n.ipis_received;
         }

@@ -45,6 +45,7 @@ use vmm_sys_util::signal::Killable;
 use crate::control::{Control, VmEvent};
 use crate::devices::Devices;
 use crate::loader::BootPlan;
+use crate::metrics::FaultLatency;
 use crate::pod::policy::Policy;
 use crate::vcpu::state::{Sync, VcpuState};
 use crate::vcpu::{self, Leave, Vcpu};
@@ -97,6 +98,11 @@ pub struct VcpuCounters {
     pub ipis_sent: AtomicU64,
     pub ipis_received: AtomicU64,
     pub exits: AtomicU64,
+    /// How long capturing a leaving vCPU's state took (with the port I/O
+    /// it completes), and restoring an arriving one's: the part of a move
+    /// that is KVM ioctls.
+    pub capture: Mutex<FaultLatency>,
+    pub restore: Mutex<FaultLatency>,
 }
 
 /// One vCPU, as this node runs it.
@@ -280,6 +286,8 @@ impl Vcpus {
         m.vcpu_migrations_out = get(&c.migrations_out);
         m.ipis_sent = get(&c.ipis_sent);
         m.ipis_received = get(&c.ipis_received);
+        m.vcpu_capture_us_p50 = c.capture.lock().unwrap_or_else(|p| p.into_inner()).quantile_us(0.5);
+        m.vcpu_restore_us_p50 = c.restore.lock().unwrap_or_else(|p| p.into_inner()).quantile_us(0.5);
     }
 
     /// Starts the vCPUs placed on this node at the entry `plan` describes.
@@ -380,7 +388,9 @@ impl Vcpus {
         };
         let mut refused = self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let before = refused.len();
+        let t0 = Instant::now();
         state.restore(&mut fd, cpuid_in_place, self.sync, &mut refused).map_err(|e| e.to_string())?;
+        self.counters.restore.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
         if refused.len() > before {
             *self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()) = refused;
         }
@@ -493,7 +503,9 @@ impl Vcpus {
         let id = vcpu.id() as u32;
         let slot = &self.slots[id as usize];
         let cpuid = vcpu.cpuid().to_vec();
+        let t0 = Instant::now();
         let (mut state, fd) = vcpu.leave(&self.msr_list, self.irqchip)?;
+        self.counters.capture.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
         // the page under the stack pointer: the vCPU writes it first on its
         // new node, which asks for it while it restores the state
         let stack_page = Self::stack_page(&fd, &state);
@@ -519,7 +531,7 @@ impl Vcpus {
     /// its page tables map it (`KVM_TRANSLATE`; a hint, so None on any
     /// doubt).
     fn stack_page(fd: &VcpuFd, state: &VcpuState) -> Option<u64> {
-        let t = fd.translate_gva(state.regs.rsp.checked_sub(8)?).ok()?;
+        let t = fd.translate_gva(state.regs.rsp).ok()?;
         (t.valid != 0).then_some(t.physical_address / crate::memory::PAGE_SIZE)
     }
 
