@@ -35,6 +35,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use vm_memory::VolatileSlice;
 
 pub use auth::Identity;
 pub use mesh::{bind, Binding, MAX_PENDING_HANDSHAKES};
@@ -241,10 +242,10 @@ impl LocalRegion {
             return None;
         }
         // SAFETY: [offset, end) is inside the region (checked above), which
-        // the creator guaranteed stays mapped; `dst` is ours.
-        unsafe {
-            std::ptr::copy_nonoverlapping((self.addr + offset as usize) as *const u8, dst.as_mut_ptr(), dst.len())
-        };
+        // the creator guaranteed stays mapped. The guest may write it while
+        // we copy: volatile accesses, never a reference.
+        let src = unsafe { VolatileSlice::new((self.addr + offset as usize) as *mut u8, dst.len()) };
+        src.copy_to(dst);
         Some(())
     }
 }
@@ -262,8 +263,12 @@ pub struct ReadReq {
 
 /// Where read bytes go, in place: `sink(request index, offset within the
 /// request, bytes)`, called one or more times per request so that the
-/// calls for a request cover it exactly, in order.
-pub type Sink<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<()> + 'a;
+/// calls for a request cover it exactly, in order. The bytes are a
+/// [`VolatileSlice`]: over shm they are the peer's memory, which the peer
+/// (its guest) may write while we look, and a `&[u8]` over memory someone
+/// else writes is undefined behaviour in Rust; read them with volatile
+/// copies (`copy_to`) or hand their address to the kernel.
+pub type Sink<'a> = dyn FnMut(usize, usize, VolatileSlice<'_>) -> Result<()> + 'a;
 
 /// One read of a batch, into a buffer.
 #[derive(Debug)]
@@ -329,7 +334,7 @@ pub trait Transport: Send + Sync + fmt::Debug {
         let reqs: Vec<ReadReq> =
             ops.iter().map(|o| ReadReq { region: o.region, offset: o.offset, len: o.buf.len() }).collect();
         self.read_with(peer, &reqs, &mut |i, at, bytes| {
-            ops[i].buf[at..at + bytes.len()].copy_from_slice(bytes);
+            bytes.copy_to(&mut ops[i].buf[at..at + bytes.len()]);
             Ok(())
         })
     }

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
+use vm_memory::VolatileSlice;
 
 use crate::mesh::Link;
 use crate::peer::{Core, Handler, Peer};
@@ -276,8 +277,10 @@ impl Transport for ShmTransport {
             // SAFETY: check_bounds put [offset, offset + len) inside the
             // region, and the read-only mapping covers the whole region and
             // lives as long as self. The peer may write these bytes while we
-            // look (a torn read, as with any shared guest memory).
-            let src = unsafe { std::slice::from_raw_parts((m.ptr + r.offset as usize) as *const u8, r.len) };
+            // look (a torn read, as with any shared guest memory): a
+            // volatile slice, never a reference; nothing writes through it
+            // (the mapping is read-only).
+            let src = unsafe { VolatileSlice::new((m.ptr + r.offset as usize) as *mut u8, r.len) };
             sink(i, 0, src)?;
             bytes += r.len as u64;
         }

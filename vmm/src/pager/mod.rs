@@ -275,11 +275,10 @@ impl Pager {
             let in_page = (PAGE_SIZE - offset % PAGE_SIZE).min((buf.len() - done) as u64) as usize;
             let dst = &mut buf[done..done + in_page];
             if self.states.is_resident(offset / PAGE_SIZE) {
-                // SAFETY: the range is inside RAM (checked above) and the
-                // page is resident, so reading the alias view materialises
-                // nothing; a racing guest write can only tear the bytes the
-                // guest itself asked us to read.
-                dst.copy_from_slice(unsafe { self.mem.alias_slice(offset, in_page) });
+                // the page is resident, so reading the alias view
+                // materialises nothing; a racing guest write can only tear
+                // the bytes the guest itself asked us to read
+                self.mem.read_alias(offset, dst);
             } else {
                 dst.fill(0);
             }

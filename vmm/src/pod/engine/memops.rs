@@ -146,7 +146,7 @@ impl Engine {
         let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
         self.transport
             .read_with(from, &[req], &mut |_, at, bytes| {
-                buf[at..at + bytes.len()].copy_from_slice(bytes);
+                bytes.copy_to(&mut buf[at..at + bytes.len()]);
                 Ok(())
             })
             .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
@@ -282,10 +282,10 @@ impl Engine {
         if !st.res.is_resident(page) || self.mem.is_hole(offset).unwrap_or(false) {
             return Ok(true);
         }
-        // SAFETY: the page is inside guest memory; it is protected (the
-        // guest cannot write it), and it is resident, so reading the alias
-        // view materialises nothing.
-        let bytes = unsafe { self.mem.alias_slice(offset, PAGE_SIZE as usize) };
+        // the page is protected (the guest cannot write it), and resident,
+        // so reading the alias view materialises nothing
+        let mut bytes = [0u8; PAGE_SIZE as usize];
+        self.mem.read_alias(offset, &mut bytes);
         Ok(bytes.iter().all(|&b| b == 0))
     }
 
