@@ -72,6 +72,58 @@ fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u6
     assert!(resident >= 5120, "{ns:?}");
 }
 
+/// With `--dormant off` every first touch reads its page from the page's
+/// home; a read of a page the home never wrote (a hole in its memfd) must
+/// not make the home's kernel allocate it: every node's memfd stays what
+/// its counters say, under the memory bound.
+fn dormant_off_keeps_every_memfd_at_its_count(fabric: &str) {
+    let r = shoal(
+        &[
+            "run",
+            "--guest",
+            "memtouch",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mib=20 seed=5",
+            "--nodes",
+            "3",
+            "--fabric",
+            fabric,
+            "--node-memory",
+            "8M",
+            "--dormant",
+            "off",
+        ],
+        LIMIT,
+    );
+    r.expect_status(0);
+    assert!(r.stdout.contains("memtouch: verified 5120 pages"), "{}", r.stdout);
+    let ns = nodes(&r);
+    let budget = 8 << 20 >> 12;
+    for node in &ns {
+        assert!(get(node, "pages_resident") <= budget, "over --node-memory: {node}");
+        assert_eq!(get(node, "memfd_bytes"), 4096 * get(node, "pages_resident"), "the kernel agrees: {node}");
+    }
+    // the pages did come over the fabric (that is what --dormant off is for)
+    let fetched: u64 = ns.iter().map(|n| get(n, "remote_fetches")).sum();
+    assert!(fetched > 0, "{ns:?}");
+}
+
+#[test]
+fn dormant_off_over_shm_keeps_every_memfd_at_its_count() {
+    if kvm_or_skip("pod dormant off shm") {
+        dormant_off_keeps_every_memfd_at_its_count("shm");
+    }
+}
+
+#[test]
+fn dormant_off_over_tcp_keeps_every_memfd_at_its_count() {
+    if kvm_or_skip("pod dormant off tcp") {
+        dormant_off_keeps_every_memfd_at_its_count("tcp");
+    }
+}
+
 #[test]
 fn three_nodes_over_tcp_hold_more_than_one_node_may() {
     if kvm_or_skip("pod tcp") {
