@@ -203,6 +203,8 @@ pub struct VmConfig {
     pub placement: Vec<u32>,
     /// Whether the policy may move vCPUs to the nodes that hold their data.
     pub migration: bool,
+    /// Which page leaves a node first under `--node-memory`.
+    pub eviction: crate::pod::residency::Eviction,
 }
 
 impl VmConfig {
@@ -223,6 +225,7 @@ impl VmConfig {
             no_xsave: false,
             placement: Vec::new(),
             migration: true,
+            eviction: crate::pod::residency::Eviction::Clock,
         }
     }
 

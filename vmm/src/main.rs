@@ -10,6 +10,7 @@ use std::sync::Arc;
 use shoal_fabric::{Addr, Kind};
 use shoal_vmm::config::{self, ImageSource, VmConfig};
 use shoal_vmm::memory;
+use shoal_vmm::pod::residency::Eviction;
 use shoal_vmm::pod::{self, launch, launch::PodFile};
 use shoal_vmm::vm::{self, End};
 
@@ -93,6 +94,21 @@ enum OnOff {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EvictionArg {
+    Clock,
+    Fifo,
+}
+
+impl From<EvictionArg> for Eviction {
+    fn from(a: EvictionArg) -> Eviction {
+        match a {
+            EvictionArg::Clock => Eviction::Clock,
+            EvictionArg::Fifo => Eviction::Fifo,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackingArg {
     /// A sparse memfd under shoal's pager (dormant pages).
     Memfd,
@@ -130,6 +146,10 @@ struct RunArgs {
     /// it ends the VM; in a pod, cold pages move to nodes with room.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     node_memory: Option<u64>,
+    /// Which page leaves a node first under --node-memory: clock (pages
+    /// the guest keeps touching stay) or fifo (the oldest arrival).
+    #[arg(long, value_name = "clock|fifo", default_value = "clock")]
+    eviction: EvictionArg,
     /// Run the guest on a pod of N node processes on this host: every
     /// node holds memory and runs the vCPUs placed on it; node 0 keeps the
     /// console.
@@ -255,6 +275,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.initrd = args.initrd.clone();
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
+    config.eviction = args.eviction.into();
     if let Some(p) = &args.placement {
         match config::parse_placement(p) {
             Ok(p) => config.placement = p,
@@ -306,6 +327,7 @@ fn run(args: RunArgs) -> ExitCode {
             cpus: Some(config.cpus),
             placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
             migration: Some(config.migration),
+            eviction: Some(config.eviction),
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
             liveness_timeout: Some(args.liveness_timeout),
@@ -536,6 +558,7 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.no_xsave = f.xsave == Some(false);
     c.placement = f.placement.clone().unwrap_or_default();
     c.migration = f.migration.unwrap_or(true);
+    c.eviction = f.eviction.unwrap_or_default();
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }

@@ -137,6 +137,12 @@ pub struct NodeMetrics {
     /// Pages asked for ahead of a fault (the stack page of a vCPU that
     /// arrived, asked for while its state is restored).
     pub pages_prefetched: u64,
+    /// The clock's probes (pages taken out of the guest view to see if the
+    /// guest wants them), those the guest touched again (spared once
+    /// more), and pages fetched back after this node evicted them.
+    pub pages_probed: u64,
+    pub pages_referenced: u64,
+    pub pages_fetched_back: u64,
     /// vCPUs on this node at the end.
     pub vcpus: u64,
     /// vCPUs that moved here from another node, and away from here.
@@ -234,6 +240,9 @@ impl Report {
             t.invalidations += n.invalidations;
             t.ownership_transfers += n.ownership_transfers;
             t.pages_prefetched += n.pages_prefetched;
+            t.pages_probed += n.pages_probed;
+            t.pages_referenced += n.pages_referenced;
+            t.pages_fetched_back += n.pages_fetched_back;
             t.vcpus += n.vcpus;
             t.vcpu_migrations_in += n.vcpu_migrations_in;
             t.vcpu_migrations_out += n.vcpu_migrations_out;

@@ -59,6 +59,9 @@ pub struct PodFile {
     pub placement: Option<Vec<u32>>,
     /// Whether vCPUs may move to their data (default true).
     pub migration: Option<bool>,
+    /// Which page leaves a node first under the memory bound: "clock"
+    /// (default) or "fifo".
+    pub eviction: Option<crate::pod::residency::Eviction>,
     pub dormant: Option<bool>,
     pub metrics_json: Option<PathBuf>,
     pub timeout: Option<f64>,

@@ -74,6 +74,10 @@ pub struct Facts {
     /// Each vCPU's first node.
     pub placement: Vec<u32>,
     pub migration: bool,
+    /// Which page leaves a node first under the memory bound (each node
+    /// may choose its own: not compared).
+    #[serde(default)]
+    pub eviction: residency::Eviction,
 }
 
 impl Facts {
@@ -379,6 +383,7 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
         cpus: config.cpus,
         placement,
         migration: config.migration && !linux,
+        eviction: config.eviction,
     })
 }
 
@@ -389,7 +394,15 @@ pub fn settings_for(facts: &Facts, pages: u64, fabric: shoal_fabric::Kind) -> Re
     let budget = facts.node_memory.map(|b| b / crate::memory::PAGE_SIZE);
     let keep_pages = fabric == shoal_fabric::Kind::Verbs;
     let read_copies = crate::uffd::continue_wp_supported();
-    Ok(engine::Settings { config, dormant: facts.dormant, budget, peer_budget: budget, keep_pages, read_copies })
+    Ok(engine::Settings {
+        config,
+        dormant: facts.dormant,
+        budget,
+        peer_budget: budget,
+        keep_pages,
+        read_copies,
+        eviction: facts.eviction,
+    })
 }
 
 /// Node 0's end of a joined pod.

@@ -182,6 +182,9 @@ impl Engine {
         // coming home, not data of the node that kept it: the policy does
         // not follow it (it would only move the memory pressure)
         let ours = st.res.is_placed(page);
+        if ours {
+            self.counters.pages_fetched_back.fetch_add(1, Ordering::Relaxed);
+        }
         st.res.arrived(page, self.arrival_mapping(transfer));
         if let Some(w) = st.waiting.get_mut(&page) {
             w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };

@@ -52,7 +52,7 @@ use std::time::Instant;
 use shoal_fabric::Transport;
 use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page};
 
-use super::residency::{Admission, Residency};
+use super::residency::{Admission, Candidate, Eviction, Residency};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{FaultLatency, NodeMetrics};
 use crate::uffd::{Fault, Uffd};
@@ -90,6 +90,8 @@ pub struct Settings {
     /// write-protected in one step, see `uffd::continue_wp_supported`);
     /// otherwise every fault takes the page itself.
     pub read_copies: bool,
+    /// Which page leaves first under the memory bound.
+    pub eviction: Eviction,
 }
 
 /// How a waiting fault was resolved (for the latency split).
@@ -163,6 +165,9 @@ struct Counters {
     invalidations: AtomicU64,
     ownership_transfers: AtomicU64,
     pages_prefetched: AtomicU64,
+    pages_probed: AtomicU64,
+    pages_referenced: AtomicU64,
+    pages_fetched_back: AtomicU64,
 }
 
 struct State {
@@ -241,7 +246,8 @@ impl Engine {
         let pages = settings.config.pages;
         let mut node = Node::new(me, settings.config);
         let nodes = settings.config.nodes;
-        let mut res = Residency::new(me, nodes, pages, settings.budget, settings.peer_budget);
+        let mut res =
+            Residency::new(me, nodes, pages, settings.budget, settings.peer_budget).with_eviction(settings.eviction);
         for &(offset, len) in loaded {
             for page in offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE) {
                 node.preload(page, 0).map_err(|e| format!("the loaded image: {e}"))?;
@@ -475,6 +481,10 @@ impl Engine {
             // the mapping (a swapped-out page raises a minor fault): map
             // it as it should be, then wake
             self.counters.faults_already_resident.fetch_add(1, Ordering::Relaxed);
+            // the guest wants it: the clock passes it over once more
+            if st.res.referenced(page) {
+                self.counters.pages_referenced.fetch_add(1, Ordering::Relaxed);
+            }
             self.remap(st, page, l.writable)?;
             return self.wake_now(page);
         }
@@ -640,9 +650,39 @@ impl Engine {
     /// dormant again) or handed to a node with room.
     fn evict_ahead(&self, st: &mut State) -> Result<(), String> {
         let mut need = st.res.evictions_wanted();
+        // faults wait for room: no probing, and a second pass of the clock
+        // if the first only found pages the guest touched (it cleared
+        // their marks): room must be made now
+        let urgent = st.res.has_parked();
+        let mut passes = if urgent { 2 } else { 1 };
+        // the clock's front hand: pages to take out of the guest view, so
+        // that a touch shows they are wanted
+        for page in st.res.probes_wanted() {
+            self.unmap(st, page)?;
+            st.res.probed(page);
+            self.counters.pages_probed.fetch_add(1, Ordering::Relaxed);
+        }
         let mut scanned = st.res.queued();
         while need > 0 {
-            let Some(page) = st.res.next_candidate(&mut scanned) else { break };
+            let page = match st.res.next_candidate(&mut scanned, urgent) {
+                Some(Candidate::Evict(page)) => page,
+                Some(Candidate::Probe(page)) => {
+                    // out of the guest view; the next touch is a minor
+                    // fault that maps it back and marks it referenced
+                    self.unmap(st, page)?;
+                    st.res.probed_at_front(page);
+                    self.counters.pages_probed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                None => {
+                    passes -= 1;
+                    if passes == 0 {
+                        break;
+                    }
+                    scanned = st.res.queued();
+                    continue;
+                }
+            };
             // take it from the guest first: a zero check of a page the
             // guest can still write could re-dormant a page just written
             // (if the eviction does not go ahead, the next touch is a
@@ -740,6 +780,9 @@ impl Engine {
         m.pages_shared = get(&c.pages_shared);
         m.invalidations = get(&c.invalidations);
         m.pages_prefetched = get(&c.pages_prefetched);
+        m.pages_probed = get(&c.pages_probed);
+        m.pages_referenced = get(&c.pages_referenced);
+        m.pages_fetched_back = get(&c.pages_fetched_back);
         m.ownership_transfers = get(&c.ownership_transfers);
         m.memfd_bytes = self.mem.allocated_bytes();
         m
