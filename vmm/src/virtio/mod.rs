@@ -224,6 +224,14 @@ impl VirtioDevices {
     }
 }
 
+impl Drop for VirtioDevices {
+    /// A VM that never started (an error after the devices were made)
+    /// still ends its workers.
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+    }
+}
+
 /// A device's worker: waits for a notification (or the stop), serves the
 /// queues, raises the interrupt.
 fn serve(dev: &Mmio, stop: &EventFd) {
