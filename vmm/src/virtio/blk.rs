@@ -252,7 +252,8 @@ fn split(pieces: Pieces, at: u64) -> (Pieces, Pieces) {
             left -= len;
         } else if left > 0 {
             front.push((addr, left));
-            back.push((addr.unchecked_add(left), len - left));
+            // (a guest's address may wrap: reaching it fails later)
+            back.push((GuestAddress(addr.0.wrapping_add(left)), len - left));
             left = 0;
         } else {
             back.push((addr, len));
@@ -385,7 +386,10 @@ mod tests {
     /// A disk image of 64 KiB whose byte i is i mod 251, and a transport
     /// over a fake guest, brought up as Linux does.
     fn disk(readonly: bool) -> (Transport<Block>, GuestMemoryMmap, File) {
-        let path = std::env::temp_dir().join(format!("shoal-blk-{}-{readonly}", std::process::id()));
+        // one file each: the tests run in parallel
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("shoal-blk-{}-{n}", std::process::id()));
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         let bytes: Vec<u8> = (0..DISK).map(|i| (i % 251) as u8).collect();
@@ -488,6 +492,13 @@ mod tests {
         assert_eq!(request(&mut t, &mem, 77, 0, None).0, VIRTIO_BLK_S_UNSUPP as u8);
         // a data buffer outside guest memory: an error, the device goes on
         assert_eq!(request(&mut t, &mem, VIRTIO_BLK_T_IN, 0, Some((MEM_SIZE - 512, 1024, true))).0, ERR);
+        // a write whose one readable buffer (header and data) ends past the
+        // top of the address space
+        put_desc(&mem, 0, u64::MAX - 15, 16 + 512, VRING_DESC_F_NEXT, 1);
+        put_desc(&mem, 1, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        offer(&mem, 0);
+        t.serve_queue(0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), ERR);
         // discard flags we do not know
         let mut range = [0u8; 16];
         range[8..12].copy_from_slice(&8u32.to_le_bytes());
