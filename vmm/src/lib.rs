@@ -3,6 +3,7 @@
 //! This crate is the VMM of one node: guest memory ([`memory`]), the pager
 //! that resolves the guest's faults on dormant memory ([`pager`]), the image
 //! loader ([`loader`]), vCPUs ([`vcpu`]), port-I/O devices ([`devices`]),
+//! virtio devices over MMIO ([`virtio`]),
 //! and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
 //! tells how a guest page fault flows through them.
 
@@ -21,4 +22,5 @@ pub mod pod;
 pub mod uffd;
 pub mod vcpu;
 pub mod vcpus;
+pub mod virtio;
 pub mod vm;

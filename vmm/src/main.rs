@@ -134,6 +134,10 @@ struct RunArgs {
     /// A Linux guest's initramfs (with --kernel naming a bzImage).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
+    /// A raw disk image for a Linux guest, as a virtio block device:
+    /// PATH or PATH,readonly; repeatable (the first is /dev/vda).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
     /// Show XSAVE and AVX in a Linux guest's CPUID (off where the host's
     /// KVM cannot keep their state consistent, e.g. nested under TCG).
     #[arg(long, value_name = "on|off", default_value = "on")]
@@ -276,6 +280,12 @@ fn run(args: RunArgs) -> ExitCode {
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
     config.eviction = args.eviction.into();
+    for d in &args.disks {
+        match config::DiskConfig::parse(d) {
+            Ok(d) => config.disks.push(d),
+            Err(e) => return bad_input(e),
+        }
+    }
     if let Some(p) = &args.placement {
         match config::parse_placement(p) {
             Ok(p) => config.placement = p,
@@ -297,7 +307,7 @@ fn run(args: RunArgs) -> ExitCode {
         ));
     }
     // everything that can be checked before a node starts
-    if let Err(e) = config.check() {
+    if let Err(e) = config.check().and_then(|()| config.check_disks()) {
         return bad_input(e);
     }
     if args.nodes > 1 {
@@ -323,6 +333,16 @@ fn run(args: RunArgs) -> ExitCode {
             kernel: args.image.kernel.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             initrd: args.initrd.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             xsave: Some(args.xsave == OnOff::On),
+            disks: (!config.disks.is_empty()).then(|| {
+                config
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        let path = std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone());
+                        config::DiskConfig { path, readonly: d.readonly }.to_arg()
+                    })
+                    .collect()
+            }),
             cmdline: Some(config.cmdline.clone()),
             cpus: Some(config.cpus),
             placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
@@ -559,6 +579,9 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.placement = f.placement.clone().unwrap_or_default();
     c.migration = f.migration.unwrap_or(true);
     c.eviction = f.eviction.unwrap_or_default();
+    for d in f.disks.iter().flatten() {
+        c.disks.push(config::DiskConfig::parse(d).map_err(|e| format!("disks: {e}"))?);
+    }
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }

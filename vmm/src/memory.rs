@@ -213,6 +213,34 @@ pub struct GuestMemory {
     guest_view: Mapping,
     alias_view: Option<Mapping>,
     alias: GuestMemoryMmap,
+    /// The guest view as vm-memory regions: what devices read and write
+    /// (virtio queues and buffers), as the guest would: a page not mapped
+    /// there is faulted in through userfaultfd, so the pager (or a pod's
+    /// engine) resolves it and keeps its counts; never from a fault
+    /// handler's thread.
+    device_view: GuestMemoryMmap,
+}
+
+/// The vm-memory regions of a view of guest memory that starts at `base`.
+///
+/// # Safety
+/// `base` must point at a mapping of the whole guest (`layout.size()`
+/// bytes) that outlives the returned regions.
+unsafe fn describe(layout: &Layout, base: NonNull<u8>, flags: libc::c_int) -> Result<GuestMemoryMmap> {
+    let mut regions = Vec::with_capacity(layout.regions().len());
+    for r in layout.regions() {
+        let start = base.as_ptr().wrapping_add(r.offset as usize);
+        // SAFETY: [offset, offset + len) lies inside the mapping at `base`,
+        // which outlives the regions (the caller's promise; the vm-memory
+        // region does not unmap a raw pointer it was given).
+        let mmap = unsafe { MmapRegion::build_raw(start, r.len as usize, libc::PROT_READ | libc::PROT_WRITE, flags) }
+            .map_err(|e| Error::VmMemory(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
+                .ok_or_else(|| Error::VmMemory("region wraps around".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::VmMemory(e.to_string()))
 }
 
 impl GuestMemory {
@@ -259,24 +287,12 @@ impl GuestMemory {
             Backing::Memfd => libc::MAP_SHARED | libc::MAP_NORESERVE,
             Backing::Anonymous => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
         };
-
-        let mut regions = Vec::with_capacity(layout.regions().len());
-        for r in layout.regions() {
-            let start = alias_ptr.as_ptr().wrapping_add(r.offset as usize);
-            // SAFETY: [offset, offset + len) lies inside the alias mapping
-            // created above, which outlives `alias` (both live in Self, and
-            // the vm-memory region does not unmap a raw pointer it was
-            // given).
-            let mmap =
-                unsafe { MmapRegion::build_raw(start, r.len as usize, libc::PROT_READ | libc::PROT_WRITE, flags) }
-                    .map_err(|e| Error::VmMemory(e.to_string()))?;
-            regions.push(
-                GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
-                    .ok_or_else(|| Error::VmMemory("region wraps around".into()))?,
-            );
-        }
-        let alias = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::VmMemory(e.to_string()))?;
-        Ok(GuestMemory { layout, memfd, guest_view, alias_view, alias })
+        // SAFETY: both views are mappings of the whole guest, owned by the
+        // Self made below, which also owns the vm-memory descriptions.
+        let alias = unsafe { describe(&layout, alias_ptr, flags) }?;
+        // SAFETY: as above.
+        let device_view = unsafe { describe(&layout, guest_view.ptr, flags) }?;
+        Ok(GuestMemory { layout, memfd, guest_view, alias_view, alias, device_view })
     }
 
     /// The layout.
@@ -288,6 +304,11 @@ impl GuestMemory {
     /// anonymous memory.
     pub fn memfd(&self) -> Option<&File> {
         self.memfd.as_ref()
+    }
+
+    /// The guest view for devices (see the field).
+    pub fn device_view(&self) -> &GuestMemoryMmap {
+        &self.device_view
     }
 
     /// Host address of the guest view's first byte (memfd offset 0).

@@ -53,6 +53,9 @@ pub struct PodFile {
     pub initrd: Option<PathBuf>,
     /// Show XSAVE and AVX to a Linux guest (default true).
     pub xsave: Option<bool>,
+    /// A Linux guest's disks, `PATH` or `PATH,readonly` each (as
+    /// `--disk`); node 0 serves them, only its host needs the files.
+    pub disks: Option<Vec<String>>,
     pub cmdline: Option<String>,
     pub cpus: Option<u32>,
     /// Each vCPU's first node (default: contiguous blocks).

@@ -131,8 +131,9 @@ pub enum Leave {
 pub struct Vcpu {
     id: u64,
     fd: VcpuFd,
-    /// A Linux guest: stray MMIO reads all ones (no device there), as on a
-    /// PC; a unikernel's is a bug that ends the VM.
+    /// A Linux guest: MMIO goes to the virtio devices, and stray MMIO
+    /// reads all ones (no device there), as on a PC; a unikernel's is a
+    /// bug that ends the VM.
     linux: bool,
     host: Arc<Vcpus>,
     exits: u64,
@@ -332,8 +333,8 @@ impl Vcpu {
                 VcpuExit::FailEntry(reason, cpu) => {
                     return Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"));
                 }
-                VcpuExit::MmioRead(_, data) if self.linux => data.fill(0xff),
-                VcpuExit::MmioWrite(..) if self.linux => {}
+                VcpuExit::MmioRead(addr, data) if self.linux => devices.mmio_read(addr, data),
+                VcpuExit::MmioWrite(addr, data) if self.linux => devices.mmio_write(addr, data),
                 VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
                     return Err(self.describe(&format!("the guest accessed {addr:#x}, which is not RAM")));
                 }
