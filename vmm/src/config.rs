@@ -203,8 +203,9 @@ pub struct VmConfig {
     pub placement: Vec<u32>,
     /// Whether the policy may move vCPUs to the nodes that hold their data.
     pub migration: bool,
-    /// Which page leaves a node first under `--node-memory`.
-    pub eviction: crate::pod::residency::Eviction,
+    /// Which page leaves a node first under `--node-memory` (None: the
+    /// default for the guest, see [`crate::pod::residency::Eviction::default_for`]).
+    pub eviction: Option<crate::pod::residency::Eviction>,
     /// A Linux guest's virtio block devices, in order (the first is
     /// `/dev/vda`).
     pub disks: Vec<DiskConfig>,
@@ -228,7 +229,7 @@ impl VmConfig {
             no_xsave: false,
             placement: Vec::new(),
             migration: true,
-            eviction: crate::pod::residency::Eviction::Clock,
+            eviction: None,
             disks: Vec::new(),
         }
     }

@@ -152,8 +152,8 @@ struct RunArgs {
     node_memory: Option<u64>,
     /// Which page leaves a node first under --node-memory: clock (pages
     /// the guest keeps touching stay) or fifo (the oldest arrival).
-    #[arg(long, value_name = "clock|fifo", default_value = "clock")]
-    eviction: EvictionArg,
+    #[arg(long, value_name = "clock|fifo")]
+    eviction: Option<EvictionArg>,
     /// Run the guest on a pod of N node processes on this host: every
     /// node holds memory and runs the vCPUs placed on it; node 0 keeps the
     /// console.
@@ -279,7 +279,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.initrd = args.initrd.clone();
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
-    config.eviction = args.eviction.into();
+    config.eviction = args.eviction.map(Into::into);
     for d in &args.disks {
         match config::DiskConfig::parse(d) {
             Ok(d) => config.disks.push(d),
@@ -347,7 +347,7 @@ fn run(args: RunArgs) -> ExitCode {
             cpus: Some(config.cpus),
             placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
             migration: Some(config.migration),
-            eviction: Some(config.eviction),
+            eviction: config.eviction,
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
             liveness_timeout: Some(args.liveness_timeout),
@@ -578,7 +578,7 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.no_xsave = f.xsave == Some(false);
     c.placement = f.placement.clone().unwrap_or_default();
     c.migration = f.migration.unwrap_or(true);
-    c.eviction = f.eviction.unwrap_or_default();
+    c.eviction = f.eviction;
     for d in f.disks.iter().flatten() {
         c.disks.push(config::DiskConfig::parse(d).map_err(|e| format!("disks: {e}"))?);
     }

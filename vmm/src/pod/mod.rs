@@ -383,7 +383,7 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
         cpus: config.cpus,
         placement,
         migration: config.migration && !linux,
-        eviction: config.eviction,
+        eviction: config.eviction.unwrap_or(residency::Eviction::default_for(linux)),
     })
 }
 
