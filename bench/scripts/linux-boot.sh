@@ -36,7 +36,6 @@ boot pod-on --nodes 2 --fabric shm --liveness-timeout 60
 boot pod-off --nodes 2 --fabric shm --liveness-timeout 60 --dormant off
 # less memory a node than the boot touches: pages move both ways
 boot pod-on-80M --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M
-boot pod-on-80M-fifo --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M --eviction fifo
 IN
 chmod +x "$inner"
 rows=$(ci/softroce.sh --smp 1 --add "$shoal:/usr/local/bin/shoal" --add "$inner:/usr/local/bin/boots" \
