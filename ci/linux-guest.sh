@@ -6,8 +6,12 @@
 # a 2-node pod (dormant pages on and off, and with less memory a node than
 # the guest touches), running memfill over 64 MiB; a guest command's
 # exit status becoming shoal's; and the ends of a guest: `poweroff -f`
-# (ACPI), `reboot -f`, a kernel panic and `halt -f`. `linux-guest smp` boots two vCPUs instead
-# (see below). Checks the guest's own output, shoal's status and the
+# (ACPI), `reboot -f`, a kernel panic and `halt -f`; and virtio disks: an
+# ext4 root file system on /dev/vda written by the guest and read back here,
+# a read-only disk the guest cannot write, discards that punch holes, on one
+# node and on a pod (`linux-guest disks` runs only these; it needs
+# mkfs.ext4, e2fsck and debugfs, which ci/test.sh copies in). `linux-guest
+# smp` boots two vCPUs instead (see below). Checks the guest's own output, shoal's status and the
 # metrics. $SHOAL_LINUX_TIMES, when set, names a file
 # that gets one line per boot: name, seconds to init, shoal's wall seconds.
 set -eu
@@ -21,10 +25,12 @@ BASE="console=ttyS0 panic=-1 pci=off i8042.noaux quiet"
 POD="--liveness-timeout 60"
 
 # boot NAME KERNEL "GUEST COMMAND" [shoal options...]: sets $status
+# ($KARGS: kernel arguments before the command's "--")
 boot() {
   name=$1; kernel=$2; cmd=$3; shift 3
   status=0
-  timeout -k 10 600 shoal run --kernel "$kernel" --initrd /initrd.img --memory 256M --cmdline "$BASE -- $cmd" \
+  timeout -k 10 600 shoal run --kernel "$kernel" --initrd /initrd.img --memory 256M \
+    --cmdline "$BASE ${KARGS:-} -- $cmd" \
     --metrics-json "/tmp/$name.json" "$@" >"/tmp/$name.out" 2>"/tmp/$name.err" || status=$?
   cat "/tmp/$name.out"
   tail -n 3 "/tmp/$name.err" >&2
@@ -36,6 +42,82 @@ boot() {
 }
 # the Nth (1 = total, 2 = node 0, 3 = node 1) value of a metric
 metric() { grep "\"$2\"" "/tmp/$1.json" | sed -n "${3}p" | tr -dc 0-9; }
+
+# Virtio disks. A root file system built here with mkfs.ext4 -d over the
+# initramfs's own tree (busybox, this init), a test script on it, and a
+# second, read-only disk. The guest (on /dev/vda as its root) reads the
+# disks' serials and read-only flags, writes 16 MiB, deletes it and trims
+# (discards punch holes in the image), writes /hello.txt, and finds it
+# cannot write the read-only disk; init remounts the root read-only before
+# it powers off. Here: the file system is clean (e2fsck), the file reads
+# back (debugfs, no mount), the read-only image is unchanged, and the root
+# image holds less than the 16 MiB the guest wrote and freed.
+disks() {
+  d=/dev/shm/disks # tmpfs: the images can have holes punched
+  rm -rf "$d"; mkdir -p "$d/tree" "$d/data"
+  (cd "$d/tree" && zcat /initrd.img | cpio -id 2>/dev/null)
+  cat >"$d/tree/disk-test" <<'GUEST'
+set -e
+echo "disk-test: serials $(cat /sys/block/vda/serial) $(cat /sys/block/vdb/serial); read-only $(cat /sys/block/vda/ro) $(cat /sys/block/vdb/ro)"
+dd if=/dev/zero of=/big bs=1M count=16 2>/dev/null
+sync
+rm /big
+sync
+fstrim -v /
+echo "written by the guest through virtio-blk" >/hello.txt
+sync
+mkdir -p /mnt
+mount /dev/vdb /mnt 2>/dev/null || mount -o ro /dev/vdb /mnt
+grep " /mnt " /proc/mounts
+grep -q " /mnt ext4 ro," /proc/mounts || { echo "disk-test: the read-only disk is mounted writable"; exit 1; }
+cat /mnt/data.txt
+if echo x 2>/dev/null >/mnt/new; then echo "disk-test: a file was written on the read-only disk"; exit 1; fi
+umount /mnt
+if dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null; then echo "disk-test: the read-only disk took a raw write"; exit 1; fi
+echo "disk-test: ok"
+GUEST
+  echo "read from the read-only disk" >"$d/data/data.txt"
+  mkfs.ext4 -q -F -d "$d/tree" "$d/root.img" 64M || fail "disks: mkfs.ext4 root.img"
+  mkfs.ext4 -q -F -d "$d/data" "$d/data.img" 8M || fail "disks: mkfs.ext4 data.img"
+  data_sum=$(sha256sum <"$d/data.img")
+  before=$(stat -c %b "$d/root.img")
+  KARGS="root=/dev/vda"
+  boot disk /vmlinuz "/bin/sh /disk-test" --timeout 300 \
+    --disk "$d/root.img" --disk "$d/data.img,readonly"
+  [ "$status" = 0 ] || fail "disk: shoal exited with status $status"
+  grep -q "shoal-init: root /dev/vda (ext4, rw)" /tmp/disk.out || fail "disk: init did not switch to the ext4 root"
+  grep -q "disk-test: serials shoal-disk0 shoal-disk1; read-only 0 1" /tmp/disk.out ||
+    fail "disk: the guest did not see the disks' serials and read-only flags"
+  grep -q "read from the read-only disk" /tmp/disk.out || fail "disk: the read-only disk did not read"
+  grep -q "disk-test: ok" /tmp/disk.out || fail "disk: the guest's disk test failed"
+  e2fsck -fn "$d/root.img" >/tmp/disk.fsck 2>&1 || { cat /tmp/disk.fsck; fail "disk: root.img is not clean"; }
+  got=$(debugfs -R "cat /hello.txt" "$d/root.img" 2>/dev/null)
+  [ "$got" = "written by the guest through virtio-blk" ] || fail "disk: /hello.txt in root.img reads \"$got\""
+  [ "$(sha256sum <"$d/data.img")" = "$data_sum" ] || fail "disk: the read-only image changed"
+  after=$(stat -c %b "$d/root.img")
+  # 512-byte blocks: the 16 MiB the guest wrote and freed were punched out
+  [ $((after - before)) -lt 16384 ] ||
+    fail "disk: root.img grew by $(((after - before) / 2)) KiB: the discarded 16 MiB were not punched out"
+  disk_growth=$(((after - before) / 2))
+
+  # a 2-node pod: the devices on node 0, the guest's buffers faulted in
+  # through the page engine
+  boot diskpod /vmlinuz 'sh -c "echo pod >/pod.txt && sync"' --timeout 300 \
+    --disk "$d/root.img" --nodes 2 --fabric shm $POD
+  KARGS=
+  [ "$status" = 0 ] || fail "disk on a pod: shoal exited with status $status"
+  e2fsck -fn "$d/root.img" >/tmp/diskpod.fsck 2>&1 || { cat /tmp/diskpod.fsck; fail "disk on a pod: root.img is not clean"; }
+  [ "$(debugfs -R "cat /pod.txt" "$d/root.img" 2>/dev/null)" = pod ] || fail "disk on a pod: /pod.txt did not read back"
+  [ "$(debugfs -R "cat /hello.txt" "$d/root.img" 2>/dev/null)" = "written by the guest through virtio-blk" ] ||
+    fail "disk on a pod: the earlier file is gone"
+  rm -rf "$d"
+  echo "linux-guest: ok: virtio disks: ext4 root written and read back (clean), read-only disk unwritten, 16 MiB" \
+    "freed and trimmed left the image $disk_growth KiB bigger; on a 2-node pod too"
+}
+if [ "${1:-}" = disks ]; then
+  disks
+  exit 0
+fi
 
 # one node: the bzImage through the 64-bit boot protocol, the ELF vmlinux
 # through its PVH entry
@@ -136,6 +218,8 @@ boot pvhpod /vmlinux "/bin/memfill 64" --nodes 2 --fabric shm $POD
 [ "$status" = 0 ] || fail "pod, PVH: shoal exited with status $status"
 grep -q "memfill: verified 64 MiB" /tmp/pvhpod.out || fail "pod, PVH: memfill did not verify"
 [ "$(metric pvhpod bytes_fabric_read 1)" = 0 ] || fail "pod, PVH: page bytes crossed with dormant pages on"
+
+disks
 
 echo "linux-guest: ok: one node (bzImage, PVH; powered off through ACPI), exit status, ends (status)$ends, a 2-node pod (bzImage; PVH) with $(metric pod pages_zero_filled 1) pages" \
   "zero-filled and 0 bytes on the wire, with dormant pages off $fetched pages ($bytes bytes) pulled, and with" \

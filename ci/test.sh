@@ -72,8 +72,11 @@ else
   # its clock stopped); with one, those boots passed every time. 2-vCPU
   # guests need two (LINUX_SMP=1 boots them in a harness of their own; they
   # hit the same wedge now and then).
+  # (e2fsprogs: the disk tests build and check ext4 images inside)
   linux_files=(--add target/debug/shoal:/usr/local/bin/shoal --add ci/linux-guest.sh:/usr/local/bin/linux-guest
-    --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/vmlinux:/vmlinux" --add "$linux_out/initrd.img:/initrd.img")
+    --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/vmlinux:/vmlinux" --add "$linux_out/initrd.img:/initrd.img"
+    --add "$(command -v mke2fs):/usr/sbin/mkfs.ext4" --add "$(command -v e2fsck):/usr/sbin/e2fsck"
+    --add "$(command -v debugfs):/usr/sbin/debugfs")
   # The wedge can also hit a one-CPU harness (seen once, on a one-node
   # boot): the harness then stops within 2 min with status 125, and the
   # boots run once more. A test that fails inside is never run again.

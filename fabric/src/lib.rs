@@ -35,6 +35,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use vm_memory::VolatileSlice;
 
 pub use auth::Identity;
 pub use mesh::{bind, Binding, MAX_PENDING_HANDSHAKES};
@@ -241,12 +242,76 @@ impl LocalRegion {
             return None;
         }
         // SAFETY: [offset, end) is inside the region (checked above), which
-        // the creator guaranteed stays mapped; `dst` is ours.
-        unsafe {
-            std::ptr::copy_nonoverlapping((self.addr + offset as usize) as *const u8, dst.as_mut_ptr(), dst.len())
-        };
-        Some(())
+        // the creator guaranteed stays mapped. The guest may write it while
+        // we copy: volatile accesses, never a reference.
+        let src = unsafe { VolatileSlice::new((self.addr + offset as usize) as *mut u8, dst.len()) };
+        match &self.fd {
+            // a hole reads as zeros without being allocated here
+            Some(fd) => {
+                let copied = for_each_extent(std::os::fd::AsRawFd::as_raw_fd(fd), offset, dst.len(), |at, n, data| {
+                    if data {
+                        src.subslice(at, n)
+                            .map_err(|e| Error::Protocol { peer: 0, reason: e.to_string() })?
+                            .copy_to(&mut dst[at..at + n]);
+                    } else {
+                        dst[at..at + n].fill(0);
+                    }
+                    Ok(())
+                });
+                copied.ok()
+            }
+            None => {
+                src.copy_to(dst);
+                Some(())
+            }
+        }
     }
+}
+
+/// Splits `[offset, offset + len)` of the file `fd` into its holes and its
+/// data, in order: `piece(at, n, data)` for each piece, `at` relative to
+/// `offset`. A one-sided read must not change the memory it reads, and
+/// reading a hole of a memfd through a mapping (shared or private) makes
+/// the kernel allocate the page there (measured on this host's 6.18 and
+/// Debian's 6.1): pages a node never wrote would be allocated behind its
+/// counters, and a later `UFFDIO_COPY` of the page there would find it
+/// present. Holes are found with `SEEK_DATA`/`SEEK_HOLE` (two system calls
+/// for a page with data); on an error the rest counts as data (read
+/// through the mapping, as before).
+pub(crate) fn for_each_extent(
+    fd: std::os::fd::RawFd,
+    offset: u64,
+    len: usize,
+    mut piece: impl FnMut(usize, usize, bool) -> Result<()>,
+) -> Result<()> {
+    let end = offset + len as u64;
+    let mut pos = offset;
+    let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
+        let from = libc::off_t::try_from(from).ok()?;
+        // SAFETY: lseek on a descriptor we own changes only its offset,
+        // which nothing else of ours uses (reads go through mappings).
+        let r = unsafe { libc::lseek(fd, from, whence) };
+        u64::try_from(r).ok()
+    };
+    while pos < end {
+        // ENXIO: no data at or after pos (the rest is a hole)
+        let data = seek(pos, libc::SEEK_DATA).map_or_else(
+            || if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) { end } else { pos },
+            |d| d.min(end),
+        );
+        if data > pos {
+            piece((pos - offset) as usize, (data - pos) as usize, false)?;
+            pos = data;
+            if pos >= end {
+                break;
+            }
+        }
+        let hole = seek(pos, libc::SEEK_HOLE).map_or(end, |h| h.min(end)).max(pos + 1);
+        let hole = hole.min(end);
+        piece((pos - offset) as usize, (hole - pos) as usize, true)?;
+        pos = hole;
+    }
+    Ok(())
 }
 
 /// One read of a batch, for [`Transport::read_with`].
@@ -262,8 +327,12 @@ pub struct ReadReq {
 
 /// Where read bytes go, in place: `sink(request index, offset within the
 /// request, bytes)`, called one or more times per request so that the
-/// calls for a request cover it exactly, in order.
-pub type Sink<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<()> + 'a;
+/// calls for a request cover it exactly, in order. The bytes are a
+/// [`VolatileSlice`]: over shm they are the peer's memory, which the peer
+/// (its guest) may write while we look, and a `&[u8]` over memory someone
+/// else writes is undefined behaviour in Rust; read them with volatile
+/// copies (`copy_to`) or hand their address to the kernel.
+pub type Sink<'a> = dyn FnMut(usize, usize, VolatileSlice<'_>) -> Result<()> + 'a;
 
 /// One read of a batch, into a buffer.
 #[derive(Debug)]
@@ -329,7 +398,7 @@ pub trait Transport: Send + Sync + fmt::Debug {
         let reqs: Vec<ReadReq> =
             ops.iter().map(|o| ReadReq { region: o.region, offset: o.offset, len: o.buf.len() }).collect();
         self.read_with(peer, &reqs, &mut |i, at, bytes| {
-            ops[i].buf[at..at + bytes.len()].copy_from_slice(bytes);
+            bytes.copy_to(&mut ops[i].buf[at..at + bytes.len()]);
             Ok(())
         })
     }

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
+use vm_memory::VolatileSlice;
 
 use crate::mesh::Link;
 use crate::peer::{Core, Handler, Peer};
@@ -18,12 +19,14 @@ use crate::{
     check_bounds, Error, Incoming, Kind, LocalRegion, NodeId, Options, ReadReq, Result, Sink, Stats, Transport,
 };
 
-/// A peer's region, mapped read-only.
+/// A peer's region, mapped read-only, with its memfd (to tell holes from
+/// data: see [`crate::for_each_extent`]).
 #[derive(Debug)]
 struct PeerMapping {
     id: u32,
     ptr: usize,
     len: u64,
+    fd: OwnedFd,
 }
 
 impl Drop for PeerMapping {
@@ -81,7 +84,7 @@ impl ShmTransport {
                 .map_err(|e| Error::PeerGone { peer: *id, reason: format!("receiving memfds: {e}") })?;
             let mut m = Vec::with_capacity(got.len());
             for (info, fd) in theirs.iter().zip(got) {
-                m.push(map_read_only(*id, info, &fd)?);
+                m.push(map_read_only(*id, info, fd)?);
             }
             maps.insert(*id, m);
         }
@@ -121,7 +124,7 @@ fn read_only_reopen(region: u32, memfd: &OwnedFd) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn map_read_only(peer: NodeId, info: &RegionInfo, fd: &OwnedFd) -> Result<PeerMapping> {
+fn map_read_only(peer: NodeId, info: &RegionInfo, fd: OwnedFd) -> Result<PeerMapping> {
     // SAFETY: fstat fills a plain struct we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is an open descriptor we received; `st` is writable.
@@ -142,7 +145,7 @@ fn map_read_only(peer: NodeId, info: &RegionInfo, fd: &OwnedFd) -> Result<PeerMa
         });
     }
     if info.len == 0 {
-        return Ok(PeerMapping { id: info.id, ptr: 0, len: 0 });
+        return Ok(PeerMapping { id: info.id, ptr: 0, len: 0, fd });
     }
     // SAFETY: a new read-only shared mapping of the peer's memfd at an
     // address the kernel picks; no existing memory is affected.
@@ -162,8 +165,11 @@ fn map_read_only(peer: NodeId, info: &RegionInfo, fd: &OwnedFd) -> Result<PeerMa
             source: io::Error::last_os_error(),
         });
     }
-    Ok(PeerMapping { id: info.id, ptr: ptr as usize, len: info.len })
+    Ok(PeerMapping { id: info.id, ptr: ptr as usize, len: info.len, fd })
 }
+
+/// Zeros handed to a sink for a hole, at most this many bytes at a time.
+const ZERO_CHUNK: usize = 64 << 10;
 
 /// Sends `fds` with one byte of payload.
 fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
@@ -268,6 +274,7 @@ impl Transport for ShmTransport {
             check_bounds(peer, &p.regions, r)?;
         }
         let mut bytes = 0;
+        let mut zeros: Option<Vec<u8>> = None;
         for (i, r) in reqs.iter().enumerate() {
             // the mapping outlives a dead peer; its data must not be
             // trusted once the peer is gone
@@ -276,9 +283,27 @@ impl Transport for ShmTransport {
             // SAFETY: check_bounds put [offset, offset + len) inside the
             // region, and the read-only mapping covers the whole region and
             // lives as long as self. The peer may write these bytes while we
-            // look (a torn read, as with any shared guest memory).
-            let src = unsafe { std::slice::from_raw_parts((m.ptr + r.offset as usize) as *const u8, r.len) };
-            sink(i, 0, src)?;
+            // look (a torn read, as with any shared guest memory): a
+            // volatile slice, never a reference; nothing writes through it
+            // (the mapping is read-only).
+            let src = unsafe { VolatileSlice::new((m.ptr + r.offset as usize) as *mut u8, r.len) };
+            // holes read as zeros, not through the mapping: that would
+            // allocate them in the peer's memfd
+            crate::for_each_extent(m.fd.as_raw_fd(), r.offset, r.len, |at, n, data| {
+                if data {
+                    let piece = src.subslice(at, n).map_err(|e| Error::Protocol { peer, reason: e.to_string() })?;
+                    sink(i, at, piece)
+                } else {
+                    let zeros = zeros.get_or_insert_with(|| vec![0u8; ZERO_CHUNK]);
+                    let mut done = 0;
+                    while done < n {
+                        let k = (n - done).min(ZERO_CHUNK);
+                        sink(i, at + done, VolatileSlice::from(&mut zeros[..k]))?;
+                        done += k;
+                    }
+                    Ok(())
+                }
+            })?;
             bytes += r.len as u64;
         }
         p.check_alive()?;

@@ -10,6 +10,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vm_memory::VolatileSlice;
 
 use crate::mesh::Link;
 use crate::peer::{wait_answers, Core, Handler, Peer};
@@ -130,9 +131,9 @@ impl Transport for TcpTransport {
         }
         let mut bytes = 0u64;
         wait_answers(p, &rx, &tags, self.core.io_timeout, "a read", |i, frame| match frame {
-            Frame::ReadData { data, .. } if data.len() == reqs[i].len => {
+            Frame::ReadData { mut data, .. } if data.len() == reqs[i].len => {
                 bytes += data.len() as u64;
-                sink(i, 0, &data)
+                sink(i, 0, VolatileSlice::from(&mut data[..]))
             }
             Frame::ReadData { data, .. } => Err(Error::Protocol {
                 peer,

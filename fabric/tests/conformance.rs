@@ -152,6 +152,47 @@ fn out_of_bounds_reads_are_errors_and_the_responder_survives(kind: Kind) {
     assert_eq!(read_one(&*ts[0], 1, 4096, 4096).unwrap(), expected(1, 4096, 4096));
 }
 
+/// Bytes the kernel holds for a memfd.
+fn allocated(fd: &std::os::fd::OwnedFd) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat fills a plain struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: an open descriptor; `st` is writable.
+    assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+    st.st_blocks as u64 * 512
+}
+
+/// A read across a hole of the peer's memory returns zeros there and
+/// does not make the peer's kernel allocate the hole (over shm and tcp;
+/// verbs registers, and so pins, all exposed memory anyway).
+fn reading_a_hole_allocates_nothing_at_the_peer(kind: Kind) {
+    use std::os::fd::AsRawFd;
+    let (ts, mem) = pod(kind, 2);
+    // punch 64 KiB out of node 1's memory, at 1 MiB
+    let (hole_at, hole_len) = (1u64 << 20, 64u64 << 10);
+    // SAFETY: our own memfd; punching keeps its size.
+    let punched = unsafe {
+        libc::fallocate(
+            mem[1].fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            hole_at as i64,
+            hole_len as i64,
+        )
+    };
+    assert_eq!(punched, 0, "{}", std::io::Error::last_os_error());
+    let before = allocated(&mem[1].fd);
+    assert_eq!(before, REGION - hole_len, "{kind}: the hole is punched");
+    // data, the hole, data; and the hole alone
+    let (at, len) = (hole_at - 8192, hole_len as usize + 16384);
+    let got = read_one(&*ts[0], 1, at, len).unwrap();
+    let mut want = expected(1, at, len);
+    want[8192..8192 + hole_len as usize].fill(0);
+    assert!(got == want, "{kind}: data around a hole, zeros in it");
+    assert_eq!(read_one(&*ts[0], 1, hole_at + 4096, 4096).unwrap(), vec![0u8; 4096]);
+    assert_eq!(allocated(&mem[1].fd), before, "{kind}: reading the hole allocated it at the peer");
+    assert_eq!(ts[0].stats().bytes_read, len as u64 + 4096, "{kind}: the hole's bytes count as read");
+}
+
 fn messages_arrive_in_order(kind: Kind) {
     let (ts, _mem) = pod(kind, 3);
     for i in 0..50u32 {
@@ -551,6 +592,10 @@ macro_rules! suite {
             #[test]
             fn out_of_bounds() {
                 if can_run(KIND, "out_of_bounds") { out_of_bounds_reads_are_errors_and_the_responder_survives(KIND) }
+            }
+            #[test]
+            fn holes() {
+                if KIND != Kind::Verbs && can_run(KIND, "holes") { reading_a_hole_allocates_nothing_at_the_peer(KIND) }
             }
             #[test]
             fn messages() {

@@ -113,6 +113,7 @@ fn controls() -> Vec<(&'static str, Control)> {
         cpus: 2,
         placement: vec![0, 1],
         migration: true,
+        eviction: shoal_vmm::pod::residency::Eviction::Clock,
     };
     let plan = StartPlan {
         loaded: vec![(0x10_0000, 0x3000), (0x1000, 0x1000)],
@@ -125,6 +126,7 @@ fn controls() -> Vec<(&'static str, Control)> {
             linux: None,
         },
         clock_ns: 1_000_000,
+        wall_ns: 1_733_400_000_000_000_000,
     };
     let mut linux = plan.clone();
     linux.boot.linux = Some(LinuxEntry {
@@ -279,7 +281,7 @@ fn main() {
     let state = vcpu_state().encode();
     write(dir, "vcpu_state", "state", &state);
     let vcpu_msgs = [
-        ("migrate", VcpuMsg::Migrate { vcpu: 1, moves: 3, state }),
+        ("migrate", VcpuMsg::Migrate { vcpu: 1, moves: 3, state, stack_page: Some(0x1ff) }),
         ("location", VcpuMsg::Location { vcpu: 1, node: 2, moves: 3 }),
         ("ipi", VcpuMsg::Ipi { vcpu: 0 }),
         ("print", VcpuMsg::Print { bytes: b"memtouch: verified 16384 pages\n".to_vec() }),

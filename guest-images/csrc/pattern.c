@@ -46,6 +46,27 @@ void pattern_run(const struct shoal_boot_info *bi, u64 bytes, u64 seed, struct p
 	r->verify_ns = t2 - t1;
 }
 
+struct range_ctx {
+	struct ctx c;
+	u64 from, to;
+};
+
+static void verify_range_piece(u64 base, u64 len, u64 offset, void *p)
+{
+	struct range_ctx *rc = p;
+	u64 lo = offset > rc->from ? offset : rc->from;
+	u64 hi = offset + len < rc->to ? offset + len : rc->to;
+	if (lo < hi)
+		verify_piece(base + (lo - offset), hi - lo, lo, &rc->c);
+}
+
+void pattern_verify_range(const struct shoal_boot_info *bi, u64 bytes, u64 seed, u64 from, u64 to,
+			  struct pattern_result *r)
+{
+	struct range_ctx rc = { { seed, r }, from, to };
+	shoal_for_free(bi, bytes, verify_range_piece, &rc);
+}
+
 int pattern_report(const char *who, u64 mib, u64 seed, const struct pattern_result *r)
 {
 	shoal_printf("%s: mib=%lu seed=%lu pages=%lu checksum=0x%016lx write_ns=%lu verify_ns=%lu\n", who, mib, seed,

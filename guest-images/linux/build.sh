@@ -3,7 +3,10 @@
 # OUT (default /var/tmp/shoal-linux/out):
 #   vmlinuz      Debian's stock kernel (bzImage), from linux-image-amd64
 #   vmlinux      the same kernel as an ELF file (for its PVH entry)
-#   initrd.img   busybox-static, guest-images/linux/init and memfill
+#   initrd.img   busybox-static, guest-images/linux/init and memfill, and
+#                the kernel's modules for virtio disks and ext4 (virtio,
+#                virtio_ring, virtio_mmio, virtio_blk, ext4 and what they
+#                depend on), which Debian builds as modules
 # Packages are fetched with apt-get download and unpacked, never installed,
 # and nothing here is committed. Needs gcc (static libc), cpio, xz, apt.
 set -euo pipefail
@@ -47,6 +50,23 @@ for a in $("$root/bin/busybox" --list-full); do
   [ -e "$root/$a" ] || ln -s /bin/busybox "$root/$a"
 done
 cp "$here/init" "$root/init"
+# Modules, from the same kernel package, and the order init loads them in:
+# each after what `modinfo -F depends` names (ext4 and jbd2 also want a
+# crc32c shash, a soft dependency: crc32c_generic, before them).
+moddir=$kroot/lib/modules/$kver
+mkdir -p "$root/lib/modules"
+: > "$root/lib/modules/load-order"
+add_module() { # name: its dependencies first, then itself, once
+  local name=$1 ko dep
+  grep -qx "$name" "$root/lib/modules/load-order" && return 0
+  ko=$(find "$moddir/kernel" \( -name "$name.ko" -o -name "${name//_/-}.ko" \) | head -1)
+  [ -n "$ko" ] || die "module $name is not in $kpkg"
+  for dep in $(modinfo -F depends "$ko" | tr ',' ' '); do add_module "$dep"; done
+  cp "$ko" "$root/lib/modules/$name.ko"
+  echo "$name" >> "$root/lib/modules/load-order"
+}
+for m in virtio_ring virtio virtio_mmio virtio_blk crc32c_generic ext4; do add_module "$m"; done
 gcc -static -O2 -o "$root/bin/memfill" "$here/memfill.c"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initrd.img"
-say "kernel $kver: $out/vmlinuz, $out/vmlinux; initramfs: $out/initrd.img ($(du -k "$out/initrd.img" | cut -f1) KiB)"
+say "kernel $kver: $out/vmlinuz, $out/vmlinux; initramfs: $out/initrd.img ($(du -k "$out/initrd.img" | cut -f1) KiB;" \
+  "modules: $(tr '\n' ' ' < "$root/lib/modules/load-order"))"

@@ -50,8 +50,13 @@ pub const GUESTS: &[Guest] = &[
     },
     Guest {
         name: "memtouch",
-        summary: "writes a seed-derived pattern over mib MiB, reads it back, prints checksum=0x...; exits 0 when all verified, 1 otherwise",
-        params: &[MIB, SEED],
+        summary: "writes a seed-derived pattern over mib MiB, reads it back, prints checksum=0x...; exits 0 when all verified, 1 otherwise; with rounds, then reads the first hot MiB again every round and the rest once over the rounds",
+        params: &[
+            MIB,
+            SEED,
+            Param { key: "hot", help: "MiB read again every round (with rounds)", default: 0 },
+            Param { key: "rounds", help: "rounds of hot and cold reads after the pattern (0: none)", default: 0 },
+        ],
         elf: elf!("memtouch"),
     },
     Guest {

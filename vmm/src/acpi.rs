@@ -98,9 +98,9 @@ pub enum Error {
     TooBig { cpus: u32, len: usize },
 }
 
-/// The tables for `cpus` vCPUs, to be written at [`ACPI_START`] (the
-/// RSDP first).
-pub fn build(cpus: u32) -> Result<Vec<u8>, Error> {
+/// The tables for `cpus` vCPUs and the first `virtio` virtio-mmio slots
+/// (`virtio::slot`), to be written at [`ACPI_START`] (the RSDP first).
+pub fn build(cpus: u32, virtio: usize) -> Result<Vec<u8>, Error> {
     if cpus == 0 || cpus > mptable::MAX_CPUS {
         return Err(Error::Cpus { cpus });
     }
@@ -108,7 +108,7 @@ pub fn build(cpus: u32) -> Result<Vec<u8>, Error> {
     // the RSDP points at the XSDT, which is placed last: reserve its room
     out.put(&[0; 36], 16);
     let facs = out.put(&bytes(&FACS::new()), 64);
-    let dsdt = out.put(&dsdt(), 16);
+    let dsdt = out.put(&dsdt(virtio), 16);
     let fadt = out.put(&fadt(facs, dsdt), 16);
     let madt = out.put(&madt(cpus), 16);
     let mut xsdt = XSDT::new(OEM_ID, *b"SHOALXSD", OEM_REVISION);
@@ -158,13 +158,50 @@ fn append(table: &mut Vec<u8>, structure: &[u8]) {
     fix_checksum(table);
 }
 
-/// The DSDT: only `\_S5` (soft off is SLP_TYP [`SLP_TYP_S5`]), which is
-/// what makes Linux power off through ACPI.
-fn dsdt() -> Vec<u8> {
+/// The DSDT: `\_S5` (soft off is SLP_TYP [`SLP_TYP_S5`]), which is
+/// what makes Linux power off through ACPI, and the virtio-mmio devices:
+/// one `LNRO0005` device per slot in use (Linux's `virtio_mmio` binds to
+/// that id), with its registers (Memory32Fixed) and its interrupt line
+/// (edge-triggered, active high: an irqfd pulses it).
+fn dsdt(virtio: usize) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"SHOALDSD", OEM_REVISION);
     let s5 = aml::Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &0u8, &0u8]);
     dsdt.append_slice(&bytes(&aml::Name::new("_S5_".into(), &s5)));
+    if virtio > 0 {
+        let devices: Vec<Raw> = (0..virtio).map(|i| Raw(virtio_device(i))).collect();
+        let devices: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+        dsdt.append_slice(&bytes(&aml::Scope::new("\\_SB_".into(), devices)));
+    }
     dsdt.as_slice().to_vec()
+}
+
+/// AML already encoded.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The AML of virtio-mmio slot `i`.
+fn virtio_device(i: usize) -> Vec<u8> {
+    let (base, len, gsi) = crate::virtio::slot(i);
+    // slots lie below 4 GiB, 4 KiB each
+    let registers = aml::Memory32Fixed::new(true, base as u32, len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&registers, &irq]);
+    let uid = i as u32;
+    bytes(&aml::Device::new(
+        format!("VR{i:02X}").as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            // DMA is cache-coherent
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
 }
 
 /// The FADT: the PM1a blocks, the SCI, the reset register, no SMI command
@@ -261,7 +298,7 @@ mod tests {
     #[test]
     fn tables_check_out_and_fit() {
         for cpus in [1, 2, 8, mptable::MAX_CPUS] {
-            let blob = build(cpus).unwrap();
+            let blob = build(cpus, crate::virtio::SLOTS).unwrap();
             assert!(blob.len() as u64 <= ACPI_ROOM);
             walk(&blob);
         }
@@ -270,7 +307,7 @@ mod tests {
     #[test]
     fn the_madt_lists_the_cpus_and_the_io_apic_as_the_mp_tables_do() {
         let cpus = 4;
-        let (_, madt, _) = walk(&build(cpus).unwrap());
+        let (_, madt, _) = walk(&build(cpus, 0).unwrap());
         assert_eq!(u32_at(&madt, 36), LAPIC_ADDR);
         assert_eq!(u32_at(&madt, 40), MADT_PCAT_COMPAT);
         let mut at = 44;
@@ -301,7 +338,7 @@ mod tests {
 
     #[test]
     fn the_fadt_has_the_pm1_block_and_the_reset_register() {
-        let (fadt, _, dsdt) = walk(&build(1).unwrap());
+        let (fadt, _, dsdt) = walk(&build(1, 0).unwrap());
         assert_eq!(fadt.len(), 276, "an ACPI 6 FADT");
         assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), u16::from(SCI_IRQ));
         assert_eq!(u32_at(&fadt, 48), 0, "no SMI command port: in ACPI mode from the start");
@@ -321,8 +358,32 @@ mod tests {
     }
 
     #[test]
+    fn the_dsdt_describes_each_virtio_slot_as_lnro0005() {
+        let (_, _, dsdt) = walk(&build(2, 3).unwrap());
+        let aml = &dsdt[36..];
+        let find = |needle: &[u8]| aml.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(find(b"LNRO0005\0"), 3, "one _HID string per device");
+        for i in 0..3 {
+            let (base, len, gsi) = crate::virtio::slot(i);
+            assert_eq!(find(format!("VR{i:02X}").as_bytes()), 1);
+            // Memory32Fixed, read-write: tag 0x86, length 9, then base and length
+            let mut mem = vec![0x86, 9, 0, 1];
+            mem.extend_from_slice(&(base as u32).to_le_bytes());
+            mem.extend_from_slice(&(len as u32).to_le_bytes());
+            assert_eq!(find(&mem), 1, "slot {i}'s registers");
+            // Extended Interrupt: consumer, edge, active high, exclusive; one GSI
+            let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+            irq.extend_from_slice(&gsi.to_le_bytes());
+            assert_eq!(find(&irq), 1, "slot {i}'s interrupt");
+        }
+        // no virtio device: only \_S5
+        let (_, _, dsdt) = walk(&build(1, 0).unwrap());
+        assert!(!dsdt.windows(8).any(|w| w == b"LNRO0005"));
+    }
+
+    #[test]
     fn bad_cpu_counts_are_refused() {
-        assert_eq!(build(0), Err(Error::Cpus { cpus: 0 }));
-        assert_eq!(build(255), Err(Error::Cpus { cpus: 255 }));
+        assert_eq!(build(0, 0), Err(Error::Cpus { cpus: 0 }));
+        assert_eq!(build(255, 0), Err(Error::Cpus { cpus: 255 }));
     }
 }

@@ -203,6 +203,12 @@ pub struct VmConfig {
     pub placement: Vec<u32>,
     /// Whether the policy may move vCPUs to the nodes that hold their data.
     pub migration: bool,
+    /// Which page leaves a node first under `--node-memory` (None: the
+    /// default for the guest, see [`crate::pod::residency::Eviction::default_for`]).
+    pub eviction: Option<crate::pod::residency::Eviction>,
+    /// A Linux guest's virtio block devices, in order (the first is
+    /// `/dev/vda`).
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -223,6 +229,8 @@ impl VmConfig {
             no_xsave: false,
             placement: Vec::new(),
             migration: true,
+            eviction: None,
+            disks: Vec::new(),
         }
     }
 
@@ -235,7 +243,93 @@ impl VmConfig {
             ImageSource::Embedded(g) => Some(*g),
             ImageSource::File(_) => None,
         };
-        check_cmdline(&self.cmdline, guest)
+        check_cmdline(&self.cmdline, guest)?;
+        if self.disks.len() > MAX_DISKS {
+            return Err(Error::Invalid(format!("--disk: at most {MAX_DISKS} disks, not {}", self.disks.len())));
+        }
+        Ok(())
+    }
+
+    /// Checks the disk images: each a regular file this process may open
+    /// as asked (read-write unless read-only), a whole number of 512-byte
+    /// sectors and not empty. Only the node that holds the devices (node
+    /// 0) checks them: on a cluster the files need not exist elsewhere.
+    pub fn check_disks(&self) -> Result<()> {
+        self.disks.iter().try_for_each(DiskConfig::check)
+    }
+}
+
+/// Most `--disk`s a VM may have (each takes one virtio-mmio slot and one
+/// interrupt line; the rest of the slots stay for other virtio devices).
+pub const MAX_DISKS: usize = 6;
+
+/// A disk sector: images are a whole number of them.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// One `--disk PATH[,readonly]`: a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// The guest sees a read-only disk (VIRTIO_BLK_F_RO) and its writes
+    /// fail; the file is opened read-only.
+    pub readonly: bool,
+}
+
+impl DiskConfig {
+    /// Parses `PATH` or `PATH,readonly`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (path, readonly) = match s.rsplit_once(',') {
+            Some((path, "readonly")) => (path, true),
+            Some((_, opt)) => {
+                return Err(Error::Invalid(format!(
+                    "--disk {s:?}: unknown option {opt:?} (the form is PATH or PATH,readonly)"
+                )))
+            }
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err(Error::Invalid(format!("--disk {s:?}: no path (the form is PATH or PATH,readonly)")));
+        }
+        Ok(DiskConfig { path: PathBuf::from(path), readonly })
+    }
+
+    /// The form [`DiskConfig::parse`] reads (for pod files).
+    pub fn to_arg(&self) -> String {
+        let path = self.path.display();
+        if self.readonly {
+            format!("{path},readonly")
+        } else {
+            path.to_string()
+        }
+    }
+
+    /// Opens the image as the device will (read-write unless read-only)
+    /// and checks it; returns the file and its size in bytes.
+    pub fn open(&self) -> Result<(std::fs::File, u64)> {
+        let path = self.path.display();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!self.readonly)
+            .open(&self.path)
+            .map_err(|e| Error::Invalid(format!("--disk {path}: {e}")))?;
+        let meta = file.metadata().map_err(|e| Error::Invalid(format!("--disk {path}: {e}")))?;
+        if !meta.is_file() {
+            return Err(Error::Invalid(format!("--disk {path}: not a regular file (a raw disk image is one)")));
+        }
+        let len = meta.len();
+        if len == 0 {
+            return Err(Error::Invalid(format!("--disk {path}: the image is empty")));
+        }
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(Error::Invalid(format!(
+                "--disk {path}: the image is {len} bytes, not a multiple of the {SECTOR_SIZE}-byte sector"
+            )));
+        }
+        Ok((file, len))
+    }
+
+    fn check(&self) -> Result<()> {
+        self.open().map(drop)
     }
 }
 
@@ -293,6 +387,40 @@ mod tests {
         assert_eq!(parse_placement("0, 1,2").unwrap(), [0, 1, 2]);
         assert!(parse_placement("0,x").is_err());
         assert!(parse_placement("").is_err());
+    }
+
+    #[test]
+    fn disks_parse_and_check() {
+        assert_eq!(DiskConfig::parse("a.img").unwrap(), DiskConfig { path: "a.img".into(), readonly: false });
+        assert_eq!(
+            DiskConfig::parse("/x/a,b.img,readonly").unwrap(),
+            DiskConfig { path: "/x/a,b.img".into(), readonly: true }
+        );
+        assert_eq!(DiskConfig::parse("a.img,readonly").unwrap().to_arg(), "a.img,readonly");
+        assert!(DiskConfig::parse("a.img,ro").unwrap_err().to_string().contains("unknown option \"ro\""));
+        assert!(DiskConfig::parse(",readonly").is_err());
+        let dir = std::env::temp_dir().join(format!("shoal-disk-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = |name: &str, len: Option<u64>| {
+            let path = dir.join(name);
+            if let Some(len) = len {
+                std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+            }
+            DiskConfig { path, readonly: false }
+        };
+        disk("good.img", Some(4096)).check().unwrap();
+        let e = disk("odd.img", Some(1000)).check().unwrap_err().to_string();
+        assert!(e.contains("1000 bytes, not a multiple of the 512-byte sector"), "{e}");
+        let e = disk("empty.img", Some(0)).check().unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        let e = disk("missing.img", None).check().unwrap_err().to_string();
+        assert!(e.contains("missing.img") && e.contains("No such file"), "{e}");
+        let e = DiskConfig { path: dir.clone(), readonly: true }.check().unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut c = VmConfig::new(ImageSource::File("k".into()), 64 << 20);
+        c.disks = vec![DiskConfig { path: "x".into(), readonly: false }; MAX_DISKS + 1];
+        assert!(c.check().unwrap_err().to_string().contains("at most 6 disks"));
     }
 
     #[test]

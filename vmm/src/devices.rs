@@ -1,8 +1,9 @@
 //! Port-I/O devices: the 16550 serial port at 0x3f8 (vm-superio) and the
 //! hypercall port (print, exit, clock, info; see
 //! `shoal_guest_images::abi`), both writing to one console on stdout; the
-//! exit port; and for Linux guests the i8042's reset line and ACPI's PM1
-//! registers ([`AcpiPm`]: power-off). They live on node 0.
+//! exit port; and for Linux guests the i8042's reset line, ACPI's PM1
+//! registers ([`AcpiPm`]: power-off) and the virtio devices' MMIO
+//! registers (`virtio`). They live on node 0.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
@@ -258,12 +259,14 @@ pub struct Devices {
     info: GuestInfo,
     /// ACPI's PM1 registers: a Linux guest's (on node 0), None otherwise.
     pm: Option<Mutex<AcpiPm>>,
+    /// A Linux guest's virtio devices (on node 0).
+    virtio: Option<Arc<crate::virtio::VirtioDevices>>,
 }
 
 impl Devices {
     pub fn new(console: Arc<Mutex<Console>>, memory: GuestReader, info: GuestInfo, irq: IrqLine) -> Self {
         let serial = Serial::new(irq, ConsoleWriter(console.clone()));
-        Devices { serial: Mutex::new(serial), console, memory, start: info.clock_start, info, pm: None }
+        Devices { serial: Mutex::new(serial), console, memory, start: info.clock_start, info, pm: None, virtio: None }
     }
 
     /// With ACPI's PM1 registers (a Linux guest, whose ACPI tables name
@@ -271,6 +274,28 @@ impl Devices {
     pub fn with_acpi_pm(mut self) -> Self {
         self.pm = Some(Mutex::new(AcpiPm::default()));
         self
+    }
+
+    /// With virtio devices in the MMIO hole.
+    pub fn with_virtio(mut self, virtio: Arc<crate::virtio::VirtioDevices>) -> Self {
+        self.virtio = Some(virtio);
+        self
+    }
+
+    /// A vCPU's MMIO read outside RAM: a virtio device's register, or all
+    /// ones where no device is (as on a PC).
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.virtio.as_ref().is_some_and(|v| v.read(addr, data)) {
+            data.fill(0xff);
+        }
+    }
+
+    /// A vCPU's MMIO write outside RAM: a virtio device's register, or
+    /// ignored.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.virtio.as_ref().is_some_and(|v| v.write(addr, data)) {
+            tracing::trace!(addr, "MMIO write where no device is");
+        }
     }
 
     /// The console (to flush at exit).

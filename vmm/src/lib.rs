@@ -3,7 +3,8 @@
 //! This crate is the VMM of one node: guest memory ([`memory`]), the page
 //! engine that resolves the guest's faults, alone or in a pod ([`pod`]),
 //! the image loader ([`loader`]), vCPUs ([`vcpu`]), port-I/O devices
-//! ([`devices`]), and [`vm`], which wires them into a running VM. `docs/ARCHITECTURE.md`
+//! ([`devices`]), virtio devices over MMIO ([`virtio`]), and [`vm`], which
+//! wires them into a running VM. `docs/ARCHITECTURE.md`
 //! tells how a guest page fault flows through them.
 
 pub mod acpi;
@@ -20,4 +21,5 @@ pub mod pod;
 pub mod uffd;
 pub mod vcpu;
 pub mod vcpus;
+pub mod virtio;
 pub mod vm;

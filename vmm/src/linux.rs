@@ -218,13 +218,15 @@ fn e820(layout: &Layout, acpi_len: u64) -> Vec<(u64, u64, u32)> {
 }
 
 /// Loads `kernel` (a bzImage or a PVH vmlinux, as `format` says) and
-/// `initrd` into `mem`, with the boot data and MP tables for `cpus` vCPUs.
+/// `initrd` into `mem`, with the boot data, MP tables and ACPI tables for
+/// `cpus` vCPUs and `virtio` virtio-mmio devices.
 pub fn load(
     kernel: &Path,
     format: Format,
     initrd: Option<&Path>,
     cmdline: &str,
     cpus: u32,
+    virtio: usize,
     mem: &GuestMemory,
 ) -> Result<LinuxPlan, Error> {
     let layout = mem.layout();
@@ -235,7 +237,7 @@ pub fn load(
         return Err(Error::CmdlineTooLong { len: cmdline.len() });
     }
     let tables = mptable::build(cpus)?;
-    let acpi_tables = acpi::build(cpus)?;
+    let acpi_tables = acpi::build(cpus, virtio)?;
     // the initramfs first: a missing one is the user's mistake to report
     // before anything is loaded
     let initrd = match initrd {
@@ -477,7 +479,7 @@ mod tests {
         let initrd = dir.join("initrd");
         std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
         let mem = guest_memory(128);
-        let plan = load(&k, Format::Pvh, Some(&initrd), "console=ttyS0", 2, &mem).unwrap();
+        let plan = load(&k, Format::Pvh, Some(&initrd), "console=ttyS0", 2, 0, &mem).unwrap();
         assert_eq!(plan.entry, Entry::Pvh { rip: 0x10_0040, start_info: PVH_INFO });
         let read = |gpa: u64, len: usize| {
             let mut b = vec![0u8; len];
@@ -497,7 +499,7 @@ mod tests {
         assert_eq!(u64_at(PVH_INFO + 32), acpi::RSDP_ADDR, "rsdp_paddr");
         assert_eq!(u64_at(PVH_INFO + 40), ZERO_PAGE);
         let entries = u32_at(PVH_INFO + 48) as u64;
-        assert_eq!(entries, e820(mem.layout(), acpi::build(2).unwrap().len() as u64).len() as u64);
+        assert_eq!(entries, e820(mem.layout(), acpi::build(2, 0).unwrap().len() as u64).len() as u64);
         // the memory map covers the guest's RAM; the module is the initrd,
         // page-aligned at the top of low RAM
         let ram: u64 = (0..entries)
@@ -542,7 +544,7 @@ mod tests {
     #[test]
     fn an_elf_without_a_pvh_note_is_refused_as_pvh() {
         let (dir, k) = scratch_file("nopvh", "vmlinux", &tiny_elf(None, true));
-        let e = load(&k, Format::Pvh, None, "", 1, &guest_memory(128)).unwrap_err();
+        let e = load(&k, Format::Pvh, None, "", 1, 0, &guest_memory(128)).unwrap_err();
         assert!(matches!(e, Error::NotPvhKernel { .. }), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -550,9 +552,12 @@ mod tests {
     #[test]
     fn a_fake_kernel_is_refused_clearly() {
         let (dir, k) = scratch_file("linux", "not-a-kernel", &[0u8; 4096]);
-        let e = load(&k, Format::BzImage, None, "console=ttyS0", 1, &guest_memory(128)).unwrap_err();
+        let e = load(&k, Format::BzImage, None, "console=ttyS0", 1, 0, &guest_memory(128)).unwrap_err();
         assert!(matches!(e, Error::NotKernel { .. }), "{e}");
-        assert!(matches!(load(&k, Format::BzImage, None, "", 1, &guest_memory(64)), Err(Error::TooSmall { mib: 64 })));
+        assert!(matches!(
+            load(&k, Format::BzImage, None, "", 1, 0, &guest_memory(64)),
+            Err(Error::TooSmall { mib: 64 })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

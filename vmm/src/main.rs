@@ -10,6 +10,7 @@ use std::sync::Arc;
 use shoal_fabric::{Addr, Kind};
 use shoal_vmm::config::{self, ImageSource, VmConfig};
 use shoal_vmm::memory;
+use shoal_vmm::pod::residency::Eviction;
 use shoal_vmm::pod::{self, launch, launch::PodFile};
 use shoal_vmm::vm::{self, End};
 
@@ -93,6 +94,21 @@ enum OnOff {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EvictionArg {
+    Clock,
+    Fifo,
+}
+
+impl From<EvictionArg> for Eviction {
+    fn from(a: EvictionArg) -> Eviction {
+        match a {
+            EvictionArg::Clock => Eviction::Clock,
+            EvictionArg::Fifo => Eviction::Fifo,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackingArg {
     /// A sparse memfd under shoal's page engine (dormant pages).
     Memfd,
@@ -118,6 +134,10 @@ struct RunArgs {
     /// A Linux guest's initramfs (with --kernel naming a bzImage).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
+    /// A raw disk image for a Linux guest, as a virtio block device:
+    /// PATH or PATH,readonly; repeatable (the first is /dev/vda).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
     /// Show XSAVE and AVX in a Linux guest's CPUID (off where the host's
     /// KVM cannot keep their state consistent, e.g. nested under TCG).
     #[arg(long, value_name = "on|off", default_value = "on")]
@@ -130,6 +150,10 @@ struct RunArgs {
     /// it ends the VM; in a pod, cold pages move to nodes with room.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     node_memory: Option<u64>,
+    /// Which page leaves a node first under --node-memory: clock (pages
+    /// the guest keeps touching stay) or fifo (the oldest arrival).
+    #[arg(long, value_name = "clock|fifo")]
+    eviction: Option<EvictionArg>,
     /// Run the guest on a pod of N node processes on this host: every
     /// node holds memory and runs the vCPUs placed on it; node 0 keeps the
     /// console.
@@ -255,6 +279,13 @@ fn run(args: RunArgs) -> ExitCode {
     config.initrd = args.initrd.clone();
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
+    config.eviction = args.eviction.map(Into::into);
+    for d in &args.disks {
+        match config::DiskConfig::parse(d) {
+            Ok(d) => config.disks.push(d),
+            Err(e) => return bad_input(e),
+        }
+    }
     if let Some(p) = &args.placement {
         match config::parse_placement(p) {
             Ok(p) => config.placement = p,
@@ -276,7 +307,7 @@ fn run(args: RunArgs) -> ExitCode {
         ));
     }
     // everything that can be checked before a node starts
-    if let Err(e) = config.check() {
+    if let Err(e) = config.check().and_then(|()| config.check_disks()) {
         return bad_input(e);
     }
     if args.nodes > 1 {
@@ -302,10 +333,21 @@ fn run(args: RunArgs) -> ExitCode {
             kernel: args.image.kernel.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             initrd: args.initrd.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             xsave: Some(args.xsave == OnOff::On),
+            disks: (!config.disks.is_empty()).then(|| {
+                config
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        let path = std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone());
+                        config::DiskConfig { path, readonly: d.readonly }.to_arg()
+                    })
+                    .collect()
+            }),
             cmdline: Some(config.cmdline.clone()),
             cpus: Some(config.cpus),
             placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
             migration: Some(config.migration),
+            eviction: config.eviction,
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
             liveness_timeout: Some(args.liveness_timeout),
@@ -536,6 +578,10 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.no_xsave = f.xsave == Some(false);
     c.placement = f.placement.clone().unwrap_or_default();
     c.migration = f.migration.unwrap_or(true);
+    c.eviction = f.eviction;
+    for d in f.disks.iter().flatten() {
+        c.disks.push(config::DiskConfig::parse(d).map_err(|e| format!("disks: {e}"))?);
+    }
     c.check().map_err(|e| e.to_string())?;
     Ok(c)
 }

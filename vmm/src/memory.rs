@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, VolatileSlice};
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -214,6 +214,34 @@ pub struct GuestMemory {
     guest_view: Mapping,
     alias_view: Option<Mapping>,
     alias: GuestMemoryMmap,
+    /// The guest view as vm-memory regions: what devices read and write
+    /// (virtio queues and buffers), as the guest would: a page not mapped
+    /// there is faulted in through userfaultfd, so the page engine resolves
+    /// it and keeps its counts; never from a fault
+    /// handler's thread.
+    device_view: GuestMemoryMmap,
+}
+
+/// The vm-memory regions of a view of guest memory that starts at `base`.
+///
+/// # Safety
+/// `base` must point at a mapping of the whole guest (`layout.size()`
+/// bytes) that outlives the returned regions.
+unsafe fn describe(layout: &Layout, base: NonNull<u8>, flags: libc::c_int) -> Result<GuestMemoryMmap> {
+    let mut regions = Vec::with_capacity(layout.regions().len());
+    for r in layout.regions() {
+        let start = base.as_ptr().wrapping_add(r.offset as usize);
+        // SAFETY: [offset, offset + len) lies inside the mapping at `base`,
+        // which outlives the regions (the caller's promise; the vm-memory
+        // region does not unmap a raw pointer it was given).
+        let mmap = unsafe { MmapRegion::build_raw(start, r.len as usize, libc::PROT_READ | libc::PROT_WRITE, flags) }
+            .map_err(|e| Error::VmMemory(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
+                .ok_or_else(|| Error::VmMemory("region wraps around".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::VmMemory(e.to_string()))
 }
 
 impl GuestMemory {
@@ -260,24 +288,12 @@ impl GuestMemory {
             Backing::Memfd => libc::MAP_SHARED | libc::MAP_NORESERVE,
             Backing::Anonymous => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
         };
-
-        let mut regions = Vec::with_capacity(layout.regions().len());
-        for r in layout.regions() {
-            let start = alias_ptr.as_ptr().wrapping_add(r.offset as usize);
-            // SAFETY: [offset, offset + len) lies inside the alias mapping
-            // created above, which outlives `alias` (both live in Self, and
-            // the vm-memory region does not unmap a raw pointer it was
-            // given).
-            let mmap =
-                unsafe { MmapRegion::build_raw(start, r.len as usize, libc::PROT_READ | libc::PROT_WRITE, flags) }
-                    .map_err(|e| Error::VmMemory(e.to_string()))?;
-            regions.push(
-                GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
-                    .ok_or_else(|| Error::VmMemory("region wraps around".into()))?,
-            );
-        }
-        let alias = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::VmMemory(e.to_string()))?;
-        Ok(GuestMemory { layout, memfd, guest_view, alias_view, alias })
+        // SAFETY: both views are mappings of the whole guest, owned by the
+        // Self made below, which also owns the vm-memory descriptions.
+        let alias = unsafe { describe(&layout, alias_ptr, flags) }?;
+        // SAFETY: as above.
+        let device_view = unsafe { describe(&layout, guest_view.ptr, flags) }?;
+        Ok(GuestMemory { layout, memfd, guest_view, alias_view, alias, device_view })
     }
 
     /// The layout.
@@ -289,6 +305,11 @@ impl GuestMemory {
     /// anonymous memory.
     pub fn memfd(&self) -> Option<&File> {
         self.memfd.as_ref()
+    }
+
+    /// The guest view for devices (see the field).
+    pub fn device_view(&self) -> &GuestMemoryMmap {
+        &self.device_view
     }
 
     /// Host address of the guest view's first byte (memfd offset 0).
@@ -307,18 +328,22 @@ impl GuestMemory {
         &self.alias
     }
 
-    /// Bytes of the alias view at memfd offset `offset`.
-    ///
-    /// # Safety
-    /// The range must be inside guest memory, and the caller must make sure
-    /// nothing writes it while the slice lives (the guest may: use only for
-    /// pages the guest cannot race on, or accept torn reads of guest data).
-    pub unsafe fn alias_slice(&self, offset: u64, len: usize) -> &[u8] {
-        debug_assert!(offset + len as u64 <= self.layout.size());
-        let start = self.alias_ptr().as_ptr().wrapping_add(offset as usize);
-        // SAFETY: the caller keeps the range in bounds; the mapping lives
-        // as long as self.
-        unsafe { std::slice::from_raw_parts(start, len) }
+    /// `[offset, offset + len)` of the alias view, for volatile access:
+    /// the guest (and, over shm, a peer reading) may touch these bytes
+    /// while we do, so no Rust reference to them is ever made (it would be
+    /// undefined behaviour); reading a hole materialises a page.
+    fn alias_volatile(&self, offset: u64, len: usize) -> VolatileSlice<'_> {
+        assert!(offset.checked_add(len as u64).is_some_and(|end| end <= self.layout.size()));
+        // SAFETY: the range is inside the alias mapping (asserted), which
+        // lives as long as self (the slice borrows self).
+        unsafe { VolatileSlice::new(self.alias_ptr().as_ptr().add(offset as usize), len) }
+    }
+
+    /// Copies the alias view at memfd offset `offset` into `buf`. The
+    /// guest may write those bytes meanwhile (a torn read): use it for
+    /// pages the guest cannot race on, or where a torn read is harmless.
+    pub fn read_alias(&self, offset: u64, buf: &mut [u8]) {
+        self.alias_volatile(offset, buf.len()).copy_to(buf);
     }
 
     /// Host address of the alias view's first byte (memfd offset 0): what
@@ -330,21 +355,22 @@ impl GuestMemory {
     /// Copies `bytes` into the alias view at memfd offset `offset` (a page
     /// a peer's read brought in, on a node without a guest).
     pub fn write_alias(&self, offset: u64, bytes: &[u8]) {
-        assert!(offset.checked_add(bytes.len() as u64).is_some_and(|end| end <= self.layout.size()));
-        // SAFETY: the range is inside the alias mapping (asserted), which
-        // lives as long as self; no Rust reference to it exists.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.alias_ptr().as_ptr().add(offset as usize), bytes.len())
-        };
+        self.alias_volatile(offset, bytes.len()).copy_from(bytes);
     }
 
     /// Writes zeros over `[offset, offset + len)` of the alias view (a hole
     /// gets a zeroed page; a page that exists keeps its place in memory).
     pub fn zero_alias(&self, offset: u64, len: u64) {
-        assert!(offset.checked_add(len).is_some_and(|end| end <= self.layout.size()));
-        // SAFETY: the range is inside the alias mapping (asserted), which
-        // lives as long as self; no Rust reference to it exists.
-        unsafe { std::ptr::write_bytes(self.alias_ptr().as_ptr().add(offset as usize), 0, len as usize) };
+        const ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+        let len = usize::try_from(len).expect("a range of guest memory fits the address space");
+        let target = self.alias_volatile(offset, len);
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(ZEROS.len());
+            // in bounds: `at + n <= len`, the slice's length
+            target.subslice(at, n).expect("in bounds").copy_from(&ZEROS[..n]);
+            at += n;
+        }
     }
 
     /// Frees the memfd's pages in `[offset, offset + len)`: they read as
@@ -405,16 +431,12 @@ impl GuestMemory {
     /// userfaultfd (so never call this from a fault-handler thread).
     pub fn read_guest_view(&self, offset: u64, buf: &mut [u8]) {
         assert!(offset.checked_add(buf.len() as u64).is_some_and(|end| end <= self.layout.size()));
-        // SAFETY: the range is inside the guest view (asserted); reading it
-        // may fault, which the page engine resolves; a racing guest write can only
-        // tear the bytes the guest asked us to read.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (self.guest_view.ptr.as_ptr() as usize + offset as usize) as *const u8,
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
+        // SAFETY: the range is inside the guest view (asserted), which
+        // lives as long as self. Reading it may fault, which the page
+        // engine resolves; the guest may write it meanwhile (a torn read of bytes
+        // the guest asked us to read): volatile copies, never a reference.
+        let src = unsafe { VolatileSlice::new(self.guest_view.ptr.as_ptr().add(offset as usize), buf.len()) };
+        src.copy_to(buf);
     }
 
     /// The memfd's populated extents (pages that hold data), as

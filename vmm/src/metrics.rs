@@ -118,11 +118,24 @@ pub struct NodeMetrics {
     pub invalidations: u64,
     /// Pages that became this node's by a transfer from another node.
     pub ownership_transfers: u64,
+    /// Pages asked for ahead of a fault (the stack page of a vCPU that
+    /// arrived, asked for while its state is restored).
+    pub pages_prefetched: u64,
+    /// The clock's probes (pages taken out of the guest view to see if the
+    /// guest wants them), those the guest touched again (spared once
+    /// more), and pages fetched back after this node evicted them.
+    pub pages_probed: u64,
+    pub pages_referenced: u64,
+    pub pages_fetched_back: u64,
     /// vCPUs on this node at the end.
     pub vcpus: u64,
     /// vCPUs that moved here from another node, and away from here.
     pub vcpu_migrations_in: u64,
     pub vcpu_migrations_out: u64,
+    /// p50 of capturing a leaving vCPU's state and of restoring an
+    /// arriving one's (KVM ioctls: the part of a move no fabric is in).
+    pub vcpu_capture_us_p50: f64,
+    pub vcpu_restore_us_p50: f64,
     /// IPIs vCPUs here sent to vCPUs on other nodes, and IPIs that came
     /// from other nodes for vCPUs here.
     pub ipis_sent: u64,
@@ -195,9 +208,15 @@ impl Report {
             t.pages_shared += n.pages_shared;
             t.invalidations += n.invalidations;
             t.ownership_transfers += n.ownership_transfers;
+            t.pages_prefetched += n.pages_prefetched;
+            t.pages_probed += n.pages_probed;
+            t.pages_referenced += n.pages_referenced;
+            t.pages_fetched_back += n.pages_fetched_back;
             t.vcpus += n.vcpus;
             t.vcpu_migrations_in += n.vcpu_migrations_in;
             t.vcpu_migrations_out += n.vcpu_migrations_out;
+            t.vcpu_capture_us_p50 = t.vcpu_capture_us_p50.max(n.vcpu_capture_us_p50);
+            t.vcpu_restore_us_p50 = t.vcpu_restore_us_p50.max(n.vcpu_restore_us_p50);
             t.ipis_sent += n.ipis_sent;
             t.ipis_received += n.ipis_received;
         }

@@ -20,8 +20,11 @@
 //!   pending port I/O (an `immediate_exit` run), captures the whole state
 //!   ([`VcpuState`]), and, under the roster's lock, leaves (the roster
 //!   takes the posted IPIs into the state and names the target, so later
-//!   IPIs are forwarded behind it) and sends it; the target restores it
-//!   into its own KVM vCPU, starts a thread, and tells every other node
+//!   IPIs are forwarded behind it) and sends it, with the page under its
+//!   stack pointer; the target's receiver tells its roster, asks the page
+//!   engine for that page, and hands the state to the vCPU's thread there
+//!   (kept from an earlier visit, or started), which restores it into the
+//!   node's KVM vCPU of that id and runs it; every other node learns
 //!   where the vCPU is now (`Location`, with a count of moves so a late,
 //!   older location never wins).
 
@@ -42,8 +45,9 @@ use vmm_sys_util::signal::Killable;
 use crate::control::{Control, VmEvent};
 use crate::devices::Devices;
 use crate::loader::BootPlan;
+use crate::metrics::FaultLatency;
 use crate::pod::policy::Policy;
-use crate::vcpu::state::VcpuState;
+use crate::vcpu::state::{Sync, VcpuState};
 use crate::vcpu::{self, Leave, Vcpu};
 
 /// The first byte of a message about vCPUs.
@@ -52,8 +56,11 @@ pub const CHANNEL_VCPU: u8 = 2;
 /// What nodes tell each other about vCPUs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VcpuMsg {
-    /// The vCPU moves to the receiver: its state ([`VcpuState::encode`]).
-    Migrate { vcpu: u32, moves: u64, state: Vec<u8> },
+    /// The vCPU moves to the receiver: its state ([`VcpuState::encode`]),
+    /// and the guest-physical page under its stack pointer (which it will
+    /// most likely write first: the receiver asks for it while it
+    /// restores the state).
+    Migrate { vcpu: u32, moves: u64, state: Vec<u8>, stack_page: Option<u64> },
     /// The vCPU is on `node` now, after `moves` moves.
     Location { vcpu: u32, node: NodeId, moves: u64 },
     /// An inter-processor interrupt for the vCPU.
@@ -91,6 +98,11 @@ pub struct VcpuCounters {
     pub ipis_sent: AtomicU64,
     pub ipis_received: AtomicU64,
     pub exits: AtomicU64,
+    /// How long capturing a leaving vCPU's state took (with the port I/O
+    /// it completes), and restoring an arriving one's: the part of a move
+    /// that is KVM ioctls.
+    pub capture: Mutex<FaultLatency>,
+    pub restore: Mutex<FaultLatency>,
 }
 
 /// One vCPU, as this node runs it.
@@ -103,11 +115,33 @@ struct Slot {
     /// The thread running it here (its kernel tid while in the guest).
     thread: Mutex<Option<JoinHandle<()>>>,
     tid: AtomicI32,
-    /// The KVM vCPU of this id on this node, while no thread runs it.
-    parked: Mutex<Option<VcpuFd>>,
+    /// The KVM vCPU of this id on this node, while no thread runs it, with
+    /// the CPUID set in it.
+    parked: Mutex<Option<Parked>>,
+    /// A state that arrived for the thread here, which waits for it after
+    /// its vCPU left (a thread per vCPU and node, kept: starting one took
+    /// 60 to 90 µs of every move).
+    arrival: Mutex<Option<Box<VcpuState>>>,
+    door: Condvar,
+}
+
+/// A KVM vCPU this node keeps while its vCPU runs elsewhere (KVM cannot
+/// create one id twice).
+#[derive(Debug)]
+struct Parked {
+    fd: VcpuFd,
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 const NO_MOVE: u32 = u32::MAX;
+
+/// What a vCPU thread starts with.
+enum First {
+    /// A vCPU set up at its entry (placed here at boot).
+    Boot(Vcpu),
+    /// A vCPU that moved here: its state, to restore.
+    Arrived(Box<VcpuState>),
+}
 
 /// The vCPUs of one node.
 pub struct Vcpus {
@@ -132,6 +166,12 @@ pub struct Vcpus {
     pin: Option<Vec<usize>>,
     policy: Mutex<Policy>,
     tids: Mutex<HashMap<i32, u32>>,
+    /// The MSRs a migration saves (KVM's list, read once).
+    msr_list: Vec<u32>,
+    /// How registers reach us at exits and migrations.
+    sync: Sync,
+    /// MSRs KVM refused to set on an arriving vCPU (not tried again).
+    msr_refused: Mutex<Vec<u32>>,
     pub counters: VcpuCounters,
 }
 
@@ -165,6 +205,10 @@ impl Vcpus {
         control: Arc<Control>,
         transport: Option<Arc<dyn Transport>>,
     ) -> Arc<Self> {
+        // an empty list only makes migrations fail loudly where KVM would
+        // not read MSRs (KVM_GET_MSR_INDEX_LIST cannot fail on x86)
+        let msr_list = kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
+        let sync = Sync::probe(&kvm);
         let slots = (0..setup.count)
             .map(|_| {
                 let s = Slot::default();
@@ -190,6 +234,9 @@ impl Vcpus {
             pin: setup.pin,
             policy: Mutex::new(Policy::new(setup.count)),
             tids: Mutex::new(HashMap::new()),
+            msr_list,
+            sync,
+            msr_refused: Mutex::new(Vec::new()),
             counters: VcpuCounters::default(),
         })
     }
@@ -239,6 +286,8 @@ impl Vcpus {
         m.vcpu_migrations_out = get(&c.migrations_out);
         m.ipis_sent = get(&c.ipis_sent);
         m.ipis_received = get(&c.ipis_received);
+        m.vcpu_capture_us_p50 = c.capture.lock().unwrap_or_else(|p| p.into_inner()).quantile_us(0.5);
+        m.vcpu_restore_us_p50 = c.restore.lock().unwrap_or_else(|p| p.into_inner()).quantile_us(0.5);
     }
 
     /// Starts the vCPUs placed on this node at the entry `plan` describes.
@@ -248,14 +297,16 @@ impl Vcpus {
                 continue;
             }
             let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?;
-            let vcpu = Vcpu::new(u64::from(id), fd, &self.kvm, plan, self.clone()).map_err(|e| e.to_string())?;
-            self.spawn(vcpu)?;
+            let vcpu =
+                Vcpu::new(u64::from(id), fd, &self.kvm, plan, self.sync, self.clone()).map_err(|e| e.to_string())?;
+            self.spawn(id, First::Boot(vcpu))?;
         }
         Ok(())
     }
 
-    fn spawn(self: &Arc<Self>, vcpu: Vcpu) -> Result<(), String> {
-        let id = vcpu.id() as u32;
+    /// Starts vCPU `id`'s thread on this node, which runs it (and, after it
+    /// leaves, waits for it to come back).
+    fn spawn(self: &Arc<Self>, id: u32, first: First) -> Result<(), String> {
         let host = self.clone();
         let cpu = self.pin.as_ref().map(|c| c[id as usize % c.len()]);
         let t = std::thread::Builder::new()
@@ -264,33 +315,86 @@ impl Vcpus {
                 if let Some(cpu) = cpu {
                     vcpu::pin_current_thread(cpu);
                 }
-                host.run(vcpu)
+                host.run(id, first)
             })
             .map_err(|e| format!("cannot start vCPU {id}'s thread: {e}"))?;
         *self.slots[id as usize].thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         Ok(())
     }
 
-    /// A vCPU thread: run until the guest leaves this node or ends.
-    fn run(self: Arc<Self>, mut vcpu: Vcpu) {
-        let id = vcpu.id() as u32;
+    /// A vCPU thread: runs vCPU `id` while it is here; when it leaves,
+    /// waits for it to come back, until the VM ends.
+    fn run(self: Arc<Self>, id: u32, first: First) {
         // SAFETY: gettid has no arguments and cannot fail.
         let tid = unsafe { libc::gettid() };
-        self.slots[id as usize].tid.store(tid, Ordering::Release);
-        self.tids.lock().unwrap_or_else(|p| p.into_inner()).insert(tid, id);
-        let leave = vcpu.run();
-        self.tids.lock().unwrap_or_else(|p| p.into_inner()).remove(&tid);
-        self.slots[id as usize].tid.store(0, Ordering::Release);
-        self.counters.exits.fetch_add(vcpu.take_exits(), Ordering::Relaxed);
-        match leave {
-            Leave::Stopped => {}
-            Leave::Failed(why) => self.control.fail(format_args!("vCPU {id} on node {}: {why}", self.me)),
-            Leave::Migrate(to) => {
-                if let Err(why) = self.emigrate(vcpu, to) {
-                    self.control.fail(format_args!("vCPU {id} moving from node {} to node {to}: {why}", self.me));
-                }
+        let slot = &self.slots[id as usize];
+        let mut next = Some(first);
+        while let Some(first) = next.take() {
+            let mut vcpu = match first {
+                First::Boot(vcpu) => vcpu,
+                First::Arrived(state) => match self.arrive(id, &state) {
+                    Ok(vcpu) => vcpu,
+                    Err(why) => {
+                        self.control.fail(format_args!("vCPU {id} arriving on node {}: {why}", self.me));
+                        return;
+                    }
+                },
+            };
+            slot.tid.store(tid, Ordering::Release);
+            self.tids.lock().unwrap_or_else(|p| p.into_inner()).insert(tid, id);
+            let leave = vcpu.run();
+            self.tids.lock().unwrap_or_else(|p| p.into_inner()).remove(&tid);
+            slot.tid.store(0, Ordering::Release);
+            self.counters.exits.fetch_add(vcpu.take_exits(), Ordering::Relaxed);
+            match leave {
+                Leave::Stopped => {}
+                Leave::Failed(why) => self.control.fail(format_args!("vCPU {id} on node {}: {why}", self.me)),
+                Leave::Migrate(to) => match self.emigrate(vcpu, to) {
+                    Ok(()) => next = self.await_return(id).map(First::Arrived),
+                    Err(why) => {
+                        self.control.fail(format_args!("vCPU {id} moving from node {} to node {to}: {why}", self.me))
+                    }
+                },
             }
         }
+    }
+
+    /// Waits for vCPU `id` to come back to this node (None: the VM ends).
+    fn await_return(&self, id: u32) -> Option<Box<VcpuState>> {
+        let slot = &self.slots[id as usize];
+        let mut arrival = slot.arrival.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(state) = arrival.take() {
+                return Some(state);
+            }
+            if self.control.stopping() {
+                return None;
+            }
+            // `stop` rings the door; the slice is a safety net
+            arrival = slot.door.wait_timeout(arrival, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Restores an arrived state into this node's KVM vCPU of that id (on
+    /// the vCPU's thread: the receiver goes on meanwhile).
+    fn arrive(self: &Arc<Self>, id: u32, state: &VcpuState) -> Result<Vcpu, String> {
+        let parked = self.slots[id as usize].parked.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (mut fd, cpuid_in_place) = match parked {
+            Some(p) => {
+                let same = p.cpuid == state.cpuid;
+                (p.fd, same)
+            }
+            None => (self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?, false),
+        };
+        let mut refused = self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let before = refused.len();
+        let t0 = Instant::now();
+        state.restore(&mut fd, cpuid_in_place, self.sync, &mut refused).map_err(|e| e.to_string())?;
+        self.counters.restore.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
+        if refused.len() > before {
+            *self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()) = refused;
+        }
+        Ok(Vcpu::resume(u64::from(id), fd, self.linux, state, self.sync, self.clone()))
     }
 
     // ---- guest requests ------------------------------------------------
@@ -395,19 +499,17 @@ impl Vcpus {
 
     // ---- migration -------------------------------------------------------
 
-    fn emigrate(&self, mut vcpu: Vcpu, to: NodeId) -> Result<(), String> {
+    fn emigrate(&self, vcpu: Vcpu, to: NodeId) -> Result<(), String> {
         let id = vcpu.id() as u32;
         let slot = &self.slots[id as usize];
+        let cpuid = vcpu.cpuid().to_vec();
         let t0 = Instant::now();
-        vcpu.complete_io().map_err(|e| format!("completing its port I/O: {e}"))?;
-        let t1 = Instant::now();
-        let mut state =
-            VcpuState::capture(&self.kvm, vcpu.fd(), id, self.irqchip).map_err(|e| format!("capturing it: {e}"))?;
-        let t2 = Instant::now();
-        tracing::debug!(io_us = (t1 - t0).as_micros() as u64, capture_us = (t2 - t1).as_micros() as u64, "emigrate");
-        state.clock_floor_ns = vcpu.clock_floor();
-        let fd = vcpu.into_fd();
-        *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
+        let (mut state, fd) = vcpu.leave(&self.msr_list, self.irqchip)?;
+        self.counters.capture.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
+        // the page under the stack pointer: the vCPU writes it first on its
+        // new node, which asks for it while it restores the state
+        let stack_page = Self::stack_page(&fd, &state);
+        *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Parked { fd, cpuid });
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id);
         // under the roster's lock: IPIs posted so far go with the state,
         // later ones see the new location and are forwarded behind it
@@ -417,13 +519,25 @@ impl Vcpus {
             return Err(format!("the roster did not send vCPU {id} to node {to}: {acts:?}"));
         };
         state.pending_ipis = pending;
-        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state: state.encode() });
+        let state = state.encode();
+        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state, stack_page });
         drop(r);
         sent?;
         self.counters.migrations_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
+    /// The guest-physical page under a captured state's stack pointer, if
+    /// its page tables map it (`KVM_TRANSLATE`; a hint, so None on any
+    /// doubt).
+    fn stack_page(fd: &VcpuFd, state: &VcpuState) -> Option<u64> {
+        let t = fd.translate_gva(state.regs.rsp).ok()?;
+        (t.valid != 0).then_some(t.physical_address / crate::memory::PAGE_SIZE)
+    }
+
+    /// vCPU `vcpu`'s state from node `from`: the roster learns it is here
+    /// (before this receiver takes the next message: IPIs forwarded behind
+    /// the state find it), and its thread here restores and runs it.
     fn immigrate(self: &Arc<Self>, from: NodeId, vcpu: u32, moves: u64, bytes: &[u8]) -> Result<(), String> {
         let slot = self
             .slots
@@ -436,20 +550,7 @@ impl Vcpus {
         if self.roster().here(vcpu) {
             return Err(format!("node {from} sent vCPU {vcpu}, which already runs here"));
         }
-        let parked = slot.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let fd = match parked {
-            Some(fd) => fd,
-            None => self.vm.create_vcpu(u64::from(vcpu)).map_err(|e| format!("cannot create vCPU {vcpu}: {e}"))?,
-        };
-        let t0 = Instant::now();
-        state.restore(&fd).map_err(|e| e.to_string())?;
-        tracing::debug!(restore_us = t0.elapsed().as_micros() as u64, "immigrate");
-        // the old thread of this vCPU here (if it ran here before) is done
-        if let Some(old) = slot.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = old.join();
-        }
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(vcpu);
-        let v = Vcpu::resume(u64::from(vcpu), fd, self.linux, state.clock_floor_ns, self.clone());
         {
             let mut r = self.roster();
             let msg = RMsg::Migrate { vcpu, moves, pending: state.pending_ipis };
@@ -459,21 +560,35 @@ impl Vcpus {
             self.carry_out(&r, acts, false);
         }
         self.counters.migrations_in.fetch_add(1, Ordering::Relaxed);
-        self.spawn(v)
+        // the thread that ran it here before waits for it; else start one
+        let waiting = slot.thread.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if waiting {
+            *slot.arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(state));
+            slot.door.notify_all();
+            Ok(())
+        } else {
+            self.spawn(vcpu, First::Arrived(Box::new(state)))
+        }
     }
 
     // ---- messages ----------------------------------------------------------
 
     /// A vCPU message from `from`. Node 0 also takes the console output
-    /// and events of vCPUs elsewhere.
-    pub fn on_message(self: &Arc<Self>, from: NodeId, body: &[u8]) -> Result<(), String> {
+    /// and events of vCPUs elsewhere. Returns, for a vCPU that arrived,
+    /// the page it will most likely write first (for the page engine to
+    /// ask for at once).
+    pub fn on_message(self: &Arc<Self>, from: NodeId, body: &[u8]) -> Result<Option<u64>, String> {
         match VcpuMsg::decode(from, body)? {
-            VcpuMsg::Migrate { vcpu, moves, state } => self.immigrate(from, vcpu, moves, &state),
-            VcpuMsg::Location { vcpu, node, moves } => self.roster_receive(from, RMsg::Location { vcpu, node, moves }),
-            VcpuMsg::Ipi { vcpu } => self.roster_receive(from, RMsg::Ipi { vcpu }),
+            VcpuMsg::Migrate { vcpu, moves, state, stack_page } => {
+                self.immigrate(from, vcpu, moves, &state).map(|()| stack_page)
+            }
+            VcpuMsg::Location { vcpu, node, moves } => {
+                self.roster_receive(from, RMsg::Location { vcpu, node, moves }).map(|()| None)
+            }
+            VcpuMsg::Ipi { vcpu } => self.roster_receive(from, RMsg::Ipi { vcpu }).map(|()| None),
             VcpuMsg::Print { bytes } if self.me == 0 => {
                 self.devices.console().lock().unwrap_or_else(|p| p.into_inner()).put(&bytes);
-                Ok(())
+                Ok(None)
             }
             VcpuMsg::Event { event } if self.me == 0 => {
                 if let VmEvent::Failed(why) = event {
@@ -481,7 +596,7 @@ impl Vcpus {
                 } else {
                     self.control.report(event);
                 }
-                Ok(())
+                Ok(None)
             }
             other => Err(format!("node {from} sent node {} {other:?}, which only node 0 takes", self.me)),
         }
@@ -534,6 +649,7 @@ impl Vcpus {
                 }
                 drop(t);
                 s.bell.notify_all();
+                s.door.notify_all();
             }
             if running == 0 {
                 break;
@@ -585,7 +701,7 @@ mod tests {
     #[test]
     fn vcpu_messages_round_trip_and_bad_ones_are_errors() {
         let msgs = [
-            VcpuMsg::Migrate { vcpu: 1, moves: 2, state: vec![1, 2, 3] },
+            VcpuMsg::Migrate { vcpu: 1, moves: 2, state: vec![1, 2, 3], stack_page: Some(7) },
             VcpuMsg::Location { vcpu: 3, node: 2, moves: 9 },
             VcpuMsg::Ipi { vcpu: 4 },
             VcpuMsg::Print { bytes: b"hi\n".to_vec() },

@@ -66,6 +66,8 @@ pub enum Error {
     Build(#[from] builder::Error),
     #[error("starting the vCPUs: {0}")]
     Start(String),
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::Error),
 }
 
 impl Error {
@@ -73,6 +75,7 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Error::Config(_) | Error::ReadImage { .. } => true,
+            Error::Virtio(e) => matches!(e, crate::virtio::Error::Disk(_)),
             Error::Linux(e) => !matches!(e, crate::linux::Error::Write(_)),
             Error::Pod(crate::pod::Error::Mismatch { .. } | crate::pod::Error::Refused(_)) => true,
             Error::Load(e) => !matches!(e, loader::Error::Write(_)),
@@ -164,6 +167,7 @@ pub fn run_node(
 ) -> Result<Outcome> {
     let started = Instant::now();
     config.check()?;
+    config.check_disks()?;
     if let Some(link) = pod {
         link.check_members()?;
     }
@@ -186,6 +190,12 @@ pub fn run_node(
         ))
         .into());
     }
+    if !config.disks.is_empty() && linux_kernel.is_none() {
+        return Err(config::Error::Invalid(format!(
+            "--disk needs a Linux kernel (virtio-blk is a Linux guest's device); {name} is not one"
+        ))
+        .into());
+    }
     let mem = match pod {
         Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),
         Some(_) => return Err(config::Error::Invalid("the pod's memory differs from --memory".into()).into()),
@@ -205,7 +215,15 @@ pub fn run_node(
     };
     let plan = match &linux_kernel {
         Some((path, format)) => {
-            let l = crate::linux::load(path, *format, config.initrd.as_deref(), &config.cmdline, config.cpus, &mem)?;
+            let l = crate::linux::load(
+                path,
+                *format,
+                config.initrd.as_deref(),
+                &config.cmdline,
+                config.cpus,
+                config.disks.len(),
+                &mem,
+            )?;
             BootPlan {
                 // a Linux kernel is entered as `linux` says
                 entry: 0,
@@ -223,6 +241,11 @@ pub fn run_node(
     // and the serial port's interrupt on IRQ 4
     let built = builder::build(&mem, linux)?;
     let vm = Arc::new(built.vm);
+    // its virtio devices (node 0's, in the slots the DSDT names)
+    let virtio = match config.disks.is_empty() {
+        true => None,
+        false => Some(Arc::new(crate::virtio::VirtioDevices::new(&vm, &mem, &config.disks)?)),
+    };
 
     let (control, events) = Control::new();
     let control = Arc::new(control);
@@ -253,7 +276,11 @@ pub fn run_node(
     let devices = Devices::new(console.clone(), reader, info, IrqLine(built.serial_irq));
     // a Linux guest's ACPI tables name the PM1 registers (node 0 only:
     // its vCPUs run here)
-    let devices = Arc::new(if linux { devices.with_acpi_pm() } else { devices });
+    let devices = if linux { devices.with_acpi_pm() } else { devices };
+    let devices = Arc::new(match &virtio {
+        Some(v) => devices.with_virtio(v.clone()),
+        None => devices,
+    });
     if linux {
         forward_stdin(devices.clone());
     }
@@ -284,6 +311,7 @@ pub fn run_node(
                         loaded,
                         boot: plan.clone(),
                         clock_ns: u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                        wall_ns: crate::pod::wall_ns(),
                     };
                     link.start(&start_plan, &engine, &vcpus)?;
                     Some(link.serve(engine.clone(), vcpus.clone()).map_err(Error::Thread)?)
@@ -316,6 +344,9 @@ pub fn run_node(
     // stopped every vCPU within 100 ms (see `Vcpus::stop`)
     let release_after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
     vcpus.stop(release_after, &release);
+    if let Some(v) = &virtio {
+        v.stop();
+    }
     let wall = started.elapsed();
     flush_console(&console);
     let mut others = Vec::new();

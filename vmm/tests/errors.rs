@@ -255,3 +255,42 @@ fn unbounded_or_odd_inputs_are_refused() {
         "--join-timeout must be",
     );
 }
+
+#[test]
+fn bad_disks_are_refused_before_anything_starts() {
+    let dir = scratch("disks");
+    let k = write_file(&dir, "k", &fake_bzimage(0x020f, 1));
+    let odd = write_file(&dir, "odd.img", &[0u8; 1000]);
+    let empty = write_file(&dir, "empty.img", b"");
+    let good = write_file(&dir, "good.img", &[0u8; 4096]);
+    let linux = |disk: &str| {
+        vec!["run", "--kernel", &k, "--memory", "256M", "--disk"]
+            .into_iter()
+            .chain([disk])
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let one_line = |args: Vec<String>, needle: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = shoal(&args, LIMIT);
+        assert_eq!(r.status, 2, "{args:?}: status; stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: expected {needle:?} in:\n{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: one line:\n{}", r.stderr);
+        assert!(r.stdout.is_empty());
+    };
+    one_line(linux("/nonexistent/root.img"), "--disk /nonexistent/root.img: No such file");
+    one_line(linux(dir.to_str().unwrap()), "--disk");
+    one_line(linux(&format!("{},readonly", dir.display())), "not a regular file");
+    one_line(linux(&odd), "1000 bytes, not a multiple of the 512-byte sector");
+    one_line(linux(&empty), "the image is empty");
+    one_line(linux(&format!("{good},ro")), "unknown option \"ro\"");
+    // on a pod, before any other node starts
+    let mut pod = linux(&odd);
+    pod.extend(["--nodes", "2"].map(String::from));
+    one_line(pod, "not a multiple of the 512-byte sector");
+    // a disk for a guest that is not Linux
+    one_line(
+        ["run", "--guest", "hello", "--memory", "64M", "--disk", &good].map(String::from).to_vec(),
+        "--disk needs a Linux kernel",
+    );
+}

@@ -72,6 +72,116 @@ fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u6
     assert!(resident >= 5120, "{ns:?}");
 }
 
+/// With `--dormant off` every first touch reads its page from the page's
+/// home; a read of a page the home never wrote (a hole in its memfd) must
+/// not make the home's kernel allocate it: every node's memfd stays what
+/// its counters say, under the memory bound.
+fn dormant_off_keeps_every_memfd_at_its_count(fabric: &str) {
+    let r = shoal(
+        &[
+            "run",
+            "--guest",
+            "memtouch",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mib=20 seed=5",
+            "--nodes",
+            "3",
+            "--fabric",
+            fabric,
+            "--node-memory",
+            "8M",
+            "--dormant",
+            "off",
+        ],
+        LIMIT,
+    );
+    r.expect_status(0);
+    assert!(r.stdout.contains("memtouch: verified 5120 pages"), "{}", r.stdout);
+    let ns = nodes(&r);
+    let budget = 8 << 20 >> 12;
+    for node in &ns {
+        assert!(get(node, "pages_resident") <= budget, "over --node-memory: {node}");
+        assert_eq!(get(node, "memfd_bytes"), 4096 * get(node, "pages_resident"), "the kernel agrees: {node}");
+    }
+    // the pages did come over the fabric (that is what --dormant off is for)
+    let fetched: u64 = ns.iter().map(|n| get(n, "remote_fetches")).sum();
+    assert!(fetched > 0, "{ns:?}");
+}
+
+#[test]
+fn dormant_off_over_shm_keeps_every_memfd_at_its_count() {
+    if kvm_or_skip("pod dormant off shm") {
+        dormant_off_keeps_every_memfd_at_its_count("shm");
+    }
+}
+
+#[test]
+fn dormant_off_over_tcp_keeps_every_memfd_at_its_count() {
+    if kvm_or_skip("pod dormant off tcp") {
+        dormant_off_keeps_every_memfd_at_its_count("tcp");
+    }
+}
+
+/// Pages node 0 fetched back after evicting them, running memtouch over
+/// 12 MiB with `rounds` rounds of hot (5 MiB) and cold reads, 8 MiB a node.
+fn fetched_back(eviction: &str, rounds: u32) -> (u64, serde_json::Value) {
+    let cmdline = format!("mib=12 seed=3 hot=5 rounds={rounds}");
+    let r = shoal(
+        &[
+            "run",
+            "--guest",
+            "memtouch",
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+            "--nodes",
+            "2",
+            "--fabric",
+            "shm",
+            "--node-memory",
+            "8M",
+            "--eviction",
+            eviction,
+        ],
+        LIMIT,
+    );
+    r.expect_status(0);
+    if rounds > 0 {
+        assert!(r.stdout.contains(&format!("memtouch: hot/cold: rounds={rounds} hot=5 MiB")), "{}", r.stdout);
+        assert!(r.stdout.contains("bad=0"), "{}", r.stdout);
+    }
+    let n0 = nodes(&r)[0].clone();
+    (get(&n0, "pages_fetched_back"), n0)
+}
+
+/// The clock keeps what the guest keeps touching: with a hot set smaller
+/// than the bound and a cold set larger, it fetches back far fewer pages
+/// per round than first-in-first-out, which evicts the hot set as it
+/// ages. (Each policy's rounds are measured beside its own run without
+/// them: the pattern's first pass costs both the same.)
+#[test]
+fn the_clock_keeps_the_hot_set_that_fifo_sends_away() {
+    if !kvm_or_skip("pod eviction") {
+        return;
+    }
+    let rounds_cost = |eviction: &str| {
+        let (base, _) = fetched_back(eviction, 0);
+        let (with, n0) = fetched_back(eviction, 8);
+        (with - base, n0)
+    };
+    let (fifo, n_fifo) = rounds_cost("fifo");
+    let (clock, n_clock) = rounds_cost("clock");
+    assert_eq!(get(&n_fifo, "pages_probed"), 0, "{n_fifo}");
+    assert!(get(&n_clock, "pages_referenced") > 0, "the guest's touches were seen: {n_clock}");
+    // every round reads the hot set (1280 pages) and an eighth of the cold
+    // (224): at best the hot set comes back once and each cold page once
+    assert!(clock >= 1280 + 7 * 1024 / 4 - 64, "fewer fetches than pages first read: {clock}");
+    assert!(clock * 10 <= fifo * 8, "clock fetched back {clock} pages in its rounds, fifo {fifo}");
+}
+
 #[test]
 fn three_nodes_over_tcp_hold_more_than_one_node_may() {
     if kvm_or_skip("pod tcp") {

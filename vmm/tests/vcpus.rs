@@ -133,6 +133,11 @@ fn a_vcpu_tours_every_node_and_keeps_its_state() {
     }
     // it ended where it started
     assert_eq!(get(&ns[0], "vcpus"), 1);
+    // every arrival asked for the stack page ahead of the vCPU's first
+    // write to it, unless the vCPU's own fault was quicker (then the fault
+    // asked; both happen, the host scheduler decides)
+    let prefetched: u64 = ns.iter().map(|n| get(n, "pages_prefetched")).sum();
+    assert!((1..=6).contains(&prefetched), "{prefetched} of 6 arrivals prefetched: {ns:?}");
 }
 
 /// Data written on node 1 and read from node 0: with the policy on, the

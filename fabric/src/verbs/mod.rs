@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vm_memory::VolatileSlice;
 
 use crate::mesh::Link;
 use crate::peer::{stream_error, wait_answers, Core, Counters, Handler, Peer};
@@ -517,8 +518,9 @@ impl VerbsTransport {
             for pc in &pieces[start..end] {
                 let n = pc.len as usize;
                 // SAFETY: the reads into [at, at + n) of the bounce buffer
-                // completed; the buffer is ours.
-                let src = unsafe { std::slice::from_raw_parts(side.staging.as_ptr().add(at), n) };
+                // completed (the device writes no more of it until the next
+                // post); the buffer is ours and outlives the call.
+                let src = unsafe { VolatileSlice::new(side.staging.as_ptr().add(at), n) };
                 if let Err(e) = sink(pc.req, pc.at, src) {
                     side.posts = posts;
                     return Err(e);

@@ -53,12 +53,18 @@ pub struct PodFile {
     pub initrd: Option<PathBuf>,
     /// Show XSAVE and AVX to a Linux guest (default true).
     pub xsave: Option<bool>,
+    /// A Linux guest's disks, `PATH` or `PATH,readonly` each (as
+    /// `--disk`); node 0 serves them, only its host needs the files.
+    pub disks: Option<Vec<String>>,
     pub cmdline: Option<String>,
     pub cpus: Option<u32>,
     /// Each vCPU's first node (default: contiguous blocks).
     pub placement: Option<Vec<u32>>,
     /// Whether vCPUs may move to their data (default true).
     pub migration: Option<bool>,
+    /// Which page leaves a node first under the memory bound: "clock"
+    /// (default) or "fifo".
+    pub eviction: Option<crate::pod::residency::Eviction>,
     pub dormant: Option<bool>,
     pub metrics_json: Option<PathBuf>,
     pub timeout: Option<f64>,

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shoal_fabric::{Incoming, Transport};
-use shoal_protocol::NodeId;
+use shoal_protocol::{Access, NodeId};
 
 use crate::metrics::NodeMetrics;
 use crate::vcpus::{Vcpus, CHANNEL_VCPU};
@@ -74,6 +74,10 @@ pub struct Facts {
     /// Each vCPU's first node.
     pub placement: Vec<u32>,
     pub migration: bool,
+    /// Which page leaves a node first under the memory bound (each node
+    /// may choose its own: not compared).
+    #[serde(default)]
+    pub eviction: residency::Eviction,
 }
 
 impl Facts {
@@ -161,10 +165,31 @@ pub struct StartPlan {
     pub loaded: Vec<(u64, u64)>,
     /// Where the vCPUs enter the guest.
     pub boot: crate::loader::BootPlan,
-    /// Node 0's guest clock (ns since the VM started) when it sent this:
-    /// the other nodes start theirs from it (on one host exactly, across
-    /// hosts give or take the message's latency).
+    /// Node 0's guest clock (ns since the VM started) when it sent this,
+    /// and its wall clock (ns since the Unix epoch) at that moment: the
+    /// other nodes start their guest clock from them, adding the time the
+    /// message took by their wall clock (exact on one host, and as good as
+    /// the hosts' clock synchronisation across hosts; a gap outside 0 to
+    /// 10 s is not believed: then the message's time is left out, and
+    /// the clocks differ by it).
     pub clock_ns: u64,
+    pub wall_ns: u64,
+}
+
+/// The wall clock, in ns since the Unix epoch (0 if it is before it).
+pub fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl StartPlan {
+    /// When node 0's guest clock read zero, by this node's monotonic clock.
+    pub fn clock_start(&self) -> Instant {
+        let in_flight = wall_ns().checked_sub(self.wall_ns).filter(|&d| d <= 10_000_000_000).unwrap_or(0);
+        let since = Duration::from_nanos(self.clock_ns.saturating_add(in_flight));
+        Instant::now().checked_sub(since).unwrap_or_else(Instant::now)
+    }
 }
 
 /// Errors of a pod's setup.
@@ -286,7 +311,15 @@ fn next(
                     }
                 },
                 Some((&CHANNEL_VCPU, body)) => match vcpus {
-                    Some(v) => v.on_message(from, body).map(|()| None).map_err(Error::Failed),
+                    Some(v) => match v.on_message(from, body).map_err(Error::Failed)? {
+                        // a vCPU arrived: ask for its stack page while its
+                        // thread restores it
+                        Some(page) => match engine {
+                            Some(e) => e.prefetch(page, Access::Write).map(|()| None).map_err(Error::Failed),
+                            None => Ok(None),
+                        },
+                        None => Ok(None),
+                    },
                     None => {
                         Err(Error::Malformed { node: from, reason: "a vCPU message before the pod started".into() })
                     }
@@ -350,17 +383,19 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
         cpus: config.cpus,
         placement,
         migration: config.migration && !linux,
+        eviction: config.eviction.unwrap_or(residency::Eviction::default_for(linux)),
     })
 }
 
 /// The engine settings every node derives from the same facts.
 pub fn settings_for(facts: &Facts, pages: u64, fabric: shoal_fabric::Kind) -> Result<engine::Settings, String> {
-    engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric))
+    engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric), facts.eviction)
 }
 
 /// The engine settings of a node alone (a pod of one, with no fabric).
 pub fn settings_alone(config: &crate::config::VmConfig, pages: u64) -> Result<engine::Settings, String> {
-    engine_settings(1, pages, config.dormant, config.node_memory, None)
+    // (a node alone evicts nothing, so it has no use for the clock's probes)
+    engine_settings(1, pages, config.dormant, config.node_memory, None, residency::Eviction::Fifo)
 }
 
 fn engine_settings(
@@ -369,13 +404,14 @@ fn engine_settings(
     dormant: bool,
     node_memory: Option<u64>,
     fabric: Option<shoal_fabric::Kind>,
+    eviction: residency::Eviction,
 ) -> Result<engine::Settings, String> {
     let config =
         shoal_protocol::Config::new(nodes, BLOCK_PAGES, pages).ok_or_else(|| format!("a pod of {nodes} nodes"))?;
     let budget = node_memory.map(|b| b / crate::memory::PAGE_SIZE);
     let keep_pages = fabric == Some(shoal_fabric::Kind::Verbs);
     let read_copies = crate::uffd::continue_wp_supported();
-    Ok(engine::Settings { config, dormant, budget, peer_budget: budget, keep_pages, read_copies })
+    Ok(engine::Settings { config, dormant, budget, peer_budget: budget, keep_pages, read_copies, eviction })
 }
 
 /// Node 0's end of a joined pod.
@@ -668,6 +704,9 @@ struct MemberVm {
 impl MemberVm {
     /// Builds this node's VM, its page engine and its vCPUs (not started).
     fn build(m: &Member, plan: &StartPlan) -> Result<MemberVm, String> {
+        // the guest's clock runs from node 0's start (read first: what
+        // follows takes time)
+        let clock_start = plan.clock_start();
         use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
         let me = m.transport.node();
         crate::vm::install_kick_handler().map_err(|e| e.to_string())?;
@@ -690,7 +729,6 @@ impl MemberVm {
         )?;
         let engine = Arc::new(engine);
         // the guest's clock runs from node 0's start
-        let clock_start = Instant::now().checked_sub(Duration::from_nanos(plan.clock_ns)).unwrap_or_else(Instant::now);
         let info = GuestInfo {
             num_vcpus: m.facts.cpus.into(),
             node_id: me.into(),

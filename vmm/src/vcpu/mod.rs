@@ -4,8 +4,8 @@ pub mod state;
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use shoal_guest_images::abi;
 
 use crate::control::{Control, VmEvent};
@@ -13,6 +13,7 @@ use crate::devices::{Devices, HcResult, PortEvent};
 use crate::linux;
 use crate::loader::{self, BootPlan, LinuxEntry};
 use crate::vcpus::Vcpus;
+use state::{Sync, VcpuState};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -130,20 +131,26 @@ pub enum Leave {
 pub struct Vcpu {
     id: u64,
     fd: VcpuFd,
-    /// A Linux guest: stray MMIO reads all ones (no device there), as on a
-    /// PC; a unikernel's is a bug that ends the VM.
+    /// A Linux guest: MMIO goes to the virtio devices, and stray MMIO
+    /// reads all ones (no device there), as on a PC; a unikernel's is a
+    /// bug that ends the VM.
     linux: bool,
     host: Arc<Vcpus>,
     exits: u64,
     /// The largest clock value the guest read (the clock never goes back,
     /// also not when the vCPU moves to a node whose clock is behind).
     clock_floor: u64,
+    /// The CPUID this vCPU was given (it moves with the vCPU).
+    cpuid: Vec<kvm_cpuid_entry2>,
+    /// Whether KVM hands us the registers in `kvm_run` at every exit (a
+    /// hypercall then needs no `KVM_GET_REGS`/`KVM_SET_REGS`).
+    sync: Sync,
 }
 
 impl Vcpu {
     /// Puts vCPU `id` in 64-bit mode at the image's entry, with its stack
     /// and boot-info block from `plan`.
-    pub fn new(id: u64, fd: VcpuFd, kvm: &Kvm, plan: &BootPlan, host: Arc<Vcpus>) -> Result<Self> {
+    pub fn new(id: u64, mut fd: VcpuFd, kvm: &Kvm, plan: &BootPlan, sync: Sync, host: Arc<Vcpus>) -> Result<Self> {
         let err = |what| move |source| Error::Kvm { vcpu: id, what, source };
         let cpuid = cpuid_with(kvm, id, plan.linux.is_some(), plan.linux.is_some_and(|l| l.no_xsave))
             .map_err(err("reading KVM's supported CPUID"))?;
@@ -210,13 +217,18 @@ impl Vcpu {
             }
         };
         fd.set_regs(&regs).map_err(err("setting registers"))?;
-        Ok(Vcpu { id, fd, linux: plan.linux.is_some(), host, exits: 0, clock_floor: 0 })
+        if sync == Sync::Regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
+        let cpuid = cpuid.as_slice().to_vec();
+        Ok(Vcpu { id, fd, linux: plan.linux.is_some(), host, exits: 0, clock_floor: 0, cpuid, sync })
     }
 
     /// A vCPU whose state was restored into `fd` (it arrived from another
-    /// node).
-    pub fn resume(id: u64, fd: VcpuFd, linux: bool, clock_floor: u64, host: Arc<Vcpus>) -> Self {
-        Vcpu { id, fd, linux, host, exits: 0, clock_floor }
+    /// node; [`VcpuState::restore`] left the registers synced, if `sync`).
+    pub fn resume(id: u64, fd: VcpuFd, linux: bool, state: &VcpuState, sync: Sync, host: Arc<Vcpus>) -> Self {
+        let cpuid = state.cpuid.clone();
+        Vcpu { id, fd, linux, host, exits: 0, clock_floor: state.clock_floor_ns, cpuid, sync }
     }
 
     pub fn id(&self) -> u64 {
@@ -227,35 +239,25 @@ impl Vcpu {
         &self.fd
     }
 
-    /// The KVM vCPU back, when the vCPU leaves this node (its exits were
-    /// taken already: `take_exits`).
-    pub fn into_fd(self) -> VcpuFd {
-        self.fd
-    }
-
     /// Exits counted since the last call.
     pub fn take_exits(&mut self) -> u64 {
         std::mem::take(&mut self.exits)
     }
 
-    pub fn clock_floor(&self) -> u64 {
-        self.clock_floor
+    /// Captures the whole state ([`VcpuState::capture`]) and gives back
+    /// the KVM vCPU, when the vCPU leaves this node (its exits were taken
+    /// already: `take_exits`).
+    pub fn leave(mut self, msr_list: &[u32], irqchip: bool) -> std::result::Result<(VcpuState, VcpuFd), String> {
+        let id = self.id as u32;
+        let mut state = VcpuState::capture(&mut self.fd, id, &self.cpuid, msr_list, irqchip, self.sync)
+            .map_err(|e| format!("capturing it: {e}"))?;
+        state.clock_floor_ns = self.clock_floor;
+        Ok((state, self.fd))
     }
 
-    /// Lets KVM finish the instruction that exited to us (a port write's
-    /// `rip` moves past it only on the next entry): one `KVM_RUN` with
-    /// `immediate_exit`, which completes it and returns at once. Without
-    /// this a captured state would run the hypercall again.
-    pub fn complete_io(&mut self) -> std::result::Result<(), kvm_ioctls::Error> {
-        self.fd.set_kvm_immediate_exit(1);
-        // immediate_exit returns EINTR before entering the guest
-        let r = match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => Ok(()),
-            Err(e) => Err(e),
-            Ok(_) => Ok(()),
-        };
-        self.fd.set_kvm_immediate_exit(0);
-        r
+    /// The CPUID this vCPU was given.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
     }
 
     /// Runs until the guest exits or halts, the VM fails or stops, or the
@@ -331,8 +333,8 @@ impl Vcpu {
                 VcpuExit::FailEntry(reason, cpu) => {
                     return Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"));
                 }
-                VcpuExit::MmioRead(_, data) if self.linux => data.fill(0xff),
-                VcpuExit::MmioWrite(..) if self.linux => {}
+                VcpuExit::MmioRead(addr, data) if self.linux => devices.mmio_read(addr, data),
+                VcpuExit::MmioWrite(addr, data) if self.linux => devices.mmio_write(addr, data),
                 VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
                     return Err(self.describe(&format!("the guest accessed {addr:#x}, which is not RAM")));
                 }
@@ -348,8 +350,11 @@ impl Vcpu {
         devices: &Devices,
         control: &Control,
     ) -> std::result::Result<Option<Leave>, String> {
-        let mut regs = self.fd.get_regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?;
-        let host = &self.host;
+        let regs = match self.sync {
+            Sync::Regs => self.fd.sync_regs().regs,
+            Sync::Ioctls => self.fd.get_regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?,
+        };
+        let host = self.host.clone();
         let value = match nr {
             abi::HC_IPI => host.send_ipi(regs.rdi),
             abi::HC_WAIT_IPI => host.wait_ipi(self.id, regs.rdi),
@@ -363,8 +368,7 @@ impl Vcpu {
                         host.nodes() - 1
                     ));
                 }
-                regs.rax = 0;
-                self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}"))?;
+                self.set_rax(regs, 0)?;
                 if to as u32 == host.node() {
                     return Ok(None);
                 }
@@ -385,9 +389,22 @@ impl Vcpu {
                 HcResult::Return(value) => value,
             },
         };
-        regs.rax = value;
-        self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}"))?;
+        self.set_rax(regs, value)?;
         Ok(None)
+    }
+
+    /// A hypercall's return value, into `rax` of `regs` (read at its exit).
+    fn set_rax(&mut self, mut regs: kvm_regs, value: u64) -> std::result::Result<(), String> {
+        regs.rax = value;
+        match self.sync {
+            // loaded at the next entry, as a KVM_SET_REGS now would be
+            Sync::Regs => {
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                Ok(())
+            }
+            Sync::Ioctls => self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}")),
+        }
     }
 
     fn describe(&self, what: &str) -> String {

@@ -189,7 +189,7 @@ impl Engine {
         let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
         self.transport(from)?
             .read_with(from, &[req], &mut |_, at, bytes| {
-                buf[at..at + bytes.len()].copy_from_slice(bytes);
+                bytes.copy_to(&mut buf[at..at + bytes.len()]);
                 Ok(())
             })
             .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
@@ -225,6 +225,9 @@ impl Engine {
         // coming home, not data of the node that kept it: the policy does
         // not follow it (it would only move the memory pressure)
         let ours = st.res.is_placed(page);
+        if ours {
+            self.counters.pages_fetched_back.fetch_add(1, Ordering::Relaxed);
+        }
         st.res.arrived(page, self.arrival_mapping(transfer));
         if let Some(w) = st.waiting.get_mut(&page) {
             w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
@@ -325,10 +328,10 @@ impl Engine {
         if !st.res.is_resident(page) || self.mem.is_hole(offset).unwrap_or(false) {
             return Ok(true);
         }
-        // SAFETY: the page is inside guest memory; it is protected (the
-        // guest cannot write it), and it is resident, so reading the alias
-        // view materialises nothing.
-        let bytes = unsafe { self.mem.alias_slice(offset, PAGE_SIZE as usize) };
+        // the page is protected (the guest cannot write it), and resident,
+        // so reading the alias view materialises nothing
+        let mut bytes = [0u8; PAGE_SIZE as usize];
+        self.mem.read_alias(offset, &mut bytes);
         Ok(bytes.iter().all(|&b| b == 0))
     }
 
@@ -361,7 +364,8 @@ impl Engine {
                 self.map(st, page, l.writable)?;
             }
             if st.res.woken(page) {
-                if let Some(w) = st.waiting.remove(&page) {
+                // a prefetch is no fault: its time is not a fault's
+                if let Some(w) = st.waiting.remove(&page).filter(|w| !w.prefetch) {
                     let took = match filled_at {
                         Some(at) if woken_already(page) => at.saturating_duration_since(w.since),
                         _ => w.since.elapsed(),

@@ -70,7 +70,7 @@ use std::time::Instant;
 use shoal_fabric::Transport;
 use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page};
 
-use super::residency::{Admission, Residency};
+use super::residency::{Admission, Candidate, Eviction, Residency};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{FaultLatency, NodeMetrics};
 use crate::uffd::{Fault, Uffd};
@@ -108,6 +108,8 @@ pub struct Settings {
     /// write-protected in one step, see `uffd::continue_wp_supported`);
     /// otherwise every fault takes the page itself.
     pub read_copies: bool,
+    /// Which page leaves first under the memory bound.
+    pub eviction: Eviction,
 }
 
 /// How a waiting fault was resolved (for the latency split).
@@ -137,12 +139,15 @@ struct Waiter {
     answered: Option<Instant>,
     read: std::time::Duration,
     map: std::time::Duration,
+    /// Asked for ahead of a fault ([`Engine::prefetch`]): its time is not
+    /// a fault's.
+    prefetch: bool,
 }
 
 impl Waiter {
     fn new(access: Access, vcpu: Option<u32>, kind: FaultKind) -> Self {
         let zero = std::time::Duration::ZERO;
-        Waiter { since: Instant::now(), access, vcpu, kind, answered: None, read: zero, map: zero }
+        Waiter { since: Instant::now(), access, vcpu, kind, answered: None, read: zero, map: zero, prefetch: false }
     }
 }
 
@@ -177,6 +182,10 @@ struct Counters {
     pages_shared: AtomicU64,
     invalidations: AtomicU64,
     ownership_transfers: AtomicU64,
+    pages_prefetched: AtomicU64,
+    pages_probed: AtomicU64,
+    pages_referenced: AtomicU64,
+    pages_fetched_back: AtomicU64,
 }
 
 struct State {
@@ -292,7 +301,8 @@ impl Engine {
         let pages = settings.config.pages;
         let mut node = Node::new(me, settings.config);
         let nodes = settings.config.nodes;
-        let mut res = Residency::new(me, nodes, pages, settings.budget, settings.peer_budget);
+        let mut res =
+            Residency::new(me, nodes, pages, settings.budget, settings.peer_budget).with_eviction(settings.eviction);
         for &(offset, len) in loaded {
             for page in offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE) {
                 node.preload(page, 0).map_err(|e| format!("the loaded image: {e}"))?;
@@ -540,6 +550,30 @@ impl Engine {
         st
     }
 
+    /// Asks for `page` ahead of the fault a vCPU is about to take (the
+    /// page under the stack of a vCPU that just arrived: it is asked for
+    /// while the vCPU's state is restored), as a write. Nothing happens
+    /// when the page is here already as asked, or on its way; a fault that
+    /// comes while it travels waits for it like any other.
+    pub fn prefetch(&self, page: Page, access: Access) -> Result<(), String> {
+        if page >= self.settings.config.pages || self.uffd.is_none() {
+            return Ok(());
+        }
+        let mut st = self.wait_for_fills(self.lock(), &[page]);
+        if self.failed() {
+            return Ok(());
+        }
+        let l = st.node.local(page);
+        if (l.copy == Held::Data && l.allows(access) && st.res.is_resident(page)) || st.waiting.contains_key(&page) {
+            return Ok(());
+        }
+        let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
+        st.waiting.insert(page, Waiter { prefetch: true, ..Waiter::new(access, None, kind) });
+        self.counters.pages_prefetched.fetch_add(1, Ordering::Relaxed);
+        self.fault_page(&mut st, page, access, None)?;
+        self.settle(&mut st)
+    }
+
     /// A message from a peer (any node).
     pub fn on_message(&self, from: NodeId, payload: &[u8]) -> Result<(), String> {
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
@@ -648,6 +682,10 @@ impl Engine {
             // the mapping (a swapped-out page raises a minor fault): map
             // it as it should be, then wake
             self.counters.faults_already_resident.fetch_add(1, Ordering::Relaxed);
+            // the guest wants it: the clock passes it over once more
+            if st.res.referenced(page) {
+                self.counters.pages_referenced.fetch_add(1, Ordering::Relaxed);
+            }
             self.remap(st, page, l.writable)?;
             return self.wake_now(page);
         }
@@ -842,9 +880,39 @@ impl Engine {
     /// dormant again) or handed to a node with room.
     fn evict_ahead(&self, st: &mut State) -> Result<(), String> {
         let mut need = st.res.evictions_wanted();
+        // faults wait for room: no probing, and a second pass of the clock
+        // if the first only found pages the guest touched (it cleared
+        // their marks): room must be made now
+        let urgent = st.res.has_parked();
+        let mut passes = if urgent { 2 } else { 1 };
+        // the clock's front hand: pages to take out of the guest view, so
+        // that a touch shows they are wanted
+        for page in st.res.probes_wanted() {
+            self.unmap(st, page)?;
+            st.res.probed(page);
+            self.counters.pages_probed.fetch_add(1, Ordering::Relaxed);
+        }
         let mut scanned = st.res.queued();
         while need > 0 {
-            let Some(page) = st.res.next_candidate(&mut scanned) else { break };
+            let page = match st.res.next_candidate(&mut scanned, urgent) {
+                Some(Candidate::Evict(page)) => page,
+                Some(Candidate::Probe(page)) => {
+                    // out of the guest view; the next touch is a minor
+                    // fault that maps it back and marks it referenced
+                    self.unmap(st, page)?;
+                    st.res.probed_at_front(page);
+                    self.counters.pages_probed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                None => {
+                    passes -= 1;
+                    if passes == 0 {
+                        break;
+                    }
+                    scanned = st.res.queued();
+                    continue;
+                }
+            };
             // take it from the guest first: a zero check of a page the
             // guest can still write could re-dormant a page just written
             // (if the eviction does not go ahead, the next touch is a
@@ -941,6 +1009,10 @@ impl Engine {
         m.fault_upgrade_us_p50 = st.latency_upgrade.quantile_us(0.5);
         m.pages_shared = get(&c.pages_shared);
         m.invalidations = get(&c.invalidations);
+        m.pages_prefetched = get(&c.pages_prefetched);
+        m.pages_probed = get(&c.pages_probed);
+        m.pages_referenced = get(&c.pages_referenced);
+        m.pages_fetched_back = get(&c.pages_fetched_back);
         m.ownership_transfers = get(&c.ownership_transfers);
         m.memfd_bytes = self.mem.allocated_bytes();
         m
