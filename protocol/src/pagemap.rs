@@ -28,7 +28,9 @@ impl<T: Clone + Default + PartialEq> PageMap<T> {
     pub(crate) fn new(pages: u64, chunk: u64) -> Self {
         let chunk = chunk.clamp(1, pages.max(1));
         let n = pages.div_ceil(chunk) as usize;
-        PageMap { chunk, pages, chunks: (0..n).map(|_| None).collect() }
+        // vec! of None allocates zeroed memory (None is a null pointer): the
+        // kernel backs only the pages of it that chunks are set in
+        PageMap { chunk, pages, chunks: vec![None; n] }
     }
 
     /// The entry of `page` (the default one where none was set, and
