@@ -656,7 +656,7 @@ impl Vcpus {
             }
             let waited = start.elapsed();
             if !released && waited >= release_after {
-                tracing::debug!("releasing guest memory from the pager to stop the vCPUs");
+                tracing::debug!("releasing guest memory from userfaultfd to stop the vCPUs");
                 release();
                 released = true;
             }

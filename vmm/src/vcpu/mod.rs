@@ -69,7 +69,7 @@ pub fn cpuid_with(kvm: &Kvm, id: u64, linux: bool, no_xsave: bool) -> std::resul
         }
         if linux && e.function == KVM_CPUID_FEATURES {
             // No asynchronous page faults: a vCPU must block on a page the
-            // pager is bringing in (KVM would deliver its async-PF notices
+            // page engine is bringing in (KVM would deliver its async-PF notices
             // through guest memory that may itself be away). On a 2-node
             // pod under nested KVM a guest with async PF triple-faulted as
             // soon as pages were evicted; that harness (QEMU with two CPUs)
