@@ -89,18 +89,18 @@ for accel in accels:
                     "total_time_ms": r["source"].get("total_time_ms"),
                     "downtime_ms": r["source"].get("downtime_ms"),
                     "destination_passes_in_1s_after": r.get("destination_passes_in_1s_after"),
-                    **({"trace": {x: y for x, y in r["trace"].items() if x != "fault_us_all"}} if "trace" in r else {}),
+                    **({"trace": {x: y for x, y in r["trace"].items() if x != "request_us_all"}} if "trace" in r else {}),
                 } for r in ok],
             }
             if kind == "traced":
-                lat = [x for r in ok for x in r.get("trace", {}).get("fault_us_all", [])]
-                k["faults_timed"] = len(lat)
-                k["fault_us_p50"] = quantile(lat, 0.5)
-                k["fault_us_p90"] = quantile(lat, 0.9)
-                k["fault_us_p99"] = quantile(lat, 0.99)
-                k["fault_us_min"] = min(lat) if lat else None
-                k["fault_us_mean"] = statistics.fmean(lat) if lat else None
-                k["fault_us_all"] = lat
+                lat = [x for r in ok for x in r.get("trace", {}).get("request_us_all", [])]
+                k["requests_timed"] = len(lat)
+                k["request_us_p50"] = quantile(lat, 0.5)
+                k["request_us_p90"] = quantile(lat, 0.9)
+                k["request_us_p99"] = quantile(lat, 0.99)
+                k["request_us_min"] = min(lat) if lat else None
+                k["request_us_mean"] = statistics.fmean(lat) if lat else None
+                k["request_us_all"] = lat
             c[kind] = k
             if ok and (accel, mode) not in examples and kind == "plain":
                 examples[(accel, mode)] = ok[0]
@@ -110,7 +110,7 @@ for accel in accels:
                                  "monitor": ok[0]["monitor_commands"]}
         t, p = c["traced"], c["plain"]
         c["ratios"] = {
-            "traced_p50_over_shoal_p50": t["fault_us_p50"] / sp50 if t.get("fault_us_p50") and sp50 else None,
+            "traced_p50_over_shoal_p50": t["request_us_p50"] / sp50 if t.get("request_us_p50") and sp50 else None,
             "plain_us_per_request_over_shoal_p50": p["us_per_request"] / sp50 if p["us_per_request"] and sp50 else None,
         }
         configs.append(c)
@@ -142,9 +142,9 @@ L.append("| who | accel | mode | page faults served remotely | p50 µs | p90 µs
 L.append("|---|---|---|---|---|---|---|---|---|---|---|")
 for c in configs:
     t, p, r = c["traced"], c["plain"], c["ratios"]
-    L.append(f"| QEMU post-copy | {c['accel']} | {c['mode']} | {t.get('faults_timed', 0)} timed (traced) / "
-             f"{p['postcopy_requests']} requests (plain) | **{f(t.get('fault_us_p50'))}** | {f(t.get('fault_us_p90'))} | "
-             f"{f(t.get('fault_us_p99'))} | {f(t.get('fault_us_mean'))} | {f(p['us_per_request'])} | "
+    L.append(f"| QEMU post-copy | {c['accel']} | {c['mode']} | {t.get('requests_timed', 0)} timed (traced) / "
+             f"{p['postcopy_requests']} requests (plain) | **{f(t.get('request_us_p50'))}** | {f(t.get('request_us_p90'))} | "
+             f"{f(t.get('request_us_p99'))} | {f(t.get('request_us_mean'))} | {f(p['us_per_request'])} | "
              f"**{f(r['traced_p50_over_shoal_p50'], 2)}** | {f(r['plain_us_per_request_over_shoal_p50'], 2)} |")
 L.append(f"| shoal, 2-node pod | kvm | `--fabric tcp` | {shoal['faults_remote']} remote faults | "
          f"**{f(shoal['fault_remote_us_p50'])}** | n/a | {f(shoal['fault_remote_us_p99'])} | n/a | n/a | 1.00 | |")
@@ -155,21 +155,30 @@ L.append(f"shoal's remote fault by phase (p50 µs, node 0): owner's answer {f(sh
          f"{shoal['pages_evicted']} pages evicted. `{shoal['summary']}`\n")
 L.append("## How the QEMU latency is derived\n")
 L.append("- **Trace (p50, p90, p99, mean):** the destination runs with QEMU's trace log (`-trace "
-         "mark_postcopy_blocktime_begin -trace mark_postcopy_blocktime_end ... -D FILE -msg timestamp=on`, "
-         "microsecond timestamps). For every page a vCPU faulted on: from the first "
-         "`mark_postcopy_blocktime_begin` for that page (QEMU's fault thread has read the userfaultfd "
-         "message and is about to send the request to the source) to `mark_postcopy_blocktime_end` for "
-         "that page (after its `UFFDIO_COPY`, which wakes the vCPU). These are the two events QEMU's own "
-         "blocktime accounting uses; the time from the fault itself to the fault thread reading it is "
-         "not in it (shoal's figure starts at its handler reading the fault too).")
+         "postcopy_page_req_add -trace postcopy_page_req_del ... -D FILE -msg timestamp=on`, microsecond "
+         "timestamps). For every page requested from the source: from `postcopy_page_req_add` (QEMU's fault "
+         "thread has read the userfaultfd fault and records the request just before sending it over the "
+         "return path) to `postcopy_page_req_del` (the page has arrived and been placed with `UFFDIO_COPY`, "
+         "which wakes the vCPU). Both fire once per requested page, so this tracing costs little (the "
+         "blocktime events fire for every page placed, 16k a run: tracing them doubled the migration time "
+         "and inflated every latency in a trial). Not in it: the fault's delivery to the fault thread "
+         "(shoal's figure starts at its handler reading the fault too).")
 L.append("- **Blocktime ÷ requests (plain runs, no tracing):** the destination's `postcopy vcpu blocktime` "
          "(ms, summed over the runs) ÷ the source's `postcopy request count` (summed). QEMU 7.2 keeps "
          "blocktime in whole milliseconds per fault (`qemu_clock_get_ms`), so one fault of 0.3 ms counts "
-         "0 or 1; only the sum over many faults means anything. With one vCPU `postcopy blocktime` "
-         "(all vCPUs blocked) equals the vCPU's.")
+         "0 or 1; only the sum over many faults means anything. It also keeps one faulting address per "
+         "vCPU: a second fault of the same vCPU before the first page arrives (seen here under kvm, in a "
+         "trial with the blocktime events traced) replaces the first, so blocktime can undercount. With one "
+         "vCPU `postcopy blocktime` (all vCPUs blocked) equals the vCPU's.")
 L.append("- The source sends every page anyway (the background push), and after a request it continues "
          "from the requested page; so only the pages the guest touches before the push reaches them are "
-         "requested: a few to a few dozen a run, hence the repeats.\n")
+         "requested: a few to a few dozen a run, hence the repeats.")
+L.append("- Unlimited `max-postcopy-bandwidth` (QEMU's default). Found while writing this script (not re-measured "
+         "by each run): with `max-postcopy-bandwidth 1048576` QEMU 7.2 answers requests only when its rate "
+         "limit's 100 ms window reopens: 202 requests in one kvm run had a p50 of 99.9 ms, and the source's "
+         "trace showed its migration thread woken as urgent (`migration_rate_limit_post urgent: 1`) again and "
+         "again without sending the queued page (its iteration returns early while the rate limit holds).")
+L.append("- The md's `$W` is the script's temporary work directory (removed at the end).\n")
 L.append("## QEMU's own counters, per run\n")
 L.append("| accel | mode | kind | postcopy blocktime ms | vCPU blocktime ms | postcopy requests | pages normal / zero "
          "| postcopy ram KiB | total ms | downtime ms |")

@@ -20,8 +20,8 @@
 # the migration stream with the background push of every other page) and
 # postcopy-preempt (requested pages on a channel of their own); each mode
 # REPEAT times plain (QEMU's own counters from `info migrate`) and REPEAT
-# times with QEMU's trace log on the destination (each vCPU fault timed
-# from the fault thread reading it to the page being placed). max-postcopy-
+# times with QEMU's trace log on the destination (each page request timed
+# from the fault thread recording it to the page being placed). max-postcopy-
 # bandwidth stays unlimited: QEMU 7.2 serves requests only when its rate
 # limit's 100 ms window reopens (see the results).
 #
@@ -35,7 +35,7 @@
 # machine to finish first: two shared cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MEM=64 MIB=20 STRIDE=2503 ACCELS="kvm tcg" REPEAT=5 OUT=bench/results PORT=4471
+MEM=64 MIB=20 STRIDE=2503 ACCELS="kvm tcg" REPEAT=10 OUT=bench/results PORT=4471
 while [ $# -gt 0 ]; do
   case "$1" in
     --memory) MEM=$2; shift 2 ;;
