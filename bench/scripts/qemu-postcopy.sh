@@ -18,16 +18,17 @@
 # the migration stream. Each accelerator (kvm: this host's KVM, the one
 # shoal runs on; tcg) in two modes: QEMU's defaults (requested pages share
 # the migration stream with the background push of every other page) and
-# postcopy-preempt (requested pages on a channel of their own); each mode
-# REPEAT times plain (QEMU's own counters from `info migrate`) and REPEAT
-# times with QEMU's trace log on the destination (each page request timed
-# from the fault thread recording it to the page being placed). max-postcopy-
-# bandwidth stays unlimited: QEMU 7.2 serves requests only when its rate
-# limit's 100 ms window reopens (see the results).
+# postcopy-preempt (requested pages on a channel of their own), REPEAT
+# rounds; every run gives QEMU's own counters (`info migrate`: blocktime,
+# request count) and, from three trace events on the destination, each
+# page request's time from the fault thread recording it to the page being
+# placed. max-postcopy-bandwidth stays unlimited: QEMU 7.2 serves requests
+# only when its rate limit's 100 ms window reopens (see the results).
 #
 # shoal side: memtouch over the same MIB MiB of a guest of the same size on
 # a 2-node tcp pod whose nodes hold 16 MiB each: what memtouch writes beyond
-# that goes to node 1 and its read-back pulls it back with remote faults.
+# that goes to node 1 and its read-back pulls it back with remote faults
+# (three runs, spread over the QEMU rounds).
 #
 # QEMU is the one ci/softroce.sh unpacks under $SHOAL_SOFTROCE_WORK (default
 # /var/tmp/shoal-softroce; run `ci/softroce.sh -- true` once to fetch it).
@@ -35,7 +36,7 @@
 # machine to finish first: two shared cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MEM=64 MIB=20 STRIDE=2503 ACCELS="kvm tcg" REPEAT=10 OUT=bench/results PORT=4471
+MEM=64 MIB=20 STRIDE=2503 ACCELS="kvm tcg" REPEAT=20 OUT=bench/results PORT=4471
 while [ $# -gt 0 ]; do
   case "$1" in
     --memory) MEM=$2; shift 2 ;;
@@ -83,35 +84,43 @@ as --32 --defsym BASE=0x200000 --defsym PAGES="$PAGES" --defsym STRIDE="$STRIDE"
 ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o "$W/boot.img" "$W/guest.o"
 [ "$(stat -c %s "$W/boot.img")" = 512 ] || die "the boot sector is not 512 bytes"
 
-SHOAL_CMD=(target/release/shoal run --guest memtouch --cmdline "mib=$MIB seed=5" --memory "${MEM}M"
-  --nodes 2 --fabric tcp --node-memory 16M --metrics-json "$W/shoal.json" --timeout 300)
-wait_for_other_qemu
-say "shoal: ${SHOAL_CMD[*]}"
-timeout 330 "${SHOAL_CMD[@]}" >"$W/shoal.out" 2>&1 || { cat "$W/shoal.out" >&2; die "the shoal run failed"; }
-cat "$W/shoal.out" >&2
+shoal_run() {  # $1: its number
+  SHOAL_CMD=(target/release/shoal run --guest memtouch --cmdline "mib=$MIB seed=5" --memory "${MEM}M"
+    --nodes 2 --fabric tcp --node-memory 16M --metrics-json "$W/shoal-$1.json" --timeout 300)
+  wait_for_other_qemu
+  say "shoal, run $1: ${SHOAL_CMD[*]}"
+  timeout 330 "${SHOAL_CMD[@]}" >"$W/shoal-$1.out" 2>&1 || { cat "$W/shoal-$1.out" >&2; die "the shoal run failed"; }
+  cat "$W/shoal-$1.out" >&2
+}
 
-QEMU_ARGS=(--qemu-root "$QROOT" --image "$W/boot.img" --memory-mib "$MEM" --timeout 60)
+# Rounds: each runs every QEMU configuration once (accelerator x mode),
+# so that the load of this shared machine, which drifts, falls on all of
+# them alike; shoal runs before the first round, after the middle one and
+# after the last.
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+QEMU_ARGS=(--qemu-root "$QROOT" --image "$W/boot.img" --memory-mib "$MEM" --timeout 60 --trace)
+shoal_run 1
 n=0
-for accel in $ACCELS; do
-  for mode in default preempt; do
-    for traced in plain traced; do
-      for i in $(seq 1 "$REPEAT"); do
-        extra=()
-        [ "$mode" = preempt ] && extra+=(--preempt)
-        [ "$traced" = traced ] && extra+=(--trace)
-        wait_for_other_qemu
-        say "QEMU post-copy: $accel, $mode, $traced, run $i of $REPEAT"
-        timeout 90 python3 bench/scripts/qemu-postcopy.py "${QEMU_ARGS[@]}" --accel "$accel" \
-          --port $((PORT + n % 50)) --workdir "$W/q" "${extra[@]}" \
-          >"$W/qemu-$accel-$mode-$traced-$i.json" || say "that run failed (kept in the results)"
-        n=$((n + 1))
-      done
+for i in $(seq 1 "$REPEAT"); do
+  for accel in $ACCELS; do
+    for mode in default preempt; do
+      extra=()
+      [ "$mode" = preempt ] && extra+=(--preempt)
+      wait_for_other_qemu
+      say "QEMU post-copy: $accel, $mode, round $i of $REPEAT"
+      timeout 90 python3 bench/scripts/qemu-postcopy.py "${QEMU_ARGS[@]}" --accel "$accel" \
+        --port $((PORT + n % 50)) --workdir "$W/q" "${extra[@]}" \
+        >"$W/qemu-$accel-$mode-$i.json" || say "that run failed (kept in the results)"
+      n=$((n + 1))
     done
   done
+  [ "$i" = $(((REPEAT + 1) / 2)) ] && shoal_run 2
 done
+shoal_run 3
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 mkdir -p "$OUT"
 QEMU_VERSION=$(LD_LIBRARY_PATH="$QROOT/usr/lib/x86_64-linux-gnu:$QROOT/lib/x86_64-linux-gnu" \
   "$QROOT/usr/bin/qemu-system-x86_64" --version | head -1)
 python3 bench/scripts/qemu-postcopy-report.py "$W" "$OUT" "$MEM" "$MIB" "$STRIDE" "$REPEAT" "$ACCELS" \
-  "$QEMU_VERSION" "$(uname -r)" "${SHOAL_CMD[*]}"
+  "$QEMU_VERSION" "$(uname -r)" "${SHOAL_CMD[*]/shoal-3.json/m.json}" "$LOAD_BEFORE" "$LOAD_AFTER"
