@@ -33,6 +33,43 @@ def f(x, nd=1):
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def cdf_svg(configs, shoal_p50, path):
+    """Cumulative distribution of QEMU's page-request times, one line per
+    configuration, log time axis; shoal's remote-fault p50 as a vertical line."""
+    import math
+    W_, H_, L_, R_, T_, B_ = 760, 400, 60, 200, 30, 50
+    lo, hi = 10.0, 200000.0
+    x = lambda us: L_ + (math.log10(max(lo, min(hi, us))) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * (W_ - L_ - R_)
+    y = lambda frac: T_ + (1 - frac) * (H_ - T_ - B_)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W_}" height="{H_}" font-family="sans-serif" font-size="12">',
+         f'<rect width="{W_}" height="{H_}" fill="white"/>',
+         f'<text x="{L_}" y="18" font-size="14">QEMU post-copy page requests (cumulative) vs shoal tcp remote fault p50</text>']
+    for e in range(1, 6):
+        us = 10.0 ** e
+        if lo <= us <= hi:
+            o.append(f'<line x1="{x(us):.1f}" y1="{T_}" x2="{x(us):.1f}" y2="{H_ - B_}" stroke="#ddd"/>')
+            label = f"{us / 1000:g} ms" if us >= 1000 else f"{us:g} µs"
+            o.append(f'<text x="{x(us):.1f}" y="{H_ - B_ + 16}" text-anchor="middle">{label}</text>')
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        o.append(f'<line x1="{L_}" y1="{y(frac):.1f}" x2="{W_ - R_}" y2="{y(frac):.1f}" stroke="#eee"/>')
+        o.append(f'<text x="{L_ - 6}" y="{y(frac) + 4:.1f}" text-anchor="end">{frac:g}</text>')
+    o.append(f'<text x="{(L_ + W_ - R_) / 2}" y="{H_ - 12}" text-anchor="middle">request recorded → page placed (log scale)</text>')
+    for i, c in enumerate(configs):
+        v = sorted(c["request_us_all"])
+        if not v:
+            continue
+        pts = " ".join(f"{x(u):.1f},{y((k + 1) / len(v)):.1f}" for k, u in enumerate(v))
+        col = colors[i % len(colors)]
+        o.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{x(v[0]):.1f},{y(0):.1f} {pts}"/>')
+        o.append(f'<text x="{W_ - R_ + 10}" y="{T_ + 16 * i + 10}" fill="{col}">QEMU {c["accel"]} {c["mode"]} (n={len(v)})</text>')
+    if shoal_p50:
+        o.append(f'<line x1="{x(shoal_p50):.1f}" y1="{T_}" x2="{x(shoal_p50):.1f}" y2="{H_ - B_}" stroke="black" stroke-dasharray="5,3" stroke-width="2"/>')
+        o.append(f'<text x="{W_ - R_ + 10}" y="{T_ + 16 * len(configs) + 10}">- - shoal tcp p50 {shoal_p50:.0f} µs</text>')
+    o.append("</svg>")
+    open(path, "w").write("\n".join(o) + "\n")
+
+
 # shoal: three runs; the reference is the median of their p50s
 shoal_runs = []
 for n in (1, 2, 3):
@@ -133,6 +170,7 @@ res = {
     "qemu": configs,
 }
 json.dump(res, open(f"{out}/qemu-postcopy.json", "w"), indent=1)
+cdf_svg(configs, sp50, f"{out}/qemu-postcopy.svg")
 
 L = []
 L.append("# QEMU post-copy page requests beside shoal's tcp remote fault\n")
@@ -142,6 +180,7 @@ L.append(f"Same host, same run of `bench/scripts/qemu-postcopy.sh`: a {mem} MiB 
          f"{repeat} rounds, each running every QEMU configuration once, pooled; shoal three times "
          f"(before the first round, after the middle one, after the last). Load average (1, 5, 15 min) "
          f"{load_before} before and {load_after} after: two cores shared with other work.\n")
+L.append("![QEMU page requests, cumulative, beside shoal's p50](qemu-postcopy.svg)\n")
 L.append("Per page: every QEMU page request and every shoal remote fault here brings one 4 KiB page, "
          "so per fault = per page.\n")
 L.append("| who | accel | mode | pages requested (timed) | p50 µs | p90 µs | p99 µs | mean µs | "
@@ -230,4 +269,4 @@ if example:
     L.append("```")
 text = "\n".join(L).replace(w, "$W")
 open(f"{out}/qemu-postcopy.md", "w").write(text + "\n")
-print(f"wrote {out}/qemu-postcopy.json and {out}/qemu-postcopy.md")
+print(f"wrote {out}/qemu-postcopy.json, .md and .svg")
