@@ -229,6 +229,9 @@ L.append("- The source sends every page anyway (the background push), and after 
          f"scattered order (page k × {stride} mod {mib * 256} at step k) so that the push, which runs "
          "sequentially, does not serve them ahead of the faults. shoal's memtouch reads its pages "
          "sequentially, and shoal does not prefetch them (`pages_prefetched` 0): every one is a fault.")
+mins = [c["request_us_min"] for c in configs if c["request_us_min"] is not None]
+fastest = f"{min(mins):.0f}–{max(mins):.0f} µs" if mins else "n/a"
+L.append(f"- Not every QEMU request is a full round trip: a page the background push already had on its way arrives just after its request (the fastest here took {fastest}), and a request can wait behind the push (QEMU's defaults: the same stream; with `postcopy-preempt` a channel of its own, but the same two cores). shoal's remote faults are all demand fetches: nothing is pushed.")
 L.append("- Unlimited `max-postcopy-bandwidth` (QEMU's default). Found while writing this script (not "
          "re-measured by each run): with `max-postcopy-bandwidth 1048576` QEMU 7.2 answers requests only "
          "when its rate limit's 100 ms window reopens: 202 requests in one kvm run had a p50 of 99.9 ms, and "
