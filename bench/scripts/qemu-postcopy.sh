@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A peer side by side (issue 11): QEMU's post-copy live migration page
 # requests beside shoal's remote faults over tcp, same guest memory size,
-# same run, on this host. Writes bench/results/qemu-postcopy.{json,md}.
+# same run, on this host. Writes bench/results/qemu-postcopy.{json,md,svg}.
 #
 #   bench/scripts/qemu-postcopy.sh [--memory MIB] [--mib MIB] [--stride N]
 #                                  [--accel "kvm tcg"] [--repeat N] [--out DIR]
