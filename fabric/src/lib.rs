@@ -275,41 +275,47 @@ impl LocalRegion {
 /// the kernel allocate the page there (measured on this host's 6.18 and
 /// Debian's 6.1): pages a node never wrote would be allocated behind its
 /// counters, and a later `UFFDIO_COPY` of the page there would find it
-/// present. Holes are found with `SEEK_DATA`/`SEEK_HOLE` (two system calls
-/// for a page with data); on an error the rest counts as data (read
-/// through the mapping, as before).
+/// present. Holes are found with `SEEK_DATA`, one call per page with data
+/// (and one per hole): `SEEK_HOLE` would be one call, but the kernel walks
+/// every page of the data run after `offset` to answer it (measured: 160
+/// µs for a 4 KiB read of a 64 MiB memfd full of data). On an error the
+/// rest counts as data (read through the mapping, as before).
 pub(crate) fn for_each_extent(
     fd: std::os::fd::RawFd,
     offset: u64,
     len: usize,
     mut piece: impl FnMut(usize, usize, bool) -> Result<()>,
 ) -> Result<()> {
+    const PAGE: u64 = 4096;
     let end = offset + len as u64;
-    let mut pos = offset;
-    let seek = |from: u64, whence: libc::c_int| -> Option<u64> {
-        let from = libc::off_t::try_from(from).ok()?;
+    // where the next data at or after `from` is (`end` when none before it)
+    let next_data = |from: u64| -> u64 {
+        let Ok(at) = libc::off_t::try_from(from) else { return from };
         // SAFETY: lseek on a descriptor we own changes only its offset,
         // which nothing else of ours uses (reads go through mappings).
-        let r = unsafe { libc::lseek(fd, from, whence) };
-        u64::try_from(r).ok()
+        let r = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        match u64::try_from(r) {
+            Ok(d) => d.min(end),
+            // ENXIO: no data at or after `from`; any other error: read it
+            Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => end,
+            Err(_) => from,
+        }
     };
+    let mut pos = offset;
     while pos < end {
-        // ENXIO: no data at or after pos (the rest is a hole)
-        let data = seek(pos, libc::SEEK_DATA).map_or_else(
-            || if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) { end } else { pos },
-            |d| d.min(end),
-        );
+        let data = next_data(pos);
         if data > pos {
             piece((pos - offset) as usize, (data - pos) as usize, false)?;
             pos = data;
-            if pos >= end {
-                break;
-            }
+            continue;
         }
-        let hole = seek(pos, libc::SEEK_HOLE).map_or(end, |h| h.min(end)).max(pos + 1);
-        let hole = hole.min(end);
-        piece((pos - offset) as usize, (hole - pos) as usize, true)?;
-        pos = hole;
+        // data at `pos`: as far as the following pages have data too
+        let mut stop = ((pos / PAGE + 1) * PAGE).min(end);
+        while stop < end && next_data(stop) == stop {
+            stop = ((stop / PAGE + 1) * PAGE).min(end);
+        }
+        piece((pos - offset) as usize, (stop - pos) as usize, true)?;
+        pos = stop;
     }
     Ok(())
 }
