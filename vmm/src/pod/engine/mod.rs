@@ -550,6 +550,12 @@ impl Engine {
         st
     }
 
+    /// Whether this node holds `page`, in memory, with `access` allowed.
+    fn held_as(st: &State, page: Page, access: Access) -> bool {
+        let l = st.node.local(page);
+        l.copy == Held::Data && l.allows(access) && st.res.is_resident(page)
+    }
+
     /// Asks for `page` ahead of the fault a vCPU is about to take (the
     /// page under the stack of a vCPU that just arrived: it is asked for
     /// while the vCPU's state is restored), as a write. Nothing happens
@@ -564,7 +570,7 @@ impl Engine {
             return Ok(());
         }
         let l = st.node.local(page);
-        if (l.copy == Held::Data && l.allows(access) && st.res.is_resident(page)) || st.waiting.contains_key(&page) {
+        if Self::held_as(&st, page, access) || st.waiting.contains_key(&page) {
             return Ok(());
         }
         let kind = if l.copy == Held::Data { FaultKind::Upgrade } else { FaultKind::Zero };
@@ -676,7 +682,7 @@ impl Engine {
         // upgrade), and under network delay stop making progress
         let access = if access == Access::Read && st.res.written_here(page) { Access::Write } else { access };
         let l = st.node.local(page);
-        if l.copy == Held::Data && l.allows(access) && st.res.is_resident(page) {
+        if Self::held_as(st, page, access) {
             // we hold it with the access asked for: resolved meanwhile
             // (another vCPU's fault, fault-around), or the guest view lost
             // the mapping (a swapped-out page raises a minor fault): map
