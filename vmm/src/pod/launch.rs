@@ -596,10 +596,14 @@ mod tests {
             nodes: Some(3),
             guest: Some("memtouch".into()),
             dormant: Some(false),
+            eviction: Some(crate::pod::residency::Eviction::Fifo),
             ..Default::default()
         });
+        assert!(text.contains("eviction = \"fifo\""), "{text}");
         let back: PodFile = toml::from_str(&text).unwrap();
         assert_eq!((back.nodes, back.guest.as_deref(), back.dormant), (Some(3), Some("memtouch"), Some(false)));
+        assert_eq!(back.eviction, Some(crate::pod::residency::Eviction::Fifo));
+        assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\neviction = \"lru\"\n").is_err());
         assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\nbogus = 1\n").is_err());
     }
 }

@@ -686,6 +686,13 @@ mod tests {
         assert_eq!(r.next_candidate(&mut scanned, true), Some(Candidate::Evict(0)));
     }
 
+    /// README: the clock unless asked otherwise, fifo for a Linux guest.
+    #[test]
+    fn the_default_policy_is_the_clock_except_for_linux() {
+        assert_eq!(Eviction::default_for(false), Eviction::Clock);
+        assert_eq!(Eviction::default_for(true), Eviction::Fifo);
+    }
+
     #[test]
     fn fifo_evicts_in_arrival_order_whatever_the_guest_touched() {
         let mut r = Residency::new(0, 2, 64, Some(4), None).with_eviction(Eviction::Fifo);
