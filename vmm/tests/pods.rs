@@ -22,29 +22,22 @@ fn get(n: &serde_json::Value, key: &str) -> u64 {
     n[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {n}"))
 }
 
+/// memtouch with `cmdline` on a pod of `nodes` over `fabric` with
+/// `node_memory` a node, plus `extra` flags; it must exit 0.
+fn memtouch_pod(cmdline: &str, nodes: usize, fabric: &str, node_memory: &str, extra: &[&str]) -> Run {
+    let n = nodes.to_string();
+    let mut args = vec!["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", cmdline, "--nodes", &n];
+    args.extend(["--fabric", fabric, "--node-memory", node_memory]);
+    args.extend(extra);
+    let r = shoal(&args, LIMIT);
+    r.expect_status(0);
+    r
+}
+
 /// memtouch over more memory than any node may hold: pages move between
 /// nodes with one-sided reads and come back intact.
 fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u64) {
-    let n = nodes_n.to_string();
-    let r = shoal(
-        &[
-            "run",
-            "--guest",
-            "memtouch",
-            "--memory",
-            "64M",
-            "--cmdline",
-            "mib=20 seed=5",
-            "--nodes",
-            &n,
-            "--fabric",
-            fabric,
-            "--node-memory",
-            &format!("{node_memory_mib}M"),
-        ],
-        LIMIT,
-    );
-    r.expect_status(0);
+    let r = memtouch_pod("mib=20 seed=5", nodes_n, fabric, &format!("{node_memory_mib}M"), &[]);
     assert!(r.stdout.contains("memtouch: verified 5120 pages"), "{}", r.stdout);
     assert_eq!(printed_checksum(&r.stdout), expected_checksum(20, 5));
     let ns = nodes(&r);
@@ -77,27 +70,7 @@ fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u6
 /// not make the home's kernel allocate it: every node's memfd stays what
 /// its counters say, under the memory bound.
 fn dormant_off_keeps_every_memfd_at_its_count(fabric: &str) {
-    let r = shoal(
-        &[
-            "run",
-            "--guest",
-            "memtouch",
-            "--memory",
-            "64M",
-            "--cmdline",
-            "mib=20 seed=5",
-            "--nodes",
-            "3",
-            "--fabric",
-            fabric,
-            "--node-memory",
-            "8M",
-            "--dormant",
-            "off",
-        ],
-        LIMIT,
-    );
-    r.expect_status(0);
+    let r = memtouch_pod("mib=20 seed=5", 3, fabric, "8M", &["--dormant", "off"]);
     assert!(r.stdout.contains("memtouch: verified 5120 pages"), "{}", r.stdout);
     let ns = nodes(&r);
     let budget = 8 << 20 >> 12;
@@ -128,27 +101,7 @@ fn dormant_off_over_tcp_keeps_every_memfd_at_its_count() {
 /// 12 MiB with `rounds` rounds of hot (5 MiB) and cold reads, 8 MiB a node.
 fn fetched_back(eviction: &str, rounds: u32) -> (u64, serde_json::Value) {
     let cmdline = format!("mib=12 seed=3 hot=5 rounds={rounds}");
-    let r = shoal(
-        &[
-            "run",
-            "--guest",
-            "memtouch",
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-            "--nodes",
-            "2",
-            "--fabric",
-            "shm",
-            "--node-memory",
-            "8M",
-            "--eviction",
-            eviction,
-        ],
-        LIMIT,
-    );
-    r.expect_status(0);
+    let r = memtouch_pod(&cmdline, 2, "shm", "8M", &["--eviction", eviction]);
     if rounds > 0 {
         assert!(r.stdout.contains(&format!("memtouch: hot/cold: rounds={rounds} hot=5 MiB")), "{}", r.stdout);
         assert!(r.stdout.contains("bad=0"), "{}", r.stdout);
