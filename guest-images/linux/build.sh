@@ -4,8 +4,8 @@
 #   vmlinuz      Debian's stock kernel (bzImage), from linux-image-amd64
 #   vmlinux      the same kernel as an ELF file (for its PVH entry)
 #   initrd.img   busybox-static, guest-images/linux/init and memfill, and
-#                the kernel's modules for virtio disks and ext4 (virtio,
-#                virtio_ring, virtio_mmio, virtio_blk, ext4 and what they
+#                the kernel's modules for virtio disks, the balloon and ext4 (virtio,
+#                virtio_ring, virtio_mmio, virtio_blk, virtio_balloon, ext4 and what they
 #                depend on), which Debian builds as modules
 # Packages are fetched with apt-get download and unpacked, never installed,
 # and nothing here is committed. Needs gcc (static libc), cpio, xz, apt.
@@ -65,7 +65,7 @@ add_module() { # name: its dependencies first, then itself, once
   cp "$ko" "$root/lib/modules/$name.ko"
   echo "$name" >> "$root/lib/modules/load-order"
 }
-for m in virtio_ring virtio virtio_mmio virtio_blk crc32c_generic ext4; do add_module "$m"; done
+for m in virtio_ring virtio virtio_mmio virtio_blk virtio_balloon crc32c_generic ext4; do add_module "$m"; done
 gcc -static -O2 -o "$root/bin/memfill" "$here/memfill.c"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initrd.img"
 say "kernel $kver: $out/vmlinuz, $out/vmlinux; initramfs: $out/initrd.img ($(du -k "$out/initrd.img" | cut -f1) KiB;" \

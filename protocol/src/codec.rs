@@ -47,6 +47,9 @@ const EVICT: u8 = 12;
 const REDORMANT: u8 = 13;
 const REFUSED: u8 = 14;
 const DORMANTED: u8 = 15;
+const FREE: u8 = 16;
+const FORGET: u8 = 17;
+const FREED: u8 = 18;
 
 /// Appends `msg`'s encoding to `out`.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
@@ -103,6 +106,15 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Dormanted { page } => {
             w.u8(DORMANTED).u64(*page);
         }
+        Msg::Free { page, from } => {
+            w.u8(FREE).u64(*page).u32(*from);
+        }
+        Msg::Forget { page } => {
+            w.u8(FORGET).u64(*page);
+        }
+        Msg::Freed { page } => {
+            w.u8(FREED).u64(*page);
+        }
     }
 }
 
@@ -152,6 +164,9 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
         REDORMANT => Msg::Redormant { page: r.u64()?, from: r.u32()?, epoch: r.u64()? },
         REFUSED => Msg::Refused { page: r.u64()? },
         DORMANTED => Msg::Dormanted { page: r.u64()? },
+        FREE => Msg::Free { page: r.u64()?, from: r.u32()? },
+        FORGET => Msg::Forget { page: r.u64()? },
+        FREED => Msg::Freed { page: r.u64()? },
         other => return Err(DecodeError::UnknownTag(other)),
     };
     match bytes.len() - r.at {
@@ -254,6 +269,9 @@ mod tests {
             (p, n, p).prop_map(|(page, from, epoch)| Msg::Redormant { page, from, epoch }),
             p.prop_map(|page| Msg::Refused { page }),
             p.prop_map(|page| Msg::Dormanted { page }),
+            (p, n).prop_map(|(page, from)| Msg::Free { page, from }),
+            p.prop_map(|page| Msg::Forget { page }),
+            p.prop_map(|page| Msg::Freed { page }),
         ]
     }
 

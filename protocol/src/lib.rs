@@ -36,6 +36,12 @@
 //!   page to a node with room ([`Msg::Evict`]): the same transfer, with
 //!   the target pulling the page. A page whose contents are all zeros is
 //!   made dormant again instead ([`Msg::Redormant`]): nothing moves.
+//! - **Freeing.** The guest freed a page (a balloon's free page report):
+//!   its contents no longer matter. Any node asks the home
+//!   ([`Msg::Free`]); in its turn the home invalidates the readers, tells
+//!   the owner to drop its copy ([`Msg::Forget`], answered with `Done`),
+//!   makes the page dormant and tells the asker ([`Msg::Freed`]). Nothing
+//!   moves; the next touch anywhere zero-fills.
 //!
 //! Messages may arrive in any order; the transaction structure (the home
 //! sends a page's next request only after the current one's `Done`) makes
@@ -135,6 +141,15 @@ pub enum Msg {
     Refused { page: Page },
     /// home → owner: the page is dormant again; drop your copy.
     Dormanted { page: Page },
+    /// node → home: the guest freed `page`; make it dormant wherever it is
+    /// held, dropping its contents.
+    Free { page: Page, from: NodeId },
+    /// home → owner: the guest freed the page; drop your copy (answered
+    /// with `Done`).
+    Forget { page: Page },
+    /// home → the node that asked to free the page: it is dormant now,
+    /// no node holds it.
+    Freed { page: Page },
 }
 
 impl Msg {
@@ -155,7 +170,10 @@ impl Msg {
             | Msg::Evict { page, .. }
             | Msg::Redormant { page, .. }
             | Msg::Refused { page }
-            | Msg::Dormanted { page } => vec![*page],
+            | Msg::Dormanted { page }
+            | Msg::Free { page, .. }
+            | Msg::Forget { page }
+            | Msg::Freed { page } => vec![*page],
         }
     }
 }
@@ -217,6 +235,16 @@ pub enum Action {
     Refused {
         page: Page,
     },
+    /// Drop our copy and free its memory: the guest freed the page (as
+    /// [`Action::Drop`], counted apart).
+    Forget {
+        page: Page,
+    },
+    /// Our [`Node::free`] of `page` is complete: the page is dormant and no
+    /// node holds it.
+    Freed {
+        page: Page,
+    },
 }
 
 /// Our copy of a page.
@@ -250,6 +278,9 @@ pub struct Local {
     pub handing: bool,
     /// Which ownership of the page ours is (the home counts them).
     pub epoch: u64,
+    /// We asked the home to free the page (the guest freed it) and wait
+    /// for [`Msg::Freed`].
+    pub freeing: bool,
 }
 
 impl Local {
@@ -292,6 +323,8 @@ pub enum TxnKind {
     Refuse,
     /// The page becomes dormant again.
     Redormant,
+    /// The guest freed the page: its owner drops it, it becomes dormant.
+    Free,
 }
 
 /// A transaction at the home. Every message the home sends about a page
@@ -560,7 +593,8 @@ impl Node {
             | Msg::GrantDone { .. }
             | Msg::InvalAck { .. }
             | Msg::Evict { .. }
-            | Msg::Redormant { .. } => self.home_receive(msg, out),
+            | Msg::Redormant { .. }
+            | Msg::Free { .. } => self.home_receive(msg, out),
             _ => self.node_receive(msg, out),
         }
     }
@@ -599,7 +633,13 @@ impl Node {
         }
         self.set_local(
             page,
-            Local { waiting: l.waiting, requested: l.requested, protected: l.protected, ..Local::default() },
+            Local {
+                waiting: l.waiting,
+                requested: l.requested,
+                protected: l.protected,
+                freeing: l.freeing,
+                ..Local::default()
+            },
         );
     }
 
@@ -745,9 +785,48 @@ impl Node {
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
                 self.request_if_needed(page, out)?;
             }
+            Msg::Forget { page } => {
+                let l = self.local(page);
+                if !l.owner || l.handing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                if l.copy == Held::Data {
+                    out.push(Action::Forget { page });
+                }
+                self.set_local(page, Local { copy: Held::None, ..l });
+                self.drop_copy(page, out);
+                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+            }
+            Msg::Freed { page } => {
+                let mut l = self.local(page);
+                if !l.freeing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                l.freeing = false;
+                self.set_local(page, l);
+                out.push(Action::Freed { page });
+            }
             other => return Err(self.unexpected(0, &other)),
         }
         Ok(())
+    }
+
+    /// The guest freed `page` (its contents no longer matter): asks the
+    /// home to make it dormant wherever it is held. [`Action::Freed`] says
+    /// when that is done; until then the guest must not touch the page
+    /// (a balloon device holds the report until then). Nothing happens if
+    /// a free of ours is under way already.
+    pub fn free(&mut self, page: Page) -> Result<Vec<Action>, Error> {
+        self.check_page(page)?;
+        let mut out = Vec::new();
+        let mut l = self.local(page);
+        if l.freeing {
+            return Ok(out);
+        }
+        l.freeing = true;
+        self.set_local(page, l);
+        self.send_home(page, Msg::Free { page, from: self.id }, &mut out)?;
+        Ok(out)
     }
 
     /// Answers an [`Action::Offer`]: `zero` says whether our (protected)
@@ -805,7 +884,10 @@ impl Node {
 
     fn home_receive(&mut self, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
         match msg.clone() {
-            Msg::Request { page, .. } | Msg::Evict { page, .. } | Msg::Redormant { page, .. } => {
+            Msg::Request { page, .. }
+            | Msg::Evict { page, .. }
+            | Msg::Redormant { page, .. }
+            | Msg::Free { page, .. } => {
                 self.check_page(page)?;
                 if self.config.home(page) != self.id {
                     return Err(self.unexpected(page, &msg));
@@ -841,7 +923,7 @@ impl Node {
                         d.epoch += 1;
                     }
                     TxnKind::Upgrade => d.readers.clear(),
-                    TxnKind::Redormant => {
+                    TxnKind::Redormant | TxnKind::Free => {
                         d.owner = None;
                         d.readers.clear();
                         d.epoch += 1;
@@ -849,6 +931,9 @@ impl Node {
                     TxnKind::Refuse | TxnKind::Grant => {}
                 }
                 self.set_dir(page, d);
+                if t.kind == TxnKind::Free {
+                    self.send_to(t.to, Msg::Freed { page }, out)?;
+                }
                 self.home_next(page, out)?;
             }
             Msg::GrantDone { pages, from } => {
@@ -936,6 +1021,18 @@ impl Node {
                     self.begin(page, txn(TxnKind::Redormant, from, from, BTreeSet::new()), out)?;
                 }
             }
+            Msg::Free { from, .. } => match d.owner {
+                // dormant already: nothing holds it (a dormant page has no
+                // readers); answer and go on with the queue
+                None => {
+                    self.send_to(from, Msg::Freed { page }, out)?;
+                    self.home_next(page, out)?;
+                }
+                Some(owner) => {
+                    let readers = d.readers.clone();
+                    self.begin(page, txn(TxnKind::Free, from, owner, readers), out)?;
+                }
+            },
             other => return Err(self.unexpected(page, &other)),
         }
         Ok(())
@@ -974,6 +1071,7 @@ impl Node {
             TxnKind::Transfer => (owner, Msg::Transfer { page, to: t.to, evict: t.evict, epoch: next_epoch }),
             TxnKind::Upgrade => (owner, Msg::Upgrade { page }),
             TxnKind::Redormant => (owner, Msg::Dormanted { page }),
+            TxnKind::Free => (owner, Msg::Forget { page }),
             TxnKind::Refuse => (Some(t.to), Msg::Refused { page }),
             TxnKind::Grant => return Ok(()),
         };
@@ -1022,6 +1120,42 @@ mod tests {
         let acts = home.receive(Msg::Request { page, access: Access::Write, from: 2 }).unwrap();
         assert_eq!(sends(&acts), vec![(0, Msg::Transfer { page, to: 2, evict: false, epoch: 2 })]);
         assert!(owner.preload(c.pages, 0).is_err(), "a page outside the guest");
+    }
+
+    #[test]
+    fn a_freed_page_held_by_another_node_is_dropped_there_and_nothing_moves() {
+        let c = cfg(2);
+        let mut home = Node::new(0, c);
+        let mut holder = Node::new(1, c);
+        home.preload(0, 1).unwrap();
+        holder.preload(0, 1).unwrap();
+        // node 0 (the page's home) frees it: the holder is told to forget it
+        let acts = home.free(0).unwrap();
+        assert_eq!(sends(&acts), vec![(1, Msg::Forget { page: 0 })]);
+        assert!(home.local(0).freeing);
+        // a second free while the first is under way asks nothing
+        assert!(home.free(0).unwrap().is_empty());
+        let acts = holder.receive(Msg::Forget { page: 0 }).unwrap();
+        assert!(acts.contains(&Action::Forget { page: 0 }), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })));
+        assert_eq!(sends(&acts), vec![(0, Msg::Done { page: 0, from: 1 })]);
+        assert_eq!(holder.local(0), Local::default());
+        let acts = home.receive(Msg::Done { page: 0, from: 1 }).unwrap();
+        assert_eq!(acts, vec![Action::Freed { page: 0 }]);
+        assert!(!home.local(0).freeing);
+        assert_eq!(home.dir(0).owner, None, "dormant again");
+        // an answer nobody asked for is a peer's error
+        assert!(home.receive(Msg::Freed { page: 0 }).is_err());
+        // the next touch anywhere is a dormant first touch: zero-filled
+        let acts = home.fault(0, Access::Read).unwrap();
+        assert!(acts.contains(&Action::ZeroFill { page: 0 }), "{acts:?}");
+    }
+
+    #[test]
+    fn freeing_a_dormant_page_is_answered_at_once() {
+        let mut n = Node::new(0, cfg(2));
+        assert_eq!(n.free(2).unwrap(), vec![Action::Freed { page: 2 }]);
+        assert_eq!(n.dir(2).owner, None);
     }
 
     #[test]

@@ -19,6 +19,12 @@
 //!
 //! Memory is modelled as a value per page per node (0 = zeros); writes
 //! store fresh non-zero values, or zero (what an OS does when it frees).
+//! Any node may also free a page (a balloon's report): as a guest that
+//! keeps the contract does, no node touches the page from then until the
+//! free is complete ([`Action::Freed`]), after which every read of it sees
+//! zeros; property 2 is not asked of a page while it is being freed (its
+//! contents no longer matter), and a state where nothing can happen has
+//! no free left unanswered.
 
 use std::collections::HashSet;
 
@@ -44,6 +50,8 @@ pub struct World {
     ops_left: Vec<u32>,
     /// The next fresh value a write stores.
     next_value: u64,
+    /// Pages the guest freed whose free is not complete yet.
+    freeing: Vec<bool>,
 }
 
 /// A broken property, with the steps that led there.
@@ -74,6 +82,8 @@ pub struct Coverage {
     pub shares_seen: bool,
     pub evictions_seen: bool,
     pub redormants_seen: bool,
+    /// A free dropped a copy with data.
+    pub frees_seen: bool,
 }
 
 /// One step from a state.
@@ -85,6 +95,7 @@ enum Step {
     Write(NodeId, Page, bool),
     Evict(NodeId, Page, NodeId),
     Redormant(NodeId, Page),
+    Free(NodeId, Page),
 }
 
 impl World {
@@ -97,6 +108,7 @@ impl World {
             last: vec![0; config.pages as usize],
             ops_left: vec![ops_per_node; config.nodes as usize],
             next_value: 1,
+            freeing: vec![false; config.pages as usize],
         }
     }
 
@@ -122,10 +134,16 @@ impl World {
             }
             for p in 0..c.pages {
                 let l = self.nodes[n as usize].local(p);
-                if l.waiting.is_none() {
+                let freeing = self.freeing[p as usize];
+                if l.waiting.is_none() && !freeing {
                     out.push(Step::Read(n, p));
                     out.push(Step::Write(n, p, false));
                     out.push(Step::Write(n, p, true));
+                }
+                // the guest frees a page nobody is touching
+                let touched = (0..c.nodes).any(|m| self.nodes[m as usize].local(p).waiting.is_some());
+                if !freeing && !touched {
+                    out.push(Step::Free(n, p));
                 }
                 let content = self.memory[n as usize][p as usize];
                 if l.owner && l.allows(Access::Write) && l.copy == Held::Data {
@@ -167,6 +185,16 @@ impl World {
                     self.fetches.push((n, page, from, transfer, evict, epoch))
                 }
                 Action::Drop { page } => self.memory[n as usize][page as usize] = None,
+                Action::Forget { page } => {
+                    cov.frees_seen = true;
+                    self.memory[n as usize][page as usize] = None;
+                }
+                Action::Freed { page } => {
+                    if !self.freeing[page as usize] {
+                        return Err(format!("node {n} was told page {page} is freed, which nobody freed"));
+                    }
+                    self.freeing[page as usize] = false;
+                }
                 Action::Offer { page, to, transfer, evict, epoch } => {
                     let zero = self.memory[n as usize][page as usize] == Some(0);
                     let more = self.nodes[n as usize]
@@ -239,6 +267,13 @@ impl World {
                 let acts = self.nodes[n as usize].evict(p, None).map_err(|e| e.to_string())?;
                 self.apply(n, acts, cov)?;
             }
+            Step::Free(n, p) => {
+                self.ops_left[n as usize] -= 1;
+                self.freeing[p as usize] = true;
+                self.last[p as usize] = 0;
+                let acts = self.nodes[n as usize].free(p).map_err(|e| e.to_string())?;
+                self.apply(n, acts, cov)?;
+            }
         }
         Ok(())
     }
@@ -253,6 +288,9 @@ impl World {
                 (0..c.nodes).filter(|n| self.nodes[*n as usize].local(p).allows(Access::Read)).collect();
             if writers.len() > 1 || (writers.len() == 1 && readers.len() > 1) {
                 return Err(format!("page {p}: writers {writers:?} and readers {readers:?} at once"));
+            }
+            if self.freeing[p as usize] {
+                continue;
             }
             for n in readers {
                 let l = self.nodes[n as usize].local(p);
@@ -284,6 +322,9 @@ impl World {
             if d.busy.is_some() || !d.queue.is_empty() {
                 return Err(format!("deadlock: page {p}'s home is stuck in {d:?}"));
             }
+            if self.freeing[p as usize] {
+                return Err(format!("deadlock: page {p}'s free is never answered"));
+            }
             let owners: Vec<NodeId> = (0..c.nodes).filter(|n| self.nodes[*n as usize].local(p).owner).collect();
             match d.owner {
                 None if !owners.is_empty() => {
@@ -296,7 +337,7 @@ impl World {
             }
             for n in 0..c.nodes {
                 let l = self.nodes[n as usize].local(p);
-                if l.waiting.is_some() || l.handing || l.protected {
+                if l.waiting.is_some() || l.handing || l.protected || l.freeing {
                     return Err(format!("deadlock: node {n} is stuck on page {p}: {l:?}"));
                 }
                 let reader = !l.owner && l.copy != Held::None;
@@ -345,6 +386,7 @@ fn explore_from(start: World) -> Result<Coverage, Violation> {
         shares_seen: false,
         evictions_seen: false,
         redormants_seen: false,
+        frees_seen: false,
     };
     // depth-first, with the path kept for the report
     let mut stack: Vec<(World, Vec<Step>, usize)> = Vec::new();
@@ -399,6 +441,7 @@ fn describe(w: &World, step: &Step) -> String {
         Step::Write(n, p, zero) => format!("node {n} writes {} to page {p}", if *zero { "zeros" } else { "data" }),
         Step::Evict(n, p, t) => format!("node {n} evicts page {p} to node {t}"),
         Step::Redormant(n, p) => format!("node {n} makes page {p} dormant again"),
+        Step::Free(n, p) => format!("the guest on node {n} frees page {p}"),
     }
 }
 
@@ -419,7 +462,8 @@ mod tests {
     #[test]
     fn the_checker_catches_a_writer_let_in_beside_readers() {
         let v = sabotaged(Sabotage::SkipInvalidation).unwrap_err();
-        assert!(v.what.contains("at once") || v.what.contains("last write"), "{v}");
+        // (a free that skips them leaves a reader the home forgot)
+        assert!(v.what.contains("at once") || v.what.contains("last write") || v.what.contains("readers are"), "{v}");
     }
 
     #[test]

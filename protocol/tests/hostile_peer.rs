@@ -41,7 +41,10 @@ fn msg() -> impl Strategy<Value = Msg> {
         }),
         (p.clone(), n.clone(), e).prop_map(|(page, from, epoch)| Msg::Redormant { page, from, epoch }),
         p.clone().prop_map(|page| Msg::Refused { page }),
-        p.prop_map(|page| Msg::Dormanted { page }),
+        p.clone().prop_map(|page| Msg::Dormanted { page }),
+        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Free { page, from }),
+        p.clone().prop_map(|page| Msg::Forget { page }),
+        p.prop_map(|page| Msg::Freed { page }),
     ]
 }
 

@@ -206,6 +206,9 @@ pub struct VmConfig {
     /// Which page leaves a node first under `--node-memory` (None: the
     /// default for the guest, see [`crate::pod::residency::Eviction::default_for`]).
     pub eviction: Option<crate::pod::residency::Eviction>,
+    /// virtio-balloon with free page reporting (None: on for a Linux
+    /// guest on memfd-backed memory).
+    pub balloon: Option<bool>,
     /// A Linux guest's virtio block devices, in order (the first is
     /// `/dev/vda`).
     pub disks: Vec<DiskConfig>,
@@ -230,6 +233,7 @@ impl VmConfig {
             placement: Vec::new(),
             migration: true,
             eviction: None,
+            balloon: None,
             disks: Vec::new(),
         }
     }

@@ -138,6 +138,11 @@ struct RunArgs {
     /// PATH or PATH,readonly; repeatable (the first is /dev/vda).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<String>,
+    /// virtio-balloon with free page reporting: memory a Linux guest
+    /// frees becomes dormant again, its host memory freed (default: on
+    /// for a Linux guest).
+    #[arg(long, value_name = "on|off")]
+    balloon: Option<OnOff>,
     /// Show XSAVE and AVX in a Linux guest's CPUID (off where the host's
     /// KVM cannot keep their state consistent, e.g. nested under TCG).
     #[arg(long, value_name = "on|off", default_value = "on")]
@@ -280,6 +285,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
     config.eviction = args.eviction.map(Into::into);
+    config.balloon = args.balloon.map(|b| b == OnOff::On);
     for d in &args.disks {
         match config::DiskConfig::parse(d) {
             Ok(d) => config.disks.push(d),
@@ -348,6 +354,7 @@ fn run(args: RunArgs) -> ExitCode {
             placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
             migration: Some(config.migration),
             eviction: config.eviction,
+            balloon: config.balloon,
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
             liveness_timeout: Some(args.liveness_timeout),
@@ -579,6 +586,7 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.placement = f.placement.clone().unwrap_or_default();
     c.migration = f.migration.unwrap_or(true);
     c.eviction = f.eviction;
+    c.balloon = f.balloon;
     for d in f.disks.iter().flatten() {
         c.disks.push(config::DiskConfig::parse(d).map_err(|e| format!("disks: {e}"))?);
     }

@@ -71,8 +71,13 @@ pub struct NodeMetrics {
     pub bytes_fabric_read: u64,
     /// Pages handed to another node over --node-memory.
     pub pages_evicted: u64,
-    /// All-zero pages made dormant again instead of moved.
+    /// Pages made dormant again, their memory freed on this node: all-zero
+    /// pages evicted without moving, and pages the guest freed (reported
+    /// to the balloon) that this node held.
     pub pages_redormanted: u64,
+    /// Pages the guest reported free (virtio-balloon free page reporting,
+    /// on the node whose device got the report); each became dormant.
+    pub pages_reported: u64,
     /// Faults that waited for an eviction to make room.
     pub faults_parked: u64,
     /// Page-protocol messages sent and received.
@@ -178,6 +183,7 @@ impl Report {
             t.bytes_fabric_read += n.bytes_fabric_read;
             t.pages_evicted += n.pages_evicted;
             t.pages_redormanted += n.pages_redormanted;
+            t.pages_reported += n.pages_reported;
             t.faults_parked += n.faults_parked;
             t.messages_sent += n.messages_sent;
             t.messages_received += n.messages_received;

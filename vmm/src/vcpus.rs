@@ -123,6 +123,11 @@ struct Slot {
     /// 60 to 90 µs of every move).
     arrival: Mutex<Option<Box<VcpuState>>>,
     door: Condvar,
+    /// The round of [`Vcpus::probe_stopped`] the thread is asked to answer
+    /// (0: none asked), and the last round it found its vCPU stopped for
+    /// good in.
+    probe: AtomicU64,
+    stopped: AtomicU64,
 }
 
 /// A KVM vCPU this node keeps while its vCPU runs elsewhere (KVM cannot
@@ -462,6 +467,38 @@ impl Vcpus {
             let slice = Duration::from_millis(20);
             let slice = deadline.map_or(slice, |d| slice.min(d.saturating_duration_since(Instant::now())));
             r = slot.bell.wait_timeout(r, slice).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Asks every vCPU here whether it is stopped for good (`hlt` with
+    /// interrupts off, or never started by the guest), the question's
+    /// round `round`, counted from 1. The threads answer at their next
+    /// return from `KVM_RUN` (this kicks them out of it).
+    pub fn probe_stopped(&self, round: u64) {
+        for s in &self.slots {
+            s.probe.store(round, Ordering::Release);
+            if let Some(t) = s.thread.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                let _ = t.kill(crate::vm::kick_signal());
+            }
+        }
+    }
+
+    /// Whether every vCPU here answered round `round` stopped for good.
+    pub fn all_stopped(&self, round: u64) -> bool {
+        self.slots.iter().all(|s| s.stopped.load(Ordering::Acquire) == round)
+    }
+
+    /// The round of the stop question `vcpu`'s thread is to answer (taken
+    /// once; None when nothing is asked).
+    pub fn take_probe(&self, vcpu: u64) -> Option<u64> {
+        let round = self.slots.get(vcpu as usize)?.probe.swap(0, Ordering::AcqRel);
+        (round != 0).then_some(round)
+    }
+
+    /// `vcpu`'s thread found it stopped for good in round `round`.
+    pub fn answer_stopped(&self, vcpu: u64, round: u64) {
+        if let Some(s) = self.slots.get(vcpu as usize) {
+            s.stopped.store(round, Ordering::Release);
         }
     }
 

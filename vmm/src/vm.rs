@@ -196,13 +196,35 @@ pub fn run_node(
         ))
         .into());
     }
+    let linux = linux_kernel.is_some();
+    let balloon = match (config.balloon, linux, config.backing) {
+        (Some(true), false, _) => {
+            return Err(config::Error::Invalid(format!(
+                "--balloon on needs a Linux kernel (virtio-balloon is a Linux guest's device); {name} is not one"
+            ))
+            .into())
+        }
+        (Some(true), true, Backing::Anonymous) => {
+            return Err(config::Error::Invalid(
+                "--balloon on needs --memory-backing memfd: the page engine makes freed pages dormant".into(),
+            )
+            .into())
+        }
+        (Some(true), true, Backing::Memfd) if !config.dormant => {
+            return Err(config::Error::Invalid(
+                "--balloon on makes freed pages dormant; with --dormant off no page is: leave one of them out".into(),
+            )
+            .into())
+        }
+        (Some(on), ..) => on,
+        (None, linux, backing) => linux && backing == Backing::Memfd && config.dormant,
+    };
     let mem = match pod {
         Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),
         Some(_) => return Err(config::Error::Invalid("the pod's memory differs from --memory".into()).into()),
         None => Arc::new(GuestMemory::with_backing(Layout::new(config.memory)?, config.backing)?),
     };
     let num_nodes = pod.map_or(1, |l| l.facts.nodes);
-    let linux = linux_kernel.is_some();
     let placement = match pod {
         Some(link) => link.facts.placement.clone(),
         None => vcpu_placement(config, 1, linux)?,
@@ -221,7 +243,7 @@ pub fn run_node(
                 config.initrd.as_deref(),
                 &config.cmdline,
                 config.cpus,
-                config.disks.len(),
+                crate::virtio::VirtioDevices::count(config.disks.len(), balloon),
                 &mem,
             )?;
             BootPlan {
@@ -241,11 +263,6 @@ pub fn run_node(
     // and the serial port's interrupt on IRQ 4
     let built = builder::build(&mem, linux)?;
     let vm = Arc::new(built.vm);
-    // its virtio devices (node 0's, in the slots the DSDT names)
-    let virtio = match config.disks.is_empty() {
-        true => None,
-        false => Some(Arc::new(crate::virtio::VirtioDevices::new(&vm, &mem, &config.disks)?)),
-    };
 
     let (control, events) = Control::new();
     let control = Arc::new(control);
@@ -268,6 +285,24 @@ pub fn run_node(
             return Err(config::Error::Invalid("a pod needs --memory-backing memfd".into()).into())
         }
         (Backing::Anonymous, None) => None,
+    };
+    // its virtio devices (node 0's, in the slots the DSDT names); the
+    // balloon frees through the engine (weakly held: the engine's vCPUs
+    // hold the devices)
+    let free = match (&engine, balloon) {
+        (Some((e, _)), true) => {
+            let e = Arc::downgrade(e);
+            let free: crate::virtio::balloon::Free = Arc::new(move |pages| match e.upgrade() {
+                Some(e) => e.free_pages(pages),
+                None => Err("the VM is ending".into()),
+            });
+            Some(free)
+        }
+        _ => None,
+    };
+    let virtio = match config.disks.is_empty() && free.is_none() {
+        true => None,
+        false => Some(Arc::new(crate::virtio::VirtioDevices::new(&vm, &mem, &config.disks, free)?)),
     };
     let reader = match &engine {
         Some(_) => GuestReader::GuestView(mem.clone()),
@@ -325,7 +360,8 @@ pub fn run_node(
     };
 
     let setup_error = vcpus.start(&plan).err().map(Error::Start);
-    let end = setup_error.is_none().then(|| wait(&events, config));
+    let linux_vcpus = plan.linux.is_some().then_some(vcpus.as_ref());
+    let end = setup_error.is_none().then(|| wait(&events, config, linux_vcpus));
     let failed = matches!(end, Some(End::Failed(_)));
     if let (Some(Paging { serving: Some(serving), .. }), Some(link)) = (&paging, pod) {
         // the end is decided: what stopping the vCPUs does to messages
@@ -462,11 +498,29 @@ fn forward_stdin(devices: Arc<Devices>) {
     }
 }
 
-/// Waits for the event that ends the VM.
-fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig) -> End {
+/// How often a Linux guest's vCPUs are asked whether they stopped for
+/// good (`halt`): the VM ends within twice this after the guest halts.
+const HALT_PROBE: Duration = Duration::from_millis(500);
+
+/// Waits for the event that ends the VM. A Linux guest's vCPUs (`vcpus`)
+/// are asked every [`HALT_PROBE`] whether they stopped for good: Linux's
+/// `halt` stops every CPU with interrupts off, which KVM keeps inside
+/// `KVM_RUN`, so no exit would ever tell; the VM then ends with status 0.
+fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig, vcpus: Option<&Vcpus>) -> End {
     let start = Instant::now();
     let mut halted = 0u32;
+    let mut round = 0u64;
+    let mut probed = start;
     loop {
+        if let Some(v) = vcpus.filter(|_| probed.elapsed() >= HALT_PROBE) {
+            if round > 0 && v.all_stopped(round) {
+                tracing::info!("the guest halted every CPU with interrupts off; the VM ends");
+                return End::Exited(0);
+            }
+            round += 1;
+            v.probe_stopped(round);
+            probed = Instant::now();
+        }
         if INTERRUPTED.load(Ordering::SeqCst) {
             return End::Interrupted;
         }

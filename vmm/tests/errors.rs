@@ -294,3 +294,21 @@ fn bad_disks_are_refused_before_anything_starts() {
         "--disk needs a Linux kernel",
     );
 }
+
+#[test]
+fn a_balloon_where_it_cannot_work_is_refused() {
+    let dir = scratch("balloon");
+    let k = write_file(&dir, "k", &fake_bzimage(0x020f, 1));
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--balloon", "on"], "--balloon on needs a Linux kernel");
+    refused(
+        &["run", "--kernel", &k, "--memory", "256M", "--balloon", "on", "--memory-backing", "anonymous"],
+        "--balloon on needs --memory-backing memfd",
+    );
+    refused(&["run", "--kernel", &k, "--memory", "256M", "--balloon", "on", "--dormant", "off"], "--dormant off");
+    refused(&["run", "--kernel", &k, "--memory", "256M", "--balloon", "maybe"], "--balloon");
+    // off (or left out) is no error for any guest
+    let r = shoal(&["run", "--guest", "hello", "--memory", "64M", "--balloon", "off"], LIMIT);
+    if kvm_or_skip("balloon off") {
+        assert_eq!(r.status, 0, "{}", r.stderr);
+    }
+}

@@ -65,6 +65,9 @@ pub struct PodFile {
     /// Which page leaves a node first under the memory bound: "clock"
     /// (default) or "fifo".
     pub eviction: Option<crate::pod::residency::Eviction>,
+    /// virtio-balloon with free page reporting (default: on for a Linux
+    /// guest).
+    pub balloon: Option<bool>,
     pub dormant: Option<bool>,
     pub metrics_json: Option<PathBuf>,
     pub timeout: Option<f64>,
@@ -597,12 +600,16 @@ mod tests {
             guest: Some("memtouch".into()),
             dormant: Some(false),
             eviction: Some(crate::pod::residency::Eviction::Fifo),
+            balloon: Some(false),
             ..Default::default()
         });
         assert!(text.contains("eviction = \"fifo\""), "{text}");
+        assert!(text.contains("balloon = false"), "{text}");
         let back: PodFile = toml::from_str(&text).unwrap();
         assert_eq!((back.nodes, back.guest.as_deref(), back.dormant), (Some(3), Some("memtouch"), Some(false)));
         assert_eq!(back.eviction, Some(crate::pod::residency::Eviction::Fifo));
+        assert_eq!(back.balloon, Some(false));
+        assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\nballoon = \"on\"\n").is_err());
         assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\neviction = \"lru\"\n").is_err());
         assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\nbogus = 1\n").is_err());
     }

@@ -345,6 +345,20 @@ impl Residency {
         self.placed.contains_key(&page)
     }
 
+    /// The guest freed `page`, which we were evicting: it leaves as a
+    /// dormant page, not to the eviction's target.
+    pub fn forget_eviction(&mut self, page: Page) {
+        self.evicting.remove(&page);
+    }
+
+    /// The guest freed `page` and its free is complete: it is dormant, on
+    /// no node (not where we placed it, if we did).
+    pub fn freed(&mut self, page: Page) {
+        if !self.placed.is_empty() {
+            self.placed.remove(&page);
+        }
+    }
+
     /// `page` left this node's memory.
     pub fn dropped(&mut self, page: Page) -> Dropped {
         let f = &mut self.flags[page as usize];

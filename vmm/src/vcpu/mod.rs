@@ -283,8 +283,16 @@ impl Vcpu {
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
-                // a kick (signal) or a spurious wakeup: check for a stop
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                // a kick (signal) or a spurious wakeup: check for a stop,
+                // and answer whether the vCPU is stopped for good if asked
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if let Some(round) = self.host.take_probe(self.id) {
+                        if self.stopped_for_good() {
+                            self.host.answer_stopped(self.id, round);
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => return Err(format!("KVM_RUN failed: {e}")),
             };
             self.exits += 1;
@@ -404,6 +412,25 @@ impl Vcpu {
                 Ok(())
             }
             Sync::Ioctls => self.fd.set_regs(&regs).map_err(|e| format!("returning from a hypercall: {e}")),
+        }
+    }
+
+    /// Whether nothing can make this vCPU run again: halted with
+    /// interrupts off (Linux's `halt` ends in `cli; hlt` on every CPU), or
+    /// still waiting for the INIT the guest never sent. Only an NMI could
+    /// wake the first, and no device of ours sends one. With the in-kernel
+    /// local APIC KVM keeps a halted vCPU inside `KVM_RUN`, so this is
+    /// asked after a kick (see `vm::wait`).
+    fn stopped_for_good(&self) -> bool {
+        let Ok(mp) = self.fd.get_mp_state() else { return false };
+        match mp.mp_state {
+            kvm_bindings::KVM_MP_STATE_INIT_RECEIVED | kvm_bindings::KVM_MP_STATE_UNINITIALIZED => true,
+            kvm_bindings::KVM_MP_STATE_HALTED => {
+                const IF: u64 = 1 << 9;
+                let nmi_pending = self.fd.get_vcpu_events().is_ok_and(|e| e.nmi.pending != 0 || e.nmi.injected != 0);
+                self.fd.get_regs().is_ok_and(|r| r.rflags & IF == 0) && !nmi_pending
+            }
+            _ => false,
         }
     }
 

@@ -21,6 +21,7 @@
 //! page the guest never touched is faulted in through the page engine like a
 //! vCPU's touch, so page counts stay exact on one node and on a pod.
 
+pub mod balloon;
 pub mod blk;
 pub mod mmio;
 
@@ -137,11 +138,18 @@ impl std::fmt::Debug for VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// The block devices of `disks`, in slots 0.., wired to `vm` (irqfds,
+    /// The block devices of `disks`, in slots 0.., then the balloon (when
+    /// `balloon` says how to free pages), wired to `vm` (irqfds,
     /// ioeventfds), each with a worker thread.
-    pub fn new(vm: &VmFd, mem: &Arc<GuestMemory>, disks: &[DiskConfig]) -> Result<Self, Error> {
-        if disks.len() > SLOTS {
-            return Err(Error::Slots(disks.len()));
+    pub fn new(
+        vm: &VmFd,
+        mem: &Arc<GuestMemory>,
+        disks: &[DiskConfig],
+        balloon: Option<balloon::Free>,
+    ) -> Result<Self, Error> {
+        let count = Self::count(disks.len(), balloon.is_some());
+        if count > SLOTS {
+            return Err(Error::Slots(count));
         }
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io { slot: 0, what: "eventfd", source })?;
         let mut this = VirtioDevices { devices: Vec::new(), stop, workers: Mutex::new(Vec::new()), _mem: mem.clone() };
@@ -151,7 +159,17 @@ impl VirtioDevices {
             let transport: Box<dyn Slot> = Box::new(Transport::new(device, mem.device_view().clone()));
             this.add(vm, i, transport)?;
         }
+        if let Some(free) = balloon {
+            let device = balloon::Balloon::new(mem.layout().clone(), free);
+            let transport: Box<dyn Slot> = Box::new(Transport::new(device, mem.device_view().clone()));
+            this.add(vm, disks.len(), transport)?;
+        }
         Ok(this)
+    }
+
+    /// How many slots `disks` disks and a balloon (if `balloon`) take.
+    pub fn count(disks: usize, balloon: bool) -> usize {
+        disks + usize::from(balloon)
     }
 
     fn add(&mut self, vm: &VmFd, slot: usize, transport: Box<dyn Slot>) -> Result<(), Error> {

@@ -322,6 +322,46 @@ impl Engine {
         Ok(())
     }
 
+    /// Our copy of `page` goes because the guest freed the page: it is
+    /// dormant again (not an eviction of ours, even if one was asked for:
+    /// the home refuses that later). Recorded now; its memory is punched
+    /// out by `flush_forgotten`, with its neighbours.
+    pub(super) fn forget_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+        st.res.forget_eviction(page);
+        self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
+        if self.settings.keep_pages {
+            self.drop_page(st, page)?;
+            return Ok(());
+        }
+        st.res.dropped(page);
+        st.pending_forget.push(page);
+        Ok(())
+    }
+
+    /// Punches out the pages `forget_page` recorded, a hole per run.
+    pub(super) fn flush_forgotten(&self, st: &mut State) -> Result<(), String> {
+        if st.pending_forget.is_empty() {
+            return Ok(());
+        }
+        let mut pages = std::mem::take(&mut st.pending_forget);
+        pages.sort_unstable();
+        let mut i = 0;
+        while i < pages.len() {
+            let first = pages[i];
+            let mut n = 1;
+            while i + (n as usize) < pages.len() && pages[i + n as usize] == first + n {
+                n += 1;
+            }
+            self.mem
+                .punch(first * PAGE_SIZE, n * PAGE_SIZE)
+                .map_err(|e| format!("freeing pages {first}..{}: {e}", first + n))?;
+            i += n as usize;
+        }
+        pages.clear();
+        st.pending_forget = pages;
+        Ok(())
+    }
+
     /// Whether our (protected) copy of `page` is all zeros.
     pub(super) fn is_zero(&self, st: &State, page: Page) -> Result<bool, String> {
         let offset = page * PAGE_SIZE;

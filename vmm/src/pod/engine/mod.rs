@@ -53,6 +53,10 @@
 //!    bound to settle), the record is left to the lock's next holder
 //!    (`FillDone`, `record_fills` in `lock`): a fault thread never sleeps
 //!    on the lock a second time for one fault.
+//! 8. A copy the guest freed (`Forget`) is recorded at once and its
+//!    memory punched out before the next action of any other kind (runs
+//!    of pages, one hole each: `flush_forgotten`), so a page forgotten and
+//!    then filled again is filled after its hole.
 //!
 //! A node alone is a pod of one: the same engine, with no transport.
 //! Every page's home is the node itself, so its protocol settles every
@@ -186,6 +190,7 @@ struct Counters {
     pages_probed: AtomicU64,
     pages_referenced: AtomicU64,
     pages_fetched_back: AtomicU64,
+    pages_reported: AtomicU64,
 }
 
 struct State {
@@ -212,6 +217,11 @@ struct State {
     filled_at: Option<Instant>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
+    /// Pages of [`Engine::free_pages`] whose free is not complete yet.
+    freeing: u64,
+    /// Pages the guest freed whose copies here are recorded as gone but
+    /// not yet punched out (`flush_forgotten`: one hole per run).
+    pending_forget: Vec<Page>,
 }
 
 /// A fill done outside the lock that the engine has not recorded yet (its
@@ -246,6 +256,9 @@ pub struct Engine {
     state: Mutex<State>,
     /// Signalled when zero-fills done outside the lock have arrived.
     filled: Condvar,
+    /// Signalled when a free of [`Engine::free_pages`] completes (and when
+    /// the engine fails).
+    freed: Condvar,
     /// Fills done outside the lock, recorded by the next holder of it
     /// (`lock`), and how many events wait for a fill (`wait_for_fills`).
     fills_done: Mutex<Vec<FillDone>>,
@@ -330,6 +343,8 @@ impl Engine {
             filled_at: None,
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
+            freeing: 0,
+            pending_forget: Vec::new(),
         };
         let zeros = if settings.dormant {
             Box::default()
@@ -344,6 +359,7 @@ impl Engine {
             uffd,
             state: Mutex::new(state),
             filled: Condvar::new(),
+            freed: Condvar::new(),
             fills_done: Mutex::new(Vec::new()),
             fill_waiters: AtomicUsize::new(0),
             zeros,
@@ -402,6 +418,7 @@ impl Engine {
             tracing::error!(node = self.me, "{why}");
             (self.on_fatal)(why);
         }
+        self.freed.notify_all();
     }
 
     /// Whether the engine gave up.
@@ -624,9 +641,15 @@ impl Engine {
             | Msg::Fetched { from, .. }
             | Msg::Done { from, .. }
             | Msg::InvalAck { from, .. }
-            | Msg::Redormant { from, .. } => vec![*from],
+            | Msg::Redormant { from, .. }
+            | Msg::Free { from, .. } => vec![*from],
             Msg::Evict { from, to, .. } => vec![*from, *to],
-            Msg::Upgrade { .. } | Msg::Inval { .. } | Msg::Refused { .. } | Msg::Dormanted { .. } => vec![],
+            Msg::Upgrade { .. }
+            | Msg::Inval { .. }
+            | Msg::Refused { .. }
+            | Msg::Dormanted { .. }
+            | Msg::Forget { .. }
+            | Msg::Freed { .. } => vec![],
         };
         if let Some(p) = pages.iter().find(|&&p| p >= cfg.pages) {
             return Err(format!("node {from} sent a message about page {p}, outside the guest ({} pages)", cfg.pages));
@@ -644,7 +667,8 @@ impl Engine {
             | Msg::Done { from, .. }
             | Msg::InvalAck { from, .. }
             | Msg::Evict { from, .. }
-            | Msg::Redormant { from, .. } => Some(*from),
+            | Msg::Redormant { from, .. }
+            | Msg::Free { from, .. } => Some(*from),
             _ => None,
         };
         if let Some(c) = claimed.filter(|&c| c != from) {
@@ -759,7 +783,24 @@ impl Engine {
     fn apply(&self, st: &mut State, acts: Vec<Action>) -> Result<(), String> {
         let mut queue: VecDeque<Action> = acts.into();
         while let Some(act) = queue.pop_front() {
+            // (rule 8) copies the guest freed are punched out before any
+            // other action: a page forgotten and granted again is filled
+            // after its hole
+            if !matches!(act, Action::Forget { .. } | Action::Freed { .. }) {
+                self.flush_forgotten(st)?;
+            }
             match act {
+                Action::Forget { page } => {
+                    self.flush_zero(st)?;
+                    self.forget_page(st, page)?;
+                }
+                Action::Freed { page } => {
+                    st.res.freed(page);
+                    st.freeing = st.freeing.saturating_sub(1);
+                    if st.freeing == 0 {
+                        self.freed.notify_all();
+                    }
+                }
                 Action::ZeroFill { page } => {
                     st.res.zero_pending(page);
                     st.pending_zero.push(page);
@@ -793,7 +834,9 @@ impl Engine {
                         }
                         Action::WriteProtect { page } => self.write_protect(st, page)?,
                         Action::Unmap { page } => self.unmap(st, page)?,
-                        Action::Drop { page } => self.drop_page(st, page)?,
+                        Action::Drop { page } => {
+                            self.drop_page(st, page)?;
+                        }
                         Action::Offer { page, to, transfer, evict, epoch } => {
                             let zero = self.settings.dormant && self.is_zero(st, page)?;
                             let more = st
@@ -802,13 +845,19 @@ impl Engine {
                                 .map_err(|e| format!("page protocol: {e}"))?;
                             queue.extend(more);
                         }
-                        Action::ZeroFill { .. } | Action::Map { .. } | Action::Wake { .. } | Action::Refused { .. } => {
+                        Action::ZeroFill { .. }
+                        | Action::Map { .. }
+                        | Action::Wake { .. }
+                        | Action::Refused { .. }
+                        | Action::Forget { .. }
+                        | Action::Freed { .. } => {
                             unreachable!()
                         }
                     }
                 }
             }
         }
+        self.flush_forgotten(st)?;
         if st.defer_fills {
             // a guest fault's thread fills (maybe outside the lock), then
             // wakes
@@ -944,6 +993,60 @@ impl Engine {
     /// A fault that has waited longer than `limit`, in words: the pod is
     /// stuck (a node hangs without leaving), so the VM must end rather
     /// than leave a vCPU blocked forever.
+    /// The guest freed `pages` (a balloon's free page report): each
+    /// becomes dormant wherever it is held, its memory freed there; a page
+    /// nobody holds stays as it is. Returns when every one is, so the
+    /// guest may use them again (a touch zero-fills); an error when the
+    /// engine failed meanwhile (the VM is ending) or a page is outside the
+    /// guest.
+    pub fn free_pages(&self, pages: std::ops::Range<Page>) -> Result<(), String> {
+        if pages.end > self.settings.config.pages {
+            return Err(format!(
+                "pages {}..{} freed, but the guest has {} pages",
+                pages.start, pages.end, self.settings.config.pages
+            ));
+        }
+        self.counters.pages_reported.fetch_add(pages.end - pages.start, Ordering::Relaxed);
+        // a 2 MiB chunk (what Linux reports) an event, its holes punched
+        // as one: faults and messages go on between chunks
+        const BATCH: u64 = 512;
+        let mut first = pages.start;
+        while first < pages.end {
+            let batch: Vec<Page> = (first..(first + BATCH).min(pages.end)).collect();
+            first += batch.len() as u64;
+            let mut st = self.wait_for_fills(self.lock(), &batch);
+            if self.failed() {
+                return Err("the VM is ending".into());
+            }
+            let mut acts = Vec::new();
+            for page in batch {
+                // a free under way already (the guest reported the page
+                // twice) asks nothing and is answered once
+                if st.node.local(page).freeing {
+                    continue;
+                }
+                acts.extend(st.node.free(page).map_err(|e| format!("page protocol: {e}"))?);
+                st.freeing += 1;
+            }
+            if let Err(e) = self.apply(&mut st, acts) {
+                self.give_up();
+                return Err(e);
+            }
+            self.settle(&mut st)?;
+        }
+        let mut st = self.lock();
+        while st.freeing > 0 {
+            if self.failed() {
+                return Err("the VM is ending".into());
+            }
+            st =
+                self.freed.wait_timeout(st, std::time::Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            // (fills recorded by the next holder of the lock: see `lock`)
+            self.record_fills(&mut st);
+        }
+        Ok(())
+    }
+
     pub fn stuck_fault(&self, limit: std::time::Duration) -> Option<String> {
         let st = self.lock();
         let (&page, w) = st.waiting.iter().max_by_key(|(_, w)| w.since.elapsed())?;
@@ -994,6 +1097,7 @@ impl Engine {
         m.bytes_fabric_read = get(&c.bytes_fabric_read);
         m.pages_evicted = get(&c.pages_evicted);
         m.pages_redormanted = get(&c.pages_redormanted);
+        m.pages_reported = get(&c.pages_reported);
         m.faults_parked = get(&c.faults_parked);
         m.messages_sent = get(&c.messages_sent);
         m.messages_received = get(&c.messages_received);
@@ -1022,5 +1126,60 @@ impl Engine {
         m.ownership_transfers = get(&c.ownership_transfers);
         m.memfd_bytes = self.mem.allocated_bytes();
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Layout;
+
+    /// A node alone over `mib` MiB, with the first `loaded` pages written
+    /// (as the loader's are: owned here, with contents).
+    fn alone(mib: u64, loaded: u64) -> (Engine, Arc<GuestMemory>) {
+        let mem = Arc::new(GuestMemory::new(Layout::new(mib << 20).unwrap()).unwrap());
+        mem.write_alias(0, &vec![0xa5u8; (loaded * PAGE_SIZE) as usize]);
+        let settings = Settings {
+            config: Config::new(1, 256, mem.layout().pages()).unwrap(),
+            dormant: true,
+            budget: None,
+            peer_budget: None,
+            keep_pages: false,
+            read_copies: false,
+            eviction: Eviction::Fifo,
+        };
+        let on_fatal: OnFatal = Arc::new(|why| panic!("the engine failed: {why}"));
+        let engine = Engine::new(0, settings, None, mem.clone(), None, &[(0, loaded * PAGE_SIZE)], on_fatal).unwrap();
+        (engine, mem)
+    }
+
+    #[test]
+    fn freed_pages_with_contents_become_dormant_and_their_memory_goes() {
+        let (engine, mem) = alone(8, 300);
+        assert_eq!(mem.allocated_bytes(), 300 * PAGE_SIZE);
+        assert_eq!(engine.resident_pages(), 300);
+        // 100 of the written pages and 50 never touched
+        engine.free_pages(200..350).unwrap();
+        let m = engine.metrics();
+        assert_eq!(m.pages_reported, 150);
+        assert_eq!(m.pages_redormanted, 100, "only pages with contents had memory to free");
+        assert_eq!(mem.allocated_bytes(), 200 * PAGE_SIZE);
+        assert_eq!(engine.resident_pages(), 200);
+        // every freed page is dormant at its home again
+        let st = engine.lock();
+        assert!((200..350).all(|p| st.node.dir(p).owner.is_none() && st.node.local(p).copy == Held::None));
+        assert!((0..200).all(|p| st.node.local(p).copy == Held::Data));
+    }
+
+    #[test]
+    fn freeing_a_page_twice_or_outside_the_guest() {
+        let (engine, mem) = alone(8, 10);
+        engine.free_pages(0..10).unwrap();
+        engine.free_pages(0..10).unwrap();
+        let m = engine.metrics();
+        assert_eq!((m.pages_reported, m.pages_redormanted), (20, 10));
+        assert_eq!(mem.allocated_bytes(), 0);
+        let e = engine.free_pages(2040..2049).unwrap_err();
+        assert!(e.contains("the guest has 2048 pages"), "{e}");
     }
 }
