@@ -3,6 +3,11 @@
 //! epochs, `u32` node ids, one byte per flag, `Access` as 0 = read /
 //! 1 = write), a grant's page list prefixed with its `u32` length.
 //!
+//! A batch ([`encode_batch`], [`decode_batch`]) is one or more messages,
+//! each prefixed with its length as a little-endian `u16`: what one fabric
+//! frame carries, so that the messages one event sends a peer (the frees
+//! of a 2 MiB chunk, say) cost one frame, not one each.
+//!
 //! [`decode`] reads anything a peer may send: it returns an error for
 //! every malformed input (unknown tag, short or trailing bytes, a flag that
 //! is not 0 or 1, a grant longer than [`MAX_GRANT`]) and never panics. The
@@ -30,6 +35,8 @@ pub enum DecodeError {
     Flag { tag: u8, value: u8 },
     #[error("message {tag}: a grant of {count} pages; the limit is {MAX_GRANT}")]
     GrantTooLong { tag: u8, count: u32 },
+    #[error("a batch of messages ends inside a message's length or bytes (at byte {at} of {len})")]
+    BatchCut { at: usize, len: usize },
 }
 
 const REQUEST: u8 = 1;
@@ -175,6 +182,41 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
     }
 }
 
+/// Appends `msg` to a batch in `out` (its length, then its encoding).
+pub fn encode_batch(msg: &Msg, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    encode(msg, out);
+    let len = u16::try_from(out.len() - at - 2).expect("a message is far shorter than 64 KiB");
+    out[at..at + 2].copy_from_slice(&len.to_le_bytes());
+}
+
+/// The bytes a message takes in a batch (its encoding and its length).
+pub fn batch_len(msg: &Msg) -> usize {
+    let mut v = Vec::new();
+    encode(msg, &mut v);
+    v.len() + 2
+}
+
+/// Reads a batch: one or more length-prefixed messages filling `bytes`
+/// exactly. An empty batch is an error, as is any malformed message.
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Msg>, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let mut msgs = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let cut = DecodeError::BatchCut { at, len: bytes.len() };
+        let head: [u8; 2] = bytes.get(at..at + 2).ok_or(cut.clone())?.try_into().expect("2 bytes");
+        let len = usize::from(u16::from_le_bytes(head));
+        let body = bytes.get(at + 2..at + 2 + len).ok_or(cut)?;
+        msgs.push(decode(body)?);
+        at += 2 + len;
+    }
+    Ok(msgs)
+}
+
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
@@ -286,6 +328,26 @@ mod tests {
         #[test]
         fn any_bytes_decode_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);
+            let _ = decode_batch(&bytes);
+        }
+
+        #[test]
+        fn every_batch_reads_back_as_itself(ms in prop::collection::vec(msg(), 1..8)) {
+            let mut bytes = Vec::new();
+            for m in &ms {
+                encode_batch(m, &mut bytes);
+            }
+            prop_assert_eq!(bytes.len(), ms.iter().map(batch_len).sum::<usize>());
+            prop_assert_eq!(decode_batch(&bytes), Ok(ms));
+        }
+
+        #[test]
+        fn a_cut_batch_is_an_error(ms in prop::collection::vec(msg(), 1..4), cut in 1usize..8) {
+            let mut bytes = Vec::new();
+            for m in &ms {
+                encode_batch(m, &mut bytes);
+            }
+            prop_assert!(decode_batch(&bytes[..bytes.len().saturating_sub(cut)]).is_err());
         }
 
         #[test]

@@ -57,6 +57,11 @@
 //!    memory punched out before the next action of any other kind (runs
 //!    of pages, one hole each: `flush_forgotten`), so a page forgotten and
 //!    then filled again is filled after its hole.
+//! 9. A `Send` is queued in a frame for its peer and goes when the event
+//!    ends (`flush_sends`; a peer's frame of messages is one event, taken
+//!    message by message): later than the protocol asked, never earlier,
+//!    and in order per peer. So what one event tells a peer (the frees
+//!    of a 2 MiB chunk, say) costs one frame, not a frame a message.
 //!
 //! A node alone is a pod of one: the same engine, with no transport.
 //! Every page's home is the node itself, so its protocol settles every
@@ -222,6 +227,13 @@ struct State {
     /// Pages the guest freed whose copies here are recorded as gone but
     /// not yet punched out (`flush_forgotten`: one hole per run).
     pending_forget: Vec<Page>,
+    /// Messages to send, a frame per peer (`queue_send`), sent at the end
+    /// of the event (`flush_sends`): what one event tells a peer costs one
+    /// frame (up to the fabric's message size).
+    outbox: Vec<(NodeId, Vec<u8>)>,
+    /// An event of several messages (a peer's batch) is under way: its
+    /// sends wait for its end.
+    hold_sends: bool,
 }
 
 /// A fill done outside the lock that the engine has not recorded yet (its
@@ -291,10 +303,12 @@ fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
     }
 }
 
-/// Encodes a page-protocol message for the fabric.
-pub fn encode_page_msg(msg: &Msg) -> Vec<u8> {
+/// Encodes page-protocol messages as one fabric frame (a batch).
+pub fn encode_page_msgs(msgs: &[Msg]) -> Vec<u8> {
     let mut out = vec![CHANNEL_PAGES];
-    codec::encode(msg, &mut out);
+    for m in msgs {
+        codec::encode_batch(m, &mut out);
+    }
     out
 }
 
@@ -345,6 +359,8 @@ impl Engine {
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
             freeing: 0,
             pending_forget: Vec::new(),
+            outbox: Vec::new(),
+            hold_sends: false,
         };
         let zeros = if settings.dormant {
             Box::default()
@@ -597,15 +613,30 @@ impl Engine {
         self.settle(&mut st)
     }
 
-    /// A message from a peer (any node).
+    /// A frame of page messages from a peer (any node): one event, its
+    /// messages taken in order, the sends they cause batched into a frame
+    /// per peer.
     pub fn on_message(&self, from: NodeId, payload: &[u8]) -> Result<(), String> {
-        self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
-        let msg = codec::decode(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
-        self.check_peer_msg(from, &msg)?;
-        let mut st = self.wait_for_fills(self.lock(), &msg.pages());
+        let msgs =
+            codec::decode_batch(payload).map_err(|e| format!("node {from} sent a malformed page message: {e}"))?;
+        self.counters.messages_received.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        for msg in &msgs {
+            self.check_peer_msg(from, msg)?;
+        }
+        let pages: Vec<Page> = msgs.iter().flat_map(Msg::pages).collect();
+        let mut st = self.wait_for_fills(self.lock(), &pages);
         if self.failed() {
             return Ok(());
         }
+        st.hold_sends = true;
+        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, msg));
+        st.hold_sends = false;
+        taken?;
+        self.flush_sends(&mut st)?;
+        self.settle(&mut st)
+    }
+
+    fn take_message(&self, st: &mut State, msg: Msg) -> Result<(), String> {
         match msg {
             Msg::Inval { .. } => {
                 self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -622,10 +653,9 @@ impl Engine {
                 w.answered.get_or_insert_with(Instant::now);
             }
         }
-        let acts = st.node.receive(msg.clone()).map_err(|e| format!("page protocol: {e}"))?;
-        let acts = self.with_fault_around(&mut st, acts)?;
-        self.apply(&mut st, acts)?;
-        self.settle(&mut st)
+        let acts = st.node.receive(msg).map_err(|e| format!("page protocol: {e}"))?;
+        let acts = self.with_fault_around(st, acts)?;
+        self.apply(st, acts)
     }
 
     /// Refuses a message naming a page outside the guest or a node outside
@@ -823,7 +853,7 @@ impl Engine {
                 other => {
                     self.flush_zero(st)?;
                     match other {
-                        Action::Send { to, msg } => self.send(to, &msg)?,
+                        Action::Send { to, msg } => self.queue_send(st, to, &msg)?,
                         Action::Fetch { page, from, transfer, evict, epoch } => {
                             self.fetch(st, page, from, transfer)?;
                             let more = st
@@ -858,6 +888,9 @@ impl Engine {
             }
         }
         self.flush_forgotten(st)?;
+        if !st.hold_sends {
+            self.flush_sends(st)?;
+        }
         if st.defer_fills {
             // a guest fault's thread fills (maybe outside the lock), then
             // wakes
@@ -867,10 +900,42 @@ impl Engine {
         self.flush_wakes(st)
     }
 
-    fn send(&self, to: NodeId, msg: &Msg) -> Result<(), String> {
-        let t = self.transport(to)?;
+    /// Adds `msg` to the frame for `to` (sending the frame first when the
+    /// message would not fit in it).
+    fn queue_send(&self, st: &mut State, to: NodeId, msg: &Msg) -> Result<(), String> {
+        self.transport(to)?;
         self.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        t.send(to, &encode_page_msg(msg)).map_err(|e| fabric_error(format!("sending to node {to}"), e))
+        let i = match st.outbox.iter().position(|(n, _)| *n == to) {
+            Some(i) => i,
+            None => {
+                st.outbox.push((to, vec![CHANNEL_PAGES]));
+                st.outbox.len() - 1
+            }
+        };
+        let frame = &mut st.outbox[i].1;
+        let at = frame.len();
+        codec::encode_batch(msg, frame);
+        if frame.len() > shoal_fabric::MAX_MESSAGE {
+            let record = frame.split_off(at);
+            let full = std::mem::replace(frame, [&[CHANNEL_PAGES][..], &record].concat());
+            self.send_frame(to, &full)?;
+        }
+        Ok(())
+    }
+
+    /// Sends every queued frame, in the order their peers were first named.
+    fn flush_sends(&self, st: &mut State) -> Result<(), String> {
+        for (to, frame) in std::mem::take(&mut st.outbox) {
+            if frame.len() > 1 {
+                self.send_frame(to, &frame)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_frame(&self, to: NodeId, frame: &[u8]) -> Result<(), String> {
+        let t = self.transport(to)?;
+        t.send(to, frame).map_err(|e| fabric_error(format!("sending to node {to}"), e))
     }
 
     /// The fabric, to reach `peer`; a pod of one has none, and the
