@@ -3,7 +3,7 @@
 # and frees it (memfill exits); Linux reports the free 2 MiB chunks to the
 # balloon about 2 s later and shoal makes them dormant again. Measured
 # inside the soft-RoCE harness's QEMU/TCG (one CPU, the guest under nested
-# KVM), on one node and on a 2-node pod with --node-memory 160M: the
+# KVM), on one node and on a 2-node pod (shm): the
 # nodes' RSS when the first memfill ends, the lowest in the 10 s after,
 # the seconds until it had fallen by 150 MiB, and the pages reported and
 # re-dormanted (ci/linux-guest.sh's balloon test, sampling every 0.2 s).
@@ -50,8 +50,8 @@ grep '^@@BALLOON ' "$tmp/log" | cut -d' ' -f2- >"$tmp/times"
       $(((before - low) / 1024)) "$took" "$reported" "$redorm"
   done <"$tmp/times"
   echo
-  echo "\`balloon\`: one node. \`balloonpod\`: 2 nodes over shm, \`--node-memory 160M\` each (node 0"
-  echo "evicts to node 1; node 1 drops the freed pages it holds when node 0's home tells it)."
+  echo "\`balloon\`: one node. \`balloonpod\`: 2 nodes over shm (half the blocks homed on node 1,"
+  echo "whose frees go through it: a frame of messages each way per 2 MiB chunk)."
 } >"$out/balloon.md"
 {
   echo "["
