@@ -1084,24 +1084,27 @@ impl Engine {
                 return Err("the VM is ending".into());
             }
             let mut acts = Vec::new();
-            for page in batch {
+            let asked = batch.into_iter().try_for_each(|page| {
                 // a free under way already (the guest reported the page
                 // twice) asks nothing and is answered once
-                if st.node.local(page).freeing {
-                    continue;
+                if !st.node.local(page).freeing {
+                    acts.extend(st.node.free(page).map_err(|e| format!("page protocol: {e}"))?);
+                    st.freeing += 1;
                 }
-                acts.extend(st.node.free(page).map_err(|e| format!("page protocol: {e}"))?);
-                st.freeing += 1;
-            }
-            if let Err(e) = self.apply(&mut st, acts) {
+                Ok::<(), String>(())
+            });
+            // the protocol's or the memory's failure ends the VM, as on
+            // any event (not only the device)
+            if let Err(e) = asked.and_then(|()| self.apply(&mut st, acts)).and_then(|()| self.settle(&mut st)) {
                 self.give_up();
+                self.fail(e.clone());
                 return Err(e);
             }
-            self.settle(&mut st)?;
         }
         let mut st = self.lock();
         while st.freeing > 0 {
-            if self.failed() {
+            // a pod that ends (or a peer gone) answers no more frees
+            if self.failed() || self.vcpus.get().is_some_and(|v| v.control().stopping()) {
                 return Err("the VM is ending".into());
             }
             st =
