@@ -291,12 +291,8 @@ pub fn run_node(
     // hold the devices)
     let free = match (&engine, balloon) {
         (Some((e, _)), true) => {
-            let e = Arc::downgrade(e);
-            let free: crate::virtio::balloon::Free = Arc::new(move |pages| match e.upgrade() {
-                Some(e) => e.free_pages(pages),
-                None => Err("the VM is ending".into()),
-            });
-            Some(free)
+            let pages: Arc<dyn crate::virtio::balloon::Pages> = Arc::new(BalloonPages(Arc::downgrade(e)));
+            Some(pages)
         }
         _ => None,
     };
@@ -480,6 +476,19 @@ fn make_engine(
     let engine = PodEngine::new(0, settings, transport, mem.clone(), Some(uffd), &loaded, on_fatal)
         .map_err(|e| Error::Pod(crate::pod::Error::Failed(e)))?;
     Ok((Arc::new(engine), loaded))
+}
+
+/// The balloon's way to the page engine (weakly held: the engine's vCPUs
+/// hold the devices).
+struct BalloonPages(std::sync::Weak<PodEngine>);
+
+impl crate::virtio::balloon::Pages for BalloonPages {
+    fn report(&self, pages: std::ops::Range<u64>) -> std::result::Result<(), String> {
+        self.0.upgrade().ok_or("the VM is ending")?.report_free(pages)
+    }
+    fn free(&self, pages: std::ops::Range<u64>) -> std::result::Result<(), String> {
+        self.0.upgrade().ok_or("the VM is ending")?.free_reported(pages)
+    }
 }
 
 /// Forwards shoal's stdin to the guest's serial console, from a thread

@@ -5,10 +5,13 @@
 //! a few seconds after it was freed; each report is a buffer on the
 //! reporting queue naming guest-physical ranges the guest will not touch
 //! until the device hands the buffer back. The device hands each range to
-//! the page engine ([`Free`]), which makes every page in it dormant again
-//! wherever it is held (on a pod, the node that holds a page drops it
-//! there: nothing moves) and returns when that is done; then the buffer
-//! goes back. The next touch of such a page anywhere zero-fills it, as
+//! the page engine ([`Pages::report`]), which takes the pages out of the
+//! guest view at once, and the buffer goes back: the guest has its memory
+//! again within the time of a `madvise`, not of the messages a pod needs.
+//! The balloon's own thread then has the engine make them dormant
+//! ([`Pages::free`]) wherever they are held (on a pod, the node that holds
+//! a page drops it there: nothing moves). A page the guest touches before
+//! that waits for its free (the engine's fault path), then zero-fills, as
 //! any dormant page.
 //!
 //! The device offers no inflation target (`num_pages` stays 0): pages a
@@ -20,7 +23,9 @@
 //! inflate, 1 deflate, 2 reporting (Linux skips the absent statistics and
 //! free-page-hint queues when it assigns indices).
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -39,14 +44,23 @@ const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
 const REPORTING: usize = 2;
 
-/// Makes guest pages (memfd page indices) dormant again; returns when
-/// they are.
-pub type Free = Arc<dyn Fn(std::ops::Range<u64>) -> Result<(), String> + Send + Sync>;
+/// What the balloon asks of guest memory (memfd page indices): the page
+/// engine.
+pub trait Pages: Send + Sync {
+    /// The guest reported these pages free: take them from the guest now
+    /// (its next touch of one waits for its free). Quick.
+    fn report(&self, pages: Range<u64>) -> Result<(), String>;
+    /// Make reported pages dormant again wherever they are; returns when
+    /// they are (on a pod, after messages).
+    fn free(&self, pages: Range<u64>) -> Result<(), String>;
+}
 
 /// A balloon that only takes what the guest reports free.
 pub struct Balloon {
     layout: Layout,
-    free: Free,
+    pages: Arc<dyn Pages>,
+    /// To the thread that frees what was reported.
+    freer: Mutex<Sender<Range<u64>>>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -57,9 +71,21 @@ impl std::fmt::Debug for Balloon {
 
 impl Balloon {
     /// A balloon over guest memory laid out as `layout`, freeing through
-    /// `free`.
-    pub fn new(layout: Layout, free: Free) -> Self {
-        Balloon { layout, free }
+    /// `pages`, with a thread that frees what the guest reported (it ends
+    /// with the balloon).
+    pub fn new(layout: Layout, pages: Arc<dyn Pages>) -> std::io::Result<Self> {
+        let (tx, rx) = channel::<Range<u64>>();
+        let p = pages.clone();
+        std::thread::Builder::new().name("shoal-balloon".into()).spawn(move || {
+            while let Ok(range) = rx.recv() {
+                // a real failure ended the VM already (the engine's); what
+                // is left is the VM ending under a free
+                if let Err(e) = p.free(range.clone()) {
+                    tracing::debug!(first = range.start, error = %e, "balloon: a free did not complete");
+                }
+            }
+        })?;
+        Ok(Balloon { layout, pages, freer: Mutex::new(tx) })
     }
 
     /// The whole pages of guest-physical `[gpa, gpa + len)`, as memfd page
@@ -76,11 +102,16 @@ impl Balloon {
         Ok(offset.div_ceil(PAGE_SIZE)..(offset + len) / PAGE_SIZE)
     }
 
-    fn release(&self, pages: std::ops::Range<u64>) -> Result<(), Broken> {
+    fn release(&self, pages: Range<u64>) -> Result<(), Broken> {
         if pages.is_empty() {
             return Ok(());
         }
-        (self.free)(pages).map_err(|e| Broken(format!("freeing reported pages: {e}")))
+        self.pages.report(pages.clone()).map_err(|e| Broken(format!("freeing reported pages: {e}")))?;
+        self.freer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(pages)
+            .map_err(|_| Broken("the balloon's freeing thread is gone".into()))
     }
 
     /// An inflate buffer: little-endian u32 page frame numbers (4 KiB).
@@ -145,7 +176,12 @@ impl Device for Balloon {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = [0u8; 8];
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
@@ -163,16 +199,32 @@ impl Device for Balloon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    fn balloon(size: u64) -> (Balloon, Arc<Mutex<Vec<std::ops::Range<u64>>>>) {
-        let freed = Arc::new(Mutex::new(Vec::new()));
-        let f = freed.clone();
-        let free: Free = Arc::new(move |r| {
-            f.lock().unwrap().push(r);
+    /// Records what the balloon asked; `fail` makes reports fail.
+    #[derive(Default)]
+    struct Record {
+        reported: Mutex<Vec<Range<u64>>>,
+        freed: Mutex<Vec<Range<u64>>>,
+        fail: bool,
+    }
+
+    impl Pages for Record {
+        fn report(&self, pages: Range<u64>) -> Result<(), String> {
+            if self.fail {
+                return Err("the VM is ending".into());
+            }
+            self.reported.lock().unwrap().push(pages);
             Ok(())
-        });
-        (Balloon::new(Layout::new(size).unwrap(), free), freed)
+        }
+        fn free(&self, pages: Range<u64>) -> Result<(), String> {
+            self.freed.lock().unwrap().push(pages);
+            Ok(())
+        }
+    }
+
+    fn balloon(size: u64) -> (Balloon, Arc<Record>) {
+        let r = Arc::new(Record::default());
+        (Balloon::new(Layout::new(size).unwrap(), r.clone()).unwrap(), r)
     }
 
     fn desc(addr: u64, len: u32) -> Descriptor {
@@ -180,27 +232,33 @@ mod tests {
     }
 
     #[test]
-    fn a_report_frees_the_whole_pages_of_each_range() {
-        let (b, freed) = balloon(64 << 20);
+    fn a_report_takes_the_whole_pages_of_each_range_then_frees_them() {
+        let (b, r) = balloon(64 << 20);
         b.report(&[desc(2 << 20, 2 << 20), desc(0x1800, 0x3000)]).unwrap();
         // 2 MiB at 2 MiB; and 0x1800..0x4800 holds pages 2 and 3 whole
-        assert_eq!(*freed.lock().unwrap(), vec![512..1024, 2..4]);
+        assert_eq!(*r.reported.lock().unwrap(), vec![512..1024, 2..4]);
+        // the balloon's thread frees them (after the report returned)
+        let start = std::time::Instant::now();
+        while r.freed.lock().unwrap().len() < 2 && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(*r.freed.lock().unwrap(), vec![512..1024, 2..4]);
     }
 
     #[test]
     fn a_range_outside_guest_ram_fails_the_device_and_frees_nothing() {
-        let (b, freed) = balloon(64 << 20);
+        let (b, r) = balloon(64 << 20);
         let e = b.report(&[desc(63 << 20, 2 << 20)]).unwrap_err();
         assert!(e.0.contains("not its RAM"), "{e:?}");
         let e = b.report(&[desc(u64::MAX - 10, 4096)]).unwrap_err();
         assert!(e.0.contains("not its RAM"), "{e:?}");
-        assert!(freed.lock().unwrap().is_empty());
+        assert!(r.reported.lock().unwrap().is_empty());
     }
 
     #[test]
-    fn a_failed_free_fails_the_device() {
-        let free: Free = Arc::new(|_| Err("the VM is ending".into()));
-        let b = Balloon::new(Layout::new(64 << 20).unwrap(), free);
+    fn a_failed_report_fails_the_device() {
+        let r = Arc::new(Record { fail: true, ..Record::default() });
+        let b = Balloon::new(Layout::new(64 << 20).unwrap(), r).unwrap();
         assert!(b.report(&[desc(0, 4096)]).unwrap_err().0.contains("the VM is ending"));
     }
 

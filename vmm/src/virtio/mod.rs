@@ -145,7 +145,7 @@ impl VirtioDevices {
         vm: &VmFd,
         mem: &Arc<GuestMemory>,
         disks: &[DiskConfig],
-        balloon: Option<balloon::Free>,
+        balloon: Option<Arc<dyn balloon::Pages>>,
     ) -> Result<Self, Error> {
         let count = Self::count(disks.len(), balloon.is_some());
         if count > SLOTS {
@@ -159,8 +159,13 @@ impl VirtioDevices {
             let transport: Box<dyn Slot> = Box::new(Transport::new(device, mem.device_view().clone()));
             this.add(vm, i, transport)?;
         }
-        if let Some(free) = balloon {
-            let device = balloon::Balloon::new(mem.layout().clone(), free);
+        if let Some(pages) = balloon {
+            let slot = disks.len();
+            let device = balloon::Balloon::new(mem.layout().clone(), pages).map_err(|source| Error::Io {
+                slot,
+                what: "starting its thread",
+                source,
+            })?;
             let transport: Box<dyn Slot> = Box::new(Transport::new(device, mem.device_view().clone()));
             this.add(vm, disks.len(), transport)?;
         }

@@ -234,7 +234,31 @@ struct State {
     /// An event of several messages (a peer's batch) is under way: its
     /// sends wait for its end.
     hold_sends: bool,
+    /// Pages a fault of one of our vCPUs got from the protocol (pulled,
+    /// upgraded) and when: for [`HOLD`] messages about them wait
+    /// (`deferred`), so the vCPU uses the page before it can leave.
+    held_since: HashMap<Page, Instant>,
+    /// Messages that wait for a hold to end, with when it ends.
+    deferred: Vec<(Instant, NodeId, Msg)>,
+    /// Pages the guest reported free (`report_free`), taken out of the
+    /// guest view, whose free (`free_reported`) is not complete yet.
+    reported: std::collections::HashSet<Page>,
+    /// Faults on reported pages, waiting for their free: then they are
+    /// faults on dormant pages (`refault`).
+    after_free: HashMap<Page, (Access, Option<u32>)>,
+    /// Faults whose free completed during an event, to take at its end.
+    refault: Vec<(Page, Access, Option<u32>)>,
 }
+
+/// How long a page a vCPU faulted in stays before a message can take it
+/// away. Without it, two vCPUs on two nodes writing one page (a lock, a
+/// shared counter) can pass the page back and forth without either
+/// getting to use it: the next transfer can reach the node before its
+/// vCPU, woken, has run again (its round trip against a nested vCPU's
+/// wake-up, slow under emulation). A message that waits is only a message
+/// the network delayed, which the protocol allows (the model checker
+/// delivers in any order).
+pub const HOLD: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A fill done outside the lock that the engine has not recorded yet (its
 /// thread found the lock taken and left the record to the next holder).
@@ -275,6 +299,8 @@ pub struct Engine {
     /// (`lock`), and how many events wait for a fill (`wait_for_fills`).
     fills_done: Mutex<Vec<FillDone>>,
     fill_waiters: AtomicUsize,
+    /// Messages held back (`State::deferred`), readable without the lock.
+    deferred: AtomicUsize,
     /// What `--dormant off` copies in for a page whose contents live here
     /// (a block of zeros; empty with dormant pages).
     zeros: Box<[u8]>,
@@ -361,6 +387,11 @@ impl Engine {
             pending_forget: Vec::new(),
             outbox: Vec::new(),
             hold_sends: false,
+            held_since: HashMap::new(),
+            deferred: Vec::new(),
+            reported: std::collections::HashSet::new(),
+            after_free: HashMap::new(),
+            refault: Vec::new(),
         };
         let zeros = if settings.dormant {
             Box::default()
@@ -378,6 +409,7 @@ impl Engine {
             freed: Condvar::new(),
             fills_done: Mutex::new(Vec::new()),
             fill_waiters: AtomicUsize::new(0),
+            deferred: AtomicUsize::new(0),
             zeros,
             counters: Counters::default(),
             failed: AtomicBool::new(false),
@@ -470,6 +502,16 @@ impl Engine {
             // the VM stops
             tracing::debug!(page, "a fault after the pod failed");
             return Ok(());
+        }
+        if st.reported.contains(&page) {
+            // the guest uses a page it reported free before its free is
+            // complete: finish that first (the fault waits), then the
+            // page is dormant and the fault takes a zeroed one
+            let r = self.free_now(&mut st, page, access, vcpu).and_then(|()| self.settle(&mut st));
+            if r.is_err() {
+                self.give_up();
+            }
+            return r;
         }
         st.defer_fills = true;
         let faulted = self.fault_page(&mut st, page, access, vcpu);
@@ -629,14 +671,19 @@ impl Engine {
             return Ok(());
         }
         st.hold_sends = true;
-        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, msg));
+        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, from, msg));
         st.hold_sends = false;
         taken?;
         self.flush_sends(&mut st)?;
         self.settle(&mut st)
     }
 
-    fn take_message(&self, st: &mut State, msg: Msg) -> Result<(), String> {
+    fn take_message(&self, st: &mut State, from: NodeId, msg: Msg) -> Result<(), String> {
+        if let Some(until) = Self::held_until(st, &msg) {
+            st.deferred.push((until, from, msg));
+            self.deferred.store(st.deferred.len(), Ordering::Release);
+            return Ok(());
+        }
         match msg {
             Msg::Inval { .. } => {
                 self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -656,6 +703,53 @@ impl Engine {
         let acts = st.node.receive(msg).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         self.apply(st, acts)
+    }
+
+    /// Until when `msg` must wait: it names a page a vCPU here faulted in
+    /// less than [`HOLD`] ago (and every message about it waits as long,
+    /// so a later one does not overtake the hold).
+    fn held_until(st: &State, msg: &Msg) -> Option<Instant> {
+        if st.held_since.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        msg.pages().iter().filter_map(|p| st.held_since.get(p)).map(|&t| t + HOLD).filter(|&u| u > now).max()
+    }
+
+    /// When the next message held back by [`HOLD`] may go (the receiver
+    /// waits no longer than that for the fabric).
+    pub fn next_deferred(&self) -> Option<Instant> {
+        if self.deferred.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.lock().deferred.iter().map(|(t, ..)| *t).min()
+    }
+
+    /// Takes the held-back messages whose hold is over.
+    pub fn run_deferred(&self) -> Result<(), String> {
+        if self.deferred.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        let now = Instant::now();
+        if !st.deferred.iter().any(|(t, ..)| *t <= now) {
+            return Ok(());
+        }
+        st.held_since.retain(|_, t| *t + HOLD > now);
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred).into_iter().partition(|(t, ..)| *t <= now);
+        st.deferred = wait;
+        self.deferred.store(st.deferred.len(), Ordering::Release);
+        let pages: Vec<Page> = due.iter().flat_map(|(_, _, m)| m.pages()).collect();
+        let mut st = self.wait_for_fills(st, &pages);
+        if self.failed() {
+            return Ok(());
+        }
+        st.hold_sends = true;
+        let taken = due.into_iter().try_for_each(|(_, from, msg)| self.take_message(&mut st, from, msg));
+        st.hold_sends = false;
+        taken?;
+        self.flush_sends(&mut st)?;
+        self.settle(&mut st)
     }
 
     /// Refuses a message naming a page outside the guest or a node outside
@@ -792,7 +886,12 @@ impl Engine {
                 if !st.res.room_for_fault_around(planned) {
                     break;
                 }
-                if !st.res.untouched(q) || st.node.local(q).copy != Held::Dormant {
+                // (a page the guest reported free stays out of the guest
+                // view until its free is complete)
+                if !st.res.untouched(q)
+                    || st.node.local(q).copy != Held::Dormant
+                    || (!st.reported.is_empty() && st.reported.contains(&q))
+                {
                     continue;
                 }
                 let start = acts.len();
@@ -826,6 +925,10 @@ impl Engine {
                 }
                 Action::Freed { page } => {
                     st.res.freed(page);
+                    st.reported.remove(&page);
+                    if let Some((access, vcpu)) = st.after_free.remove(&page) {
+                        st.refault.push((page, access, vcpu));
+                    }
                     st.freeing = st.freeing.saturating_sub(1);
                     if st.freeing == 0 {
                         self.freed.notify_all();
@@ -888,6 +991,13 @@ impl Engine {
             }
         }
         self.flush_forgotten(st)?;
+        // faults that waited for their page's free: now dormant-page faults
+        while let Some((page, access, vcpu)) = st.refault.pop() {
+            let deferred = std::mem::replace(&mut st.defer_fills, false);
+            let r = self.fault_page(st, page, access, vcpu);
+            st.defer_fills = deferred;
+            r?;
+        }
         if !st.hold_sends {
             self.flush_sends(st)?;
         }
@@ -1058,13 +1168,13 @@ impl Engine {
     /// A fault that has waited longer than `limit`, in words: the pod is
     /// stuck (a node hangs without leaving), so the VM must end rather
     /// than leave a vCPU blocked forever.
-    /// The guest freed `pages` (a balloon's free page report): each
-    /// becomes dormant wherever it is held, its memory freed there; a page
-    /// nobody holds stays as it is. Returns when every one is, so the
-    /// guest may use them again (a touch zero-fills); an error when the
-    /// engine failed meanwhile (the VM is ending) or a page is outside the
-    /// guest.
-    pub fn free_pages(&self, pages: std::ops::Range<Page>) -> Result<(), String> {
+    /// The guest reported `pages` free (a balloon's report): they are
+    /// taken out of the guest view at once (its next touch faults, and
+    /// waits for the free) and recorded; [`Engine::free_reported`] then
+    /// makes them dormant. This returns before any message goes, so the
+    /// balloon gives the guest its report back at once: a report holds up
+    /// to 128 MiB off the guest's free lists until then.
+    pub fn report_free(&self, pages: std::ops::Range<Page>) -> Result<(), String> {
         if pages.end > self.settings.config.pages {
             return Err(format!(
                 "pages {}..{} freed, but the guest has {} pages",
@@ -1072,8 +1182,24 @@ impl Engine {
             ));
         }
         self.counters.pages_reported.fetch_add(pages.end - pages.start, Ordering::Relaxed);
-        // a 2 MiB chunk (what Linux reports) an event, its holes punched
-        // as one: faults and messages go on between chunks
+        let mut st = self.lock();
+        st.reported.extend(pages.clone());
+        if self.uffd.is_some() {
+            self.mem
+                .unmap_guest_view(pages.start * PAGE_SIZE, (pages.end - pages.start) * PAGE_SIZE)
+                .map_err(|e| format!("taking freed pages {}..{} out of the guest view: {e}", pages.start, pages.end))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the reported pages of `pages` dormant wherever they are held
+    /// (their memory freed there): returns when every one is. A page a
+    /// fault freed already is skipped. An error when the engine failed
+    /// meanwhile (the VM is ending).
+    pub fn free_reported(&self, pages: std::ops::Range<Page>) -> Result<(), String> {
+        let started = Instant::now();
+        // a 2 MiB chunk an event, its holes punched as one: faults and
+        // messages go on between chunks
         const BATCH: u64 = 512;
         let mut first = pages.start;
         while first < pages.end {
@@ -1085,9 +1211,9 @@ impl Engine {
             }
             let mut acts = Vec::new();
             let asked = batch.into_iter().try_for_each(|page| {
-                // a free under way already (the guest reported the page
-                // twice) asks nothing and is answered once
-                if !st.node.local(page).freeing {
+                // a free under way already (a fault's, or the guest
+                // reported the page twice) asks nothing
+                if st.reported.contains(&page) && !st.node.local(page).freeing {
                     acts.extend(st.node.free(page).map_err(|e| format!("page protocol: {e}"))?);
                     st.freeing += 1;
                 }
@@ -1112,7 +1238,32 @@ impl Engine {
             // (fills recorded by the next holder of the lock: see `lock`)
             self.record_fills(&mut st);
         }
+        tracing::debug!(
+            first = pages.start,
+            count = pages.end - pages.start,
+            took_us = started.elapsed().as_micros() as u64,
+            "freed"
+        );
         Ok(())
+    }
+
+    /// [`Engine::report_free`], then [`Engine::free_reported`].
+    pub fn free_pages(&self, pages: std::ops::Range<Page>) -> Result<(), String> {
+        self.report_free(pages.clone())?;
+        self.free_reported(pages)
+    }
+
+    /// A fault on `page`, reported free and not freed yet: starts its free
+    /// (unless under way) and parks the fault until it is complete.
+    fn free_now(&self, st: &mut State, page: Page, access: Access, vcpu: Option<u32>) -> Result<(), String> {
+        let w = st.after_free.entry(page).or_insert((access, vcpu));
+        w.0 = w.0.max(access);
+        if st.node.local(page).freeing {
+            return Ok(());
+        }
+        let acts = st.node.free(page).map_err(|e| format!("page protocol: {e}"))?;
+        st.freeing += 1;
+        self.apply(st, acts)
     }
 
     pub fn stuck_fault(&self, limit: std::time::Duration) -> Option<String> {
@@ -1240,6 +1391,32 @@ mod tests {
     }
 
     #[test]
+    fn a_fault_on_a_reported_page_waits_for_its_free_then_gets_a_zeroed_page() {
+        let (engine, mem) = alone(8, 10);
+        engine.report_free(0..10).unwrap();
+        // reported, not freed yet: the memory is still there
+        assert_eq!(mem.allocated_bytes(), 10 * PAGE_SIZE);
+        assert_eq!(engine.metrics().pages_redormanted, 0);
+        // the guest writes page 3 again before the balloon's thread freed
+        // it: the fault frees it first, then takes a dormant page
+        let addr = mem.guest_view_base() + 3 * PAGE_SIZE;
+        engine.handle_fault(Fault { addr, write: true, wp: false, minor: true, tid: 0 }).unwrap();
+        {
+            let st = engine.lock();
+            assert!(!st.reported.contains(&3) && st.after_free.is_empty());
+            let l = st.node.local(3);
+            assert!(l.owner && l.copy == Held::Data && l.writable, "{l:?}");
+        }
+        assert_eq!(engine.metrics().pages_redormanted, 1);
+        // the balloon's thread frees the rest, and leaves page 3 alone
+        engine.free_reported(0..10).unwrap();
+        let m = engine.metrics();
+        assert_eq!((m.pages_reported, m.pages_redormanted), (10, 10));
+        assert_eq!(engine.lock().node.local(3).copy, Held::Data, "the page the guest took back stays");
+        assert!((0..10).filter(|&p| p != 3).all(|p| engine.lock().node.local(p).copy == Held::None));
+    }
+
+    #[test]
     fn freeing_a_page_twice_or_outside_the_guest() {
         let (engine, mem) = alone(8, 10);
         engine.free_pages(0..10).unwrap();
@@ -1249,5 +1426,116 @@ mod tests {
         assert_eq!(mem.allocated_bytes(), 0);
         let e = engine.free_pages(2040..2049).unwrap_err();
         assert!(e.contains("the guest has 2048 pages"), "{e}");
+    }
+}
+
+/// Two engines in one process over a fabric of queues: the page protocol's
+/// messages between them for real (no one-sided reads).
+#[cfg(test)]
+mod pair {
+    use super::*;
+    use crate::memory::Layout;
+    use shoal_fabric::{Incoming, Kind, ReadReq, RegionInfo, Sink, Stats};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+
+    /// A frame and the node that sent it.
+    type Frame = (NodeId, Vec<u8>);
+
+    #[derive(Debug)]
+    struct Queues {
+        me: NodeId,
+        to: Vec<Mutex<Sender<Frame>>>,
+    }
+
+    impl Transport for Queues {
+        fn kind(&self) -> Kind {
+            Kind::Shm
+        }
+        fn node(&self) -> NodeId {
+            self.me
+        }
+        fn peers(&self) -> Vec<NodeId> {
+            (0..self.to.len() as NodeId).filter(|&n| n != self.me).collect()
+        }
+        fn regions(&self, _: NodeId) -> shoal_fabric::Result<Vec<RegionInfo>> {
+            Ok(Vec::new())
+        }
+        fn read_with(&self, peer: NodeId, _: &[ReadReq], _: &mut Sink<'_>) -> shoal_fabric::Result<()> {
+            Err(shoal_fabric::Error::PeerGone { peer, reason: "these tests move no page bytes".into() })
+        }
+        fn send(&self, peer: NodeId, msg: &[u8]) -> shoal_fabric::Result<()> {
+            self.to[peer as usize].lock().unwrap().send((self.me, msg.to_vec())).unwrap();
+            Ok(())
+        }
+        fn recv(&self, _: std::time::Duration) -> shoal_fabric::Result<Option<Incoming>> {
+            Ok(None)
+        }
+        fn stats(&self) -> Stats {
+            Stats::default()
+        }
+        fn shutdown(&self) {}
+    }
+
+    /// Two nodes over 4 MiB (blocks of 64 pages, homed on nodes 0 and 1
+    /// in turn), the first `loaded` pages written on node 0 (as the
+    /// loader's are); a thread per node takes its messages.
+    fn pod(loaded: u64) -> (Vec<Arc<Engine>>, Vec<Arc<GuestMemory>>) {
+        let (tx0, rx0) = channel();
+        let (tx1, rx1) = channel();
+        let mut engines = Vec::new();
+        let mut mems = Vec::new();
+        for me in 0..2 {
+            let mem = Arc::new(GuestMemory::new(Layout::new(4 << 20).unwrap()).unwrap());
+            if me == 0 {
+                mem.write_alias(0, &vec![0x5au8; (loaded * PAGE_SIZE) as usize]);
+            }
+            let settings = Settings {
+                config: Config::new(2, 64, mem.layout().pages()).unwrap(),
+                dormant: true,
+                budget: None,
+                peer_budget: None,
+                keep_pages: false,
+                read_copies: false,
+                eviction: Eviction::Fifo,
+            };
+            let t: Arc<dyn Transport> =
+                Arc::new(Queues { me, to: vec![Mutex::new(tx0.clone()), Mutex::new(tx1.clone())] });
+            let on_fatal: OnFatal = Arc::new(|why| panic!("the engine failed: {why}"));
+            let e = Engine::new(me, settings, Some(t), mem.clone(), None, &[(0, loaded * PAGE_SIZE)], on_fatal);
+            engines.push(Arc::new(e.unwrap()));
+            mems.push(mem);
+        }
+        let serve = |e: Arc<Engine>, rx: Receiver<Frame>| {
+            std::thread::spawn(move || {
+                while let Ok((from, frame)) = rx.recv() {
+                    assert_eq!(frame[0], CHANNEL_PAGES);
+                    e.on_message(from, &frame[1..]).unwrap();
+                }
+            })
+        };
+        serve(engines[0].clone(), rx0);
+        serve(engines[1].clone(), rx1);
+        (engines, mems)
+    }
+
+    #[test]
+    fn freed_pages_homed_on_another_node_become_dormant_there_too() {
+        // pages 0..256: four blocks, two homed on each node, all written
+        // on node 0; 256..512 never touched
+        let (e, mem) = pod(256);
+        assert_eq!(mem[0].allocated_bytes(), 256 * PAGE_SIZE);
+        e[0].free_pages(0..512).unwrap();
+        let (m0, m1) = (e[0].metrics(), e[1].metrics());
+        assert_eq!(m0.pages_reported, 512);
+        assert_eq!(m0.pages_redormanted, 256, "node 0 held 256 of them");
+        assert_eq!(mem[0].allocated_bytes(), 0);
+        assert_eq!(m0.remote_fetches + m1.remote_fetches, 0, "nothing moved");
+        // one frame each way per node and chunk, not one a page
+        assert!(m0.messages_sent >= 256 && m1.messages_sent >= 128, "{m0:?} {m1:?}");
+        for p in 0..512 {
+            let home = &e[(p / 64 % 2) as usize];
+            assert_eq!(home.lock().node.dir(p).owner, None, "page {p} is dormant at its home");
+            assert_eq!(e[0].lock().node.local(p).copy, Held::None);
+        }
     }
 }
