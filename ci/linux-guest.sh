@@ -9,11 +9,11 @@
 # (ACPI), `reboot -f`, a kernel panic and `halt -f`; and virtio disks: an
 # ext4 root file system on /dev/vda written by the guest and read back here,
 # a read-only disk the guest cannot write, discards that punch holes, on one
-# node and on a pod (`linux-guest disks` runs only these; it needs
-# mkfs.ext4, e2fsck and debugfs, which ci/test.sh copies in); and the
-# balloon: memory the guest frees goes back, on one node and on a pod
-# (`linux-guest balloon` runs only these). `linux-guest
-# smp` boots two vCPUs instead (see below). Checks the guest's own output, shoal's status and the
+# node and on a pod (they need mkfs.ext4, e2fsck and debugfs, which
+# ci/test.sh copies in); and the balloon: memory the guest frees goes back,
+# on one node and on a pod. `linux-guest SECTION...` runs some of them
+# (one, pods, disks, balloon; see the end); `linux-guest smp` boots two
+# vCPUs instead (see below). Checks the guest's own output, shoal's status and the
 # metrics. $SHOAL_LINUX_TIMES, when set, names a file
 # that gets one line per boot: name, seconds to init, shoal's wall seconds.
 set -eu
@@ -116,10 +116,6 @@ GUEST
   echo "linux-guest: ok: virtio disks: ext4 root written and read back (clean), read-only disk unwritten, 16 MiB" \
     "freed and trimmed left the image $disk_growth KiB bigger; on a 2-node pod too"
 }
-if [ "${1:-}" = disks ]; then
-  disks
-  exit 0
-fi
 
 # The balloon (free page reporting): memfill 192 MiB in a 320 MiB guest
 # (in 256 MiB this kernel and initramfs leave 177 MiB available: memfill
@@ -187,18 +183,15 @@ balloon() {
   balloon_run balloon --timeout 600
   # a pod: half the blocks are homed on node 1, so their frees go through
   # it (the pod with --node-memory, where node 1 holds pages the guest
-  # frees, is podmem below: 192 MiB on an evicting pod takes minutes under
+  # frees, is podmem in the pods section: 192 MiB on an evicting pod takes minutes under
   # this harness's nested KVM)
   balloon_run balloonpod --timeout 600 --nodes 2 --fabric shm $POD
   [ "$(metric balloonpod messages_received 3)" -gt 0 ] || fail "balloonpod: node 1 took no part"
 }
-if [ "${1:-}" = balloon ]; then
-  balloon
-  exit 0
-fi
 
 # one node: the bzImage through the 64-bit boot protocol, the ELF vmlinux
-# through its PVH entry
+# through its PVH entry; a guest's status; how a guest ends
+one() {
 for k in one:/vmlinuz pvh:/vmlinux; do
   n=${k%%:*}
   boot "$n" "${k#*:}" "/bin/memfill 64" --timeout 300
@@ -211,23 +204,6 @@ for k in one:/vmlinuz pvh:/vmlinux; do
   [ "$(metric "$n" pages_zero_filled 1)" -gt 16384 ] || fail "$n: fewer pages zero-filled than memfill touched"
 done
 
-# `linux-guest smp`: two vCPUs, found through the ACPI tables, for both
-# entries. ci/test.sh runs it only with LINUX_SMP=1, in a harness of its own
-# with two CPUs: in the harness's QEMU (TCG) nested KVM hangs such boots now
-# and then (a CPU of the QEMU guest stays inside the nested guest for good;
-# its kernel reports a soft lockup in shoal-vcpu0), pinned vCPU threads or
-# not; one-vCPU boots never did that.
-if [ "${1:-}" = smp ]; then
-  for k in smp:/vmlinuz smppvh:/vmlinux; do
-    n=${k%%:*}
-    boot "$n" "${k#*:}" "/bin/memfill 64" --cpus 2 --pin
-    [ "$status" = 0 ] || fail "$n: shoal exited with status $status"
-    grep -q "shoal-init: up .*, 2 CPUs online" "/tmp/$n.out" || fail "$n: the kernel did not bring up both vCPUs"
-    grep -q "memfill: verified 64 MiB" "/tmp/$n.out" || fail "$n: memfill did not verify"
-  done
-  echo "linux-guest: ok: 2 vCPUs online and memfill verified, as a bzImage and through PVH"
-  exit 0
-fi
 
 boot status /vmlinuz /bin/false
 [ "$status" = 1 ] || fail "/bin/false's status 1 came back as $status"
@@ -263,7 +239,10 @@ wall=$(grep -m1 '"wall_seconds"' /tmp/halt.json | tr -dc '0-9.')
 awk -v w="$wall" -v u="$up" 'BEGIN { exit !(w - u < 40) }' ||
   fail "halt: shoal ran $wall s for a guest that halted $up s after it booted"
 ends="$ends halt:$status"
+echo "linux-guest: ok: one node (bzImage, PVH; powered off through ACPI), exit status, ends (status)$ends"
+}
 
+pods() {
 # a 2-node pod: blocks homed on both nodes. Dormant pages are zero-filled
 # where they are touched (no page bytes on the wire); with dormant pages
 # off every page has contents at its home and node 0 pulls the ones homed
@@ -312,9 +291,36 @@ boot pvhpod /vmlinux "/bin/memfill 64" --nodes 2 --fabric shm $POD
 grep -q "memfill: verified 64 MiB" /tmp/pvhpod.out || fail "pod, PVH: memfill did not verify"
 [ "$(metric pvhpod bytes_fabric_read 1)" = 0 ] || fail "pod, PVH: page bytes crossed with dormant pages on"
 
-disks
-balloon
-
-echo "linux-guest: ok: one node (bzImage, PVH; powered off through ACPI), exit status, ends (status)$ends, a 2-node pod (bzImage; PVH) with $(metric pod pages_zero_filled 1) pages" \
+echo "linux-guest: ok: a 2-node pod (bzImage; PVH) with $(metric pod pages_zero_filled 1) pages" \
   "zero-filled and 0 bytes on the wire, with dormant pages off $fetched pages ($bytes bytes) pulled, and with" \
-  "96 MiB a node $evicted pages evicted and $back pulled back; the balloon returned memory the guest freed"
+  "96 MiB a node $evicted pages evicted and $back pulled back"
+}
+
+# `linux-guest smp`: two vCPUs, found through the ACPI tables, for both
+# entries. ci/test.sh runs it only with LINUX_SMP=1, in a harness of its own
+# with two CPUs: in the harness's QEMU (TCG) nested KVM hangs such boots now
+# and then (a CPU of the QEMU guest stays inside the nested guest for good;
+# its kernel reports a soft lockup in shoal-vcpu0), pinned vCPU threads or
+# not; one-vCPU boots never did that.
+if [ "${1:-}" = smp ]; then
+  for k in smp:/vmlinuz smppvh:/vmlinux; do
+    n=${k%%:*}
+    boot "$n" "${k#*:}" "/bin/memfill 64" --cpus 2 --pin
+    [ "$status" = 0 ] || fail "$n: shoal exited with status $status"
+    grep -q "shoal-init: up .*, 2 CPUs online" "/tmp/$n.out" || fail "$n: the kernel did not bring up both vCPUs"
+    grep -q "memfill: verified 64 MiB" "/tmp/$n.out" || fail "$n: memfill did not verify"
+  done
+  echo "linux-guest: ok: 2 vCPUs online and memfill verified, as a bzImage and through PVH"
+  exit 0
+fi
+
+# `linux-guest SECTION...` runs those sections (one, pods, disks, balloon),
+# none named: all of them. ci/test.sh runs each in a harness of its own, so
+# that a harness that wedges costs one section, not all of them.
+[ $# -gt 0 ] || set -- one pods disks balloon
+for section in "$@"; do
+  case $section in
+    one | pods | disks | balloon) "$section" ;;
+    *) fail "no section $section (one, pods, disks, balloon, smp)" ;;
+  esac
+done
