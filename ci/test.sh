@@ -77,9 +77,10 @@ else
     --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/vmlinux:/vmlinux" --add "$linux_out/initrd.img:/initrd.img"
     --add "$(command -v mke2fs):/usr/sbin/mkfs.ext4" --add "$(command -v e2fsck):/usr/sbin/e2fsck"
     --add "$(command -v debugfs):/usr/sbin/debugfs")
-  # The wedge also hits a one-CPU harness (on 2026-12-05 in about half
-  # the runs of these boots, at any boot, once before the first printed
-  # anything): the harness then stops within 2 min with status 125, and
+  # The wedge also hit a one-CPU harness (on 2026-12-05 in most runs of
+  # these boots, at any boot, once before the first printed anything; far
+  # less since ci/softroce.sh gives its kernel a periodic tick, see there):
+  # the harness then stops within a minute with status 125, and
   # that section's boots run again, at most three times in all. Each
   # section (ci/linux-guest.sh: one node, pods, disks, the balloon) has a
   # harness of its own, so a wedge costs one section, not all of them. A
