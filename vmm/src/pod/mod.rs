@@ -293,15 +293,6 @@ fn next(
     live: Option<&mut Liveness>,
     timeout: Duration,
 ) -> Result<Option<Arrival>, Error> {
-    // messages held back for a page a vCPU just got (`engine::HOLD`) go
-    // when their hold ends: wait for the fabric no longer than that
-    let timeout = match engine {
-        Some(e) => {
-            e.run_deferred().map_err(Error::Failed)?;
-            e.next_deferred().map_or(timeout, |t| timeout.min(t.saturating_duration_since(Instant::now())))
-        }
-        None => timeout,
-    };
     match t.recv(timeout)? {
         None => Ok(None),
         Some(Incoming::PeerGone { node, reason }) => Ok(Some(Arrival::Gone { node, reason })),

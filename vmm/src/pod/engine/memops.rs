@@ -410,15 +410,6 @@ impl Engine {
                 self.map(st, page, l.writable)?;
             }
             if st.res.woken(page) {
-                // a page a vCPU waited for from another node stays a
-                // moment (`HOLD`): the vCPU uses it before it can leave
-                if st.waiting.get(&page).is_some_and(|w| w.vcpu.is_some() && w.kind != FaultKind::Zero) {
-                    if st.held_since.len() >= 4096 {
-                        let now = std::time::Instant::now();
-                        st.held_since.retain(|_, t| *t + super::HOLD > now);
-                    }
-                    st.held_since.insert(page, std::time::Instant::now());
-                }
                 // a prefetch is no fault: its time is not a fault's
                 if let Some(w) = st.waiting.remove(&page).filter(|w| !w.prefetch) {
                     let took = match filled_at {

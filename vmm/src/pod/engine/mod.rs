@@ -234,12 +234,6 @@ struct State {
     /// An event of several messages (a peer's batch) is under way: its
     /// sends wait for its end.
     hold_sends: bool,
-    /// Pages a fault of one of our vCPUs got from the protocol (pulled,
-    /// upgraded) and when: for [`HOLD`] messages about them wait
-    /// (`deferred`), so the vCPU uses the page before it can leave.
-    held_since: HashMap<Page, Instant>,
-    /// Messages that wait for a hold to end, with when it ends.
-    deferred: Vec<(Instant, NodeId, Msg)>,
     /// Pages the guest reported free (`report_free`), taken out of the
     /// guest view, whose free (`free_reported`) is not complete yet.
     reported: std::collections::HashSet<Page>,
@@ -249,16 +243,6 @@ struct State {
     /// Faults whose free completed during an event, to take at its end.
     refault: Vec<(Page, Access, Option<u32>)>,
 }
-
-/// How long a page a vCPU faulted in stays before a message can take it
-/// away. Without it, two vCPUs on two nodes writing one page (a lock, a
-/// shared counter) can pass the page back and forth without either
-/// getting to use it: the next transfer can reach the node before its
-/// vCPU, woken, has run again (its round trip against a nested vCPU's
-/// wake-up, slow under emulation). A message that waits is only a message
-/// the network delayed, which the protocol allows (the model checker
-/// delivers in any order).
-pub const HOLD: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A fill done outside the lock that the engine has not recorded yet (its
 /// thread found the lock taken and left the record to the next holder).
@@ -299,8 +283,6 @@ pub struct Engine {
     /// (`lock`), and how many events wait for a fill (`wait_for_fills`).
     fills_done: Mutex<Vec<FillDone>>,
     fill_waiters: AtomicUsize,
-    /// Messages held back (`State::deferred`), readable without the lock.
-    deferred: AtomicUsize,
     /// What `--dormant off` copies in for a page whose contents live here
     /// (a block of zeros; empty with dormant pages).
     zeros: Box<[u8]>,
@@ -387,8 +369,6 @@ impl Engine {
             pending_forget: Vec::new(),
             outbox: Vec::new(),
             hold_sends: false,
-            held_since: HashMap::new(),
-            deferred: Vec::new(),
             reported: std::collections::HashSet::new(),
             after_free: HashMap::new(),
             refault: Vec::new(),
@@ -409,7 +389,6 @@ impl Engine {
             freed: Condvar::new(),
             fills_done: Mutex::new(Vec::new()),
             fill_waiters: AtomicUsize::new(0),
-            deferred: AtomicUsize::new(0),
             zeros,
             counters: Counters::default(),
             failed: AtomicBool::new(false),
@@ -671,19 +650,14 @@ impl Engine {
             return Ok(());
         }
         st.hold_sends = true;
-        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, from, msg));
+        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, msg));
         st.hold_sends = false;
         taken?;
         self.flush_sends(&mut st)?;
         self.settle(&mut st)
     }
 
-    fn take_message(&self, st: &mut State, from: NodeId, msg: Msg) -> Result<(), String> {
-        if let Some(until) = Self::held_until(st, &msg) {
-            st.deferred.push((until, from, msg));
-            self.deferred.store(st.deferred.len(), Ordering::Release);
-            return Ok(());
-        }
+    fn take_message(&self, st: &mut State, msg: Msg) -> Result<(), String> {
         match msg {
             Msg::Inval { .. } => {
                 self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -703,53 +677,6 @@ impl Engine {
         let acts = st.node.receive(msg).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         self.apply(st, acts)
-    }
-
-    /// Until when `msg` must wait: it names a page a vCPU here faulted in
-    /// less than [`HOLD`] ago (and every message about it waits as long,
-    /// so a later one does not overtake the hold).
-    fn held_until(st: &State, msg: &Msg) -> Option<Instant> {
-        if st.held_since.is_empty() {
-            return None;
-        }
-        let now = Instant::now();
-        msg.pages().iter().filter_map(|p| st.held_since.get(p)).map(|&t| t + HOLD).filter(|&u| u > now).max()
-    }
-
-    /// When the next message held back by [`HOLD`] may go (the receiver
-    /// waits no longer than that for the fabric).
-    pub fn next_deferred(&self) -> Option<Instant> {
-        if self.deferred.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        self.lock().deferred.iter().map(|(t, ..)| *t).min()
-    }
-
-    /// Takes the held-back messages whose hold is over.
-    pub fn run_deferred(&self) -> Result<(), String> {
-        if self.deferred.load(Ordering::Acquire) == 0 {
-            return Ok(());
-        }
-        let mut st = self.lock();
-        let now = Instant::now();
-        if !st.deferred.iter().any(|(t, ..)| *t <= now) {
-            return Ok(());
-        }
-        st.held_since.retain(|_, t| *t + HOLD > now);
-        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred).into_iter().partition(|(t, ..)| *t <= now);
-        st.deferred = wait;
-        self.deferred.store(st.deferred.len(), Ordering::Release);
-        let pages: Vec<Page> = due.iter().flat_map(|(_, _, m)| m.pages()).collect();
-        let mut st = self.wait_for_fills(st, &pages);
-        if self.failed() {
-            return Ok(());
-        }
-        st.hold_sends = true;
-        let taken = due.into_iter().try_for_each(|(_, from, msg)| self.take_message(&mut st, from, msg));
-        st.hold_sends = false;
-        taken?;
-        self.flush_sends(&mut st)?;
-        self.settle(&mut st)
     }
 
     /// Refuses a message naming a page outside the guest or a node outside
