@@ -14,12 +14,7 @@
 #
 #   cargo build --release && bench/scripts/disk.sh
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-out=bench/results
-shoal=target/release/shoal
-[ -x "$shoal" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-linux_out=${SHOAL_LINUX_DIR:-/var/tmp/shoal-linux}/out
-guest-images/linux/build.sh "$linux_out"
+. "$(dirname "$0")/linux-lib.sh"
 tmp=$(mktemp -d /tmp/disk-bench.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 

@@ -7,12 +7,7 @@
 #
 #   cargo build --release && bench/scripts/linux-boot.sh
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-out=bench/results
-shoal=target/release/shoal
-[ -x "$shoal" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-linux_out=${SHOAL_LINUX_DIR:-/var/tmp/shoal-linux}/out
-guest-images/linux/build.sh "$linux_out"
+. "$(dirname "$0")/linux-lib.sh"
 inner=$(mktemp /tmp/linux-boot-inner.XXXXXX)
 cat >"$inner" <<'IN'
 #!/bin/sh

@@ -311,15 +311,6 @@ fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
     }
 }
 
-/// Encodes page-protocol messages as one fabric frame (a batch).
-pub fn encode_page_msgs(msgs: &[Msg]) -> Vec<u8> {
-    let mut out = vec![CHANNEL_PAGES];
-    for m in msgs {
-        codec::encode_batch(m, &mut out);
-    }
-    out
-}
-
 impl Engine {
     /// An engine for node `me` over `mem`; `uffd` is the guest view's on
     /// the vCPU node. `loaded` lists the pages the loader wrote (every node
@@ -482,7 +473,7 @@ impl Engine {
             tracing::debug!(page, "a fault after the pod failed");
             return Ok(());
         }
-        if st.reported.contains(&page) {
+        if !st.reported.is_empty() && st.reported.contains(&page) {
             // the guest uses a page it reported free before its free is
             // complete: finish that first (the fault waits), then the
             // page is dormant and the fault takes a zeroed one
@@ -1174,7 +1165,8 @@ impl Engine {
         Ok(())
     }
 
-    /// [`Engine::report_free`], then [`Engine::free_reported`].
+    /// [`Engine::report_free`], then [`Engine::free_reported`] (tests).
+    #[cfg(test)]
     pub fn free_pages(&self, pages: std::ops::Range<Page>) -> Result<(), String> {
         self.report_free(pages.clone())?;
         self.free_reported(pages)
@@ -1280,20 +1272,26 @@ mod tests {
     use super::*;
     use crate::memory::Layout;
 
-    /// A node alone over `mib` MiB, with the first `loaded` pages written
-    /// (as the loader's are: owned here, with contents).
-    fn alone(mib: u64, loaded: u64) -> (Engine, Arc<GuestMemory>) {
-        let mem = Arc::new(GuestMemory::new(Layout::new(mib << 20).unwrap()).unwrap());
-        mem.write_alias(0, &vec![0xa5u8; (loaded * PAGE_SIZE) as usize]);
-        let settings = Settings {
-            config: Config::new(1, 256, mem.layout().pages()).unwrap(),
+    /// The settings of these tests: `nodes` nodes, blocks of `block_pages`,
+    /// dormant pages, no memory bound.
+    pub(super) fn settings(nodes: u32, block_pages: u64, pages: u64) -> Settings {
+        Settings {
+            config: Config::new(nodes, block_pages, pages).unwrap(),
             dormant: true,
             budget: None,
             peer_budget: None,
             keep_pages: false,
             read_copies: false,
             eviction: Eviction::Fifo,
-        };
+        }
+    }
+
+    /// A node alone over `mib` MiB, with the first `loaded` pages written
+    /// (as the loader's are: owned here, with contents).
+    fn alone(mib: u64, loaded: u64) -> (Engine, Arc<GuestMemory>) {
+        let mem = Arc::new(GuestMemory::new(Layout::new(mib << 20).unwrap()).unwrap());
+        mem.write_alias(0, &vec![0xa5u8; (loaded * PAGE_SIZE) as usize]);
+        let settings = settings(1, 256, mem.layout().pages());
         let on_fatal: OnFatal = Arc::new(|why| panic!("the engine failed: {why}"));
         let engine = Engine::new(0, settings, None, mem.clone(), None, &[(0, loaded * PAGE_SIZE)], on_fatal).unwrap();
         (engine, mem)
@@ -1416,15 +1414,7 @@ mod pair {
             if me == 0 {
                 mem.write_alias(0, &vec![0x5au8; (loaded * PAGE_SIZE) as usize]);
             }
-            let settings = Settings {
-                config: Config::new(2, 64, mem.layout().pages()).unwrap(),
-                dormant: true,
-                budget: None,
-                peer_budget: None,
-                keep_pages: false,
-                read_copies: false,
-                eviction: Eviction::Fifo,
-            };
+            let settings = super::tests::settings(2, 64, mem.layout().pages());
             let t: Arc<dyn Transport> =
                 Arc::new(Queues { me, to: vec![Mutex::new(tx0.clone()), Mutex::new(tx1.clone())] });
             let on_fatal: OnFatal = Arc::new(|why| panic!("the engine failed: {why}"));
