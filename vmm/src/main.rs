@@ -453,6 +453,11 @@ fn run_local_pod(
     let id = shoal_fabric::Identity { node: 0, pod_id: file.pod_id.clone(), secret };
     let opts = shoal_fabric::Options {
         join_timeout,
+        // a read a peer does not answer within the silence limit is that
+        // peer not answering: the same bound, so a hung node is named
+        // within it whichever notices first (a page read on the receiving
+        // thread, or the beats)
+        io_timeout: liveness,
         authenticate_frames: file.frame_auth.unwrap_or(false),
         ..Default::default()
     };
@@ -523,6 +528,11 @@ fn node(args: NodeArgs) -> ExitCode {
     };
     let opts = shoal_fabric::Options {
         join_timeout,
+        // a read a peer does not answer within the silence limit is that
+        // peer not answering: the same bound, so a hung node is named
+        // within it whichever notices first (a page read on the receiving
+        // thread, or the beats)
+        io_timeout: liveness,
         authenticate_frames: file.frame_auth.unwrap_or(false),
         ..Default::default()
     };

@@ -258,10 +258,9 @@ fn ended(mut child: Child, since: Instant, bound: Duration, what: &str) -> (i32,
     (status.code().unwrap_or(-1), since.elapsed(), reader.join().unwrap())
 }
 
-/// Whether a node's error says `peer` fell silent: the liveness check
-/// ("node 1 does not answer"), or a page read from it that timed out
-/// first (posted just before the cut, its 2 s can end before the 1.5 s of
-/// silence the liveness check counts from the last message heard).
+/// Whether a node's error says `peer` fell silent: the liveness check or
+/// a page read that waited as long ("node 1 does not answer"), or another
+/// request to it that timed out (a write, bounded by the same limit).
 fn blames_silence_of(stderr: &str, peer: u32) -> bool {
     stderr.contains(&format!("node {peer} does not answer")) || stderr.contains(&format!("with node {peer} timed out"))
 }

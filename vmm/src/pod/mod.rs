@@ -275,6 +275,16 @@ pub fn silent_peer(node: NodeId, quiet: Duration) -> String {
     )
 }
 
+/// The words for a peer that left a request of ours (`what`) unanswered
+/// for `after`, the silence limit: the same failure as [`silent_peer`],
+/// noticed by the thread that waited.
+pub fn unanswered(node: NodeId, after: Duration, what: &str) -> String {
+    format!(
+        "node {node} does not answer: {what} got no answer for {:.1} s (it hangs, or the network to it is cut)",
+        after.as_secs_f64()
+    )
+}
+
 /// Sends a beat to every peer.
 fn beat(t: &dyn Transport) {
     for p in t.peers() {

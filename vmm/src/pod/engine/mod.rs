@@ -307,6 +307,8 @@ impl std::fmt::Debug for Engine {
 fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
     match e {
         shoal_fabric::Error::PeerGone { peer, reason } => format!("node {peer} left the pod: {reason} ({what})"),
+        // the fabric's reads wait as long as the pod's silence limit
+        shoal_fabric::Error::Timeout { peer, after, .. } => super::unanswered(peer, after, &what),
         e => format!("{what}: {e}"),
     }
 }
