@@ -1,7 +1,6 @@
 //! Builds the unikernel-style guests from `csrc/` with the host's C compiler
 //! (freestanding, general-purpose registers only: the KVM on our development
-//! machines emulates guest instructions and lacks SSE state handling, see
-//! DESIGN §6) and generates `shoal_abi.h` from `src/abi.rs`.
+//! machines emulates guest instructions and lacks SSE state handling) and generates `shoal_abi.h` from `src/abi.rs`.
 
 use std::env;
 use std::fmt::Write as _;

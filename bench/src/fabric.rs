@@ -3,7 +3,7 @@
 //! Baselines measured in the same run: a plain `memcpy` of 4 KiB for shm
 //! (its floor), and perftest's `ib_read_lat` / `ib_read_bw -s 4096` on the
 //! same RDMA device for verbs (target: verbs p50 within 1.1× of
-//! `ib_read_lat`'s typical latency, DESIGN §5). For tcp, the cost of
+//! `ib_read_lat`'s typical latency). For tcp, the cost of
 //! frame authentication: rounds with it on and off, interleaved, in the
 //! same run.
 

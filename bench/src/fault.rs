@@ -1,5 +1,5 @@
 //! The first-touch benchmark (issue: dormant first touch no slower than
-//! plain KVM first touch of anonymous memory, DESIGN §5).
+//! plain KVM first touch of anonymous memory).
 //!
 //! The `touch` guest writes one word per page over `--mib` MiB and times
 //! that loop with the VMM's clock hypercall; the cost per page is that time

@@ -1,4 +1,4 @@
-//! Pod benchmarks (the pod issue, DESIGN §5), each against a baseline
+//! Pod benchmarks (the pod issue), each against a baseline
 //! measured in the same run, with the counters beside every time:
 //!
 //! - **remote vs dormant faults**: one 2-node pod over shm runs memtouch

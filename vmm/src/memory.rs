@@ -27,7 +27,8 @@ pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const MMIO_HOLE_END: u64 = 4 << 30;
 /// The largest guest shoal maps: page tables use 2 MiB pages (1 TiB needs
 /// 2 MiB of them), and under nested KVM a 1 TiB memslot already costs
-/// ~2.6 GiB of host kernel memory (DESIGN §6).
+/// ~2.6 GiB of host kernel memory (measured on our
+/// development machines).
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// The smallest guest: room for the image at 1 MiB, its boot data and a
 /// little free RAM.

@@ -3,7 +3,7 @@
 //! RC queue pairs, each freed when dropped (children hold their parents).
 //!
 //! `rdma-sys` rather than `ibverbs` (0.9): the latter cannot post one-sided
-//! READs in its safe API nor register existing memory (DESIGN §6).
+//! READs in its safe API nor register existing memory (checked against 0.9's API).
 //! libibverbs objects are thread-safe, so the wrappers are Send + Sync;
 //! what must not run concurrently (posting on one queue pair and polling
 //! its completions) is serialised by the caller.

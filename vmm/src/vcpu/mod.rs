@@ -51,7 +51,7 @@ pub fn cpuid_for(kvm: &Kvm, id: u64) -> std::result::Result<CpuId, kvm_ioctls::E
 
 /// As [`cpuid_for`]; for `linux` with the hypervisor bit set; `no_xsave`
 /// hides XSAVE and what needs it (AVX and later): Linux under nested KVM
-/// on TCG finds the XSAVE state sizes inconsistent there (DESIGN §6).
+/// on TCG finds the XSAVE state sizes inconsistent there.
 pub fn cpuid_with(kvm: &Kvm, id: u64, linux: bool, no_xsave: bool) -> std::result::Result<CpuId, kvm_ioctls::Error> {
     let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     for e in cpuid.as_mut_slice() {
