@@ -63,7 +63,8 @@ fn page_message(m: &Msg) -> Vec<u8> {
 fn messages() -> Vec<(&'static str, Msg)> {
     vec![
         ("request", Msg::Request { page: 17, access: Access::Write, from: 1 }),
-        ("grant", Msg::Grant { pages: vec![(512, 1), (513, 1), (514, 2)] }),
+        ("grant", Msg::Grant { answers: 513, pages: vec![(512, 1), (513, 1), (514, 2)] }),
+        ("evicted", Msg::Evicted { page: 70, from: 1, to: 2, dormant: false, epoch: 3 }),
         ("grant-done", Msg::GrantDone { pages: vec![512, 513], from: 2 }),
         ("share", Msg::Share { page: 9, to: 2 }),
         ("transfer", Msg::Transfer { page: 9, to: 1, evict: true, epoch: 4 }),

@@ -57,6 +57,7 @@ const DORMANTED: u8 = 15;
 const FREE: u8 = 16;
 const FORGET: u8 = 17;
 const FREED: u8 = 18;
+const EVICTED: u8 = 19;
 
 /// Appends `msg`'s encoding to `out`.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
@@ -65,8 +66,8 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Request { page, access, from } => {
             w.u8(REQUEST).u64(*page).u8(matches!(access, Access::Write) as u8).u32(*from);
         }
-        Msg::Grant { pages } => {
-            w.u8(GRANT).u32(pages.len() as u32);
+        Msg::Grant { answers, pages } => {
+            w.u8(GRANT).u64(*answers).u32(pages.len() as u32);
             for (p, e) in pages {
                 w.u64(*p).u64(*e);
             }
@@ -88,6 +89,9 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         }
         Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
             w.u8(READY).u64(*page).u32(*from).flag(*dormant).flag(*transfer).flag(*evict).u64(*epoch);
+        }
+        Msg::Evicted { page, from, to, dormant, epoch } => {
+            w.u8(EVICTED).u64(*page).u32(*from).u32(*to).flag(*dormant).u64(*epoch);
         }
         Msg::Fetched { page, from } => {
             w.u8(FETCHED).u64(*page).u32(*from);
@@ -136,12 +140,13 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
             Msg::Request { page, access, from: r.u32()? }
         }
         GRANT => {
+            let answers = r.u64()?;
             let count = r.count()?;
             let mut pages = Vec::with_capacity(count);
             for _ in 0..count {
                 pages.push((r.u64()?, r.u64()?));
             }
-            Msg::Grant { pages }
+            Msg::Grant { answers, pages }
         }
         GRANT_DONE => {
             let from = r.u32()?;
@@ -163,6 +168,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
             evict: r.flag()?,
             epoch: r.u64()?,
         },
+        EVICTED => Msg::Evicted { page: r.u64()?, from: r.u32()?, to: r.u32()?, dormant: r.flag()?, epoch: r.u64()? },
         FETCHED => Msg::Fetched { page: r.u64()?, from: r.u32()? },
         DONE => Msg::Done { page: r.u64()?, from: r.u32()? },
         INVAL => Msg::Inval { page: r.u64()? },
@@ -283,7 +289,15 @@ mod tests {
         let b = any::<bool>();
         prop_oneof![
             (p, access(), n).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
-            prop::collection::vec((p, p), 0..=MAX_GRANT).prop_map(|pages| Msg::Grant { pages }),
+            (p, prop::collection::vec((p, p), 0..=MAX_GRANT))
+                .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
+            (p, n, n, b, p).prop_map(|(page, from, to, dormant, epoch)| Msg::Evicted {
+                page,
+                from,
+                to,
+                dormant,
+                epoch
+            }),
             (prop::collection::vec(p, 0..=MAX_GRANT), n).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
             (p, n).prop_map(|(page, to)| Msg::Share { page, to }),
             (p, n, b, p).prop_map(|(page, to, evict, epoch)| Msg::Transfer { page, to, evict, epoch }),
@@ -356,13 +370,14 @@ mod tests {
     #[test]
     fn a_grant_of_the_most_pages_fits_in_a_fabric_message() {
         let mut bytes = Vec::new();
-        encode(&Msg::Grant { pages: vec![(1, 1); MAX_GRANT] }, &mut bytes);
+        encode(&Msg::Grant { answers: 1, pages: vec![(1, 1); MAX_GRANT] }, &mut bytes);
         assert!(bytes.len() <= 16 * 1024, "{} bytes", bytes.len());
     }
 
     #[test]
     fn a_huge_grant_length_is_refused_before_allocating() {
         let mut bytes = vec![GRANT];
+        bytes.extend_from_slice(&7u64.to_le_bytes());
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&bytes), Err(DecodeError::GrantTooLong { tag: GRANT, count: u32::MAX }));
         assert_eq!(decode(&[0xee]), Err(DecodeError::UnknownTag(0xee)));

@@ -34,7 +34,9 @@
 //!   ([`Msg::Done`]). One writer or many readers, never both.
 //! - **Eviction.** An owner over its memory budget asks the home to move a
 //!   page to a node with room ([`Msg::Evict`]): the same transfer, with
-//!   the target pulling the page. A page whose contents are all zeros is
+//!   the target pulling the page, except that the owner's word goes
+//!   through the home ([`Msg::Evicted`]): the target did not ask, so it
+//!   takes the page only from the node that serialises it. A page whose contents are all zeros is
 //!   made dormant again instead ([`Msg::Redormant`]): nothing moves.
 //! - **Freeing.** The guest freed a page (a balloon's free page report):
 //!   its contents no longer matter. Any node asks the home
@@ -105,8 +107,10 @@ pub enum Msg {
     /// node → home: `from` needs `page` for `access`.
     Request { page: Page, access: Access, from: NodeId },
     /// home → requester: these dormant pages (of one block) are yours,
-    /// each with the epoch of your ownership.
-    Grant { pages: Vec<(Page, u64)> },
+    /// each with the epoch of your ownership; `answers`, one of them, is
+    /// the page the request was for (a request of ours for another still
+    /// travels, and is answered in its turn).
+    Grant { answers: Page, pages: Vec<(Page, u64)> },
     /// requester → home: the grant is applied.
     GrantDone { pages: Vec<Page>, from: NodeId },
     /// home → owner: let `to` read the page.
@@ -122,6 +126,10 @@ pub enum Msg {
     /// request of yours, which the home still holds).
     /// `epoch`: of the new ownership (transfers).
     Ready { page: Page, from: NodeId, dormant: bool, transfer: bool, evict: bool, epoch: u64 },
+    /// owner → home: my copy is protected for the eviction to `to`; the
+    /// home passes it on as `to`'s [`Msg::Ready`], so an eviction target
+    /// takes a page only on its home's word.
+    Evicted { page: Page, from: NodeId, to: NodeId, dormant: bool, epoch: u64 },
     /// new owner → old owner: I have the bytes; drop yours.
     Fetched { page: Page, from: NodeId },
     /// → home: the transaction on `page` is over (from the node that
@@ -156,13 +164,14 @@ impl Msg {
     /// The pages the message names.
     pub fn pages(&self) -> Vec<Page> {
         match self {
-            Msg::Grant { pages } => pages.iter().map(|(p, _)| *p).collect(),
+            Msg::Grant { pages, .. } => pages.iter().map(|(p, _)| *p).collect(),
             Msg::GrantDone { pages, .. } => pages.clone(),
             Msg::Request { page, .. }
             | Msg::Share { page, .. }
             | Msg::Transfer { page, .. }
             | Msg::Upgrade { page }
             | Msg::Ready { page, .. }
+            | Msg::Evicted { page, .. }
             | Msg::Fetched { page, .. }
             | Msg::Done { page, .. }
             | Msg::Inval { page }
@@ -273,9 +282,9 @@ pub struct Local {
     /// We asked the home to evict or re-dormant the page: write-protected
     /// until it answers, and no request of ours goes out meanwhile.
     pub protected: bool,
-    /// We are handing the page to a new owner: the guest may not touch our
+    /// We are handing the page to a new owner (this node): the guest may not touch our
     /// copy any more; its bytes stay until the new owner has them.
-    pub handing: bool,
+    pub handing: Option<NodeId>,
     /// Which ownership of the page ours is (the home counts them).
     pub epoch: u64,
     /// We asked the home to free the page (the guest freed it) and wait
@@ -286,7 +295,7 @@ pub struct Local {
 impl Local {
     /// Whether the guest may access our copy as `a`.
     pub fn allows(&self, a: Access) -> bool {
-        let present = self.copy != Held::None && !self.handing;
+        let present = self.copy != Held::None && self.handing.is_none();
         match a {
             Access::Read => present,
             Access::Write => present && self.writable,
@@ -486,7 +495,7 @@ impl Node {
     fn request_if_needed(&mut self, page: Page, out: &mut Vec<Action>) -> Result<(), Error> {
         let mut l = self.local(page);
         let Some(access) = l.waiting else { return Ok(()) };
-        if l.requested || l.protected || l.handing {
+        if l.requested || l.protected || l.handing.is_some() {
             return Ok(());
         }
         l.requested = true;
@@ -594,6 +603,7 @@ impl Node {
             | Msg::InvalAck { .. }
             | Msg::Evict { .. }
             | Msg::Redormant { .. }
+            | Msg::Evicted { .. }
             | Msg::Free { .. } => self.home_receive(msg, out),
             _ => self.node_receive(msg, out),
         }
@@ -614,7 +624,7 @@ impl Node {
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
         if dormant {
-            self.send_to(to, Msg::Ready { page, from: self.id, dormant: true, transfer, evict, epoch }, out)
+            self.ready(page, to, true, transfer, evict, epoch, out)
         } else {
             out.push(Action::Offer { page, to, transfer, evict, epoch });
             Ok(())
@@ -645,8 +655,11 @@ impl Node {
 
     fn node_receive(&mut self, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
         match msg.clone() {
-            Msg::Grant { pages } => {
+            Msg::Grant { answers, pages } => {
                 let Some(&(first, _)) = pages.first() else { return Err(self.unexpected(0, &msg)) };
+                if !pages.iter().any(|&(p, _)| p == answers) || !self.local(answers).requested {
+                    return Err(self.unexpected(answers, &msg));
+                }
                 for &(page, epoch) in &pages {
                     self.check_page(page)?;
                     let mut l = self.local(page);
@@ -656,7 +669,12 @@ impl Node {
                     l.owner = true;
                     l.writable = true;
                     l.copy = Held::Dormant;
-                    l.requested = false;
+                    // a request of ours for another page of the block is
+                    // still on its way: its answer comes later (and only
+                    // an answer to a request of ours is taken)
+                    if page == answers {
+                        l.requested = false;
+                    }
                     l.epoch = epoch;
                     if l.waiting.take().is_some() {
                         self.materialise(page, &mut l, out);
@@ -669,7 +687,7 @@ impl Node {
             }
             Msg::Share { page, to } => {
                 let mut l = self.local(page);
-                if !l.owner || l.copy == Held::None || l.handing {
+                if !l.owner || l.copy == Held::None || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
                 }
                 if l.writable && l.copy == Held::Data {
@@ -686,7 +704,7 @@ impl Node {
             }
             Msg::Transfer { page, to, evict, epoch } => {
                 let mut l = self.local(page);
-                if !l.owner || l.copy == Held::None || l.handing || (evict && !l.protected) {
+                if !l.owner || l.copy == Held::None || l.handing.is_some() || (evict && !l.protected) {
                     return Err(self.unexpected(page, &msg));
                 }
                 if evict {
@@ -700,22 +718,24 @@ impl Node {
                     out.push(Action::Unmap { page });
                 }
                 l.writable = false;
-                l.handing = true;
+                l.handing = Some(to);
                 let dormant = l.copy == Held::Dormant;
                 self.set_local(page, l);
                 self.hand_out(page, to, dormant, true, evict, epoch, out)?;
             }
             Msg::Upgrade { page } => {
                 let mut l = self.local(page);
-                if !l.owner || l.copy == Held::None || l.handing {
+                if !l.owner || l.copy == Held::None || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
                 }
                 l.writable = true;
                 l.requested = false;
-                if l.copy == Held::Dormant {
-                    self.materialise(page, &mut l, out);
-                } else {
+                if l.copy == Held::Data {
                     out.push(Action::Map { page, writable: true });
+                } else if l.waiting.is_some() {
+                    // granted while our request travelled: zero-fill only
+                    // for a fault that waits
+                    self.materialise(page, &mut l, out);
                 }
                 if l.waiting.take().is_some() {
                     out.push(Action::Wake { page });
@@ -726,11 +746,9 @@ impl Node {
             Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
                 self.check_page(page)?;
                 let mut l = self.local(page);
-                // (not checked: that we asked. A request the home queued
-                // before a block grant answered it is answered again later,
-                // after `requested` was cleared; the model checker finds
-                // that order, so a Ready may come when nothing is asked.)
-                if l.owner || l.handing {
+                // only an answer to our request, or an eviction to us (that
+                // one comes from the page's home, see `Msg::Evicted`)
+                if l.owner || l.handing.is_some() || !(l.requested || (evict && transfer)) {
                     return Err(self.unexpected(page, &msg));
                 }
                 if transfer && l.copy != Held::None {
@@ -747,8 +765,9 @@ impl Node {
                     out.push(Action::Fetch { page, from, transfer, evict, epoch });
                 }
             }
-            Msg::Fetched { page, .. } => {
-                if !self.local(page).handing {
+            Msg::Fetched { page, from } => {
+                // only the node we hand the page to has it
+                if self.local(page).handing != Some(from) {
                     return Err(self.unexpected(page, &msg));
                 }
                 self.drop_copy(page, out);
@@ -757,7 +776,7 @@ impl Node {
             }
             Msg::Inval { page } => {
                 let l = self.local(page);
-                if l.owner || l.handing {
+                if l.owner || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
                 }
                 self.drop_copy(page, out);
@@ -787,7 +806,7 @@ impl Node {
             }
             Msg::Forget { page } => {
                 let l = self.local(page);
-                if !l.owner || l.handing {
+                if !l.owner || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
                 }
                 if l.copy == Held::Data {
@@ -844,8 +863,29 @@ impl Node {
         let mut out = Vec::new();
         #[cfg(test)]
         let zero = zero && self.sabotage != Sabotage::ShipZeroPages;
-        self.send_to(to, Msg::Ready { page, from: self.id, dormant: zero, transfer, evict, epoch }, &mut out)?;
+        self.ready(page, to, zero, transfer, evict, epoch, &mut out)?;
         Ok(out)
+    }
+
+    /// Our copy of `page` is protected: `to` may take it. A requester
+    /// hears it from us; an eviction's target from the page's home, which
+    /// alone knows that the eviction is real ([`Msg::Evicted`]).
+    #[allow(clippy::too_many_arguments)]
+    fn ready(
+        &mut self,
+        page: Page,
+        to: NodeId,
+        dormant: bool,
+        transfer: bool,
+        evict: bool,
+        epoch: u64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Error> {
+        if evict {
+            self.send_home(page, Msg::Evicted { page, from: self.id, to, dormant, epoch }, out)
+        } else {
+            self.send_to(to, Msg::Ready { page, from: self.id, dormant, transfer, evict, epoch }, out)
+        }
     }
 
     /// We own `page` and want it elsewhere: to `to`, or, when its contents
@@ -858,7 +898,7 @@ impl Node {
         let mut l = self.local(page);
         if !l.owner
             || l.copy != Held::Data
-            || l.handing
+            || l.handing.is_some()
             || l.protected
             || l.requested
             || l.waiting.is_some()
@@ -936,6 +976,18 @@ impl Node {
                 }
                 self.home_next(page, out)?;
             }
+            Msg::Evicted { page, from, to, dormant, epoch } => {
+                // the owner protected its copy for the eviction we began:
+                // pass the word on to the target
+                let d = self.dir(page);
+                let ours = d.busy.as_ref().is_some_and(|t| {
+                    t.kind == TxnKind::Transfer && t.evict && t.sent && t.closer == from && t.to == to
+                });
+                if !ours || self.config.home(page) != self.id {
+                    return Err(self.unexpected(page, &msg));
+                }
+                self.send_to(to, Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch }, out)?;
+            }
             Msg::GrantDone { pages, from } => {
                 for &page in &pages {
                     let granted =
@@ -989,7 +1041,7 @@ impl Node {
                             pages.push((p, epoch));
                         }
                     }
-                    self.send_to(from, Msg::Grant { pages }, out)?;
+                    self.send_to(from, Msg::Grant { answers: page, pages }, out)?;
                 }
                 Some(owner) if owner == from => {
                     // the owner itself needs write access (it shared the
@@ -1192,7 +1244,7 @@ mod tests {
         let mut n1 = Node::new(1, cfg(2));
         let req = sends(&n1.fault(2, Access::Write).unwrap());
         let grant = sends(&home.receive(req[0].1.clone()).unwrap());
-        assert_eq!(grant, vec![(1, Msg::Grant { pages: vec![(0, 1), (1, 1), (2, 1), (3, 1)] })]);
+        assert_eq!(grant, vec![(1, Msg::Grant { answers: 2, pages: vec![(0, 1), (1, 1), (2, 1), (3, 1)] })]);
         let acts = n1.receive(grant[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::ZeroFill { page: 2 }) && acts.contains(&Action::Wake { page: 2 }));
         let done = sends(&acts);
@@ -1247,8 +1299,8 @@ mod tests {
     fn malformed_messages_are_errors_not_panics() {
         let mut n = Node::new(1, cfg(2));
         assert!(n.receive(Msg::Fetched { page: 0, from: 0 }).is_err());
-        assert!(n.receive(Msg::Grant { pages: vec![] }).is_err());
-        assert!(n.receive(Msg::Grant { pages: vec![(99, 1)] }).is_err());
+        assert!(n.receive(Msg::Grant { answers: 0, pages: vec![] }).is_err());
+        assert!(n.receive(Msg::Grant { answers: 99, pages: vec![(99, 1)] }).is_err());
         assert!(n.receive(Msg::Done { page: 4, from: 0 }).is_err());
         assert!(n.receive(Msg::Request { page: 0, access: Access::Read, from: 0 }).is_err(), "not its home");
         assert!(n.fault(16, Access::Read).is_err());

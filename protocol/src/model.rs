@@ -170,7 +170,7 @@ impl World {
                         crate::Msg::Grant { .. } => cov.grants_seen = true,
                         crate::Msg::Transfer { .. } => cov.transfers_seen = true,
                         crate::Msg::Share { .. } => cov.shares_seen = true,
-                        crate::Msg::Evict { .. } => cov.evictions_seen = true,
+                        crate::Msg::Evicted { .. } | crate::Msg::Ready { evict: true, .. } => cov.evictions_seen = true,
                         crate::Msg::Dormanted { .. } => cov.redormants_seen = true,
                         _ => {}
                     }
@@ -337,7 +337,7 @@ impl World {
             }
             for n in 0..c.nodes {
                 let l = self.nodes[n as usize].local(p);
-                if l.waiting.is_some() || l.handing || l.protected || l.freeing {
+                if l.waiting.is_some() || l.handing.is_some() || l.protected || l.freeing {
                     return Err(format!("deadlock: node {n} is stuck on page {p}: {l:?}"));
                 }
                 let reader = !l.owner && l.copy != Held::None;

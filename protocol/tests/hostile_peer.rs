@@ -16,7 +16,15 @@ fn msg() -> impl Strategy<Value = Msg> {
     let access = prop_oneof![Just(Access::Read), Just(Access::Write)];
     prop_oneof![
         (p.clone(), access, n.clone()).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
-        prop::collection::vec((p.clone(), e.clone()), 0..6).prop_map(|pages| Msg::Grant { pages }),
+        (p.clone(), prop::collection::vec((p.clone(), e.clone()), 0..6))
+            .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
+        (p.clone(), n.clone(), n.clone(), b, e.clone()).prop_map(|(page, from, to, dormant, epoch)| Msg::Evicted {
+            page,
+            from,
+            to,
+            dormant,
+            epoch
+        }),
         (prop::collection::vec(p.clone(), 0..6), n.clone()).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
         (p.clone(), n.clone()).prop_map(|(page, to)| Msg::Share { page, to }),
         (p.clone(), n.clone(), b, e.clone()).prop_map(|(page, to, evict, epoch)| Msg::Transfer {
@@ -70,17 +78,72 @@ fn step() -> impl Strategy<Value = Local> {
     ]
 }
 
+/// The sender a message names, if it names one.
+fn claimed_sender(msg: &Msg) -> Option<u32> {
+    match *msg {
+        Msg::Request { from, .. }
+        | Msg::GrantDone { from, .. }
+        | Msg::Ready { from, evict: false, .. }
+        | Msg::Evicted { from, .. }
+        | Msg::Fetched { from, .. }
+        | Msg::Done { from, .. }
+        | Msg::InvalAck { from, .. }
+        | Msg::Evict { from, .. }
+        | Msg::Redormant { from, .. }
+        | Msg::Free { from, .. } => Some(from),
+        _ => None,
+    }
+}
+
+/// Whether accepting `msg` kept to what a peer may make a node do: a page
+/// arrives only as the answer to our request (a block's grant answers
+/// one page and brings its dormant neighbours; an eviction's Ready is
+/// the one exception, and the VMM takes that only from the page's home),
+/// and only the node we hand a page to may say it has it.
+fn honest_effect(before: &Node, after: &Node, msg: &Msg) -> Result<(), String> {
+    let asked = |p: u64| before.local(p).requested;
+    match *msg {
+        Msg::Ready { page, evict: false, .. } if !asked(page) => Err(format!("took {msg:?} unasked")),
+        Msg::Grant { answers, .. } if !asked(answers) => Err(format!("took {msg:?} unasked")),
+        Msg::Fetched { page, from } if before.local(page).handing != Some(from) => {
+            Err(format!("dropped page {page} on {msg:?}, handing it to {:?}", before.local(page).handing))
+        }
+        Msg::Ready { evict: true, .. } | Msg::Grant { .. } => Ok(()),
+        _ => {
+            for p in msg.pages().into_iter().filter(|&p| p < before.config.pages) {
+                let (b, a) = (before.local(p), after.local(p));
+                if (!b.owner && a.owner) || (b.copy == Default::default() && a.copy != Default::default()) {
+                    return Err(format!("{msg:?} gave page {p}: {b:?} -> {a:?}"));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
+    /// Never a panic, and what is accepted is honest (`honest_effect`):
+    /// this fails on a protocol that takes a Ready it did not ask for.
     #[test]
-    fn arbitrary_messages_never_panic_the_protocol(me in 0u32..3, steps in prop::collection::vec(step(), 1..40)) {
+    fn arbitrary_messages_never_panic_the_protocol_nor_give_pages_unasked(
+        me in 0u32..3,
+        steps in prop::collection::vec(step(), 1..40),
+    ) {
         let config = Config::new(3, 4, 16).unwrap();
         let mut node = Node::new(me, config);
         // a start like a pod's: the loader's page 0 owned by node 0
         node.preload(0, 0).unwrap();
         let mut pending: Vec<Action> = Vec::new();
         for s in steps {
+            let before = node.clone();
+            let message = if let Local::Message(m) = &s { Some(m.clone()) } else { None };
+            // the VMM refuses a message in our own name (a message's sender
+            // is the connection it came on): it never reaches the protocol
+            if message.as_ref().is_some_and(|m| claimed_sender(m) == Some(me)) {
+                continue;
+            }
             let result = match s {
                 Local::Fault(p, a) => node.fault(p, a),
                 Local::Evict(p, t) => node.evict(p, t),
@@ -96,7 +159,14 @@ proptest! {
             };
             // an error is the VMM's cue to end the pod: stop there
             match result {
-                Ok(acts) => pending.extend(acts),
+                Ok(acts) => {
+                    if let Some(m) = &message {
+                        if let Err(e) = honest_effect(&before, &node, m) {
+                            prop_assert!(false, "node {}: {}", me, e);
+                        }
+                    }
+                    pending.extend(acts)
+                }
                 Err(_) => break,
             }
         }

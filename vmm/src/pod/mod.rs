@@ -292,6 +292,40 @@ fn beat(t: &dyn Transport) {
     }
 }
 
+/// Whether `msg` may come from `from` to `me`: node 0 runs the pod, so a
+/// member takes control messages from node 0 only (beats from anyone),
+/// and node 0 takes only what members send it (`Hello`, `Started`,
+/// `Metrics`, `Abort`, beats). Anything else is a peer breaking the pod's
+/// control protocol, named.
+fn check_control_sender(me: NodeId, from: NodeId, msg: &Control) -> Result<(), Error> {
+    let fine = match msg {
+        Control::Beat => true,
+        _ if me != 0 => from == 0,
+        Control::Hello { .. } | Control::Started | Control::Metrics { .. } | Control::Abort { .. } => true,
+        Control::Mismatch { .. } | Control::Start { .. } | Control::Run | Control::Finish => false,
+    };
+    if fine {
+        return Ok(());
+    }
+    let why = if me == 0 { "which only node 0 sends" } else { "which only node 0 may send to a member" };
+    Err(Error::Malformed { node: from, reason: format!("{}, {why}", control_name(msg)) })
+}
+
+/// A control message's name, for errors.
+fn control_name(msg: &Control) -> &'static str {
+    match msg {
+        Control::Hello { .. } => "Hello",
+        Control::Mismatch { .. } => "Mismatch",
+        Control::Start { .. } => "Start",
+        Control::Started => "Started",
+        Control::Run => "Run",
+        Control::Finish => "Finish",
+        Control::Metrics { .. } => "Metrics",
+        Control::Abort { .. } => "Abort",
+        Control::Beat => "Beat",
+    }
+}
+
 /// Reads the next message; control messages are returned, page and vCPU
 /// messages handed to `engine` and `vcpus` (None before they exist: then
 /// such a message is a peer's mistake). Every arrival counts as hearing
@@ -311,9 +345,12 @@ fn next(
                 l.heard(from);
             }
             match payload.split_first() {
-                Some((&CHANNEL_CONTROL, body)) => serde_json::from_slice(body)
-                    .map(|msg| Some(Arrival::Control { from, msg }))
-                    .map_err(|e| Error::Malformed { node: from, reason: e.to_string() }),
+                Some((&CHANNEL_CONTROL, body)) => {
+                    let msg: Control = serde_json::from_slice(body)
+                        .map_err(|e| Error::Malformed { node: from, reason: e.to_string() })?;
+                    check_control_sender(t.node(), from, &msg)?;
+                    Ok(Some(Arrival::Control { from, msg }))
+                }
                 Some((&CHANNEL_PAGES, body)) => match engine {
                     Some(e) => e.on_message(from, body).map(|()| None).map_err(Error::Failed),
                     None => {
@@ -651,6 +688,12 @@ fn receive_turn(
                 engine.fail(reason);
             }
         }
+        // while the guest runs a member only beats or gives up; its
+        // metrics come after Finish
+        Ok(Some(Arrival::Control { from, msg })) if !finishing.load(Ordering::SeqCst) => {
+            let why = format!("{} while the guest runs", control_name(&msg));
+            engine.fail(Error::Malformed { node: from, reason: why }.to_string());
+        }
         Ok(Some(a)) => {
             let _ = tx.send(a);
         }
@@ -863,7 +906,8 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
                 return Ok(MemberEnd::Failed(format!("node 0 stopped the pod: {reason}")));
             }
             Ok(Some(Arrival::Control { from, msg })) => {
-                tracing::warn!(from, ?msg, "unexpected control message while running");
+                let why = format!("{} while the guest runs", control_name(&msg));
+                break Err(Error::Malformed { node: from, reason: why }.to_string());
             }
             Ok(Some(Arrival::Gone { node, reason })) => {
                 let why = format!("node {node} left the pod: {reason}");
@@ -901,6 +945,30 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
             let _ = send_control(&*t, 0, &Control::Abort { reason: format!("node {me}: {why}") });
             t.shutdown();
             Ok(MemberEnd::Failed(why))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_come_only_from_whom_they_may() {
+        // a member: everything but beats from node 0 only
+        assert!(check_control_sender(1, 0, &Control::Finish).is_ok());
+        assert!(check_control_sender(1, 2, &Control::Beat).is_ok());
+        for msg in [Control::Run, Control::Finish, Control::Abort { reason: "x".into() }, Control::Started] {
+            let e = check_control_sender(1, 2, &msg).unwrap_err().to_string();
+            assert!(e.starts_with("node 2 sent a malformed control message") && e.contains("only node 0"), "{e}");
+        }
+        // node 0: what members send, never what node 0 itself sends
+        for msg in [Control::Started, Control::Abort { reason: "x".into() }, Control::Beat] {
+            assert!(check_control_sender(0, 1, &msg).is_ok());
+        }
+        for msg in [Control::Run, Control::Finish, Control::Mismatch { reason: "x".into() }] {
+            let e = check_control_sender(0, 1, &msg).unwrap_err().to_string();
+            assert!(e.contains("node 1") && e.contains("which only node 0 sends"), "{e}");
         }
     }
 }

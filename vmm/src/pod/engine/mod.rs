@@ -643,14 +643,14 @@ impl Engine {
             return Ok(());
         }
         st.hold_sends = true;
-        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, msg));
+        let taken = msgs.into_iter().try_for_each(|msg| self.take_message(&mut st, from, msg));
         st.hold_sends = false;
         taken?;
         self.flush_sends(&mut st)?;
         self.settle(&mut st)
     }
 
-    fn take_message(&self, st: &mut State, msg: Msg) -> Result<(), String> {
+    fn take_message(&self, st: &mut State, from: NodeId, msg: Msg) -> Result<(), String> {
         match msg {
             Msg::Inval { .. } => {
                 self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -667,7 +667,12 @@ impl Engine {
                 w.answered.get_or_insert_with(Instant::now);
             }
         }
-        let acts = st.node.receive(msg).map_err(|e| format!("page protocol: {e}"))?;
+        // a message the protocol cannot take in our state: the sender
+        // broke it (or lies), and is named
+        let acts = st
+            .node
+            .receive(msg)
+            .map_err(|e| format!("node {from} sent a message the page protocol does not allow: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         self.apply(st, acts)
     }
@@ -687,7 +692,7 @@ impl Engine {
             | Msg::InvalAck { from, .. }
             | Msg::Redormant { from, .. }
             | Msg::Free { from, .. } => vec![*from],
-            Msg::Evict { from, to, .. } => vec![*from, *to],
+            Msg::Evict { from, to, .. } | Msg::Evicted { from, to, .. } => vec![*from, *to],
             Msg::Upgrade { .. }
             | Msg::Inval { .. }
             | Msg::Refused { .. }
@@ -702,11 +707,14 @@ impl Engine {
             return Err(format!("node {from} sent a message naming node {n}, outside the pod ({} nodes)", cfg.nodes));
         }
         // a message's claimed sender is the connection it came on; what
-        // only a page's home sends comes from that home
+        // only a page's home sends comes from that home (an eviction's
+        // Ready too: it names the owner to read from, and the home vouches
+        // for it)
         let claimed = match msg {
             Msg::Request { from, .. }
             | Msg::GrantDone { from, .. }
-            | Msg::Ready { from, .. }
+            | Msg::Ready { from, evict: false, .. }
+            | Msg::Evicted { from, .. }
             | Msg::Fetched { from, .. }
             | Msg::Done { from, .. }
             | Msg::InvalAck { from, .. }
@@ -869,7 +877,7 @@ impl Engine {
                 // still ours and not on its way to a requester
                 Action::Refused { page } => {
                     let l = st.node.local(page);
-                    if l.copy == Held::Data && !l.handing {
+                    if l.copy == Held::Data && l.handing.is_none() {
                         st.res.eviction_refused(page);
                     }
                 }
@@ -1435,6 +1443,54 @@ mod pair {
         serve(engines[0].clone(), rx0);
         serve(engines[1].clone(), rx1);
         (engines, mems)
+    }
+
+    /// A frame of `msgs` as a peer sends it.
+    fn frame(msgs: &[Msg]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        msgs.iter().for_each(|m| codec::encode_batch(m, &mut bytes));
+        bytes
+    }
+
+    /// A member that lies (answers nobody asked for, a home's words from a
+    /// node that is not the home, another node's name) is refused and
+    /// named, before anything of the page changes.
+    #[test]
+    fn a_peer_that_breaks_the_protocol_is_named_and_changes_nothing() {
+        // page 10 is node 0's (loaded there, homed there); page 70 is homed
+        // on node 1 and dormant
+        let cases = [
+            (
+                Msg::Ready { page: 70, from: 1, dormant: true, transfer: true, evict: false, epoch: 9 },
+                "node 1 sent a message the page protocol does not allow",
+            ),
+            (
+                Msg::Ready { page: 10, from: 1, dormant: false, transfer: true, evict: true, epoch: 9 },
+                "which only page 10's home (node 0) may send",
+            ),
+            (Msg::Fetched { page: 10, from: 0 }, "node 1 sent a page message in the name of node 0"),
+            (Msg::Fetched { page: 10, from: 1 }, "node 1 sent a message the page protocol does not allow"),
+            (
+                Msg::Evicted { page: 10, from: 1, to: 0, dormant: true, epoch: 1 },
+                "node 1 sent a message the page protocol does not allow",
+            ),
+            (
+                Msg::Grant { answers: 70, pages: vec![(70, 1)] },
+                "node 1 sent a message the page protocol does not allow",
+            ),
+        ];
+        for (msg, says) in cases {
+            let (e, mem) = pod(16);
+            let held = |e: &Engine| {
+                let st = e.lock();
+                (st.node.local(10), st.node.local(70))
+            };
+            let before = held(&e[0]);
+            let err = e[0].on_message(1, &frame(std::slice::from_ref(&msg))).unwrap_err();
+            assert!(err.contains(says), "{msg:?}: {err}");
+            assert_eq!(held(&e[0]), before, "{msg:?}");
+            assert_eq!(mem[0].allocated_bytes(), 16 * PAGE_SIZE, "{msg:?}: nothing zero-filled");
+        }
     }
 
     #[test]
