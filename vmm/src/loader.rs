@@ -95,6 +95,30 @@ pub struct Image<'a> {
 }
 
 impl<'a> Image<'a> {
+    /// Refuses a segment outside the guest RAM of `layout` (which needs no
+    /// memory yet: a pod checks this before it starts its nodes).
+    pub fn check_fits(&self, layout: &Layout) -> Result<()> {
+        for (index, s) in self.segments.iter().enumerate() {
+            let inside = layout.region_of_gpa(s.paddr).is_some_and(|r| s.paddr + s.memsz <= r.end());
+            if !inside {
+                return Err(Error::SegmentOutside {
+                    name: self.name.clone(),
+                    index,
+                    start: s.paddr,
+                    end: s.paddr + s.memsz,
+                    ram: describe(layout),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of guest memory the segments' file bytes fill, in whole pages:
+    /// a floor of what loading the image writes.
+    pub fn file_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.filesz.div_ceil(4096) * 4096).sum()
+    }
+
     /// Checks that `bytes` is a static x86-64 ELF executable with sane
     /// segments. `name` is how errors call it.
     pub fn parse(name: &str, bytes: &'a [u8]) -> Result<Self> {
@@ -246,19 +270,7 @@ pub fn load(image: &Image, mem: &GuestMemory, params: &BootParams) -> Result<Boo
     if params.cmdline.len() > abi::CMDLINE_MAX as usize {
         return Err(Error::CmdlineTooLong { len: params.cmdline.len() });
     }
-    let ram = describe(layout);
-    for (index, s) in image.segments.iter().enumerate() {
-        let inside = layout.region_of_gpa(s.paddr).is_some_and(|r| s.paddr + s.memsz <= r.end());
-        if !inside {
-            return Err(Error::SegmentOutside {
-                name: image.name.clone(),
-                index,
-                start: s.paddr,
-                end: s.paddr + s.memsz,
-                ram,
-            });
-        }
-    }
+    image.check_fits(layout)?;
     let p = place(image.end(), layout.top(), params.vcpus);
     let low_end = layout.regions()[0].end();
     if p.free_base > low_end {

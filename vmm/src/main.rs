@@ -118,6 +118,8 @@ enum BackingArg {
 }
 
 #[derive(Args, Debug)]
+// `--join-timeout -1` is a bad value (said so), not an unknown flag
+#[command(allow_negative_numbers = true)]
 struct RunArgs {
     #[command(flatten)]
     image: ImageArgs,
@@ -217,7 +219,19 @@ fn main() -> ExitCode {
         // colour codes only for a person at a terminal, not in logs
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // help and version go to stdout as clap prints them
+        Err(e) if !e.use_stderr() => e.exit(),
+        // a usage error is one line, like every other bad input (clap's
+        // own adds the usage and a hint on lines of their own)
+        Err(e) => {
+            // its first paragraph (the error, and what it lists), joined
+            let text = e.render().to_string();
+            let said: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+            return bad_input(format!("{} (shoal --help)", said.join(" ").trim_start_matches("error: ")));
+        }
+    };
     match cli.command {
         Command::Guests { export } => guests(export),
         Command::Run(args) => run(args),
@@ -316,19 +330,21 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = config.check().and_then(|()| config.check_disks()) {
         return bad_input(e);
     }
+    // the pod's options are checked on one node too: a bad value is a
+    // mistake whether or not it is used
+    let kind = match parse_fabric(&args.fabric, true) {
+        Ok(k) => k,
+        Err(e) => return bad_input(e),
+    };
+    let join_timeout = match positive_seconds("--join-timeout", args.join_timeout) {
+        Ok(t) => t,
+        Err(e) => return bad_input(e),
+    };
+    let liveness = match liveness_seconds("--liveness-timeout", args.liveness_timeout) {
+        Ok(t) => t,
+        Err(e) => return bad_input(e),
+    };
     if args.nodes > 1 {
-        let kind = match parse_fabric(&args.fabric, true) {
-            Ok(k) => k,
-            Err(e) => return bad_input(e),
-        };
-        let join_timeout = match positive_seconds("--join-timeout", args.join_timeout) {
-            Ok(t) => t,
-            Err(e) => return bad_input(e),
-        };
-        let liveness = match liveness_seconds("--liveness-timeout", args.liveness_timeout) {
-            Ok(t) => t,
-            Err(e) => return bad_input(e),
-        };
         let file = PodFile {
             pod_id: format!("run-{}-{:08x}", std::process::id(), rand_u32()),
             nodes: Some(args.nodes),
@@ -361,6 +377,16 @@ fn run(args: RunArgs) -> ExitCode {
             frame_auth: Some(args.frame_auth == OnOff::On),
             ..Default::default()
         };
+        // all input checked before any node starts: bad input ends the
+        // pod alone, with one line and exit status 2
+        match vm::preflight(&config, args.nodes) {
+            Ok(()) => {}
+            Err(e) if e.is_bad_input() => return bad_input(e),
+            Err(e) => {
+                eprintln!("shoal: error: {e}");
+                return ExitCode::from(EXIT_HOST);
+            }
+        }
         return run_local_pod(&config, &file, kind, join_timeout, liveness, args.metrics_json.as_deref());
     }
     if let Err(e) = config::placement(config.cpus, 1, &config.placement) {

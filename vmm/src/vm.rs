@@ -159,19 +159,25 @@ struct Paging {
     serving: Option<crate::pod::Serving>,
 }
 
-/// Runs the VM as node 0 of a pod joined through `pod` (None: alone).
-pub fn run_node(
-    config: &VmConfig,
-    console_out: Box<dyn std::io::Write + Send>,
-    pod: Option<&crate::pod::Link>,
-) -> Result<Outcome> {
-    let started = Instant::now();
+/// What [`check_input`] found: the image, its kind, whether the guest
+/// gets a balloon.
+struct Checked {
+    name: String,
+    bytes: Cow<'static, [u8]>,
+    linux_kernel: Option<(std::path::PathBuf, crate::linux::Format)>,
+    balloon: bool,
+}
+
+/// Every check of the configuration and the image that needs no KVM, no
+/// memory and no peer, for a VM over `nodes` nodes: a pod runs it before
+/// it starts any node, so bad input ends it alone (exit status 2).
+pub fn preflight(config: &VmConfig, nodes: u32) -> Result<()> {
     config.check()?;
     config.check_disks()?;
-    if let Some(link) = pod {
-        link.check_members()?;
-    }
-    install_kick_handler()?;
+    check_input(config, nodes).map(|_| ())
+}
+
+fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
     let (name, bytes): (String, Cow<'static, [u8]>) = match &config.image {
         ImageSource::Embedded(g) => (g.name.to_string(), Cow::Borrowed(g.elf)),
         ImageSource::File(path) => {
@@ -197,6 +203,24 @@ pub fn run_node(
         .into());
     }
     let linux = linux_kernel.is_some();
+    if nodes > 1 && config.backing == Backing::Anonymous {
+        return Err(config::Error::Invalid("a pod needs --memory-backing memfd".into()).into());
+    }
+    if !linux {
+        // a unikernel: its ELF checked, and the floor of what it writes
+        // against the memory bound (the exact count comes after loading)
+        let image = loader::Image::parse(&name, &bytes)?;
+        image.check_fits(&Layout::new(config.memory)?)?;
+        if let Some(budget) = config.node_memory {
+            if image.file_bytes() > budget {
+                return Err(config::Error::Invalid(format!(
+                    "--node-memory {budget} bytes is less than the {} bytes the guest image alone fills",
+                    image.file_bytes()
+                ))
+                .into());
+            }
+        }
+    }
     let balloon = match (config.balloon, linux, config.backing) {
         (Some(true), false, _) => {
             return Err(config::Error::Invalid(format!(
@@ -219,6 +243,24 @@ pub fn run_node(
         (Some(on), ..) => on,
         (None, linux, backing) => linux && backing == Backing::Memfd && config.dormant,
     };
+    Ok(Checked { name, bytes, linux_kernel, balloon })
+}
+
+/// Runs the VM as node 0 of a pod joined through `pod` (None: alone).
+pub fn run_node(
+    config: &VmConfig,
+    console_out: Box<dyn std::io::Write + Send>,
+    pod: Option<&crate::pod::Link>,
+) -> Result<Outcome> {
+    let started = Instant::now();
+    config.check()?;
+    config.check_disks()?;
+    if let Some(link) = pod {
+        link.check_members()?;
+    }
+    install_kick_handler()?;
+    let Checked { name, bytes, linux_kernel, balloon } = check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
+    let linux = linux_kernel.is_some();
     let mem = match pod {
         Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),
         Some(_) => return Err(config::Error::Invalid("the pod's memory differs from --memory".into()).into()),

@@ -16,7 +16,31 @@ fn refused(args: &[&str], needle: &str) {
     assert_eq!(r.status, 2, "{args:?}: status; stderr:\n{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{args:?} panicked:\n{}", r.stderr);
     assert!(r.stderr.contains(needle), "{args:?}: expected {needle:?} in:\n{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{args:?}: one line:\n{}", r.stderr);
     assert!(r.stdout.is_empty(), "{args:?}: nothing reaches the console: {}", r.stdout);
+}
+
+/// Usage errors (clap's) are one line too, and a pod refuses bad input
+/// before it starts any other node (no "node 1 ended badly").
+#[test]
+fn usage_errors_and_a_pods_bad_input_are_one_line() {
+    refused(&["run", "--guest", "hello", "--memory", "99999999T"], "does not fit in 64 bits");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--join-timeout", "-1"], "--join-timeout must be");
+    refused(&["run", "--guest", "hello", "--memory", "64M", "--cpus", "99999999999"], "--cpus");
+    refused(&["run", "--bogus"], "unexpected argument '--bogus'");
+    refused(&["frob"], "unrecognized subcommand 'frob'");
+    let dir = scratch("pod-preflight");
+    let junk = write_file(&dir, "junk", &[0x42u8; 1000]);
+    fn pod<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["run", "--memory", "64M", "--nodes", "2"];
+        a.extend_from_slice(extra);
+        a
+    }
+    refused(&pod(&["--kernel", &junk]), "not an ELF file");
+    refused(&pod(&["--guest", "hello", "--memory-backing", "anonymous"]), "a pod needs --memory-backing memfd");
+    refused(&pod(&["--guest", "hello", "--node-memory", "1"]), "the guest image alone fills");
+    let far = write_file(&dir, "far", &tiny_elf(&[0xf4], 0x800_0000, 2));
+    refused(&pod(&["--kernel", &far]), "outside guest RAM");
 }
 
 #[test]
