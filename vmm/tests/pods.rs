@@ -477,9 +477,12 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
     if !kvm_or_skip("pod pageout") {
         return;
     }
+    let dir = scratch("pod-pageout");
+    let metrics = dir.join("m.json");
     let mut child = Command::new(shoal_bin())
         .args(["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=24 seed=2", "--nodes", "2"])
-        .args(["--fabric", "shm", "--migration", "off"])
+        .args(["--fabric", "shm", "--migration", "off", "--metrics-json"])
+        .arg(&metrics)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -491,6 +494,7 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
     assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
     let start = Instant::now();
     let mut rounds = 0;
+    let mut paged_out = 0;
     while child.try_wait().unwrap().is_none() {
         assert!(start.elapsed() < LIMIT, "the pod did not end (a vCPU faulting forever on a paged-out page?)");
         for (a, b) in guest_ram_mappings(pid) {
@@ -498,7 +502,11 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
             // SAFETY: process_madvise reads one iovec we own; MADV_PAGEOUT
             // only drops the child's page-table entries (the memfd keeps
             // every page).
-            unsafe { libc::syscall(libc::SYS_process_madvise, pidfd, &iov as *const libc::iovec, 1, 21, 0) };
+            let advised =
+                unsafe { libc::syscall(libc::SYS_process_madvise, pidfd, &iov as *const libc::iovec, 1, 21, 0) };
+            if advised > 0 {
+                paged_out += 1;
+            }
         }
         rounds += 1;
         std::thread::sleep(Duration::from_millis(30));
@@ -510,7 +518,13 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("memtouch: verified 6144 pages"), "{stdout}");
     assert_eq!(printed_checksum(&stdout), expected_checksum(24, 2));
-    assert!(rounds > 3, "paged out only {rounds} times");
+    assert!(rounds > 3 && paged_out > 3, "paged out {paged_out} times in {rounds} rounds");
+    // the guest touched pages the kernel had taken out of its view, and
+    // node 0 mapped them again (a fault on a page it already held)
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let remapped = get(&m["nodes"][0], "faults_already_resident");
+    eprintln!("paged out {paged_out} times, {remapped} faults on pages held");
+    assert!(remapped > 0, "{m}");
 }
 
 /// Two nodes with different pod secrets never join; both exit 2 (bad
