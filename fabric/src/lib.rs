@@ -415,6 +415,14 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn recv(&self, timeout: Duration) -> Result<Option<Incoming>>;
     /// Counters so far.
     fn stats(&self) -> Stats;
+    /// How long since anything (a frame of any kind) came from `peer`, as
+    /// its connection's reading thread saw it: whatever this node's own
+    /// threads are busy with. None for an unknown peer, or a transport
+    /// that does not know.
+    fn quiet_for(&self, peer: NodeId) -> Option<Duration> {
+        let _ = peer;
+        None
+    }
     /// Says goodbye to every peer and stops the transport's threads.
     fn shutdown(&self);
 }

@@ -34,6 +34,14 @@ pub(crate) struct Peer {
     /// Requests (tcp reads, verbs key requests) waiting for their answer,
     /// by tag: the sender half and the op's index in its batch.
     pending: Mutex<HashMap<u64, Waiter>>,
+    /// When the last frame from the peer arrived (ns since [`epoch`]).
+    heard: AtomicU64,
+}
+
+/// The zero of the peers' arrival times.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Peer {
@@ -45,7 +53,20 @@ impl Peer {
             alive: AtomicBool::new(true),
             gone: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
+            heard: AtomicU64::new(epoch().elapsed().as_nanos() as u64),
         })
+    }
+
+    /// A frame came from the peer now.
+    pub fn heard(&self) {
+        self.heard.store(epoch().elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last frame from the peer (since its connection
+    /// was made, before any).
+    pub fn quiet(&self) -> Duration {
+        let now = epoch().elapsed();
+        now.saturating_sub(Duration::from_nanos(self.heard.load(Ordering::Relaxed)))
     }
 
     /// Fails unless the peer is still connected.
@@ -358,7 +379,15 @@ impl Core {
 
     /// Puts a message into the inbox (backends whose messages do not come
     /// through the stream deliver here).
+    /// How long `peer` has been quiet, if it is ours.
+    pub fn quiet_for(&self, peer: NodeId) -> Option<Duration> {
+        self.peer(peer).ok().map(|p| p.quiet())
+    }
+
     pub fn deliver(&self, from: NodeId, payload: Vec<u8>) {
+        if let Ok(p) = self.peer(from) {
+            p.heard();
+        }
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
         let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Incoming::Message { from, payload });
     }
@@ -378,7 +407,10 @@ impl Core {
     fn read_loop(&self, peer: &Peer, mut conn: Conn, mut opener: Opener, handler: &dyn Handler) {
         loop {
             let frame = match opener.read_frame(&mut conn) {
-                Ok(f) => f,
+                Ok(f) => {
+                    peer.heard();
+                    f
+                }
                 Err(e) => {
                     let reason = match e {
                         StreamError::Closed => "connection closed".to_string(),

@@ -323,6 +323,10 @@ impl Transport for ShmTransport {
         self.core.counters.snapshot()
     }
 
+    fn quiet_for(&self, peer: NodeId) -> Option<std::time::Duration> {
+        self.core.quiet_for(peer)
+    }
+
     fn shutdown(&self) {
         self.core.shutdown();
     }

@@ -169,6 +169,10 @@ impl Transport for TcpTransport {
         self.core.counters.snapshot()
     }
 
+    fn quiet_for(&self, peer: NodeId) -> Option<std::time::Duration> {
+        self.core.quiet_for(peer)
+    }
+
     fn shutdown(&self) {
         self.core.shutdown();
         // the readers are gone, and with them the senders: the responders

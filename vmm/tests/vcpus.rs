@@ -296,6 +296,48 @@ fn a_hung_node_with_vcpus_is_named_within_two_seconds() {
     }
 }
 
+/// A hung node that serves pages: node 0's vCPU keeps pulling evicted
+/// pages back from nodes 1 and 2 (a hot set of 20 MiB over a bound of 12), so
+/// over tcp a thread of node 0 may be in a page read from node 2 when it
+/// stops. The pod still names node 2 within the bound, and no node takes
+/// a reader that was only waiting for node 2 for the hung one.
+#[test]
+fn a_hung_node_serving_pages_is_named_not_the_nodes_reading_from_it() {
+    if !kvm_or_skip("vcpus hang reads") {
+        return;
+    }
+    let mut pod = BackgroundPod::start(&[
+        "run",
+        "--guest",
+        "memtouch",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mib=24 hot=20 rounds=100000000",
+        "--nodes",
+        "3",
+        "--node-memory",
+        "12M",
+        "--fabric",
+        "tcp",
+        "--migration",
+        "off",
+    ]);
+    let node2 = pod.node(2, 2, Duration::from_secs(3));
+    let since = Instant::now();
+    // SAFETY: SIGSTOP to a process of the pod we started.
+    unsafe { libc::kill(node2 as i32, libc::SIGSTOP) };
+    let end = pod.end(since, Duration::from_secs(20));
+    // SAFETY: as above; let it go so it can be reaped.
+    unsafe { libc::kill(node2 as i32, libc::SIGCONT) };
+    assert_eq!(end.status, Some(70), "{}", end.stderr);
+    assert!(end.failure.contains("node 2 does not answer"), "{}", end.stderr);
+    for wrong in ["node 0 does not answer", "node 1 does not answer"] {
+        assert!(!end.stderr.contains(wrong), "blamed a reader ({wrong}):\n{}", end.stderr);
+    }
+    assert!(end.took < Duration::from_secs(3), "ended {:?} after the hang: {}", end.took, end.failure);
+}
+
 /// Dormant pages stay free with vCPUs on every node: each of three vCPUs,
 /// one per node, first-touches its own 8 MiB; every node zero-fills its
 /// slice locally, and only the few pages with contents (code, boot data,

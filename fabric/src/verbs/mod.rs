@@ -728,6 +728,10 @@ impl Transport for VerbsTransport {
         Ok(self.core.recv(timeout))
     }
 
+    fn quiet_for(&self, peer: NodeId) -> Option<std::time::Duration> {
+        self.core.quiet_for(peer)
+    }
+
     fn stats(&self) -> Stats {
         let mut s = self.core.counters.snapshot();
         s.chunks_registered = self.exposer.counters.chunks_registered.load(Ordering::Relaxed);

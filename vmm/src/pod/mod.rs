@@ -19,8 +19,9 @@
 //! A node that leaves early (dies, disconnects) is noticed through the
 //! fabric (a closed connection, or a read or message timing out after the
 //! fabric's io timeout); one that hangs is noticed by its silence: every
-//! node sends every other a beat each [`BEAT_EVERY`], and a peer not heard
-//! from for the silence limit (`--liveness-timeout`, default
+//! node sends every other a beat each [`BEAT_EVERY`] (from a thread of its
+//! own), and a peer not heard from (by the fabric's reading threads) for
+//! the silence limit (`--liveness-timeout`, default
 //! [`SILENCE_LIMIT`]) has failed. Node 0 stops the guest and names
 //! the node; the others exit with an error naming it too.
 
@@ -255,15 +256,24 @@ impl Liveness {
         self.watching = true;
     }
 
-    /// The peer silent the longest, if longer than the limit.
-    pub fn silent(&self) -> Option<(NodeId, Duration)> {
+    /// The peer silent the longest, if longer than the limit: silent
+    /// both to this thread (what it took) and to the fabric's reading
+    /// threads (what arrived, `Transport::quiet_for`), so messages that
+    /// wait while this thread is busy count as heard.
+    pub fn silent(&self, t: &dyn Transport) -> Option<(NodeId, Duration)> {
         if !self.watching {
             return None;
         }
-        let (node, t) =
-            self.last.iter().enumerate().filter(|(n, _)| *n as NodeId != self.me).min_by_key(|(_, t)| **t)?;
-        let quiet = t.elapsed();
-        (quiet > self.limit).then_some((node as NodeId, quiet))
+        self.last
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| *n as NodeId != self.me)
+            .map(|(n, at)| {
+                let quiet = at.elapsed();
+                (n as NodeId, t.quiet_for(n as NodeId).map_or(quiet, |q| q.min(quiet)))
+            })
+            .max_by_key(|&(_, quiet)| quiet)
+            .filter(|&(_, quiet)| quiet > self.limit)
     }
 }
 
@@ -285,10 +295,38 @@ pub fn unanswered(node: NodeId, after: Duration, what: &str) -> String {
     )
 }
 
-/// Sends a beat to every peer.
-fn beat(t: &dyn Transport) {
-    for p in t.peers() {
-        let _ = send_control(t, p, &Control::Beat);
+/// Sends a beat to every peer every [`BEAT_EVERY`] from a thread of its
+/// own while it lives: a node whose receiving thread is busy (a page read
+/// waiting on a hung peer, a long event) still beats, so its peers never
+/// take it for the hung one.
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(t: Arc<dyn Transport>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let quit = stop.clone();
+        let thread = std::thread::Builder::new().name("shoal-beat".into()).spawn(move || {
+            while !quit.load(Ordering::SeqCst) {
+                for p in t.peers() {
+                    let _ = send_control(&*t, p, &Control::Beat);
+                }
+                std::thread::park_timeout(BEAT_EVERY);
+            }
+        })?;
+        Ok(Heartbeat { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(th) = self.thread.take() {
+            th.thread().unpark();
+            let _ = th.join();
+        }
     }
 }
 
@@ -558,9 +596,12 @@ impl Link {
         let thread = {
             let stop = stop.clone();
             let finishing = finishing.clone();
-            std::thread::Builder::new()
-                .name("shoal-pod-rx".into())
-                .spawn(move || receive_loop(&*t, &engine, &vcpus, &tx, &stop, &finishing, limit))?
+            std::thread::Builder::new().name("shoal-pod-rx".into()).spawn(move || {
+                let _beats = Heartbeat::start(t.clone())
+                    .map_err(|e| engine.fail(format!("starting the pod's heartbeat thread: {e}")))
+                    .ok();
+                receive_loop(&*t, &engine, &vcpus, &tx, &stop, &finishing, limit)
+            })?
         };
         Ok(Serving { rx, stop, finishing, thread: Mutex::new(Some(thread)) })
     }
@@ -639,7 +680,6 @@ fn receive_loop(
     let mut last_beat = Instant::now();
     let mut live = Liveness::new(t.node(), t.peers().len() as u32 + 1, limit);
     live.watch();
-    beat(t);
     while !stop.load(Ordering::SeqCst) {
         // a bug must end the VM, not silently end this thread (and with it
         // the watchdog and the heartbeat)
@@ -665,8 +705,7 @@ fn receive_turn(
     let running = !finishing.load(Ordering::SeqCst);
     if running && last_beat.elapsed() >= BEAT_EVERY {
         *last_beat = Instant::now();
-        beat(t);
-        if let Some((node, quiet)) = live.silent() {
+        if let Some((node, quiet)) = live.silent(t) {
             engine.fail(silent_peer(node, quiet));
         }
         // the backstop: a fault that waits too long ends the VM too
@@ -868,11 +907,15 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
     // until Run, node 0 waits for the other nodes: the join timeout bounds it
     let run_deadline = Instant::now() + m.join_timeout;
     let mut running = false;
+    // beats go out from Run on, until this node ends
+    let mut beats: Option<Result<Heartbeat, String>> = None;
     let end = loop {
+        if let Some(Err(why)) = beats.take_if(|b| b.is_err()) {
+            break Err(why);
+        }
         if running && last_beat.elapsed() >= BEAT_EVERY {
             last_beat = Instant::now();
-            beat(&*t);
-            if let Some((node, quiet)) = live.silent() {
+            if let Some((node, quiet)) = live.silent(&*t) {
                 break Err(silent_peer(node, quiet));
             }
         }
@@ -895,6 +938,7 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
             Ok(Some(Arrival::Control { msg: Control::Run, .. })) => {
                 running = true;
                 live.watch();
+                beats = Some(Heartbeat::start(t.clone()).map_err(|e| format!("starting the heartbeat: {e}")));
                 if let Err(why) = vm.vcpus.start(&plan.boot) {
                     break Err(why);
                 }
@@ -952,6 +996,84 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_fabric::{Kind, ReadReq, RegionInfo, Sink, Stats};
+    use std::sync::atomic::AtomicU64;
+
+    /// Node 0 of three, whose fabric says what it heard when and counts
+    /// the beats it sends.
+    #[derive(Debug, Default)]
+    struct Heard {
+        quiet: Vec<Option<Duration>>,
+        beats: AtomicU64,
+    }
+
+    impl Transport for Heard {
+        fn kind(&self) -> Kind {
+            Kind::Tcp
+        }
+        fn node(&self) -> NodeId {
+            0
+        }
+        fn peers(&self) -> Vec<NodeId> {
+            vec![1, 2]
+        }
+        fn regions(&self, _: NodeId) -> shoal_fabric::Result<Vec<RegionInfo>> {
+            Ok(Vec::new())
+        }
+        fn read_with(&self, peer: NodeId, _: &[ReadReq], _: &mut Sink<'_>) -> shoal_fabric::Result<()> {
+            Err(shoal_fabric::Error::PeerGone { peer, reason: "no reads here".into() })
+        }
+        fn send(&self, _: NodeId, _: &[u8]) -> shoal_fabric::Result<()> {
+            self.beats.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn recv(&self, _: Duration) -> shoal_fabric::Result<Option<Incoming>> {
+            Ok(None)
+        }
+        fn stats(&self) -> Stats {
+            Stats::default()
+        }
+        fn quiet_for(&self, peer: NodeId) -> Option<Duration> {
+            self.quiet.get(peer as usize).copied().flatten()
+        }
+        fn shutdown(&self) {}
+    }
+
+    /// What arrived while the receiving thread was busy counts as heard:
+    /// the silent peer is the one the fabric heard nothing from either.
+    #[test]
+    fn liveness_counts_what_the_fabric_heard_while_this_thread_was_busy() {
+        let mut live = Liveness::new(0, 3, Duration::from_millis(50));
+        live.watch();
+        std::thread::sleep(Duration::from_millis(80));
+        // the thread took nothing for 80 ms; the fabric heard node 1 just
+        // now and node 2 not for a second
+        let t = Heard { quiet: vec![None, Some(Duration::ZERO), Some(Duration::from_secs(1))], ..Heard::default() };
+        let (node, quiet) = live.silent(&t).expect("node 2 is silent");
+        assert_eq!(node, 2);
+        assert!(quiet >= Duration::from_millis(80) && quiet < Duration::from_secs(1), "{quiet:?}");
+        // both heard recently by the fabric: nobody is silent
+        let t = Heard { quiet: vec![None, Some(Duration::ZERO), Some(Duration::ZERO)], ..Heard::default() };
+        assert_eq!(live.silent(&t), None);
+        // a fabric that does not know: what the thread took decides
+        let t = Heard::default();
+        assert!(live.silent(&t).is_some());
+    }
+
+    /// Beats go out on their own thread, whatever the caller's thread does
+    /// (here: sleeps), to every peer, and stop when the heartbeat is dropped.
+    #[test]
+    fn the_heartbeat_beats_on_its_own_thread_until_dropped() {
+        let t = Arc::new(Heard::default());
+        let beats = Heartbeat::start(t.clone()).unwrap();
+        std::thread::sleep(BEAT_EVERY * 4 + BEAT_EVERY / 2);
+        drop(beats);
+        let sent = t.beats.load(Ordering::SeqCst);
+        // one round at once, then one every BEAT_EVERY: 5 rounds of 2
+        assert!((8..=12).contains(&sent), "{sent} beats");
+        std::thread::sleep(BEAT_EVERY * 2);
+        assert_eq!(t.beats.load(Ordering::SeqCst), sent, "no beat after the drop");
+    }
 
     #[test]
     fn control_messages_come_only_from_whom_they_may() {
