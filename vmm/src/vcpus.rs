@@ -520,11 +520,11 @@ impl Vcpus {
     /// either way (a vCPU blocked in the kernel on a page cannot be taken
     /// out without it: measured here, waking it unresolved only makes it
     /// fault again); the vCPU is kicked and leaves at its next exit.
-    pub fn remote_fault(&self, vcpu: u32, from: NodeId) {
+    pub fn remote_fault(&self, vcpu: u32, from: NodeId, page: u64) {
         if !self.migration || from == self.me {
             return;
         }
-        let decided = self.policy.lock().unwrap_or_else(|p| p.into_inner()).remote_fault(vcpu, from);
+        let decided = self.policy.lock().unwrap_or_else(|p| p.into_inner()).remote_fault(vcpu, from, page);
         let Some(to) = decided else { return };
         let slot = &self.slots[vcpu as usize];
         slot.move_to.store(to, Ordering::Release);
@@ -547,7 +547,7 @@ impl Vcpus {
         // new node, which asks for it while it restores the state
         let stack_page = Self::stack_page(&fd, &state);
         *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Parked { fd, cpuid });
-        self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id);
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id, None);
         // under the roster's lock: IPIs posted so far go with the state,
         // later ones see the new location and are forwarded behind it
         let mut r = self.roster();
@@ -587,7 +587,7 @@ impl Vcpus {
         if self.roster().here(vcpu) {
             return Err(format!("node {from} sent vCPU {vcpu}, which already runs here"));
         }
-        self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(vcpu);
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(vcpu, Some(from));
         {
             let mut r = self.roster();
             let msg = RMsg::Migrate { vcpu, moves, pending: state.pending_ipis };

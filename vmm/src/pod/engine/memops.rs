@@ -232,7 +232,7 @@ impl Engine {
         if let Some(w) = st.waiting.get_mut(&page) {
             w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
             if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
-                host.remote_fault(vcpu, from);
+                host.remote_fault(vcpu, from, page);
             }
         }
         Ok(())
