@@ -36,7 +36,11 @@
 //!   page to a node with room ([`Msg::Evict`]): the same transfer, with
 //!   the target pulling the page, except that the owner's word goes
 //!   through the home ([`Msg::Evicted`]): the target did not ask, so it
-//!   takes the page only from the node that serialises it. A page whose contents are all zeros is
+//!   takes the page only from the node that serialises it. The target
+//!   *parks* a page with data: kept out of its guest's view (its guest
+//!   asks the home first, like any node's), so its bytes cannot change,
+//!   and the home, faulting on it itself, reads it at once without asking
+//!   anyone (the target hears [`Msg::Fetched`] from the home afterwards). A page whose contents are all zeros is
 //!   made dormant again instead ([`Msg::Redormant`]): nothing moves.
 //! - **Freeing.** The guest freed a page (a balloon's free page report):
 //!   its contents no longer matter. Any node asks the home
@@ -290,12 +294,17 @@ pub struct Local {
     /// We asked the home to free the page (the guest freed it) and wait
     /// for [`Msg::Freed`].
     pub freeing: bool,
+    /// Ours by an eviction, kept for the pod out of our guest's view: our
+    /// guest asks the home for it like any node's, so its bytes cannot
+    /// change here, and the home may pull it without asking us first
+    /// (`Fetched` from the home then tells us it is gone).
+    pub parked: bool,
 }
 
 impl Local {
     /// Whether the guest may access our copy as `a`.
     pub fn allows(&self, a: Access) -> bool {
-        let present = self.copy != Held::None && self.handing.is_none();
+        let present = self.copy != Held::None && self.handing.is_none() && !self.parked;
         match a {
             Access::Read => present,
             Access::Write => present && self.writable,
@@ -311,6 +320,9 @@ pub struct DirEntry {
     /// Ownerships so far: each grant, transfer and re-dormanting adds one.
     pub epoch: u64,
     pub readers: BTreeSet<NodeId>,
+    /// The owner keeps the page parked (an eviction's target, with data):
+    /// out of its guest's view, so the home may read it directly.
+    pub parked: bool,
     /// The transaction under way.
     pub busy: Option<Txn>,
     /// Requests waiting for it.
@@ -353,6 +365,9 @@ pub struct Txn {
     pub acks_left: BTreeSet<NodeId>,
     /// The main message went out.
     pub sent: bool,
+    /// An eviction whose target parks the page (it has data: the owner
+    /// said so in `Evicted`).
+    pub parks: bool,
 }
 
 /// Errors: a peer broke the protocol (a message that cannot happen).
@@ -386,6 +401,8 @@ pub(crate) enum Sabotage {
     None,
     /// Let a writer in without invalidating the readers.
     SkipInvalidation,
+    /// Let the home read any owner's copy directly, parked or not.
+    DirectUnparked,
     /// Share a page without write-protecting the owner's copy.
     NoWriteProtect,
     /// Send zero pages over the wire.
@@ -534,18 +551,22 @@ impl Node {
         let mut l = self.local(page);
         l.copy = Held::Data;
         self.set_local(page, l);
-        self.arrived(page, from, transfer, evict, epoch, &mut out)?;
+        // an eviction's data is parked here; zeros are not (they are
+        // filled here, no bytes to keep still)
+        self.arrived(page, from, transfer, evict, evict, epoch, &mut out)?;
         Ok(out)
     }
 
     /// The page arrived (fetched or zero-filled): map it, wake the fault,
     /// and move the transaction on.
+    #[allow(clippy::too_many_arguments)]
     fn arrived(
         &mut self,
         page: Page,
         from: NodeId,
         transfer: bool,
         evict: bool,
+        park: bool,
         epoch: u64,
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
@@ -558,11 +579,18 @@ impl Node {
             // request the home still holds will be answered in its turn
             l.requested = false;
         }
-        l.writable = transfer;
         l.owner |= transfer;
-        out.push(Action::Map { page, writable: transfer });
-        if l.waiting.take().is_some() {
-            out.push(Action::Wake { page });
+        if park {
+            // kept for the pod, out of our guest's view: a fault of ours
+            // waits for the answer to its request (an upgrade)
+            l.parked = true;
+            l.writable = false;
+        } else {
+            l.writable = transfer;
+            out.push(Action::Map { page, writable: transfer });
+            if l.waiting.take().is_some() {
+                out.push(Action::Wake { page });
+            }
         }
         self.set_local(page, l);
         if transfer {
@@ -730,6 +758,7 @@ impl Node {
                 }
                 l.writable = true;
                 l.requested = false;
+                l.parked = false;
                 if l.copy == Held::Data {
                     out.push(Action::Map { page, writable: true });
                 } else if l.waiting.is_some() {
@@ -754,20 +783,23 @@ impl Node {
                 if transfer && l.copy != Held::None {
                     // we were a reader: our copy is current (every write
                     // invalidates readers first), no need to read it again
-                    self.arrived(page, from, true, evict, epoch, out)?;
+                    self.arrived(page, from, true, evict, false, epoch, out)?;
                 } else if dormant {
                     out.push(Action::ZeroFill { page });
                     l.copy = Held::Data;
                     self.set_local(page, l);
-                    self.arrived(page, from, transfer, evict, epoch, out)?;
+                    self.arrived(page, from, transfer, evict, false, epoch, out)?;
                 } else {
                     // the bytes arrive in `fetched`
                     out.push(Action::Fetch { page, from, transfer, evict, epoch });
                 }
             }
             Msg::Fetched { page, from } => {
-                // only the node we hand the page to has it
-                if self.local(page).handing != Some(from) {
+                // only the node we hand the page to has it, or, for a page
+                // parked here, the home, which pulled it itself
+                let l = self.local(page);
+                let pulled = l.parked && l.owner && l.handing.is_none() && from == self.config.home(page);
+                if l.handing != Some(from) && !pulled {
                     return Err(self.unexpected(page, &msg));
                 }
                 self.drop_copy(page, out);
@@ -961,12 +993,17 @@ impl Node {
                         d.owner = Some(t.to);
                         d.readers.clear();
                         d.epoch += 1;
+                        d.parked = t.evict && t.parks;
                     }
-                    TxnKind::Upgrade => d.readers.clear(),
+                    TxnKind::Upgrade => {
+                        d.readers.clear();
+                        d.parked = false;
+                    }
                     TxnKind::Redormant | TxnKind::Free => {
                         d.owner = None;
                         d.readers.clear();
                         d.epoch += 1;
+                        d.parked = false;
                     }
                     TxnKind::Refuse | TxnKind::Grant => {}
                 }
@@ -986,6 +1023,11 @@ impl Node {
                 if !ours || self.config.home(page) != self.id {
                     return Err(self.unexpected(page, &msg));
                 }
+                let mut d = d;
+                if let Some(t) = d.busy.as_mut() {
+                    t.parks = !dormant;
+                }
+                self.set_dir(page, d);
                 self.send_to(to, Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch }, out)?;
             }
             Msg::GrantDone { pages, from } => {
@@ -1015,7 +1057,8 @@ impl Node {
         let mut d = self.dir(page);
         let Some(req) = d.queue.pop_front() else { return Ok(()) };
         self.set_dir(page, d.clone());
-        let txn = |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false };
+        let txn =
+            |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false, parks: false };
         match req {
             Msg::Request { access, from, .. } => match d.owner {
                 None => {
@@ -1037,6 +1080,7 @@ impl Node {
                                 closer: from,
                                 acks_left: BTreeSet::new(),
                                 sent: true,
+                                parks: false,
                             });
                             pages.push((p, epoch));
                         }
@@ -1117,7 +1161,20 @@ impl Node {
         let t = t.clone();
         let owner = d.owner;
         let next_epoch = d.epoch + 1;
+        let parked = d.parked;
+        #[cfg(test)]
+        let parked = parked || self.sabotage == Sabotage::DirectUnparked;
         self.set_dir(page, d);
+        // the home itself wants a page parked elsewhere: its bytes cannot
+        // change there, so it reads them at once, asking nobody (the owner
+        // hears `Fetched` afterwards, for a transfer): no message on the
+        // fault's way
+        let direct = parked && t.to == self.id && !t.evict && matches!(t.kind, TxnKind::Transfer | TxnKind::Share);
+        if let (true, Some(from)) = (direct, owner.filter(|&o| o != self.id)) {
+            let transfer = t.kind == TxnKind::Transfer;
+            let epoch = if transfer { next_epoch } else { 0 };
+            return self.node_receive(Msg::Ready { page, from, dormant: false, transfer, evict: false, epoch }, out);
+        }
         let (to, msg) = match t.kind {
             TxnKind::Share => (owner, Msg::Share { page, to: t.to }),
             TxnKind::Transfer => (owner, Msg::Transfer { page, to: t.to, evict: t.evict, epoch: next_epoch }),

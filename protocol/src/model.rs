@@ -84,6 +84,8 @@ pub struct Coverage {
     pub redormants_seen: bool,
     /// A free dropped a copy with data.
     pub frees_seen: bool,
+    /// The home read a page parked on another node directly.
+    pub parked_reads_seen: bool,
 }
 
 /// One step from a state.
@@ -236,6 +238,9 @@ impl World {
                 if sl.allows(Access::Write) {
                     return Err(format!("node {n} read page {page} from node {from} while node {from} could write it"));
                 }
+                if sl.parked && n == self.config().home(page) {
+                    cov.parked_reads_seen = true;
+                }
                 self.memory[n as usize][page as usize] = src;
                 let acts =
                     self.nodes[n as usize].fetched(page, from, transfer, evict, epoch).map_err(|e| e.to_string())?;
@@ -387,6 +392,7 @@ fn explore_from(start: World) -> Result<Coverage, Violation> {
         evictions_seen: false,
         redormants_seen: false,
         frees_seen: false,
+        parked_reads_seen: false,
     };
     // depth-first, with the path kept for the report
     let mut stack: Vec<(World, Vec<Step>, usize)> = Vec::new();
@@ -479,7 +485,14 @@ mod tests {
     }
 
     #[test]
+    fn the_checker_catches_a_home_reading_a_copy_that_is_not_parked() {
+        let v = sabotaged(Sabotage::DirectUnparked).unwrap_err();
+        assert!(v.what.contains("could write") || v.what.contains("last write") || v.what.contains("zero page"), "{v}");
+    }
+
+    #[test]
     fn the_unsabotaged_protocol_passes_the_same_bound() {
-        sabotaged(Sabotage::None).unwrap();
+        let c = sabotaged(Sabotage::None).unwrap();
+        assert!(c.parked_reads_seen, "{c:?}");
     }
 }

@@ -105,7 +105,10 @@ fn honest_effect(before: &Node, after: &Node, msg: &Msg) -> Result<(), String> {
     match *msg {
         Msg::Ready { page, evict: false, .. } if !asked(page) => Err(format!("took {msg:?} unasked")),
         Msg::Grant { answers, .. } if !asked(answers) => Err(format!("took {msg:?} unasked")),
-        Msg::Fetched { page, from } if before.local(page).handing != Some(from) => {
+        Msg::Fetched { page, from }
+            if before.local(page).handing != Some(from)
+                && !(before.local(page).parked && from == before.config.home(page)) =>
+        {
             Err(format!("dropped page {page} on {msg:?}, handing it to {:?}", before.local(page).handing))
         }
         Msg::Ready { evict: true, .. } | Msg::Grant { .. } => Ok(()),

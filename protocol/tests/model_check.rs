@@ -21,6 +21,7 @@ fn run(nodes: u32, pages: u64, block_pages: u64, ops: u32) -> Coverage {
 fn assert_covers_everything(c: &Coverage) {
     assert!(c.grants_seen && c.shares_seen && c.transfers_seen, "{c:?}");
     assert!(c.evictions_seen && c.redormants_seen && c.frees_seen, "{c:?}");
+    assert!(c.parked_reads_seen, "the home never read a parked page: {c:?}");
     assert!(c.fetches > 0 && c.terminal_states > 0, "{c:?}");
 }
 

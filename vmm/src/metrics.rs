@@ -117,6 +117,13 @@ pub struct NodeMetrics {
     pub fault_remote_fabric_read_us_p50: f64,
     pub fault_remote_map_us_p50: f64,
     pub fault_remote_rest_us_p50: f64,
+    /// Remote faults served with no message on their way: the page was
+    /// parked at a peer (an eviction's target) and this node, its home,
+    /// read it at once. The rest asked the home or the owner first.
+    pub faults_remote_direct: u64,
+    pub fault_remote_direct_us_p50: f64,
+    pub faults_remote_asked: u64,
+    pub fault_remote_asked_us_p50: f64,
     /// Read copies of pages made here (fetched or zero-filled).
     pub pages_shared: u64,
     /// Read copies dropped here because a writer elsewhere needed them gone.
@@ -210,6 +217,10 @@ impl Report {
                 t.fault_remote_fabric_read_us_p50.max(n.fault_remote_fabric_read_us_p50);
             t.fault_remote_map_us_p50 = t.fault_remote_map_us_p50.max(n.fault_remote_map_us_p50);
             t.fault_remote_rest_us_p50 = t.fault_remote_rest_us_p50.max(n.fault_remote_rest_us_p50);
+            t.faults_remote_direct += n.faults_remote_direct;
+            t.fault_remote_direct_us_p50 = t.fault_remote_direct_us_p50.max(n.fault_remote_direct_us_p50);
+            t.faults_remote_asked += n.faults_remote_asked;
+            t.fault_remote_asked_us_p50 = t.fault_remote_asked_us_p50.max(n.fault_remote_asked_us_p50);
             t.fault_upgrade_us_p50 = t.fault_upgrade_us_p50.max(n.fault_upgrade_us_p50);
             t.pages_shared += n.pages_shared;
             t.invalidations += n.invalidations;

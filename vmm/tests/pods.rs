@@ -54,6 +54,11 @@ fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u6
     }
     // node 0 pulled evicted pages back; the others pulled them away
     assert!(get(&ns[0], "remote_fetches") > 0 && get(&ns[0], "pages_evicted") > 0, "{}", ns[0]);
+    // evicted pages are parked where they went: those node 0 is home to
+    // it read back at once (no message first), the others it asked for
+    let (direct, asked) = (get(&ns[0], "faults_remote_direct"), get(&ns[0], "faults_remote_asked"));
+    assert!(direct > 0, "{}", ns[0]);
+    assert_eq!(direct + asked, get(&ns[0], "faults_remote"), "{}", ns[0]);
     let pulled_by_others: u64 = ns[1..].iter().map(|n| get(n, "remote_fetches")).sum();
     // each page evicted with contents was pulled by exactly one node
     assert_eq!(pulled_by_others, get(&ns[0], "pages_evicted"), "{ns:?}");

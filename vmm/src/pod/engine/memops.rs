@@ -197,14 +197,23 @@ impl Engine {
 
     /// Pulls `page` from `from` with a one-sided read; `transfer`: it
     /// becomes ours (else a read copy, mapped read-only).
-    pub(super) fn fetch(&self, st: &mut State, page: Page, from: NodeId, transfer: bool) -> Result<(), String> {
+    /// `park`: an eviction's bytes, kept here out of the guest view (the
+    /// protocol parks them: our guest asks the home before it maps them).
+    pub(super) fn fetch(
+        &self,
+        st: &mut State,
+        page: Page,
+        from: NodeId,
+        transfer: bool,
+        park: bool,
+    ) -> Result<(), String> {
         let mut buf = std::mem::take(&mut st.bounce);
         let t0 = std::time::Instant::now();
         let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
         let t1 = std::time::Instant::now();
         let placed = got.and_then(|()| match &self.uffd {
-            Some(uffd) => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer, false),
-            None => {
+            Some(uffd) if !park => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer, false),
+            _ => {
                 self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
                 Ok(())
             }
@@ -213,6 +222,10 @@ impl Engine {
         st.bounce = buf;
         placed?;
         if let Some(w) = st.waiting.get_mut(&page) {
+            // a page read with no answer awaited (parked at a peer: the
+            // home reads it at once) waited for nobody until the read
+            w.direct = w.answered.is_none();
+            w.answered.get_or_insert(t0);
             w.read = t1 - t0;
             w.map = t2 - t1;
         }
@@ -228,8 +241,10 @@ impl Engine {
         if ours {
             self.counters.pages_fetched_back.fetch_add(1, Ordering::Relaxed);
         }
-        st.res.arrived(page, self.arrival_mapping(transfer));
-        if let Some(w) = st.waiting.get_mut(&page) {
+        st.res.arrived(page, if park { None } else { self.arrival_mapping(transfer) });
+        // (a parked page resolves no fault here: one that waits for it
+        // waits for the home's answer)
+        if let Some(w) = st.waiting.get_mut(&page).filter(|_| !park) {
             w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
             if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
                 host.remote_fault(vcpu, from, page);
@@ -425,6 +440,11 @@ impl Engine {
                                 st.latency_remote_read.record(took);
                             } else {
                                 st.latency_remote_write.record(took);
+                            }
+                            if w.direct {
+                                st.latency_remote_direct.record(took);
+                            } else {
+                                st.latency_remote_asked.record(took);
                             }
                             let owner = w.answered.map_or(took, |a| a - w.since);
                             let b = &mut st.breakdown;

@@ -148,6 +148,8 @@ struct Waiter {
     answered: Option<Instant>,
     read: std::time::Duration,
     map: std::time::Duration,
+    /// Read with no answer awaited (parked at a peer, read by its home).
+    direct: bool,
     /// Asked for ahead of a fault ([`Engine::prefetch`]): its time is not
     /// a fault's.
     prefetch: bool,
@@ -156,7 +158,17 @@ struct Waiter {
 impl Waiter {
     fn new(access: Access, vcpu: Option<u32>, kind: FaultKind) -> Self {
         let zero = std::time::Duration::ZERO;
-        Waiter { since: Instant::now(), access, vcpu, kind, answered: None, read: zero, map: zero, prefetch: false }
+        Waiter {
+            since: Instant::now(),
+            access,
+            vcpu,
+            kind,
+            answered: None,
+            read: zero,
+            map: zero,
+            direct: false,
+            prefetch: false,
+        }
     }
 }
 
@@ -210,6 +222,8 @@ struct State {
     latency_remote: FaultLatency,
     latency_remote_read: FaultLatency,
     latency_remote_write: FaultLatency,
+    latency_remote_direct: FaultLatency,
+    latency_remote_asked: FaultLatency,
     latency_upgrade: FaultLatency,
     breakdown: Breakdown,
     pending_zero: Vec<Page>,
@@ -350,6 +364,8 @@ impl Engine {
             latency_remote: FaultLatency::default(),
             latency_remote_read: FaultLatency::default(),
             latency_remote_write: FaultLatency::default(),
+            latency_remote_direct: FaultLatency::default(),
+            latency_remote_asked: FaultLatency::default(),
             latency_upgrade: FaultLatency::default(),
             breakdown: Breakdown::default(),
             pending_zero: Vec::new(),
@@ -486,13 +502,25 @@ impl Engine {
             return r;
         }
         st.defer_fills = true;
+        // what the fault tells peers (the old owner's `Fetched`, say) goes
+        // after the wake: later than the protocol asked (rule 9), and off
+        // the vCPU's way
+        st.hold_sends = true;
         let faulted = self.fault_page(&mut st, page, access, vcpu);
         st.defer_fills = false;
+        st.hold_sends = false;
         if let Err(e) = faulted {
             // fills it left may never be done
             self.give_up();
             return Err(e);
         }
+        if st.pending_zero.is_empty() {
+            // nothing to fill with the lock released: wake, then send
+            self.flush_wakes(&mut st)?;
+            self.flush_sends(&mut st)?;
+            return self.settle(&mut st);
+        }
+        self.flush_sends(&mut st)?;
         let Some(mut st) = self.fill_unlocked(st)? else {
             // recorded by the next holder of the lock
             return Ok(());
@@ -886,7 +914,7 @@ impl Engine {
                     match other {
                         Action::Send { to, msg } => self.queue_send(st, to, &msg)?,
                         Action::Fetch { page, from, transfer, evict, epoch } => {
-                            self.fetch(st, page, from, transfer)?;
+                            self.fetch(st, page, from, transfer, evict)?;
                             let more = st
                                 .node
                                 .fetched(page, from, transfer, evict, epoch)
@@ -1259,6 +1287,10 @@ impl Engine {
         m.fault_remote_read_us_p50 = st.latency_remote_read.quantile_us(0.5);
         m.faults_remote_write = st.latency_remote_write.count();
         m.fault_remote_write_us_p50 = st.latency_remote_write.quantile_us(0.5);
+        m.faults_remote_direct = st.latency_remote_direct.count();
+        m.fault_remote_direct_us_p50 = st.latency_remote_direct.quantile_us(0.5);
+        m.faults_remote_asked = st.latency_remote_asked.count();
+        m.fault_remote_asked_us_p50 = st.latency_remote_asked.quantile_us(0.5);
         m.fault_remote_owner_us_p50 = st.breakdown.owner.quantile_us(0.5);
         m.fault_remote_fabric_read_us_p50 = st.breakdown.read.quantile_us(0.5);
         m.fault_remote_map_us_p50 = st.breakdown.map.quantile_us(0.5);
