@@ -533,6 +533,9 @@ fn node(args: NodeArgs) -> ExitCode {
         let join_timeout = positive_seconds("join_timeout", file.join_timeout.unwrap_or(30.0))?;
         let liveness = liveness_seconds("liveness_timeout", file.liveness_timeout.unwrap_or(1.5))?;
         let facts = pod::facts_for(&config, placement.nodes)?;
+        // the same checks node 0 makes before it starts anything: bad input
+        // ends this node at once, not after the join
+        vm::preflight(&config, placement.nodes).map_err(|e| e.to_string())?;
         Ok((config, kind, placement, secret, (join_timeout, liveness), facts))
     })();
     let (config, kind, placement, secret, (join_timeout, liveness), facts) = match prepared {

@@ -20,6 +20,30 @@ fn refused(args: &[&str], needle: &str) {
     assert!(r.stdout.is_empty(), "{args:?}: nothing reaches the console: {}", r.stdout);
 }
 
+/// A member's bad pod file is one line and exit status 2 at once, before
+/// it joins anything: a TOML error, a socket path too long for a Unix
+/// socket, a memory bound the guest image cannot fit in.
+#[test]
+fn a_members_bad_pod_file_is_one_line_before_any_join() {
+    let dir = scratch("member-pod-file");
+    let secret = write_file(&dir, "secret", b"0123456789abcdef0123");
+    let pod = |name: &str, extra: &str| {
+        let text = format!(
+            "nodes = 2\nfabric = \"shm\"\nmemory = \"64M\"\nguest = \"hello\"\nsecret_file = \"{secret}\"\n{extra}\n"
+        );
+        write_file(&dir, name, text.as_bytes())
+    };
+    let member = |file: &str, needle: &str| {
+        let start = std::time::Instant::now();
+        refused(&["node", "--pod", file, "--rank", "1"], needle);
+        assert!(start.elapsed() < Duration::from_secs(5), "{needle}: took {:?}", start.elapsed());
+    };
+    member(&pod("port", "pod_id = \"p\"\nport = 99999"), "line 7, column 8: invalid value");
+    let long = "a".repeat(200);
+    member(&pod("long", &format!("pod_id = \"{long}\"")), "more than a Unix socket's 107");
+    member(&pod("bound", "pod_id = \"q\"\nnode_memory = \"1\""), "the guest image alone fills");
+}
+
 /// Usage errors (clap's) are one line too, and a pod refuses bad input
 /// before it starts any other node (no "node 1 ended badly").
 #[test]

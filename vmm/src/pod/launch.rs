@@ -85,7 +85,16 @@ impl PodFile {
     /// Reads and parses a pod file.
     pub fn read(path: &Path) -> Result<PodFile, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("pod file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("pod file {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| {
+            // one line, not the parser's excerpt of the file
+            let at = e.span().map(|s| {
+                let before = &text[..s.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(", line {line}, column {column}")
+            });
+            format!("pod file {}{}: {}", path.display(), at.unwrap_or_default(), e.message().trim())
+        })
     }
 }
 
@@ -239,6 +248,14 @@ pub fn place(
         let dir = file.socket_dir.clone().unwrap_or_else(|| PathBuf::from("/tmp"));
         let addrs: Vec<Addr> =
             (0..nodes).map(|i| Addr::Unix(dir.join(format!("shoal-{}-{i}.sock", file.pod_id)))).collect();
+        // a socket's path has room for 107 bytes (sun_path, its NUL last)
+        if let Some(Addr::Unix(long)) = addrs.iter().find(|a| matches!(a, Addr::Unix(p) if p.as_os_str().len() > 107)) {
+            return Err(format!(
+                "the socket path {} is {} bytes, more than a Unix socket's 107: shorten socket_dir or pod_id",
+                long.display(),
+                long.as_os_str().len()
+            ));
+        }
         return Ok(Placement { rank, nodes, listen: addrs[rank as usize].clone(), addresses: Some(addrs) });
     }
     let hostports: Vec<String> = match &file.addresses {
