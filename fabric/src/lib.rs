@@ -377,6 +377,11 @@ pub struct Stats {
     pub bytes_registered: u64,
 }
 
+/// Why a peer is gone when it left in order (it said goodbye): a node
+/// that ends early tells node 0 why before it goes, so its departure is
+/// rarely the news.
+pub const GOODBYE: &str = "said goodbye";
+
 /// One node's connections to every other node of its pod.
 pub trait Transport: Send + Sync + fmt::Debug {
     /// The backend.

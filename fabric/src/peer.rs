@@ -432,7 +432,7 @@ impl Core {
                     Ok(())
                 }
                 Frame::Goodbye => {
-                    self.peer_gone(peer, "said goodbye");
+                    self.peer_gone(peer, crate::GOODBYE);
                     conn.shutdown();
                     return;
                 }

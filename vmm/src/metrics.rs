@@ -130,9 +130,15 @@ pub struct NodeMetrics {
     pub invalidations: u64,
     /// Pages that became this node's by a transfer from another node.
     pub ownership_transfers: u64,
-    /// Pages asked for ahead of a fault (the stack page of a vCPU that
-    /// arrived, asked for while its state is restored).
+    /// Pages asked for ahead of a fault: the stack page of a vCPU that
+    /// arrived (asked for while its state is restored), and the pages
+    /// after a vCPU's run of sequential direct remote faults (read in the
+    /// same batch as the fault's own page, and mapped).
     pub pages_prefetched: u64,
+    /// Of the pages read ahead of a run, those the run went through: its
+    /// next fault was the page right after them (mapped pages leave no
+    /// trace of a touch; a run that stops leaves its last ones unused).
+    pub prefetched_used: u64,
     /// The clock's probes (pages taken out of the guest view to see if the
     /// guest wants them), those the guest touched again (spared once
     /// more), and pages fetched back after this node evicted them.
@@ -226,6 +232,7 @@ impl Report {
             t.invalidations += n.invalidations;
             t.ownership_transfers += n.ownership_transfers;
             t.pages_prefetched += n.pages_prefetched;
+            t.prefetched_used += n.prefetched_used;
             t.pages_probed += n.pages_probed;
             t.pages_referenced += n.pages_referenced;
             t.pages_fetched_back += n.pages_fetched_back;

@@ -59,6 +59,10 @@ fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u6
     let (direct, asked) = (get(&ns[0], "faults_remote_direct"), get(&ns[0], "faults_remote_asked"));
     assert!(direct > 0, "{}", ns[0]);
     assert_eq!(direct + asked, get(&ns[0], "faults_remote"), "{}", ns[0]);
+    // memtouch reads its pattern back in order: runs of direct faults
+    // read ahead, in batches, and went through what they read
+    let (ahead, used) = (get(&ns[0], "pages_prefetched"), get(&ns[0], "prefetched_used"));
+    assert!(ahead > 0 && used > 0 && used <= ahead, "{}", ns[0]);
     let pulled_by_others: u64 = ns[1..].iter().map(|n| get(n, "remote_fetches")).sum();
     // each page evicted with contents was pulled by exactly one node
     assert_eq!(pulled_by_others, get(&ns[0], "pages_evicted"), "{ns:?}");

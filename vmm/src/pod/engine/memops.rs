@@ -6,7 +6,7 @@
 use shoal_fabric::ReadReq;
 use shoal_protocol::{Access, NodeId, Page};
 
-use super::{fabric_error, Engine, FaultKind, State, ZeroRun, REGION_MEMORY};
+use super::{fabric_error, Engine, FaultKind, FetchItem, State, ZeroRun, REGION_MEMORY};
 use crate::memory::PAGE_SIZE;
 use crate::pod::residency::Dropped;
 use crate::uffd::{Outcome, Uffd};
@@ -195,59 +195,82 @@ impl Engine {
             .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
     }
 
-    /// Pulls `page` from `from` with a one-sided read; `transfer`: it
-    /// becomes ours (else a read copy, mapped read-only).
-    /// `park`: an eviction's bytes, kept here out of the guest view (the
-    /// protocol parks them: our guest asks the home before it maps them).
-    pub(super) fn fetch(
-        &self,
-        st: &mut State,
-        page: Page,
-        from: NodeId,
-        transfer: bool,
-        park: bool,
-    ) -> Result<(), String> {
+    /// Pulls pages from `from` with one batch of one-sided reads (one
+    /// ioctl-free request each, one round trip for the batch on tcp), then
+    /// places each: `transfer`, it becomes ours (else a read copy, mapped
+    /// read-only); `park`, an eviction's bytes, kept here out of the guest
+    /// view (the protocol parks them: our guest asks the home before it
+    /// maps them).
+    pub(super) fn fetch_many(&self, st: &mut State, from: NodeId, items: &[FetchItem]) -> Result<(), String> {
+        let page_len = PAGE_SIZE as usize;
         let mut buf = std::mem::take(&mut st.bounce);
+        if buf.len() < items.len() * page_len {
+            buf.resize(items.len() * page_len, 0);
+        }
+        let reqs: Vec<ReadReq> = items
+            .iter()
+            .map(|it| ReadReq { region: REGION_MEMORY, offset: it.page * PAGE_SIZE, len: page_len })
+            .collect();
         let t0 = std::time::Instant::now();
-        let got = self.read_remote(from, page, &mut buf[..PAGE_SIZE as usize]);
-        let t1 = std::time::Instant::now();
-        let placed = got.and_then(|()| match &self.uffd {
-            Some(uffd) if !park => self.place(uffd, page, &buf[..PAGE_SIZE as usize], transfer, false),
-            _ => {
-                self.mem.write_alias(page * PAGE_SIZE, &buf[..PAGE_SIZE as usize]);
+        let got = self.transport(from).and_then(|t| {
+            t.read_with(from, &reqs, &mut |i, at, bytes| {
+                bytes.copy_to(&mut buf[i * page_len + at..i * page_len + at + bytes.len()]);
                 Ok(())
-            }
+            })
+            .map_err(|e| fabric_error(format!("reading page {} from node {from}", items[0].page), e))
         });
-        let t2 = std::time::Instant::now();
+        let t1 = std::time::Instant::now();
+        let mut placed = got;
+        let mut maps = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            if placed.is_err() {
+                break;
+            }
+            let bytes = &buf[i * page_len..(i + 1) * page_len];
+            let m0 = std::time::Instant::now();
+            placed = match &self.uffd {
+                Some(uffd) if !it.park => self.place(uffd, it.page, bytes, it.transfer, false),
+                _ => {
+                    self.mem.write_alias(it.page * PAGE_SIZE, bytes);
+                    Ok(())
+                }
+            };
+            maps.push(m0.elapsed());
+        }
         st.bounce = buf;
         placed?;
-        if let Some(w) = st.waiting.get_mut(&page) {
-            // a page read with no answer awaited (parked at a peer: the
-            // home reads it at once) waited for nobody until the read
-            w.direct = w.answered.is_none();
-            w.answered.get_or_insert(t0);
-            w.read = t1 - t0;
-            w.map = t2 - t1;
-        }
-        self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
-        if !transfer {
-            self.counters.pages_shared.fetch_add(1, Ordering::Relaxed);
-        }
-        // a page this node evicted and takes back is its own working set
-        // coming home, not data of the node that kept it: the policy does
-        // not follow it (it would only move the memory pressure)
-        let ours = st.res.is_placed(page);
-        if ours {
-            self.counters.pages_fetched_back.fetch_add(1, Ordering::Relaxed);
-        }
-        st.res.arrived(page, if park { None } else { self.arrival_mapping(transfer) });
-        // (a parked page resolves no fault here: one that waits for it
-        // waits for the home's answer)
-        if let Some(w) = st.waiting.get_mut(&page).filter(|_| !park) {
-            w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
-            if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
-                host.remote_fault(vcpu, from, page);
+        for (it, map) in items.iter().zip(maps) {
+            let page = it.page;
+            if let Some(w) = st.waiting.get_mut(&page) {
+                // a page read with no answer awaited (parked at a peer: the
+                // home reads it at once) waited for nobody until the read
+                w.direct = w.answered.is_none();
+                w.answered.get_or_insert(t0);
+                w.read = t1 - t0;
+                w.map = map;
+            }
+            self.counters.remote_fetches.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes_fabric_read.fetch_add(PAGE_SIZE, Ordering::Relaxed);
+            if !it.transfer {
+                self.counters.pages_shared.fetch_add(1, Ordering::Relaxed);
+            }
+            // a page this node evicted and takes back is its own working
+            // set coming home, not data of the node that kept it: the
+            // policy does not follow it (it would only move the memory
+            // pressure)
+            let ours = st.res.is_placed(page);
+            if ours {
+                self.counters.pages_fetched_back.fetch_add(1, Ordering::Relaxed);
+            }
+            let mapping = if it.park { None } else { self.arrival_mapping(it.transfer) };
+            st.res.arrived(page, mapping);
+            // (a parked page resolves no fault here: one that waits for it
+            // waits for the home's answer)
+            if let Some(w) = st.waiting.get_mut(&page).filter(|_| !it.park) {
+                w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
+                if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
+                    host.remote_fault(vcpu, from, page);
+                }
             }
         }
         Ok(())

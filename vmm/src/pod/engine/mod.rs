@@ -31,7 +31,10 @@
 //!    peer told "done" finds the page in place).
 //! 2. A `Fetch` is done at once (the read, then the mapping), and the
 //!    protocol is told (`fetched`) before the next action: its follow-up
-//!    actions (map, `Fetched` to the old owner, wake) run next.
+//!    actions (map, `Fetched` to the old owner, wake) run after. Fetches
+//!    that come one after the other are read as one batch per node, then
+//!    told to the protocol one by one, in their order (nothing else ran
+//!    between them before either).
 //! 3. `WriteProtect` and `Unmap` take effect before the next action: a
 //!    page is never offered to a peer (`Offer`, then `Ready`) while the
 //!    guest here can still write it.
@@ -172,6 +175,36 @@ impl Waiter {
     }
 }
 
+/// One page of a batch of one-sided reads from one node.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FetchItem {
+    page: Page,
+    transfer: bool,
+    evict: bool,
+    epoch: u64,
+    /// Kept out of the guest view (an eviction's bytes, parked).
+    park: bool,
+}
+
+/// A vCPU's run of sequential direct remote faults.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stream {
+    /// The page the run's next fault would be on: after its last fault,
+    /// or after the pages read ahead of it.
+    next: Page,
+    /// Faults in the run so far.
+    run: u32,
+    /// Pages read ahead at the run's last fault.
+    ahead: u64,
+}
+
+/// Consecutive reads from one node taken in one batch, at most.
+const FETCH_BATCH: usize = 64;
+/// A vCPU's run of this many sequential direct remote faults reads ahead.
+const STREAM_RUN: u32 = 2;
+/// Pages read ahead of such a run.
+const READ_AHEAD: u64 = 16;
+
 /// Where remote faults' time went, phase by phase.
 #[derive(Debug, Default)]
 struct Breakdown {
@@ -204,6 +237,7 @@ struct Counters {
     invalidations: AtomicU64,
     ownership_transfers: AtomicU64,
     pages_prefetched: AtomicU64,
+    prefetched_used: AtomicU64,
     pages_probed: AtomicU64,
     pages_referenced: AtomicU64,
     pages_fetched_back: AtomicU64,
@@ -236,6 +270,8 @@ struct State {
     filled_at: Option<Instant>,
     wakes: Vec<Page>,
     bounce: Vec<u8>,
+    /// Each vCPU's run of sequential direct remote faults.
+    streams: HashMap<u32, Stream>,
     /// Pages of [`Engine::free_pages`] whose free is not complete yet.
     freeing: u64,
     /// Pages the guest freed whose copies here are recorded as gone but
@@ -302,6 +338,8 @@ pub struct Engine {
     zeros: Box<[u8]>,
     counters: Counters,
     failed: AtomicBool,
+    /// The failure was told to `on_fatal` (or will be, after a grace).
+    reported: Arc<AtomicBool>,
     on_fatal: OnFatal,
     /// The node's vCPUs (which vCPU faulted; the migration policy).
     vcpus: std::sync::OnceLock<Arc<crate::vcpus::Vcpus>>,
@@ -374,6 +412,7 @@ impl Engine {
             filled_at: None,
             wakes: Vec::new(),
             bounce: vec![0u8; (settings.config.block_pages * PAGE_SIZE) as usize],
+            streams: HashMap::new(),
             freeing: 0,
             pending_forget: Vec::new(),
             outbox: Vec::new(),
@@ -401,6 +440,7 @@ impl Engine {
             zeros,
             counters: Counters::default(),
             failed: AtomicBool::new(false),
+            reported: Arc::new(AtomicBool::new(false)),
             on_fatal,
             vcpus: std::sync::OnceLock::new(),
             faulted: AtomicBool::new(false),
@@ -450,11 +490,35 @@ impl Engine {
 
     /// Ends the VM (or this node) with `why`, once.
     pub fn fail(&self, why: String) {
-        if !self.failed.swap(true, Ordering::SeqCst) {
+        let first = !self.failed.swap(true, Ordering::SeqCst);
+        self.freed.notify_all();
+        if why.contains(shoal_fabric::GOODBYE) {
+            if !first {
+                // reported by the first failure's grace, or by a reason
+                // that came meanwhile
+                return;
+            }
+            // a peer that left in order told node 0 why before it went
+            // (`Abort`, maybe still in the receiver's queue): let that
+            // reason be the one reported; this one follows a moment later
+            // if none came
+            let (reported, on_fatal, report) = (self.reported.clone(), self.on_fatal.clone(), why.clone());
+            let later = std::thread::Builder::new().name("shoal-fail".into()).spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                if !reported.swap(true, Ordering::SeqCst) {
+                    on_fatal(report);
+                }
+            });
+            // (no thread to wait with: report it now)
+            if later.is_err() && !self.reported.swap(true, Ordering::SeqCst) {
+                (self.on_fatal)(why);
+            }
+            return;
+        }
+        if !self.reported.swap(true, Ordering::SeqCst) {
             tracing::error!(node = self.me, "{why}");
             (self.on_fatal)(why);
         }
-        self.freed.notify_all();
     }
 
     /// Whether the engine gave up.
@@ -815,7 +879,69 @@ impl Engine {
         w.access = w.access.max(access);
         let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
+        let acts = self.with_read_ahead(st, page, vcpu, acts)?;
         self.apply(st, acts)
+    }
+
+    /// A vCPU's direct remote faults (pages this node is home to, parked
+    /// at a peer: the actions read it at once) on consecutive pages make a
+    /// run; from [`STREAM_RUN`] on, the next [`READ_AHEAD`] pages parked at
+    /// peers are read in the same batch (one per peer) and mapped, as far as the
+    /// memory bound leaves room (fault-around's rule). Each goes through
+    /// the protocol as a fault of its own. The guest's touches of mapped
+    /// pages leave no trace here, so a page read ahead counts as used when
+    /// the run's next fault is the page right after them: the vCPU went
+    /// through them in order (a run that stops leaves its last pages
+    /// counted unused).
+    fn with_read_ahead(
+        &self,
+        st: &mut State,
+        page: Page,
+        vcpu: Option<u32>,
+        mut acts: Vec<Action>,
+    ) -> Result<Vec<Action>, String> {
+        let direct = acts.iter().any(|a| matches!(*a, Action::Fetch { page: p, evict: false, .. } if p == page));
+        if !direct {
+            return Ok(acts);
+        }
+        let key = vcpu.unwrap_or(u32::MAX);
+        let was = st.streams.get(&key).copied().unwrap_or_default();
+        let run = if page == was.next && was.run > 0 {
+            self.counters.prefetched_used.fetch_add(was.ahead, Ordering::Relaxed);
+            was.run + 1
+        } else {
+            1
+        };
+        let mut next = Stream { next: page + 1, run, ahead: 0 };
+        if run >= STREAM_RUN && self.uffd.is_some() {
+            let cfg = self.settings.config;
+            for q in page + 1..(page + 1 + READ_AHEAD).min(cfg.pages) {
+                let d = st.node.dir(q);
+                let parked_there = cfg.home(q) == self.me && d.parked && d.owner.is_some_and(|o| o != self.me);
+                if !parked_there || d.busy.is_some() || !d.queue.is_empty() {
+                    break;
+                }
+                if st.node.local(q).copy != Held::None
+                    || st.waiting.contains_key(&q)
+                    || !st.res.untouched(q)
+                    || !st.res.room_for_fault_around(next.ahead + 1)
+                    || (!st.reported.is_empty() && st.reported.contains(&q))
+                {
+                    break;
+                }
+                // room checked: admitted at once, never parked
+                if st.res.admit(q) != Admission::Go {
+                    return Err(format!("page {q}: read ahead with no room for it"));
+                }
+                st.waiting.insert(q, Waiter { prefetch: true, ..Waiter::new(Access::Write, vcpu, FaultKind::Zero) });
+                self.counters.pages_prefetched.fetch_add(1, Ordering::Relaxed);
+                st.node.fault_into(q, Access::Write, &mut acts).map_err(|e| format!("page protocol: {e}"))?;
+                next.ahead += 1;
+                next.next = q + 1;
+            }
+        }
+        st.streams.insert(key, next);
+        Ok(acts)
     }
 
     /// Adds the dormant neighbours of every page the actions zero-fill
@@ -914,12 +1040,33 @@ impl Engine {
                     match other {
                         Action::Send { to, msg } => self.queue_send(st, to, &msg)?,
                         Action::Fetch { page, from, transfer, evict, epoch } => {
-                            self.fetch(st, page, from, transfer, evict)?;
-                            let more = st
-                                .node
-                                .fetched(page, from, transfer, evict, epoch)
-                                .map_err(|e| format!("page protocol: {e}"))?;
-                            queue.extend(more);
+                            // (rule 2) reads that come one after the other
+                            // go in one batch per node
+                            let mut batch = vec![(from, FetchItem { page, transfer, evict, epoch, park: evict })];
+                            while batch.len() < FETCH_BATCH {
+                                match queue.front() {
+                                    Some(&Action::Fetch { page, from, transfer, evict, epoch }) => {
+                                        queue.pop_front();
+                                        batch.push((from, FetchItem { page, transfer, evict, epoch, park: evict }));
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            let mut nodes: Vec<NodeId> = batch.iter().map(|(n, _)| *n).collect();
+                            nodes.sort_unstable();
+                            nodes.dedup();
+                            for n in nodes {
+                                let items: Vec<FetchItem> =
+                                    batch.iter().filter(|(f, _)| *f == n).map(|(_, it)| *it).collect();
+                                self.fetch_many(st, n, &items)?;
+                            }
+                            for (from, it) in batch {
+                                let more = st
+                                    .node
+                                    .fetched(it.page, from, it.transfer, it.evict, it.epoch)
+                                    .map_err(|e| format!("page protocol: {e}"))?;
+                                queue.extend(more);
+                            }
                         }
                         Action::WriteProtect { page } => self.write_protect(st, page)?,
                         Action::Unmap { page } => self.unmap(st, page)?,
@@ -1300,6 +1447,7 @@ impl Engine {
         m.pages_shared = get(&c.pages_shared);
         m.invalidations = get(&c.invalidations);
         m.pages_prefetched = get(&c.pages_prefetched);
+        m.prefetched_used = get(&c.prefetched_used);
         m.pages_probed = get(&c.pages_probed);
         m.pages_referenced = get(&c.pages_referenced);
         m.pages_fetched_back = get(&c.pages_fetched_back);
