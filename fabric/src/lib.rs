@@ -428,6 +428,11 @@ pub trait Transport: Send + Sync + fmt::Debug {
         let _ = peer;
         None
     }
+    /// The peer whose loss this node noticed first, and why it is gone
+    /// (when one node's death makes others leave, the first is the news).
+    fn first_departure(&self) -> Option<(NodeId, String)> {
+        None
+    }
     /// Says goodbye to every peer and stops the transport's threads.
     fn shutdown(&self);
 }

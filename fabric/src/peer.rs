@@ -36,6 +36,8 @@ pub(crate) struct Peer {
     pending: Mutex<HashMap<u64, Waiter>>,
     /// When the last frame from the peer arrived (ns since [`epoch`]).
     heard: AtomicU64,
+    /// When its loss was noticed (ns since [`epoch`]; 0 while it is here).
+    gone_at: AtomicU64,
 }
 
 /// The zero of the peers' arrival times.
@@ -54,7 +56,13 @@ impl Peer {
             gone: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             heard: AtomicU64::new(epoch().elapsed().as_nanos() as u64),
+            gone_at: AtomicU64::new(0),
         })
+    }
+
+    /// When its loss was noticed, if it is gone.
+    fn gone_at(&self) -> Option<u64> {
+        Some(self.gone_at.load(Ordering::Acquire)).filter(|&t| t > 0)
     }
 
     /// A frame came from the peer now.
@@ -135,6 +143,7 @@ impl Peer {
         let was_alive = self.alive.swap(false, Ordering::AcqRel);
         if was_alive {
             *self.gone.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+            self.gone_at.store((epoch().elapsed().as_nanos() as u64).max(1), Ordering::Release);
         }
         let waiting: Vec<_> = self.pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for (_, (tx, i)) in waiting {
@@ -377,13 +386,21 @@ impl Core {
         (first..first + n as u64).collect()
     }
 
-    /// Puts a message into the inbox (backends whose messages do not come
-    /// through the stream deliver here).
     /// How long `peer` has been quiet, if it is ours.
     pub fn quiet_for(&self, peer: NodeId) -> Option<Duration> {
         self.peer(peer).ok().map(|p| p.quiet())
     }
 
+    /// The peer whose loss was noticed first, and why it is gone.
+    pub fn first_departure(&self) -> Option<(NodeId, String)> {
+        let gone = self.peers.values().filter_map(|p| Some((p.gone_at()?, p)));
+        let (_, p) = gone.min_by_key(|(at, _)| *at)?;
+        let reason = p.gone.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+        Some((p.id, reason))
+    }
+
+    /// Puts a message into the inbox (backends whose messages do not come
+    /// through the stream deliver here).
     pub fn deliver(&self, from: NodeId, payload: Vec<u8>) {
         if let Ok(p) = self.peer(from) {
             p.heard();

@@ -327,6 +327,10 @@ impl Transport for ShmTransport {
         self.core.quiet_for(peer)
     }
 
+    fn first_departure(&self) -> Option<(NodeId, String)> {
+        self.core.first_departure()
+    }
+
     fn shutdown(&self) {
         self.core.shutdown();
     }

@@ -173,6 +173,10 @@ impl Transport for TcpTransport {
         self.core.quiet_for(peer)
     }
 
+    fn first_departure(&self) -> Option<(NodeId, String)> {
+        self.core.first_departure()
+    }
+
     fn shutdown(&self) {
         self.core.shutdown();
         // the readers are gone, and with them the senders: the responders

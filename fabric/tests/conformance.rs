@@ -224,6 +224,29 @@ fn messages_arrive_in_order(kind: Kind) {
     assert_eq!(ts[0].regions(1).unwrap(), vec![shoal_fabric::RegionInfo { id: 0, len: REGION }]);
 }
 
+/// When peers leave one after the other, the transport names the first
+/// loss it noticed (a node killed, then one that left because of it), and
+/// says nothing while every peer is here.
+fn the_first_peer_lost_is_named_first(kind: Kind) {
+    let (ts, _mem) = pod(kind, 3);
+    assert_eq!(ts[0].first_departure(), None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gone = |node: u32| loop {
+        assert!(Instant::now() < deadline, "{kind}: node {node}'s departure never noticed");
+        if let Some(Incoming::PeerGone { node: n, .. }) = ts[0].recv(Duration::from_millis(50)).unwrap() {
+            if n == node {
+                return;
+            }
+        }
+    };
+    ts[2].shutdown();
+    gone(2);
+    ts[1].shutdown();
+    gone(1);
+    let (first, why) = ts[0].first_departure().unwrap();
+    assert_eq!(first, 2, "{kind}: {why}");
+}
+
 fn wrong_secret_is_refused(kind: Kind) {
     // neither side lets a connection that did not authenticate end its
     // join: both keep waiting for a proper peer, then name the refusal
@@ -600,6 +623,10 @@ macro_rules! suite {
             #[test]
             fn messages() {
                 if can_run(KIND, "messages") { messages_arrive_in_order(KIND) }
+            }
+            #[test]
+            fn first_departure() {
+                if can_run(KIND, "first_departure") { the_first_peer_lost_is_named_first(KIND) }
             }
             #[test]
             fn wrong_secret() {

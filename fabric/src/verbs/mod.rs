@@ -732,6 +732,10 @@ impl Transport for VerbsTransport {
         self.core.quiet_for(peer)
     }
 
+    fn first_departure(&self) -> Option<(NodeId, String)> {
+        self.core.first_departure()
+    }
+
     fn stats(&self) -> Stats {
         let mut s = self.core.counters.snapshot();
         s.chunks_registered = self.exposer.counters.chunks_registered.load(Ordering::Relaxed);

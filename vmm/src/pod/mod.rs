@@ -703,11 +703,15 @@ fn receive_turn(
     live: &mut Liveness,
 ) {
     let running = !finishing.load(Ordering::SeqCst);
-    if running && last_beat.elapsed() >= BEAT_EVERY {
-        *last_beat = Instant::now();
+    // silence is looked for every turn (at least every 50 ms): a hung
+    // node is named soon after the limit, not up to a beat later
+    if running {
         if let Some((node, quiet)) = live.silent(t) {
             engine.fail(silent_peer(node, quiet));
         }
+    }
+    if running && last_beat.elapsed() >= BEAT_EVERY {
+        *last_beat = Instant::now();
         // the backstop: a fault that waits too long ends the VM too
         if let Some(why) = engine.stuck_fault(FAULT_TIMEOUT) {
             engine.fail(why);
@@ -903,7 +907,6 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
     };
     send_control(&*t, 0, &Control::Started)?;
     let mut live = Liveness::new(me, m.facts.nodes, m.liveness);
-    let mut last_beat = Instant::now();
     // until Run, node 0 waits for the other nodes: the join timeout bounds it
     let run_deadline = Instant::now() + m.join_timeout;
     let mut running = false;
@@ -913,8 +916,8 @@ pub fn run_member(m: Member) -> Result<MemberEnd, Error> {
         if let Some(Err(why)) = beats.take_if(|b| b.is_err()) {
             break Err(why);
         }
-        if running && last_beat.elapsed() >= BEAT_EVERY {
-            last_beat = Instant::now();
+        // every turn (at least every 50 ms), as on node 0
+        if running {
             if let Some((node, quiet)) = live.silent(&*t) {
                 break Err(silent_peer(node, quiet));
             }

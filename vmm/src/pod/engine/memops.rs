@@ -187,12 +187,12 @@ impl Engine {
 
     pub(super) fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
         let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
-        self.transport(from)?
-            .read_with(from, &[req], &mut |_, at, bytes| {
-                bytes.copy_to(&mut buf[at..at + bytes.len()]);
-                Ok(())
-            })
-            .map_err(|e| fabric_error(format!("reading page {page} from node {from}"), e))
+        let t = self.transport(from)?;
+        t.read_with(from, &[req], &mut |_, at, bytes| {
+            bytes.copy_to(&mut buf[at..at + bytes.len()]);
+            Ok(())
+        })
+        .map_err(|e| fabric_error(t, format!("reading page {page} from node {from}"), e))
     }
 
     /// Pulls pages from `from` with one batch of one-sided reads (one
@@ -217,7 +217,7 @@ impl Engine {
                 bytes.copy_to(&mut buf[i * page_len + at..i * page_len + at + bytes.len()]);
                 Ok(())
             })
-            .map_err(|e| fabric_error(format!("reading page {} from node {from}", items[0].page), e))
+            .map_err(|e| fabric_error(t, format!("reading page {} from node {from}", items[0].page), e))
         });
         let t1 = std::time::Instant::now();
         let mut placed = got;

@@ -356,9 +356,16 @@ impl std::fmt::Debug for Engine {
 
 /// A fabric error in words; a peer's departure is said the same way
 /// wherever it is noticed (a send, a read, the receiver), naming the node.
-fn fabric_error(what: String, e: shoal_fabric::Error) -> String {
+fn fabric_error(t: &dyn Transport, what: String, e: shoal_fabric::Error) -> String {
     match e {
-        shoal_fabric::Error::PeerGone { peer, reason } => format!("node {peer} left the pod: {reason} ({what})"),
+        // when one node's loss makes others leave, the first one is the
+        // news: a node killed, then a peer that left because of it
+        shoal_fabric::Error::PeerGone { peer, reason } => match t.first_departure() {
+            Some((first, why)) if first != peer => {
+                format!("node {first} left the pod: {why} (then node {peer}: {reason}, {what})")
+            }
+            _ => format!("node {peer} left the pod: {reason} ({what})"),
+        },
         // the fabric's reads wait as long as the pod's silence limit
         shoal_fabric::Error::Timeout { peer, after, .. } => super::unanswered(peer, after, &what),
         e => format!("{what}: {e}"),
@@ -1148,7 +1155,7 @@ impl Engine {
 
     fn send_frame(&self, to: NodeId, frame: &[u8]) -> Result<(), String> {
         let t = self.transport(to)?;
-        t.send(to, frame).map_err(|e| fabric_error(format!("sending to node {to}"), e))
+        t.send(to, frame).map_err(|e| fabric_error(t, format!("sending to node {to}"), e))
     }
 
     /// The fabric, to reach `peer`; a pod of one has none, and the
