@@ -1,7 +1,8 @@
 //! Pod benchmarks (the pod issue), each against a baseline
 //! measured in the same run, with the counters beside every time:
 //!
-//! - **remote vs dormant faults**: one 2-node pod over shm runs memtouch
+//! - **remote vs dormant faults**: one 2-node pod over shm (and one over
+//!   tcp on loopback) runs memtouch
 //!   over more than node 0 may hold, so the same run has faults resolved
 //!   by zero-filling dormant pages (a 2 MiB block at a time, after a grant)
 //!   and faults resolved by a one-sided read of a page node 1 holds. The
@@ -48,6 +49,7 @@ pub(crate) struct RunResult {
 
 #[derive(Debug, Serialize)]
 struct RemoteRow {
+    fabric: &'static str,
     one_cpu: bool,
     faults_zero: u64,
     fault_zero_us_p50: f64,
@@ -170,11 +172,17 @@ pub(crate) fn run_pod_out(args: &[&str], one_cpu: bool) -> anyhow::Result<(RunRe
     Ok((result, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// A remote-fault row's fabric and CPUs.
+fn row_name(r: &RemoteRow) -> String {
+    format!("{}, {}", r.fabric, if r.one_cpu { "one CPU (taskset -c 0)" } else { "unpinned" })
+}
+
 pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     let mut remote = Vec::new();
     let cmdline = format!("mib={}", args.remote_mib);
-    for one_cpu in [false, true] {
+    // shm unpinned and on one CPU, then tcp over loopback unpinned
+    for (fabric, one_cpu) in [("shm", false), ("shm", true), ("tcp", false)] {
         let r = run_pod(
             &[
                 "run",
@@ -187,7 +195,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
                 "--nodes",
                 "2",
                 "--fabric",
-                "shm",
+                fabric,
                 "--node-memory",
                 "16M",
             ],
@@ -203,6 +211,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         let per_direct_page =
             n0.fault_remote_direct_us_p50 / (direct_pages / n0.faults_remote_direct.max(1) as f64).max(1.0);
         remote.push(RemoteRow {
+            fabric,
             one_cpu,
             faults_zero: n0.faults_zero,
             fault_zero_us_p50: n0.fault_zero_us_p50,
@@ -261,16 +270,17 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
 
     let mut md = String::from("# Pods\n\n");
     md.push_str(&format!(
-        "Remote fault over shm against a dormant fault, same 2-node pod, same run (memtouch {} MiB, node 0 \
-         may hold 16 MiB). Times from the fault's arrival to the vCPU's wake; a dormant fault zero-fills a \
-         run of pages at once, a remote fault reads one page.\n\n",
+        "Remote fault against a dormant fault, same 2-node pod, same run (memtouch {} MiB, node 0 may hold \
+         16 MiB), over shm and over tcp (loopback). Times from the fault's arrival to the vCPU's wake; a \
+         dormant fault zero-fills a run of pages at once, a remote fault reads one page (or a batch, read \
+         ahead: below).\n\n",
         args.remote_mib
     ));
-    md.push_str("| CPUs | dormant faults | p50 µs | pages each | remote faults | p50 µs | p99 µs | remote ÷ dormant per fault | per page |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| fabric, CPUs | dormant faults | p50 µs | pages each | remote faults | p50 µs | p99 µs | remote ÷ dormant per fault | per page |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in &remote {
         md.push_str(&format!(
             "| {} | {} | {:.1} | {:.0} | {} | {:.1} | {:.1} | **{:.2}** | {:.1} |\n",
-            if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            row_name(r),
             r.faults_zero,
             r.fault_zero_us_p50,
             r.pages_per_zero_fault,
@@ -286,12 +296,12 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
          fault the owner's answer: request to the home, home to owner, the owner protecting its copy and \
          answering, protocol hops and cross-process wakeups; for a direct one the engine's own work), the one-sided \
          read, the map into the guest view (`UFFDIO_COPY`), and the rest to the wake.\n\n\
-         | CPUs | until the read µs | fabric read µs | map µs | rest µs |\n|---|---|---|---|---|\n",
+         | fabric, CPUs | until the read µs | fabric read µs | map µs | rest µs |\n|---|---|---|---|---|\n",
     );
     for r in &remote {
         md.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
-            if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            row_name(r),
             r.owner_us_p50,
             r.fabric_read_us_p50,
             r.map_us_p50,
@@ -308,13 +318,13 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
          its p50 over the pages direct faults brought on average. *Asked*: pages homed on node 1: one round trip \
          to node 1 first (request, its answer), one page each. The floor's read and map are p50s over all remote \
          faults (mostly one-page reads). Target: ≤ 2× the floor per page.\n\n\
-         | CPUs | floor µs | direct faults | p50 µs | read ahead | used | per page µs | ÷ floor | asked faults | p50 µs | ÷ floor |\n\
+         | fabric, CPUs | floor µs | direct faults | p50 µs | read ahead | used | per page µs | ÷ floor | asked faults | p50 µs | ÷ floor |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &remote {
         md.push_str(&format!(
             "| {} | {:.1} | {} | {:.1} | {} | {} | {:.1} | **{:.2}** | {} | {:.1} | {:.1} |\n",
-            if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            row_name(r),
             r.floor_us,
             r.faults_direct,
             r.direct_us_p50,

@@ -64,7 +64,10 @@
 //!    ends (`flush_sends`; a peer's frame of messages is one event, taken
 //!    message by message): later than the protocol asked, never earlier,
 //!    and in order per peer. So what one event tells a peer (the frees
-//!    of a 2 MiB chunk, say) costs one frame, not a frame a message.
+//!    of a 2 MiB chunk, say) costs one frame, not a frame a message. A
+//!    guest fault's event sends after its wakes (`handle_fault`): what
+//!    it tells peers (`Fetched` to a page's old owner) is off the vCPU's
+//!    way.
 //!
 //! A node alone is a pod of one: the same engine, with no transport.
 //! Every page's home is the node itself, so its protocol settles every
