@@ -165,6 +165,24 @@ pub enum Msg {
 }
 
 impl Msg {
+    /// The sender the message names, if it names one (an eviction's
+    /// `Ready` names the owner to read from, not its sender: the home).
+    pub fn claimed_sender(&self) -> Option<NodeId> {
+        match *self {
+            Msg::Request { from, .. }
+            | Msg::GrantDone { from, .. }
+            | Msg::Ready { from, evict: false, .. }
+            | Msg::Evicted { from, .. }
+            | Msg::Fetched { from, .. }
+            | Msg::Done { from, .. }
+            | Msg::InvalAck { from, .. }
+            | Msg::Evict { from, .. }
+            | Msg::Redormant { from, .. }
+            | Msg::Free { from, .. } => Some(from),
+            _ => None,
+        }
+    }
+
     /// The pages the message names.
     pub fn pages(&self) -> Vec<Page> {
         match self {

@@ -172,12 +172,12 @@ struct Checked {
 /// memory and no peer, for a VM over `nodes` nodes: a pod runs it before
 /// it starts any node, so bad input ends it alone (exit status 2).
 pub fn preflight(config: &VmConfig, nodes: u32) -> Result<()> {
-    config.check()?;
-    config.check_disks()?;
     check_input(config, nodes).map(|_| ())
 }
 
 fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
+    config.check()?;
+    config.check_disks()?;
     let (name, bytes): (String, Cow<'static, [u8]>) = match &config.image {
         ImageSource::Embedded(g) => (g.name.to_string(), Cow::Borrowed(g.elf)),
         ImageSource::File(path) => {
@@ -253,13 +253,11 @@ pub fn run_node(
     pod: Option<&crate::pod::Link>,
 ) -> Result<Outcome> {
     let started = Instant::now();
-    config.check()?;
-    config.check_disks()?;
+    let Checked { name, bytes, linux_kernel, balloon } = check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
     if let Some(link) = pod {
         link.check_members()?;
     }
     install_kick_handler()?;
-    let Checked { name, bytes, linux_kernel, balloon } = check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
     let linux = linux_kernel.is_some();
     let mem = match pod {
         Some(link) if link.mem.layout().size() == Layout::new(config.memory)?.size() => link.mem.clone(),

@@ -63,8 +63,10 @@ fn smp_counter_is_exact_with_the_default_migration_policy() {
     assert!(r.stdout.contains("counter=6000 expected=6000") && r.stdout.contains("smp: OK"), "{}", r.stdout);
     let ns = nodes(&r);
     assert_eq!(ns.iter().map(|n| get(n, "vcpus")).sum::<u64>(), 3, "{ns:?}");
-    assert_eq!(r.metric("vcpu_migrations_in"), r.metric("vcpu_migrations_out"));
-    eprintln!("smp with the policy: {} migrations", r.metric("vcpu_migrations_in"));
+    // every vCPU's remote faults are on the counter's page and a few
+    // more: contention, not data, so the policy moves nobody
+    assert_eq!(r.metric("vcpu_migrations_in"), 0, "{ns:?}");
+    assert_eq!(r.metric("vcpu_migrations_out"), 0);
 }
 
 #[test]
@@ -293,6 +295,18 @@ fn a_killed_node_with_vcpus_ends_the_pod_naming_it() {
     assert!(end.failure.contains("node 2"), "{}", end.stderr);
 }
 
+/// How long the failure line says a node was silent: the beats name it
+/// ("nothing heard from it for 1.6 s"), or a page read that waited for it
+/// ("got no answer for 1.5 s"), whichever thread noticed first; both are
+/// bounded by the same limit.
+fn named_silence(line: &str) -> f64 {
+    line.split(" for ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no silence named in: {line}"))
+}
+
 /// A node that hangs (stopped: its connections stay up) is named by its
 /// silence: every node beats every 250 ms and a peer silent for 1.5 s has
 /// failed, so the pod ends within 2 s of the hang (plus the teardown).
@@ -314,16 +328,7 @@ fn a_hung_node_with_vcpus_is_named_within_two_seconds() {
         unsafe { libc::kill(node2 as i32, libc::SIGCONT) };
         assert!(line.contains("node 2 does not answer"), "{fabric}: {line}");
         // named after at most 2 s of silence (the beats' bound) ...
-        // the beats name it ("nothing heard from it for 1.6 s"), or a page
-        // read that waited for it ("got no answer for 1.5 s"), whichever
-        // thread noticed first: both bounded by the same limit
-        let quiet: f64 = line
-            .split(" for ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{line}"));
-        assert!(quiet <= 2.0, "{fabric}: {line}");
+        assert!(named_silence(&line) <= 2.0, "{fabric}: {line}");
         // the bound the README promises, with a second for teardown (not a
         // timing measurement: it fails only on a watchdog of seconds)
         // ... and the whole pod gone soon after (a hang would take the
@@ -371,7 +376,7 @@ fn a_hung_node_serving_pages_is_named_not_the_nodes_reading_from_it() {
     for wrong in ["node 0 does not answer", "node 1 does not answer"] {
         assert!(!end.stderr.contains(wrong), "blamed a reader ({wrong}):\n{}", end.stderr);
     }
-    assert!(end.took < Duration::from_secs(3), "ended {:?} after the hang: {}", end.took, end.failure);
+    assert!(named_silence(&end.failure) <= 2.0, "{}", end.failure);
 }
 
 /// Dormant pages stay free with vCPUs on every node: each of three vCPUs,

@@ -812,19 +812,7 @@ impl Engine {
         // only a page's home sends comes from that home (an eviction's
         // Ready too: it names the owner to read from, and the home vouches
         // for it)
-        let claimed = match msg {
-            Msg::Request { from, .. }
-            | Msg::GrantDone { from, .. }
-            | Msg::Ready { from, evict: false, .. }
-            | Msg::Evicted { from, .. }
-            | Msg::Fetched { from, .. }
-            | Msg::Done { from, .. }
-            | Msg::InvalAck { from, .. }
-            | Msg::Evict { from, .. }
-            | Msg::Redormant { from, .. }
-            | Msg::Free { from, .. } => Some(*from),
-            _ => None,
-        };
+        let claimed = msg.claimed_sender();
         if let Some(c) = claimed.filter(|&c| c != from) {
             return Err(format!("node {from} sent a page message in the name of node {c}"));
         }
