@@ -57,6 +57,8 @@ const DORMANTED: u8 = 15;
 const FREE: u8 = 16;
 const FORGET: u8 = 17;
 const FREED: u8 = 18;
+const UNSHARE: u8 = 20;
+const UNSHARED: u8 = 21;
 const EVICTED: u8 = 19;
 
 /// Appends `msg`'s encoding to `out`.
@@ -126,6 +128,12 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Freed { page } => {
             w.u8(FREED).u64(*page);
         }
+        Msg::Unshare { page, from } => {
+            w.u8(UNSHARE).u64(*page).u32(*from);
+        }
+        Msg::Unshared { page } => {
+            w.u8(UNSHARED).u64(*page);
+        }
     }
 }
 
@@ -180,6 +188,8 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
         FREE => Msg::Free { page: r.u64()?, from: r.u32()? },
         FORGET => Msg::Forget { page: r.u64()? },
         FREED => Msg::Freed { page: r.u64()? },
+        UNSHARE => Msg::Unshare { page: r.u64()?, from: r.u32()? },
+        UNSHARED => Msg::Unshared { page: r.u64()? },
         other => return Err(DecodeError::UnknownTag(other)),
     };
     match bytes.len() - r.at {
@@ -321,6 +331,8 @@ mod tests {
             (p, n).prop_map(|(page, from)| Msg::Free { page, from }),
             p.prop_map(|page| Msg::Forget { page }),
             p.prop_map(|page| Msg::Freed { page }),
+            (p, n).prop_map(|(page, from)| Msg::Unshare { page, from }),
+            p.prop_map(|page| Msg::Unshared { page }),
         ]
     }
 

@@ -48,6 +48,12 @@
 //!   the owner to drop its copy ([`Msg::Forget`], answered with `Done`),
 //!   makes the page dormant and tells the asker ([`Msg::Freed`]). Nothing
 //!   moves; the next touch anywhere zero-fills.
+//! - **Dropping a read copy.** A reader short of memory drops its copy at
+//!   once and tells the home ([`Msg::Unshare`]), which takes it off the
+//!   readers in its turn and answers ([`Msg::Unshared`]); until then no
+//!   request of that reader for the page goes out (one message per page
+//!   from a node to its home at a time). Nothing moves: the owner keeps
+//!   the page.
 //!
 //! Messages may arrive in any order; the transaction structure (the home
 //! sends a page's next request only after the current one's `Done`) makes
@@ -162,6 +168,12 @@ pub enum Msg {
     /// home → the node that asked to free the page: it is dormant now,
     /// no node holds it.
     Freed { page: Page },
+    /// reader → home: I dropped my read copy (memory pressure); take me
+    /// off the readers.
+    Unshare { page: Page, from: NodeId },
+    /// home → reader: you are off the readers (or were already, by an
+    /// invalidation); ask again when you need the page.
+    Unshared { page: Page },
 }
 
 impl Msg {
@@ -178,7 +190,8 @@ impl Msg {
             | Msg::InvalAck { from, .. }
             | Msg::Evict { from, .. }
             | Msg::Redormant { from, .. }
-            | Msg::Free { from, .. } => Some(from),
+            | Msg::Free { from, .. }
+            | Msg::Unshare { from, .. } => Some(from),
             _ => None,
         }
     }
@@ -204,7 +217,9 @@ impl Msg {
             | Msg::Dormanted { page }
             | Msg::Free { page, .. }
             | Msg::Forget { page }
-            | Msg::Freed { page } => vec![*page],
+            | Msg::Freed { page }
+            | Msg::Unshare { page, .. }
+            | Msg::Unshared { page } => vec![*page],
         }
     }
 }
@@ -317,6 +332,9 @@ pub struct Local {
     /// change here, and the home may pull it without asking us first
     /// (`Fetched` from the home then tells us it is gone).
     pub parked: bool,
+    /// We dropped our read copy and told the home ([`Msg::Unshare`]): no
+    /// request of ours goes out until it answers.
+    pub unsharing: bool,
 }
 
 impl Local {
@@ -530,7 +548,7 @@ impl Node {
     fn request_if_needed(&mut self, page: Page, out: &mut Vec<Action>) -> Result<(), Error> {
         let mut l = self.local(page);
         let Some(access) = l.waiting else { return Ok(()) };
-        if l.requested || l.protected || l.handing.is_some() {
+        if l.requested || l.protected || l.unsharing || l.handing.is_some() {
             return Ok(());
         }
         l.requested = true;
@@ -650,7 +668,8 @@ impl Node {
             | Msg::Evict { .. }
             | Msg::Redormant { .. }
             | Msg::Evicted { .. }
-            | Msg::Free { .. } => self.home_receive(msg, out),
+            | Msg::Free { .. }
+            | Msg::Unshare { .. } => self.home_receive(msg, out),
             _ => self.node_receive(msg, out),
         }
     }
@@ -694,6 +713,7 @@ impl Node {
                 requested: l.requested,
                 protected: l.protected,
                 freeing: l.freeing,
+                unsharing: l.unsharing,
                 ..Local::default()
             },
         );
@@ -875,6 +895,15 @@ impl Node {
                 self.set_local(page, l);
                 out.push(Action::Freed { page });
             }
+            Msg::Unshared { page } => {
+                let mut l = self.local(page);
+                if !l.unsharing {
+                    return Err(self.unexpected(page, &msg));
+                }
+                l.unsharing = false;
+                self.set_local(page, l);
+                self.request_if_needed(page, out)?;
+            }
             other => return Err(self.unexpected(0, &other)),
         }
         Ok(())
@@ -970,6 +999,32 @@ impl Node {
         Ok(out)
     }
 
+    /// We read `page` through a read copy and want its memory back: the
+    /// copy goes at once ([`Action::Drop`]: the owner keeps the page, so
+    /// nothing moves) and the home hears it ([`Msg::Unshare`]). Does
+    /// nothing unless we hold a settled read copy nobody waits on.
+    pub fn unshare(&mut self, page: Page) -> Result<Vec<Action>, Error> {
+        self.check_page(page)?;
+        let mut out = Vec::new();
+        let l = self.local(page);
+        if l.owner
+            || l.copy != Held::Data
+            || l.handing.is_some()
+            || l.requested
+            || l.waiting.is_some()
+            || l.freeing
+            || l.unsharing
+        {
+            return Ok(out);
+        }
+        self.drop_copy(page, &mut out);
+        let mut l = self.local(page);
+        l.unsharing = true;
+        self.set_local(page, l);
+        self.send_home(page, Msg::Unshare { page, from: self.id }, &mut out)?;
+        Ok(out)
+    }
+
     // ---- the home side ----------------------------------------------
 
     fn home_receive(&mut self, msg: Msg, out: &mut Vec<Action>) -> Result<(), Error> {
@@ -977,7 +1032,8 @@ impl Node {
             Msg::Request { page, .. }
             | Msg::Evict { page, .. }
             | Msg::Redormant { page, .. }
-            | Msg::Free { page, .. } => {
+            | Msg::Free { page, .. }
+            | Msg::Unshare { page, .. } => {
                 self.check_page(page)?;
                 if self.config.home(page) != self.id {
                     return Err(self.unexpected(page, &msg));
@@ -1147,6 +1203,16 @@ impl Node {
                     self.begin(page, txn(TxnKind::Free, from, owner, readers), out)?;
                 }
             },
+            Msg::Unshare { from, .. } => {
+                // off the readers (an invalidation may have taken it off
+                // already, and an eviction to it may since have made it
+                // the owner); nothing else changes, so no transaction
+                let mut d = d;
+                d.readers.remove(&from);
+                self.set_dir(page, d);
+                self.send_to(from, Msg::Unshared { page }, out)?;
+                self.home_next(page, out)?;
+            }
             other => return Err(self.unexpected(page, &other)),
         }
         Ok(())
@@ -1354,6 +1420,38 @@ mod tests {
         assert!(acts.contains(&Action::Drop { page: 0 }), "{acts:?}");
         assert_eq!(n0.dir(0).owner, Some(1));
         assert!(n1.local(0).allows(Access::Write) && !n0.local(0).allows(Access::Read));
+    }
+
+    #[test]
+    fn a_reader_drops_its_read_copy_and_the_next_write_invalidates_nobody() {
+        let c = cfg(2);
+        let (mut n0, mut n1) = (Node::new(0, c), Node::new(1, c));
+        n0.fault(0, Access::Write).unwrap(); // node 0 owns page 0 (and is its home)
+                                             // node 1 reads it: a read copy
+        let req = sends(&n1.fault(0, Access::Read).unwrap());
+        let acts = n0.receive(req[0].1.clone()).unwrap();
+        assert!(acts.contains(&Action::WriteProtect { page: 0 }), "{acts:?}");
+        let ready = sends(&n0.offer(0, 1, false, false, 0, false).unwrap());
+        n1.receive(ready[0].1.clone()).unwrap();
+        let done = sends(&n1.fetched(0, 0, false, false, 0).unwrap());
+        n0.receive(done[0].1.clone()).unwrap();
+        assert!(n0.dir(0).readers.contains(&1));
+        // an owner cannot unshare; the reader can, once
+        assert!(n0.unshare(0).unwrap().is_empty());
+        let acts = n1.unshare(0).unwrap();
+        assert_eq!(acts[0], Action::Drop { page: 0 });
+        assert_eq!(sends(&acts), vec![(0, Msg::Unshare { page: 0, from: 1 })]);
+        assert!(n1.unshare(0).unwrap().is_empty() && !n1.local(0).allows(Access::Read));
+        // a fault meanwhile waits for the home's answer: no request yet
+        assert!(sends(&n1.fault(0, Access::Read).unwrap()).is_empty());
+        let answer = sends(&n0.receive(Msg::Unshare { page: 0, from: 1 }).unwrap());
+        assert_eq!(answer, vec![(1, Msg::Unshared { page: 0 })]);
+        assert!(n0.dir(0).readers.is_empty());
+        // the answer lets the waiting fault ask
+        let req = sends(&n1.receive(Msg::Unshared { page: 0 }).unwrap());
+        assert_eq!(req, vec![(0, Msg::Request { page: 0, access: Access::Read, from: 1 })]);
+        // an answer nobody asked for is a protocol error
+        assert!(n1.receive(Msg::Unshared { page: 0 }).is_err());
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct Coverage {
     pub frees_seen: bool,
     /// The home read a page parked on another node directly.
     pub parked_reads_seen: bool,
+    /// A reader dropped its read copy and the home took it off.
+    pub unshares_seen: bool,
 }
 
 /// One step from a state.
@@ -98,6 +100,7 @@ enum Step {
     Evict(NodeId, Page, NodeId),
     Redormant(NodeId, Page),
     Free(NodeId, Page),
+    Unshare(NodeId, Page),
 }
 
 impl World {
@@ -147,6 +150,10 @@ impl World {
                 if !freeing && !touched {
                     out.push(Step::Free(n, p));
                 }
+                // a reader short of memory drops its read copy
+                if !l.owner && l.copy == Held::Data && l.waiting.is_none() && !l.requested && !l.unsharing {
+                    out.push(Step::Unshare(n, p));
+                }
                 let content = self.memory[n as usize][p as usize];
                 if l.owner && l.allows(Access::Write) && l.copy == Held::Data {
                     if content == Some(0) {
@@ -174,6 +181,7 @@ impl World {
                         crate::Msg::Share { .. } => cov.shares_seen = true,
                         crate::Msg::Evicted { .. } | crate::Msg::Ready { evict: true, .. } => cov.evictions_seen = true,
                         crate::Msg::Dormanted { .. } => cov.redormants_seen = true,
+                        crate::Msg::Unshared { .. } => cov.unshares_seen = true,
                         _ => {}
                     }
                     if to == n {
@@ -272,6 +280,11 @@ impl World {
                 let acts = self.nodes[n as usize].evict(p, None).map_err(|e| e.to_string())?;
                 self.apply(n, acts, cov)?;
             }
+            Step::Unshare(n, p) => {
+                self.ops_left[n as usize] -= 1;
+                let acts = self.nodes[n as usize].unshare(p).map_err(|e| e.to_string())?;
+                self.apply(n, acts, cov)?;
+            }
             Step::Free(n, p) => {
                 self.ops_left[n as usize] -= 1;
                 self.freeing[p as usize] = true;
@@ -342,7 +355,7 @@ impl World {
             }
             for n in 0..c.nodes {
                 let l = self.nodes[n as usize].local(p);
-                if l.waiting.is_some() || l.handing.is_some() || l.protected || l.freeing {
+                if l.waiting.is_some() || l.handing.is_some() || l.protected || l.freeing || l.unsharing {
                     return Err(format!("deadlock: node {n} is stuck on page {p}: {l:?}"));
                 }
                 let reader = !l.owner && l.copy != Held::None;
@@ -393,6 +406,7 @@ fn explore_from(start: World) -> Result<Coverage, Violation> {
         redormants_seen: false,
         frees_seen: false,
         parked_reads_seen: false,
+        unshares_seen: false,
     };
     // depth-first, with the path kept for the report
     let mut stack: Vec<(World, Vec<Step>, usize)> = Vec::new();
@@ -448,6 +462,7 @@ fn describe(w: &World, step: &Step) -> String {
         Step::Evict(n, p, t) => format!("node {n} evicts page {p} to node {t}"),
         Step::Redormant(n, p) => format!("node {n} makes page {p} dormant again"),
         Step::Free(n, p) => format!("the guest on node {n} frees page {p}"),
+        Step::Unshare(n, p) => format!("node {n} drops its read copy of page {p}"),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The model checker over the real protocol state machine: 3 nodes × 2
 //! pages with messages reordered, as the issue asks, and smaller shapes
 //! with deeper bounds. Each run must also have exercised every part of the
-//! protocol (grants, shares, transfers, evictions, re-dormanting), so a
+//! protocol (grants, shares, transfers, evictions, re-dormanting, frees,
+//! parked reads, dropped read copies), so a
 //! bound too small to reach them fails instead of passing vacuously.
 
 use shoal_protocol::model::{explore, explore_preloaded, Coverage};
@@ -22,6 +23,7 @@ fn assert_covers_everything(c: &Coverage) {
     assert!(c.grants_seen && c.shares_seen && c.transfers_seen, "{c:?}");
     assert!(c.evictions_seen && c.redormants_seen && c.frees_seen, "{c:?}");
     assert!(c.parked_reads_seen, "the home never read a parked page: {c:?}");
+    assert!(c.unshares_seen, "no reader dropped a read copy: {c:?}");
     assert!(c.fetches > 0 && c.terminal_states > 0, "{c:?}");
 }
 

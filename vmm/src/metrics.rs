@@ -128,6 +128,10 @@ pub struct NodeMetrics {
     pub pages_shared: u64,
     /// Read copies dropped here because a writer elsewhere needed them gone.
     pub invalidations: u64,
+    /// Read copies dropped here to stay within `--node-memory` (nothing
+    /// moves: the owner keeps the page; the home takes this node off the
+    /// readers).
+    pub read_copies_dropped: u64,
     /// Pages that became this node's by a transfer from another node.
     pub ownership_transfers: u64,
     /// Pages asked for ahead of a fault: the stack page of a vCPU that
@@ -230,6 +234,7 @@ impl Report {
             t.fault_upgrade_us_p50 = t.fault_upgrade_us_p50.max(n.fault_upgrade_us_p50);
             t.pages_shared += n.pages_shared;
             t.invalidations += n.invalidations;
+            t.read_copies_dropped += n.read_copies_dropped;
             t.ownership_transfers += n.ownership_transfers;
             t.pages_prefetched += n.pages_prefetched;
             t.prefetched_used += n.prefetched_used;

@@ -211,6 +211,38 @@ fn a_vcpu_follows_its_data_when_migration_is_on() {
     assert_eq!(printed(&on.stdout, "checksum="), printed(&off.stdout, "checksum="));
 }
 
+/// Under `--node-memory` a node that reads pages another node wrote takes
+/// read copies (the writer keeps the pages), and when its bound is
+/// reached it drops read copies (nothing moves) rather than taking or
+/// evicting the pages themselves: node 0 reads 2 MiB written on node 1
+/// twice with room for 2 MiB in all.
+#[test]
+fn read_copies_are_made_and_dropped_within_the_node_memory_bound() {
+    if !kvm_or_skip("vcpus read copies under a bound") {
+        return;
+    }
+    let budget_pages = 512; // --node-memory 2M
+    let args = ["--nodes", "2", "--fabric", "shm", "--migration", "off"];
+    let free = run("migrate", "mode=1 mib=2 rounds=2", &args);
+    free.expect_status(0);
+    let bound = run("migrate", "mode=1 mib=2 rounds=2", &[&args[..], &["--node-memory", "2M"]].concat());
+    bound.expect_status(0);
+    assert!(bound.stdout.contains("ended on node 0"), "{}", bound.stdout);
+    assert_eq!(printed(&bound.stdout, "checksum="), printed(&free.stdout, "checksum="));
+    let ns = nodes(&bound);
+    for n in &ns {
+        assert!(get(n, "pages_resident") <= budget_pages, "{n}");
+        assert_eq!(get(n, "memfd_bytes"), 4096 * get(n, "pages_resident"), "{n}");
+    }
+    let reader = &ns[0];
+    // every page of the data came as a read copy; the only pages taken
+    // were node 0's own, evicted and taken back; copies were dropped to
+    // stay within the bound
+    assert!(get(reader, "faults_remote_read") >= 512, "{reader}");
+    assert_eq!(get(reader, "faults_remote_write"), get(reader, "pages_fetched_back"), "{reader}");
+    assert!(get(reader, "read_copies_dropped") > 0, "{reader}");
+}
+
 fn printed(stdout: &str, key: &str) -> String {
     stdout.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_default().to_string()
 }

@@ -294,11 +294,6 @@ impl Engine {
         self.remap(st, page, writable)
     }
 
-    /// Whether this node makes read copies for read faults.
-    pub(super) fn makes_read_copies(&self) -> bool {
-        self.settings.budget.is_none() && self.settings.read_copies
-    }
-
     /// Maps our copy as `writable` says, whatever the guest view holds now
     /// (nothing, the page write-protected, or the page already as wanted).
     pub(super) fn remap(&self, st: &mut State, page: Page, writable: bool) -> Result<(), String> {

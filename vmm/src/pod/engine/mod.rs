@@ -238,6 +238,7 @@ struct Counters {
     messages_received: AtomicU64,
     pages_shared: AtomicU64,
     invalidations: AtomicU64,
+    read_copies_dropped: AtomicU64,
     ownership_transfers: AtomicU64,
     pages_prefetched: AtomicU64,
     prefetched_used: AtomicU64,
@@ -793,14 +794,16 @@ impl Engine {
             | Msg::Done { from, .. }
             | Msg::InvalAck { from, .. }
             | Msg::Redormant { from, .. }
-            | Msg::Free { from, .. } => vec![*from],
+            | Msg::Free { from, .. }
+            | Msg::Unshare { from, .. } => vec![*from],
             Msg::Evict { from, to, .. } | Msg::Evicted { from, to, .. } => vec![*from, *to],
             Msg::Upgrade { .. }
             | Msg::Inval { .. }
             | Msg::Refused { .. }
             | Msg::Dormanted { .. }
             | Msg::Forget { .. }
-            | Msg::Freed { .. } => vec![],
+            | Msg::Freed { .. }
+            | Msg::Unshared { .. } => vec![],
         };
         if let Some(p) = pages.iter().find(|&&p| p >= cfg.pages) {
             return Err(format!("node {from} sent a message about page {p}, outside the guest ({} pages)", cfg.pages));
@@ -830,16 +833,15 @@ impl Engine {
     // ---- faults --------------------------------------------------------
 
     fn fault_page(&self, st: &mut State, page: Page, access: Access, vcpu: Option<u32>) -> Result<(), String> {
-        // with a memory bound every fault takes the page itself: read
-        // copies cannot be evicted yet, so none are made (nor where the
-        // kernel cannot map them write-protected); a page of ours that is
-        // write-protected (an eviction refused) is then upgraded, not
-        // mapped read-only
+        // where the kernel cannot map a page write-protected in one step,
+        // every fault takes the page itself (no read copies); a page of
+        // ours that is write-protected (an eviction refused) is then
+        // upgraded, not mapped read-only
         // what the guest itself did (before any promotion below)
         if access == Access::Write {
             st.res.wrote(page);
         }
-        let access = if self.makes_read_copies() { access } else { Access::Write };
+        let access = if self.settings.read_copies { access } else { Access::Write };
         // migratory sharing: a page the guest here wrote before is read
         // most likely as the first half of a read-modify-write (this KVM
         // emulates a locked add as a read, then a write): take it for
@@ -847,6 +849,10 @@ impl Engine {
         // hand it to and fro twice per increment (a read copy, then an
         // upgrade), and under network delay stop making progress
         let access = if access == Access::Read && st.res.written_here(page) { Access::Write } else { access };
+        // a page this node evicted comes back as its own, not as a copy:
+        // its memory bound counts it where it was placed until it is taken
+        // back, and a copy would leave it there, uncounted
+        let access = if access == Access::Read && st.res.is_placed(page) { Access::Write } else { access };
         let l = st.node.local(page);
         if Self::held_as(st, page, access) {
             // we hold it with the access asked for: resolved meanwhile
@@ -1185,8 +1191,8 @@ impl Engine {
                 return Err(self.budget_exhausted(st, budget));
             }
             return Err(format!(
-                "node {} cannot make room under --node-memory ({} pages): {} of its pages are pinned by the loader \
-                 and nothing else can be evicted",
+                "node {} cannot make room under --node-memory ({} pages): {} of its pages are pinned by the loader, \
+                 and none of the rest can leave now (a page other nodes read is not evicted)",
                 self.me,
                 budget,
                 st.res.pinned()
@@ -1244,6 +1250,21 @@ impl Engine {
                     continue;
                 }
             };
+            // a read copy: dropping it moves nothing (its owner keeps the
+            // page) and frees its memory at once; the home hears it
+            let l = st.node.local(page);
+            if !l.owner && l.copy == Held::Data {
+                let acts = st.node.unshare(page).map_err(|e| format!("page protocol: {e}"))?;
+                if acts.is_empty() {
+                    // a request or an invalidation of it is under way: later
+                    st.res.requeue(page);
+                    continue;
+                }
+                self.counters.read_copies_dropped.fetch_add(1, Ordering::Relaxed);
+                need -= 1;
+                self.apply(st, acts)?;
+                continue;
+            }
             // take it from the guest first: a zero check of a page the
             // guest can still write could re-dormant a page just written
             // (if the eviction does not go ahead, the next touch is a
@@ -1444,6 +1465,7 @@ impl Engine {
         m.fault_upgrade_us_p50 = st.latency_upgrade.quantile_us(0.5);
         m.pages_shared = get(&c.pages_shared);
         m.invalidations = get(&c.invalidations);
+        m.read_copies_dropped = get(&c.read_copies_dropped);
         m.pages_prefetched = get(&c.pages_prefetched);
         m.prefetched_used = get(&c.prefetched_used);
         m.pages_probed = get(&c.pages_probed);
