@@ -13,6 +13,10 @@
 //!   time beside the ownership transfers of the shared counter's page.
 //! - **following data**: `migrate mode=1` (data written on node 1, read
 //!   from node 0) with migration off and on: read time and pages pulled.
+//! - **data-parallel**: `touch` on 3 vCPUs, each first-touching and
+//!   reading back its own 8 MiB, on 1, 2 and 3 nodes, migration off and
+//!   on: wall time beside one node's, with the pages that crossed (none
+//!   should: every vCPU's data is dormant until it touches it).
 //!
 //! Every run is unpinned and again with the whole pod on one CPU
 //! (`taskset -c 0`: the threads handing a fault or a message to each
@@ -37,6 +41,9 @@ pub struct Args {
     /// Increments per vCPU in the smp runs.
     #[arg(long, default_value_t = 20000)]
     iters: u64,
+    /// MiB each vCPU of the data-parallel runs touches.
+    #[arg(long, default_value_t = 8)]
+    touch_mib: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +62,26 @@ struct Row {
     invalidations: u64,
     vcpu_migrations: u64,
     ipis_sent: u64,
+    /// Protocol transactions that moved a page or changed who may write
+    /// it: read copies made, ownership transfers, in-place upgrades.
+    transfers: u64,
+    bytes_fabric_read: u64,
+}
+
+/// The ping-pong per transfer: a round's time spread over the page
+/// transactions it took (counted), beside the same run's remote read
+/// fault and the fabric's read floor.
+#[derive(Debug, Serialize)]
+struct PerTransfer {
+    what: String,
+    one_cpu: bool,
+    rounds: u64,
+    round_us: f64,
+    transfers_per_round: f64,
+    us_per_transfer: f64,
+    remote_read_fault_us_p50: f64,
+    upgrade_fault_us_p50: f64,
+    floor_us: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +89,7 @@ struct Report {
     host: Host,
     shm_read_floor_us: f64,
     rows: Vec<Row>,
+    per_transfer: Vec<PerTransfer>,
     runs: Vec<RunResult>,
 }
 
@@ -80,6 +108,8 @@ fn row(what: &str, r: &RunResult, us: f64, baseline_us: f64, baseline: &str) -> 
         invalidations: t.invalidations,
         vcpu_migrations: t.vcpu_migrations_out,
         ipis_sent: t.ipis_sent,
+        transfers: t.pages_shared + t.ownership_transfers + t.faults_upgrade,
+        bytes_fabric_read: t.bytes_fabric_read,
     }
 }
 
@@ -88,6 +118,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut runs = Vec::new();
     let mut moves = Vec::new();
+    let mut per_transfer = Vec::new();
     let pod = ["--memory", "64M", "--fabric", "shm", "--migration", "off"];
     for one_cpu in [false, true] {
         // write ping-pong and IPI round trip: writer on node 0, reader on 1
@@ -98,7 +129,20 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             let (r, stdout) = run_pod_out(&a, one_cpu)?;
             let us = printed(&stdout, "round_trip_ns=")? / 1000.0;
             let what = if ipi == 1 { "IPI round trip (write, IPI, read, ack)" } else { "write ping-pong round" };
-            rows.push(row(what, &r, us, floor, "shm 4 KiB read"));
+            let rw = row(what, &r, us, floor, "shm 4 KiB read");
+            let per_round = rw.transfers as f64 / args.rounds as f64;
+            per_transfer.push(PerTransfer {
+                what: what.to_string(),
+                one_cpu,
+                rounds: args.rounds,
+                round_us: us,
+                transfers_per_round: per_round,
+                us_per_transfer: if per_round > 0.0 { us / per_round } else { 0.0 },
+                remote_read_fault_us_p50: r.nodes.iter().map(|n| n.fault_remote_read_us_p50).fold(0.0, f64::max),
+                upgrade_fault_us_p50: r.nodes.iter().map(|n| n.fault_upgrade_us_p50).fold(0.0, f64::max),
+                floor_us: floor,
+            });
+            rows.push(rw);
             runs.push(r);
         }
         // a move against a remote fault: the tour reads its 1 MiB after
@@ -155,6 +199,30 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         runs.push(r);
     }
 
+    // data-parallel: every vCPU first-touches its own slice, wherever it
+    // runs; nothing should cross the fabric
+    let cmdline = format!("mib={}", args.touch_mib);
+    let mut base = None;
+    for nodes in [1u32, 2, 3] {
+        for migration in ["off", "on"] {
+            let n = nodes.to_string();
+            let mut a = vec!["run", "--guest", "touch", "--cmdline", &cmdline, "--cpus", "3", "--memory", "128M"];
+            a.extend(["--nodes", &n, "--migration", migration]);
+            if nodes > 1 {
+                a.extend(["--fabric", "shm"]);
+            }
+            let (r, stdout) = run_pod_out(&a, false)?;
+            if !stdout.contains("bad=0") {
+                bail!("touch did not read back what it wrote:\n{stdout}");
+            }
+            let us = r.total.wall_seconds * 1e6;
+            let b = *base.get_or_insert(us);
+            let what = format!("touch, 3 vCPUs x {} MiB on {nodes} node(s), migration {migration}", args.touch_mib);
+            rows.push(row(&what, &r, us, b, "1 node"));
+            runs.push(r);
+        }
+    }
+
     let mut md = String::from("# vCPUs across nodes\n\n");
     md.push_str(&format!(
         "`target/release/shoal-bench vcpus` — pods over shm; the shm fabric's 4 KiB read floor in this run: \
@@ -162,11 +230,11 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     ));
     md.push_str(
         "| what | CPUs | µs | baseline | baseline µs | ratio | remote fetches | ownership transfers | read copies | \
-         invalidations | vCPU moves | IPIs across nodes |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         invalidations | vCPU moves | IPIs across nodes | page bytes read |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {:.1} | **{:.2}** | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {:.1} | **{:.2}** | {} | {} | {} | {} | {} | {} | {} |\n",
             r.what,
             if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
             r.us,
@@ -178,7 +246,8 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             r.pages_shared,
             r.invalidations,
             r.vcpu_migrations,
-            r.ipis_sent
+            r.ipis_sent,
+            r.bytes_fabric_read
         ));
     }
     md.push_str(
@@ -196,6 +265,32 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     for m in &moves {
         md.push_str(m);
     }
+    md.push_str(
+        "\n## The ping-pong per transfer\n\nA transfer is one page transaction of the protocol: a read copy \
+         made, an ownership transfer, or an upgrade in place (the writer's read copy made writable after the \
+         other copies are invalidated), each counted by the nodes. Beside it, the same run's p50 remote read \
+         fault and upgrade fault (from the nodes' metrics: the protocol's own time for one) and the shm read \
+         floor.\n\n| what | CPUs | round µs | transfers per round | µs per transfer | remote read fault p50 µs | \
+         upgrade fault p50 µs | shm read floor µs |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in &per_transfer {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            p.what,
+            if p.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            p.round_us,
+            p.transfers_per_round,
+            p.us_per_transfer,
+            p.remote_read_fault_us_p50,
+            p.upgrade_fault_us_p50,
+            p.floor_us
+        ));
+    }
     print!("{md}");
-    report::write(out, "vcpus", &Report { host: Host::probe(), shm_read_floor_us: floor, rows, runs }, &md)
+    report::write(
+        out,
+        "vcpus",
+        &Report { host: Host::probe(), shm_read_floor_us: floor, rows, per_transfer, runs },
+        &md,
+    )
 }

@@ -78,6 +78,11 @@ fn messages() -> Vec<(&'static str, Msg)> {
         ("redormant", Msg::Redormant { page: 9, from: 1, epoch: 5 }),
         ("refused", Msg::Refused { page: 9 }),
         ("dormanted", Msg::Dormanted { page: 9 }),
+        ("free", Msg::Free { page: 9, from: 2 }),
+        ("forget", Msg::Forget { page: 9 }),
+        ("freed", Msg::Freed { page: 9 }),
+        ("unshare", Msg::Unshare { page: 9, from: 2 }),
+        ("unshared", Msg::Unshared { page: 9 }),
     ]
 }
 
