@@ -246,12 +246,41 @@ fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
     Ok(Checked { name, bytes, linux_kernel, balloon })
 }
 
-/// Runs the VM as node 0 of a pod joined through `pod` (None: alone).
+/// Runs the VM as node 0 of a pod joined through `pod` (None: alone):
+/// builds it, then runs it.
 pub fn run_node(
     config: &VmConfig,
     console_out: Box<dyn std::io::Write + Send>,
     pod: Option<&crate::pod::Link>,
 ) -> Result<Outcome> {
+    build_node(config, console_out, pod)?.run()
+}
+
+/// Node 0's VM, built and not yet running: its memory loaded, its KVM VM,
+/// page engine and fault handlers, devices and vCPUs (not started) and,
+/// on a pod, every other node's VM built and serving. A member builds
+/// its own the same way (`pod::MemberVm::build`), so that it can run the
+/// vCPUs placed on it and those that move to it.
+struct NodeVm<'a> {
+    config: &'a VmConfig,
+    pod: Option<&'a crate::pod::Link>,
+    started: Instant,
+    mem: Arc<GuestMemory>,
+    plan: BootPlan,
+    vcpus: Arc<Vcpus>,
+    events: std::sync::mpsc::Receiver<VmEvent>,
+    paging: Option<Paging>,
+    virtio: Option<Arc<crate::virtio::VirtioDevices>>,
+    console: Arc<Mutex<Console>>,
+}
+
+/// Checks the input, loads the guest and builds node 0's VM (and, on a
+/// pod, has the other nodes build theirs): everything but running it.
+fn build_node<'a>(
+    config: &'a VmConfig,
+    console_out: Box<dyn std::io::Write + Send>,
+    pod: Option<&'a crate::pod::Link>,
+) -> Result<NodeVm<'a>> {
     let started = Instant::now();
     let Checked { name, bytes, linux_kernel, balloon } = check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
     if let Some(link) = pod {
@@ -395,62 +424,73 @@ pub fn run_node(
         None => None,
     };
 
-    let setup_error = vcpus.start(&plan).err().map(Error::Start);
-    let linux_vcpus = plan.linux.is_some().then_some(vcpus.as_ref());
-    let end = setup_error.is_none().then(|| wait(&events, config, linux_vcpus));
-    let failed = matches!(end, Some(End::Failed(_)));
-    if let (Some(Paging { serving: Some(serving), .. }), Some(link)) = (&paging, pod) {
-        // the end is decided: what stopping the vCPUs does to messages
-        // still in flight is no failure of the pod
-        link.quiesce(serving);
-    }
-    let uffd = paging.as_ref().and_then(|p| p.engine.uffd());
-    let release = || {
-        if let Some(uffd) = uffd {
-            if let Err(e) = uffd.unregister(mem.guest_view_base(), mem.layout().size()) {
-                tracing::warn!(error = %e, "cannot unregister guest memory");
-            }
+    Ok(NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console })
+}
+
+impl NodeVm<'_> {
+    /// Starts the vCPUs, waits for the guest's end (or the pod's failure),
+    /// stops everything and gathers every node's metrics.
+    fn run(self) -> Result<Outcome> {
+        let NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console } = self;
+        let setup_error = vcpus.start(&plan).err().map(Error::Start);
+        let linux_vcpus = plan.linux.is_some().then_some(vcpus.as_ref());
+        let end = setup_error.is_none().then(|| wait(&events, config, linux_vcpus));
+        let failed = matches!(end, Some(End::Failed(_)));
+        if let (Some(Paging { serving: Some(serving), .. }), Some(link)) = (&paging, pod) {
+            // the end is decided: what stopping the vCPUs does to messages
+            // still in flight is no failure of the pod
+            link.quiesce(serving);
         }
-    };
-    // after a failure at once; otherwise only if kicks alone have not
-    // stopped every vCPU within 100 ms (see `Vcpus::stop`)
-    let release_after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
-    vcpus.stop(release_after, &release);
-    if let Some(v) = &virtio {
-        v.stop();
-    }
-    let wall = started.elapsed();
-    flush_console(&console);
-    let mut others = Vec::new();
-    let mut node = match paging {
-        Some(Paging { engine, handlers, serving }) => {
-            handlers.stop();
-            let failure = match &end {
-                Some(End::Exited(_)) => None,
-                Some(End::Failed(why)) => Some(why.clone()),
-                Some(End::TimedOut(_)) => Some("the guest ran past --timeout".to_string()),
-                Some(End::Interrupted) => Some("interrupted".to_string()),
-                None => Some("the VM could not start".to_string()),
-            };
-            if let (Some(link), Some(serving)) = (pod, &serving) {
-                others = link.finish(serving, failure.as_deref());
+        let uffd = paging.as_ref().and_then(|p| p.engine.uffd());
+        let release = || {
+            if let Some(uffd) = uffd {
+                if let Err(e) = uffd.unregister(mem.guest_view_base(), mem.layout().size()) {
+                    tracing::warn!(error = %e, "cannot unregister guest memory");
+                }
             }
-            engine.metrics()
+        };
+        // after a failure at once; otherwise only if kicks alone have not
+        // stopped every vCPU within 100 ms (see `Vcpus::stop`)
+        let release_after = if failed { Duration::ZERO } else { Duration::from_millis(100) };
+        vcpus.stop(release_after, &release);
+        if let Some(v) = &virtio {
+            v.stop();
         }
-        None => NodeMetrics { node: Some(0), pages_resident: mem.mapped_pages().unwrap_or(0), ..Default::default() },
-    };
-    let end = match (end, setup_error) {
-        (Some(end), None) => end,
-        (_, Some(e)) => return Err(e),
-        (None, None) => unreachable!("no end without a setup error"),
-    };
-    node.wall_seconds = wall.as_secs_f64();
-    node.memfd_bytes = mem.allocated_bytes();
-    node.peak_rss_bytes = metrics::peak_rss_bytes();
-    vcpus.add_metrics(&mut node);
-    let mut nodes = vec![node];
-    nodes.extend(others);
-    Ok(Outcome { end, report: Report::new(nodes) })
+        let wall = started.elapsed();
+        flush_console(&console);
+        let mut others = Vec::new();
+        let mut node = match paging {
+            Some(Paging { engine, handlers, serving }) => {
+                handlers.stop();
+                let failure = match &end {
+                    Some(End::Exited(_)) => None,
+                    Some(End::Failed(why)) => Some(why.clone()),
+                    Some(End::TimedOut(_)) => Some("the guest ran past --timeout".to_string()),
+                    Some(End::Interrupted) => Some("interrupted".to_string()),
+                    None => Some("the VM could not start".to_string()),
+                };
+                if let (Some(link), Some(serving)) = (pod, &serving) {
+                    others = link.finish(serving, failure.as_deref());
+                }
+                engine.metrics()
+            }
+            None => {
+                NodeMetrics { node: Some(0), pages_resident: mem.mapped_pages().unwrap_or(0), ..Default::default() }
+            }
+        };
+        let end = match (end, setup_error) {
+            (Some(end), None) => end,
+            (_, Some(e)) => return Err(e),
+            (None, None) => unreachable!("no end without a setup error"),
+        };
+        node.wall_seconds = wall.as_secs_f64();
+        node.memfd_bytes = mem.allocated_bytes();
+        node.peak_rss_bytes = metrics::peak_rss_bytes();
+        vcpus.add_metrics(&mut node);
+        let mut nodes = vec![node];
+        nodes.extend(others);
+        Ok(Outcome { end, report: Report::new(nodes) })
+    }
 }
 
 /// Where the vCPUs start on a pod of `nodes`: `--placement`, or
