@@ -32,7 +32,7 @@ use std::io::{Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::framing::{FrameKeys, Opener, Sealer};
+use crate::framing::{FrameKeys, MessageOpener, MessageSealer, Opener, Sealer};
 use crate::wire::{
     read_handshake_frame, write_frame, Frame, Hello, StreamError, HELLO_AUTHENTICATED_FRAMES, PROTOCOL_VERSION,
 };
@@ -74,6 +74,10 @@ pub struct Session {
     pub sealer: Sealer,
     /// Checks what we receive.
     pub opener: Opener,
+    /// Tags the messages we send outside the stream (verbs' SENDs).
+    pub msg_sealer: MessageSealer,
+    /// Checks the messages we receive outside the stream.
+    pub msg_opener: MessageOpener,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -203,16 +207,16 @@ pub fn handshake<S: Read + Write>(
         // only now: the dialer has proven it knows the secret
         send_proof(stream)?;
     }
-    let (sealer, opener) = if authenticate {
+    let ((sealer, opener), (msg_sealer, msg_opener)) = if authenticate {
         let keys = match mine {
             Role::Dialer => FrameKeys::derive(&me.secret, &me.pod_id, me.node, theirs.node, &my_nonce, &theirs.nonce),
             Role::Acceptor => FrameKeys::derive(&me.secret, &me.pod_id, theirs.node, me.node, &theirs.nonce, &my_nonce),
         };
-        keys.split(mine == Role::Dialer)
+        (keys.split(mine == Role::Dialer), keys.split_messages(mine == Role::Dialer))
     } else {
-        (Sealer::new(None), Opener::new(None))
+        ((Sealer::new(None), Opener::new(None)), (MessageSealer::new(None), MessageOpener::new(None)))
     };
-    Ok(Session { peer: theirs.node, sealer, opener })
+    Ok(Session { peer: theirs.node, sealer, opener, msg_sealer, msg_opener })
 }
 
 #[cfg(test)]

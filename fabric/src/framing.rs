@@ -11,6 +11,11 @@
 //!
 //! With authentication off ([`crate::Options::authenticate_frames`], the
 //! default), frames travel as the handshake's do: no tag.
+//!
+//! Messages that do not travel on the stream (verbs' RDMA SENDs) are
+//! tagged the same way under keys of their own ([`MessageSealer`],
+//! [`MessageOpener`]): a reliable connected queue pair delivers them in
+//! order, so they too carry no sequence number.
 
 use std::io::{self, Read, Write};
 
@@ -29,13 +34,19 @@ pub const TAG_LEN: usize = 32;
 /// The label HKDF expands the frame keys with.
 const LABEL: &[u8] = b"shoal fabric frame keys v2";
 
-/// The two keys of one connection, derived after a successful handshake.
+/// The keys of one connection, derived after a successful handshake: one
+/// per direction for the stream's frames, one per direction for messages
+/// sent outside the stream.
 #[derive(Clone)]
 pub struct FrameKeys {
     /// Authenticates what the dialing node sends.
     pub dialer_to_acceptor: [u8; 32],
     /// Authenticates what the accepting node sends.
     pub acceptor_to_dialer: [u8; 32],
+    /// Authenticates the dialing node's messages outside the stream.
+    pub messages_dialer_to_acceptor: [u8; 32],
+    /// Authenticates the accepting node's messages outside the stream.
+    pub messages_acceptor_to_dialer: [u8; 32],
 }
 
 impl std::fmt::Debug for FrameKeys {
@@ -67,7 +78,12 @@ impl FrameKeys {
             hk.expand_multi_info(&info, &mut key).expect("32 bytes is a valid HKDF-SHA256 output length");
             key
         };
-        FrameKeys { dialer_to_acceptor: expand(b"dialer->acceptor"), acceptor_to_dialer: expand(b"acceptor->dialer") }
+        FrameKeys {
+            dialer_to_acceptor: expand(b"dialer->acceptor"),
+            acceptor_to_dialer: expand(b"acceptor->dialer"),
+            messages_dialer_to_acceptor: expand(b"messages dialer->acceptor"),
+            messages_acceptor_to_dialer: expand(b"messages acceptor->dialer"),
+        }
     }
 
     /// The sealer and opener of the side that dialed (`dialer`) or
@@ -79,6 +95,92 @@ impl FrameKeys {
             (&self.acceptor_to_dialer, &self.dialer_to_acceptor)
         };
         (Sealer::new(Some(send)), Opener::new(Some(recv)))
+    }
+
+    /// The message sealer and opener of the side that dialed (`dialer`)
+    /// or accepted.
+    pub fn split_messages(&self, dialer: bool) -> (MessageSealer, MessageOpener) {
+        let (send, recv) = if dialer {
+            (&self.messages_dialer_to_acceptor, &self.messages_acceptor_to_dialer)
+        } else {
+            (&self.messages_acceptor_to_dialer, &self.messages_dialer_to_acceptor)
+        };
+        (MessageSealer::new(Some(send)), MessageOpener::new(Some(recv)))
+    }
+}
+
+/// Tags messages sent outside the stream, in order: the tag of message
+/// number `seq` is HMAC-SHA256 over `seq` and the message, appended to it.
+#[derive(Clone)]
+pub struct MessageSealer {
+    mac: Option<HmacSha256>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for MessageSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageSealer").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
+    }
+}
+
+impl MessageSealer {
+    /// A sealer with `key`, or one that adds no tag.
+    pub fn new(key: Option<&[u8; 32]>) -> MessageSealer {
+        MessageSealer { mac: key.map(keyed), seq: 0 }
+    }
+
+    /// Bytes a sealed message takes beyond the message.
+    pub fn overhead(&self) -> usize {
+        if self.mac.is_some() {
+            TAG_LEN
+        } else {
+            0
+        }
+    }
+
+    /// The tag of the next message (empty when messages are not tagged),
+    /// to send right after `msg`.
+    pub fn tag(&mut self, msg: &[u8]) -> Vec<u8> {
+        let Some(mac) = &self.mac else { return Vec::new() };
+        let t = tag(mac, self.seq, msg).finalize().into_bytes().to_vec();
+        self.seq += 1;
+        t
+    }
+}
+
+/// Checks the tags of messages received outside the stream, in order.
+#[derive(Clone)]
+pub struct MessageOpener {
+    mac: Option<HmacSha256>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for MessageOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageOpener").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
+    }
+}
+
+impl MessageOpener {
+    /// An opener checking tags under `key`, or one taking messages as
+    /// they come.
+    pub fn new(key: Option<&[u8; 32]>) -> MessageOpener {
+        MessageOpener { mac: key.map(keyed), seq: 0 }
+    }
+
+    /// The message in `bytes` (message, then tag) if its tag is that of
+    /// the next message the peer sent; [`StreamError::Forged`] otherwise.
+    pub fn open<'b>(&mut self, bytes: &'b [u8]) -> Result<&'b [u8], StreamError> {
+        let Some(mac) = &self.mac else { return Ok(bytes) };
+        if bytes.len() < TAG_LEN {
+            return Err(StreamError::Forged { seq: self.seq });
+        }
+        let (msg, t) = bytes.split_at(bytes.len() - TAG_LEN);
+        if tag(mac, self.seq, msg).verify_slice(t).is_err() {
+            return Err(StreamError::Forged { seq: self.seq });
+        }
+        self.seq += 1;
+        Ok(msg)
     }
 }
 
@@ -217,6 +319,36 @@ mod tests {
             Frame::Message(b"page 3 is yours".to_vec()),
             Frame::Goodbye,
         ]
+    }
+
+    #[test]
+    fn messages_outside_the_stream_open_in_order_and_only_as_sent() {
+        let (mut tx, _) = keys().split_messages(true);
+        let (_, mut rx) = keys().split_messages(false);
+        let sent: Vec<Vec<u8>> = [&b"one"[..], b"two", b""].iter().map(|m| [*m, &tx.tag(m)].concat()).collect();
+        assert!(sent.iter().all(|s| s.len() >= TAG_LEN));
+        // in order: each opens to what was sent
+        for (s, m) in sent.iter().zip([&b"one"[..], b"two", b""]) {
+            assert_eq!(rx.open(s).unwrap(), m);
+        }
+        // replayed, reordered, altered, cut, or sealed under the stream's
+        // key or the other direction's: refused
+        let (_, mut rx) = keys().split_messages(false);
+        assert!(matches!(rx.open(&sent[1]), Err(StreamError::Forged { seq: 0 })));
+        assert!(rx.open(&sent[0]).is_ok());
+        assert!(rx.open(&sent[0]).is_err(), "a replay");
+        let mut bad = sent[1].clone();
+        bad[0] ^= 1;
+        assert!(rx.open(&bad).is_err() && rx.open(&sent[1][..8]).is_err());
+        let (mut stream_tx, _) = keys().split(true);
+        let (mut back_tx, _) = keys().split_messages(false);
+        let (_, mut rx) = keys().split_messages(false);
+        assert!(rx.open(&[&b"one"[..], &back_tx.tag(b"one")].concat()).is_err());
+        assert!(rx.open(&stream_tx.seal(&Frame::Message(b"one".to_vec()))).is_err());
+        // untagged: as they come, nothing added
+        let mut plain = MessageSealer::new(None);
+        assert_eq!((plain.tag(b"x"), plain.overhead()), (Vec::new(), 0));
+        assert_eq!(MessageOpener::new(None).open(b"x").unwrap(), b"x");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{handshake, Identity, Session};
-use crate::framing::{Opener, Sealer};
+use crate::framing::{MessageOpener, MessageSealer, Opener, Sealer};
 use crate::wire::{Frame, StreamError};
 use crate::{Addr, Error, Kind, LocalRegion, NodeId, Options, Result, Transport};
 
@@ -26,11 +26,15 @@ pub(crate) struct Link {
     pub conn: Conn,
     pub sealer: Sealer,
     pub opener: Opener,
+    /// For messages outside the stream (verbs' SENDs).
+    pub msg_sealer: MessageSealer,
+    pub msg_opener: MessageOpener,
 }
 
 impl Link {
     fn new(conn: Conn, session: Session) -> Link {
-        Link { conn, sealer: session.sealer, opener: session.opener }
+        let Session { sealer, opener, msg_sealer, msg_opener, .. } = session;
+        Link { conn, sealer, opener, msg_sealer, msg_opener }
     }
 
     pub fn write_frame(&mut self, frame: &Frame) -> io::Result<()> {

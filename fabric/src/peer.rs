@@ -308,7 +308,7 @@ impl Core {
         let (tx, rx) = channel();
         let mut peers = BTreeMap::new();
         let mut readers = Vec::new();
-        for (id, Link { conn, sealer, opener }) in conns {
+        for (id, Link { conn, sealer, opener, .. }) in conns {
             let p = Peer::new(id, regions.get(&id).cloned().unwrap_or_default(), &conn, sealer)
                 .map_err(|source| Error::Io { what: format!("cloning the stream of node {id}"), source })?;
             peers.insert(id, Arc::new(p));

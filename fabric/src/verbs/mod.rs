@@ -13,6 +13,10 @@
 //! - The TCP stream used to set up the queue pair stays open: it carries
 //!   key requests and tells us at once when a peer's process dies.
 //! - Memory is registered REMOTE_READ only: no peer can write ours.
+//! - With frames authenticated, every message (SEND) carries a tag under
+//!   the connection's message key ([`crate::framing::MessageSealer`]); a
+//!   message whose tag fails disconnects its sender. Page bytes, read by
+//!   one-sided RDMA READs, carry none.
 
 mod ffi;
 
@@ -25,6 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
+use crate::framing::{MessageOpener, MessageSealer, TAG_LEN};
 use crate::mesh::Link;
 use crate::peer::{stream_error, wait_answers, Core, Counters, Handler, Peer};
 use crate::wire::{Frame, ReadFailure, VerbsEndpoint, MAX_MESSAGE};
@@ -45,6 +50,8 @@ pub const CHUNK: u64 = 2 << 20;
 const STAGING: usize = 2 * crate::MAX_READ;
 /// Receive buffers posted per peer.
 const RECV_DEPTH: usize = 32;
+/// Bytes of one message buffer: the longest message and its tag.
+const SLOT: usize = MAX_MESSAGE + TAG_LEN;
 /// Work requests per post: bounded by the send queue.
 const MAX_WRS: usize = 128;
 const SEND_QUEUE: u32 = 256;
@@ -172,6 +179,8 @@ struct SendSide {
     posts: Vec<ReadWr>,
     /// Set once the queue pair failed: it stays in ERROR.
     broken: Option<String>,
+    /// Tags our messages to this peer.
+    sealer: MessageSealer,
 }
 
 #[derive(Debug)]
@@ -183,6 +192,8 @@ struct VerbsPeer {
     _recv_mr: Mr,
     recv_buf: Buffer,
     recv_lkey: u32,
+    /// Checks the tags of this peer's messages (the receive thread's).
+    opener: Mutex<MessageOpener>,
 }
 
 #[derive(Debug)]
@@ -330,19 +341,17 @@ impl VerbsTransport {
             // SAFETY: our own buffers, alive as long as their MRs (both are
             // fields of the same peer, and each MR is dropped first).
             let staging_mr = unsafe { Mr::register(&pd, staging.as_ptr(), staging.len(), ffi::ACCESS_LOCAL_WRITE)? };
-            let msg = Buffer::new(MAX_MESSAGE)?;
+            let msg = Buffer::new(SLOT)?;
             // SAFETY: as above.
             let msg_mr = unsafe { Mr::register(&pd, msg.as_ptr(), msg.len(), ffi::ACCESS_LOCAL_WRITE)? };
-            let recv_buf = Buffer::new(RECV_DEPTH * MAX_MESSAGE)?;
+            let recv_buf = Buffer::new(RECV_DEPTH * SLOT)?;
             // SAFETY: as above.
             let recv_mr = unsafe { Mr::register(&pd, recv_buf.as_ptr(), recv_buf.len(), ffi::ACCESS_LOCAL_WRITE)? };
             let recv_lkey = recv_mr.lkey();
             for i in 0..RECV_DEPTH {
                 // SAFETY: slot i of the registered receive buffer, not
                 // touched until its completion.
-                unsafe {
-                    qp.post_recv(i as u64, recv_buf.addr() + (i * MAX_MESSAGE) as u64, MAX_MESSAGE as u32, recv_lkey)?
-                };
+                unsafe { qp.post_recv(i as u64, recv_buf.addr() + (i * SLOT) as u64, SLOT as u32, recv_lkey)? };
             }
             let send = SendSide {
                 staging_mr,
@@ -356,7 +365,9 @@ impl VerbsTransport {
                 pieces: Vec::new(),
                 posts: Vec::new(),
                 broken: None,
+                sealer: std::mem::replace(&mut c.msg_sealer, MessageSealer::new(None)),
             };
+            let opener = Mutex::new(std::mem::replace(&mut c.msg_opener, MessageOpener::new(None)));
             peers.insert(
                 *id,
                 Arc::new(VerbsPeer {
@@ -367,6 +378,7 @@ impl VerbsTransport {
                     _recv_mr: recv_mr,
                     recv_buf,
                     recv_lkey,
+                    opener,
                 }),
             );
         }
@@ -631,15 +643,26 @@ fn receive_loop(
                 if slot >= RECV_DEPTH {
                     continue;
                 }
-                let addr = vp.recv_buf.addr() + (slot * MAX_MESSAGE) as u64;
-                let len = (wc.byte_len as usize).min(MAX_MESSAGE);
+                let addr = vp.recv_buf.addr() + (slot * SLOT) as u64;
+                let len = (wc.byte_len as usize).min(SLOT);
                 // SAFETY: the device wrote `byte_len` bytes into this slot
                 // of our registered buffer and completed; it is ours until
                 // we post it again below.
-                let payload = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
-                core.deliver(vp.id, payload);
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                match vp.opener.lock().unwrap_or_else(|p| p.into_inner()).open(bytes) {
+                    Ok(msg) => core.deliver(vp.id, msg.to_vec()),
+                    // altered, replayed or injected: the peer is cut off
+                    // (every later message of it fails too: the count
+                    // stays where the forgery broke it)
+                    Err(e) => {
+                        if let Ok(p) = core.peer(vp.id) {
+                            tracing::warn!(peer = vp.id, error = %e, "disconnecting a peer whose message failed authentication");
+                            core.peer_gone(p, &format!("its {e}; disconnected it"));
+                        }
+                    }
+                }
                 // SAFETY: the slot is free again (its bytes are copied).
-                if let Err(e) = unsafe { vp.qp.post_recv(wc.wr_id, addr, MAX_MESSAGE as u32, vp.recv_lkey) } {
+                if let Err(e) = unsafe { vp.qp.post_recv(wc.wr_id, addr, SLOT as u32, vp.recv_lkey) } {
                     tracing::warn!(peer = vp.id, error = %e, "cannot repost a receive buffer");
                 }
             }
@@ -710,15 +733,21 @@ impl Transport for VerbsTransport {
         if let Some(why) = &side.broken {
             return Err(Error::PeerGone { peer, reason: why.clone() });
         }
+        // tagged under the send lock: tags go out in the order they count
+        let tag = side.sealer.tag(msg);
         // SAFETY: the message buffer is ours and idle (we hold the lock and
-        // the previous send completed).
-        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), side.msg.as_ptr(), msg.len()) };
+        // the previous send completed); it holds SLOT bytes, a message of
+        // at most MAX_MESSAGE and its tag.
+        unsafe {
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), side.msg.as_ptr(), msg.len());
+            std::ptr::copy_nonoverlapping(tag.as_ptr(), side.msg.as_ptr().add(msg.len()), tag.len());
+        }
         let wr = side.next_wr;
         side.next_wr += 1;
         let (addr, lkey) = (side.msg.addr(), side.msg_mr.lkey());
         // SAFETY: the registered message buffer stays untouched until the
         // completion is polled below.
-        unsafe { vp.qp.post_send(wr, addr, msg.len() as u32, lkey)? };
+        unsafe { vp.qp.post_send(wr, addr, (msg.len() + tag.len()) as u32, lkey)? };
         self.wait_completions(p, vp, &mut side, 1)?;
         self.core.count_sent(msg.len());
         Ok(())
