@@ -213,6 +213,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
+    // a panic is a bug of ours, in whichever thread: the VM must not go on
+    // without that thread (a vCPU or fault handler gone would leave the
+    // guest, or a peer, waiting for good), so after Rust's message the
+    // process ends with the status of a VM that failed while running
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(70);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
