@@ -52,7 +52,9 @@ fn msg() -> impl Strategy<Value = Msg> {
         p.clone().prop_map(|page| Msg::Dormanted { page }),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Free { page, from }),
         p.clone().prop_map(|page| Msg::Forget { page }),
-        p.prop_map(|page| Msg::Freed { page }),
+        p.clone().prop_map(|page| Msg::Freed { page }),
+        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Unshare { page, from }),
+        p.prop_map(|page| Msg::Unshared { page }),
     ]
 }
 
@@ -61,6 +63,8 @@ fn msg() -> impl Strategy<Value = Msg> {
 enum Local {
     Fault(u64, Access),
     Evict(u64, Option<u32>),
+    /// Drop a read copy (memory pressure).
+    Unshare(u64),
     /// Answer the oldest Fetch or Offer the node asked for.
     Complete(bool),
     Message(Msg),
@@ -71,6 +75,7 @@ fn step() -> impl Strategy<Value = Local> {
     prop_oneof![
         (0u64..16, access).prop_map(|(p, a)| Local::Fault(p, a)),
         (0u64..16, prop::option::of(0u32..3)).prop_map(|(p, t)| Local::Evict(p, t)),
+        (0u64..16).prop_map(Local::Unshare),
         any::<bool>().prop_map(Local::Complete),
         msg().prop_map(Local::Message),
         msg().prop_map(Local::Message),
@@ -135,6 +140,7 @@ proptest! {
             let result = match s {
                 Local::Fault(p, a) => node.fault(p, a),
                 Local::Evict(p, t) => node.evict(p, t),
+                Local::Unshare(p) => node.unshare(p),
                 Local::Message(m) => node.receive(m),
                 Local::Complete(zero) => match pending.iter().position(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })) {
                     Some(i) => match pending.remove(i) {
