@@ -121,7 +121,12 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     let mut per_transfer = Vec::new();
     let pod = ["--memory", "64M", "--fabric", "shm", "--migration", "off"];
     for one_cpu in [false, true] {
-        // write ping-pong and IPI round trip: writer on node 0, reader on 1
+        // write ping-pong and IPI round trip: writer on node 0, reader on 1.
+        // A polling round costs milliseconds on a 2-CPU host: two spinning
+        // vCPU threads and both nodes' service threads share the CPUs, and
+        // `perf sched latency` showed the fabric's reader threads waiting
+        // up to ~4.7 ms to run. vCPU threads at SCHED_IDLE (tried) halved
+        // it unpinned and changed nothing on one CPU: not kept.
         for ipi in [0, 1] {
             let cmdline = format!("rounds={} ipi={ipi}", args.rounds);
             let mut a = vec!["run", "--guest", "sharing", "--cmdline", &cmdline, "--cpus", "2", "--nodes", "2"];

@@ -364,6 +364,14 @@ fn control_name(msg: &Control) -> &'static str {
     }
 }
 
+// Every message reaches the engine after two thread hand-offs: the
+// fabric's reader thread, then this receiver through the fabric's inbox.
+// Taking page messages on the reader thread would save one wake per
+// message (on this 2-CPU test host a wake often costs more than the work),
+// but over tcp a fabric read the engine starts there waits for an answer
+// only that same reader thread can read (a deadlock), and two nodes whose
+// readers both block in sends could fill each other's socket buffers:
+// worth doing only with both solved.
 /// Reads the next message; control messages are returned, page and vCPU
 /// messages handed to `engine` and `vcpus` (None before they exist: then
 /// such a message is a peer's mistake). Every arrival counts as hearing
