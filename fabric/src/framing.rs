@@ -109,77 +109,85 @@ impl FrameKeys {
     }
 }
 
-/// Tags messages sent outside the stream, in order: the tag of message
-/// number `seq` is HMAC-SHA256 over `seq` and the message, appended to it.
+/// One direction's tag count: the HMAC keyed once (cloned per tag) and
+/// the number of the next frame or message. Every sealer and opener is
+/// one of these.
 #[derive(Clone)]
-pub struct MessageSealer {
+struct Count {
     mac: Option<HmacSha256>,
     seq: u64,
 }
 
-impl std::fmt::Debug for MessageSealer {
+impl std::fmt::Debug for Count {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MessageSealer").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
+        f.debug_struct("Count").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
     }
 }
+
+impl Count {
+    fn new(key: Option<&[u8; 32]>) -> Count {
+        Count { mac: key.map(keyed), seq: 0 }
+    }
+
+    /// The tag of `bytes` as the next one (None when untagged).
+    fn sign(&mut self, bytes: &[u8]) -> Option<[u8; TAG_LEN]> {
+        let mac = self.mac.as_ref()?;
+        let t = tag(mac, self.seq, bytes).finalize().into_bytes().into();
+        self.seq += 1;
+        Some(t)
+    }
+
+    /// Whether `t` is the tag of `bytes` as the next one.
+    fn verify(&mut self, bytes: &[u8], t: &[u8]) -> Result<(), StreamError> {
+        let Some(mac) = &self.mac else { return Ok(()) };
+        if tag(mac, self.seq, bytes).verify_slice(t).is_err() {
+            return Err(StreamError::Forged { seq: self.seq });
+        }
+        self.seq += 1;
+        Ok(())
+    }
+}
+
+/// Tags messages sent outside the stream, in order: the tag of message
+/// number `seq` is HMAC-SHA256 over `seq` and the message, appended to it.
+#[derive(Clone, Debug)]
+pub struct MessageSealer(Count);
 
 impl MessageSealer {
     /// A sealer with `key`, or one that adds no tag.
     pub fn new(key: Option<&[u8; 32]>) -> MessageSealer {
-        MessageSealer { mac: key.map(keyed), seq: 0 }
+        MessageSealer(Count::new(key))
     }
 
-    /// Bytes a sealed message takes beyond the message.
-    pub fn overhead(&self) -> usize {
-        if self.mac.is_some() {
-            TAG_LEN
-        } else {
-            0
-        }
-    }
-
-    /// The tag of the next message (empty when messages are not tagged),
+    /// The tag of the next message (None when messages are not tagged),
     /// to send right after `msg`.
-    pub fn tag(&mut self, msg: &[u8]) -> Vec<u8> {
-        let Some(mac) = &self.mac else { return Vec::new() };
-        let t = tag(mac, self.seq, msg).finalize().into_bytes().to_vec();
-        self.seq += 1;
-        t
+    pub fn tag(&mut self, msg: &[u8]) -> Option<[u8; TAG_LEN]> {
+        self.0.sign(msg)
     }
 }
 
 /// Checks the tags of messages received outside the stream, in order.
-#[derive(Clone)]
-pub struct MessageOpener {
-    mac: Option<HmacSha256>,
-    seq: u64,
-}
-
-impl std::fmt::Debug for MessageOpener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MessageOpener").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct MessageOpener(Count);
 
 impl MessageOpener {
     /// An opener checking tags under `key`, or one taking messages as
     /// they come.
     pub fn new(key: Option<&[u8; 32]>) -> MessageOpener {
-        MessageOpener { mac: key.map(keyed), seq: 0 }
+        MessageOpener(Count::new(key))
     }
 
     /// The message in `bytes` (message, then tag) if its tag is that of
     /// the next message the peer sent; [`StreamError::Forged`] otherwise.
     pub fn open<'b>(&mut self, bytes: &'b [u8]) -> Result<&'b [u8], StreamError> {
-        let Some(mac) = &self.mac else { return Ok(bytes) };
+        if self.0.mac.is_none() {
+            return Ok(bytes);
+        }
         if bytes.len() < TAG_LEN {
-            return Err(StreamError::Forged { seq: self.seq });
+            return Err(StreamError::Forged { seq: self.0.seq });
         }
         let (msg, t) = bytes.split_at(bytes.len() - TAG_LEN);
-        if tag(mac, self.seq, msg).verify_slice(t).is_err() {
-            return Err(StreamError::Forged { seq: self.seq });
-        }
-        self.seq += 1;
+        self.0.verify(msg, t)?;
         Ok(msg)
     }
 }
@@ -188,8 +196,8 @@ fn keyed(key: &[u8; 32]) -> HmacSha256 {
     HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length")
 }
 
-/// The tag of frame number `seq` (`bytes`: the frame as sent, length
-/// prefix included, tag excluded).
+/// The tag of frame or message number `seq` (`bytes`: a frame as sent,
+/// length prefix included, tag excluded; or a message).
 fn tag(mac: &HmacSha256, seq: u64, bytes: &[u8]) -> HmacSha256 {
     let mut m = mac.clone();
     m.update(&seq.to_le_bytes());
@@ -198,35 +206,27 @@ fn tag(mac: &HmacSha256, seq: u64, bytes: &[u8]) -> HmacSha256 {
 }
 
 /// The sending half: encodes frames and tags them.
-#[derive(Clone)]
-pub struct Sealer {
-    /// The direction's HMAC, keyed once (cloned per frame).
-    mac: Option<HmacSha256>,
-    seq: u64,
-}
-
-impl std::fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct Sealer(Count);
 
 impl Sealer {
     /// A sealer with `key`, or one that sends frames untagged.
     pub fn new(key: Option<&[u8; 32]>) -> Sealer {
-        Sealer { mac: key.map(keyed), seq: 0 }
+        Sealer(Count::new(key))
     }
 
     /// Appends `frame`, tagged, to `out`.
     pub fn seal_into(&mut self, frame: &Frame, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&frame.encode());
-        let Some(mac) = &self.mac else { return };
+        if self.0.mac.is_none() {
+            return;
+        }
         let len = (out.len() - start - 4 + TAG_LEN) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        let t = tag(mac, self.seq, &out[start..]).finalize().into_bytes();
-        out.extend_from_slice(&t);
-        self.seq += 1;
+        if let Some(t) = self.0.sign(&out[start..]) {
+            out.extend_from_slice(&t);
+        }
     }
 
     /// `frame`, tagged.
@@ -243,45 +243,33 @@ impl Sealer {
 }
 
 /// The receiving half: reads frames and checks their tags in order.
-#[derive(Clone)]
-pub struct Opener {
-    mac: Option<HmacSha256>,
-    seq: u64,
-}
-
-impl std::fmt::Debug for Opener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opener").field("authenticated", &self.mac.is_some()).field("seq", &self.seq).finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct Opener(Count);
 
 impl Opener {
     /// An opener checking tags under `key`, or one taking frames untagged.
     pub fn new(key: Option<&[u8; 32]>) -> Opener {
-        Opener { mac: key.map(keyed), seq: 0 }
+        Opener(Count::new(key))
     }
 
     /// Checks and decodes one frame (length prefix included) as received.
     /// A tag that does not verify is [`StreamError::Forged`]: the frame
     /// was altered, or is not the next one the peer sent.
     pub fn open(&mut self, bytes: &[u8]) -> Result<Frame, StreamError> {
-        let Some(mac) = &self.mac else {
+        if self.0.mac.is_none() {
             return Ok(Frame::decode(bytes.get(4..).unwrap_or_default())?);
-        };
+        }
         if bytes.len() < 4 + 1 + TAG_LEN {
             return Err(WireError::Truncated { what: "frame tag", needed: 4 + 1 + TAG_LEN - bytes.len() }.into());
         }
         let (framed, t) = bytes.split_at(bytes.len() - TAG_LEN);
-        if tag(mac, self.seq, framed).verify_slice(t).is_err() {
-            return Err(StreamError::Forged { seq: self.seq });
-        }
-        self.seq += 1;
+        self.0.verify(framed, t)?;
         Ok(Frame::decode(&framed[4..])?)
     }
 
     /// Reads, checks and decodes one frame.
     pub fn read_frame(&mut self, r: &mut impl Read) -> Result<Frame, StreamError> {
-        let extra = if self.mac.is_some() { TAG_LEN } else { 0 };
+        let extra = if self.0.mac.is_some() { TAG_LEN } else { 0 };
         let mut len = [0u8; 4];
         read_all(r, &mut len)?;
         let n = u32::from_le_bytes(len) as usize;
@@ -325,7 +313,8 @@ mod tests {
     fn messages_outside_the_stream_open_in_order_and_only_as_sent() {
         let (mut tx, _) = keys().split_messages(true);
         let (_, mut rx) = keys().split_messages(false);
-        let sent: Vec<Vec<u8>> = [&b"one"[..], b"two", b""].iter().map(|m| [*m, &tx.tag(m)].concat()).collect();
+        let sent: Vec<Vec<u8>> =
+            [&b"one"[..], b"two", b""].iter().map(|m| [*m, &tx.tag(m).unwrap()[..]].concat()).collect();
         assert!(sent.iter().all(|s| s.len() >= TAG_LEN));
         // in order: each opens to what was sent
         for (s, m) in sent.iter().zip([&b"one"[..], b"two", b""]) {
@@ -343,11 +332,11 @@ mod tests {
         let (mut stream_tx, _) = keys().split(true);
         let (mut back_tx, _) = keys().split_messages(false);
         let (_, mut rx) = keys().split_messages(false);
-        assert!(rx.open(&[&b"one"[..], &back_tx.tag(b"one")].concat()).is_err());
+        assert!(rx.open(&[&b"one"[..], &back_tx.tag(b"one").unwrap()[..]].concat()).is_err());
         assert!(rx.open(&stream_tx.seal(&Frame::Message(b"one".to_vec()))).is_err());
         // untagged: as they come, nothing added
         let mut plain = MessageSealer::new(None);
-        assert_eq!((plain.tag(b"x"), plain.overhead()), (Vec::new(), 0));
+        assert_eq!(plain.tag(b"x"), None);
         assert_eq!(MessageOpener::new(None).open(b"x").unwrap(), b"x");
     }
 

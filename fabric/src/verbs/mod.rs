@@ -735,6 +735,7 @@ impl Transport for VerbsTransport {
         }
         // tagged under the send lock: tags go out in the order they count
         let tag = side.sealer.tag(msg);
+        let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
         // SAFETY: the message buffer is ours and idle (we hold the lock and
         // the previous send completed); it holds SLOT bytes, a message of
         // at most MAX_MESSAGE and its tag.
