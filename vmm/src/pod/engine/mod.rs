@@ -842,17 +842,17 @@ impl Engine {
             st.res.wrote(page);
         }
         let access = if self.settings.read_copies { access } else { Access::Write };
-        // migratory sharing: a page the guest here wrote before is read
-        // most likely as the first half of a read-modify-write (this KVM
-        // emulates a locked add as a read, then a write): take it for
-        // writing at once, or two nodes that both increment one counter
-        // hand it to and fro twice per increment (a read copy, then an
-        // upgrade), and under network delay stop making progress
-        let access = if access == Access::Read && st.res.written_here(page) { Access::Write } else { access };
-        // a page this node evicted comes back as its own, not as a copy:
-        // its memory bound counts it where it was placed until it is taken
-        // back, and a copy would leave it there, uncounted
-        let access = if access == Access::Read && st.res.is_placed(page) { Access::Write } else { access };
+        // a read that takes the page itself: migratory sharing (a page the
+        // guest here wrote before is read most likely as the first half of
+        // a read-modify-write: this KVM emulates a locked add as a read,
+        // then a write; or two nodes that both increment one counter hand
+        // it to and fro twice per increment, a read copy then an upgrade,
+        // and under network delay stop making progress); and a page this
+        // node evicted (its memory bound counts it where it was placed
+        // until it is taken back: a read copy would leave it there,
+        // uncounted)
+        let take = |st: &State| st.res.written_here(page) || st.res.is_placed(page);
+        let access = if access == Access::Read && take(st) { Access::Write } else { access };
         let l = st.node.local(page);
         if Self::held_as(st, page, access) {
             // we hold it with the access asked for: resolved meanwhile
