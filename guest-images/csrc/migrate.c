@@ -15,6 +15,14 @@
  *
  * mode=2: asks to move to a node outside the pod (shoal ends the VM).
  *
+ * mode=4 (shared): the data is read on one node while another owns it,
+ * then the owner needs the room: vCPU 0 moves to node 1 and writes N MiB,
+ * moves to node 0 and reads them (read copies there), moves back to node 1
+ * and writes N MiB more, then reads all 2N MiB on node 1 and again on node
+ * 0. Under a --node-memory that holds N MiB and a little, node 1 must evict
+ * pages node 0 reads. Prints both checksums (a function of N only); exits
+ * 1 when they differ.
+ *
  * mode=3 (ipis): vCPU 1 sends vCPU 0 `ipis=K` IPIs while vCPU 0 moves
  * around every node (`rounds` tours) and counts them with HC_WAIT_IPI: an
  * IPI posted before a move goes with it, one sent after follows it. Exits
@@ -63,6 +71,15 @@ static void fill_piece(u64 base, u64 len, u64 offset, void *p)
 	(void)p;
 	for (u64 o = 0; o < len; o += PAGE)
 		shoal_fill_words((u64 *)(base + o), shoal_mix64((offset + o) / PAGE), PAGE / 8);
+}
+
+/* fills what lies at or past the offset `*p` */
+static void fill_after(u64 base, u64 len, u64 offset, void *p)
+{
+	u64 from = *(const u64 *)p;
+	for (u64 o = 0; o < len; o += PAGE)
+		if (offset + o >= from)
+			shoal_fill_words((u64 *)(base + o), shoal_mix64((offset + o) / PAGE), PAGE / 8);
 }
 
 static void sum_piece(u64 base, u64 len, u64 offset, void *p)
@@ -223,6 +240,35 @@ static u64 follow(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 	return 0;
 }
 
+static u64 shared(const struct shoal_boot_info *bi, u64 bytes)
+{
+	u64 saved[5];
+	if (shoal_info(SHOAL_INFO_NUM_NODES) < 2) {
+		shoal_printf("migrate: error: mode=4 needs a pod of 2 or more nodes\n");
+		return 2;
+	}
+	if (2 * bytes > shoal_free_bytes(bi)) {
+		shoal_printf("migrate: error: mode=4 needs 2 x mib of free guest RAM\n");
+		return 2;
+	}
+	migrate_to(1, saved);
+	shoal_for_free(bi, bytes, fill_piece, 0);
+	migrate_to(0, saved);
+	u64 first = checksum(bi, bytes);
+	migrate_to(1, saved);
+	shoal_for_free(bi, 2 * bytes, fill_after, &bytes);
+	u64 on1 = checksum(bi, 2 * bytes);
+	migrate_to(0, saved);
+	u64 on0 = checksum(bi, 2 * bytes);
+	shoal_printf("migrate: shared: first=0x%lx checksum=0x%lx on node 1, checksum0=0x%lx on node 0\n", first, on1,
+		     on0);
+	if (on0 != on1) {
+		shoal_printf("migrate: FAILED: the two nodes read different data\n");
+		return 1;
+	}
+	return 0;
+}
+
 u64 shoal_main(const struct shoal_boot_info *bi)
 {
 	u64 mode = shoal_arg_or(bi, "mode", 0), mib = shoal_arg_or(bi, "mib", 1), rounds = shoal_arg_or(bi, "rounds", 1);
@@ -234,6 +280,7 @@ u64 shoal_main(const struct shoal_boot_info *bi)
 	case 0: return tour(bi, mib * MIB, rounds);
 	case 1: return follow(bi, mib * MIB, rounds);
 	case 3: return ipis(rounds, shoal_arg_or(bi, "ipis", 100));
+	case 4: return shared(bi, mib * MIB);
 	case 2: {
 		/* a move to the node one past the last: shoal must end the VM */
 		u64 saved[5];
@@ -242,7 +289,7 @@ u64 shoal_main(const struct shoal_boot_info *bi)
 		return 1;
 	}
 	default:
-		shoal_printf("migrate: error: mode=%lu; use 0 (tour), 1 (follow), 2 (outside) or 3 (ipis)\n", mode);
+		shoal_printf("migrate: error: mode=%lu; use 0 (tour), 1 (follow), 2 (outside), 3 (ipis) or 4 (shared)\n", mode);
 		return 2;
 	}
 }

@@ -338,6 +338,18 @@ pub struct Local {
 }
 
 impl Local {
+    /// Whether we may evict (or re-dormant) the page: we own it with data
+    /// and nothing about it is under way here. It may be shared (the
+    /// home invalidates the readers first) or parked (it moves on).
+    pub fn evictable(&self) -> bool {
+        self.owner
+            && self.copy == Held::Data
+            && self.handing.is_none()
+            && !self.protected
+            && !self.requested
+            && self.waiting.is_none()
+    }
+
     /// Whether the guest may access our copy as `a`.
     pub fn allows(&self, a: Access) -> bool {
         let present = self.copy != Held::None && self.handing.is_none() && !self.parked;
@@ -970,23 +982,19 @@ impl Node {
     /// We own `page` and want it elsewhere: to `to`, or, when its contents
     /// are all zeros (`to` is None), nowhere: dormant again. Write-protects
     /// our copy until the home answers. Does nothing unless the page is
-    /// settled here and writable (so it has no readers).
+    /// settled here ([`Local::evictable`]). A page others read goes too:
+    /// the home invalidates its readers first, as for a writer.
     pub fn evict(&mut self, page: Page, to: Option<NodeId>) -> Result<Vec<Action>, Error> {
         self.check_page(page)?;
         let mut out = Vec::new();
         let mut l = self.local(page);
-        if !l.owner
-            || l.copy != Held::Data
-            || l.handing.is_some()
-            || l.protected
-            || l.requested
-            || l.waiting.is_some()
-            || !l.writable
-            || to == Some(self.id)
-        {
+        if !l.evictable() || to == Some(self.id) {
             return Ok(out);
         }
-        out.push(Action::WriteProtect { page });
+        if l.writable {
+            // (a shared or parked copy is write-protected already)
+            out.push(Action::WriteProtect { page });
+        }
         l.writable = false;
         l.protected = true;
         let epoch = l.epoch;
@@ -1176,19 +1184,22 @@ impl Node {
                     self.begin(page, txn(TxnKind::Transfer, from, owner, others), out)?;
                 }
             },
+            // the readers (the target among them, if it is one) are
+            // invalidated first, as for a writer: a page others read can
+            // leave a node short of memory too
             Msg::Evict { from, to, epoch, .. } => {
-                if d.owner != Some(from) || d.epoch != epoch || !d.readers.is_empty() || to == from {
+                if d.owner != Some(from) || d.epoch != epoch || to == from {
                     self.begin(page, txn(TxnKind::Refuse, from, from, BTreeSet::new()), out)?;
                 } else {
-                    let t = Txn { evict: true, ..txn(TxnKind::Transfer, to, from, BTreeSet::new()) };
+                    let t = Txn { evict: true, ..txn(TxnKind::Transfer, to, from, d.readers.clone()) };
                     self.begin(page, t, out)?;
                 }
             }
             Msg::Redormant { from, epoch, .. } => {
-                if d.owner != Some(from) || d.epoch != epoch || !d.readers.is_empty() {
+                if d.owner != Some(from) || d.epoch != epoch {
                     self.begin(page, txn(TxnKind::Refuse, from, from, BTreeSet::new()), out)?;
                 } else {
-                    self.begin(page, txn(TxnKind::Redormant, from, from, BTreeSet::new()), out)?;
+                    self.begin(page, txn(TxnKind::Redormant, from, from, d.readers.clone()), out)?;
                 }
             }
             Msg::Free { from, .. } => match d.owner {

@@ -88,6 +88,9 @@ pub struct Coverage {
     pub parked_reads_seen: bool,
     /// A reader dropped its read copy and the home took it off.
     pub unshares_seen: bool,
+    /// An owner evicted (or re-dormanted) a page others read: the home
+    /// invalidated them first.
+    pub shared_evictions_seen: bool,
 }
 
 /// One step from a state.
@@ -155,7 +158,9 @@ impl World {
                     out.push(Step::Unshare(n, p));
                 }
                 let content = self.memory[n as usize][p as usize];
-                if l.owner && l.allows(Access::Write) && l.copy == Held::Data {
+                // (shared and parked pages too: the engine evicts what
+                // its clock picks)
+                if l.evictable() {
                     if content == Some(0) {
                         out.push(Step::Redormant(n, p));
                     } else {
@@ -182,6 +187,14 @@ impl World {
                         crate::Msg::Evicted { .. } | crate::Msg::Ready { evict: true, .. } => cov.evictions_seen = true,
                         crate::Msg::Dormanted { .. } => cov.redormants_seen = true,
                         crate::Msg::Unshared { .. } => cov.unshares_seen = true,
+                        crate::Msg::Inval { page } => {
+                            // a home invalidating for an eviction: the
+                            // page left (or went dormant) while shared
+                            let busy = self.nodes[n as usize].dir(*page).busy;
+                            if busy.is_some_and(|t| t.evict || t.kind == crate::TxnKind::Redormant) {
+                                cov.shared_evictions_seen = true;
+                            }
+                        }
                         _ => {}
                     }
                     if to == n {
@@ -407,6 +420,7 @@ fn explore_from(start: World) -> Result<Coverage, Violation> {
         frees_seen: false,
         parked_reads_seen: false,
         unshares_seen: false,
+        shared_evictions_seen: false,
     };
     // depth-first, with the path kept for the report
     let mut stack: Vec<(World, Vec<Step>, usize)> = Vec::new();

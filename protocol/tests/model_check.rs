@@ -2,7 +2,7 @@
 //! pages with messages reordered, as the issue asks, and smaller shapes
 //! with deeper bounds. Each run must also have exercised every part of the
 //! protocol (grants, shares, transfers, evictions, re-dormanting, frees,
-//! parked reads, dropped read copies), so a
+//! parked reads, dropped read copies, evictions of shared pages), so a
 //! bound too small to reach them fails instead of passing vacuously.
 
 use shoal_protocol::model::{explore, explore_preloaded, Coverage};
@@ -24,6 +24,7 @@ fn assert_covers_everything(c: &Coverage) {
     assert!(c.evictions_seen && c.redormants_seen && c.frees_seen, "{c:?}");
     assert!(c.parked_reads_seen, "the home never read a parked page: {c:?}");
     assert!(c.unshares_seen, "no reader dropped a read copy: {c:?}");
+    assert!(c.shared_evictions_seen, "no page left its owner while others read it: {c:?}");
     assert!(c.fetches > 0 && c.terminal_states > 0, "{c:?}");
 }
 

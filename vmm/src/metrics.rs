@@ -126,7 +126,9 @@ pub struct NodeMetrics {
     pub fault_remote_asked_us_p50: f64,
     /// Read copies of pages made here (fetched or zero-filled).
     pub pages_shared: u64,
-    /// Read copies dropped here because a writer elsewhere needed them gone.
+    /// Read copies dropped here because a writer elsewhere, or an owner
+    /// evicting the page, needed them gone (counted when the page's home
+    /// is another node).
     pub invalidations: u64,
     /// Read copies dropped here to stay within `--node-memory` (nothing
     /// moves: the owner keeps the page; the home takes this node off the

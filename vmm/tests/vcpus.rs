@@ -245,6 +245,72 @@ fn read_copies_are_made_and_dropped_within_the_node_memory_bound() {
     assert!(get(reader, "read_copies_dropped") > 0, "{reader}");
 }
 
+/// An owner short of memory evicts pages another node reads: node 1
+/// writes 2 MiB, node 0 reads them (read copies), node 1 writes 2 MiB
+/// more with room for 3 MiB: the shared pages must leave node 1 (their
+/// readers invalidated first), and both nodes then read every byte as
+/// written. (Before, the protocol evicted only pages without readers.)
+#[test]
+fn an_owner_evicts_pages_others_read_when_it_needs_the_room() {
+    if !kvm_or_skip("vcpus shared eviction") {
+        return;
+    }
+    let budget_pages = 768; // --node-memory 3M
+    let args = ["--nodes", "2", "--fabric", "shm", "--migration", "off"];
+    let free = run("migrate", "mode=4 mib=2", &args);
+    free.expect_status(0);
+    let bound = run("migrate", "mode=4 mib=2", &[&args[..], &["--node-memory", "3M"]].concat());
+    bound.expect_status(0);
+    let want = printed(&free.stdout, "checksum=");
+    assert!(!want.is_empty(), "{}", free.stdout);
+    assert_eq!(printed(&bound.stdout, "checksum="), want, "{}", bound.stdout);
+    assert_eq!(printed(&bound.stdout, "checksum0="), want, "{}", bound.stdout);
+    assert_eq!(printed(&bound.stdout, "first="), printed(&free.stdout, "first="));
+    let ns = nodes(&bound);
+    for n in &ns {
+        assert!(get(n, "pages_resident") <= budget_pages, "{n}");
+        assert_eq!(get(n, "memfd_bytes"), 4096 * get(n, "pages_resident"), "{n}");
+    }
+    let (reader, owner) = (&ns[0], &ns[1]);
+    // node 0 read the first 2 MiB as read copies; node 1, writing the
+    // next 2 MiB, sent the oldest pages away: those node 0 read, whose
+    // copies were invalidated (counted where the home is another node:
+    // about half of them). Skipping them instead (as before) left node 1
+    // evicting the pages it had just been granted, which came back to be
+    // zero-filled again (1964 to 2034 zero-fills against 1524 unbound,
+    // 42 invalidations, in three runs each)
+    assert!(get(reader, "pages_shared") >= 512, "{reader}");
+    assert!(get(owner, "pages_evicted") >= 256, "{owner}");
+    assert!(get(reader, "invalidations") >= 256, "{reader}");
+    let zero_filled = |r: &Run| r.metric("pages_zero_filled");
+    // (slack for a probe's timing; observed: equal)
+    assert!(zero_filled(&bound) <= zero_filled(&free) + 32, "{} vs {}", zero_filled(&bound), zero_filled(&free));
+}
+
+/// Two nodes whose bounds together barely hold what the guest touched
+/// (`migrate mode=4` as above, 2300 KiB each) do not pass the pages
+/// another node's eviction parked on them back and forth: those leave
+/// only when faults wait for room. Before, such a run took 85 000 to
+/// 88 000 evictions for 2 500 faults (three runs), and at 2200 KiB one did
+/// not end in minutes.
+#[test]
+fn full_nodes_do_not_pass_evicted_pages_back_and_forth() {
+    if !kvm_or_skip("vcpus eviction ping-pong") {
+        return;
+    }
+    let args = ["--nodes", "2", "--fabric", "shm", "--migration", "off", "--node-memory", "2300K"];
+    let r = run("migrate", "mode=4 mib=2", &args);
+    r.expect_status(0);
+    assert!(r.stdout.contains("migrate: shared:") && !r.stdout.contains("FAILED"), "{}", r.stdout);
+    let (evicted, faults) = (r.metric("pages_evicted"), r.metric("faults"));
+    // (measured here: 0.64 to 0.93 evictions per fault)
+    assert!(evicted <= 2 * faults, "{evicted} evictions for {faults} faults");
+    for n in &nodes(&r) {
+        assert!(get(n, "pages_resident") <= 575, "{n}");
+        assert_eq!(get(n, "memfd_bytes"), 4096 * get(n, "pages_resident"), "{n}");
+    }
+}
+
 fn printed(stdout: &str, key: &str) -> String {
     stdout.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_default().to_string()
 }
