@@ -435,6 +435,16 @@ pub trait Transport: Send + Sync + fmt::Debug {
     }
     /// Says goodbye to every peer and stops the transport's threads.
     fn shutdown(&self);
+    /// Flips one bit of the next message this transport sends, after it
+    /// is tagged, as an attacker on the path would: for the conformance
+    /// tests, which show that the receiver refuses it. Returns whether
+    /// this transport can (verbs; tcp's tests alter bytes between the
+    /// processes instead, and shm's messages travel on a Unix socket only
+    /// the two processes hold).
+    #[doc(hidden)]
+    fn tamper_next_send(&self) -> bool {
+        false
+    }
 }
 
 /// Tuning and bounds of a transport.

@@ -206,6 +206,8 @@ pub(crate) struct VerbsTransport {
     rx_thread: Mutex<Option<JoinHandle<()>>>,
     device: String,
     _recv_cq: Arc<Cq>,
+    /// Alter the next SEND after tagging it ([`Transport::tamper_next_send`]).
+    tamper: AtomicBool,
 }
 
 fn ipv4_mapped_gid(ip: IpAddr) -> [u8; 16] {
@@ -433,6 +435,7 @@ impl VerbsTransport {
             rx_thread: Mutex::new(Some(rx)),
             device: ctx.name.clone(),
             _recv_cq: recv_cq,
+            tamper: AtomicBool::new(false),
         })
     }
 
@@ -742,6 +745,9 @@ impl Transport for VerbsTransport {
         unsafe {
             std::ptr::copy_nonoverlapping(msg.as_ptr(), side.msg.as_ptr(), msg.len());
             std::ptr::copy_nonoverlapping(tag.as_ptr(), side.msg.as_ptr().add(msg.len()), tag.len());
+            if !msg.is_empty() && self.tamper.swap(false, Ordering::Relaxed) {
+                *side.msg.as_ptr() ^= 1;
+            }
         }
         let wr = side.next_wr;
         side.next_wr += 1;
@@ -764,6 +770,11 @@ impl Transport for VerbsTransport {
 
     fn first_departure(&self) -> Option<(NodeId, String)> {
         self.core.first_departure()
+    }
+
+    fn tamper_next_send(&self) -> bool {
+        self.tamper.store(true, Ordering::Relaxed);
+        true
     }
 
     fn stats(&self) -> Stats {
