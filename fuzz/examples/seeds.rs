@@ -64,12 +64,15 @@ fn messages() -> Vec<(&'static str, Msg)> {
     vec![
         ("request", Msg::Request { page: 17, access: Access::Write, from: 1 }),
         ("grant", Msg::Grant { answers: 513, pages: vec![(512, 1), (513, 1), (514, 2)] }),
-        ("evicted", Msg::Evicted { page: 70, from: 1, to: 2, dormant: false, epoch: 3 }),
+        ("evicted", Msg::Evicted { page: 70, from: 1, to: 2, dormant: false, epoch: 3, digest: 0x5eed }),
         ("grant-done", Msg::GrantDone { pages: vec![512, 513], from: 2 }),
         ("share", Msg::Share { page: 9, to: 2 }),
         ("transfer", Msg::Transfer { page: 9, to: 1, evict: true, epoch: 4 }),
         ("upgrade", Msg::Upgrade { page: 9 }),
-        ("ready", Msg::Ready { page: 9, from: 0, dormant: false, transfer: true, evict: false, epoch: 3 }),
+        (
+            "ready",
+            Msg::Ready { page: 9, from: 0, dormant: false, transfer: true, evict: false, epoch: 3, digest: 0x5eed },
+        ),
         ("fetched", Msg::Fetched { page: 9, from: 1 }),
         ("done", Msg::Done { page: 9, from: 1 }),
         ("inval", Msg::Inval { page: 9 }),

@@ -89,11 +89,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Upgrade { page } => {
             w.u8(UPGRADE).u64(*page);
         }
-        Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
-            w.u8(READY).u64(*page).u32(*from).flag(*dormant).flag(*transfer).flag(*evict).u64(*epoch);
+        Msg::Ready { page, from, dormant, transfer, evict, epoch, digest } => {
+            w.u8(READY).u64(*page).u32(*from).flag(*dormant).flag(*transfer).flag(*evict).u64(*epoch).u64(*digest);
         }
-        Msg::Evicted { page, from, to, dormant, epoch } => {
-            w.u8(EVICTED).u64(*page).u32(*from).u32(*to).flag(*dormant).u64(*epoch);
+        Msg::Evicted { page, from, to, dormant, epoch, digest } => {
+            w.u8(EVICTED).u64(*page).u32(*from).u32(*to).flag(*dormant).u64(*epoch).u64(*digest);
         }
         Msg::Fetched { page, from } => {
             w.u8(FETCHED).u64(*page).u32(*from);
@@ -175,8 +175,16 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
             transfer: r.flag()?,
             evict: r.flag()?,
             epoch: r.u64()?,
+            digest: r.u64()?,
         },
-        EVICTED => Msg::Evicted { page: r.u64()?, from: r.u32()?, to: r.u32()?, dormant: r.flag()?, epoch: r.u64()? },
+        EVICTED => Msg::Evicted {
+            page: r.u64()?,
+            from: r.u32()?,
+            to: r.u32()?,
+            dormant: r.flag()?,
+            epoch: r.u64()?,
+            digest: r.u64()?,
+        },
         FETCHED => Msg::Fetched { page: r.u64()?, from: r.u32()? },
         DONE => Msg::Done { page: r.u64()?, from: r.u32()? },
         INVAL => Msg::Inval { page: r.u64()? },
@@ -301,24 +309,26 @@ mod tests {
             (p, access(), n).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
             (p, prop::collection::vec((p, p), 0..=MAX_GRANT))
                 .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
-            (p, n, n, b, p).prop_map(|(page, from, to, dormant, epoch)| Msg::Evicted {
+            (p, n, n, b, p, p).prop_map(|(page, from, to, dormant, epoch, digest)| Msg::Evicted {
                 page,
                 from,
                 to,
                 dormant,
-                epoch
+                epoch,
+                digest
             }),
             (prop::collection::vec(p, 0..=MAX_GRANT), n).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
             (p, n).prop_map(|(page, to)| Msg::Share { page, to }),
             (p, n, b, p).prop_map(|(page, to, evict, epoch)| Msg::Transfer { page, to, evict, epoch }),
             p.prop_map(|page| Msg::Upgrade { page }),
-            (p, n, b, b, b, p).prop_map(|(page, from, dormant, transfer, evict, epoch)| Msg::Ready {
+            (p, n, b, b, b, p, p).prop_map(|(page, from, dormant, transfer, evict, epoch, digest)| Msg::Ready {
                 page,
                 from,
                 dormant,
                 transfer,
                 evict,
-                epoch
+                epoch,
+                digest
             }),
             (p, n).prop_map(|(page, from)| Msg::Fetched { page, from }),
             (p, n).prop_map(|(page, from)| Msg::Done { page, from }),

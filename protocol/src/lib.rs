@@ -135,11 +135,13 @@ pub enum Msg {
     /// owner; `evict`: because the owner evicts it (this does not answer a
     /// request of yours, which the home still holds).
     /// `epoch`: of the new ownership (transfers).
-    Ready { page: Page, from: NodeId, dormant: bool, transfer: bool, evict: bool, epoch: u64 },
+    /// `digest`: of the protected copy's bytes, when pods check pulled
+    /// pages end to end (0 otherwise, and for a dormant page).
+    Ready { page: Page, from: NodeId, dormant: bool, transfer: bool, evict: bool, epoch: u64, digest: u64 },
     /// owner → home: my copy is protected for the eviction to `to`; the
     /// home passes it on as `to`'s [`Msg::Ready`], so an eviction target
     /// takes a page only on its home's word.
-    Evicted { page: Page, from: NodeId, to: NodeId, dormant: bool, epoch: u64 },
+    Evicted { page: Page, from: NodeId, to: NodeId, dormant: bool, epoch: u64, digest: u64 },
     /// new owner → old owner: I have the bytes; drop yours.
     Fetched { page: Page, from: NodeId },
     /// → home: the transaction on `page` is over (from the node that
@@ -236,13 +238,16 @@ pub enum Action {
         page: Page,
     },
     /// Read `page` from `from`'s memory with a one-sided read, then call
-    /// [`Node::fetched`] with the same arguments.
+    /// [`Node::fetched`] with the same arguments. `digest`: what its
+    /// owner said the bytes hash to (see [`Msg::Ready`]), for the VMM's
+    /// end-to-end check.
     Fetch {
         page: Page,
         from: NodeId,
         transfer: bool,
         evict: bool,
         epoch: u64,
+        digest: u64,
     },
     /// Let the guest read (and, when `writable`, write) our copy.
     Map {
@@ -371,6 +376,9 @@ pub struct DirEntry {
     /// The owner keeps the page parked (an eviction's target, with data):
     /// out of its guest's view, so the home may read it directly.
     pub parked: bool,
+    /// A parked page's digest (see [`Msg::Ready`]): its bytes cannot
+    /// change where it is parked, so a direct read checks against it.
+    pub digest: u64,
     /// The transaction under way.
     pub busy: Option<Txn>,
     /// Requests waiting for it.
@@ -416,6 +424,8 @@ pub struct Txn {
     /// An eviction whose target parks the page (it has data: the owner
     /// said so in `Evicted`).
     pub parks: bool,
+    /// The evicted copy's digest (from `Evicted`), kept for a parked page.
+    pub digest: u64,
 }
 
 /// Errors: a peer broke the protocol (a message that cannot happen).
@@ -455,6 +465,8 @@ pub(crate) enum Sabotage {
     NoWriteProtect,
     /// Send zero pages over the wire.
     ShipZeroPages,
+    /// Read a parked page directly without the digest its eviction gave.
+    ForgetParkedDigest,
 }
 
 impl Node {
@@ -701,7 +713,7 @@ impl Node {
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
         if dormant {
-            self.ready(page, to, true, transfer, evict, epoch, out)
+            self.ready(page, to, true, transfer, evict, epoch, 0, out)
         } else {
             out.push(Action::Offer { page, to, transfer, evict, epoch });
             Ok(())
@@ -822,7 +834,7 @@ impl Node {
                 self.set_local(page, l);
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
             }
-            Msg::Ready { page, from, dormant, transfer, evict, epoch } => {
+            Msg::Ready { page, from, dormant, transfer, evict, epoch, digest } => {
                 self.check_page(page)?;
                 let mut l = self.local(page);
                 // only an answer to our request, or an eviction to us (that
@@ -841,7 +853,7 @@ impl Node {
                     self.arrived(page, from, transfer, evict, false, epoch, out)?;
                 } else {
                     // the bytes arrive in `fetched`
-                    out.push(Action::Fetch { page, from, transfer, evict, epoch });
+                    out.push(Action::Fetch { page, from, transfer, evict, epoch, digest });
                 }
             }
             Msg::Fetched { page, from } => {
@@ -940,7 +952,9 @@ impl Node {
     }
 
     /// Answers an [`Action::Offer`]: `zero` says whether our (protected)
-    /// copy is all zeros.
+    /// copy is all zeros; `digest` is what its bytes hash to, for pods
+    /// that check pulled pages end to end (else 0).
+    #[allow(clippy::too_many_arguments)]
     pub fn offer(
         &mut self,
         page: Page,
@@ -949,12 +963,14 @@ impl Node {
         evict: bool,
         epoch: u64,
         zero: bool,
+        digest: u64,
     ) -> Result<Vec<Action>, Error> {
         self.check_page(page)?;
         let mut out = Vec::new();
         #[cfg(test)]
         let zero = zero && self.sabotage != Sabotage::ShipZeroPages;
-        self.ready(page, to, zero, transfer, evict, epoch, &mut out)?;
+        let digest = if zero { 0 } else { digest };
+        self.ready(page, to, zero, transfer, evict, epoch, digest, &mut out)?;
         Ok(out)
     }
 
@@ -970,12 +986,13 @@ impl Node {
         transfer: bool,
         evict: bool,
         epoch: u64,
+        digest: u64,
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
         if evict {
-            self.send_home(page, Msg::Evicted { page, from: self.id, to, dormant, epoch }, out)
+            self.send_home(page, Msg::Evicted { page, from: self.id, to, dormant, epoch, digest }, out)
         } else {
-            self.send_to(to, Msg::Ready { page, from: self.id, dormant, transfer, evict, epoch }, out)
+            self.send_to(to, Msg::Ready { page, from: self.id, dormant, transfer, evict, epoch, digest }, out)
         }
     }
 
@@ -1076,16 +1093,19 @@ impl Node {
                         d.readers.clear();
                         d.epoch += 1;
                         d.parked = t.evict && t.parks;
+                        d.digest = if d.parked { t.digest } else { 0 };
                     }
                     TxnKind::Upgrade => {
                         d.readers.clear();
                         d.parked = false;
+                        d.digest = 0;
                     }
                     TxnKind::Redormant | TxnKind::Free => {
                         d.owner = None;
                         d.readers.clear();
                         d.epoch += 1;
                         d.parked = false;
+                        d.digest = 0;
                     }
                     TxnKind::Refuse | TxnKind::Grant => {}
                 }
@@ -1095,7 +1115,7 @@ impl Node {
                 }
                 self.home_next(page, out)?;
             }
-            Msg::Evicted { page, from, to, dormant, epoch } => {
+            Msg::Evicted { page, from, to, dormant, epoch, digest } => {
                 // the owner protected its copy for the eviction we began:
                 // pass the word on to the target
                 let d = self.dir(page);
@@ -1108,9 +1128,11 @@ impl Node {
                 let mut d = d;
                 if let Some(t) = d.busy.as_mut() {
                     t.parks = !dormant;
+                    t.digest = digest;
                 }
                 self.set_dir(page, d);
-                self.send_to(to, Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch }, out)?;
+                let ready = Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch, digest };
+                self.send_to(to, ready, out)?;
             }
             Msg::GrantDone { pages, from } => {
                 for &page in &pages {
@@ -1139,8 +1161,16 @@ impl Node {
         let mut d = self.dir(page);
         let Some(req) = d.queue.pop_front() else { return Ok(()) };
         self.set_dir(page, d.clone());
-        let txn =
-            |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false, parks: false };
+        let txn = |kind, to, closer, acks_left| Txn {
+            kind,
+            evict: false,
+            to,
+            closer,
+            acks_left,
+            sent: false,
+            parks: false,
+            digest: 0,
+        };
         match req {
             Msg::Request { access, from, .. } => match d.owner {
                 None => {
@@ -1163,6 +1193,7 @@ impl Node {
                                 acks_left: BTreeSet::new(),
                                 sent: true,
                                 parks: false,
+                                digest: 0,
                             });
                             pages.push((p, epoch));
                         }
@@ -1256,7 +1287,7 @@ impl Node {
         let t = t.clone();
         let owner = d.owner;
         let next_epoch = d.epoch + 1;
-        let parked = d.parked;
+        let (parked, digest) = (d.parked, d.digest);
         #[cfg(test)]
         let parked = parked || self.sabotage == Sabotage::DirectUnparked;
         self.set_dir(page, d);
@@ -1268,7 +1299,10 @@ impl Node {
         if let (true, Some(from)) = (direct, owner.filter(|&o| o != self.id)) {
             let transfer = t.kind == TxnKind::Transfer;
             let epoch = if transfer { next_epoch } else { 0 };
-            return self.node_receive(Msg::Ready { page, from, dormant: false, transfer, evict: false, epoch }, out);
+            #[cfg(test)]
+            let digest = if self.sabotage == Sabotage::ForgetParkedDigest { 0 } else { digest };
+            let ready = Msg::Ready { page, from, dormant: false, transfer, evict: false, epoch, digest };
+            return self.node_receive(ready, out);
         }
         let (to, msg) = match t.kind {
             TxnKind::Share => (owner, Msg::Share { page, to: t.to }),
@@ -1420,7 +1454,7 @@ mod tests {
         else {
             panic!("{acts:?}")
         };
-        let ready = sends(&n0.offer(0, 1, true, false, *epoch, false).unwrap());
+        let ready = sends(&n0.offer(0, 1, true, false, *epoch, false, 0).unwrap());
         let acts = n1.receive(ready[0].1.clone()).unwrap();
         assert!(matches!(acts[..], [Action::Fetch { page: 0, from: 0, transfer: true, .. }]), "{acts:?}");
         let acts = n1.fetched(0, 0, true, false, *epoch).unwrap();
@@ -1442,7 +1476,7 @@ mod tests {
         let req = sends(&n1.fault(0, Access::Read).unwrap());
         let acts = n0.receive(req[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::WriteProtect { page: 0 }), "{acts:?}");
-        let ready = sends(&n0.offer(0, 1, false, false, 0, false).unwrap());
+        let ready = sends(&n0.offer(0, 1, false, false, 0, false, 0).unwrap());
         n1.receive(ready[0].1.clone()).unwrap();
         let done = sends(&n1.fetched(0, 0, false, false, 0).unwrap());
         n0.receive(done[0].1.clone()).unwrap();
@@ -1473,7 +1507,7 @@ mod tests {
         let req = sends(&n1.fault(0, Access::Read).unwrap());
         let acts = n0.receive(req[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::WriteProtect { page: 0 }));
-        let ready = sends(&n0.offer(0, 1, false, false, 0, true).unwrap());
+        let ready = sends(&n0.offer(0, 1, false, false, 0, true, 0).unwrap());
         let acts = n1.receive(ready[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::ZeroFill { page: 0 }), "{acts:?}");
         assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. })));

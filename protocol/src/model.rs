@@ -13,7 +13,11 @@
 //!    is all zeros (in particular, no dormant page's data).
 //! 4. **A page is read only from a protected copy**: its owner cannot
 //!    write while a peer reads it.
-//! 5. **No deadlock**: a state where nothing can happen has no fault
+//! 5. **A read gets what was offered**: the bytes a one-sided read
+//!    takes are those whose digest the reader was given (the owner's
+//!    offer, or the one the home kept for a page parked by an eviction):
+//!    what `--verify-pages` checks end to end.
+//! 6. **No deadlock**: a state where nothing can happen has no fault
 //!    waiting, no transaction open, nobody handing a page over, and a
 //!    directory that matches the nodes.
 //!
@@ -40,8 +44,8 @@ pub struct World {
     /// In-flight messages (a sorted multiset: order carries no meaning).
     net: Vec<(NodeId, crate::Msg)>,
     /// One-sided reads under way: (reader, page, source, transfer, evict,
-    /// epoch).
-    fetches: Vec<(NodeId, Page, NodeId, bool, bool, u64)>,
+    /// epoch, the digest the bytes must match).
+    fetches: Vec<(NodeId, Page, NodeId, bool, bool, u64, u64)>,
     /// memory[node][page]
     memory: Vec<Vec<Content>>,
     /// The last value written to each page (0: zeros).
@@ -204,8 +208,8 @@ impl World {
                     self.net.insert(at, (to, msg));
                 }
                 Action::ZeroFill { page } => self.memory[n as usize][page as usize] = Some(0),
-                Action::Fetch { page, from, transfer, evict, epoch } => {
-                    self.fetches.push((n, page, from, transfer, evict, epoch))
+                Action::Fetch { page, from, transfer, evict, epoch, digest } => {
+                    self.fetches.push((n, page, from, transfer, evict, epoch, digest))
                 }
                 Action::Drop { page } => self.memory[n as usize][page as usize] = None,
                 Action::Forget { page } => {
@@ -219,9 +223,12 @@ impl World {
                     self.freeing[page as usize] = false;
                 }
                 Action::Offer { page, to, transfer, evict, epoch } => {
-                    let zero = self.memory[n as usize][page as usize] == Some(0);
+                    let content = self.memory[n as usize][page as usize];
+                    let zero = content == Some(0);
+                    // the digest of the bytes offered: their value here
+                    let digest = content.unwrap_or(0);
                     let more = self.nodes[n as usize]
-                        .offer(page, to, transfer, evict, epoch, zero)
+                        .offer(page, to, transfer, evict, epoch, zero, digest)
                         .map_err(|e| e.to_string())?;
                     for (i, m) in more.into_iter().enumerate() {
                         queue.insert(i, m);
@@ -245,7 +252,7 @@ impl World {
                 self.apply(to, acts, cov)?;
             }
             Step::Fetch(i) => {
-                let (n, page, from, transfer, evict, epoch) = self.fetches.remove(i);
+                let (n, page, from, transfer, evict, epoch, digest) = self.fetches.remove(i);
                 cov.fetches += 1;
                 let src = self.memory[from as usize][page as usize];
                 let sl = self.nodes[from as usize].local(page);
@@ -258,6 +265,11 @@ impl World {
                 }
                 if sl.allows(Access::Write) {
                     return Err(format!("node {n} read page {page} from node {from} while node {from} could write it"));
+                }
+                if src != Some(digest) {
+                    return Err(format!(
+                        "node {n} read page {page} from node {from}: {src:?}, but was told it hashes to {digest}"
+                    ));
                 }
                 if sl.parked && n == self.config().home(page) {
                     cov.parked_reads_seen = true;
@@ -344,7 +356,7 @@ impl World {
         Ok(())
     }
 
-    /// Property 5, in a state where nothing can happen.
+    /// Property 6, in a state where nothing can happen.
     fn check_quiet(&self) -> Result<(), String> {
         let c = self.config();
         for p in 0..c.pages {
@@ -468,7 +480,7 @@ fn describe(w: &World, step: &Step) -> String {
     match step {
         Step::Deliver(i) => format!("deliver to node {}: {:?}", w.net[*i].0, w.net[*i].1),
         Step::Fetch(i) => {
-            let (n, p, from, t, _, _) = w.fetches[*i];
+            let (n, p, from, t, _, _, _) = w.fetches[*i];
             format!("node {n} finishes reading page {p} from node {from} (transfer {t})")
         }
         Step::Read(n, p) => format!("node {n} reads page {p}"),
@@ -517,6 +529,12 @@ mod tests {
     fn the_checker_catches_a_home_reading_a_copy_that_is_not_parked() {
         let v = sabotaged(Sabotage::DirectUnparked).unwrap_err();
         assert!(v.what.contains("could write") || v.what.contains("last write") || v.what.contains("zero page"), "{v}");
+    }
+
+    #[test]
+    fn the_checker_catches_a_parked_page_read_without_its_digest() {
+        let v = sabotaged(Sabotage::ForgetParkedDigest).unwrap_err();
+        assert!(v.what.contains("was told it hashes to"), "{v}");
     }
 
     #[test]

@@ -18,13 +18,9 @@ fn msg() -> impl Strategy<Value = Msg> {
         (p.clone(), access, n.clone()).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
         (p.clone(), prop::collection::vec((p.clone(), e.clone()), 0..6))
             .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
-        (p.clone(), n.clone(), n.clone(), b, e.clone()).prop_map(|(page, from, to, dormant, epoch)| Msg::Evicted {
-            page,
-            from,
-            to,
-            dormant,
-            epoch
-        }),
+        (p.clone(), n.clone(), n.clone(), b, e.clone(), any::<u64>()).prop_map(
+            |(page, from, to, dormant, epoch, digest)| Msg::Evicted { page, from, to, dormant, epoch, digest }
+        ),
         (prop::collection::vec(p.clone(), 0..6), n.clone()).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
         (p.clone(), n.clone()).prop_map(|(page, to)| Msg::Share { page, to }),
         (p.clone(), n.clone(), b, e.clone()).prop_map(|(page, to, evict, epoch)| Msg::Transfer {
@@ -34,9 +30,17 @@ fn msg() -> impl Strategy<Value = Msg> {
             epoch
         }),
         p.clone().prop_map(|page| Msg::Upgrade { page }),
-        (p.clone(), n.clone(), b, b, b, e.clone()).prop_map(|(page, from, dormant, transfer, evict, epoch)| {
-            Msg::Ready { page, from, dormant, transfer, evict, epoch }
-        }),
+        (p.clone(), n.clone(), b, b, b, e.clone(), any::<u64>()).prop_map(
+            |(page, from, dormant, transfer, evict, epoch, digest)| Msg::Ready {
+                page,
+                from,
+                dormant,
+                transfer,
+                evict,
+                epoch,
+                digest
+            }
+        ),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Fetched { page, from }),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Done { page, from }),
         p.clone().prop_map(|page| Msg::Inval { page }),
@@ -144,8 +148,8 @@ proptest! {
                 Local::Message(m) => node.receive(m),
                 Local::Complete(zero) => match pending.iter().position(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })) {
                     Some(i) => match pending.remove(i) {
-                        Action::Fetch { page, from, transfer, evict, epoch } => node.fetched(page, from, transfer, evict, epoch),
-                        Action::Offer { page, to, transfer, evict, epoch } => node.offer(page, to, transfer, evict, epoch, zero),
+                        Action::Fetch { page, from, transfer, evict, epoch, .. } => node.fetched(page, from, transfer, evict, epoch),
+                        Action::Offer { page, to, transfer, evict, epoch } => node.offer(page, to, transfer, evict, epoch, zero, 7),
                         _ => unreachable!(),
                     },
                     None => Ok(Vec::new()),

@@ -203,6 +203,9 @@ pub struct VmConfig {
     pub placement: Vec<u32>,
     /// Whether the policy may move vCPUs to the nodes that hold their data.
     pub migration: bool,
+    /// Pods: every page pulled from a peer is checked against a digest its
+    /// owner sent with its (authenticated, with `--frame-auth on`) answer.
+    pub verify_pages: bool,
     /// Which page leaves a node first under `--node-memory` (None: the
     /// default for the guest, see [`crate::pod::residency::Eviction::default_for`]).
     pub eviction: Option<crate::pod::residency::Eviction>,
@@ -232,6 +235,7 @@ impl VmConfig {
             no_xsave: false,
             placement: Vec::new(),
             migration: true,
+            verify_pages: false,
             eviction: None,
             balloon: None,
             disks: Vec::new(),

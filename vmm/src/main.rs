@@ -41,7 +41,7 @@ enum Command {
     /// Boot a guest and run it to its end; shoal exits with the guest's status.
     #[command(after_help = "Exit status: the guest's (0-255) when it exits; 2 bad input; 1 the host \
                             cannot run the VM; 70 the VM failed; 124 --timeout; 130 interrupted.")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run one node of a pod described by a pod file (on every host of a
     /// cluster, or under Slurm's srun / an MPI launcher). Node 0 runs the
     /// guest and exits with its status; the others serve memory.
@@ -174,6 +174,12 @@ struct RunArgs {
     /// guest's own migration hypercall works either way).
     #[arg(long, value_name = "on|off", default_value = "on")]
     migration: OnOff,
+    /// Check every page pulled from a peer against a digest (HMAC-SHA256
+    /// under a key from the pod secret) that its owner sends with its
+    /// answer: catches pages altered or corrupted on the way, the
+    /// one-sided reads of verbs included, which carry no tag themselves.
+    #[arg(long, value_name = "on|off", default_value = "off")]
+    verify_pages: OnOff,
     /// How the pod's nodes reach each other's memory: shm, tcp, verbs or
     /// auto (verbs when an RDMA device is present, else shm).
     #[arg(long, value_name = "KIND", default_value = "auto")]
@@ -243,7 +249,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Guests { export } => guests(export),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Node(args) => node(args),
     }
 }
@@ -307,6 +313,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.initrd = args.initrd.clone();
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
+    config.verify_pages = args.verify_pages == OnOff::On;
     config.eviction = args.eviction.map(Into::into);
     config.balloon = args.balloon.map(|b| b == OnOff::On);
     for d in &args.disks {
@@ -378,6 +385,7 @@ fn run(args: RunArgs) -> ExitCode {
             cpus: Some(config.cpus),
             placement: (!config.placement.is_empty()).then(|| config.placement.clone()),
             migration: Some(config.migration),
+            verify_pages: Some(config.verify_pages),
             eviction: config.eviction,
             balloon: config.balloon,
             dormant: Some(config.dormant),
@@ -485,6 +493,7 @@ fn run_local_pod(
         return host(e);
     }
     let peers: Vec<(u32, Addr)> = addrs.iter().cloned().enumerate().skip(1).map(|(i, a)| (i as u32, a)).collect();
+    let digest_key = config.verify_pages.then(|| pod::digest::key(&secret, &file.pod_id));
     let id = shoal_fabric::Identity { node: 0, pod_id: file.pod_id.clone(), secret };
     let opts = shoal_fabric::Options {
         join_timeout,
@@ -500,7 +509,7 @@ fn run_local_pod(
         Ok(t) => t,
         Err(e) => return host(format!("joining the pod: {e}")),
     };
-    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, liveness, mem };
+    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, liveness, mem, digest_key };
     let code = execute(config, Some(&link), metrics);
     // after a failure a node may hang (that may be why): do not wait long
     // (healthy nodes exit within milliseconds of node 0's Abort; one that
@@ -574,6 +583,7 @@ fn node(args: NodeArgs) -> ExitCode {
         authenticate_frames: file.frame_auth.unwrap_or(false),
         ..Default::default()
     };
+    let digest_key = facts.verify_pages.then(|| pod::digest::key(&secret, &file.pod_id));
     let transport: Arc<dyn shoal_fabric::Transport> =
         match launch::join(kind, &placement, &file.pod_id, secret, region, opts) {
             Ok(t) => Arc::from(t),
@@ -583,10 +593,10 @@ fn node(args: NodeArgs) -> ExitCode {
             Err(e) => return fail(EXIT_HOST, format!("joining the pod: {}", e.text)),
         };
     if me == 0 {
-        let link = pod::Link { transport, facts, join_timeout, liveness, mem };
+        let link = pod::Link { transport, facts, join_timeout, liveness, mem, digest_key };
         return execute(&config, Some(&link), file.metrics_json.as_deref());
     }
-    let settings = match pod::settings_for(&facts, mem.layout().pages(), kind) {
+    let settings = match pod::settings_for(&facts, mem.layout().pages(), kind, digest_key) {
         Ok(s) => s,
         Err(e) => return bad_input(e),
     };
@@ -633,6 +643,7 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.no_xsave = f.xsave == Some(false);
     c.placement = f.placement.clone().unwrap_or_default();
     c.migration = f.migration.unwrap_or(true);
+    c.verify_pages = f.verify_pages.unwrap_or(false);
     c.eviction = f.eviction;
     c.balloon = f.balloon;
     for d in f.disks.iter().flatten() {

@@ -62,6 +62,9 @@ pub struct PodFile {
     pub placement: Option<Vec<u32>>,
     /// Whether vCPUs may move to their data (default true).
     pub migration: Option<bool>,
+    /// Check every page pulled from a peer against its owner's digest
+    /// (default false; every node must agree).
+    pub verify_pages: Option<bool>,
     /// Which page leaves a node first under the memory bound: "clock"
     /// (default) or "fifo".
     pub eviction: Option<crate::pod::residency::Eviction>,

@@ -25,6 +25,7 @@
 //! [`SILENCE_LIMIT`]) has failed. Node 0 stops the guest and names
 //! the node; the others exit with an error naming it too.
 
+pub mod digest;
 pub mod engine;
 pub mod launch;
 pub mod policy;
@@ -79,6 +80,9 @@ pub struct Facts {
     /// may choose its own: not compared).
     #[serde(default)]
     pub eviction: residency::Eviction,
+    /// Pulled pages are checked against their owners' digests.
+    #[serde(default)]
+    pub verify_pages: bool,
 }
 
 impl Facts {
@@ -118,6 +122,9 @@ impl Facts {
         }
         if self.migration != theirs.migration {
             diffs.push(format!("--migration {} against {}", on_off(theirs.migration), on_off(self.migration)));
+        }
+        if self.verify_pages != theirs.verify_pages {
+            diffs.push(format!("--verify-pages {} against {}", on_off(theirs.verify_pages), on_off(self.verify_pages)));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
     }
@@ -477,12 +484,23 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
         placement,
         migration: config.migration && !linux,
         eviction: config.eviction.unwrap_or(residency::Eviction::default_for(linux)),
+        verify_pages: config.verify_pages,
     })
 }
 
-/// The engine settings every node derives from the same facts.
-pub fn settings_for(facts: &Facts, pages: u64, fabric: shoal_fabric::Kind) -> Result<engine::Settings, String> {
-    engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric), facts.eviction)
+/// The engine settings every node derives from the same facts (and,
+/// with `--verify-pages`, the pod's page digest key, [`digest::key`]).
+pub fn settings_for(
+    facts: &Facts,
+    pages: u64,
+    fabric: shoal_fabric::Kind,
+    digest_key: Option<[u8; 32]>,
+) -> Result<engine::Settings, String> {
+    if facts.verify_pages != digest_key.is_some() {
+        return Err("--verify-pages on needs the pod's page digest key".into());
+    }
+    let s = engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric), facts.eviction)?;
+    Ok(engine::Settings { digests: digest_key.as_ref().map(digest::PageDigests::new), ..s })
 }
 
 /// The engine settings of a node alone (a pod of one, with no fabric).
@@ -504,7 +522,16 @@ fn engine_settings(
     let budget = node_memory.map(|b| b / crate::memory::PAGE_SIZE);
     let keep_pages = fabric == Some(shoal_fabric::Kind::Verbs);
     let read_copies = crate::uffd::continue_wp_supported();
-    Ok(engine::Settings { config, dormant, budget, peer_budget: budget, keep_pages, read_copies, eviction })
+    Ok(engine::Settings {
+        config,
+        dormant,
+        budget,
+        peer_budget: budget,
+        keep_pages,
+        read_copies,
+        eviction,
+        digests: None,
+    })
 }
 
 /// Node 0's end of a joined pod.
@@ -516,6 +543,8 @@ pub struct Link {
     pub liveness: Duration,
     /// This node's guest memory (exposed to the fabric at join).
     pub mem: Arc<crate::memory::GuestMemory>,
+    /// With `--verify-pages`: the key of the pod's page digests.
+    pub digest_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Link {

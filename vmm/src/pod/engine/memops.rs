@@ -220,7 +220,11 @@ impl Engine {
             .map_err(|e| fabric_error(t, format!("reading page {} from node {from}", items[0].page), e))
         });
         let t1 = std::time::Instant::now();
-        let mut placed = got;
+        #[cfg(debug_assertions)]
+        if got.is_ok() {
+            self.alter_for_tests(&mut buf[..items.len() * page_len]);
+        }
+        let mut placed = got.and_then(|()| self.check_digests(from, items, &buf));
         let mut maps = Vec::with_capacity(items.len());
         for (i, it) in items.iter().enumerate() {
             if placed.is_err() {
@@ -274,6 +278,45 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// `--verify-pages`: the pages just pulled from `from` (in `buf`, one
+    /// after the other) are what their owners offered; one that is not
+    /// was altered or corrupted on the way, and ends the VM before any
+    /// guest sees it.
+    fn check_digests(&self, from: NodeId, items: &[FetchItem], buf: &[u8]) -> Result<(), String> {
+        let Some(digests) = &self.settings.digests else { return Ok(()) };
+        let page_len = PAGE_SIZE as usize;
+        for (i, it) in items.iter().enumerate() {
+            if digests.of(it.page, &buf[i * page_len..(i + 1) * page_len]) != it.digest {
+                return Err(format!(
+                    "page {} read from node {from} is not what its owner offered (its digest differs): \
+                     altered or corrupted on the way (--verify-pages)",
+                    it.page
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Debug builds, for the tests of `--verify-pages`: with
+    /// `SHOAL_TEST_ALTER_READ=NODE:N` in the environment, node NODE flips
+    /// one bit of the Nth page it pulls (counting from 0), as a fabric
+    /// that corrupted it, or someone on the path, would.
+    #[cfg(debug_assertions)]
+    fn alter_for_tests(&self, pulled: &mut [u8]) {
+        static AT: std::sync::OnceLock<Option<(NodeId, u64)>> = std::sync::OnceLock::new();
+        let at = AT.get_or_init(|| {
+            let v = std::env::var("SHOAL_TEST_ALTER_READ").ok()?;
+            let (node, n) = v.split_once(':')?;
+            Some((node.parse().ok()?, n.parse().ok()?))
+        });
+        let Some((node, at)) = *at else { return };
+        let before = self.counters.remote_fetches.load(Ordering::Relaxed);
+        let pages = pulled.len() as u64 / PAGE_SIZE;
+        if node == self.me && (before..before + pages).contains(&at) {
+            pulled[((at - before) * PAGE_SIZE) as usize + 100] ^= 1;
+        }
     }
 
     /// Maps our copy in the guest view as the protocol allows: writable,
@@ -399,6 +442,23 @@ impl Engine {
         pages.clear();
         st.pending_forget = pages;
         Ok(())
+    }
+
+    /// What a peer is offered of our protected copy of `page`: whether it
+    /// is all zeros (with dormant pages, then nothing travels) and, with
+    /// `--verify-pages`, the digest of its bytes (else 0).
+    pub(super) fn offered(&self, st: &State, page: Page) -> Result<(bool, u64), String> {
+        let Some(digests) = &self.settings.digests else {
+            return Ok((self.settings.dormant && self.is_zero(st, page)?, 0));
+        };
+        let offset = page * PAGE_SIZE;
+        let mut bytes = [0u8; PAGE_SIZE as usize];
+        // (a hole, or a page not resident here, reads as zeros at the peer)
+        if st.res.is_resident(page) && !self.mem.is_hole(offset).unwrap_or(false) {
+            self.mem.read_alias(offset, &mut bytes);
+        }
+        let zero = self.settings.dormant && bytes.iter().all(|&b| b == 0);
+        Ok((zero, digests.of(page, &bytes)))
     }
 
     /// Whether our (protected) copy of `page` is all zeros.

@@ -125,6 +125,9 @@ pub struct Settings {
     pub read_copies: bool,
     /// Which page leaves first under the memory bound.
     pub eviction: Eviction,
+    /// `--verify-pages`: every page offered carries a digest of its bytes,
+    /// and every page pulled is checked against it.
+    pub digests: Option<crate::pod::digest::PageDigests>,
 }
 
 /// How a waiting fault was resolved (for the latency split).
@@ -187,6 +190,8 @@ pub(super) struct FetchItem {
     epoch: u64,
     /// Kept out of the guest view (an eviction's bytes, parked).
     park: bool,
+    /// What its owner said the bytes hash to (`--verify-pages`).
+    digest: u64,
 }
 
 /// A vCPU's run of sequential direct remote faults.
@@ -1043,15 +1048,17 @@ impl Engine {
                     self.flush_zero(st)?;
                     match other {
                         Action::Send { to, msg } => self.queue_send(st, to, &msg)?,
-                        Action::Fetch { page, from, transfer, evict, epoch } => {
+                        Action::Fetch { page, from, transfer, evict, epoch, digest } => {
                             // (rule 2) reads that come one after the other
                             // go in one batch per node
-                            let mut batch = vec![(from, FetchItem { page, transfer, evict, epoch, park: evict })];
+                            let item = FetchItem { page, transfer, evict, epoch, park: evict, digest };
+                            let mut batch = vec![(from, item)];
                             while batch.len() < FETCH_BATCH {
                                 match queue.front() {
-                                    Some(&Action::Fetch { page, from, transfer, evict, epoch }) => {
+                                    Some(&Action::Fetch { page, from, transfer, evict, epoch, digest }) => {
                                         queue.pop_front();
-                                        batch.push((from, FetchItem { page, transfer, evict, epoch, park: evict }));
+                                        let item = FetchItem { page, transfer, evict, epoch, park: evict, digest };
+                                        batch.push((from, item));
                                     }
                                     _ => break,
                                 }
@@ -1078,10 +1085,10 @@ impl Engine {
                             self.drop_page(st, page)?;
                         }
                         Action::Offer { page, to, transfer, evict, epoch } => {
-                            let zero = self.settings.dormant && self.is_zero(st, page)?;
+                            let (zero, digest) = self.offered(st, page)?;
                             let more = st
                                 .node
-                                .offer(page, to, transfer, evict, epoch, zero)
+                                .offer(page, to, transfer, evict, epoch, zero, digest)
                                 .map_err(|e| format!("page protocol: {e}"))?;
                             queue.extend(more);
                         }
@@ -1503,6 +1510,7 @@ mod tests {
             keep_pages: false,
             read_copies: false,
             eviction: Eviction::Fifo,
+            digests: None,
         }
     }
 
@@ -1671,17 +1679,17 @@ mod pair {
         // on node 1 and dormant
         let cases = [
             (
-                Msg::Ready { page: 70, from: 1, dormant: true, transfer: true, evict: false, epoch: 9 },
+                Msg::Ready { page: 70, from: 1, dormant: true, transfer: true, evict: false, epoch: 9, digest: 0 },
                 "node 1 sent a message the page protocol does not allow",
             ),
             (
-                Msg::Ready { page: 10, from: 1, dormant: false, transfer: true, evict: true, epoch: 9 },
+                Msg::Ready { page: 10, from: 1, dormant: false, transfer: true, evict: true, epoch: 9, digest: 0 },
                 "which only page 10's home (node 0) may send",
             ),
             (Msg::Fetched { page: 10, from: 0 }, "node 1 sent a page message in the name of node 0"),
             (Msg::Fetched { page: 10, from: 1 }, "node 1 sent a message the page protocol does not allow"),
             (
-                Msg::Evicted { page: 10, from: 1, to: 0, dormant: true, epoch: 1 },
+                Msg::Evicted { page: 10, from: 1, to: 0, dormant: true, epoch: 1, digest: 0 },
                 "node 1 sent a message the page protocol does not allow",
             ),
             (
