@@ -123,6 +123,7 @@ fn controls() -> Vec<(&'static str, Control)> {
         placement: vec![0, 1],
         migration: true,
         eviction: shoal_vmm::pod::residency::Eviction::Clock,
+        verify_pages: true,
     };
     let plan = StartPlan {
         loaded: vec![(0x10_0000, 0x3000), (0x1000, 0x1000)],
