@@ -368,21 +368,22 @@ fn a_hung_node_ends_the_pod_instead_of_hanging_it() {
 fn nodes_with_different_configurations_are_refused_at_join() {
     let dir = scratch("pod-mismatch");
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let write = |name: &str, memory: &str| {
+    let write = |name: &str, memory: &str, verify_pages: bool| {
         let p = dir.join(name);
         std::fs::write(
             &p,
             format!(
                 "pod_id = \"mismatch\"\nnodes = 2\nfabric = \"tcp\"\nmemory = \"{memory}\"\nguest = \"hello\"\n\
-                 addresses = [\"127.0.0.1:{port}\", \"127.0.0.1:{}\"]\njoin_timeout = 20.0\n",
+                 addresses = [\"127.0.0.1:{port}\", \"127.0.0.1:{}\"]\njoin_timeout = 20.0\n\
+                 verify_pages = {verify_pages}\n",
                 port + 1
             ),
         )
         .unwrap();
         p
     };
-    let a = write("a.toml", "64M");
-    let b = write("b.toml", "128M");
+    let a = write("a.toml", "64M", false);
+    let b = write("b.toml", "128M", true);
     let node = |file: &std::path::Path, rank: &str| {
         let mut c = Command::new(shoal_bin());
         c.args(["node", "--pod"]).arg(file).args(["--rank", rank]);
@@ -396,9 +397,11 @@ fn nodes_with_different_configurations_are_refused_at_join() {
     let r0 = run_bounded(node(&a, "0"), LIMIT);
     let r1 = n1.join().unwrap();
     assert_eq!(r0.status, 2, "{}", r0.stderr);
-    assert!(r0.stderr.contains("node 1 does not match this pod: guest memory 128 MiB against 64 MiB"), "{}", r0.stderr);
+    let diffs = "guest memory 128 MiB against 64 MiB, --verify-pages on against off";
+    assert!(r0.stderr.contains(&format!("node 1 does not match this pod: {diffs}")), "{}", r0.stderr);
     assert_eq!(r1.status, 2, "{}", r1.stderr);
     assert!(r1.stderr.contains("guest memory 128 MiB against 64 MiB"), "{}", r1.stderr);
+    assert!(r1.stderr.contains("--verify-pages"), "{}", r1.stderr);
     assert!(!r0.stdout.contains("hello"), "the guest must not start: {}", r0.stdout);
 }
 
