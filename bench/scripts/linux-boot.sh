@@ -31,6 +31,8 @@ boot pod-on --nodes 2 --fabric shm --liveness-timeout 60
 boot pod-off --nodes 2 --fabric shm --liveness-timeout 60 --dormant off
 # less memory a node than the boot touches: pages move both ways
 boot pod-on-80M --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M
+# the same with the clock (a Linux guest's default is fifo: see Eviction::default_for)
+boot pod-on-80M-clock --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M --eviction clock
 IN
 chmod +x "$inner"
 rows=$(ci/softroce.sh --smp 1 --add "$shoal:/usr/local/bin/shoal" --add "$inner:/usr/local/bin/boots" \

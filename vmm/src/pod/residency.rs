@@ -59,8 +59,15 @@ impl Eviction {
     /// `--node-memory 80M` stalled the harness VM in 3 boots of 3 with the
     /// clock (its ticks stopped; not understood yet: the probes' minor
     /// faults on a Linux guest under nested KVM are the suspect) and
-    /// finished with fifo. Until that is understood on real hardware, a
-    /// Linux guest keeps first-in-first-out unless asked.
+    /// finished with fifo. Measured again on 2026-12-05, after parked
+    /// pages stopped bouncing between full nodes: 3 boots of 3 finished
+    /// with the clock, init reached after 31.0-35.9 s against 42.4-44.1 s
+    /// with fifo (one node: 9.0 s), but the whole run took 63.7-67.5 s
+    /// against 53.4-56.9 s, with 40 600-40 900 zero-fills against 33 700
+    /// (probably all-zero pages the clock re-dormanted, touched again: not
+    /// measured yet).
+    /// Until the longer run is understood, a Linux guest keeps
+    /// first-in-first-out unless asked.
     pub fn default_for(linux: bool) -> Eviction {
         if linux {
             Eviction::Fifo
