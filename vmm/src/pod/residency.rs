@@ -550,6 +550,24 @@ impl Residency {
         }
     }
 
+    /// `page` went to `to` (a requester's transfer, or the home reading a
+    /// page parked here itself) while an eviction or re-dormanting of ours
+    /// waited at its home, which will refuse it: unless `to` is the
+    /// eviction's target, the target gets its room back and the page's
+    /// leaving is not counted as ours.
+    pub fn eviction_overtaken(&mut self, page: Page, to: NodeId) {
+        match self.evicting.get(&page) {
+            None => {}
+            Some(&target) if target == Some(to) => {}
+            Some(&target) => {
+                self.evicting.remove(&page);
+                if let Some(t) = target {
+                    self.held_by[t as usize] = self.held_by[t as usize].saturating_sub(1);
+                }
+            }
+        }
+    }
+
     /// Faults wait for room that nothing can make: nothing is being
     /// evicted, nothing is on its way, and the node is full.
     pub fn stuck(&self) -> bool {
@@ -635,6 +653,31 @@ mod tests {
         r.arrived(0, Some(true));
         assert!(!r.is_placed(0));
         assert_eq!(r.eviction_targets(), Vec::<NodeId>::new());
+    }
+
+    #[test]
+    fn an_eviction_overtaken_by_another_taker_gives_its_target_its_room_back() {
+        let mut r = Residency::new(0, 3, 64, Some(8), Some(1));
+        for p in 0..3 {
+            assert_eq!(r.admit(p), Admission::Go);
+            r.arrived(p, Some(true));
+            r.woken(p);
+        }
+        r.eviction_started(0, Some(1));
+        r.eviction_started(1, Some(2));
+        assert!(r.pick_target().is_err(), "both peers hold what they may");
+        // page 0 went to node 2 (a requester) before the home took our
+        // eviction to node 1; page 1 went to its target as planned
+        r.eviction_overtaken(0, 2);
+        r.eviction_overtaken(1, 2);
+        assert_eq!(r.dropped(0), Dropped::Other, "not an eviction of ours");
+        assert!(!r.is_placed(0));
+        assert_eq!(r.dropped(1), Dropped::Evicted(2));
+        assert_eq!(r.pick_target().unwrap(), 1, "node 1 has its room back");
+        // a re-dormanting overtaken is not counted as one either
+        r.eviction_started(2, None);
+        r.eviction_overtaken(2, 1);
+        assert_eq!(r.dropped(2), Dropped::Other);
     }
 
     #[test]

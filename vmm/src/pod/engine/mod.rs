@@ -768,6 +768,8 @@ impl Engine {
             Msg::Ready { transfer: true, .. } => {
                 self.counters.ownership_transfers.fetch_add(1, Ordering::Relaxed);
             }
+            // the page left for a node other than our eviction's target
+            Msg::Fetched { page, from } => st.res.eviction_overtaken(page, from),
             _ => {}
         }
         if let Msg::Ready { page, .. } = msg {
