@@ -745,7 +745,8 @@ impl Transport for VerbsTransport {
         unsafe {
             std::ptr::copy_nonoverlapping(msg.as_ptr(), side.msg.as_ptr(), msg.len());
             std::ptr::copy_nonoverlapping(tag.as_ptr(), side.msg.as_ptr().add(msg.len()), tag.len());
-            if !msg.is_empty() && self.tamper.swap(false, Ordering::Relaxed) {
+            // (a load first: no write to a shared line on every SEND)
+            if !msg.is_empty() && self.tamper.load(Ordering::Relaxed) && self.tamper.swap(false, Ordering::Relaxed) {
                 *side.msg.as_ptr() ^= 1;
             }
         }

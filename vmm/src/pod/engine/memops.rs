@@ -447,31 +447,31 @@ impl Engine {
     /// What a peer is offered of our protected copy of `page`: whether it
     /// is all zeros (with dormant pages, then nothing travels) and, with
     /// `--verify-pages`, the digest of its bytes (else 0).
-    pub(super) fn offered(&self, st: &State, page: Page) -> Result<(bool, u64), String> {
+    pub(super) fn offered(&self, st: &State, page: Page) -> (bool, u64) {
         let Some(digests) = &self.settings.digests else {
-            return Ok((self.settings.dormant && self.is_zero(st, page)?, 0));
+            return (self.settings.dormant && self.is_zero(st, page), 0);
         };
+        let bytes = self.protected_bytes(st, page);
+        let zero = self.settings.dormant && bytes.iter().all(|&b| b == 0);
+        (zero, digests.of(page, &bytes))
+    }
+
+    /// The bytes of our protected copy of `page` as a peer would read
+    /// them: a hole, or a page not resident here, is zeros (the guest
+    /// cannot write the page, and reading the alias view of a resident
+    /// page materialises nothing).
+    fn protected_bytes(&self, st: &State, page: Page) -> [u8; PAGE_SIZE as usize] {
         let offset = page * PAGE_SIZE;
         let mut bytes = [0u8; PAGE_SIZE as usize];
-        // (a hole, or a page not resident here, reads as zeros at the peer)
         if st.res.is_resident(page) && !self.mem.is_hole(offset).unwrap_or(false) {
             self.mem.read_alias(offset, &mut bytes);
         }
-        let zero = self.settings.dormant && bytes.iter().all(|&b| b == 0);
-        Ok((zero, digests.of(page, &bytes)))
+        bytes
     }
 
     /// Whether our (protected) copy of `page` is all zeros.
-    pub(super) fn is_zero(&self, st: &State, page: Page) -> Result<bool, String> {
-        let offset = page * PAGE_SIZE;
-        if !st.res.is_resident(page) || self.mem.is_hole(offset).unwrap_or(false) {
-            return Ok(true);
-        }
-        // the page is protected (the guest cannot write it), and resident,
-        // so reading the alias view materialises nothing
-        let mut bytes = [0u8; PAGE_SIZE as usize];
-        self.mem.read_alias(offset, &mut bytes);
-        Ok(bytes.iter().all(|&b| b == 0))
+    pub(super) fn is_zero(&self, st: &State, page: Page) -> bool {
+        self.protected_bytes(st, page).iter().all(|&b| b == 0)
     }
 
     pub(super) fn wake_now(&self, page: Page) -> Result<(), String> {

@@ -1087,7 +1087,7 @@ impl Engine {
                             self.drop_page(st, page)?;
                         }
                         Action::Offer { page, to, transfer, evict, epoch } => {
-                            let (zero, digest) = self.offered(st, page)?;
+                            let (zero, digest) = self.offered(st, page);
                             let more = st
                                 .node
                                 .offer(page, to, transfer, evict, epoch, zero, digest)
@@ -1289,7 +1289,7 @@ impl Engine {
             // (if the eviction does not go ahead, the next touch is a
             // minor fault that maps it back)
             self.unmap(st, page)?;
-            let zero = self.settings.dormant && self.is_zero(st, page)?;
+            let zero = self.settings.dormant && self.is_zero(st, page);
             let target = if zero { None } else { Some(st.res.pick_target()?) };
             let acts = st.node.evict(page, target).map_err(|e| format!("page protocol: {e}"))?;
             if acts.is_empty() {
