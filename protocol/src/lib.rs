@@ -378,6 +378,7 @@ pub struct DirEntry {
     pub parked: bool,
     /// A parked page's digest (see [`Msg::Ready`]): its bytes cannot
     /// change where it is parked, so a direct read checks against it.
+    /// (Set from `Evicted`, kept only if the eviction parks the page.)
     pub digest: u64,
     /// The transaction under way.
     pub busy: Option<Txn>,
@@ -424,8 +425,6 @@ pub struct Txn {
     /// An eviction whose target parks the page (it has data: the owner
     /// said so in `Evicted`).
     pub parks: bool,
-    /// The evicted copy's digest (from `Evicted`), kept for a parked page.
-    pub digest: u64,
 }
 
 /// Errors: a peer broke the protocol (a message that cannot happen).
@@ -1093,7 +1092,9 @@ impl Node {
                         d.readers.clear();
                         d.epoch += 1;
                         d.parked = t.evict && t.parks;
-                        d.digest = if d.parked { t.digest } else { 0 };
+                        if !d.parked {
+                            d.digest = 0;
+                        }
                     }
                     TxnKind::Upgrade => {
                         d.readers.clear();
@@ -1128,8 +1129,9 @@ impl Node {
                 let mut d = d;
                 if let Some(t) = d.busy.as_mut() {
                     t.parks = !dormant;
-                    t.digest = digest;
                 }
+                // (no direct read can happen before the transaction ends)
+                d.digest = digest;
                 self.set_dir(page, d);
                 let ready = Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch, digest };
                 self.send_to(to, ready, out)?;
@@ -1161,16 +1163,8 @@ impl Node {
         let mut d = self.dir(page);
         let Some(req) = d.queue.pop_front() else { return Ok(()) };
         self.set_dir(page, d.clone());
-        let txn = |kind, to, closer, acks_left| Txn {
-            kind,
-            evict: false,
-            to,
-            closer,
-            acks_left,
-            sent: false,
-            parks: false,
-            digest: 0,
-        };
+        let txn =
+            |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false, parks: false };
         match req {
             Msg::Request { access, from, .. } => match d.owner {
                 None => {
@@ -1193,7 +1187,6 @@ impl Node {
                                 acks_left: BTreeSet::new(),
                                 sent: true,
                                 parks: false,
-                                digest: 0,
                             });
                             pages.push((p, epoch));
                         }
