@@ -263,9 +263,14 @@ pub enum Action {
     Unmap {
         page: Page,
     },
-    /// Drop our copy and free its memory.
+    /// Drop our copy and free its memory. `to`: the node that took the
+    /// page over (it read our copy); None when it went to nobody (a read
+    /// copy invalidated or given up, a page re-dormanted or freed). The
+    /// VMM tells by it whether an eviction of its own settled, or another
+    /// taker overtook it.
     Drop {
         page: Page,
+        to: Option<NodeId>,
     },
     /// Our copy is now protected (the action before this one): look
     /// whether it is all zeros and call [`Node::offer`]. Zero pages never
@@ -724,10 +729,10 @@ impl Node {
     /// is, no request of ours goes out: one message per page from a node to
     /// its home at a time, so a stale eviction can never apply to a later
     /// ownership).
-    fn drop_copy(&mut self, page: Page, out: &mut Vec<Action>) {
+    fn drop_copy(&mut self, page: Page, to: Option<NodeId>, out: &mut Vec<Action>) {
         let l = self.local(page);
         if l.copy == Held::Data {
-            out.push(Action::Drop { page });
+            out.push(Action::Drop { page, to });
         }
         self.set_local(
             page,
@@ -863,7 +868,7 @@ impl Node {
                 if l.handing != Some(from) && !pulled {
                     return Err(self.unexpected(page, &msg));
                 }
-                self.drop_copy(page, out);
+                self.drop_copy(page, Some(from), out);
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
                 self.request_if_needed(page, out)?;
             }
@@ -872,7 +877,7 @@ impl Node {
                 if l.owner || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
                 }
-                self.drop_copy(page, out);
+                self.drop_copy(page, None, out);
                 self.send_home(page, Msg::InvalAck { page, from: self.id }, out)?;
             }
             Msg::Refused { page } => {
@@ -890,7 +895,7 @@ impl Node {
                 if !l.owner || !l.protected {
                     return Err(self.unexpected(page, &msg));
                 }
-                self.drop_copy(page, out);
+                self.drop_copy(page, None, out);
                 let mut l = self.local(page);
                 l.protected = false;
                 self.set_local(page, l);
@@ -906,7 +911,7 @@ impl Node {
                     out.push(Action::Forget { page });
                 }
                 self.set_local(page, Local { copy: Held::None, ..l });
-                self.drop_copy(page, out);
+                self.drop_copy(page, None, out);
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
             }
             Msg::Freed { page } => {
@@ -1041,7 +1046,7 @@ impl Node {
         {
             return Ok(out);
         }
-        self.drop_copy(page, &mut out);
+        self.drop_copy(page, None, &mut out);
         let mut l = self.local(page);
         l.unsharing = true;
         self.set_local(page, l);
@@ -1455,7 +1460,7 @@ mod tests {
         let fetched = sends(&acts);
         assert_eq!(fetched, vec![(0, Msg::Fetched { page: 0, from: 1 })]);
         let acts = n0.receive(fetched[0].1.clone()).unwrap();
-        assert!(acts.contains(&Action::Drop { page: 0 }), "{acts:?}");
+        assert!(acts.contains(&Action::Drop { page: 0, to: Some(1) }), "{acts:?}");
         assert_eq!(n0.dir(0).owner, Some(1));
         assert!(n1.local(0).allows(Access::Write) && !n0.local(0).allows(Access::Read));
     }
@@ -1477,7 +1482,7 @@ mod tests {
         // an owner cannot unshare; the reader can, once
         assert!(n0.unshare(0).unwrap().is_empty());
         let acts = n1.unshare(0).unwrap();
-        assert_eq!(acts[0], Action::Drop { page: 0 });
+        assert_eq!(acts[0], Action::Drop { page: 0, to: None });
         assert_eq!(sends(&acts), vec![(0, Msg::Unshare { page: 0, from: 1 })]);
         assert!(n1.unshare(0).unwrap().is_empty() && !n1.local(0).allows(Access::Read));
         // a fault meanwhile waits for the home's answer: no request yet

@@ -211,7 +211,7 @@ impl World {
                 Action::Fetch { page, from, transfer, evict, epoch, digest } => {
                     self.fetches.push((n, page, from, transfer, evict, epoch, digest))
                 }
-                Action::Drop { page } => self.memory[n as usize][page as usize] = None,
+                Action::Drop { page, .. } => self.memory[n as usize][page as usize] = None,
                 Action::Forget { page } => {
                     cov.frees_seen = true;
                     self.memory[n as usize][page as usize] = None;

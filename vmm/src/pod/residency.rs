@@ -366,8 +366,12 @@ impl Residency {
         }
     }
 
-    /// `page` left this node's memory.
-    pub fn dropped(&mut self, page: Page) -> Dropped {
+    /// `page` left this node's memory, for node `to` (None: for nobody).
+    /// An eviction of ours settles only if `to` is its target; another
+    /// taker (a requester's transfer, or the home reading a page parked
+    /// here itself) overtook it, and the home will refuse it: the target
+    /// gets its room back and the page's leaving is not counted as ours.
+    pub fn dropped(&mut self, page: Page, to: Option<NodeId>) -> Dropped {
         let f = &mut self.flags[page as usize];
         if *f & RESIDENT != 0 {
             self.resident = self.resident.saturating_sub(1);
@@ -383,13 +387,17 @@ impl Residency {
             *f |= COUNTED;
             self.incoming += 1;
         }
-        match self.evicting.remove(&page) {
-            Some(Some(target)) => {
+        match (self.evicting.remove(&page), to) {
+            (Some(Some(target)), Some(to)) if to == target => {
                 self.placed.insert(page, target);
                 Dropped::Evicted(target)
             }
-            Some(None) => Dropped::Redormanted,
-            None => Dropped::Other,
+            (Some(Some(target)), _) => {
+                self.held_by[target as usize] = self.held_by[target as usize].saturating_sub(1);
+                Dropped::Other
+            }
+            (Some(None), None) => Dropped::Redormanted,
+            (Some(None), Some(_)) | (None, _) => Dropped::Other,
         }
     }
 
@@ -550,24 +558,6 @@ impl Residency {
         }
     }
 
-    /// `page` went to `to` (a requester's transfer, or the home reading a
-    /// page parked here itself) while an eviction or re-dormanting of ours
-    /// waited at its home, which will refuse it: unless `to` is the
-    /// eviction's target, the target gets its room back and the page's
-    /// leaving is not counted as ours.
-    pub fn eviction_overtaken(&mut self, page: Page, to: NodeId) {
-        match self.evicting.get(&page) {
-            None => {}
-            Some(&target) if target == Some(to) => {}
-            Some(&target) => {
-                self.evicting.remove(&page);
-                if let Some(t) = target {
-                    self.held_by[t as usize] = self.held_by[t as usize].saturating_sub(1);
-                }
-            }
-        }
-    }
-
     /// Faults wait for room that nothing can make: nothing is being
     /// evicted, nothing is on its way, and the node is full.
     pub fn stuck(&self) -> bool {
@@ -610,7 +600,7 @@ mod tests {
         r.arrived(1, Some(true));
         assert!(r.woken(1));
         assert_eq!((r.resident(), r.unpark()), (1, None), "1 here + 1 coming = 2");
-        r.dropped(1);
+        r.dropped(1, None);
         assert_eq!(r.unpark(), Some(3));
         assert_eq!(r.admit(3), Admission::Go);
     }
@@ -645,7 +635,7 @@ mod tests {
         r.eviction_started(1, Some(2));
         assert!(r.pick_target().unwrap_err().contains("out of memory"));
         // the first settles, the second is refused
-        assert_eq!(r.dropped(0), Dropped::Evicted(1));
+        assert_eq!(r.dropped(0, Some(1)), Dropped::Evicted(1));
         assert!(r.is_placed(0));
         r.eviction_refused(1);
         assert_eq!(r.pick_target().unwrap(), 2, "node 2 has its room back");
@@ -668,16 +658,13 @@ mod tests {
         assert!(r.pick_target().is_err(), "both peers hold what they may");
         // page 0 went to node 2 (a requester) before the home took our
         // eviction to node 1; page 1 went to its target as planned
-        r.eviction_overtaken(0, 2);
-        r.eviction_overtaken(1, 2);
-        assert_eq!(r.dropped(0), Dropped::Other, "not an eviction of ours");
+        assert_eq!(r.dropped(0, Some(2)), Dropped::Other, "not an eviction of ours");
         assert!(!r.is_placed(0));
-        assert_eq!(r.dropped(1), Dropped::Evicted(2));
+        assert_eq!(r.dropped(1, Some(2)), Dropped::Evicted(2));
         assert_eq!(r.pick_target().unwrap(), 1, "node 1 has its room back");
         // a re-dormanting overtaken is not counted as one either
         r.eviction_started(2, None);
-        r.eviction_overtaken(2, 1);
-        assert_eq!(r.dropped(2), Dropped::Other);
+        assert_eq!(r.dropped(2, Some(1)), Dropped::Other);
     }
 
     #[test]
@@ -699,7 +686,7 @@ mod tests {
         assert!(!r.written_here(1), "granted writable, not written");
         r.wrote(1);
         assert!(r.written_here(1));
-        r.dropped(1);
+        r.dropped(1, None);
         assert!(r.written_here(1), "it stays this node's history");
     }
 
@@ -801,7 +788,7 @@ mod tests {
         // a write to the loader's page waits (an upgrade): no room counted
         assert_eq!(r.admit(3), Admission::Go);
         // the page is handed over meanwhile: the fault will bring it back
-        assert_eq!(r.dropped(3), Dropped::Other);
+        assert_eq!(r.dropped(3, Some(1)), Dropped::Other);
         assert_eq!(r.resident(), 0);
         assert!(r.woken(3));
         assert_eq!(r.admit(9), Admission::Go);

@@ -382,7 +382,8 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn drop_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+    /// Frees our copy of `page`, which went to `to` (None: to nobody).
+    pub(super) fn drop_page(&self, st: &mut State, page: Page, to: Option<NodeId>) -> Result<(), String> {
         if self.settings.keep_pages {
             // zeroing in place must not race the guest: take it away first
             self.unmap(st, page)?;
@@ -392,7 +393,7 @@ impl Engine {
         } else {
             self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
         }
-        match st.res.dropped(page) {
+        match st.res.dropped(page, to) {
             Dropped::Evicted(_) => {
                 self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed);
             }
@@ -412,10 +413,10 @@ impl Engine {
         st.res.forget_eviction(page);
         self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
         if self.settings.keep_pages {
-            self.drop_page(st, page)?;
+            self.drop_page(st, page, None)?;
             return Ok(());
         }
-        st.res.dropped(page);
+        st.res.dropped(page, None);
         st.pending_forget.push(page);
         Ok(())
     }

@@ -768,8 +768,6 @@ impl Engine {
             Msg::Ready { transfer: true, .. } => {
                 self.counters.ownership_transfers.fetch_add(1, Ordering::Relaxed);
             }
-            // the page left for a node other than our eviction's target
-            Msg::Fetched { page, from } => st.res.eviction_overtaken(page, from),
             _ => {}
         }
         if let Msg::Ready { page, .. } = msg {
@@ -1083,8 +1081,8 @@ impl Engine {
                         }
                         Action::WriteProtect { page } => self.write_protect(st, page)?,
                         Action::Unmap { page } => self.unmap(st, page)?,
-                        Action::Drop { page } => {
-                            self.drop_page(st, page)?;
+                        Action::Drop { page, to } => {
+                            self.drop_page(st, page, to)?;
                         }
                         Action::Offer { page, to, transfer, evict, epoch } => {
                             let (zero, digest) = self.offered(st, page);
