@@ -493,7 +493,7 @@ fn run_local_pod(
         return host(e);
     }
     let peers: Vec<(u32, Addr)> = addrs.iter().cloned().enumerate().skip(1).map(|(i, a)| (i as u32, a)).collect();
-    let digest_key = config.verify_pages.then(|| pod::digest::key(&secret, &file.pod_id));
+    let digests = facts.verify_pages.then(|| pod::digest::PageDigests::for_pod(&secret, &file.pod_id));
     let id = shoal_fabric::Identity { node: 0, pod_id: file.pod_id.clone(), secret };
     let opts = shoal_fabric::Options {
         join_timeout,
@@ -509,7 +509,7 @@ fn run_local_pod(
         Ok(t) => t,
         Err(e) => return host(format!("joining the pod: {e}")),
     };
-    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, liveness, mem, digest_key };
+    let link = pod::Link { transport: Arc::from(transport), facts, join_timeout, liveness, mem, digests };
     let code = execute(config, Some(&link), metrics);
     // after a failure a node may hang (that may be why): do not wait long
     // (healthy nodes exit within milliseconds of node 0's Abort; one that
@@ -583,7 +583,7 @@ fn node(args: NodeArgs) -> ExitCode {
         authenticate_frames: file.frame_auth.unwrap_or(false),
         ..Default::default()
     };
-    let digest_key = facts.verify_pages.then(|| pod::digest::key(&secret, &file.pod_id));
+    let digests = facts.verify_pages.then(|| pod::digest::PageDigests::for_pod(&secret, &file.pod_id));
     let transport: Arc<dyn shoal_fabric::Transport> =
         match launch::join(kind, &placement, &file.pod_id, secret, region, opts) {
             Ok(t) => Arc::from(t),
@@ -593,10 +593,10 @@ fn node(args: NodeArgs) -> ExitCode {
             Err(e) => return fail(EXIT_HOST, format!("joining the pod: {}", e.text)),
         };
     if me == 0 {
-        let link = pod::Link { transport, facts, join_timeout, liveness, mem, digest_key };
+        let link = pod::Link { transport, facts, join_timeout, liveness, mem, digests };
         return execute(&config, Some(&link), file.metrics_json.as_deref());
     }
-    let settings = match pod::settings_for(&facts, mem.layout().pages(), kind, digest_key) {
+    let settings = match pod::settings_for(&facts, mem.layout().pages(), kind, digests) {
         Ok(s) => s,
         Err(e) => return bad_input(e),
     };

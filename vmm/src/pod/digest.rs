@@ -20,7 +20,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The key of a pod's page digests, from its secret and id.
-pub fn key(secret: &[u8], pod_id: &str) -> [u8; 32] {
+fn key(secret: &[u8], pod_id: &str) -> [u8; 32] {
     let mut key = [0u8; 32];
     hkdf::Hkdf::<Sha256>::new(Some(pod_id.as_bytes()), secret)
         .expand(b"shoal page digests v1", &mut key)
@@ -39,8 +39,10 @@ impl std::fmt::Debug for PageDigests {
 }
 
 impl PageDigests {
-    pub fn new(key: &[u8; 32]) -> Self {
-        PageDigests(Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length"))
+    /// The digests of the pod with this secret and id (every node derives
+    /// the same key; it never leaves this value).
+    pub fn for_pod(secret: &[u8], pod_id: &str) -> Self {
+        PageDigests(Hmac::<Sha256>::new_from_slice(&key(secret, pod_id)).expect("HMAC takes a key of any length"))
     }
 
     /// The digest of page `page` holding `bytes`.
@@ -61,16 +63,16 @@ mod tests {
 
     #[test]
     fn a_digest_depends_on_the_bytes_the_page_and_the_pod() {
-        let d = PageDigests::new(&key(b"a pod secret of 16+", "p"));
+        let d = PageDigests::for_pod(b"a pod secret of 16+", "p");
         let page = vec![7u8; 4096];
         let mut other = page.clone();
         other[4095] ^= 1;
         assert_eq!(d.of(3, &page), d.of(3, &page));
         assert_ne!(d.of(3, &page), d.of(3, &other));
         assert_ne!(d.of(3, &page), d.of(4, &page));
-        let e = PageDigests::new(&key(b"another pod secret!", "p"));
+        let e = PageDigests::for_pod(b"another pod secret!", "p");
         assert_ne!(d.of(3, &page), e.of(3, &page));
-        let f = PageDigests::new(&key(b"a pod secret of 16+", "q"));
+        let f = PageDigests::for_pod(b"a pod secret of 16+", "q");
         assert_ne!(d.of(3, &page), f.of(3, &page));
     }
 }

@@ -489,18 +489,15 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
 }
 
 /// The engine settings every node derives from the same facts (and,
-/// with `--verify-pages`, the pod's page digest key, [`digest::key`]).
+/// with `--verify-pages`, the pod's page digests, [`Link::digests`]).
 pub fn settings_for(
     facts: &Facts,
     pages: u64,
     fabric: shoal_fabric::Kind,
-    digest_key: Option<[u8; 32]>,
+    digests: Option<digest::PageDigests>,
 ) -> Result<engine::Settings, String> {
-    if facts.verify_pages != digest_key.is_some() {
-        return Err("--verify-pages on needs the pod's page digest key".into());
-    }
     let s = engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric), facts.eviction)?;
-    Ok(engine::Settings { digests: digest_key.as_ref().map(digest::PageDigests::new), ..s })
+    Ok(engine::Settings { digests, ..s })
 }
 
 /// The engine settings of a node alone (a pod of one, with no fabric).
@@ -543,8 +540,8 @@ pub struct Link {
     pub liveness: Duration,
     /// This node's guest memory (exposed to the fabric at join).
     pub mem: Arc<crate::memory::GuestMemory>,
-    /// With `--verify-pages`: the key of the pod's page digests.
-    pub digest_key: Option<[u8; 32]>,
+    /// With `--verify-pages`: the pod's page digests (from its secret).
+    pub digests: Option<digest::PageDigests>,
 }
 
 impl std::fmt::Debug for Link {
