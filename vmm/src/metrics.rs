@@ -78,6 +78,20 @@ pub struct NodeMetrics {
     /// Pages the guest reported free (virtio-balloon free page reporting,
     /// on the node whose device got the report); each became dormant.
     pub pages_reported: u64,
+    /// Pages a vCPU's fault brought from another node, kept until that
+    /// vCPU had used them (holds), and messages that waited for a hold.
+    pub pages_held: u64,
+    pub messages_held: u64,
+    /// How holds ended, when a message found them: an exit of the vCPU,
+    /// 2 ms of its thread's CPU time, it halted, it faulted on the page
+    /// again, it waited for another page and a lower node asked, or 50 ms
+    /// passed.
+    pub holds_exited: u64,
+    pub holds_ran: u64,
+    pub holds_slept: u64,
+    pub holds_refault: u64,
+    pub holds_yielded: u64,
+    pub holds_expired: u64,
     /// Faults that waited for an eviction to make room.
     pub faults_parked: u64,
     /// Page-protocol messages sent and received.
@@ -203,6 +217,14 @@ impl Report {
             t.pages_evicted += n.pages_evicted;
             t.pages_redormanted += n.pages_redormanted;
             t.pages_reported += n.pages_reported;
+            t.pages_held += n.pages_held;
+            t.messages_held += n.messages_held;
+            t.holds_exited += n.holds_exited;
+            t.holds_ran += n.holds_ran;
+            t.holds_slept += n.holds_slept;
+            t.holds_refault += n.holds_refault;
+            t.holds_yielded += n.holds_yielded;
+            t.holds_expired += n.holds_expired;
             t.faults_parked += n.faults_parked;
             t.messages_sent += n.messages_sent;
             t.messages_received += n.messages_received;

@@ -392,6 +392,14 @@ impl Uffd {
         Ok(())
     }
 
+    /// Whether events wait to be read (a non-blocking poll).
+    pub fn has_events(&self) -> bool {
+        let mut fd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one live pollfd struct; a zero timeout does not block.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        n > 0 && fd.revents & libc::POLLIN != 0
+    }
+
     /// Reads the pending page-fault events into `out` (cleared first);
     /// returns without blocking when there are none. Other events are
     /// ignored: we register for none.

@@ -36,6 +36,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::vcpu::stats::VcpuStat;
 use serde::{Deserialize, Serialize};
 use shoal_fabric::Transport;
 use shoal_protocol::roster::{RAction, RMsg, Roster};
@@ -128,6 +130,9 @@ struct Slot {
     /// good in.
     probe: AtomicU64,
     stopped: AtomicU64,
+    /// KVM's count of this vCPU's exits on this node (one KVM vCPU per id
+    /// and node, made once): the page engine's holds read it.
+    exits: std::sync::OnceLock<Option<Arc<VcpuStat>>>,
 }
 
 /// A KVM vCPU this node keeps while its vCPU runs elsewhere (KVM cannot
@@ -302,6 +307,7 @@ impl Vcpus {
                 continue;
             }
             let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?;
+            self.slots[id as usize].exits.get_or_init(|| VcpuStat::open(&fd, "exits").map(Arc::new));
             let vcpu =
                 Vcpu::new(u64::from(id), fd, &self.kvm, plan, self.sync, self.clone()).map_err(|e| e.to_string())?;
             self.spawn(id, First::Boot(vcpu))?;
@@ -391,6 +397,7 @@ impl Vcpus {
             }
             None => (self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?, false),
         };
+        self.slots[id as usize].exits.get_or_init(|| VcpuStat::open(&fd, "exits").map(Arc::new));
         let mut refused = self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let before = refused.len();
         let t0 = Instant::now();
@@ -513,6 +520,12 @@ impl Vcpus {
     /// The vCPU a faulting thread runs, if it is one of ours.
     pub fn vcpu_of_thread(&self, tid: u32) -> Option<u32> {
         self.tids.lock().unwrap_or_else(|p| p.into_inner()).get(&(tid as i32)).copied()
+    }
+
+    /// KVM's count of vCPU `vcpu`'s exits on this node, where the kernel
+    /// keeps binary statistics.
+    pub fn exit_counter(&self, vcpu: u32) -> Option<Arc<VcpuStat>> {
+        self.slots.get(vcpu as usize)?.exits.get()?.clone()
     }
 
     /// A fault of vCPU `vcpu` (here) was served with bytes from `from`:

@@ -390,6 +390,15 @@ fn next(
     live: Option<&mut Liveness>,
     timeout: Duration,
 ) -> Result<Option<Arrival>, Error> {
+    // messages waiting for a hold (a page kept for a vCPU that has not
+    // run since its wake) go when it ends: look again soon
+    let timeout = match engine {
+        Some(e) => {
+            e.run_deferred().map_err(Error::Failed)?;
+            e.deferred_poll().map_or(timeout, |poll| timeout.min(poll))
+        }
+        None => timeout,
+    };
     match t.recv(timeout)? {
         None => Ok(None),
         Some(Incoming::PeerGone { node, reason }) => Ok(Some(Arrival::Gone { node, reason })),

@@ -1,6 +1,7 @@
 //! vCPUs: long-mode setup and the run loop.
 
 pub mod state;
+pub mod stats;
 
 use std::sync::Arc;
 

@@ -63,10 +63,15 @@ pub fn scratch(test: &str) -> PathBuf {
 /// Runs `shoal ARGS --metrics-json FILE` (for `run`), killing it after
 /// `limit`: a hang is a test failure, never a stuck suite.
 pub fn shoal(args: &[&str], limit: Duration) -> Run {
+    shoal_with_env(args, &[], limit)
+}
+
+/// [`shoal`] with `env` added to its environment.
+pub fn shoal_with_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let dir = scratch(&format!("run{}", rand_suffix()));
     let metrics_path = dir.join("metrics.json");
     let mut cmd = Command::new(shoal_bin());
-    cmd.args(args);
+    cmd.args(args).envs(env.iter().copied());
     if args.first() == Some(&"run") {
         cmd.arg("--metrics-json").arg(&metrics_path);
     }

@@ -93,6 +93,7 @@ fn serve(engine: &Engine, uffd: &Uffd, stop: &EventFd, on_fatal: &(dyn Fn(String
             on_fatal(e.to_string());
             return;
         }
+        engine.faults_read(faults.len());
         for f in &faults {
             // a bug must end the VM, not leave this fault's vCPU blocked
             let resolved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.handle_fault(*f)))

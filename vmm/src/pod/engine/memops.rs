@@ -384,6 +384,7 @@ impl Engine {
 
     /// Frees our copy of `page`, which went to `to` (None: to nobody).
     pub(super) fn drop_page(&self, st: &mut State, page: Page, to: Option<NodeId>) -> Result<(), String> {
+        st.holds.remove(&page);
         if self.settings.keep_pages {
             // zeroing in place must not race the guest: take it away first
             self.unmap(st, page)?;
@@ -410,6 +411,7 @@ impl Engine {
     /// the home refuses that later). Recorded now; its memory is punched
     /// out by `flush_forgotten`, with its neighbours.
     pub(super) fn forget_page(&self, st: &mut State, page: Page) -> Result<(), String> {
+        st.holds.remove(&page);
         st.res.forget_eviction(page);
         self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
         if self.settings.keep_pages {
@@ -503,9 +505,31 @@ impl Engine {
                 // view: map it, or the vCPU would fault again forever
                 self.map(st, page, l.writable)?;
             }
+            let mut slow = false;
             if st.res.woken(page) {
+                let w = st.waiting.remove(&page);
+                // a page a vCPU's fault brought from another node stays
+                // until the vCPU has run (rule 10)
+                if let Some(w) = w.filter(|w| w.kind != FaultKind::Zero && w.tid.is_some()) {
+                    if st.holds.len() >= 256 {
+                        st.holds.retain(|_, h| h.since.elapsed() < super::HOLD_MAX);
+                    }
+                    let exits = w.vcpu.zip(self.vcpus.get()).and_then(|(v, host)| host.exit_counter(v));
+                    if let Some(h) = super::Hold::start(w.tid.unwrap_or_default(), exits) {
+                        self.counters.pages_held.fetch_add(1, Ordering::Relaxed);
+                        // the vCPU's other pages are held until it ran
+                        // after this wake too (one instruction may need
+                        // them all)
+                        for other in st.holds.values_mut().filter(|o| o.tid == h.tid) {
+                            other.ran_before = h.ran_before;
+                            other.exits.clone_from(&h.exits);
+                        }
+                        st.holds.insert(page, h);
+                        slow = cfg!(debug_assertions) && self.slow_wake_for_tests().is_some();
+                    }
+                }
                 // a prefetch is no fault: its time is not a fault's
-                if let Some(w) = st.waiting.remove(&page).filter(|w| !w.prefetch) {
+                if let Some(w) = w.filter(|w| !w.prefetch) {
                     let took = match filled_at {
                         Some(at) if woken_already(page) => at.saturating_duration_since(w.since),
                         _ => w.since.elapsed(),
@@ -536,10 +560,36 @@ impl Engine {
                     }
                 }
             }
-            if !woken_already(page) {
+            if slow {
+                self.wake_later_for_tests(page);
+            } else if !woken_already(page) {
                 self.wake_now(page)?;
             }
         }
         Ok(())
+    }
+
+    /// Debug builds, for the tests of holds (rule 10): with
+    /// `SHOAL_TEST_SLOW_WAKE=NODE:MICROSECONDS` in the environment, on node
+    /// NODE a vCPU whose fault brought a page from another node is woken
+    /// that much later (the page mapped meanwhile), as a host slow to run
+    /// a woken vCPU again would be.
+    pub(super) fn slow_wake_for_tests(&self) -> Option<std::time::Duration> {
+        static SLOW: std::sync::OnceLock<Option<(NodeId, u64)>> = std::sync::OnceLock::new();
+        let (node, us) = (*SLOW.get_or_init(|| {
+            let v = std::env::var("SHOAL_TEST_SLOW_WAKE").ok()?;
+            let (node, us) = v.split_once(':')?;
+            Some((node.parse().ok()?, us.parse().ok()?))
+        }))?;
+        (node == self.me).then_some(std::time::Duration::from_micros(us))
+    }
+
+    fn wake_later_for_tests(&self, page: Page) {
+        let (Some(uffd), Some(after)) = (self.uffd.clone(), self.slow_wake_for_tests()) else { return };
+        let addr = self.page_addr(page);
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let _ = uffd.wake(addr, PAGE_SIZE);
+        });
     }
 }
