@@ -969,7 +969,13 @@ impl Engine {
     /// against a node of a lower id: two vCPUs that each hold a page the
     /// other needs for one instruction (page tables a nested walk writes,
     /// code beside data) would otherwise both let go, or both wait, for
-    /// ever; the lower id wins, and takes both.
+    /// ever; the lower id wins, and takes both. Known limit: it is not
+    /// fair. A lower node whose vCPU wants the same pages again and again
+    /// (spinning on a flag, its walks writing the page tables) can starve
+    /// a higher one; that is the likely reason the netem smp test still
+    /// stalls in the harness (see vmm/tests/netfaults.rs). The fair rule
+    /// is the oldest waiting fault wins, which needs the asker's fault age
+    /// in the protocol's messages.
     fn hold_ended(&self, st: &mut State, page: Page, asker: Option<NodeId>) -> bool {
         let Some(h) = st.holds.get(&page) else {
             return true;
