@@ -244,8 +244,6 @@ fn smp_runs_its_vcpus_on_node_0_over_memory_on_every_node() {
     assert_eq!(r.metric("bytes_fabric_read"), 0);
 }
 
-/// A guest that touches more than all nodes may hold together ends with
-/// a clear error, not a hang.
 /// `--verify-pages on`: a page altered on its way between nodes ends the
 /// VM with an error naming the page and the node it came from, before
 /// the guest sees it. Debug builds alter the 1000th page node 0 pulls
@@ -284,6 +282,8 @@ fn pages_altered_on_the_way_end_the_vm_with_verify_pages() {
     }
 }
 
+/// A guest that touches more than all nodes may hold together ends with
+/// a clear error, not a hang.
 #[test]
 fn a_pod_out_of_memory_fails_clearly() {
     if !kvm_or_skip("pod out of memory") {
