@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use crate::vcpu::stats::VcpuStat;
+use crate::vcpu::stats::{RunMark, VcpuStat};
 use serde::{Deserialize, Serialize};
 use shoal_fabric::Transport;
 use shoal_protocol::roster::{RAction, RMsg, Roster};
@@ -522,10 +522,12 @@ impl Vcpus {
         self.tids.lock().unwrap_or_else(|p| p.into_inner()).get(&(tid as i32)).copied()
     }
 
-    /// KVM's count of vCPU `vcpu`'s exits on this node, where the kernel
-    /// keeps binary statistics.
-    pub fn exit_counter(&self, vcpu: u32) -> Option<Arc<VcpuStat>> {
-        self.slots.get(vcpu as usize)?.exits.get()?.clone()
+    /// Where vCPU `vcpu` stands now, to tell later whether it ran since
+    /// (the page engine's holds); None when no thread runs it here.
+    pub fn run_mark(&self, vcpu: u32) -> Option<RunMark> {
+        let slot = self.slots.get(vcpu as usize)?;
+        let tid = u32::try_from(slot.tid.load(Ordering::Acquire)).ok().filter(|&t| t != 0)?;
+        RunMark::now(tid, slot.exits.get().cloned().flatten())
     }
 
     /// A fault of vCPU `vcpu` (here) was served with bytes from `from`:

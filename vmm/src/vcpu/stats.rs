@@ -1,6 +1,8 @@
-//! One counter of a KVM vCPU's binary statistics (`KVM_GET_STATS_FD`,
-//! Linux 5.14 and later): the page engine reads `exits` to tell that a
-//! vCPU it woke has run in the guest since (see the engine's holds).
+//! How far a vCPU has run since a moment, as the host can tell: one
+//! counter of a KVM vCPU's binary statistics (`KVM_GET_STATS_FD`, Linux
+//! 5.14 and later: `exits`), its thread's CPU time and whether the thread
+//! is runnable. The page engine marks a vCPU when it wakes it after a
+//! remote fault, and keeps the page until the vCPU ran (its holds).
 //! kvm-ioctls 0.25 has no call for the stats descriptor, so the ioctl and
 //! the layout (`struct kvm_stats_header`, `struct kvm_stats_desc` in the
 //! kernel's `uapi/linux/kvm.h`) are here.
@@ -8,6 +10,8 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_ioctls::VcpuFd;
 
@@ -68,6 +72,73 @@ impl VcpuStat {
     }
 }
 
+/// Where a vCPU stood at a moment (its wake): its thread's CPU time and
+/// KVM's count of its exits (where the kernel keeps it).
+#[derive(Clone, Debug)]
+pub struct RunMark {
+    tid: u32,
+    clock: nix::time::ClockId,
+    cpu: Duration,
+    exits: Option<(Arc<VcpuStat>, u64)>,
+}
+
+/// What a vCPU did since its [`RunMark`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ran {
+    /// It left the guest (KVM counted an exit): it entered it since.
+    Exited,
+    /// Its thread had the CPU time asked for.
+    Long,
+    /// It ran a little and sleeps again (halted, or waits for something),
+    /// or its thread is gone.
+    Slept,
+}
+
+impl RunMark {
+    /// The vCPU run by thread `tid` of this process, now; None when its
+    /// clock cannot be read (the thread is gone).
+    pub fn now(tid: u32, exits: Option<Arc<VcpuStat>>) -> Option<RunMark> {
+        // Linux's CPU-time clock of one thread (`MAKE_THREAD_CPUCLOCK` in
+        // the kernel's posix-cpu-timers, what glibc's
+        // pthread_getcpuclockid returns): the bitwise complement of the
+        // tid shifted by 3, with the per-thread flag (4) and the
+        // scheduler-time clock (2). Readable for threads of this process.
+        let clock = nix::time::ClockId::from_raw((!(tid as libc::clockid_t) << 3) | 6);
+        let cpu = nix::time::clock_gettime(clock).ok()?.into();
+        let exits = exits.and_then(|e| e.read().map(|n| (e, n)));
+        Some(RunMark { tid, clock, cpu, exits })
+    }
+
+    /// What the vCPU did since the mark; None while it has not run (or
+    /// runs, with less than `long` of CPU time and no exit).
+    pub fn since(&self, long: Duration) -> Option<Ran> {
+        if let Some((e, before)) = &self.exits {
+            if e.read().is_some_and(|now| now != *before) {
+                return Some(Ran::Exited);
+            }
+        }
+        let ran = match nix::time::clock_gettime(self.clock) {
+            Ok(t) => Duration::from(t).saturating_sub(self.cpu),
+            Err(_) => return Some(Ran::Slept),
+        };
+        if ran >= long {
+            return Some(Ran::Long);
+        }
+        // a thread preempted before it got far is runnable: not yet
+        (!ran.is_zero() && !runnable(self.tid)).then_some(Ran::Slept)
+    }
+}
+
+/// Whether thread `tid` of this process is running or runnable (its state
+/// in procfs is `R`); false when it is gone.
+fn runnable(tid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return false;
+    };
+    // "tid (comm) S ...": the name may hold spaces and parentheses
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +161,42 @@ mod tests {
         let exits = VcpuStat::open(&vcpu, "exits").expect("exits");
         assert_eq!(exits.read(), Some(0), "a vCPU that never ran has no exits");
         assert!(VcpuStat::open(&vcpu, "no such statistic").is_none());
+    }
+
+    /// A mark of a thread that then spins sees it run long; a mark of a
+    /// thread that sleeps after a little work sees it sleep.
+    #[test]
+    fn a_mark_tells_a_spinning_thread_from_a_sleeping_one() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<bool>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            while let Ok(spin) = go_rx.recv() {
+                let start = std::time::Instant::now();
+                let until = if spin { Duration::from_millis(20) } else { Duration::from_micros(200) };
+                while start.elapsed() < until {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let tid = rx.recv().unwrap();
+        let mark = RunMark::now(tid, None).expect("a live thread's clock");
+        assert_eq!(mark.since(Duration::from_millis(5)), None, "it has not run since");
+        go_tx.send(true).unwrap();
+        let start = std::time::Instant::now();
+        while mark.since(Duration::from_millis(5)) != Some(Ran::Long) {
+            assert!(start.elapsed() < Duration::from_secs(10), "{:?}", mark.since(Duration::from_millis(5)));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mark = RunMark::now(tid, None).unwrap();
+        go_tx.send(false).unwrap();
+        let start = std::time::Instant::now();
+        while mark.since(Duration::from_secs(60)) != Some(Ran::Slept) {
+            assert!(start.elapsed() < Duration::from_secs(10), "{:?}", mark.since(Duration::from_secs(60)));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(go_tx);
+        t.join().unwrap();
     }
 }

@@ -11,6 +11,7 @@ use crate::memory::PAGE_SIZE;
 use crate::pod::residency::Dropped;
 use crate::uffd::{Outcome, Uffd};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 impl Engine {
     /// How a page that just arrived is mapped in the guest view: as
@@ -510,23 +511,8 @@ impl Engine {
                 let w = st.waiting.remove(&page);
                 // a page a vCPU's fault brought from another node stays
                 // until the vCPU has run (rule 10)
-                if let Some(w) = w.filter(|w| w.kind != FaultKind::Zero && w.tid.is_some()) {
-                    if st.holds.len() >= 256 {
-                        st.holds.retain(|_, h| h.since.elapsed() < super::HOLD_MAX);
-                    }
-                    let exits = w.vcpu.zip(self.vcpus.get()).and_then(|(v, host)| host.exit_counter(v));
-                    if let Some(h) = super::Hold::start(w.tid.unwrap_or_default(), exits) {
-                        self.counters.pages_held.fetch_add(1, Ordering::Relaxed);
-                        // the vCPU's other pages are held until it ran
-                        // after this wake too (one instruction may need
-                        // them all)
-                        for other in st.holds.values_mut().filter(|o| o.tid == h.tid) {
-                            other.ran_before = h.ran_before;
-                            other.exits.clone_from(&h.exits);
-                        }
-                        st.holds.insert(page, h);
-                        slow = cfg!(debug_assertions) && self.slow_wake_for_tests().is_some();
-                    }
+                if let Some(vcpu) = w.filter(|w| w.kind != FaultKind::Zero && !w.prefetch).and_then(|w| w.vcpu) {
+                    slow = self.hold(st, page, vcpu) && cfg!(debug_assertions) && self.slow_wake_for_tests().is_some();
                 }
                 // a prefetch is no fault: its time is not a fault's
                 if let Some(w) = w.filter(|w| !w.prefetch) {
@@ -569,12 +555,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Holds `page` for `vcpu`, about to be woken (rule 10): marks where
+    /// the vCPU stands (a mark per vCPU: this wake renews its other
+    /// holds), and lets the holds older than [`super::HOLD_MAX`] go.
+    /// Returns whether it holds the page (not when no thread runs the
+    /// vCPU here).
+    fn hold(&self, st: &mut State, page: Page, vcpu: u32) -> bool {
+        let now = Instant::now();
+        while let Some(&(at, p)) = st.hold_order.front().filter(|(at, _)| now - *at >= super::HOLD_MAX) {
+            st.hold_order.pop_front();
+            if st.holds.get(&p).is_some_and(|h| h.since == at) {
+                st.holds.remove(&p);
+            }
+        }
+        let Some(mark) = self.vcpus.get().and_then(|host| host.run_mark(vcpu)) else {
+            return false;
+        };
+        self.counters.pages_held.fetch_add(1, Ordering::Relaxed);
+        st.marks.insert(vcpu, mark);
+        st.holds.insert(page, super::Hold { vcpu, since: now });
+        st.hold_order.push_back((now, page));
+        true
+    }
+
     /// Debug builds, for the tests of holds (rule 10): with
     /// `SHOAL_TEST_SLOW_WAKE=NODE:MICROSECONDS` in the environment, on node
     /// NODE a vCPU whose fault brought a page from another node is woken
     /// that much later (the page mapped meanwhile), as a host slow to run
     /// a woken vCPU again would be.
-    pub(super) fn slow_wake_for_tests(&self) -> Option<std::time::Duration> {
+    fn slow_wake_for_tests(&self) -> Option<std::time::Duration> {
         static SLOW: std::sync::OnceLock<Option<(NodeId, u64)>> = std::sync::OnceLock::new();
         let (node, us) = (*SLOW.get_or_init(|| {
             let v = std::env::var("SHOAL_TEST_SLOW_WAKE").ok()?;

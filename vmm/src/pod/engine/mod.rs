@@ -97,7 +97,7 @@ use super::residency::{Admission, Candidate, Eviction, Residency};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::metrics::{FaultLatency, NodeMetrics};
 use crate::uffd::{Fault, Uffd};
-use crate::vcpu::stats::VcpuStat;
+use crate::vcpu::stats::{Ran, RunMark};
 
 /// The first byte of every pod message: which layer it belongs to.
 pub const CHANNEL_PAGES: u8 = 0;
@@ -171,8 +171,6 @@ struct Waiter {
     /// Asked for ahead of a fault ([`Engine::prefetch`]): its time is not
     /// a fault's.
     prefetch: bool,
-    /// The faulting vCPU's thread (for its [`Hold`]).
-    tid: Option<u32>,
 }
 
 impl Waiter {
@@ -188,7 +186,6 @@ impl Waiter {
             map: zero,
             direct: false,
             prefetch: false,
-            tid: None,
         }
     }
 }
@@ -322,10 +319,12 @@ struct State {
     /// Faults whose free completed during an event, to take at its end.
     refault: Vec<(Page, Access, Option<u32>)>,
     /// Pages a fault of one of our vCPUs got from another node, kept
-    /// until that vCPU has run (rule 10).
+    /// until that vCPU has run (rule 10); in the order they were held
+    /// (`hold_order`, to let the expired ones go), and where each vCPU
+    /// stood at its last wake after such a fault (`marks`).
     holds: HashMap<Page, Hold>,
-    /// The thread of the vCPU whose fault is being taken (`handle_fault`).
-    faulting_tid: Option<u32>,
+    hold_order: VecDeque<(Instant, Page)>,
+    marks: HashMap<u32, RunMark>,
     /// Messages waiting for a hold to end, in the order they came.
     deferred: Vec<(NodeId, Msg)>,
 }
@@ -342,8 +341,9 @@ struct State {
 /// (`Ran`: a guest that runs on without exits), or it ran and sleeps
 /// again, halted (`Slept`); when the vCPU faults on the page again
 /// (`Refault`); and after [`HOLD_MAX`] at most (`Expired`: a vCPU that
-/// gets no CPU keeps nobody waiting longer). A wake of the vCPU renews
-/// its other holds: one instruction may need several pages. While the
+/// gets no CPU keeps nobody waiting longer). What the vCPU did is looked
+/// at since its last wake (`State::marks`, one per vCPU): a wake renews
+/// its other holds, as one instruction may need several pages. While the
 /// vCPU waits for another page here its holds stay, but a node of a lower
 /// id gets the page (`Yielded`): two vCPUs that each hold a page the other
 /// needs (page tables that a nested guest's walks write, code beside
@@ -355,15 +355,9 @@ struct State {
 /// (the vCPUs took turns at the page-table pages their walks write); with
 /// holds `iters=200` ends in 1.3 s, 128 moves. Tried and failed there: a
 /// fixed 2 ms hold, and holds until the thread had 50 us of CPU time.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Hold {
-    tid: u32,
-    /// The vCPU thread's CPU-time clock, and what it read at the wake.
-    clock: nix::time::ClockId,
-    ran_before: std::time::Duration,
-    /// KVM's count of the vCPU's exits (where the kernel keeps it), and
-    /// what it read at the wake.
-    exits: Option<(Arc<VcpuStat>, u64)>,
+    vcpu: u32,
     since: Instant,
 }
 
@@ -384,6 +378,37 @@ enum HoldEnd {
     Expired,
 }
 
+impl HoldEnd {
+    /// The rule (see [`Hold`]), for a hold whose page a fault here waits
+    /// for (`refault`), `age` old, whose vCPU may wait for another page
+    /// here (`waits_here`), asked for by `asker` (None: unnamed) of a pod
+    /// where this is node `me`; `ran` says what the vCPU did since its
+    /// last wake (looked at last: it costs system calls).
+    fn of(
+        refault: bool,
+        age: std::time::Duration,
+        waits_here: bool,
+        asker: Option<NodeId>,
+        me: NodeId,
+        ran: impl FnOnce() -> Option<Ran>,
+    ) -> Option<HoldEnd> {
+        if refault {
+            return Some(HoldEnd::Refault);
+        }
+        if age >= HOLD_MAX {
+            return Some(HoldEnd::Expired);
+        }
+        if waits_here {
+            return asker.is_none_or(|a| a < me).then_some(HoldEnd::Yielded);
+        }
+        ran().map(|r| match r {
+            Ran::Exited => HoldEnd::Exited,
+            Ran::Long => HoldEnd::Ran,
+            Ran::Slept => HoldEnd::Slept,
+        })
+    }
+}
+
 /// CPU time a woken vCPU's thread has had when its hold ends without an
 /// exit.
 pub const HOLD_CPU: std::time::Duration = std::time::Duration::from_millis(2);
@@ -391,55 +416,6 @@ pub const HOLD_CPU: std::time::Duration = std::time::Duration::from_millis(2);
 pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 /// How often the receiver looks at the holds while messages wait for them.
 pub const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(50);
-
-impl Hold {
-    /// A hold for the vCPU thread `tid` (of this process), from now; None
-    /// when its clock cannot be read (the thread is gone).
-    fn start(tid: u32, exits: Option<Arc<VcpuStat>>) -> Option<Hold> {
-        // Linux's CPU-time clock of one thread (`MAKE_THREAD_CPUCLOCK` in
-        // the kernel's posix-cpu-timers, what glibc's
-        // pthread_getcpuclockid returns): the bitwise complement of the
-        // tid shifted by 3, with the per-thread flag (4) and the
-        // scheduler-time clock (2). Readable for threads of this process.
-        let clock = nix::time::ClockId::from_raw((!(tid as libc::clockid_t) << 3) | 6);
-        let ran_before = nix::time::clock_gettime(clock).ok()?.into();
-        let exits = exits.and_then(|e| e.read().map(|n| (e, n)));
-        Some(Hold { tid, clock, ran_before, exits, since: Instant::now() })
-    }
-
-    /// Whether the vCPU has used the page (or is gone), or the hold is old.
-    fn ended(&self) -> Option<HoldEnd> {
-        if self.since.elapsed() >= HOLD_MAX {
-            return Some(HoldEnd::Expired);
-        }
-        if let Some((e, before)) = &self.exits {
-            if e.read().is_some_and(|now| now != *before) {
-                return Some(HoldEnd::Exited);
-            }
-        }
-        let ran = match nix::time::clock_gettime(self.clock) {
-            Ok(t) => std::time::Duration::from(t).saturating_sub(self.ran_before),
-            Err(_) => return Some(HoldEnd::Slept),
-        };
-        if ran >= HOLD_CPU {
-            return Some(HoldEnd::Ran);
-        }
-        // ran a little and sleeps, not on a fault here (`hold_ended` looks
-        // at those first): it halted (a thread preempted before it got
-        // far is runnable: it keeps the page)
-        (!ran.is_zero() && !Self::runnable(self.tid)).then_some(HoldEnd::Slept)
-    }
-
-    /// Whether thread `tid` of this process is running or runnable (its
-    /// state in procfs is `R`); false when it is gone.
-    fn runnable(tid: u32) -> bool {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
-            return false;
-        };
-        // "tid (comm) S ...": the name may hold spaces and parentheses
-        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
-    }
-}
 
 /// A fill done outside the lock that the engine has not recorded yet (its
 /// thread found the lock taken and left the record to the next holder).
@@ -581,7 +557,8 @@ impl Engine {
             after_free: HashMap::new(),
             refault: Vec::new(),
             holds: HashMap::new(),
-            faulting_tid: None,
+            hold_order: VecDeque::new(),
+            marks: HashMap::new(),
             deferred: Vec::new(),
         };
         let zeros = if settings.dormant {
@@ -739,9 +716,7 @@ impl Engine {
         // after the wake: later than the protocol asked (rule 9), and off
         // the vCPU's way
         st.hold_sends = true;
-        st.faulting_tid = vcpu.map(|_| fault.tid);
         let faulted = self.fault_page(&mut st, page, access, vcpu);
-        st.faulting_tid = None;
         st.defer_fills = false;
         st.hold_sends = false;
         if let Err(e) = faulted {
@@ -766,12 +741,20 @@ impl Engine {
 
     /// `count` faults were read from the userfaultfd: each is in flight
     /// until `handle_fault` takes it under the lock.
+    /// (Only holds look at them: a node alone, which has none, counts
+    /// nothing.)
     pub fn faults_read(&self, count: usize) {
-        self.faults_in_flight.fetch_add(count, Ordering::AcqRel);
+        if self.transport.is_some() {
+            self.faults_in_flight.fetch_add(count, Ordering::AcqRel);
+        }
     }
 
     fn fault_taken(&self) {
-        let _ = self.faults_in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if self.transport.is_some() {
+            // (saturating: a fault handed in without `faults_read`, by a
+            // unit test, counts nothing)
+            let _ = self.faults_in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
     }
 
     /// Does the zero-fills a fault's event left (`defer_fills`): those
@@ -944,7 +927,7 @@ impl Engine {
         if st.holds.is_empty() && st.deferred.is_empty() {
             return false;
         }
-        if st.deferred.iter().any(|(_, m)| m.pages().contains(&page)) {
+        if st.deferred.iter().any(|(_, m)| Self::taker(m).is_some_and(|(p, _)| p == page)) {
             return true;
         }
         !self.hold_ended(st, page, asker)
@@ -977,20 +960,17 @@ impl Engine {
     /// is the oldest waiting fault wins, which needs the asker's fault age
     /// in the protocol's messages.
     fn hold_ended(&self, st: &mut State, page: Page, asker: Option<NodeId>) -> bool {
-        let Some(h) = st.holds.get(&page) else {
+        let Some(&h) = st.holds.get(&page) else {
             return true;
         };
-        let end = if st.waiting.contains_key(&page) {
-            // a fault here waits for the page: its vCPU ran (or another
-            // one needs it); what the page's messages do now is for it
-            Some(HoldEnd::Refault)
-        } else if h.since.elapsed() >= HOLD_MAX {
-            Some(HoldEnd::Expired)
-        } else if self.may_wait_here(st, h.tid) {
-            asker.is_none_or(|a| a < self.me).then_some(HoldEnd::Yielded)
-        } else {
-            h.ended()
-        };
+        let end = HoldEnd::of(
+            st.waiting.contains_key(&page),
+            h.since.elapsed(),
+            self.may_wait_here(st, h.vcpu),
+            asker,
+            self.me,
+            || st.marks.get(&h.vcpu).map_or(Some(Ran::Slept), |m| m.since(HOLD_CPU)),
+        );
         let Some(end) = end else {
             return false;
         };
@@ -1008,11 +988,11 @@ impl Engine {
         true
     }
 
-    /// Whether vCPU thread `tid` may be blocked on a fault here: a fault
-    /// of it waits, or faults are on their way to the engine (queued in
-    /// the userfaultfd, or read and not yet taken) whose thread is unknown.
-    fn may_wait_here(&self, st: &State, tid: u32) -> bool {
-        st.waiting.values().any(|w| w.tid == Some(tid))
+    /// Whether vCPU `vcpu` may be blocked on a fault here: a fault of it
+    /// waits, or faults are on their way to the engine (queued in the
+    /// userfaultfd, or read and not yet taken) whose vCPU is unknown.
+    fn may_wait_here(&self, st: &State, vcpu: u32) -> bool {
+        st.waiting.values().any(|w| w.vcpu == Some(vcpu) && !w.prefetch)
             || self.faults_in_flight.load(Ordering::Acquire) > 0
             || self.uffd.as_ref().is_some_and(|u| u.has_events())
     }
@@ -1183,14 +1163,13 @@ impl Engine {
             // behind a read asks again when the read copy arrives)
             Admission::OnItsWay => return Ok(()),
             Admission::Parked => {
-                st.waiting.insert(page, Waiter { tid: st.faulting_tid, ..Waiter::new(access, vcpu, kind) });
+                st.waiting.insert(page, Waiter::new(access, vcpu, kind));
                 self.counters.faults_parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             Admission::Go => {}
         }
-        let tid = st.faulting_tid;
-        let w = st.waiting.entry(page).or_insert_with(|| Waiter { tid, ..Waiter::new(access, vcpu, kind) });
+        let w = st.waiting.entry(page).or_insert_with(|| Waiter::new(access, vcpu, kind));
         w.access = w.access.max(access);
         let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
@@ -1881,6 +1860,34 @@ mod tests {
         assert_eq!((m.pages_reported, m.pages_redormanted), (10, 10));
         assert_eq!(engine.lock().node.local(3).copy, Held::Data, "the page the guest took back stays");
         assert!((0..10).filter(|&p| p != 3).all(|p| engine.lock().node.local(p).copy == Held::None));
+    }
+
+    /// The hold rule (rule 10), case by case: a fault on the page and age
+    /// come first; a vCPU that may wait for another page here keeps its
+    /// page from higher nodes only (so of two nodes that each hold what
+    /// the other's vCPU needs, exactly one gives way); otherwise what the
+    /// vCPU did since its wake decides, and is not even looked at before.
+    #[test]
+    fn a_hold_ends_by_its_rule() {
+        use std::time::Duration;
+        let young = Duration::from_millis(1);
+        let never = || -> Option<Ran> { panic!("looked at the vCPU") };
+        assert_eq!(HoldEnd::of(true, young, true, Some(2), 1, never), Some(HoldEnd::Refault));
+        assert_eq!(HoldEnd::of(false, HOLD_MAX, true, Some(2), 1, never), Some(HoldEnd::Expired));
+        // node 1's vCPU waits for another page: node 0 gets the page, node
+        // 2 does not; an unnamed asker (an invalidation) does
+        assert_eq!(HoldEnd::of(false, young, true, Some(0), 1, never), Some(HoldEnd::Yielded));
+        assert_eq!(HoldEnd::of(false, young, true, Some(2), 1, never), None);
+        assert_eq!(HoldEnd::of(false, young, true, None, 1, never), Some(HoldEnd::Yielded));
+        // two nodes in each other's way: one yields, the other keeps
+        let (on0, on1) =
+            (HoldEnd::of(false, young, true, Some(1), 0, never), HoldEnd::of(false, young, true, Some(0), 1, never));
+        assert_eq!((on0, on1), (None, Some(HoldEnd::Yielded)));
+        // the vCPU waits for nothing here: what it did decides
+        assert_eq!(HoldEnd::of(false, young, false, Some(2), 1, || None), None);
+        assert_eq!(HoldEnd::of(false, young, false, Some(2), 1, || Some(Ran::Exited)), Some(HoldEnd::Exited));
+        assert_eq!(HoldEnd::of(false, young, false, Some(2), 1, || Some(Ran::Long)), Some(HoldEnd::Ran));
+        assert_eq!(HoldEnd::of(false, young, false, Some(0), 1, || Some(Ran::Slept)), Some(HoldEnd::Slept));
     }
 
     #[test]
