@@ -253,11 +253,7 @@ fn smp_runs_its_vcpus_on_node_0_over_memory_on_every_node() {
 /// agree as over shm.
 #[test]
 fn pages_altered_on_the_way_end_the_vm_with_verify_pages() {
-    if !kvm_or_skip("pod verify pages") {
-        return;
-    }
-    if !cfg!(debug_assertions) {
-        eprintln!("\n*** SKIPPED: pages can be altered for this test in debug builds only ***");
+    if !kvm_and_test_hooks_or_skip("pod verify pages") {
         return;
     }
     let altered = |verify: &str| {

@@ -61,9 +61,10 @@ impl Eviction {
     /// faults on a Linux guest under nested KVM are the suspect) and
     /// finished with fifo. Measured again on 2026-12-05, after parked
     /// pages stopped bouncing between full nodes: 3 boots of 3 finished
-    /// with the clock, init reached after 31.0-35.9 s against 42.4-44.1 s
-    /// with fifo (one node: 9.0 s), but the whole run took 63.7-67.5 s
-    /// against 53.4-56.9 s, with 40 600-40 900 zero-fills against 33 700
+    /// with the clock, init reached after 29.8-35.9 s against 40.9-44.1 s
+    /// with fifo (one node: 9.0 s), but the whole run took 61.5-67.5 s
+    /// against 53.4-56.9 s (bench/results/linux-boot.md holds the last
+    /// run), with 40 600-40 900 zero-fills against 33 700
     /// (probably all-zero pages the clock re-dormanted, touched again: not
     /// measured yet).
     /// Until the longer run is understood, a Linux guest keeps
@@ -613,14 +614,19 @@ mod tests {
         assert_eq!(r.admit(6), Admission::Parked);
     }
 
-    #[test]
-    fn evictions_go_round_robin_to_nodes_with_room_and_settle() {
-        let mut r = Residency::new(0, 3, 64, Some(8), Some(1));
-        for p in 0..8 {
+    /// Pages `pages` admitted, arrived writable and woken: held here.
+    fn hold(r: &mut Residency, pages: std::ops::Range<Page>) {
+        for p in pages {
             assert_eq!(r.admit(p), Admission::Go);
             r.arrived(p, Some(true));
             r.woken(p);
         }
+    }
+
+    #[test]
+    fn evictions_go_round_robin_to_nodes_with_room_and_settle() {
+        let mut r = Residency::new(0, 3, 64, Some(8), Some(1));
+        hold(&mut r, 0..8);
         // 8 held, the level is 7: one eviction wanted
         assert_eq!(r.evictions_wanted(), 1);
         let mut scanned = r.queued();
@@ -648,11 +654,7 @@ mod tests {
     #[test]
     fn an_eviction_overtaken_by_another_taker_gives_its_target_its_room_back() {
         let mut r = Residency::new(0, 3, 64, Some(8), Some(1));
-        for p in 0..3 {
-            assert_eq!(r.admit(p), Admission::Go);
-            r.arrived(p, Some(true));
-            r.woken(p);
-        }
+        hold(&mut r, 0..3);
         r.eviction_started(0, Some(1));
         r.eviction_started(1, Some(2));
         assert!(r.pick_target().is_err(), "both peers hold what they may");

@@ -60,6 +60,19 @@ pub fn scratch(test: &str) -> PathBuf {
     dir
 }
 
+/// Whether a test that needs KVM and a debug build's test hooks
+/// (`SHOAL_TEST_*`, which release builds ignore) can run; says why not.
+pub fn kvm_and_test_hooks_or_skip(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    if !cfg!(debug_assertions) {
+        eprintln!("\n*** SKIPPED: {test}: its test hooks are in debug builds only ***");
+        return false;
+    }
+    true
+}
+
 /// Runs `shoal ARGS --metrics-json FILE` (for `run`), killing it after
 /// `limit`: a hang is a test failure, never a stuck suite.
 pub fn shoal(args: &[&str], limit: Duration) -> Run {
