@@ -43,7 +43,15 @@ fn frames() -> Vec<(&'static str, Frame)> {
         ("regions", Frame::Regions(vec![RegionInfo { id: 0, len: 64 << 20 }, RegionInfo { id: 1, len: 4096 }])),
         ("verbs", Frame::Verbs(VerbsEndpoint { qpn: 0x11, psn: 0xabcdef, lid: 0, gid: [1; 16], mtu: 5 })),
         ("ready", Frame::Ready),
-        ("message", Frame::Message(page_message(&Msg::Request { page: 17, access: Access::Write, from: 1 }))),
+        (
+            "message",
+            Frame::Message(page_message(&Msg::Request {
+                page: 17,
+                access: Access::Write,
+                from: 1,
+                since: 1_796_000_000_000_000,
+            })),
+        ),
         ("read-request", Frame::ReadRequest { tag: 1, region: 0, offset: 8192, len: 4096 }),
         ("read-data", Frame::ReadData { tag: 1, data: vec![0xaa; 64] }),
         ("read-error", Frame::ReadError { tag: 2, failure: ReadFailure::OutOfBounds }),
@@ -62,12 +70,12 @@ fn page_message(m: &Msg) -> Vec<u8> {
 
 fn messages() -> Vec<(&'static str, Msg)> {
     vec![
-        ("request", Msg::Request { page: 17, access: Access::Write, from: 1 }),
+        ("request", Msg::Request { page: 17, access: Access::Write, from: 1, since: 1_796_000_000_000_000 }),
         ("grant", Msg::Grant { answers: 513, pages: vec![(512, 1), (513, 1), (514, 2)] }),
         ("evicted", Msg::Evicted { page: 70, from: 1, to: 2, dormant: false, epoch: 3, digest: 0x5eed }),
         ("grant-done", Msg::GrantDone { pages: vec![512, 513], from: 2 }),
-        ("share", Msg::Share { page: 9, to: 2 }),
-        ("transfer", Msg::Transfer { page: 9, to: 1, evict: true, epoch: 4 }),
+        ("share", Msg::Share { page: 9, to: 2, since: 1_796_000_000_000_000 }),
+        ("transfer", Msg::Transfer { page: 9, to: 1, evict: true, epoch: 4, since: 0 }),
         ("upgrade", Msg::Upgrade { page: 9 }),
         (
             "ready",
@@ -75,7 +83,7 @@ fn messages() -> Vec<(&'static str, Msg)> {
         ),
         ("fetched", Msg::Fetched { page: 9, from: 1 }),
         ("done", Msg::Done { page: 9, from: 1 }),
-        ("inval", Msg::Inval { page: 9 }),
+        ("inval", Msg::Inval { page: 9, since: 1_796_000_000_000_000 }),
         ("inval-ack", Msg::InvalAck { page: 9, from: 2 }),
         ("evict", Msg::Evict { page: 9, from: 1, to: 2, epoch: 5 }),
         ("redormant", Msg::Redormant { page: 9, from: 1, epoch: 5 }),

@@ -65,8 +65,8 @@ const EVICTED: u8 = 19;
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
     let mut w = Writer(out);
     match msg {
-        Msg::Request { page, access, from } => {
-            w.u8(REQUEST).u64(*page).u8(matches!(access, Access::Write) as u8).u32(*from);
+        Msg::Request { page, access, from, since } => {
+            w.u8(REQUEST).u64(*page).u8(matches!(access, Access::Write) as u8).u32(*from).u64(*since);
         }
         Msg::Grant { answers, pages } => {
             w.u8(GRANT).u64(*answers).u32(pages.len() as u32);
@@ -80,11 +80,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
                 w.u64(*p);
             }
         }
-        Msg::Share { page, to } => {
-            w.u8(SHARE).u64(*page).u32(*to);
+        Msg::Share { page, to, since } => {
+            w.u8(SHARE).u64(*page).u32(*to).u64(*since);
         }
-        Msg::Transfer { page, to, evict, epoch } => {
-            w.u8(TRANSFER).u64(*page).u32(*to).flag(*evict).u64(*epoch);
+        Msg::Transfer { page, to, evict, epoch, since } => {
+            w.u8(TRANSFER).u64(*page).u32(*to).flag(*evict).u64(*epoch).u64(*since);
         }
         Msg::Upgrade { page } => {
             w.u8(UPGRADE).u64(*page);
@@ -101,8 +101,8 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Done { page, from } => {
             w.u8(DONE).u64(*page).u32(*from);
         }
-        Msg::Inval { page } => {
-            w.u8(INVAL).u64(*page);
+        Msg::Inval { page, since } => {
+            w.u8(INVAL).u64(*page).u64(*since);
         }
         Msg::InvalAck { page, from } => {
             w.u8(INVAL_ACK).u64(*page).u32(*from);
@@ -145,7 +145,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
         REQUEST => {
             let page = r.u64()?;
             let access = if r.flag()? { Access::Write } else { Access::Read };
-            Msg::Request { page, access, from: r.u32()? }
+            Msg::Request { page, access, from: r.u32()?, since: r.u64()? }
         }
         GRANT => {
             let answers = r.u64()?;
@@ -165,8 +165,8 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
             }
             Msg::GrantDone { pages, from }
         }
-        SHARE => Msg::Share { page: r.u64()?, to: r.u32()? },
-        TRANSFER => Msg::Transfer { page: r.u64()?, to: r.u32()?, evict: r.flag()?, epoch: r.u64()? },
+        SHARE => Msg::Share { page: r.u64()?, to: r.u32()?, since: r.u64()? },
+        TRANSFER => Msg::Transfer { page: r.u64()?, to: r.u32()?, evict: r.flag()?, epoch: r.u64()?, since: r.u64()? },
         UPGRADE => Msg::Upgrade { page: r.u64()? },
         READY => Msg::Ready {
             page: r.u64()?,
@@ -187,7 +187,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
         },
         FETCHED => Msg::Fetched { page: r.u64()?, from: r.u32()? },
         DONE => Msg::Done { page: r.u64()?, from: r.u32()? },
-        INVAL => Msg::Inval { page: r.u64()? },
+        INVAL => Msg::Inval { page: r.u64()?, since: r.u64()? },
         INVAL_ACK => Msg::InvalAck { page: r.u64()?, from: r.u32()? },
         EVICT => Msg::Evict { page: r.u64()?, from: r.u32()?, to: r.u32()?, epoch: r.u64()? },
         REDORMANT => Msg::Redormant { page: r.u64()?, from: r.u32()?, epoch: r.u64()? },
@@ -306,7 +306,7 @@ mod tests {
         let n = any::<u32>();
         let b = any::<bool>();
         prop_oneof![
-            (p, access(), n).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
+            (p, access(), n, p).prop_map(|(page, access, from, since)| Msg::Request { page, access, from, since }),
             (p, prop::collection::vec((p, p), 0..=MAX_GRANT))
                 .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
             (p, n, n, b, p, p).prop_map(|(page, from, to, dormant, epoch, digest)| Msg::Evicted {
@@ -318,8 +318,8 @@ mod tests {
                 digest
             }),
             (prop::collection::vec(p, 0..=MAX_GRANT), n).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
-            (p, n).prop_map(|(page, to)| Msg::Share { page, to }),
-            (p, n, b, p).prop_map(|(page, to, evict, epoch)| Msg::Transfer { page, to, evict, epoch }),
+            (p, n, p).prop_map(|(page, to, since)| Msg::Share { page, to, since }),
+            (p, n, b, p, p).prop_map(|(page, to, evict, epoch, since)| Msg::Transfer { page, to, evict, epoch, since }),
             p.prop_map(|page| Msg::Upgrade { page }),
             (p, n, b, b, b, p, p).prop_map(|(page, from, dormant, transfer, evict, epoch, digest)| Msg::Ready {
                 page,
@@ -332,7 +332,7 @@ mod tests {
             }),
             (p, n).prop_map(|(page, from)| Msg::Fetched { page, from }),
             (p, n).prop_map(|(page, from)| Msg::Done { page, from }),
-            p.prop_map(|page| Msg::Inval { page }),
+            (p, p).prop_map(|(page, since)| Msg::Inval { page, since }),
             (p, n).prop_map(|(page, from)| Msg::InvalAck { page, from }),
             (p, n, n, p).prop_map(|(page, from, to, epoch)| Msg::Evict { page, from, to, epoch }),
             (p, n, p).prop_map(|(page, from, epoch)| Msg::Redormant { page, from, epoch }),

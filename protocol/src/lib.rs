@@ -111,11 +111,21 @@ impl Config {
     }
 }
 
+/// When the vCPU whose fault a request serves began to wait for pages, in
+/// microseconds of the wall clock (`CLOCK_REALTIME`, which a cluster keeps
+/// in step across hosts); 0 when no vCPU waits (an eviction, a freeing).
+/// The protocol only carries it, from a request to the messages the home
+/// sends for it; nodes use it to settle which of two vCPUs that want each
+/// other's pages goes first (the one that has waited longest). A clock
+/// that is off between hosts makes that choice less fair, never wrong.
+pub type Since = u64;
+
 /// Messages between nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Msg {
-    /// node → home: `from` needs `page` for `access`.
-    Request { page: Page, access: Access, from: NodeId },
+    /// node → home: `from` needs `page` for `access`. `since`: when the
+    /// vCPU that asks began to wait for pages (see [`Since`]).
+    Request { page: Page, access: Access, from: NodeId, since: Since },
     /// home → requester: these dormant pages (of one block) are yours,
     /// each with the epoch of your ownership; `answers`, one of them, is
     /// the page the request was for (a request of ours for another still
@@ -123,11 +133,12 @@ pub enum Msg {
     Grant { answers: Page, pages: Vec<(Page, u64)> },
     /// requester → home: the grant is applied.
     GrantDone { pages: Vec<Page>, from: NodeId },
-    /// home → owner: let `to` read the page.
-    Share { page: Page, to: NodeId },
+    /// home → owner: let `to` read the page (`since`: of its request).
+    Share { page: Page, to: NodeId, since: Since },
     /// home → owner: hand the page over to `to` (a writer, or, when
     /// `evict`, the target of the owner's own eviction: this answers it).
-    Transfer { page: Page, to: NodeId, evict: bool, epoch: u64 },
+    /// `since`: of the request (0 for an eviction).
+    Transfer { page: Page, to: NodeId, evict: bool, epoch: u64, since: Since },
     /// home → owner: you may write, every reader is gone.
     Upgrade { page: Page },
     /// owner → requester: my copy is protected; read it (or, when
@@ -147,8 +158,9 @@ pub enum Msg {
     /// → home: the transaction on `page` is over (from the node that
     /// closes it: the reader, the old owner, the upgraded or refused one).
     Done { page: Page, from: NodeId },
-    /// home → reader: drop your copy.
-    Inval { page: Page },
+    /// home → reader: drop your copy (`since`: of the request that makes
+    /// a writer, 0 for an eviction or a freeing).
+    Inval { page: Page, since: Since },
     /// reader → home.
     InvalAck { page: Page, from: NodeId },
     /// owner → home: move the page to `to`. `epoch` names the ownership
@@ -211,7 +223,7 @@ impl Msg {
             | Msg::Evicted { page, .. }
             | Msg::Fetched { page, .. }
             | Msg::Done { page, .. }
-            | Msg::Inval { page }
+            | Msg::Inval { page, .. }
             | Msg::InvalAck { page, .. }
             | Msg::Evict { page, .. }
             | Msg::Redormant { page, .. }
@@ -430,6 +442,8 @@ pub struct Txn {
     /// An eviction whose target parks the page (it has data: the owner
     /// said so in `Evicted`).
     pub parks: bool,
+    /// The request's [`Since`] (0 when it is not a request).
+    pub since: Since,
 }
 
 /// Errors: a peer broke the protocol (a message that cannot happen).
@@ -449,6 +463,9 @@ pub struct Node {
     pub config: Config,
     local: PageMap<Local>,
     dir: PageMap<DirEntry>,
+    /// What our requests say in [`Msg::Request::since`] (set by the VMM
+    /// before it reports a fault; 0 until then).
+    pub since: Since,
     /// A deliberate bug, for the test that shows the model checker finds
     /// bugs.
     #[cfg(test)]
@@ -480,6 +497,7 @@ impl Node {
             config,
             local: PageMap::new(config.pages, config.block_pages),
             dir: PageMap::new(config.pages, config.block_pages),
+            since: 0,
             #[cfg(test)]
             sabotage: Sabotage::None,
         }
@@ -581,7 +599,8 @@ impl Node {
         }
         l.requested = true;
         self.set_local(page, l);
-        self.send_home(page, Msg::Request { page, access, from: self.id }, out)
+        let since = self.since;
+        self.send_home(page, Msg::Request { page, access, from: self.id, since }, out)
     }
 
     /// Turns a dormant copy into a zeroed page here, mapped as allowed.
@@ -779,7 +798,7 @@ impl Node {
                 let pages = pages.into_iter().map(|(p, _)| p).collect();
                 self.send_home(first, Msg::GrantDone { pages, from: self.id }, out)?;
             }
-            Msg::Share { page, to } => {
+            Msg::Share { page, to, .. } => {
                 let mut l = self.local(page);
                 if !l.owner || l.copy == Held::None || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
@@ -796,7 +815,7 @@ impl Node {
                 self.set_local(page, l);
                 self.hand_out(page, to, dormant, false, false, 0, out)?;
             }
-            Msg::Transfer { page, to, evict, epoch } => {
+            Msg::Transfer { page, to, evict, epoch, .. } => {
                 let mut l = self.local(page);
                 if !l.owner || l.copy == Held::None || l.handing.is_some() || (evict && !l.protected) {
                     return Err(self.unexpected(page, &msg));
@@ -872,7 +891,7 @@ impl Node {
                 self.send_home(page, Msg::Done { page, from: self.id }, out)?;
                 self.request_if_needed(page, out)?;
             }
-            Msg::Inval { page } => {
+            Msg::Inval { page, .. } => {
                 let l = self.local(page);
                 if l.owner || l.handing.is_some() {
                     return Err(self.unexpected(page, &msg));
@@ -1168,10 +1187,18 @@ impl Node {
         let mut d = self.dir(page);
         let Some(req) = d.queue.pop_front() else { return Ok(()) };
         self.set_dir(page, d.clone());
-        let txn =
-            |kind, to, closer, acks_left| Txn { kind, evict: false, to, closer, acks_left, sent: false, parks: false };
+        let txn = |kind, to, closer, acks_left| Txn {
+            kind,
+            evict: false,
+            to,
+            closer,
+            acks_left,
+            sent: false,
+            parks: false,
+            since: 0,
+        };
         match req {
-            Msg::Request { access, from, .. } => match d.owner {
+            Msg::Request { access, from, since, .. } => match d.owner {
                 None => {
                     // dormant: grant every dormant, idle page of the block
                     let mut pages = Vec::new();
@@ -1192,6 +1219,7 @@ impl Node {
                                 acks_left: BTreeSet::new(),
                                 sent: true,
                                 parks: false,
+                                since,
                             });
                             pages.push((p, epoch));
                         }
@@ -1203,14 +1231,14 @@ impl Node {
                     // page, or an eviction was refused): invalidate the
                     // readers and let it write
                     let others = d.readers.iter().copied().filter(|r| *r != from).collect();
-                    self.begin(page, txn(TxnKind::Upgrade, from, from, others), out)?;
+                    self.begin(page, Txn { since, ..txn(TxnKind::Upgrade, from, from, others) }, out)?;
                 }
                 Some(_) if access == Access::Read => {
-                    self.begin(page, txn(TxnKind::Share, from, from, BTreeSet::new()), out)?;
+                    self.begin(page, Txn { since, ..txn(TxnKind::Share, from, from, BTreeSet::new()) }, out)?;
                 }
                 Some(owner) => {
                     let others = d.readers.iter().copied().filter(|r| *r != from).collect();
-                    self.begin(page, txn(TxnKind::Transfer, from, owner, others), out)?;
+                    self.begin(page, Txn { since, ..txn(TxnKind::Transfer, from, owner, others) }, out)?;
                 }
             },
             // the readers (the target among them, if it is one) are
@@ -1265,10 +1293,11 @@ impl Node {
             if self.sabotage == Sabotage::SkipInvalidation { Txn { acks_left: BTreeSet::new(), ..txn } } else { txn };
         let mut d = self.dir(page);
         let invalidate: Vec<NodeId> = txn.acks_left.iter().copied().collect();
+        let since = txn.since;
         d.busy = Some(txn);
         self.set_dir(page, d);
         for r in invalidate {
-            self.send_to(r, Msg::Inval { page }, out)?;
+            self.send_to(r, Msg::Inval { page, since }, out)?;
         }
         self.home_proceed(page, out)
     }
@@ -1303,8 +1332,10 @@ impl Node {
             return self.node_receive(ready, out);
         }
         let (to, msg) = match t.kind {
-            TxnKind::Share => (owner, Msg::Share { page, to: t.to }),
-            TxnKind::Transfer => (owner, Msg::Transfer { page, to: t.to, evict: t.evict, epoch: next_epoch }),
+            TxnKind::Share => (owner, Msg::Share { page, to: t.to, since: t.since }),
+            TxnKind::Transfer => {
+                (owner, Msg::Transfer { page, to: t.to, evict: t.evict, epoch: next_epoch, since: t.since })
+            }
             TxnKind::Upgrade => (owner, Msg::Upgrade { page }),
             TxnKind::Redormant => (owner, Msg::Dormanted { page }),
             TxnKind::Free => (owner, Msg::Forget { page }),
@@ -1353,9 +1384,27 @@ mod tests {
         assert_eq!(home.dir(page).owner, Some(0));
         assert_eq!(home.local(page), Local::default());
         // another node's write goes to the owner, not to a zero-fill grant
-        let acts = home.receive(Msg::Request { page, access: Access::Write, from: 2 }).unwrap();
-        assert_eq!(sends(&acts), vec![(0, Msg::Transfer { page, to: 2, evict: false, epoch: 2 })]);
+        let acts = home.receive(Msg::Request { page, access: Access::Write, from: 2, since: 7 }).unwrap();
+        assert_eq!(sends(&acts), vec![(0, Msg::Transfer { page, to: 2, evict: false, epoch: 2, since: 7 })]);
         assert!(owner.preload(c.pages, 0).is_err(), "a page outside the guest");
+    }
+
+    #[test]
+    fn a_request_says_since_when_its_vcpu_waits_and_the_home_passes_it_on() {
+        let c = cfg(3);
+        let page = c.block_pages; // home: node 1
+        let mut asker = Node::new(2, c);
+        asker.since = 11;
+        let acts = asker.fault(page, Access::Read).unwrap();
+        assert_eq!(sends(&acts), vec![(1, Msg::Request { page, access: Access::Read, from: 2, since: 11 })]);
+        let mut home = Node::new(1, c);
+        home.preload(page, 0).unwrap();
+        let acts = home.receive(Msg::Request { page, access: Access::Read, from: 2, since: 11 }).unwrap();
+        assert_eq!(sends(&acts), vec![(0, Msg::Share { page, to: 2, since: 11 })]);
+        home.receive(Msg::Done { page, from: 2 }).unwrap();
+        // the owner writes: its reader is invalidated with the owner's since
+        let acts = home.receive(Msg::Request { page, access: Access::Write, from: 0, since: 9 }).unwrap();
+        assert_eq!(sends(&acts), vec![(2, Msg::Inval { page, since: 9 })]);
     }
 
     #[test]
@@ -1419,7 +1468,7 @@ mod tests {
         );
         // the next block's home is node 1
         let acts = n.fault(4, Access::Write).unwrap();
-        assert_eq!(sends(&acts), vec![(1, Msg::Request { page: 4, access: Access::Write, from: 0 })]);
+        assert_eq!(sends(&acts), vec![(1, Msg::Request { page: 4, access: Access::Write, from: 0, since: 0 })]);
     }
 
     #[test]
@@ -1492,7 +1541,7 @@ mod tests {
         assert!(n0.dir(0).readers.is_empty());
         // the answer lets the waiting fault ask
         let req = sends(&n1.receive(Msg::Unshared { page: 0 }).unwrap());
-        assert_eq!(req, vec![(0, Msg::Request { page: 0, access: Access::Read, from: 1 })]);
+        assert_eq!(req, vec![(0, Msg::Request { page: 0, access: Access::Read, from: 1, since: 0 })]);
         // an answer nobody asked for is a protocol error
         assert!(n1.receive(Msg::Unshared { page: 0 }).is_err());
     }
@@ -1518,7 +1567,7 @@ mod tests {
         assert!(n.receive(Msg::Grant { answers: 0, pages: vec![] }).is_err());
         assert!(n.receive(Msg::Grant { answers: 99, pages: vec![(99, 1)] }).is_err());
         assert!(n.receive(Msg::Done { page: 4, from: 0 }).is_err());
-        assert!(n.receive(Msg::Request { page: 0, access: Access::Read, from: 0 }).is_err(), "not its home");
+        assert!(n.receive(Msg::Request { page: 0, access: Access::Read, from: 0, since: 0 }).is_err(), "not its home");
         assert!(n.fault(16, Access::Read).is_err());
     }
 }

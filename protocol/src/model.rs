@@ -191,7 +191,7 @@ impl World {
                         crate::Msg::Evicted { .. } | crate::Msg::Ready { evict: true, .. } => cov.evictions_seen = true,
                         crate::Msg::Dormanted { .. } => cov.redormants_seen = true,
                         crate::Msg::Unshared { .. } => cov.unshares_seen = true,
-                        crate::Msg::Inval { page } => {
+                        crate::Msg::Inval { page, .. } => {
                             // a home invalidating for an eviction: the
                             // page left (or went dormant) while shared
                             let busy = self.nodes[n as usize].dir(*page).busy;

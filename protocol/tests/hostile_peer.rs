@@ -15,20 +15,21 @@ fn msg() -> impl Strategy<Value = Msg> {
     let e = 0u64..4;
     let access = prop_oneof![Just(Access::Read), Just(Access::Write)];
     prop_oneof![
-        (p.clone(), access, n.clone()).prop_map(|(page, access, from)| Msg::Request { page, access, from }),
+        (p.clone(), access, n.clone(), any::<u64>()).prop_map(|(page, access, from, since)| Msg::Request {
+            page,
+            access,
+            from,
+            since
+        }),
         (p.clone(), prop::collection::vec((p.clone(), e.clone()), 0..6))
             .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
         (p.clone(), n.clone(), n.clone(), b, e.clone(), any::<u64>()).prop_map(
             |(page, from, to, dormant, epoch, digest)| Msg::Evicted { page, from, to, dormant, epoch, digest }
         ),
         (prop::collection::vec(p.clone(), 0..6), n.clone()).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
-        (p.clone(), n.clone()).prop_map(|(page, to)| Msg::Share { page, to }),
-        (p.clone(), n.clone(), b, e.clone()).prop_map(|(page, to, evict, epoch)| Msg::Transfer {
-            page,
-            to,
-            evict,
-            epoch
-        }),
+        (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, to, since)| Msg::Share { page, to, since }),
+        (p.clone(), n.clone(), b, e.clone(), any::<u64>())
+            .prop_map(|(page, to, evict, epoch, since)| { Msg::Transfer { page, to, evict, epoch, since } }),
         p.clone().prop_map(|page| Msg::Upgrade { page }),
         (p.clone(), n.clone(), b, b, b, e.clone(), any::<u64>()).prop_map(
             |(page, from, dormant, transfer, evict, epoch, digest)| Msg::Ready {
@@ -43,7 +44,7 @@ fn msg() -> impl Strategy<Value = Msg> {
         ),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Fetched { page, from }),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Done { page, from }),
-        p.clone().prop_map(|page| Msg::Inval { page }),
+        (p.clone(), any::<u64>()).prop_map(|(page, since)| Msg::Inval { page, since }),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::InvalAck { page, from }),
         (p.clone(), n.clone(), n.clone(), e.clone()).prop_map(|(page, from, to, epoch)| Msg::Evict {
             page,

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use crate::vcpu::stats::{RunMark, VcpuStat};
+use crate::vcpu::stats::{RunMark, VcpuStat, DONE_STATS};
 use serde::{Deserialize, Serialize};
 use shoal_fabric::Transport;
 use shoal_protocol::roster::{RAction, RMsg, Roster};
@@ -130,10 +130,14 @@ struct Slot {
     /// good in.
     probe: AtomicU64,
     stopped: AtomicU64,
-    /// KVM's count of this vCPU's exits on this node (one KVM vCPU per id
-    /// and node, made once): the page engine's holds read it.
-    exits: std::sync::OnceLock<Option<Arc<VcpuStat>>>,
+    /// KVM's counts of this vCPU's exits and of its halts and port I/O
+    /// ([`DONE_STATS`]) on this node (one KVM vCPU per id and node, made
+    /// once): the page engine's holds read them.
+    stats: std::sync::OnceLock<HoldStats>,
 }
+
+/// A vCPU's `exits` and [`DONE_STATS`], where the kernel has them.
+type HoldStats = (Option<Arc<VcpuStat>>, Option<Arc<VcpuStat>>);
 
 /// A KVM vCPU this node keeps while its vCPU runs elsewhere (KVM cannot
 /// create one id twice).
@@ -307,7 +311,7 @@ impl Vcpus {
                 continue;
             }
             let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?;
-            self.slots[id as usize].exits.get_or_init(|| VcpuStat::open(&fd, "exits").map(Arc::new));
+            self.slots[id as usize].stats.get_or_init(|| Self::stats_of(&fd));
             let vcpu =
                 Vcpu::new(u64::from(id), fd, &self.kvm, plan, self.sync, self.clone()).map_err(|e| e.to_string())?;
             self.spawn(id, First::Boot(vcpu))?;
@@ -397,7 +401,7 @@ impl Vcpus {
             }
             None => (self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?, false),
         };
-        self.slots[id as usize].exits.get_or_init(|| VcpuStat::open(&fd, "exits").map(Arc::new));
+        self.slots[id as usize].stats.get_or_init(|| Self::stats_of(&fd));
         let mut refused = self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let before = refused.len();
         let t0 = Instant::now();
@@ -522,12 +526,18 @@ impl Vcpus {
         self.tids.lock().unwrap_or_else(|p| p.into_inner()).get(&(tid as i32)).copied()
     }
 
+    /// A KVM vCPU's statistics the holds read (see `stats`).
+    fn stats_of(fd: &VcpuFd) -> HoldStats {
+        (VcpuStat::open(fd, "exits").map(Arc::new), VcpuStat::sum(fd, &DONE_STATS).map(Arc::new))
+    }
+
     /// Where vCPU `vcpu` stands now, to tell later whether it ran since
     /// (the page engine's holds); None when no thread runs it here.
     pub fn run_mark(&self, vcpu: u32) -> Option<RunMark> {
         let slot = self.slots.get(vcpu as usize)?;
         let tid = u32::try_from(slot.tid.load(Ordering::Acquire)).ok().filter(|&t| t != 0)?;
-        RunMark::now(tid, slot.exits.get().cloned().flatten())
+        let (exits, done) = slot.stats.get().cloned().unwrap_or_default();
+        RunMark::now(tid, exits, done)
     }
 
     /// A fault of vCPU `vcpu` (here) was served with bytes from `from`:

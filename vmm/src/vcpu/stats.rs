@@ -1,7 +1,7 @@
-//! How far a vCPU has run since a moment, as the host can tell: one
-//! counter of a KVM vCPU's binary statistics (`KVM_GET_STATS_FD`, Linux
-//! 5.14 and later: `exits`), its thread's CPU time and whether the thread
-//! is runnable. The page engine marks a vCPU when it wakes it after a
+//! How far a vCPU has run since a moment, as the host can tell: counters
+//! of a KVM vCPU's binary statistics (`KVM_GET_STATS_FD`, Linux 5.14 and
+//! later: `exits`, and `halt_exits` with `io_exits`), its thread's CPU
+//! time and whether the thread is runnable. The page engine marks a vCPU when it wakes it after a
 //! remote fault, and keeps the page until the vCPU ran (its holds).
 //! kvm-ioctls 0.25 has no call for the stats descriptor, so the ioctl and
 //! the layout (`struct kvm_stats_header`, `struct kvm_stats_desc` in the
@@ -27,18 +27,24 @@ const DESC_FIXED: usize = 16;
 /// Descriptor blocks longer than this are not a kernel's: refused.
 const MAX_DESC_BYTES: usize = 1 << 20;
 
-/// A vCPU statistic, readable from any thread at any time (a `pread` of 8
-/// bytes; the vCPU may be running).
+/// A vCPU statistic, or the sum of several, readable from any thread at
+/// any time (a `pread` of 8 bytes each; the vCPU may be running).
 #[derive(Debug)]
 pub struct VcpuStat {
     file: File,
-    offset: u64,
+    offsets: Vec<u64>,
 }
 
 impl VcpuStat {
     /// The statistic called `name` of `vcpu`; None when this kernel has
     /// no binary statistics, or no statistic of that name.
     pub fn open(vcpu: &VcpuFd, name: &str) -> Option<VcpuStat> {
+        Self::sum(vcpu, &[name])
+    }
+
+    /// The sum of the statistics called `names` of `vcpu`; None when this
+    /// kernel has no binary statistics, or lacks one of them.
+    pub fn sum(vcpu: &VcpuFd, names: &[&str]) -> Option<VcpuStat> {
         // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new
         // file descriptor (or -1); `vcpu` is a live vCPU descriptor.
         let fd = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD as _, 0) };
@@ -55,31 +61,44 @@ impl VcpuStat {
         let total = desc_size.checked_mul(count).filter(|&t| t <= MAX_DESC_BYTES)?;
         let mut descs = vec![0u8; total];
         file.read_exact_at(&mut descs, desc_offset as u64).ok()?;
-        let offset = descs.chunks_exact(desc_size).find_map(|d| {
-            let raw = &d[DESC_FIXED..];
-            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-            (&raw[..end] == name.as_bytes()).then(|| u32::from_ne_bytes([d[8], d[9], d[10], d[11]]))
-        })?;
-        let stat = VcpuStat { file, offset: data_offset as u64 + u64::from(offset) };
+        let offset = |name: &str| {
+            descs.chunks_exact(desc_size).find_map(|d| {
+                let raw = &d[DESC_FIXED..];
+                let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                (&raw[..end] == name.as_bytes()).then(|| u32::from_ne_bytes([d[8], d[9], d[10], d[11]]))
+            })
+        };
+        let offsets =
+            names.iter().map(|n| offset(n).map(|o| data_offset as u64 + u64::from(o))).collect::<Option<_>>()?;
+        let stat = VcpuStat { file, offsets };
         stat.read().map(|_| stat)
     }
 
-    /// The statistic now.
+    /// The statistic (the sum) now.
     pub fn read(&self) -> Option<u64> {
-        let mut v = [0u8; 8];
-        self.file.read_exact_at(&mut v, self.offset).ok()?;
-        Some(u64::from_ne_bytes(v))
+        self.offsets.iter().try_fold(0u64, |sum, &at| {
+            let mut v = [0u8; 8];
+            self.file.read_exact_at(&mut v, at).ok()?;
+            Some(sum.wrapping_add(u64::from_ne_bytes(v)))
+        })
     }
 }
 
+/// The statistics whose growth says a vCPU got through an instruction:
+/// a halt, or port I/O (a vCPU's exits also count the faults on its
+/// pages and interrupts of the host, which say nothing of the kind).
+pub const DONE_STATS: [&str; 2] = ["halt_exits", "io_exits"];
+
 /// Where a vCPU stood at a moment (its wake): its thread's CPU time and
-/// KVM's count of its exits (where the kernel keeps it).
+/// KVM's counts of its exits and of [`DONE_STATS`] (where the kernel keeps
+/// them).
 #[derive(Clone, Debug)]
 pub struct RunMark {
     tid: u32,
     clock: nix::time::ClockId,
     cpu: Duration,
     exits: Option<(Arc<VcpuStat>, u64)>,
+    done: Option<(Arc<VcpuStat>, u64)>,
 }
 
 /// What a vCPU did since its [`RunMark`].
@@ -95,9 +114,10 @@ pub enum Ran {
 }
 
 impl RunMark {
-    /// The vCPU run by thread `tid` of this process, now; None when its
-    /// clock cannot be read (the thread is gone).
-    pub fn now(tid: u32, exits: Option<Arc<VcpuStat>>) -> Option<RunMark> {
+    /// The vCPU run by thread `tid` of this process, now, with its `exits`
+    /// and `done` statistics; None when its clock cannot be read (the
+    /// thread is gone).
+    pub fn now(tid: u32, exits: Option<Arc<VcpuStat>>, done: Option<Arc<VcpuStat>>) -> Option<RunMark> {
         // Linux's CPU-time clock of one thread (`MAKE_THREAD_CPUCLOCK` in
         // the kernel's posix-cpu-timers, what glibc's
         // pthread_getcpuclockid returns): the bitwise complement of the
@@ -106,7 +126,18 @@ impl RunMark {
         let clock = nix::time::ClockId::from_raw((!(tid as libc::clockid_t) << 3) | 6);
         let cpu = nix::time::clock_gettime(clock).ok()?.into();
         let exits = exits.and_then(|e| e.read().map(|n| (e, n)));
-        Some(RunMark { tid, clock, cpu, exits })
+        let done = done.and_then(|e| e.read().map(|n| (e, n)));
+        Some(RunMark { tid, clock, cpu, exits, done })
+    }
+
+    /// Whether the vCPU got on since the mark, surely: its thread had
+    /// `long` of CPU time (or is gone), or it halted or did port I/O
+    /// ([`DONE_STATS`]). For a caller that must not take any exit, or a
+    /// sleep, for progress (a vCPU faulting now sleeps in the fault).
+    pub fn ran_on(&self, long: Duration) -> bool {
+        let cpu = nix::time::clock_gettime(self.clock);
+        cpu.map_or(true, |t| Duration::from(t).saturating_sub(self.cpu) >= long)
+            || self.done.as_ref().is_some_and(|(d, before)| d.read().is_some_and(|now| now != *before))
     }
 
     /// What the vCPU did since the mark; None while it has not run (or
@@ -160,6 +191,9 @@ mod tests {
         let vcpu = vm.create_vcpu(0).unwrap();
         let exits = VcpuStat::open(&vcpu, "exits").expect("exits");
         assert_eq!(exits.read(), Some(0), "a vCPU that never ran has no exits");
+        let done = VcpuStat::sum(&vcpu, &DONE_STATS).expect("halts and port I/O");
+        assert_eq!(done.read(), Some(0));
+        assert!(VcpuStat::sum(&vcpu, &["exits", "no such statistic"]).is_none());
         assert!(VcpuStat::open(&vcpu, "no such statistic").is_none());
     }
 
@@ -181,15 +215,17 @@ mod tests {
             }
         });
         let tid = rx.recv().unwrap();
-        let mark = RunMark::now(tid, None).expect("a live thread's clock");
+        let mark = RunMark::now(tid, None, None).expect("a live thread's clock");
         assert_eq!(mark.since(Duration::from_millis(5)), None, "it has not run since");
+        assert!(!mark.ran_on(Duration::from_millis(5)));
         go_tx.send(true).unwrap();
         let start = std::time::Instant::now();
         while mark.since(Duration::from_millis(5)) != Some(Ran::Long) {
             assert!(start.elapsed() < Duration::from_secs(10), "{:?}", mark.since(Duration::from_millis(5)));
             std::thread::sleep(Duration::from_millis(1));
         }
-        let mark = RunMark::now(tid, None).unwrap();
+        assert!(mark.ran_on(Duration::from_millis(5)));
+        let mark = RunMark::now(tid, None, None).unwrap();
         go_tx.send(false).unwrap();
         let start = std::time::Instant::now();
         while mark.since(Duration::from_secs(60)) != Some(Ran::Slept) {

@@ -91,7 +91,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use shoal_fabric::Transport;
-use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page};
+use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page, Since};
 
 use super::residency::{Admission, Candidate, Eviction, Residency};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -325,6 +325,10 @@ struct State {
     holds: HashMap<Page, Hold>,
     hold_order: VecDeque<(Instant, Page)>,
     marks: HashMap<u32, RunMark>,
+    /// When each of our vCPUs began to wait for pages ([`Since`]): its
+    /// first fault since it last ran on (see [`Engine::stall`]). Our
+    /// requests carry it; it ranks our holds against other nodes' askers.
+    stalls: HashMap<u32, Since>,
     /// Messages waiting for a hold to end, in the order they came.
     deferred: Vec<(NodeId, Msg)>,
 }
@@ -343,18 +347,30 @@ struct State {
 /// (`Refault`); and after [`HOLD_MAX`] at most (`Expired`: a vCPU that
 /// gets no CPU keeps nobody waiting longer). What the vCPU did is looked
 /// at since its last wake (`State::marks`, one per vCPU): a wake renews
-/// its other holds, as one instruction may need several pages. While the
-/// vCPU waits for another page here its holds stay, but a node of a lower
-/// id gets the page (`Yielded`): two vCPUs that each hold a page the other
-/// needs (page tables that a nested guest's walks write, code beside
-/// data) would otherwise both let go, or both wait, for ever.
+/// its other holds, as one instruction may need several pages.
+///
+/// While the vCPU waits for another page here, its holds stay, except
+/// against a vCPU that has waited for pages longer (`Yielded`): two vCPUs
+/// that each hold a page the other needs for one instruction (page tables
+/// that a nested guest's walks write, code beside data) would otherwise
+/// both let go, or both wait, for ever. How long a vCPU has waited is its
+/// [`Since`] ([`Engine::stall`]), which every request carries and the home
+/// passes on; a tie goes to the lower node id. A vCPU keeps its `since`
+/// until it surely got on, so one that loses a page sooner or later is
+/// the oldest and gets every page it needs (the wound-wait order of
+/// database transactions). A rule without the waiting time (the lower
+/// node id wins) starved the higher node under network delay.
 ///
 /// Measured in the soft-RoCE harness (nested KVM under TCG, where waking
 /// a vCPU and entering the guest is slow), `smp` on two nodes: without
 /// holds `iters=5` moved pages 68 223 times in 400 s and added nothing
 /// (the vCPUs took turns at the page-table pages their walks write); with
 /// holds `iters=200` ends in 1.3 s, 128 moves. Tried and failed there: a
-/// fixed 2 ms hold, and holds until the thread had 50 us of CPU time.
+/// fixed 2 ms hold, holds until the thread had 50 us of CPU time or until
+/// one or two exits (the exit was the fault on the other page), and,
+/// under 1 ms of network delay, the lower-id rule (4 069 moves in 150 s,
+/// nothing added); with `since`, `iters=200` ends there in about 1 s under
+/// delay, jitter, loss, duplication and reordering.
 #[derive(Clone, Copy, Debug)]
 struct Hold {
     vcpu: u32,
@@ -372,7 +388,7 @@ enum HoldEnd {
     Slept,
     /// A fault here waits for the page.
     Refault,
-    /// The vCPU waits for another page, and a node of a lower id asks.
+    /// The vCPU waits for another page, and a vCPU that waited longer asks.
     Yielded,
     /// [`HOLD_MAX`] passed.
     Expired,
@@ -381,15 +397,14 @@ enum HoldEnd {
 impl HoldEnd {
     /// The rule (see [`Hold`]), for a hold whose page a fault here waits
     /// for (`refault`), `age` old, whose vCPU may wait for another page
-    /// here (`waits_here`), asked for by `asker` (None: unnamed) of a pod
-    /// where this is node `me`; `ran` says what the vCPU did since its
-    /// last wake (looked at last: it costs system calls).
+    /// here (`waits_here`), asked for by a vCPU that has waited longer than
+    /// it (`older`, see [`Asker::older`]); `ran` says what the vCPU did
+    /// since its last wake (looked at last: it costs system calls).
     fn of(
         refault: bool,
         age: std::time::Duration,
         waits_here: bool,
-        asker: Option<NodeId>,
-        me: NodeId,
+        older: bool,
         ran: impl FnOnce() -> Option<Ran>,
     ) -> Option<HoldEnd> {
         if refault {
@@ -399,7 +414,7 @@ impl HoldEnd {
             return Some(HoldEnd::Expired);
         }
         if waits_here {
-            return asker.is_none_or(|a| a < me).then_some(HoldEnd::Yielded);
+            return older.then_some(HoldEnd::Yielded);
         }
         ran().map(|r| match r {
             Ran::Exited => HoldEnd::Exited,
@@ -407,6 +422,34 @@ impl HoldEnd {
             Ran::Slept => HoldEnd::Slept,
         })
     }
+}
+
+/// Who a message would take a page for: the node (None: an invalidation,
+/// which does not name its writer) and since when its vCPU waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Asker {
+    node: Option<NodeId>,
+    since: Since,
+}
+
+impl Asker {
+    /// Whether the asker waited longer than our vCPU waiting since `mine`
+    /// (None: ours waits for nothing) on node `me`: the earlier wait
+    /// first, the lower node id on a tie (an unnamed asker last); an
+    /// asker for whom no vCPU waits (`since` 0) never.
+    fn older(self, mine: Option<Since>, me: NodeId) -> bool {
+        match mine {
+            _ if self.since == 0 => false,
+            None => true,
+            Some(mine) => (self.since, self.node.unwrap_or(NodeId::MAX)) < (mine, me),
+        }
+    }
+}
+
+/// Now as a [`Since`] (never 0).
+fn wall_clock() -> Since {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)).max(1)
 }
 
 /// CPU time a woken vCPU's thread has had when its hold ends without an
@@ -559,6 +602,7 @@ impl Engine {
             holds: HashMap::new(),
             hold_order: VecDeque::new(),
             marks: HashMap::new(),
+            stalls: HashMap::new(),
             deferred: Vec::new(),
         };
         let zeros = if settings.dormant {
@@ -933,33 +977,22 @@ impl Engine {
         !self.hold_ended(st, page, asker)
     }
 
-    /// The page a message would take from this node, and the node that
-    /// asks for it where the message says (None: an invalidation, which
-    /// does not name its writer).
-    fn taker(msg: &Msg) -> Option<(Page, Option<NodeId>)> {
+    /// The page a message would take from this node, and who asks.
+    fn taker(msg: &Msg) -> Option<(Page, Asker)> {
         match *msg {
-            Msg::Request { page, from, .. } => Some((page, Some(from))),
-            Msg::Share { page, to } | Msg::Transfer { page, to, .. } => Some((page, Some(to))),
-            Msg::Inval { page } => Some((page, None)),
+            Msg::Request { page, from, since, .. } => Some((page, Asker { node: Some(from), since })),
+            Msg::Share { page, to, since } | Msg::Transfer { page, to, since, .. } => {
+                Some((page, Asker { node: Some(to), since }))
+            }
+            Msg::Inval { page, since } => Some((page, Asker { node: None, since })),
             _ => None,
         }
     }
 
     /// Whether `page` is held no longer for a message from `asker` (rule
     /// 10): it never was, or its hold is over (then dropped, and counted).
-    ///
-    /// While the vCPU waits for another page here, its hold stays, except
-    /// against a node of a lower id: two vCPUs that each hold a page the
-    /// other needs for one instruction (page tables a nested walk writes,
-    /// code beside data) would otherwise both let go, or both wait, for
-    /// ever; the lower id wins, and takes both. Known limit: it is not
-    /// fair. A lower node whose vCPU wants the same pages again and again
-    /// (spinning on a flag, its walks writing the page tables) can starve
-    /// a higher one; that is the likely reason the netem smp test still
-    /// stalls in the harness (see vmm/tests/netfaults.rs). The fair rule
-    /// is the oldest waiting fault wins, which needs the asker's fault age
-    /// in the protocol's messages.
-    fn hold_ended(&self, st: &mut State, page: Page, asker: Option<NodeId>) -> bool {
+    /// The vCPU that waited longer goes first (see [`Hold`]).
+    fn hold_ended(&self, st: &mut State, page: Page, asker: Asker) -> bool {
         let Some(&h) = st.holds.get(&page) else {
             return true;
         };
@@ -967,8 +1000,7 @@ impl Engine {
             st.waiting.contains_key(&page),
             h.since.elapsed(),
             self.may_wait_here(st, h.vcpu),
-            asker,
-            self.me,
+            asker.older(st.stalls.get(&h.vcpu).copied(), self.me),
             || st.marks.get(&h.vcpu).map_or(Some(Ran::Slept), |m| m.since(HOLD_CPU)),
         );
         let Some(end) = end else {
@@ -1171,10 +1203,39 @@ impl Engine {
         }
         let w = st.waiting.entry(page).or_insert_with(|| Waiter::new(access, vcpu, kind));
         w.access = w.access.max(access);
+        st.node.since = vcpu.map_or_else(wall_clock, |v| Self::stall(st, v));
         let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         let acts = self.with_read_ahead(st, page, vcpu, acts)?;
         self.apply(st, acts)
+    }
+
+    /// Since when vCPU `vcpu`, faulting now, waits for pages: since this
+    /// fault, unless it did not run on since its last wake after a remote
+    /// fault ([`RunMark::ran_on`]: [`HOLD_CPU`] of CPU time, a halt or port
+    /// I/O; an exit is not enough, it may be the fault on the next page an
+    /// instruction needs, nor is a sleep, which cannot be told from the
+    /// wait in this fault): then since the fault that began its wait. See
+    /// [`Hold`].
+    ///
+    /// The vCPU's mark goes once it ran on (its holds are over then: no
+    /// asker waits for them), so a vCPU looks at its thread only while it
+    /// waits.
+    fn stall(st: &mut State, vcpu: u32) -> Since {
+        if let Some(&since) = st.stalls.get(&vcpu) {
+            // (not a sleep: faulting now, its thread sleeps in the fault)
+            let waits = st.marks.get(&vcpu).map(|m| !m.ran_on(HOLD_CPU));
+            match waits {
+                Some(true) => return since,
+                Some(false) => {
+                    st.marks.remove(&vcpu);
+                }
+                None => {}
+            }
+        }
+        let since = wall_clock();
+        st.stalls.insert(vcpu, since);
+        since
     }
 
     /// A vCPU's direct remote faults (pages this node is home to, parked
@@ -1872,22 +1933,38 @@ mod tests {
         use std::time::Duration;
         let young = Duration::from_millis(1);
         let never = || -> Option<Ran> { panic!("looked at the vCPU") };
-        assert_eq!(HoldEnd::of(true, young, true, Some(2), 1, never), Some(HoldEnd::Refault));
-        assert_eq!(HoldEnd::of(false, HOLD_MAX, true, Some(2), 1, never), Some(HoldEnd::Expired));
-        // node 1's vCPU waits for another page: node 0 gets the page, node
-        // 2 does not; an unnamed asker (an invalidation) does
-        assert_eq!(HoldEnd::of(false, young, true, Some(0), 1, never), Some(HoldEnd::Yielded));
-        assert_eq!(HoldEnd::of(false, young, true, Some(2), 1, never), None);
-        assert_eq!(HoldEnd::of(false, young, true, None, 1, never), Some(HoldEnd::Yielded));
-        // two nodes in each other's way: one yields, the other keeps
-        let (on0, on1) =
-            (HoldEnd::of(false, young, true, Some(1), 0, never), HoldEnd::of(false, young, true, Some(0), 1, never));
-        assert_eq!((on0, on1), (None, Some(HoldEnd::Yielded)));
-        // the vCPU waits for nothing here: what it did decides
-        assert_eq!(HoldEnd::of(false, young, false, Some(2), 1, || None), None);
-        assert_eq!(HoldEnd::of(false, young, false, Some(2), 1, || Some(Ran::Exited)), Some(HoldEnd::Exited));
-        assert_eq!(HoldEnd::of(false, young, false, Some(2), 1, || Some(Ran::Long)), Some(HoldEnd::Ran));
-        assert_eq!(HoldEnd::of(false, young, false, Some(0), 1, || Some(Ran::Slept)), Some(HoldEnd::Slept));
+        assert_eq!(HoldEnd::of(true, young, true, false, never), Some(HoldEnd::Refault));
+        assert_eq!(HoldEnd::of(false, HOLD_MAX, true, false, never), Some(HoldEnd::Expired));
+        // the vCPU waits for another page here: it yields to an asker that
+        // has waited longer, and only to one
+        assert_eq!(HoldEnd::of(false, young, true, true, never), Some(HoldEnd::Yielded));
+        assert_eq!(HoldEnd::of(false, young, true, false, never), None);
+        // it waits for nothing here: what it did decides, whoever asks
+        for older in [true, false] {
+            assert_eq!(HoldEnd::of(false, young, false, older, || None), None);
+            assert_eq!(HoldEnd::of(false, young, false, older, || Some(Ran::Exited)), Some(HoldEnd::Exited));
+            assert_eq!(HoldEnd::of(false, young, false, older, || Some(Ran::Long)), Some(HoldEnd::Ran));
+            assert_eq!(HoldEnd::of(false, young, false, older, || Some(Ran::Slept)), Some(HoldEnd::Slept));
+        }
+    }
+
+    /// Who goes first: the earlier wait, the lower node on a tie, never an
+    /// asker for whom no vCPU waits; anyone when our vCPU waits for
+    /// nothing. Two nodes in each other's way never both yield.
+    #[test]
+    fn the_vcpu_that_waited_longer_goes_first() {
+        let asker = |node, since| Asker { node: Some(node), since };
+        assert!(asker(2, 5).older(Some(6), 1));
+        assert!(!asker(2, 7).older(Some(6), 1));
+        assert!(asker(0, 6).older(Some(6), 1) && !asker(2, 6).older(Some(6), 1));
+        assert!(!Asker { node: None, since: 6 }.older(Some(6), 1));
+        assert!(Asker { node: None, since: 5 }.older(Some(6), 1));
+        assert!(!asker(2, 0).older(Some(6), 1) && !asker(2, 0).older(None, 1));
+        assert!(asker(2, 9).older(None, 1));
+        for (a, b) in [(5, 6), (6, 5), (6, 6)] {
+            let (on0, on1) = (asker(1, b).older(Some(a), 0), asker(0, a).older(Some(b), 1));
+            assert!(on0 != on1, "nodes 0 ({a}) and 1 ({b}) both yield, or both keep");
+        }
     }
 
     #[test]
