@@ -264,7 +264,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         "\n## Where a move goes\n\nPer move, p50 (the guest times each round of moves by its clock; capture and \
          restore are the KVM ioctls, from the metrics): the rest is the hypercall's exit, the message, waking the \
          vCPU's thread on its new node, and the first write to its stack page (asked for ahead, while the state \
-         is restored, in the arrivals counted as prefetched).\n\n| CPUs | move µs | capture µs | restore µs | \
+         is captured, sent and restored, in the arrivals counted as prefetched).\n\n| CPUs | move µs | capture µs | restore µs | \
          rest µs | remote fault µs | stack page prefetched |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for m in &moves {

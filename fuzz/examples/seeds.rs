@@ -299,7 +299,8 @@ fn main() {
     let state = vcpu_state().encode();
     write(dir, "vcpu_state", "state", &state);
     let vcpu_msgs = [
-        ("migrate", VcpuMsg::Migrate { vcpu: 1, moves: 3, state, stack_page: Some(0x1ff) }),
+        ("coming", VcpuMsg::Coming { vcpu: 1, stack_page: 0x1ff }),
+        ("migrate", VcpuMsg::Migrate { vcpu: 1, moves: 3, state }),
         ("location", VcpuMsg::Location { vcpu: 1, node: 2, moves: 3 }),
         ("ipi", VcpuMsg::Ipi { vcpu: 0 }),
         ("print", VcpuMsg::Print { bytes: b"memtouch: verified 16384 pages\n".to_vec() }),

@@ -58,11 +58,13 @@ pub const CHANNEL_VCPU: u8 = 2;
 /// What nodes tell each other about vCPUs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VcpuMsg {
-    /// The vCPU moves to the receiver: its state ([`VcpuState::encode`]),
-    /// and the guest-physical page under its stack pointer (which it will
-    /// most likely write first: the receiver asks for it while it
-    /// restores the state).
-    Migrate { vcpu: u32, moves: u64, state: Vec<u8>, stack_page: Option<u64> },
+    /// The vCPU is about to move to the receiver (its state follows):
+    /// the guest-physical page under its stack pointer, which it will most
+    /// likely write first there. The receiver asks for the page at once,
+    /// while the sender captures the state and sends it.
+    Coming { vcpu: u32, stack_page: u64 },
+    /// The vCPU moves to the receiver: its state ([`VcpuState::encode`]).
+    Migrate { vcpu: u32, moves: u64, state: Vec<u8> },
     /// The vCPU is on `node` now, after `moves` moves.
     Location { vcpu: u32, node: NodeId, moves: u64 },
     /// An inter-processor interrupt for the vCPU.
@@ -364,7 +366,7 @@ impl Vcpus {
             match leave {
                 Leave::Stopped => {}
                 Leave::Failed(why) => self.control.fail(format_args!("vCPU {id} on node {}: {why}", self.me)),
-                Leave::Migrate(to) => match self.emigrate(vcpu, to) {
+                Leave::Migrate(to) => match self.herald(&mut vcpu, to).and_then(|()| self.emigrate(vcpu, to)) {
                     Ok(()) => next = self.await_return(id).map(First::Arrived),
                     Err(why) => {
                         self.control.fail(format_args!("vCPU {id} moving from node {} to node {to}: {why}", self.me))
@@ -561,6 +563,17 @@ impl Vcpus {
 
     // ---- migration -------------------------------------------------------
 
+    /// Tells node `to` that `vcpu` comes, and the page under its stack,
+    /// before the state is captured: the page travels meanwhile (its
+    /// fetch took as long as the capture, the state's message and the
+    /// restore together, and the vCPU waited for it on arrival).
+    fn herald(&self, vcpu: &mut Vcpu, to: NodeId) -> Result<(), String> {
+        match vcpu.stack_page() {
+            Some(stack_page) => self.send_checked(to, &VcpuMsg::Coming { vcpu: vcpu.id() as u32, stack_page }),
+            None => Ok(()),
+        }
+    }
+
     fn emigrate(&self, vcpu: Vcpu, to: NodeId) -> Result<(), String> {
         let id = vcpu.id() as u32;
         let slot = &self.slots[id as usize];
@@ -568,9 +581,6 @@ impl Vcpus {
         let t0 = Instant::now();
         let (mut state, fd) = vcpu.leave(&self.msr_list, self.irqchip)?;
         self.counters.capture.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
-        // the page under the stack pointer: the vCPU writes it first on its
-        // new node, which asks for it while it restores the state
-        let stack_page = Self::stack_page(&fd, &state);
         *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Parked { fd, cpuid });
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id, None);
         // under the roster's lock: IPIs posted so far go with the state,
@@ -582,19 +592,11 @@ impl Vcpus {
         };
         state.pending_ipis = pending;
         let state = state.encode();
-        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state, stack_page });
+        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state });
         drop(r);
         sent?;
         self.counters.migrations_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// The guest-physical page under a captured state's stack pointer, if
-    /// its page tables map it (`KVM_TRANSLATE`; a hint, so None on any
-    /// doubt).
-    fn stack_page(fd: &VcpuFd, state: &VcpuState) -> Option<u64> {
-        let t = fd.translate_gva(state.regs.rsp).ok()?;
-        (t.valid != 0).then_some(t.physical_address / crate::memory::PAGE_SIZE)
     }
 
     /// vCPU `vcpu`'s state from node `from`: the roster learns it is here
@@ -636,14 +638,15 @@ impl Vcpus {
     // ---- messages ----------------------------------------------------------
 
     /// A vCPU message from `from`. Node 0 also takes the console output
-    /// and events of vCPUs elsewhere. Returns, for a vCPU that arrived,
+    /// and events of vCPUs elsewhere. Returns, for a vCPU about to arrive,
     /// the page it will most likely write first (for the page engine to
     /// ask for at once).
     pub fn on_message(self: &Arc<Self>, from: NodeId, body: &[u8]) -> Result<Option<u64>, String> {
         match VcpuMsg::decode(from, body)? {
-            VcpuMsg::Migrate { vcpu, moves, state, stack_page } => {
-                self.immigrate(from, vcpu, moves, &state).map(|()| stack_page)
-            }
+            // (any page number: the engine ignores one outside the guest)
+            VcpuMsg::Coming { vcpu, stack_page } if (vcpu as usize) < self.slots.len() => Ok(Some(stack_page)),
+            VcpuMsg::Coming { vcpu, .. } => Err(format!("node {from} sends vCPU {vcpu}, which does not exist")),
+            VcpuMsg::Migrate { vcpu, moves, state } => self.immigrate(from, vcpu, moves, &state).map(|()| None),
             VcpuMsg::Location { vcpu, node, moves } => {
                 self.roster_receive(from, RMsg::Location { vcpu, node, moves }).map(|()| None)
             }
@@ -763,7 +766,8 @@ mod tests {
     #[test]
     fn vcpu_messages_round_trip_and_bad_ones_are_errors() {
         let msgs = [
-            VcpuMsg::Migrate { vcpu: 1, moves: 2, state: vec![1, 2, 3], stack_page: Some(7) },
+            VcpuMsg::Coming { vcpu: 1, stack_page: 7 },
+            VcpuMsg::Migrate { vcpu: 1, moves: 2, state: vec![1, 2, 3] },
             VcpuMsg::Location { vcpu: 3, node: 2, moves: 9 },
             VcpuMsg::Ipi { vcpu: 4 },
             VcpuMsg::Print { bytes: b"hi\n".to_vec() },

@@ -421,8 +421,8 @@ fn next(
                 },
                 Some((&CHANNEL_VCPU, body)) => match vcpus {
                     Some(v) => match v.on_message(from, body).map_err(Error::Failed)? {
-                        // a vCPU arrived: ask for its stack page while its
-                        // thread restores it
+                        // a vCPU is coming: ask for its stack page while
+                        // its state is captured, sent and restored
                         Some(page) => match engine {
                             Some(e) => e.prefetch(page, Access::Write).map(|()| None).map_err(Error::Failed),
                             None => Ok(None),

@@ -256,6 +256,18 @@ impl Vcpu {
         Ok((state, self.fd))
     }
 
+    /// The guest-physical page under the stack pointer, if its page tables
+    /// map it (`KVM_TRANSLATE`; a hint, so None on any doubt): the page a
+    /// vCPU that leaves writes first on its new node.
+    pub fn stack_page(&mut self) -> Option<u64> {
+        let rsp = match self.sync {
+            Sync::Regs => self.fd.sync_regs().regs.rsp,
+            Sync::Ioctls => self.fd.get_regs().ok()?.rsp,
+        };
+        let t = self.fd.translate_gva(rsp).ok()?;
+        (t.valid != 0).then_some(t.physical_address / crate::memory::PAGE_SIZE)
+    }
+
     /// The CPUID this vCPU was given.
     pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
         &self.cpuid
