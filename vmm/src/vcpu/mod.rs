@@ -260,12 +260,18 @@ impl Vcpu {
     /// map it (`KVM_TRANSLATE`; a hint, so None on any doubt): the page a
     /// vCPU that leaves writes first on its new node.
     pub fn stack_page(&mut self) -> Option<u64> {
-        let rsp = match self.sync {
-            Sync::Regs => self.fd.sync_regs().regs.rsp,
-            Sync::Ioctls => self.fd.get_regs().ok()?.rsp,
-        };
+        let rsp = self.regs().ok()?.rsp;
         let t = self.fd.translate_gva(rsp).ok()?;
         (t.valid != 0).then_some(t.physical_address / crate::memory::PAGE_SIZE)
+    }
+
+    /// The general registers as of the last exit: from `kvm_run` where KVM
+    /// syncs them there, else an ioctl.
+    fn regs(&mut self) -> std::result::Result<kvm_regs, kvm_ioctls::Error> {
+        match self.sync {
+            Sync::Regs => Ok(self.fd.sync_regs().regs),
+            Sync::Ioctls => self.fd.get_regs(),
+        }
     }
 
     /// The CPUID this vCPU was given.
@@ -371,10 +377,7 @@ impl Vcpu {
         devices: &Devices,
         control: &Control,
     ) -> std::result::Result<Option<Leave>, String> {
-        let regs = match self.sync {
-            Sync::Regs => self.fd.sync_regs().regs,
-            Sync::Ioctls => self.fd.get_regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?,
-        };
+        let regs = self.regs().map_err(|e| format!("reading registers for a hypercall: {e}"))?;
         let host = self.host.clone();
         let value = match nr {
             abi::HC_IPI => host.send_ipi(regs.rdi),

@@ -1,8 +1,9 @@
 //! How far a vCPU has run since a moment, as the host can tell: counters
 //! of a KVM vCPU's binary statistics (`KVM_GET_STATS_FD`, Linux 5.14 and
 //! later: `exits`, and `halt_exits` with `io_exits`), its thread's CPU
-//! time and whether the thread is runnable. The page engine marks a vCPU when it wakes it after a
-//! remote fault, and keeps the page until the vCPU ran (its holds).
+//! time and whether the thread is runnable. The page engine marks a vCPU
+//! when it wakes it after a remote fault, and keeps the page until the
+//! vCPU ran (its holds).
 //! kvm-ioctls 0.25 has no call for the stats descriptor, so the ioctl and
 //! the layout (`struct kvm_stats_header`, `struct kvm_stats_desc` in the
 //! kernel's `uapi/linux/kvm.h`) are here.
@@ -135,28 +136,34 @@ impl RunMark {
     /// ([`DONE_STATS`]). For a caller that must not take any exit, or a
     /// sleep, for progress (a vCPU faulting now sleeps in the fault).
     pub fn ran_on(&self, long: Duration) -> bool {
-        let cpu = nix::time::clock_gettime(self.clock);
-        cpu.map_or(true, |t| Duration::from(t).saturating_sub(self.cpu) >= long)
-            || self.done.as_ref().is_some_and(|(d, before)| d.read().is_some_and(|now| now != *before))
+        self.cpu_since().is_none_or(|ran| ran >= long) || Self::grew(&self.done)
     }
 
     /// What the vCPU did since the mark; None while it has not run (or
     /// runs, with less than `long` of CPU time and no exit).
     pub fn since(&self, long: Duration) -> Option<Ran> {
-        if let Some((e, before)) = &self.exits {
-            if e.read().is_some_and(|now| now != *before) {
-                return Some(Ran::Exited);
-            }
+        if Self::grew(&self.exits) {
+            return Some(Ran::Exited);
         }
-        let ran = match nix::time::clock_gettime(self.clock) {
-            Ok(t) => Duration::from(t).saturating_sub(self.cpu),
-            Err(_) => return Some(Ran::Slept),
+        let Some(ran) = self.cpu_since() else {
+            return Some(Ran::Slept);
         };
         if ran >= long {
             return Some(Ran::Long);
         }
         // a thread preempted before it got far is runnable: not yet
         (!ran.is_zero() && !runnable(self.tid)).then_some(Ran::Slept)
+    }
+
+    /// The thread's CPU time since the mark; None when it is gone.
+    fn cpu_since(&self) -> Option<Duration> {
+        nix::time::clock_gettime(self.clock).ok().map(|t| Duration::from(t).saturating_sub(self.cpu))
+    }
+
+    /// Whether a statistic grew since the mark (false where the kernel
+    /// keeps none).
+    fn grew(stat: &Option<(Arc<VcpuStat>, u64)>) -> bool {
+        stat.as_ref().is_some_and(|(s, before)| s.read().is_some_and(|now| now != *before))
     }
 }
 
