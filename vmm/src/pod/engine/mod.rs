@@ -453,7 +453,7 @@ fn wall_clock() -> Since {
 }
 
 /// CPU time a woken vCPU's thread has had when its hold ends without an
-/// exit.
+/// exit, and when its wait for pages is over (`Engine::stall`).
 pub const HOLD_CPU: std::time::Duration = std::time::Duration::from_millis(2);
 /// The longest a hold lasts.
 pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(50);
@@ -1203,7 +1203,11 @@ impl Engine {
         }
         let w = st.waiting.entry(page).or_insert_with(|| Waiter::new(access, vcpu, kind));
         w.access = w.access.max(access);
-        st.node.since = vcpu.map_or_else(wall_clock, |v| Self::stall(st, v));
+        // what a request says (rule 10); none goes out for a page ours
+        // already (a dormant one granted here: the first touch's path)
+        if self.transport.is_some() && !l.allows(access) {
+            st.node.since = vcpu.map_or_else(wall_clock, |v| Self::stall(st, v));
+        }
         let acts = st.node.fault(page, access).map_err(|e| format!("page protocol: {e}"))?;
         let acts = self.with_fault_around(st, acts)?;
         let acts = self.with_read_ahead(st, page, vcpu, acts)?;
@@ -1222,16 +1226,11 @@ impl Engine {
     /// asker waits for them), so a vCPU looks at its thread only while it
     /// waits.
     fn stall(st: &mut State, vcpu: u32) -> Since {
-        if let Some(&since) = st.stalls.get(&vcpu) {
-            // (not a sleep: faulting now, its thread sleeps in the fault)
-            let waits = st.marks.get(&vcpu).map(|m| !m.ran_on(HOLD_CPU));
-            match waits {
-                Some(true) => return since,
-                Some(false) => {
-                    st.marks.remove(&vcpu);
-                }
-                None => {}
+        if let (Some(&since), Some(mark)) = (st.stalls.get(&vcpu), st.marks.get(&vcpu)) {
+            if !mark.ran_on(HOLD_CPU) {
+                return since;
             }
+            st.marks.remove(&vcpu);
         }
         let since = wall_clock();
         st.stalls.insert(vcpu, since);
@@ -1925,8 +1924,8 @@ mod tests {
 
     /// The hold rule (rule 10), case by case: a fault on the page and age
     /// come first; a vCPU that may wait for another page here keeps its
-    /// page from higher nodes only (so of two nodes that each hold what
-    /// the other's vCPU needs, exactly one gives way); otherwise what the
+    /// page from vCPUs that waited less only (`Asker::older` makes exactly
+    /// one of two nodes in each other's way give way); otherwise what the
     /// vCPU did since its wake decides, and is not even looked at before.
     #[test]
     fn a_hold_ends_by_its_rule() {
