@@ -223,7 +223,7 @@ fn measure_with(kind: Kind, authenticate_frames: bool, label: String, args: &Arg
     // perftest counts it); the page engine consumes them there
     let mut seen = 0usize;
     let lat = time_reads(args.reads, |offset| {
-        Ok(t1.read_with(0, &[ReadReq { region: 0, offset, len: PAGE }], &mut |_, _, b| {
+        Ok(t1.read_with(0, &[ReadReq { region: 0, offset, len: PAGE, key: 0 }], &mut |_, _, b| {
             seen += b.len();
             Ok(())
         })?)

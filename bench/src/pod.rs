@@ -15,6 +15,11 @@
 //!   fault to each other cannot wake each other across CPUs).
 //! - **fast boot**: zeroboot on 1, 2 and 3 nodes, dormant pages on and
 //!   off: wall time beside page bytes on the wire and pages zero-filled.
+//! - **over verbs** (`--verbs`, inside the soft-RoCE harness:
+//!   bench/scripts/pod-verbs.sh): the remote-fault run alone, with what
+//!   exposing pages costs (a registration for each page a peer may read,
+//!   a deregistration when it leaves) and whether every node's memory
+//!   stayed its resident pages.
 //!
 //! The pods are started with the `shoal` binary next to this one (pods are
 //! processes), so build both: `cargo build --release`.
@@ -36,6 +41,11 @@ pub struct Args {
     /// MiB memtouch writes in the remote-fault run (node 0 holds 16).
     #[arg(long, default_value_t = 24)]
     remote_mib: u64,
+    /// Only the remote-fault run, over verbs (an RDMA device is needed:
+    /// bench/scripts/pod-verbs.sh runs it on soft-RoCE), written as
+    /// pod-verbs and printed between @@BENCH markers.
+    #[arg(long)]
+    verbs: bool,
 }
 
 /// One pod run: how it was started and what every node counted.
@@ -87,6 +97,15 @@ struct RemoteRow {
     read_ahead_used: u64,
     direct_us_per_page: f64,
     direct_per_page_over_floor: f64,
+    /// Over verbs, all nodes: pages exposed to peers' reads and exposures
+    /// ended (a registration and a deregistration each), the mean time of
+    /// one, and chunks registered (reads that named no exposure).
+    exposures: u64,
+    exposures_ended: u64,
+    exposure_us_each: f64,
+    chunks_registered: u64,
+    /// Every node's memfd held exactly its resident pages at the end.
+    memory_is_resident: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -192,12 +211,11 @@ fn row_name(r: &RemoteRow) -> String {
     format!("{}, {}", r.fabric, if r.one_cpu { "one CPU (taskset -c 0)" } else { "unpinned" })
 }
 
-pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
-    let mut runs = Vec::new();
-    let mut remote = Vec::new();
+/// The remote-fault run over `fabric`: memtouch over more than node 0
+/// may hold, on 2 nodes.
+fn remote_row(args: &Args, fabric: &'static str, one_cpu: bool) -> anyhow::Result<(RemoteRow, RunResult)> {
     let cmdline = format!("mib={}", args.remote_mib);
-    // shm unpinned and on one CPU, then tcp over loopback unpinned
-    for (fabric, one_cpu) in [("shm", false), ("shm", true), ("tcp", false)] {
+    {
         let r = run_pod(
             &[
                 "run",
@@ -225,7 +243,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         let direct_pages = (n0.faults_remote_direct + n0.pages_prefetched) as f64;
         let per_direct_page =
             n0.fault_remote_direct_us_p50 / (direct_pages / n0.faults_remote_direct.max(1) as f64).max(1.0);
-        remote.push(RemoteRow {
+        let row = RemoteRow {
             fabric,
             one_cpu,
             faults_zero: n0.faults_zero,
@@ -253,9 +271,140 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             read_ahead_used: n0.prefetched_used,
             direct_us_per_page: per_direct_page,
             direct_per_page_over_floor: per_direct_page / floor,
-        });
+            exposures: r.total.exposures,
+            exposures_ended: r.total.exposures_ended,
+            exposure_us_each: r.total.exposure_us / (r.total.exposures + r.total.exposures_ended).max(1) as f64,
+            chunks_registered: r.total.chunks_registered,
+            memory_is_resident: r.nodes.iter().all(|n| n.memfd_bytes == 4096 * n.pages_resident),
+        };
+        Ok((row, r))
+    }
+}
+
+/// The remote-fault tables (fault against dormant, where the time goes,
+/// against the floor) of these rows.
+fn remote_md(remote: &[RemoteRow]) -> String {
+    let mut md = String::new();
+    md.push_str("| fabric, CPUs | dormant faults | p50 µs | pages each | remote faults | p50 µs | p99 µs | remote ÷ dormant per fault | per page |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in remote {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.0} | {} | {:.1} | {:.1} | **{:.2}** | {:.1} |\n",
+            row_name(r),
+            r.faults_zero,
+            r.fault_zero_us_p50,
+            r.pages_per_zero_fault,
+            r.faults_remote,
+            r.fault_remote_us_p50,
+            r.fault_remote_us_p99,
+            r.ratio_per_fault,
+            r.ratio_per_page
+        ));
+    }
+    md.push_str(
+        "\nWhere a remote fault's time goes, p50 of each phase on node 0: until the read starts (for an asked \
+         fault the owner's answer: request to the home, home to owner, the owner protecting its copy and \
+         answering, protocol hops and cross-process wakeups; for a direct one the engine's own work), the one-sided \
+         read, the map into the guest view (`UFFDIO_COPY`), and the rest to the wake.\n\n\
+         | fabric, CPUs | until the read µs | fabric read µs | map µs | rest µs |\n|---|---|---|---|---|\n",
+    );
+    for r in remote {
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            row_name(r),
+            r.owner_us_p50,
+            r.fabric_read_us_p50,
+            r.map_us_p50,
+            r.rest_us_p50
+        ));
+    }
+    md.push_str(
+        "\nA remote fault per page against its floor in the same run (the p50 one-sided read plus the p50 \
+         `UFFDIO_COPY`, of one page). *Direct*: pages \
+         node 0 is home to, which its evictions parked at node 1: node 0 reads them at once, no message on the \
+         fault's way (node 1 hears `Fetched` after the wake); from a vCPU's second fault on consecutive pages \
+         on, the next 16 pages parked at peers are read in the same batch and mapped (*read ahead*; *used*: the \
+         run's next fault was the page right after them). So a direct fault brings several pages: *per page* is \
+         its p50 over the pages direct faults brought on average. *Asked*: pages homed on node 1: one round trip \
+         to node 1 first (request, its answer), one page each. The floor's read and map are p50s over all remote \
+         faults (mostly one-page reads). Target: ≤ 2× the floor per page.\n\n\
+         | fabric, CPUs | floor µs | direct faults | p50 µs | read ahead | used | per page µs | ÷ floor | asked faults | p50 µs | ÷ floor |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in remote {
+        md.push_str(&format!(
+            "| {} | {:.1} | {} | {:.1} | {} | {} | {:.1} | **{:.2}** | {} | {:.1} | {:.1} |\n",
+            row_name(r),
+            r.floor_us,
+            r.faults_direct,
+            r.direct_us_p50,
+            r.pages_read_ahead,
+            r.read_ahead_used,
+            r.direct_us_per_page,
+            r.direct_per_page_over_floor,
+            r.faults_asked,
+            r.asked_us_p50,
+            r.asked_over_floor
+        ));
+    }
+
+    md
+}
+
+/// `--verbs`: the remote-fault run over verbs, with what exposures cost.
+fn run_verbs(args: &Args, out: &Path) -> anyhow::Result<()> {
+    let (row, r) = remote_row(args, "verbs", false)?;
+    let mut md = format!(
+        "# Pods over verbs\n\nThe remote-fault run of `shoal-bench pod` (memtouch {} MiB on 2 nodes, 16 MiB a \
+         node) over verbs on soft-RoCE, inside QEMU/TCG (ci/softroce.sh): compare ratios, not absolute times.\n\n",
+        args.remote_mib
+    );
+    md.push_str(&remote_md(std::slice::from_ref(&row)));
+    md.push_str(&format!(
+        "\nExposures (all nodes): each page a peer may read is registered alone while the node holds it and \
+         deregistered before its memory is freed, so `--node-memory` bounds what a node pins.\n\n\
+         | exposures | ended | µs each (register or deregister) | per remote fetch µs | chunks registered | \
+         memfd = resident pages on every node |\n|---|---|---|---|---|---|\n\
+         | {} | {} | {:.1} | {:.1} | {} | {} |\n",
+        row.exposures,
+        row.exposures_ended,
+        row.exposure_us_each,
+        r.total.exposure_us / row.remote_fetches.max(1) as f64,
+        row.chunks_registered,
+        if row.memory_is_resident { "yes" } else { "**no**" }
+    ));
+    #[derive(Serialize)]
+    struct VerbsReport {
+        host: Host,
+        remote: Vec<RemoteRow>,
+        runs: Vec<RunResult>,
+    }
+    let report = VerbsReport { host: Host::probe(), remote: vec![row], runs: vec![r] };
+    println!("@@BENCH-JSON pod-verbs {}", serde_json::to_string(&report)?);
+    println!("@@BENCH-MD-BEGIN pod-verbs\n{md}@@BENCH-MD-END");
+    report::write(out, "pod-verbs", &report, &md)
+}
+
+pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
+    if args.verbs {
+        return run_verbs(args, out);
+    }
+    let mut runs = Vec::new();
+    let mut remote = Vec::new();
+    // shm unpinned and on one CPU, then tcp over loopback unpinned
+    for (fabric, one_cpu) in [("shm", false), ("shm", true), ("tcp", false)] {
+        let (row, r) = remote_row(args, fabric, one_cpu)?;
+        remote.push(row);
         runs.push(r);
     }
+    let mut md = String::from("# Pods\n\n");
+    md.push_str(&format!(
+        "Remote fault against a dormant fault, same 2-node pod, same run (memtouch {} MiB, node 0 may hold \
+         16 MiB), over shm and over tcp (loopback). Times from the fault's arrival to the vCPU's wake; a \
+         dormant fault zero-fills a run of pages at once, a remote fault reads one page (or a batch, read \
+         ahead: below).\n\n",
+        args.remote_mib
+    ));
+    md.push_str(&remote_md(&remote));
 
     let mut boot = Vec::new();
     let mut baseline = None;
@@ -283,75 +432,6 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         }
     }
 
-    let mut md = String::from("# Pods\n\n");
-    md.push_str(&format!(
-        "Remote fault against a dormant fault, same 2-node pod, same run (memtouch {} MiB, node 0 may hold \
-         16 MiB), over shm and over tcp (loopback). Times from the fault's arrival to the vCPU's wake; a \
-         dormant fault zero-fills a run of pages at once, a remote fault reads one page (or a batch, read \
-         ahead: below).\n\n",
-        args.remote_mib
-    ));
-    md.push_str("| fabric, CPUs | dormant faults | p50 µs | pages each | remote faults | p50 µs | p99 µs | remote ÷ dormant per fault | per page |\n|---|---|---|---|---|---|---|---|---|\n");
-    for r in &remote {
-        md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.0} | {} | {:.1} | {:.1} | **{:.2}** | {:.1} |\n",
-            row_name(r),
-            r.faults_zero,
-            r.fault_zero_us_p50,
-            r.pages_per_zero_fault,
-            r.faults_remote,
-            r.fault_remote_us_p50,
-            r.fault_remote_us_p99,
-            r.ratio_per_fault,
-            r.ratio_per_page
-        ));
-    }
-    md.push_str(
-        "\nWhere a remote fault's time goes, p50 of each phase on node 0: until the read starts (for an asked \
-         fault the owner's answer: request to the home, home to owner, the owner protecting its copy and \
-         answering, protocol hops and cross-process wakeups; for a direct one the engine's own work), the one-sided \
-         read, the map into the guest view (`UFFDIO_COPY`), and the rest to the wake.\n\n\
-         | fabric, CPUs | until the read µs | fabric read µs | map µs | rest µs |\n|---|---|---|---|---|\n",
-    );
-    for r in &remote {
-        md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
-            row_name(r),
-            r.owner_us_p50,
-            r.fabric_read_us_p50,
-            r.map_us_p50,
-            r.rest_us_p50
-        ));
-    }
-    md.push_str(
-        "\nA remote fault per page against its floor in the same run (the p50 one-sided read plus the p50 \
-         `UFFDIO_COPY`, of one page). *Direct*: pages \
-         node 0 is home to, which its evictions parked at node 1: node 0 reads them at once, no message on the \
-         fault's way (node 1 hears `Fetched` after the wake); from a vCPU's second fault on consecutive pages \
-         on, the next 16 pages parked at peers are read in the same batch and mapped (*read ahead*; *used*: the \
-         run's next fault was the page right after them). So a direct fault brings several pages: *per page* is \
-         its p50 over the pages direct faults brought on average. *Asked*: pages homed on node 1: one round trip \
-         to node 1 first (request, its answer), one page each. The floor's read and map are p50s over all remote \
-         faults (mostly one-page reads). Target: ≤ 2× the floor per page.\n\n\
-         | fabric, CPUs | floor µs | direct faults | p50 µs | read ahead | used | per page µs | ÷ floor | asked faults | p50 µs | ÷ floor |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in &remote {
-        md.push_str(&format!(
-            "| {} | {:.1} | {} | {:.1} | {} | {} | {:.1} | **{:.2}** | {} | {:.1} | {:.1} |\n",
-            row_name(r),
-            r.floor_us,
-            r.faults_direct,
-            r.direct_us_p50,
-            r.pages_read_ahead,
-            r.read_ahead_used,
-            r.direct_us_per_page,
-            r.direct_per_page_over_floor,
-            r.faults_asked,
-            r.asked_us_p50,
-            r.asked_over_floor
-        ));
-    }
     md.push_str(&format!(
         "\nFast boot: zeroboot over {} of guest memory on 1, 2 and 3 nodes (shm), dormant pages on and off.\n\n",
         args.boot_memory

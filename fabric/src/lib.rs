@@ -329,6 +329,11 @@ pub struct ReadReq {
     pub offset: u64,
     /// Bytes (1 to 2 MiB).
     pub len: usize,
+    /// The key the peer gave for these bytes ([`Transport::expose`]), or
+    /// 0: none (verbs then asks the peer for the key of the whole chunk
+    /// around them, which registers, so pins, all of it for as long as the
+    /// transport runs).
+    pub key: u64,
 }
 
 /// Where read bytes go, in place: `sink(request index, offset within the
@@ -375,6 +380,12 @@ pub struct Stats {
     /// verbs: chunks registered for peers' reads, and their bytes.
     pub chunks_registered: u64,
     pub bytes_registered: u64,
+    /// verbs: ranges exposed ([`Transport::expose`]: each a registration)
+    /// and exposures ended (each a deregistration), and the time both
+    /// took, in nanoseconds.
+    pub exposures: u64,
+    pub exposures_ended: u64,
+    pub exposure_ns: u64,
 }
 
 /// Why a peer is gone when it left in order (it said goodbye): a node
@@ -407,11 +418,36 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// buffer. On failure what landed in the buffers is unspecified.
     fn read(&self, peer: NodeId, ops: &mut [ReadOp<'_>]) -> Result<()> {
         let reqs: Vec<ReadReq> =
-            ops.iter().map(|o| ReadReq { region: o.region, offset: o.offset, len: o.buf.len() }).collect();
+            ops.iter().map(|o| ReadReq { region: o.region, offset: o.offset, len: o.buf.len(), key: 0 }).collect();
         self.read_with(peer, &reqs, &mut |i, at, bytes| {
             bytes.copy_to(&mut ops[i].buf[at..at + bytes.len()]);
             Ok(())
         })
+    }
+    /// Lets peers' one-sided reads reach `[offset, offset + len)` of our
+    /// region `region` until [`Transport::unexpose`] ends it: returns the
+    /// key a peer names in its [`ReadReq`]. Exposing a range that is
+    /// exposed already returns its key. Backends whose peers need no key
+    /// (shm maps our memory, tcp's reader thread answers) return 0.
+    ///
+    /// Over verbs an exposure is a registration: it pins exactly those
+    /// pages, which stay the ones peers read until it ends, so memory that
+    /// is freed and filled again must be exposed anew (a new key).
+    fn expose(&self, region: u32, offset: u64, len: u64) -> Result<u64> {
+        let _ = (region, offset, len);
+        Ok(0)
+    }
+    /// Ends every exposure that starts inside `[offset, offset + len)` of
+    /// `region`, before that memory is freed. No peer may read it under
+    /// the old key afterwards (over verbs such a read breaks the queue
+    /// pair: the connection is lost).
+    fn unexpose(&self, region: u32, offset: u64, len: u64) {
+        let _ = (region, offset, len);
+    }
+    /// Whether peers read what we expose only with its key (verbs): a
+    /// caller that exposes pages then must never read a peer's without.
+    fn needs_keys(&self) -> bool {
+        false
     }
     /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;

@@ -214,6 +214,9 @@ pub(crate) struct Counters {
     pub messages_received: AtomicU64,
     pub chunks_registered: AtomicU64,
     pub bytes_registered: AtomicU64,
+    pub exposures: AtomicU64,
+    pub exposures_ended: AtomicU64,
+    pub exposure_ns: AtomicU64,
 }
 
 impl Counters {
@@ -228,6 +231,9 @@ impl Counters {
             messages_received: g(&self.messages_received),
             chunks_registered: g(&self.chunks_registered),
             bytes_registered: g(&self.bytes_registered),
+            exposures: g(&self.exposures),
+            exposures_ended: g(&self.exposures_ended),
+            exposure_ns: g(&self.exposure_ns),
         }
     }
 }

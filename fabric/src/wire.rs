@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 
 /// Version of the fabric protocol (handshake, frames, page messages).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// First bytes of every Hello: a peer that is not shoal fails here.
 pub const MAGIC: [u8; 8] = *b"SHOALFAB";
 /// Largest single read: 2 MiB (one fault-around block).

@@ -193,6 +193,62 @@ fn reading_a_hole_allocates_nothing_at_the_peer(kind: Kind) {
     assert_eq!(ts[0].stats().bytes_read, len as u64 + 4096, "{kind}: the hole's bytes count as read");
 }
 
+fn read_keyed(t: &dyn Transport, peer: u32, offset: u64, key: u64) -> shoal_fabric::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let req = shoal_fabric::ReadReq { region: 0, offset, len: 4096, key };
+    t.read_with(peer, &[req], &mut |_, at, bytes| {
+        bytes.copy_to(&mut buf[at..at + bytes.len()]);
+        Ok(())
+    })?;
+    Ok(buf)
+}
+
+/// A page exposed is read by its key; freed (unexposed first) and filled
+/// again, it is exposed anew and peers read the new bytes, never the
+/// freed page's (over verbs an exposure pins the pages it covers: reading
+/// the old ones after a refill is what a registration kept too long
+/// does). Over verbs no chunk is registered on the way, and a read under
+/// the ended exposure's key fails rather than read the freed page.
+fn exposed_pages_are_read_by_key_and_exposed_anew_after_a_refill(kind: Kind) {
+    use std::os::fd::AsRawFd;
+    let (ts, mem) = pod(kind, 2);
+    let page = 3u64 << 20;
+    let key = ts[1].expose(0, page, 4096).unwrap();
+    assert_eq!(key != 0, kind == Kind::Verbs, "{kind}: only verbs needs keys");
+    assert_eq!(ts[1].needs_keys(), kind == Kind::Verbs);
+    assert_eq!(ts[1].expose(0, page, 4096).unwrap(), key, "{kind}: exposing again gives the same key");
+    assert_eq!(read_keyed(&*ts[0], 1, page, key).unwrap(), expected(1, page, 4096), "{kind}");
+    // freed: unexposed, then punched out; filled again with new bytes
+    ts[1].unexpose(0, page, 4096);
+    // SAFETY: our own memfd; punching keeps its size.
+    let punched = unsafe {
+        libc::fallocate(
+            mem[1].fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            page as i64,
+            4096,
+        )
+    };
+    assert_eq!(punched, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: the page lies inside node 1's mapping, which the test owns;
+    // no read of it is under way.
+    unsafe { std::ptr::write_bytes(mem[1].ptr.add(page as usize), 0xa5, 4096) };
+    let again = ts[1].expose(0, page, 4096).unwrap();
+    if kind == Kind::Verbs {
+        assert_ne!(again, key, "a new exposure, a new key");
+    }
+    assert_eq!(read_keyed(&*ts[0], 1, page, again).unwrap(), vec![0xa5; 4096], "{kind}: the refilled page's bytes");
+    let s = ts[1].stats();
+    if kind == Kind::Verbs {
+        assert_eq!((s.exposures, s.exposures_ended, s.chunks_registered), (2, 1, 0), "{s:?}");
+        ts[1].unexpose(0, page, 4096);
+        let stale = read_keyed(&*ts[0], 1, page, again);
+        assert!(stale.is_err(), "a read under an ended exposure's key failed, not {:?}", stale.map(|b| b[0]));
+    } else {
+        assert_eq!((s.exposures, s.exposures_ended), (0, 0), "{s:?}");
+    }
+}
+
 fn messages_arrive_in_order(kind: Kind) {
     let (ts, _mem) = pod(kind, 3);
     for i in 0..50u32 {
@@ -663,6 +719,10 @@ macro_rules! suite {
             #[test]
             fn holes() {
                 if KIND != Kind::Verbs && can_run(KIND, "holes") { reading_a_hole_allocates_nothing_at_the_peer(KIND) }
+            }
+            #[test]
+            fn exposed_pages() {
+                if can_run(KIND, "exposed_pages") { exposed_pages_are_read_by_key_and_exposed_anew_after_a_refill(KIND) }
             }
             #[test]
             fn messages() {

@@ -89,17 +89,18 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Upgrade { page } => {
             w.u8(UPGRADE).u64(*page);
         }
-        Msg::Ready { page, from, dormant, transfer, evict, epoch, digest } => {
+        Msg::Ready { page, from, dormant, transfer, evict, epoch, digest, key } => {
             w.u8(READY).u64(*page).u32(*from).flag(*dormant).flag(*transfer).flag(*evict).u64(*epoch).u64(*digest);
+            w.u64(*key);
         }
-        Msg::Evicted { page, from, to, dormant, epoch, digest } => {
-            w.u8(EVICTED).u64(*page).u32(*from).u32(*to).flag(*dormant).u64(*epoch).u64(*digest);
+        Msg::Evicted { page, from, to, dormant, epoch, digest, key } => {
+            w.u8(EVICTED).u64(*page).u32(*from).u32(*to).flag(*dormant).u64(*epoch).u64(*digest).u64(*key);
         }
-        Msg::Fetched { page, from } => {
-            w.u8(FETCHED).u64(*page).u32(*from);
+        Msg::Fetched { page, from, key } => {
+            w.u8(FETCHED).u64(*page).u32(*from).u64(*key);
         }
-        Msg::Done { page, from } => {
-            w.u8(DONE).u64(*page).u32(*from);
+        Msg::Done { page, from, key } => {
+            w.u8(DONE).u64(*page).u32(*from).u64(*key);
         }
         Msg::Inval { page, since } => {
             w.u8(INVAL).u64(*page).u64(*since);
@@ -176,6 +177,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
             evict: r.flag()?,
             epoch: r.u64()?,
             digest: r.u64()?,
+            key: r.u64()?,
         },
         EVICTED => Msg::Evicted {
             page: r.u64()?,
@@ -184,9 +186,10 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, DecodeError> {
             dormant: r.flag()?,
             epoch: r.u64()?,
             digest: r.u64()?,
+            key: r.u64()?,
         },
-        FETCHED => Msg::Fetched { page: r.u64()?, from: r.u32()? },
-        DONE => Msg::Done { page: r.u64()?, from: r.u32()? },
+        FETCHED => Msg::Fetched { page: r.u64()?, from: r.u32()?, key: r.u64()? },
+        DONE => Msg::Done { page: r.u64()?, from: r.u32()?, key: r.u64()? },
         INVAL => Msg::Inval { page: r.u64()?, since: r.u64()? },
         INVAL_ACK => Msg::InvalAck { page: r.u64()?, from: r.u32()? },
         EVICT => Msg::Evict { page: r.u64()?, from: r.u32()?, to: r.u32()?, epoch: r.u64()? },
@@ -309,29 +312,24 @@ mod tests {
             (p, access(), n, p).prop_map(|(page, access, from, since)| Msg::Request { page, access, from, since }),
             (p, prop::collection::vec((p, p), 0..=MAX_GRANT))
                 .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
-            (p, n, n, b, p, p).prop_map(|(page, from, to, dormant, epoch, digest)| Msg::Evicted {
+            (p, n, n, b, p, p, p).prop_map(|(page, from, to, dormant, epoch, digest, key)| Msg::Evicted {
                 page,
                 from,
                 to,
                 dormant,
                 epoch,
-                digest
+                digest,
+                key
             }),
             (prop::collection::vec(p, 0..=MAX_GRANT), n).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
             (p, n, p).prop_map(|(page, to, since)| Msg::Share { page, to, since }),
             (p, n, b, p, p).prop_map(|(page, to, evict, epoch, since)| Msg::Transfer { page, to, evict, epoch, since }),
             p.prop_map(|page| Msg::Upgrade { page }),
-            (p, n, b, b, b, p, p).prop_map(|(page, from, dormant, transfer, evict, epoch, digest)| Msg::Ready {
-                page,
-                from,
-                dormant,
-                transfer,
-                evict,
-                epoch,
-                digest
+            (p, n, b, b, b, p, p, p).prop_map(|(page, from, dormant, transfer, evict, epoch, digest, key)| {
+                Msg::Ready { page, from, dormant, transfer, evict, epoch, digest, key }
             }),
-            (p, n).prop_map(|(page, from)| Msg::Fetched { page, from }),
-            (p, n).prop_map(|(page, from)| Msg::Done { page, from }),
+            (p, n, p).prop_map(|(page, from, key)| Msg::Fetched { page, from, key }),
+            (p, n, p).prop_map(|(page, from, key)| Msg::Done { page, from, key }),
             (p, p).prop_map(|(page, since)| Msg::Inval { page, since }),
             (p, n).prop_map(|(page, from)| Msg::InvalAck { page, from }),
             (p, n, n, p).prop_map(|(page, from, to, epoch)| Msg::Evict { page, from, to, epoch }),

@@ -148,16 +148,22 @@ pub enum Msg {
     /// `epoch`: of the new ownership (transfers).
     /// `digest`: of the protected copy's bytes, when pods check pulled
     /// pages end to end (0 otherwise, and for a dormant page).
-    Ready { page: Page, from: NodeId, dormant: bool, transfer: bool, evict: bool, epoch: u64, digest: u64 },
+    /// `key`: what the reader's one-sided read names to reach the copy
+    /// (a transport's key of the owner's exposure of it: verbs' rkey; 0
+    /// where the transport needs none, and for a dormant page).
+    Ready { page: Page, from: NodeId, dormant: bool, transfer: bool, evict: bool, epoch: u64, digest: u64, key: u64 },
     /// owner → home: my copy is protected for the eviction to `to`; the
     /// home passes it on as `to`'s [`Msg::Ready`], so an eviction target
     /// takes a page only on its home's word.
-    Evicted { page: Page, from: NodeId, to: NodeId, dormant: bool, epoch: u64, digest: u64 },
-    /// new owner → old owner: I have the bytes; drop yours.
-    Fetched { page: Page, from: NodeId },
+    Evicted { page: Page, from: NodeId, to: NodeId, dormant: bool, epoch: u64, digest: u64, key: u64 },
+    /// new owner → old owner: I have the bytes; drop yours. `key`: for an
+    /// eviction's target, the key of its parked copy (the home reads it
+    /// directly later), else 0.
+    Fetched { page: Page, from: NodeId, key: u64 },
     /// → home: the transaction on `page` is over (from the node that
     /// closes it: the reader, the old owner, the upgraded or refused one).
-    Done { page: Page, from: NodeId },
+    /// `key`: an old owner passes on its `Fetched`'s (else 0).
+    Done { page: Page, from: NodeId, key: u64 },
     /// home → reader: drop your copy (`since`: of the request that makes
     /// a writer, 0 for an eviction or a freeing).
     Inval { page: Page, since: Since },
@@ -260,6 +266,8 @@ pub enum Action {
         evict: bool,
         epoch: u64,
         digest: u64,
+        /// The key to read it with (see [`Msg::Ready`]).
+        key: u64,
     },
     /// Let the guest read (and, when `writable`, write) our copy.
     Map {
@@ -397,6 +405,8 @@ pub struct DirEntry {
     /// change where it is parked, so a direct read checks against it.
     /// (Set from `Evicted`, kept only if the eviction parks the page.)
     pub digest: u64,
+    /// A parked page's key at its owner (see [`Msg::Fetched`]).
+    pub key: u64,
     /// The transaction under way.
     pub busy: Option<Txn>,
     /// Requests waiting for it.
@@ -470,6 +480,9 @@ pub struct Node {
     /// bugs.
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
+    /// The key `Sabotage::KeepParkedKey` keeps.
+    #[cfg(test)]
+    pub(crate) kept_key: Option<u64>,
 }
 
 /// Bugs the model checker must catch (tests only).
@@ -488,6 +501,9 @@ pub(crate) enum Sabotage {
     ShipZeroPages,
     /// Read a parked page directly without the digest its eviction gave.
     ForgetParkedDigest,
+    /// Keep a parked page's key from its first parking on (a key that
+    /// outlives its exposure).
+    KeepParkedKey,
 }
 
 impl Node {
@@ -500,6 +516,8 @@ impl Node {
             since: 0,
             #[cfg(test)]
             sabotage: Sabotage::None,
+            #[cfg(test)]
+            kept_key: None,
         }
     }
 
@@ -628,15 +646,18 @@ impl Node {
         transfer: bool,
         evict: bool,
         epoch: u64,
+        key: u64,
     ) -> Result<Vec<Action>, Error> {
         self.check_page(page)?;
         let mut out = Vec::new();
         let mut l = self.local(page);
         l.copy = Held::Data;
         self.set_local(page, l);
-        // an eviction's data is parked here; zeros are not (they are
-        // filled here, no bytes to keep still)
-        self.arrived(page, from, transfer, evict, evict, epoch, &mut out)?;
+        // an eviction's data is parked here (`key`: how the home reads it
+        // there); zeros are not (they are filled here, no bytes to keep
+        // still)
+        let park = evict.then_some(key);
+        self.arrived(page, from, transfer, evict, park, epoch, &mut out)?;
         Ok(out)
     }
 
@@ -649,7 +670,7 @@ impl Node {
         from: NodeId,
         transfer: bool,
         evict: bool,
-        park: bool,
+        park: Option<u64>,
         epoch: u64,
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
@@ -663,7 +684,7 @@ impl Node {
             l.requested = false;
         }
         l.owner |= transfer;
-        if park {
+        if park.is_some() {
             // kept for the pod, out of our guest's view: a fault of ours
             // waits for the answer to its request (an upgrade)
             l.parked = true;
@@ -678,9 +699,10 @@ impl Node {
         self.set_local(page, l);
         if transfer {
             // the old owner drops its copy now, then closes the transaction
-            self.send_to(from, Msg::Fetched { page, from: self.id }, out)
+            let key = park.unwrap_or(0);
+            self.send_to(from, Msg::Fetched { page, from: self.id, key }, out)
         } else {
-            self.send_home(page, Msg::Done { page, from: self.id }, out)
+            self.send_home(page, Msg::Done { page, from: self.id, key: 0 }, out)
         }
     }
 
@@ -736,7 +758,7 @@ impl Node {
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
         if dormant {
-            self.ready(page, to, true, transfer, evict, epoch, 0, out)
+            self.ready(page, to, true, transfer, evict, epoch, 0, 0, out)
         } else {
             out.push(Action::Offer { page, to, transfer, evict, epoch });
             Ok(())
@@ -855,9 +877,9 @@ impl Node {
                     out.push(Action::Wake { page });
                 }
                 self.set_local(page, l);
-                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.send_home(page, Msg::Done { page, from: self.id, key: 0 }, out)?;
             }
-            Msg::Ready { page, from, dormant, transfer, evict, epoch, digest } => {
+            Msg::Ready { page, from, dormant, transfer, evict, epoch, digest, key } => {
                 self.check_page(page)?;
                 let mut l = self.local(page);
                 // only an answer to our request, or an eviction to us (that
@@ -868,18 +890,18 @@ impl Node {
                 if transfer && l.copy != Held::None {
                     // we were a reader: our copy is current (every write
                     // invalidates readers first), no need to read it again
-                    self.arrived(page, from, true, evict, false, epoch, out)?;
+                    self.arrived(page, from, true, evict, None, epoch, out)?;
                 } else if dormant {
                     out.push(Action::ZeroFill { page });
                     l.copy = Held::Data;
                     self.set_local(page, l);
-                    self.arrived(page, from, transfer, evict, false, epoch, out)?;
+                    self.arrived(page, from, transfer, evict, None, epoch, out)?;
                 } else {
                     // the bytes arrive in `fetched`
-                    out.push(Action::Fetch { page, from, transfer, evict, epoch, digest });
+                    out.push(Action::Fetch { page, from, transfer, evict, epoch, digest, key });
                 }
             }
-            Msg::Fetched { page, from } => {
+            Msg::Fetched { page, from, key } => {
                 // only the node we hand the page to has it, or, for a page
                 // parked here, the home, which pulled it itself
                 let l = self.local(page);
@@ -888,7 +910,7 @@ impl Node {
                     return Err(self.unexpected(page, &msg));
                 }
                 self.drop_copy(page, Some(from), out);
-                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.send_home(page, Msg::Done { page, from: self.id, key }, out)?;
                 self.request_if_needed(page, out)?;
             }
             Msg::Inval { page, .. } => {
@@ -906,7 +928,7 @@ impl Node {
                 l.protected = false;
                 self.set_local(page, l);
                 out.push(Action::Refused { page });
-                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.send_home(page, Msg::Done { page, from: self.id, key: 0 }, out)?;
                 self.request_if_needed(page, out)?;
             }
             Msg::Dormanted { page } => {
@@ -918,7 +940,7 @@ impl Node {
                 let mut l = self.local(page);
                 l.protected = false;
                 self.set_local(page, l);
-                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.send_home(page, Msg::Done { page, from: self.id, key: 0 }, out)?;
                 self.request_if_needed(page, out)?;
             }
             Msg::Forget { page } => {
@@ -931,7 +953,7 @@ impl Node {
                 }
                 self.set_local(page, Local { copy: Held::None, ..l });
                 self.drop_copy(page, None, out);
-                self.send_home(page, Msg::Done { page, from: self.id }, out)?;
+                self.send_home(page, Msg::Done { page, from: self.id, key: 0 }, out)?;
             }
             Msg::Freed { page } => {
                 let mut l = self.local(page);
@@ -976,7 +998,8 @@ impl Node {
 
     /// Answers an [`Action::Offer`]: `zero` says whether our (protected)
     /// copy is all zeros; `digest` is what its bytes hash to, for pods
-    /// that check pulled pages end to end (else 0).
+    /// that check pulled pages end to end (else 0); `key` how a peer's
+    /// one-sided read reaches it (see [`Msg::Ready`]).
     #[allow(clippy::too_many_arguments)]
     pub fn offer(
         &mut self,
@@ -987,13 +1010,14 @@ impl Node {
         epoch: u64,
         zero: bool,
         digest: u64,
+        key: u64,
     ) -> Result<Vec<Action>, Error> {
         self.check_page(page)?;
         let mut out = Vec::new();
         #[cfg(test)]
         let zero = zero && self.sabotage != Sabotage::ShipZeroPages;
-        let digest = if zero { 0 } else { digest };
-        self.ready(page, to, zero, transfer, evict, epoch, digest, &mut out)?;
+        let (digest, key) = if zero { (0, 0) } else { (digest, key) };
+        self.ready(page, to, zero, transfer, evict, epoch, digest, key, &mut out)?;
         Ok(out)
     }
 
@@ -1010,12 +1034,13 @@ impl Node {
         evict: bool,
         epoch: u64,
         digest: u64,
+        key: u64,
         out: &mut Vec<Action>,
     ) -> Result<(), Error> {
         if evict {
-            self.send_home(page, Msg::Evicted { page, from: self.id, to, dormant, epoch, digest }, out)
+            self.send_home(page, Msg::Evicted { page, from: self.id, to, dormant, epoch, digest, key }, out)
         } else {
-            self.send_to(to, Msg::Ready { page, from: self.id, dormant, transfer, evict, epoch, digest }, out)
+            self.send_to(to, Msg::Ready { page, from: self.id, dormant, transfer, evict, epoch, digest, key }, out)
         }
     }
 
@@ -1101,7 +1126,7 @@ impl Node {
                 self.set_dir(page, d);
                 self.home_proceed(page, out)?;
             }
-            Msg::Done { page, from } => {
+            Msg::Done { page, from, key } => {
                 let mut d = self.dir(page);
                 let t = match d.busy.take() {
                     Some(t) if t.closer == from && t.sent && t.kind != TxnKind::Grant => t,
@@ -1116,6 +1141,13 @@ impl Node {
                         d.readers.clear();
                         d.epoch += 1;
                         d.parked = t.evict && t.parks;
+                        // the target's key of its parked copy, which its
+                        // `Fetched` gave the old owner (the closer)
+                        d.key = if d.parked { key } else { 0 };
+                        #[cfg(test)]
+                        if self.sabotage == Sabotage::KeepParkedKey && d.key != 0 {
+                            d.key = self.kept_key.get_or_insert(key).to_owned();
+                        }
                         if !d.parked {
                             d.digest = 0;
                         }
@@ -1124,6 +1156,7 @@ impl Node {
                         d.readers.clear();
                         d.parked = false;
                         d.digest = 0;
+                        d.key = 0;
                     }
                     TxnKind::Redormant | TxnKind::Free => {
                         d.owner = None;
@@ -1131,6 +1164,7 @@ impl Node {
                         d.epoch += 1;
                         d.parked = false;
                         d.digest = 0;
+                        d.key = 0;
                     }
                     TxnKind::Refuse | TxnKind::Grant => {}
                 }
@@ -1140,7 +1174,7 @@ impl Node {
                 }
                 self.home_next(page, out)?;
             }
-            Msg::Evicted { page, from, to, dormant, epoch, digest } => {
+            Msg::Evicted { page, from, to, dormant, epoch, digest, key } => {
                 // the owner protected its copy for the eviction we began:
                 // pass the word on to the target
                 let d = self.dir(page);
@@ -1157,7 +1191,7 @@ impl Node {
                 // (no direct read can happen before the transaction ends)
                 d.digest = digest;
                 self.set_dir(page, d);
-                let ready = Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch, digest };
+                let ready = Msg::Ready { page, from, dormant, transfer: true, evict: true, epoch, digest, key };
                 self.send_to(to, ready, out)?;
             }
             Msg::GrantDone { pages, from } => {
@@ -1314,7 +1348,7 @@ impl Node {
         let t = t.clone();
         let owner = d.owner;
         let next_epoch = d.epoch + 1;
-        let (parked, digest) = (d.parked, d.digest);
+        let (parked, digest, key) = (d.parked, d.digest, d.key);
         #[cfg(test)]
         let parked = parked || self.sabotage == Sabotage::DirectUnparked;
         self.set_dir(page, d);
@@ -1328,7 +1362,7 @@ impl Node {
             let epoch = if transfer { next_epoch } else { 0 };
             #[cfg(test)]
             let digest = if self.sabotage == Sabotage::ForgetParkedDigest { 0 } else { digest };
-            let ready = Msg::Ready { page, from, dormant: false, transfer, evict: false, epoch, digest };
+            let ready = Msg::Ready { page, from, dormant: false, transfer, evict: false, epoch, digest, key };
             return self.node_receive(ready, out);
         }
         let (to, msg) = match t.kind {
@@ -1401,7 +1435,7 @@ mod tests {
         home.preload(page, 0).unwrap();
         let acts = home.receive(Msg::Request { page, access: Access::Read, from: 2, since: 11 }).unwrap();
         assert_eq!(sends(&acts), vec![(0, Msg::Share { page, to: 2, since: 11 })]);
-        home.receive(Msg::Done { page, from: 2 }).unwrap();
+        home.receive(Msg::Done { page, from: 2, key: 0 }).unwrap();
         // the owner writes: its reader is invalidated with the owner's since
         let acts = home.receive(Msg::Request { page, access: Access::Write, from: 0, since: 9 }).unwrap();
         assert_eq!(sends(&acts), vec![(2, Msg::Inval { page, since: 9 })]);
@@ -1423,9 +1457,9 @@ mod tests {
         let acts = holder.receive(Msg::Forget { page: 0 }).unwrap();
         assert!(acts.contains(&Action::Forget { page: 0 }), "{acts:?}");
         assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })));
-        assert_eq!(sends(&acts), vec![(0, Msg::Done { page: 0, from: 1 })]);
+        assert_eq!(sends(&acts), vec![(0, Msg::Done { page: 0, from: 1, key: 0 })]);
         assert_eq!(holder.local(0), Local::default());
-        let acts = home.receive(Msg::Done { page: 0, from: 1 }).unwrap();
+        let acts = home.receive(Msg::Done { page: 0, from: 1, key: 0 }).unwrap();
         assert_eq!(acts, vec![Action::Freed { page: 0 }]);
         assert!(!home.local(0).freeing);
         assert_eq!(home.dir(0).owner, None, "dormant again");
@@ -1501,13 +1535,13 @@ mod tests {
         else {
             panic!("{acts:?}")
         };
-        let ready = sends(&n0.offer(0, 1, true, false, *epoch, false, 0).unwrap());
+        let ready = sends(&n0.offer(0, 1, true, false, *epoch, false, 0, 7).unwrap());
         let acts = n1.receive(ready[0].1.clone()).unwrap();
         assert!(matches!(acts[..], [Action::Fetch { page: 0, from: 0, transfer: true, .. }]), "{acts:?}");
-        let acts = n1.fetched(0, 0, true, false, *epoch).unwrap();
+        let acts = n1.fetched(0, 0, true, false, *epoch, 0).unwrap();
         assert!(acts.contains(&Action::Map { page: 0, writable: true }) && acts.contains(&Action::Wake { page: 0 }));
         let fetched = sends(&acts);
-        assert_eq!(fetched, vec![(0, Msg::Fetched { page: 0, from: 1 })]);
+        assert_eq!(fetched, vec![(0, Msg::Fetched { page: 0, from: 1, key: 0 })]);
         let acts = n0.receive(fetched[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::Drop { page: 0, to: Some(1) }), "{acts:?}");
         assert_eq!(n0.dir(0).owner, Some(1));
@@ -1523,9 +1557,9 @@ mod tests {
         let req = sends(&n1.fault(0, Access::Read).unwrap());
         let acts = n0.receive(req[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::WriteProtect { page: 0 }), "{acts:?}");
-        let ready = sends(&n0.offer(0, 1, false, false, 0, false, 0).unwrap());
+        let ready = sends(&n0.offer(0, 1, false, false, 0, false, 0, 0).unwrap());
         n1.receive(ready[0].1.clone()).unwrap();
-        let done = sends(&n1.fetched(0, 0, false, false, 0).unwrap());
+        let done = sends(&n1.fetched(0, 0, false, false, 0, 0).unwrap());
         n0.receive(done[0].1.clone()).unwrap();
         assert!(n0.dir(0).readers.contains(&1));
         // an owner cannot unshare; the reader can, once
@@ -1554,7 +1588,7 @@ mod tests {
         let req = sends(&n1.fault(0, Access::Read).unwrap());
         let acts = n0.receive(req[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::WriteProtect { page: 0 }));
-        let ready = sends(&n0.offer(0, 1, false, false, 0, true, 0).unwrap());
+        let ready = sends(&n0.offer(0, 1, false, false, 0, true, 0, 0).unwrap());
         let acts = n1.receive(ready[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::ZeroFill { page: 0 }), "{acts:?}");
         assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. })));
@@ -1563,10 +1597,10 @@ mod tests {
     #[test]
     fn malformed_messages_are_errors_not_panics() {
         let mut n = Node::new(1, cfg(2));
-        assert!(n.receive(Msg::Fetched { page: 0, from: 0 }).is_err());
+        assert!(n.receive(Msg::Fetched { page: 0, from: 0, key: 0 }).is_err());
         assert!(n.receive(Msg::Grant { answers: 0, pages: vec![] }).is_err());
         assert!(n.receive(Msg::Grant { answers: 99, pages: vec![(99, 1)] }).is_err());
-        assert!(n.receive(Msg::Done { page: 4, from: 0 }).is_err());
+        assert!(n.receive(Msg::Done { page: 4, from: 0, key: 0 }).is_err());
         assert!(n.receive(Msg::Request { page: 0, access: Access::Read, from: 0, since: 0 }).is_err(), "not its home");
         assert!(n.fault(16, Access::Read).is_err());
     }

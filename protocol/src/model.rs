@@ -17,7 +17,11 @@
 //!    takes are those whose digest the reader was given (the owner's
 //!    offer, or the one the home kept for a page parked by an eviction):
 //!    what `--verify-pages` checks end to end.
-//! 6. **No deadlock**: a state where nothing can happen has no fault
+//! 6. **A read names a live exposure**: the key a one-sided read
+//!    carries is that of its source's exposure of the page now (every
+//!    exposure gets a fresh key, and ends when the copy is dropped): over
+//!    verbs a key that outlived its registration breaks the connection.
+//! 7. **No deadlock**: a state where nothing can happen has no fault
 //!    waiting, no transaction open, nobody handing a page over, and a
 //!    directory that matches the nodes.
 //!
@@ -37,15 +41,36 @@ use crate::{Access, Action, Config, Held, Node, NodeId, Page};
 /// What is in one node's memory for one page.
 type Content = Option<u64>;
 
+/// A one-sided read under way: `reader` takes `page` from `from`'s
+/// memory; the rest as [`Action::Fetch`] said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Fetch {
+    reader: NodeId,
+    page: Page,
+    from: NodeId,
+    transfer: bool,
+    evict: bool,
+    epoch: u64,
+    /// What the bytes must hash to.
+    digest: u64,
+    /// The key it names.
+    key: u64,
+}
+
 /// The whole pod, as the explorer sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct World {
     nodes: Vec<Node>,
     /// In-flight messages (a sorted multiset: order carries no meaning).
     net: Vec<(NodeId, crate::Msg)>,
-    /// One-sided reads under way: (reader, page, source, transfer, evict,
-    /// epoch, the digest the bytes must match).
-    fetches: Vec<(NodeId, Page, NodeId, bool, bool, u64, u64)>,
+    /// One-sided reads under way.
+    fetches: Vec<Fetch>,
+    /// exposed[node][page]: the key of the node's exposure of its copy
+    /// (0: none), as the engine registers a copy it offers or parks.
+    exposed: Vec<Vec<u64>>,
+    /// Exposures so far of each page at each node: every one gets a key
+    /// of its own.
+    exposures: Vec<Vec<u64>>,
     /// memory[node][page]
     memory: Vec<Vec<Content>>,
     /// The last value written to each page (0: zeros).
@@ -117,6 +142,8 @@ impl World {
             net: Vec::new(),
             fetches: Vec::new(),
             memory: vec![vec![None; config.pages as usize]; config.nodes as usize],
+            exposed: vec![vec![0; config.pages as usize]; config.nodes as usize],
+            exposures: vec![vec![0; config.pages as usize]; config.nodes as usize],
             last: vec![0; config.pages as usize],
             ops_left: vec![ops_per_node; config.nodes as usize],
             next_value: 1,
@@ -126,6 +153,17 @@ impl World {
 
     fn config(&self) -> Config {
         self.nodes[0].config
+    }
+
+    /// Node `n` exposes its copy of `page` (if it does not already): the
+    /// key of the exposure, fresh for each new one.
+    fn expose(&mut self, n: NodeId, page: Page) -> u64 {
+        let (n, p) = (n as usize, page as usize);
+        if self.exposed[n][p] == 0 {
+            self.exposures[n][p] += 1;
+            self.exposed[n][p] = self.exposures[n][p] * u64::from(self.config().nodes) + n as u64 + 1;
+        }
+        self.exposed[n][p]
     }
 
     fn steps(&self) -> Vec<Step> {
@@ -208,13 +246,17 @@ impl World {
                     self.net.insert(at, (to, msg));
                 }
                 Action::ZeroFill { page } => self.memory[n as usize][page as usize] = Some(0),
-                Action::Fetch { page, from, transfer, evict, epoch, digest } => {
-                    self.fetches.push((n, page, from, transfer, evict, epoch, digest))
+                Action::Fetch { page, from, transfer, evict, epoch, digest, key } => {
+                    self.fetches.push(Fetch { reader: n, page, from, transfer, evict, epoch, digest, key })
                 }
-                Action::Drop { page, .. } => self.memory[n as usize][page as usize] = None,
+                Action::Drop { page, .. } => {
+                    self.memory[n as usize][page as usize] = None;
+                    self.exposed[n as usize][page as usize] = 0;
+                }
                 Action::Forget { page } => {
                     cov.frees_seen = true;
                     self.memory[n as usize][page as usize] = None;
+                    self.exposed[n as usize][page as usize] = 0;
                 }
                 Action::Freed { page } => {
                     if !self.freeing[page as usize] {
@@ -227,8 +269,9 @@ impl World {
                     let zero = content == Some(0);
                     // the digest of the bytes offered: their value here
                     let digest = content.unwrap_or(0);
+                    let key = if zero { 0 } else { self.expose(n, page) };
                     let more = self.nodes[n as usize]
-                        .offer(page, to, transfer, evict, epoch, zero, digest)
+                        .offer(page, to, transfer, evict, epoch, zero, digest, key)
                         .map_err(|e| e.to_string())?;
                     for (i, m) in more.into_iter().enumerate() {
                         queue.insert(i, m);
@@ -252,7 +295,7 @@ impl World {
                 self.apply(to, acts, cov)?;
             }
             Step::Fetch(i) => {
-                let (n, page, from, transfer, evict, epoch, digest) = self.fetches.remove(i);
+                let Fetch { reader: n, page, from, transfer, evict, epoch, digest, key } = self.fetches.remove(i);
                 cov.fetches += 1;
                 let src = self.memory[from as usize][page as usize];
                 let sl = self.nodes[from as usize].local(page);
@@ -271,12 +314,22 @@ impl World {
                         "node {n} read page {page} from node {from}: {src:?}, but was told it hashes to {digest}"
                     ));
                 }
+                let live = self.exposed[from as usize][page as usize];
+                if key == 0 || key != live {
+                    return Err(format!(
+                        "node {n} read page {page} from node {from} with key {key}, but node {from}'s exposure of it \
+                         is {live} (0: none)"
+                    ));
+                }
                 if sl.parked && n == self.config().home(page) {
                     cov.parked_reads_seen = true;
                 }
                 self.memory[n as usize][page as usize] = src;
-                let acts =
-                    self.nodes[n as usize].fetched(page, from, transfer, evict, epoch).map_err(|e| e.to_string())?;
+                // an eviction's target exposes the copy it parks
+                let key = if evict { self.expose(n, page) } else { 0 };
+                let acts = self.nodes[n as usize]
+                    .fetched(page, from, transfer, evict, epoch, key)
+                    .map_err(|e| e.to_string())?;
                 self.apply(n, acts, cov)?;
             }
             Step::Read(n, p) | Step::Write(n, p, _) => {
@@ -480,7 +533,7 @@ fn describe(w: &World, step: &Step) -> String {
     match step {
         Step::Deliver(i) => format!("deliver to node {}: {:?}", w.net[*i].0, w.net[*i].1),
         Step::Fetch(i) => {
-            let (n, p, from, t, _, _, _) = w.fetches[*i];
+            let Fetch { reader: n, page: p, from, transfer: t, .. } = w.fetches[*i];
             format!("node {n} finishes reading page {p} from node {from} (transfer {t})")
         }
         Step::Read(n, p) => format!("node {n} reads page {p}"),
@@ -535,6 +588,12 @@ mod tests {
     fn the_checker_catches_a_parked_page_read_without_its_digest() {
         let v = sabotaged(Sabotage::ForgetParkedDigest).unwrap_err();
         assert!(v.what.contains("was told it hashes to"), "{v}");
+    }
+
+    #[test]
+    fn the_checker_catches_a_parked_page_read_with_a_key_that_outlived_its_exposure() {
+        let v = sabotaged(Sabotage::KeepParkedKey).unwrap_err();
+        assert!(v.what.contains("with key"), "{v}");
     }
 
     #[test]

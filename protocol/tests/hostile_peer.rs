@@ -23,27 +23,36 @@ fn msg() -> impl Strategy<Value = Msg> {
         }),
         (p.clone(), prop::collection::vec((p.clone(), e.clone()), 0..6))
             .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
-        (p.clone(), n.clone(), n.clone(), b, e.clone(), any::<u64>()).prop_map(
-            |(page, from, to, dormant, epoch, digest)| Msg::Evicted { page, from, to, dormant, epoch, digest }
+        (p.clone(), n.clone(), n.clone(), b, e.clone(), any::<u64>(), any::<u64>()).prop_map(
+            |(page, from, to, dormant, epoch, digest, key)| Msg::Evicted {
+                page,
+                from,
+                to,
+                dormant,
+                epoch,
+                digest,
+                key
+            }
         ),
         (prop::collection::vec(p.clone(), 0..6), n.clone()).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
         (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, to, since)| Msg::Share { page, to, since }),
         (p.clone(), n.clone(), b, e.clone(), any::<u64>())
             .prop_map(|(page, to, evict, epoch, since)| { Msg::Transfer { page, to, evict, epoch, since } }),
         p.clone().prop_map(|page| Msg::Upgrade { page }),
-        (p.clone(), n.clone(), b, b, b, e.clone(), any::<u64>()).prop_map(
-            |(page, from, dormant, transfer, evict, epoch, digest)| Msg::Ready {
+        (p.clone(), n.clone(), b, b, b, e.clone(), any::<u64>(), any::<u64>()).prop_map(
+            |(page, from, dormant, transfer, evict, epoch, digest, key)| Msg::Ready {
                 page,
                 from,
                 dormant,
                 transfer,
                 evict,
                 epoch,
-                digest
+                digest,
+                key
             }
         ),
-        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Fetched { page, from }),
-        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Done { page, from }),
+        (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, from, key)| Msg::Fetched { page, from, key }),
+        (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, from, key)| Msg::Done { page, from, key }),
         (p.clone(), any::<u64>()).prop_map(|(page, since)| Msg::Inval { page, since }),
         (p.clone(), n.clone()).prop_map(|(page, from)| Msg::InvalAck { page, from }),
         (p.clone(), n.clone(), n.clone(), e.clone()).prop_map(|(page, from, to, epoch)| Msg::Evict {
@@ -98,7 +107,7 @@ fn honest_effect(before: &Node, after: &Node, msg: &Msg) -> Result<(), String> {
     match *msg {
         Msg::Ready { page, evict: false, .. } if !asked(page) => Err(format!("took {msg:?} unasked")),
         Msg::Grant { answers, .. } if !asked(answers) => Err(format!("took {msg:?} unasked")),
-        Msg::Fetched { page, from }
+        Msg::Fetched { page, from, .. }
             if before.local(page).handing != Some(from)
                 && !(before.local(page).parked && from == before.config.home(page)) =>
         {
@@ -149,8 +158,8 @@ proptest! {
                 Local::Message(m) => node.receive(m),
                 Local::Complete(zero) => match pending.iter().position(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })) {
                     Some(i) => match pending.remove(i) {
-                        Action::Fetch { page, from, transfer, evict, epoch, .. } => node.fetched(page, from, transfer, evict, epoch),
-                        Action::Offer { page, to, transfer, evict, epoch } => node.offer(page, to, transfer, evict, epoch, zero, 7),
+                        Action::Fetch { page, from, transfer, evict, epoch, .. } => node.fetched(page, from, transfer, evict, epoch, 9),
+                        Action::Offer { page, to, transfer, evict, epoch } => node.offer(page, to, transfer, evict, epoch, zero, 7, 5),
                         _ => unreachable!(),
                     },
                     None => Ok(Vec::new()),

@@ -596,7 +596,7 @@ fn node(args: NodeArgs) -> ExitCode {
         let link = pod::Link { transport, facts, join_timeout, liveness, mem, digests };
         return execute(&config, Some(&link), file.metrics_json.as_deref());
     }
-    let settings = match pod::settings_for(&facts, mem.layout().pages(), kind, digests) {
+    let settings = match pod::settings_for(&facts, mem.layout().pages(), digests) {
         Ok(s) => s,
         Err(e) => return bad_input(e),
     };

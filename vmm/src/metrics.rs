@@ -101,6 +101,19 @@ pub struct NodeMetrics {
     pub memfd_bytes: u64,
     /// Peak resident set of the node's process (VmHWM).
     pub peak_rss_bytes: u64,
+    /// Memory the node's process has pinned at the end (VmPin: over verbs
+    /// its registrations, the transport's own buffers among them).
+    pub pinned_bytes: u64,
+    /// Over verbs: pages exposed to peers' reads (each a registration of
+    /// that page alone), exposures ended (deregistered before the page was
+    /// freed), and the time both took, in microseconds all told.
+    pub exposures: u64,
+    pub exposures_ended: u64,
+    pub exposure_us: f64,
+    /// Over verbs: 2 MiB chunks registered for reads that named no
+    /// exposure (under --dormant off, a first touch reads its home's
+    /// untouched memory so; otherwise 0).
+    pub chunks_registered: u64,
     pub vcpu_exits: u64,
     pub wall_seconds: f64,
     pub fault_us_p50: f64,
@@ -230,6 +243,11 @@ impl Report {
             t.messages_received += n.messages_received;
             t.memfd_bytes += n.memfd_bytes;
             t.peak_rss_bytes += n.peak_rss_bytes;
+            t.pinned_bytes += n.pinned_bytes;
+            t.exposures += n.exposures;
+            t.exposures_ended += n.exposures_ended;
+            t.exposure_us += n.exposure_us;
+            t.chunks_registered += n.chunks_registered;
             t.vcpu_exits += n.vcpu_exits;
             t.wall_seconds = t.wall_seconds.max(n.wall_seconds);
             t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);
@@ -298,11 +316,21 @@ impl Report {
 
 /// Peak resident set size of this process, from /proc/self/status.
 pub fn peak_rss_bytes() -> u64 {
+    status_bytes("VmHWM:")
+}
+
+/// Memory this process has pinned (RDMA registrations), from
+/// /proc/self/status.
+pub fn pinned_bytes() -> u64 {
+    status_bytes("VmPin:")
+}
+
+fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)

@@ -544,7 +544,7 @@ fn make_engine(
     }
     let pages = mem.layout().pages();
     let settings = match pod {
-        Some(link) => crate::pod::settings_for(&link.facts, pages, link.transport.kind(), link.digests.clone()),
+        Some(link) => crate::pod::settings_for(&link.facts, pages, link.digests.clone()),
         None => crate::pod::settings_alone(config, pages),
     }
     .map_err(config::Error::Invalid)?;

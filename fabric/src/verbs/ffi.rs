@@ -390,6 +390,19 @@ impl Mr {
         })
     }
 
+    /// Registers `[addr, addr + len)` so that peers name it as
+    /// `[iova, iova + len)` (not by our virtual address).
+    ///
+    /// # Safety
+    /// As [`Mr::register`].
+    pub unsafe fn register_at(pd: &Arc<Pd>, addr: *mut u8, len: usize, iova: u64, access: u32) -> Result<Mr> {
+        // SAFETY: per the caller; the PD is live.
+        let mr = unsafe { ibv_reg_mr_iova(pd.ptr.as_ptr(), addr.cast(), len, iova, access as i32) };
+        NonNull::new(mr).map(|ptr| Mr { ptr, _pd: pd.clone() }).ok_or_else(|| {
+            verr(&format!("registering {len} bytes of memory (is the locked-memory limit high enough? ulimit -l)"))
+        })
+    }
+
     pub fn lkey(&self) -> u32 {
         // SAFETY: a live MR.
         unsafe { (*self.ptr.as_ptr()).lkey }

@@ -12,6 +12,14 @@
 //!   none (its `rc_odp_caps` are empty), so we do not depend on it.
 //! - The TCP stream used to set up the queue pair stays open: it carries
 //!   key requests and tells us at once when a peer's process dies.
+//! - A user that knows which memory its peers may read exposes just that
+//!   ([`Transport::expose`]: the page engine, a page it offers or parks):
+//!   one registration per exposure, named by an address of its own
+//!   ([`EXPOSED_IOVA`] + offset) and the key that travels in the user's
+//!   messages; it ends (deregistered, unpinned) before the memory is
+//!   freed. Then a registration pins nothing but what is exposed, and
+//!   memory freed and filled again is registered anew: the peers read the
+//!   pages that are there now.
 //! - Memory is registered REMOTE_READ only: no peer can write ours.
 //! - With frames authenticated, every message (SEND) carries a tag under
 //!   the connection's message key ([`crate::framing::MessageSealer`]); a
@@ -46,6 +54,12 @@ pub use ffi::device_names;
 /// blocks,
 /// so registering a chunk rarely pins pages that are not resident already.
 pub const CHUNK: u64 = 2 << 20;
+/// Where an exposure starts in the address space peers' reads name
+/// (registered with this I/O virtual address + its offset in the region):
+/// a peer needs no address of ours, only the key.
+const EXPOSED_IOVA: u64 = 1 << 40;
+/// Set in every exposure's key (the rkey is the low 32 bits): 0 is no key.
+const EXPOSED_KEY: u64 = 1 << 32;
 /// Bounce buffer per peer: two full-size reads.
 const STAGING: usize = 2 * crate::MAX_READ;
 /// Receive buffers posted per peer.
@@ -75,10 +89,65 @@ struct Exposer {
     pd: Arc<Pd>,
     local: Arc<Vec<LocalRegion>>,
     chunks: Mutex<HashMap<(u32, u64), Mr>>,
+    /// Exposures by (region, offset): their length and registration.
+    exposed: Mutex<BTreeMap<(u32, u64), (u64, Mr)>>,
     counters: Arc<Counters>,
 }
 
 impl Exposer {
+    fn expose(&self, region: u32, offset: u64, len: u64) -> Result<u64> {
+        let r = self
+            .local
+            .iter()
+            .find(|r| r.id == region)
+            .ok_or_else(|| Error::Verbs(format!("exposing memory of region {region}, which is not ours")))?;
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > r.len) {
+            return Err(Error::Verbs(format!(
+                "exposing {len} bytes at {offset} of region {region}, which has {} bytes",
+                r.len
+            )));
+        }
+        let mut exposed = self.exposed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((l, mr)) = exposed.get(&(region, offset)) {
+            if *l == len {
+                return Ok(EXPOSED_KEY | u64::from(mr.rkey()));
+            }
+        }
+        let t0 = Instant::now();
+        // SAFETY: the range lies inside the region, which its creator
+        // keeps mapped for the transport's lifetime; REMOTE_READ lets peers
+        // read it and nothing write it.
+        let mr = unsafe {
+            Mr::register_at(&self.pd, (r.addr + offset as usize) as *mut u8, len as usize, EXPOSED_IOVA + offset, {
+                ffi::ACCESS_REMOTE_READ
+            })
+        }?;
+        let key = EXPOSED_KEY | u64::from(mr.rkey());
+        // a different length at the same offset replaces the old exposure
+        if let Some(old) = exposed.insert((region, offset), (len, mr)) {
+            drop(old);
+            self.counters.exposures_ended.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counters.exposures.fetch_add(1, Ordering::Relaxed);
+        self.counters.exposure_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(key)
+    }
+
+    fn unexpose(&self, region: u32, offset: u64, len: u64) {
+        let mut exposed = self.exposed.lock().unwrap_or_else(|p| p.into_inner());
+        let end = offset.saturating_add(len);
+        let gone: Vec<(u32, u64)> = exposed.range((region, offset)..(region, end)).map(|(k, _)| *k).collect();
+        if gone.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        for k in &gone {
+            exposed.remove(k);
+        }
+        self.counters.exposures_ended.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        self.counters.exposure_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
     fn grant(&self, region: u32, chunk: u64) -> std::result::Result<(u64, u32), ReadFailure> {
         let r = self.local.iter().find(|r| r.id == region).ok_or(ReadFailure::UnknownRegion)?;
         let start = chunk.checked_mul(CHUNK).filter(|s| *s < r.len).ok_or(ReadFailure::OutOfBounds)?;
@@ -151,6 +220,8 @@ struct Piece {
     /// Offset in the peer's region.
     offset: u64,
     len: u32,
+    /// The exposure's key its request named (0: the chunk's).
+    key: u64,
 }
 
 impl Piece {
@@ -390,6 +461,7 @@ impl VerbsTransport {
             pd: pd.clone(),
             local: local.clone(),
             chunks: Mutex::new(HashMap::new()),
+            exposed: Mutex::new(BTreeMap::new()),
             counters: counters_for_exposer,
         });
         let server = Arc::new(KeyServer(exposer.clone()));
@@ -484,8 +556,9 @@ impl VerbsTransport {
         pieces: &[Piece],
         sink: &mut Sink<'_>,
     ) -> Result<()> {
-        if pieces.iter().any(|pc| side.key(pc.region, pc.chunk()).is_none()) {
-            let chunks: Vec<(u32, u64)> = pieces.iter().map(|pc| (pc.region, pc.chunk())).collect();
+        if pieces.iter().any(|pc| pc.key == 0 && side.key(pc.region, pc.chunk()).is_none()) {
+            let chunks: Vec<(u32, u64)> =
+                pieces.iter().filter(|pc| pc.key == 0).map(|pc| (pc.region, pc.chunk())).collect();
             self.fetch_keys(p, side, &chunks)?;
         }
         let mut bytes = 0u64;
@@ -504,15 +577,13 @@ impl VerbsTransport {
             posts.clear();
             let mut at = 0u64;
             for pc in &pieces[start..end] {
-                let key = side.key(pc.region, pc.chunk()).expect("keys fetched above");
-                posts.push(ReadWr {
-                    wr_id: side.next_wr,
-                    local: base + at,
-                    len: pc.len,
-                    lkey,
-                    remote: key.addr + pc.offset % CHUNK,
-                    rkey: key.rkey,
-                });
+                let (remote, rkey) = if pc.key != 0 {
+                    (EXPOSED_IOVA + pc.offset, pc.key as u32)
+                } else {
+                    let key = side.key(pc.region, pc.chunk()).expect("keys fetched above");
+                    (key.addr + pc.offset % CHUNK, key.rkey)
+                };
+                posts.push(ReadWr { wr_id: side.next_wr, local: base + at, len: pc.len, lkey, remote, rkey });
                 side.next_wr += 1;
                 at += u64::from(pc.len);
             }
@@ -698,6 +769,9 @@ impl Transport for VerbsTransport {
         let (p, vp) = self.peer(peer)?;
         for r in reqs {
             check_bounds(peer, &p.regions, r)?;
+            if r.key != 0 && r.key & !u64::from(u32::MAX) != EXPOSED_KEY {
+                return Err(Error::Protocol { peer, reason: format!("{:#x} is not a key of an exposure", r.key) });
+            }
         }
         p.check_alive()?;
         let mut guard = vp.send.lock().unwrap_or_else(|e| e.into_inner());
@@ -714,7 +788,14 @@ impl Transport for VerbsTransport {
             while off < len {
                 let at = r.offset + off;
                 let n = (CHUNK - at % CHUNK).min(len - off);
-                pieces.push(Piece { req: i, at: off as usize, region: r.region, offset: at, len: n as u32 });
+                pieces.push(Piece {
+                    req: i,
+                    at: off as usize,
+                    region: r.region,
+                    offset: at,
+                    len: n as u32,
+                    key: r.key,
+                });
                 off += n;
             }
         }
@@ -724,6 +805,18 @@ impl Transport for VerbsTransport {
             self.core.count_reads(reqs.len(), 0);
         }
         result
+    }
+
+    fn expose(&self, region: u32, offset: u64, len: u64) -> Result<u64> {
+        self.exposer.expose(region, offset, len)
+    }
+
+    fn unexpose(&self, region: u32, offset: u64, len: u64) {
+        self.exposer.unexpose(region, offset, len)
+    }
+
+    fn needs_keys(&self) -> bool {
+        true
     }
 
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
@@ -782,6 +875,9 @@ impl Transport for VerbsTransport {
         let mut s = self.core.counters.snapshot();
         s.chunks_registered = self.exposer.counters.chunks_registered.load(Ordering::Relaxed);
         s.bytes_registered = self.exposer.counters.bytes_registered.load(Ordering::Relaxed);
+        s.exposures = self.exposer.counters.exposures.load(Ordering::Relaxed);
+        s.exposures_ended = self.exposer.counters.exposures_ended.load(Ordering::Relaxed);
+        s.exposure_ns = self.exposer.counters.exposure_ns.load(Ordering::Relaxed);
         s
     }
 

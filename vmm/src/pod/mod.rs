@@ -502,17 +502,16 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
 pub fn settings_for(
     facts: &Facts,
     pages: u64,
-    fabric: shoal_fabric::Kind,
     digests: Option<digest::PageDigests>,
 ) -> Result<engine::Settings, String> {
-    let s = engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, Some(fabric), facts.eviction)?;
+    let s = engine_settings(facts.nodes, pages, facts.dormant, facts.node_memory, facts.eviction)?;
     Ok(engine::Settings { digests, ..s })
 }
 
 /// The engine settings of a node alone (a pod of one, with no fabric).
 pub fn settings_alone(config: &crate::config::VmConfig, pages: u64) -> Result<engine::Settings, String> {
     // (a node alone evicts nothing, so it has no use for the clock's probes)
-    engine_settings(1, pages, config.dormant, config.node_memory, None, residency::Eviction::Fifo)
+    engine_settings(1, pages, config.dormant, config.node_memory, residency::Eviction::Fifo)
 }
 
 fn engine_settings(
@@ -520,24 +519,13 @@ fn engine_settings(
     pages: u64,
     dormant: bool,
     node_memory: Option<u64>,
-    fabric: Option<shoal_fabric::Kind>,
     eviction: residency::Eviction,
 ) -> Result<engine::Settings, String> {
     let config =
         shoal_protocol::Config::new(nodes, BLOCK_PAGES, pages).ok_or_else(|| format!("a pod of {nodes} nodes"))?;
     let budget = node_memory.map(|b| b / crate::memory::PAGE_SIZE);
-    let keep_pages = fabric == Some(shoal_fabric::Kind::Verbs);
     let read_copies = crate::uffd::continue_wp_supported();
-    Ok(engine::Settings {
-        config,
-        dormant,
-        budget,
-        peer_budget: budget,
-        keep_pages,
-        read_copies,
-        eviction,
-        digests: None,
-    })
+    Ok(engine::Settings { config, dormant, budget, peer_budget: budget, read_copies, eviction, digests: None })
 }
 
 /// Node 0's end of a joined pod.

@@ -98,7 +98,7 @@ impl Engine {
             self.counters.pages_copied.fetch_add(count, Ordering::Relaxed);
             return Ok(());
         }
-        if self.settings.keep_pages || !writable {
+        if !writable {
             // zeros through the alias view, then one mapping of them: a
             // read copy must never be mapped writable, not even for the
             // instant between a zero-fill and a write-protect
@@ -134,8 +134,7 @@ impl Engine {
     }
 
     /// Puts `bytes` into the guest at `first` and maps them: one
-    /// `UFFDIO_COPY`, or (keeping pages) a write through the alias view and
-    /// one `UFFDIO_CONTINUE`; `wake`: and wakes the faults waiting there.
+    /// `UFFDIO_COPY`; `wake`: and wakes the faults waiting there.
     pub(super) fn place(
         &self,
         uffd: &Uffd,
@@ -147,11 +146,6 @@ impl Engine {
         let addr = self.page_addr(first);
         let count = bytes.len() as u64 / PAGE_SIZE;
         let ro = !writable;
-        if self.settings.keep_pages {
-            self.mem.write_alias(first * PAGE_SIZE, bytes);
-            let len = bytes.len() as u64;
-            return self.resolve(|d| uffd.continue_mode(addr + d, len - d, wake, ro), first, count, "map");
-        }
         self.resolve(|d| uffd.copy_mode(addr + d, &bytes[d as usize..], wake, ro), first, count, "copy")
     }
 
@@ -187,7 +181,9 @@ impl Engine {
     }
 
     pub(super) fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
-        let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len() };
+        // (the first touch of a page under --dormant off: the home never
+        // exposed it, so over verbs this registers the chunk around it)
+        let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len(), key: 0 };
         let t = self.transport(from)?;
         t.read_with(from, &[req], &mut |_, at, bytes| {
             bytes.copy_to(&mut buf[at..at + bytes.len()]);
@@ -210,10 +206,13 @@ impl Engine {
         }
         let reqs: Vec<ReadReq> = items
             .iter()
-            .map(|it| ReadReq { region: REGION_MEMORY, offset: it.page * PAGE_SIZE, len: page_len })
+            .map(|it| ReadReq { region: REGION_MEMORY, offset: it.page * PAGE_SIZE, len: page_len, key: it.key })
             .collect();
         let t0 = std::time::Instant::now();
         let got = self.transport(from).and_then(|t| {
+            if let Some(it) = items.iter().find(|it| it.key == 0 && t.needs_keys()) {
+                return Err(format!("node {from} offered page {} with no key, which {} needs", it.page, t.kind()));
+            }
             t.read_with(from, &reqs, &mut |i, at, bytes| {
                 bytes.copy_to(&mut buf[i * page_len + at..i * page_len + at + bytes.len()]);
                 Ok(())
@@ -383,18 +382,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Lets peers' one-sided reads reach our copy of `page` until it is
+    /// freed: the key they name (0 where the transport needs none, or
+    /// without a pod). Over verbs a registration of that page alone.
+    pub(super) fn expose(&self, page: Page) -> Result<u64, String> {
+        match &self.transport {
+            Some(t) => t
+                .expose(REGION_MEMORY, page * PAGE_SIZE, PAGE_SIZE)
+                .map_err(|e| format!("exposing page {page} to peers: {e}")),
+            None => Ok(0),
+        }
+    }
+
+    /// Frees pages `first..first + count`: their exposures end first (over
+    /// verbs a registration pins its pages: punched while registered, the
+    /// memory would stay taken, and peers would read it, not the page a
+    /// refill puts there).
+    fn release_pages(&self, first: Page, count: u64) -> Result<(), String> {
+        if let Some(t) = &self.transport {
+            t.unexpose(REGION_MEMORY, first * PAGE_SIZE, count * PAGE_SIZE);
+        }
+        self.mem
+            .punch(first * PAGE_SIZE, count * PAGE_SIZE)
+            .map_err(|e| format!("freeing pages {first}..{}: {e}", first + count))
+    }
+
     /// Frees our copy of `page`, which went to `to` (None: to nobody).
     pub(super) fn drop_page(&self, st: &mut State, page: Page, to: Option<NodeId>) -> Result<(), String> {
         st.holds.remove(&page);
-        if self.settings.keep_pages {
-            // zeroing in place must not race the guest: take it away first
-            self.unmap(st, page)?;
-            // the guest view no longer maps it (it was handed over or
-            // made dormant): zeroing cannot race with the guest
-            self.mem.zero_alias(page * PAGE_SIZE, PAGE_SIZE);
-        } else {
-            self.mem.punch(page * PAGE_SIZE, PAGE_SIZE).map_err(|e| format!("freeing page {page}: {e}"))?;
-        }
+        self.release_pages(page, 1)?;
         match st.res.dropped(page, to) {
             Dropped::Evicted(_) => {
                 self.counters.pages_evicted.fetch_add(1, Ordering::Relaxed);
@@ -415,10 +431,6 @@ impl Engine {
         st.holds.remove(&page);
         st.res.forget_eviction(page);
         self.counters.pages_redormanted.fetch_add(1, Ordering::Relaxed);
-        if self.settings.keep_pages {
-            self.drop_page(st, page, None)?;
-            return Ok(());
-        }
         st.res.dropped(page, None);
         st.pending_forget.push(page);
         Ok(())
@@ -438,9 +450,7 @@ impl Engine {
             while i + (n as usize) < pages.len() && pages[i + n as usize] == first + n {
                 n += 1;
             }
-            self.mem
-                .punch(first * PAGE_SIZE, n * PAGE_SIZE)
-                .map_err(|e| format!("freeing pages {first}..{}: {e}", first + n))?;
+            self.release_pages(first, n)?;
             i += n as usize;
         }
         pages.clear();

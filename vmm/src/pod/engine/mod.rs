@@ -122,12 +122,6 @@ pub struct Settings {
     pub budget: Option<u64>,
     /// Pages each other node may hold (all nodes share `--node-memory`).
     pub peer_budget: Option<u64>,
-    /// Never free a page's memory, only zero it in place, and fill pages
-    /// through the alias view (then `UFFDIO_CONTINUE`). For verbs without
-    /// on-demand paging: a registered chunk pins its pages, so a punched
-    /// and refilled page would be a new page the peers' RDMA reads never
-    /// see (they would read the stale pinned one).
-    pub keep_pages: bool,
     /// Make read copies for read faults (this kernel can map a page
     /// write-protected in one step, see `uffd::continue_wp_supported`);
     /// otherwise every fault takes the page itself.
@@ -201,6 +195,8 @@ pub(super) struct FetchItem {
     park: bool,
     /// What its owner said the bytes hash to (`--verify-pages`).
     digest: u64,
+    /// The key its owner's exposure of it gave (see `Msg::Ready`).
+    key: u64,
 }
 
 /// A vCPU's run of sequential direct remote faults.
@@ -1393,16 +1389,16 @@ impl Engine {
                     self.flush_zero(st)?;
                     match other {
                         Action::Send { to, msg } => self.queue_send(st, to, &msg)?,
-                        Action::Fetch { page, from, transfer, evict, epoch, digest } => {
+                        Action::Fetch { page, from, transfer, evict, epoch, digest, key } => {
                             // (rule 2) reads that come one after the other
                             // go in one batch per node
-                            let item = FetchItem { page, transfer, evict, epoch, park: evict, digest };
+                            let item = FetchItem { page, transfer, evict, epoch, park: evict, digest, key };
                             let mut batch = vec![(from, item)];
                             while batch.len() < FETCH_BATCH {
                                 match queue.front() {
-                                    Some(&Action::Fetch { page, from, transfer, evict, epoch, digest }) => {
+                                    Some(&Action::Fetch { page, from, transfer, evict, epoch, digest, key }) => {
                                         queue.pop_front();
-                                        let item = FetchItem { page, transfer, evict, epoch, park: evict, digest };
+                                        let item = FetchItem { page, transfer, evict, epoch, park: evict, digest, key };
                                         batch.push((from, item));
                                     }
                                     _ => break,
@@ -1417,9 +1413,12 @@ impl Engine {
                                 self.fetch_many(st, n, &items)?;
                             }
                             for (from, it) in batch {
+                                // a page parked here is read by its home
+                                // directly later: exposed now
+                                let key = if it.park { self.expose(it.page)? } else { 0 };
                                 let more = st
                                     .node
-                                    .fetched(it.page, from, it.transfer, it.evict, it.epoch)
+                                    .fetched(it.page, from, it.transfer, it.evict, it.epoch, key)
                                     .map_err(|e| format!("page protocol: {e}"))?;
                                 queue.extend(more);
                             }
@@ -1431,9 +1430,10 @@ impl Engine {
                         }
                         Action::Offer { page, to, transfer, evict, epoch } => {
                             let (zero, digest) = self.offered(st, page);
+                            let key = if zero { 0 } else { self.expose(page)? };
                             let more = st
                                 .node
-                                .offer(page, to, transfer, evict, epoch, zero, digest)
+                                .offer(page, to, transfer, evict, epoch, zero, digest, key)
                                 .map_err(|e| format!("page protocol: {e}"))?;
                             queue.extend(more);
                         }
@@ -1843,6 +1843,14 @@ impl Engine {
         m.pages_fetched_back = get(&c.pages_fetched_back);
         m.ownership_transfers = get(&c.ownership_transfers);
         m.memfd_bytes = self.mem.allocated_bytes();
+        if let Some(t) = &self.transport {
+            let s = t.stats();
+            m.exposures = s.exposures;
+            m.exposures_ended = s.exposures_ended;
+            m.exposure_us = s.exposure_ns as f64 / 1000.0;
+            m.chunks_registered = s.chunks_registered;
+        }
+        m.pinned_bytes = crate::metrics::pinned_bytes();
         m
     }
 }
@@ -1860,7 +1868,6 @@ mod tests {
             dormant: true,
             budget: None,
             peer_budget: None,
-            keep_pages: false,
             read_copies: false,
             eviction: Eviction::Fifo,
             digests: None,
@@ -2076,17 +2083,35 @@ mod pair {
         // on node 1 and dormant
         let cases = [
             (
-                Msg::Ready { page: 70, from: 1, dormant: true, transfer: true, evict: false, epoch: 9, digest: 0 },
+                Msg::Ready {
+                    page: 70,
+                    from: 1,
+                    dormant: true,
+                    transfer: true,
+                    evict: false,
+                    epoch: 9,
+                    digest: 0,
+                    key: 0,
+                },
                 "node 1 sent a message the page protocol does not allow",
             ),
             (
-                Msg::Ready { page: 10, from: 1, dormant: false, transfer: true, evict: true, epoch: 9, digest: 0 },
+                Msg::Ready {
+                    page: 10,
+                    from: 1,
+                    dormant: false,
+                    transfer: true,
+                    evict: true,
+                    epoch: 9,
+                    digest: 0,
+                    key: 0,
+                },
                 "which only page 10's home (node 0) may send",
             ),
-            (Msg::Fetched { page: 10, from: 0 }, "node 1 sent a page message in the name of node 0"),
-            (Msg::Fetched { page: 10, from: 1 }, "node 1 sent a message the page protocol does not allow"),
+            (Msg::Fetched { page: 10, from: 0, key: 0 }, "node 1 sent a page message in the name of node 0"),
+            (Msg::Fetched { page: 10, from: 1, key: 0 }, "node 1 sent a message the page protocol does not allow"),
             (
-                Msg::Evicted { page: 10, from: 1, to: 0, dormant: true, epoch: 1, digest: 0 },
+                Msg::Evicted { page: 10, from: 1, to: 0, dormant: true, epoch: 1, digest: 0, key: 0 },
                 "node 1 sent a message the page protocol does not allow",
             ),
             (
