@@ -508,6 +508,12 @@ pub struct Options {
     /// bench/results/fabric.md): HMAC-SHA256 costs about 3 µs per 4 KiB
     /// frame on each side.
     pub authenticate_frames: bool,
+    /// verbs: grant a peer the key of a whole 2 MiB chunk when it reads
+    /// with no key ([`ReadReq::key`] 0). The registration pins the chunk
+    /// for the transport's life: a user that exposes what peers may read
+    /// (a pod's page engine) turns this off, so that no peer can pin
+    /// memory it was not given (its keyless reads are refused).
+    pub chunk_keys: bool,
 }
 
 impl Default for Options {
@@ -519,6 +525,7 @@ impl Default for Options {
             rdma_port: 1,
             gid_index: None,
             authenticate_frames: false,
+            chunk_keys: true,
         }
     }
 }

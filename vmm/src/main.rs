@@ -456,7 +456,10 @@ fn run_local_pod(
         eprintln!("shoal: error: {e}");
         ExitCode::from(EXIT_HOST)
     };
-    let facts = match pod::facts_for(config, file.nodes.unwrap_or(1)) {
+    let facts = match pod::facts_for(config, file.nodes.unwrap_or(1)).and_then(|f| {
+        pod::check_fabric(&f, kind)?;
+        Ok(f)
+    }) {
         Ok(f) => f,
         Err(e) => return bad_input(e),
     };
@@ -503,6 +506,8 @@ fn run_local_pod(
         // thread, or the beats)
         io_timeout: liveness,
         authenticate_frames: file.frame_auth.unwrap_or(false),
+        // the page engine exposes what peers may read, page by page
+        chunk_keys: false,
         ..Default::default()
     };
     let transport = match binding.join(id, &peers, vec![region], opts) {
@@ -551,6 +556,7 @@ fn node(args: NodeArgs) -> ExitCode {
         let join_timeout = positive_seconds("join_timeout", file.join_timeout.unwrap_or(30.0))?;
         let liveness = liveness_seconds("liveness_timeout", file.liveness_timeout.unwrap_or(1.5))?;
         let facts = pod::facts_for(&config, placement.nodes)?;
+        pod::check_fabric(&facts, kind)?;
         // the same checks node 0 makes before it starts anything: bad input
         // ends this node at once, not after the join
         vm::preflight(&config, placement.nodes).map_err(|e| e.to_string())?;
@@ -581,6 +587,8 @@ fn node(args: NodeArgs) -> ExitCode {
         // thread, or the beats)
         io_timeout: liveness,
         authenticate_frames: file.frame_auth.unwrap_or(false),
+        // the page engine exposes what peers may read, page by page
+        chunk_keys: false,
         ..Default::default()
     };
     let digests = facts.verify_pages.then(|| pod::digest::PageDigests::for_pod(&secret, &file.pod_id));

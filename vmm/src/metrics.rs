@@ -111,8 +111,7 @@ pub struct NodeMetrics {
     pub exposures_ended: u64,
     pub exposure_us: f64,
     /// Over verbs: 2 MiB chunks registered for reads that named no
-    /// exposure (under --dormant off, a first touch reads its home's
-    /// untouched memory so; otherwise 0).
+    /// exposure (a pod refuses them: 0).
     pub chunks_registered: u64,
     pub vcpu_exits: u64,
     pub wall_seconds: f64,

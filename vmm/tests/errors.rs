@@ -64,6 +64,11 @@ fn usage_errors_and_a_pods_bad_input_are_one_line() {
     refused(&pod(&["--guest", "hello", "--node-memory", "1"]), "the guest image alone fills");
     let far = write_file(&dir, "far", &tiny_elf(&[0xf4], 0x800_0000, 2));
     refused(&pod(&["--kernel", &far]), "outside guest RAM");
+    // (refused before any node starts, with or without an RDMA device)
+    refused(
+        &pod(&["--guest", "hello", "--fabric", "verbs", "--dormant", "off"]),
+        "--dormant off does not run over verbs",
+    );
 }
 
 #[test]

@@ -386,7 +386,10 @@ impl Mr {
         // SAFETY: per the caller; the PD is live.
         let mr = unsafe { ibv_reg_mr(pd.ptr.as_ptr(), addr.cast(), len, access as i32) };
         NonNull::new(mr).map(|ptr| Mr { ptr, _pd: pd.clone() }).ok_or_else(|| {
-            verr(&format!("registering {len} bytes of memory (is the locked-memory limit high enough? ulimit -l)"))
+            verr(&format!(
+                "registering {len} bytes of memory (the locked-memory limit, ulimit -l, or the device's limit on \
+                 registrations, max_mr)"
+            ))
         })
     }
 
@@ -399,7 +402,10 @@ impl Mr {
         // SAFETY: per the caller; the PD is live.
         let mr = unsafe { ibv_reg_mr_iova(pd.ptr.as_ptr(), addr.cast(), len, iova, access as i32) };
         NonNull::new(mr).map(|ptr| Mr { ptr, _pd: pd.clone() }).ok_or_else(|| {
-            verr(&format!("registering {len} bytes of memory (is the locked-memory limit high enough? ulimit -l)"))
+            verr(&format!(
+                "registering {len} bytes of memory (the locked-memory limit, ulimit -l, or the device's limit on \
+                 registrations, max_mr)"
+            ))
         })
     }
 

@@ -19,7 +19,11 @@
 //!   messages; it ends (deregistered, unpinned) before the memory is
 //!   freed. Then a registration pins nothing but what is exposed, and
 //!   memory freed and filled again is registered anew: the peers read the
-//!   pages that are there now.
+//!   pages that are there now. Such a user turns chunk keys off
+//!   ([`crate::Options::chunk_keys`]): a peer's `KeyRequest` is refused,
+//!   so no peer can pin memory it was not given. (With on-demand paging,
+//!   which mlx5 offers and rxe does not, one registration of everything
+//!   would do; we do not depend on it.)
 //! - Memory is registered REMOTE_READ only: no peer can write ours.
 //! - With frames authenticated, every message (SEND) carries a tag under
 //!   the connection's message key ([`crate::framing::MessageSealer`]); a
@@ -78,12 +82,11 @@ pub fn device_present() -> bool {
 
 /// Local regions, registered chunk by chunk when peers ask.
 ///
-/// Known limits, left for the pod work: a registered chunk stays registered
-/// (pinned) until the transport shuts down, so what is pinned grows with
-/// what peers have read; registration pins every page of the chunk, which
-/// on guest memory under the page engine would materialise dormant pages
-/// outside it; and `ibv_reg_mr` runs under the chunk-map lock (reads of other
-/// chunks wait for it).
+/// Chunks (for keyless reads) stay registered, so pinned, until the
+/// transport shuts down, and registering one materialises the holes in it:
+/// why the page engine exposes pages instead and turns chunk keys off.
+/// `ibv_reg_mr` runs under the chunk-map or exposure-map lock (other
+/// registrations wait for it).
 #[derive(Debug)]
 struct Exposer {
     pd: Arc<Pd>,
@@ -173,13 +176,19 @@ impl Exposer {
     }
 }
 
-struct KeyServer(Arc<Exposer>);
+/// Answers key requests (refused when [`crate::Options::chunk_keys`] is off).
+struct KeyServer {
+    exposer: Arc<Exposer>,
+    grant: bool,
+}
 
 impl Handler for KeyServer {
     fn on_frame(&self, peer: &Peer, frame: Frame) -> Result<()> {
         match frame {
             Frame::KeyRequest { tag, region, chunk } => {
-                let reply = match self.0.grant(region, chunk) {
+                let granted =
+                    if self.grant { self.exposer.grant(region, chunk) } else { Err(ReadFailure::Unavailable) };
+                let reply = match granted {
                     Ok((addr, rkey)) => Frame::KeyGrant { tag, region, chunk, addr, rkey },
                     Err(failure) => Frame::ReadError { tag, failure },
                 };
@@ -464,7 +473,7 @@ impl VerbsTransport {
             exposed: Mutex::new(BTreeMap::new()),
             counters: counters_for_exposer,
         });
-        let server = Arc::new(KeyServer(exposer.clone()));
+        let server = Arc::new(KeyServer { exposer: exposer.clone(), grant: opts.chunk_keys });
         // the core keeps its own list of regions for bookkeeping; the
         // exposer serves them (both see the same memory)
         let core = Core::start(node, conns, regions, Vec::new(), opts.io_timeout, |_| server)?;

@@ -497,6 +497,20 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
     })
 }
 
+/// Whether a pod of these facts can run over `kind`: `--dormant off`
+/// cannot over verbs (a first touch there reads its home's untouched
+/// memory, which no page protocol message exposes: the home would have
+/// to register, so pin, whole chunks of holes, which then also hold
+/// pages the home's own first touches would find present).
+pub fn check_fabric(facts: &Facts, kind: shoal_fabric::Kind) -> Result<(), String> {
+    if kind == shoal_fabric::Kind::Verbs && !facts.dormant {
+        return Err("--dormant off does not run over verbs (a first touch would read its home's untouched memory, \
+                    which verbs could reach only by pinning it): use --dormant on, or --fabric shm or tcp"
+            .into());
+    }
+    Ok(())
+}
+
 /// The engine settings every node derives from the same facts (and,
 /// with `--verify-pages`, the pod's page digests, [`Link::digests`]).
 pub fn settings_for(

@@ -182,9 +182,16 @@ impl Engine {
 
     pub(super) fn read_remote(&self, from: NodeId, page: Page, buf: &mut [u8]) -> Result<(), String> {
         // (the first touch of a page under --dormant off: the home never
-        // exposed it, so over verbs this registers the chunk around it)
+        // exposed it)
         let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len(), key: 0 };
         let t = self.transport(from)?;
+        if t.needs_keys() {
+            // (refused before the pod starts: `pod::check_fabric`)
+            return Err(format!(
+                "page {page}: --dormant off reads its home's memory with no key, which {} needs",
+                t.kind()
+            ));
+        }
         t.read_with(from, &[req], &mut |_, at, bytes| {
             bytes.copy_to(&mut buf[at..at + bytes.len()]);
             Ok(())
