@@ -498,18 +498,7 @@ fn run_local_pod(
     let peers: Vec<(u32, Addr)> = addrs.iter().cloned().enumerate().skip(1).map(|(i, a)| (i as u32, a)).collect();
     let digests = facts.verify_pages.then(|| pod::digest::PageDigests::for_pod(&secret, &file.pod_id));
     let id = shoal_fabric::Identity { node: 0, pod_id: file.pod_id.clone(), secret };
-    let opts = shoal_fabric::Options {
-        join_timeout,
-        // a read a peer does not answer within the silence limit is that
-        // peer not answering: the same bound, so a hung node is named
-        // within it whichever notices first (a page read on the receiving
-        // thread, or the beats)
-        io_timeout: liveness,
-        authenticate_frames: file.frame_auth.unwrap_or(false),
-        // the page engine exposes what peers may read, page by page
-        chunk_keys: false,
-        ..Default::default()
-    };
+    let opts = launch::fabric_options(join_timeout, liveness, file.frame_auth.unwrap_or(false));
     let transport = match binding.join(id, &peers, vec![region], opts) {
         Ok(t) => t,
         Err(e) => return host(format!("joining the pod: {e}")),
@@ -579,18 +568,7 @@ fn node(args: NodeArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(EXIT_HOST, e.to_string()),
     };
-    let opts = shoal_fabric::Options {
-        join_timeout,
-        // a read a peer does not answer within the silence limit is that
-        // peer not answering: the same bound, so a hung node is named
-        // within it whichever notices first (a page read on the receiving
-        // thread, or the beats)
-        io_timeout: liveness,
-        authenticate_frames: file.frame_auth.unwrap_or(false),
-        // the page engine exposes what peers may read, page by page
-        chunk_keys: false,
-        ..Default::default()
-    };
+    let opts = launch::fabric_options(join_timeout, liveness, file.frame_auth.unwrap_or(false));
     let digests = facts.verify_pages.then(|| pod::digest::PageDigests::for_pod(&secret, &file.pod_id));
     let transport: Arc<dyn shoal_fabric::Transport> =
         match launch::join(kind, &placement, &file.pod_id, secret, region, opts) {

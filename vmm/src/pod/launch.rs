@@ -540,9 +540,36 @@ fn pod_file_text(f: &PodFile) -> String {
     toml::to_string(f).expect("a pod file serialises")
 }
 
+/// The fabric options of every node of a pod.
+pub fn fabric_options(join_timeout: Duration, liveness: Duration, authenticate_frames: bool) -> shoal_fabric::Options {
+    shoal_fabric::Options {
+        join_timeout,
+        // a read a peer does not answer within the silence limit is that
+        // peer not answering: the same bound, so a hung node is named
+        // within it whichever notices first (a page read on the receiving
+        // thread, or the beats)
+        io_timeout: liveness,
+        authenticate_frames,
+        // the page engine exposes what peers may read, page by page: a
+        // peer's request for a whole chunk's key is refused
+        chunk_keys: false,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_nodes_refuse_chunk_keys_and_bound_io_by_the_liveness_limit() {
+        let o = fabric_options(Duration::from_secs(7), Duration::from_millis(1500), true);
+        // (what refusing chunk keys does: the fabric's conformance test
+        // `without_chunk_keys`; pod-verbs counts no chunk registered)
+        assert!(!o.chunk_keys, "the page engine exposes pages itself: no peer may pin a chunk");
+        assert_eq!((o.join_timeout, o.io_timeout), (Duration::from_secs(7), Duration::from_millis(1500)));
+        assert!(o.authenticate_frames);
+    }
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
