@@ -215,70 +215,68 @@ fn row_name(r: &RemoteRow) -> String {
 /// may hold, on 2 nodes.
 fn remote_row(args: &Args, fabric: &'static str, one_cpu: bool) -> anyhow::Result<(RemoteRow, RunResult)> {
     let cmdline = format!("mib={}", args.remote_mib);
-    {
-        let r = run_pod(
-            &[
-                "run",
-                "--guest",
-                "memtouch",
-                "--memory",
-                "64M",
-                "--cmdline",
-                &cmdline,
-                "--nodes",
-                "2",
-                "--fabric",
-                fabric,
-                "--node-memory",
-                "16M",
-            ],
-            one_cpu,
-        )?;
-        let n0 = &r.nodes[0];
-        if n0.faults_zero == 0 || n0.faults_remote == 0 {
-            bail!("the run had {} dormant and {} remote faults; both are needed", n0.faults_zero, n0.faults_remote);
-        }
-        let per_fault = n0.pages_zero_filled as f64 / n0.faults_zero as f64;
-        let floor = n0.fault_remote_fabric_read_us_p50 + n0.fault_remote_map_us_p50;
-        let direct_pages = (n0.faults_remote_direct + n0.pages_prefetched) as f64;
-        let per_direct_page =
-            n0.fault_remote_direct_us_p50 / (direct_pages / n0.faults_remote_direct.max(1) as f64).max(1.0);
-        let row = RemoteRow {
+    let r = run_pod(
+        &[
+            "run",
+            "--guest",
+            "memtouch",
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+            "--nodes",
+            "2",
+            "--fabric",
             fabric,
-            one_cpu,
-            faults_zero: n0.faults_zero,
-            fault_zero_us_p50: n0.fault_zero_us_p50,
-            pages_per_zero_fault: per_fault,
-            faults_remote: n0.faults_remote,
-            fault_remote_us_p50: n0.fault_remote_us_p50,
-            fault_remote_us_p99: n0.fault_remote_us_p99,
-            ratio_per_fault: n0.fault_remote_us_p50 / n0.fault_zero_us_p50,
-            ratio_per_page: n0.fault_remote_us_p50 / (n0.fault_zero_us_p50 / per_fault),
-            remote_fetches: r.total.remote_fetches,
-            bytes_fabric_read: r.total.bytes_fabric_read,
-            owner_us_p50: n0.fault_remote_owner_us_p50,
-            fabric_read_us_p50: n0.fault_remote_fabric_read_us_p50,
-            map_us_p50: n0.fault_remote_map_us_p50,
-            rest_us_p50: n0.fault_remote_rest_us_p50,
-            faults_direct: n0.faults_remote_direct,
-            direct_us_p50: n0.fault_remote_direct_us_p50,
-            faults_asked: n0.faults_remote_asked,
-            asked_us_p50: n0.fault_remote_asked_us_p50,
-            floor_us: floor,
-            direct_over_floor: n0.fault_remote_direct_us_p50 / floor,
-            asked_over_floor: n0.fault_remote_asked_us_p50 / floor,
-            pages_read_ahead: n0.pages_prefetched,
-            read_ahead_used: n0.prefetched_used,
-            direct_us_per_page: per_direct_page,
-            direct_per_page_over_floor: per_direct_page / floor,
-            exposures: r.total.exposures,
-            exposures_ended: r.total.exposures_ended,
-            exposure_us_each: r.total.exposure_us / (r.total.exposures + r.total.exposures_ended).max(1) as f64,
-            chunks_registered: r.total.chunks_registered,
-            memory_is_resident: r.nodes.iter().all(|n| n.memfd_bytes == 4096 * n.pages_resident),
-        };
-        Ok((row, r))
+            "--node-memory",
+            "16M",
+        ],
+        one_cpu,
+    )?;
+    let n0 = &r.nodes[0];
+    if n0.faults_zero == 0 || n0.faults_remote == 0 {
+        bail!("the run had {} dormant and {} remote faults; both are needed", n0.faults_zero, n0.faults_remote);
     }
+    let per_fault = n0.pages_zero_filled as f64 / n0.faults_zero as f64;
+    let floor = n0.fault_remote_fabric_read_us_p50 + n0.fault_remote_map_us_p50;
+    let direct_pages = (n0.faults_remote_direct + n0.pages_prefetched) as f64;
+    let per_direct_page =
+        n0.fault_remote_direct_us_p50 / (direct_pages / n0.faults_remote_direct.max(1) as f64).max(1.0);
+    let row = RemoteRow {
+        fabric,
+        one_cpu,
+        faults_zero: n0.faults_zero,
+        fault_zero_us_p50: n0.fault_zero_us_p50,
+        pages_per_zero_fault: per_fault,
+        faults_remote: n0.faults_remote,
+        fault_remote_us_p50: n0.fault_remote_us_p50,
+        fault_remote_us_p99: n0.fault_remote_us_p99,
+        ratio_per_fault: n0.fault_remote_us_p50 / n0.fault_zero_us_p50,
+        ratio_per_page: n0.fault_remote_us_p50 / (n0.fault_zero_us_p50 / per_fault),
+        remote_fetches: r.total.remote_fetches,
+        bytes_fabric_read: r.total.bytes_fabric_read,
+        owner_us_p50: n0.fault_remote_owner_us_p50,
+        fabric_read_us_p50: n0.fault_remote_fabric_read_us_p50,
+        map_us_p50: n0.fault_remote_map_us_p50,
+        rest_us_p50: n0.fault_remote_rest_us_p50,
+        faults_direct: n0.faults_remote_direct,
+        direct_us_p50: n0.fault_remote_direct_us_p50,
+        faults_asked: n0.faults_remote_asked,
+        asked_us_p50: n0.fault_remote_asked_us_p50,
+        floor_us: floor,
+        direct_over_floor: n0.fault_remote_direct_us_p50 / floor,
+        asked_over_floor: n0.fault_remote_asked_us_p50 / floor,
+        pages_read_ahead: n0.pages_prefetched,
+        read_ahead_used: n0.prefetched_used,
+        direct_us_per_page: per_direct_page,
+        direct_per_page_over_floor: per_direct_page / floor,
+        exposures: r.total.exposures,
+        exposures_ended: r.total.exposures_ended,
+        exposure_us_each: r.total.exposure_us / (r.total.exposures + r.total.exposures_ended).max(1) as f64,
+        chunks_registered: r.total.chunks_registered,
+        memory_is_resident: r.nodes.iter().all(|n| n.memfd_bytes == 4096 * n.pages_resident),
+    };
+    Ok((row, r))
 }
 
 /// The remote-fault tables (fault against dormant, where the time goes,

@@ -427,7 +427,8 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// Lets peers' one-sided reads reach `[offset, offset + len)` of our
     /// region `region` until [`Transport::unexpose`] ends it: returns the
     /// key a peer names in its [`ReadReq`]. Exposing a range that is
-    /// exposed already returns its key. Backends whose peers need no key
+    /// exposed already returns its key (another length at the same offset
+    /// is an error). Backends whose peers need no key
     /// (shm maps our memory, tcp's reader thread answers) return 0.
     ///
     /// Over verbs an exposure is a registration: it pins exactly those

@@ -112,9 +112,10 @@ impl Exposer {
         }
         let mut exposed = self.exposed.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((l, mr)) = exposed.get(&(region, offset)) {
-            if *l == len {
-                return Ok(EXPOSED_KEY | u64::from(mr.rkey()));
+            if *l != len {
+                return Err(Error::Verbs(format!("{offset} of region {region} is exposed already, {l} bytes long")));
             }
+            return Ok(EXPOSED_KEY | u64::from(mr.rkey()));
         }
         let t0 = Instant::now();
         // SAFETY: the range lies inside the region, which its creator
@@ -126,11 +127,7 @@ impl Exposer {
             })
         }?;
         let key = EXPOSED_KEY | u64::from(mr.rkey());
-        // a different length at the same offset replaces the old exposure
-        if let Some(old) = exposed.insert((region, offset), (len, mr)) {
-            drop(old);
-            self.counters.exposures_ended.fetch_add(1, Ordering::Relaxed);
-        }
+        exposed.insert((region, offset), (len, mr));
         self.counters.exposures.fetch_add(1, Ordering::Relaxed);
         self.counters.exposure_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(key)
