@@ -280,6 +280,16 @@ impl VcpuState {
         if used != bytes.len() {
             return Err(Error::Decode { from, reason: format!("{} bytes left over", bytes.len() - used) });
         }
+        // kvm-bindings decodes a KVM struct from a byte string of any
+        // length, zero-padding or truncating it (for bindings of another
+        // kernel version). A peer of ours sends every struct whole, so
+        // anything else is malformed: a short struct would be taken as
+        // zeros, and 2 000 empty CPUID entries (one byte each) would make
+        // a state whose own encoding exceeds the bound (the fuzzer found
+        // that). Only the canonical encoding of a state is accepted.
+        if state.encode() != bytes {
+            return Err(Error::Decode { from, reason: "a KVM struct of the wrong size".into() });
+        }
         Ok(state)
     }
 }
@@ -440,5 +450,64 @@ mod tests {
         assert!(VcpuState::decode(1, &vec![0xff; MAX_ENCODED + 1]).is_err());
         // a huge length prefix must not make decoding allocate it
         assert!(VcpuState::decode(1, &[3, 0xfc, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// The same fields as [`VcpuState`], each KVM struct as a byte string
+    /// of any length: what a peer could send.
+    #[derive(Serialize)]
+    struct Loose {
+        id: u32,
+        cpuid: Vec<Vec<u8>>,
+        mp_state: Vec<u8>,
+        regs: Vec<u8>,
+        sregs: Vec<u8>,
+        xsave: Vec<u8>,
+        xcrs: Vec<u8>,
+        debugregs: Vec<u8>,
+        lapic: Option<Vec<u8>>,
+        msrs: Vec<Vec<u8>>,
+        events: Vec<u8>,
+        pending_ipis: u64,
+        clock_floor_ns: u64,
+    }
+
+    fn loose(cpuid: Vec<Vec<u8>>, regs: Vec<u8>) -> Vec<u8> {
+        let whole = |n: usize| vec![0u8; n];
+        let l = Loose {
+            id: 1,
+            cpuid,
+            mp_state: whole(size_of::<kvm_mp_state>()),
+            regs,
+            sregs: whole(size_of::<kvm_sregs>()),
+            xsave: whole(size_of::<kvm_xsave>()),
+            xcrs: whole(size_of::<kvm_xcrs>()),
+            debugregs: whole(size_of::<kvm_debugregs>()),
+            lapic: None,
+            msrs: vec![whole(size_of::<kvm_msr_entry>())],
+            events: whole(size_of::<kvm_vcpu_events>()),
+            pending_ipis: 0,
+            clock_floor_ns: 0,
+        };
+        bincode::serde::encode_to_vec(&l, bincode::config::standard()).unwrap()
+    }
+
+    #[test]
+    fn kvm_structs_of_the_wrong_size_are_refused() {
+        let entry = size_of::<kvm_cpuid_entry2>();
+        let regs = size_of::<kvm_regs>();
+        // whole structs decode (the mirror is faithful)
+        let state = VcpuState::decode(1, &loose(vec![vec![0; entry]], vec![0; regs])).unwrap();
+        assert_eq!(state.cpuid.len(), 1);
+        // short, long and empty structs do not, though kvm-bindings would
+        // pad or cut them
+        for bad in [loose(vec![vec![0; entry]], vec![0; regs - 8]), loose(vec![vec![0; entry]], vec![0; regs + 8])] {
+            let e = VcpuState::decode(1, &bad).unwrap_err().to_string();
+            assert!(e.contains("wrong size"), "{e}");
+        }
+        // what the fuzzer found: 2 000 empty CPUID entries in 2 KiB would
+        // re-encode to 80 KiB, beyond the bound
+        let empty = loose(vec![Vec::new(); 2000], vec![0; regs]);
+        assert!(empty.len() < MAX_ENCODED);
+        assert!(VcpuState::decode(1, &empty).is_err());
     }
 }
