@@ -244,6 +244,24 @@ impl Msg {
     }
 }
 
+/// A one-sided read [`Action::Fetch`] asks for: `page` from `from`'s
+/// memory, then [`Node::fetched`] with `page`, `from`, `transfer`, `evict`
+/// and `epoch`. With `evict` the page is an eviction's: it is parked
+/// (kept out of the guest view) where it lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fetch {
+    pub page: Page,
+    pub from: NodeId,
+    pub transfer: bool,
+    pub evict: bool,
+    pub epoch: u64,
+    /// What its owner said the bytes hash to (see [`Msg::Ready`]), for
+    /// the VMM's end-to-end check.
+    pub digest: u64,
+    /// The key to read it with (see [`Msg::Ready`]).
+    pub key: u64,
+}
+
 /// What the VMM must do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
@@ -255,20 +273,9 @@ pub enum Action {
     ZeroFill {
         page: Page,
     },
-    /// Read `page` from `from`'s memory with a one-sided read, then call
-    /// [`Node::fetched`] with the same arguments. `digest`: what its
-    /// owner said the bytes hash to (see [`Msg::Ready`]), for the VMM's
-    /// end-to-end check.
-    Fetch {
-        page: Page,
-        from: NodeId,
-        transfer: bool,
-        evict: bool,
-        epoch: u64,
-        digest: u64,
-        /// The key to read it with (see [`Msg::Ready`]).
-        key: u64,
-    },
+    /// Read a page from a peer's memory with a one-sided read, then call
+    /// [`Node::fetched`] (see [`Fetch`]).
+    Fetch(Fetch),
     /// Let the guest read (and, when `writable`, write) our copy.
     Map {
         page: Page,
@@ -898,7 +905,7 @@ impl Node {
                     self.arrived(page, from, transfer, evict, None, epoch, out)?;
                 } else {
                     // the bytes arrive in `fetched`
-                    out.push(Action::Fetch { page, from, transfer, evict, epoch, digest, key });
+                    out.push(Action::Fetch(Fetch { page, from, transfer, evict, epoch, digest, key }));
                 }
             }
             Msg::Fetched { page, from, key } => {
@@ -1456,7 +1463,7 @@ mod tests {
         assert!(home.free(0).unwrap().is_empty());
         let acts = holder.receive(Msg::Forget { page: 0 }).unwrap();
         assert!(acts.contains(&Action::Forget { page: 0 }), "{acts:?}");
-        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch(_) | Action::Offer { .. })));
         assert_eq!(sends(&acts), vec![(0, Msg::Done { page: 0, from: 1, key: 0 })]);
         assert_eq!(holder.local(0), Local::default());
         let acts = home.receive(Msg::Done { page: 0, from: 1, key: 0 }).unwrap();
@@ -1493,7 +1500,7 @@ mod tests {
         assert!(sends(&acts).is_empty(), "{acts:?}");
         assert!(acts.contains(&Action::ZeroFill { page: 1 }));
         assert!(acts.contains(&Action::Wake { page: 1 }));
-        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. })));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch(_))));
         // the whole block was granted: its other pages need nothing at all
         let acts = n.fault(3, Access::Read).unwrap();
         assert_eq!(
@@ -1537,7 +1544,7 @@ mod tests {
         };
         let ready = sends(&n0.offer(0, 1, true, false, *epoch, false, 0, 7).unwrap());
         let acts = n1.receive(ready[0].1.clone()).unwrap();
-        assert!(matches!(acts[..], [Action::Fetch { page: 0, from: 0, transfer: true, .. }]), "{acts:?}");
+        assert!(matches!(acts[..], [Action::Fetch(Fetch { page: 0, from: 0, transfer: true, .. })]), "{acts:?}");
         let acts = n1.fetched(0, 0, true, false, *epoch, 0).unwrap();
         assert!(acts.contains(&Action::Map { page: 0, writable: true }) && acts.contains(&Action::Wake { page: 0 }));
         let fetched = sends(&acts);
@@ -1591,7 +1598,7 @@ mod tests {
         let ready = sends(&n0.offer(0, 1, false, false, 0, true, 0, 0).unwrap());
         let acts = n1.receive(ready[0].1.clone()).unwrap();
         assert!(acts.contains(&Action::ZeroFill { page: 0 }), "{acts:?}");
-        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch { .. })));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Fetch(_))));
     }
 
     #[test]

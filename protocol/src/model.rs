@@ -36,26 +36,10 @@
 
 use std::collections::HashSet;
 
-use crate::{Access, Action, Config, Held, Node, NodeId, Page};
+use crate::{Access, Action, Config, Fetch, Held, Node, NodeId, Page};
 
 /// What is in one node's memory for one page.
 type Content = Option<u64>;
-
-/// A one-sided read under way: `reader` takes `page` from `from`'s
-/// memory; the rest as [`Action::Fetch`] said.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Fetch {
-    reader: NodeId,
-    page: Page,
-    from: NodeId,
-    transfer: bool,
-    evict: bool,
-    epoch: u64,
-    /// What the bytes must hash to.
-    digest: u64,
-    /// The key it names.
-    key: u64,
-}
 
 /// The whole pod, as the explorer sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -63,8 +47,8 @@ pub struct World {
     nodes: Vec<Node>,
     /// In-flight messages (a sorted multiset: order carries no meaning).
     net: Vec<(NodeId, crate::Msg)>,
-    /// One-sided reads under way.
-    fetches: Vec<Fetch>,
+    /// One-sided reads under way, with their readers.
+    fetches: Vec<(NodeId, Fetch)>,
     /// exposed[node][page]: the key of the node's exposure of its copy
     /// (0: none), as the engine registers a copy it offers or parks.
     exposed: Vec<Vec<u64>>,
@@ -246,9 +230,7 @@ impl World {
                     self.net.insert(at, (to, msg));
                 }
                 Action::ZeroFill { page } => self.memory[n as usize][page as usize] = Some(0),
-                Action::Fetch { page, from, transfer, evict, epoch, digest, key } => {
-                    self.fetches.push(Fetch { reader: n, page, from, transfer, evict, epoch, digest, key })
-                }
+                Action::Fetch(f) => self.fetches.push((n, f)),
                 Action::Drop { page, .. } => {
                     self.memory[n as usize][page as usize] = None;
                     self.exposed[n as usize][page as usize] = 0;
@@ -295,7 +277,7 @@ impl World {
                 self.apply(to, acts, cov)?;
             }
             Step::Fetch(i) => {
-                let Fetch { reader: n, page, from, transfer, evict, epoch, digest, key } = self.fetches.remove(i);
+                let (n, Fetch { page, from, transfer, evict, epoch, digest, key }) = self.fetches.remove(i);
                 cov.fetches += 1;
                 let src = self.memory[from as usize][page as usize];
                 let sl = self.nodes[from as usize].local(page);
@@ -533,7 +515,7 @@ fn describe(w: &World, step: &Step) -> String {
     match step {
         Step::Deliver(i) => format!("deliver to node {}: {:?}", w.net[*i].0, w.net[*i].1),
         Step::Fetch(i) => {
-            let Fetch { reader: n, page: p, from, transfer: t, .. } = w.fetches[*i];
+            let (n, Fetch { page: p, from, transfer: t, .. }) = w.fetches[*i];
             format!("node {n} finishes reading page {p} from node {from} (transfer {t})")
         }
         Step::Read(n, p) => format!("node {n} reads page {p}"),

@@ -156,9 +156,9 @@ proptest! {
                 Local::Evict(p, t) => node.evict(p, t),
                 Local::Unshare(p) => node.unshare(p),
                 Local::Message(m) => node.receive(m),
-                Local::Complete(zero) => match pending.iter().position(|a| matches!(a, Action::Fetch { .. } | Action::Offer { .. })) {
+                Local::Complete(zero) => match pending.iter().position(|a| matches!(a, Action::Fetch(_) | Action::Offer { .. })) {
                     Some(i) => match pending.remove(i) {
-                        Action::Fetch { page, from, transfer, evict, epoch, .. } => node.fetched(page, from, transfer, evict, epoch, 9),
+                        Action::Fetch(f) => node.fetched(f.page, f.from, f.transfer, f.evict, f.epoch, 9),
                         Action::Offer { page, to, transfer, evict, epoch } => node.offer(page, to, transfer, evict, epoch, zero, 7, 5),
                         _ => unreachable!(),
                     },

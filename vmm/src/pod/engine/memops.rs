@@ -4,9 +4,9 @@
 //! order they run in is `apply`'s, in `mod.rs`).
 
 use shoal_fabric::ReadReq;
-use shoal_protocol::{Access, NodeId, Page};
+use shoal_protocol::{Access, Fetch, NodeId, Page};
 
-use super::{fabric_error, Engine, FaultKind, FetchItem, State, ZeroRun, REGION_MEMORY};
+use super::{fabric_error, Engine, FaultKind, State, ZeroRun, REGION_MEMORY};
 use crate::memory::PAGE_SIZE;
 use crate::pod::residency::Dropped;
 use crate::uffd::{Outcome, Uffd};
@@ -205,7 +205,7 @@ impl Engine {
     /// read-only); `park`, an eviction's bytes, kept here out of the guest
     /// view (the protocol parks them: our guest asks the home before it
     /// maps them).
-    pub(super) fn fetch_many(&self, st: &mut State, from: NodeId, items: &[FetchItem]) -> Result<(), String> {
+    pub(super) fn fetch_many(&self, st: &mut State, from: NodeId, items: &[Fetch]) -> Result<(), String> {
         let page_len = PAGE_SIZE as usize;
         let mut buf = std::mem::take(&mut st.bounce);
         if buf.len() < items.len() * page_len {
@@ -240,7 +240,7 @@ impl Engine {
             let bytes = &buf[i * page_len..(i + 1) * page_len];
             let m0 = std::time::Instant::now();
             placed = match &self.uffd {
-                Some(uffd) if !it.park => self.place(uffd, it.page, bytes, it.transfer, false),
+                Some(uffd) if !it.evict => self.place(uffd, it.page, bytes, it.transfer, false),
                 _ => {
                     self.mem.write_alias(it.page * PAGE_SIZE, bytes);
                     Ok(())
@@ -273,11 +273,11 @@ impl Engine {
             if ours {
                 self.counters.pages_fetched_back.fetch_add(1, Ordering::Relaxed);
             }
-            let mapping = if it.park { None } else { self.arrival_mapping(it.transfer) };
+            let mapping = if it.evict { None } else { self.arrival_mapping(it.transfer) };
             st.res.arrived(page, mapping);
             // (a parked page resolves no fault here: one that waits for it
             // waits for the home's answer)
-            if let Some(w) = st.waiting.get_mut(&page).filter(|_| !it.park) {
+            if let Some(w) = st.waiting.get_mut(&page).filter(|_| !it.evict) {
                 w.kind = if w.access == Access::Write { FaultKind::RemoteWrite } else { FaultKind::RemoteRead };
                 if let (Some(vcpu), Some(host), false) = (w.vcpu, self.vcpus.get(), ours) {
                     host.remote_fault(vcpu, from, page);
@@ -291,7 +291,7 @@ impl Engine {
     /// after the other) are what their owners offered; one that is not
     /// was altered or corrupted on the way, and ends the VM before any
     /// guest sees it.
-    fn check_digests(&self, from: NodeId, items: &[FetchItem], buf: &[u8]) -> Result<(), String> {
+    fn check_digests(&self, from: NodeId, items: &[Fetch], buf: &[u8]) -> Result<(), String> {
         let Some(digests) = &self.settings.digests else { return Ok(()) };
         let page_len = PAGE_SIZE as usize;
         for (i, it) in items.iter().enumerate() {

@@ -91,7 +91,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use shoal_fabric::Transport;
-use shoal_protocol::{codec, Access, Action, Config, Held, Msg, Node, NodeId, Page, Since};
+use shoal_protocol::{codec, Access, Action, Config, Fetch, Held, Msg, Node, NodeId, Page, Since};
 
 use super::residency::{Admission, Candidate, Eviction, Residency};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -182,21 +182,6 @@ impl Waiter {
             prefetch: false,
         }
     }
-}
-
-/// One page of a batch of one-sided reads from one node.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct FetchItem {
-    page: Page,
-    transfer: bool,
-    evict: bool,
-    epoch: u64,
-    /// Kept out of the guest view (an eviction's bytes, parked).
-    park: bool,
-    /// What its owner said the bytes hash to (`--verify-pages`).
-    digest: u64,
-    /// The key its owner's exposure of it gave (see `Msg::Ready`).
-    key: u64,
 }
 
 /// A vCPU's run of sequential direct remote faults.
@@ -1250,7 +1235,7 @@ impl Engine {
         vcpu: Option<u32>,
         mut acts: Vec<Action>,
     ) -> Result<Vec<Action>, String> {
-        let direct = acts.iter().any(|a| matches!(*a, Action::Fetch { page: p, evict: false, .. } if p == page));
+        let direct = acts.iter().any(|a| matches!(*a, Action::Fetch(Fetch { page: p, evict: false, .. }) if p == page));
         if !direct {
             return Ok(acts);
         }
@@ -1389,36 +1374,33 @@ impl Engine {
                     self.flush_zero(st)?;
                     match other {
                         Action::Send { to, msg } => self.queue_send(st, to, &msg)?,
-                        Action::Fetch { page, from, transfer, evict, epoch, digest, key } => {
+                        Action::Fetch(first) => {
                             // (rule 2) reads that come one after the other
                             // go in one batch per node
-                            let item = FetchItem { page, transfer, evict, epoch, park: evict, digest, key };
-                            let mut batch = vec![(from, item)];
+                            let mut batch = vec![first];
                             while batch.len() < FETCH_BATCH {
                                 match queue.front() {
-                                    Some(&Action::Fetch { page, from, transfer, evict, epoch, digest, key }) => {
+                                    Some(&Action::Fetch(f)) => {
                                         queue.pop_front();
-                                        let item = FetchItem { page, transfer, evict, epoch, park: evict, digest, key };
-                                        batch.push((from, item));
+                                        batch.push(f);
                                     }
                                     _ => break,
                                 }
                             }
-                            let mut nodes: Vec<NodeId> = batch.iter().map(|(n, _)| *n).collect();
+                            let mut nodes: Vec<NodeId> = batch.iter().map(|f| f.from).collect();
                             nodes.sort_unstable();
                             nodes.dedup();
                             for n in nodes {
-                                let items: Vec<FetchItem> =
-                                    batch.iter().filter(|(f, _)| *f == n).map(|(_, it)| *it).collect();
+                                let items: Vec<Fetch> = batch.iter().filter(|f| f.from == n).copied().collect();
                                 self.fetch_many(st, n, &items)?;
                             }
-                            for (from, it) in batch {
-                                // a page parked here is read by its home
-                                // directly later: exposed now
-                                let key = if it.park { self.expose(it.page)? } else { 0 };
+                            for f in batch {
+                                // an eviction's page is parked here, and
+                                // read by its home directly later: exposed now
+                                let key = if f.evict { self.expose(f.page)? } else { 0 };
                                 let more = st
                                     .node
-                                    .fetched(it.page, from, it.transfer, it.evict, it.epoch, key)
+                                    .fetched(f.page, f.from, f.transfer, f.evict, f.epoch, key)
                                     .map_err(|e| format!("page protocol: {e}"))?;
                                 queue.extend(more);
                             }
