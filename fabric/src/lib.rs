@@ -161,6 +161,10 @@ pub enum Error {
     MessageLength { len: usize },
     #[error("node {peer} cannot serve the read: {reason}")]
     Unavailable { peer: NodeId, reason: String },
+    #[error(
+        "a read at offset {offset:#x} of node {peer} names no key: without chunk keys a node reads only what its peer exposed"
+    )]
+    NoKey { peer: NodeId, offset: u64 },
     #[error("node {peer} is gone: {reason}")]
     PeerGone { peer: NodeId, reason: String },
     #[error("{what} with node {peer} timed out after {after:?}")]
@@ -445,11 +449,6 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn unexpose(&self, region: u32, offset: u64, len: u64) {
         let _ = (region, offset, len);
     }
-    /// Whether peers read what we expose only with its key (verbs): a
-    /// caller that exposes pages then must never read a peer's without.
-    fn needs_keys(&self) -> bool {
-        false
-    }
     /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;
     /// The next message or departure, waiting up to `timeout`. Meant for
@@ -513,7 +512,9 @@ pub struct Options {
     /// with no key ([`ReadReq::key`] 0). The registration pins the chunk
     /// for the transport's life: a user that exposes what peers may read
     /// (a pod's page engine) turns this off, so that no peer can pin
-    /// memory it was not given (its keyless reads are refused).
+    /// memory it was not given: its keyless reads are refused, and this
+    /// node's own keyless reads are errors ([`Error::NoKey`]) without
+    /// asking.
     pub chunk_keys: bool,
 }
 

@@ -215,7 +215,6 @@ fn exposed_pages_are_read_by_key_and_exposed_anew_after_a_refill(kind: Kind) {
     let page = 3u64 << 20;
     let key = ts[1].expose(0, page, 4096).unwrap();
     assert_eq!(key != 0, kind == Kind::Verbs, "{kind}: only verbs needs keys");
-    assert_eq!(ts[1].needs_keys(), kind == Kind::Verbs);
     assert_eq!(ts[1].expose(0, page, 4096).unwrap(), key, "{kind}: exposing again gives the same key");
     assert_eq!(read_keyed(&*ts[0], 1, page, key).unwrap(), expected(1, page, 4096), "{kind}");
     // freed: unexposed, then punched out; filled again with new bytes
@@ -250,32 +249,41 @@ fn exposed_pages_are_read_by_key_and_exposed_anew_after_a_refill(kind: Kind) {
 }
 
 /// With chunk keys off (a pod's engine exposes what peers may read), a
-/// read that names no key is refused over verbs (no peer can pin memory
-/// it was not given), while keyed reads go on; shm and tcp need no keys.
+/// read that names no key is refused over verbs: by the peer when the
+/// reader asks for a chunk key (no peer can pin memory it was not given),
+/// by the reader itself when it keeps the rule too; keyed reads go on.
+/// shm and tcp need no keys.
 fn without_chunk_keys_only_exposed_memory_is_read(kind: Kind) {
-    let opts = shoal_fabric::Options { chunk_keys: false, ..quick_options() };
-    let secrets: Vec<&[u8]> = vec![b"pod secret", b"pod secret"];
-    let mut ts = Vec::new();
-    let mut mem = Vec::new();
-    for (i, (t, m)) in pod_with(kind, 2, &secrets, opts).into_iter().enumerate() {
-        ts.push(t.unwrap_or_else(|e| panic!("node {i} failed to join: {e}")));
-        mem.push(m);
-    }
+    let off = shoal_fabric::Options { chunk_keys: false, ..quick_options() };
     let page = 5u64 << 20;
-    let key = ts[1].expose(0, page, 4096).unwrap();
-    assert_eq!(read_keyed(&*ts[0], 1, page, key).unwrap(), expected(1, page, 4096), "{kind}");
-    let keyless = read_keyed(&*ts[0], 1, page + 4096, 0);
-    if kind == Kind::Verbs {
-        let e = keyless.expect_err("a keyless read is refused");
-        assert!(e.to_string().contains("refused the key"), "{e}");
-        assert_eq!(ts[1].stats().chunks_registered, 0);
-        // the refusal came on the setup stream: the peer is still there
-        assert_eq!(read_keyed(&*ts[0], 1, page, key).unwrap(), expected(1, page, 4096));
-    } else {
-        assert_eq!(keyless.unwrap(), expected(1, page + 4096, 4096), "{kind}");
+    // node 1 refuses chunk keys; node 0 asks for them (a peer that does
+    // not keep the rule), then does not (a pod's nodes)
+    for asks in [true, false] {
+        let mine = shoal_fabric::Options { chunk_keys: asks, ..off.clone() };
+        let secrets: Vec<&[u8]> = vec![b"pod secret", b"pod secret"];
+        let mut ts = Vec::new();
+        let mut mem = Vec::new();
+        for (i, (t, m)) in pod_with_each(kind, &[mine, off.clone()], &secrets).into_iter().enumerate() {
+            ts.push(t.unwrap_or_else(|e| panic!("node {i} failed to join: {e}")));
+            mem.push(m);
+        }
+        let key = ts[1].expose(0, page, 4096).unwrap();
+        assert_eq!(read_keyed(&*ts[0], 1, page, key).unwrap(), expected(1, page, 4096), "{kind}");
+        let keyless = read_keyed(&*ts[0], 1, page + 4096, 0);
+        if kind == Kind::Verbs {
+            let e = keyless.expect_err("a keyless read is refused").to_string();
+            let why = if asks { "refused the key" } else { "names no key" };
+            assert!(e.contains(why), "{e}");
+            assert_eq!(ts[1].stats().chunks_registered, 0);
+            // the refusal came on the setup stream, or was ours: the peer
+            // is still there
+            assert_eq!(read_keyed(&*ts[0], 1, page, key).unwrap(), expected(1, page, 4096));
+        } else {
+            assert_eq!(keyless.unwrap(), expected(1, page + 4096, 4096), "{kind}");
+        }
+        drop(ts);
+        drop(mem);
     }
-    drop(ts);
-    drop(mem);
 }
 
 fn messages_arrive_in_order(kind: Kind) {

@@ -285,6 +285,10 @@ pub(crate) struct VerbsTransport {
     _recv_cq: Arc<Cq>,
     /// Alter the next SEND after tagging it ([`Transport::tamper_next_send`]).
     tamper: AtomicBool,
+    /// [`crate::Options::chunk_keys`]: off, a read names an exposure's key
+    /// (a peer would refuse the chunk key a keyless read asks for: this
+    /// node refuses such a read itself, without asking).
+    chunk_keys: bool,
 }
 
 fn ipv4_mapped_gid(ip: IpAddr) -> [u8; 16] {
@@ -514,6 +518,7 @@ impl VerbsTransport {
             device: ctx.name.clone(),
             _recv_cq: recv_cq,
             tamper: AtomicBool::new(false),
+            chunk_keys: opts.chunk_keys,
         })
     }
 
@@ -778,6 +783,9 @@ impl Transport for VerbsTransport {
             if r.key != 0 && r.key & !u64::from(u32::MAX) != EXPOSED_KEY {
                 return Err(Error::Protocol { peer, reason: format!("{:#x} is not a key of an exposure", r.key) });
             }
+            if r.key == 0 && !self.chunk_keys {
+                return Err(Error::NoKey { peer, offset: r.offset });
+            }
         }
         p.check_alive()?;
         let mut guard = vp.send.lock().unwrap_or_else(|e| e.into_inner());
@@ -819,10 +827,6 @@ impl Transport for VerbsTransport {
 
     fn unexpose(&self, region: u32, offset: u64, len: u64) {
         self.exposer.unexpose(region, offset, len)
-    }
-
-    fn needs_keys(&self) -> bool {
-        true
     }
 
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {

@@ -162,6 +162,16 @@ pub fn pod_with(
     secrets: &[&[u8]],
     opts: Options,
 ) -> Vec<(shoal_fabric::Result<Box<dyn Transport>>, Memory)> {
+    pod_with_each(kind, &vec![opts; n as usize], secrets)
+}
+
+/// Nodes that join with options of their own (node i with `opts[i]`).
+pub fn pod_with_each(
+    kind: Kind,
+    opts: &[Options],
+    secrets: &[&[u8]],
+) -> Vec<(shoal_fabric::Result<Box<dyn Transport>>, Memory)> {
+    let n = opts.len() as u32;
     let dir = scratch(&format!("pod-{kind}-{}", rand_u64()));
     let bindings: Vec<_> = (0..n).map(|i| bind(kind, &test_addr(kind, &dir, i)).unwrap()).collect();
     let addrs: Vec<Addr> = bindings.iter().map(|b| b.local_addr().clone()).collect();
@@ -170,7 +180,7 @@ pub fn pod_with(
         let i = i as u32;
         let peers: Vec<(NodeId, Addr)> = (0..n).filter(|&j| j != i).map(|j| (j, addrs[j as usize].clone())).collect();
         let secret = secrets[i as usize].to_vec();
-        let opts = opts.clone();
+        let opts = opts[i as usize].clone();
         threads.push(std::thread::spawn(move || {
             let mem = Memory::new(i, REGION);
             let id = Identity { node: i, pod_id: "test-pod".into(), secret };

@@ -184,14 +184,9 @@ impl Engine {
         // (the first touch of a page under --dormant off: the home never
         // exposed it)
         let req = ReadReq { region: REGION_MEMORY, offset: page * PAGE_SIZE, len: buf.len(), key: 0 };
+        // (over verbs a pod's transport refuses it, and the pod refuses
+        // --dormant off over verbs before it starts: `pod::check_fabric`)
         let t = self.transport(from)?;
-        if t.needs_keys() {
-            // (refused before the pod starts: `pod::check_fabric`)
-            return Err(format!(
-                "page {page}: --dormant off reads its home's memory with no key, which {} needs",
-                t.kind()
-            ));
-        }
         t.read_with(from, &[req], &mut |_, at, bytes| {
             bytes.copy_to(&mut buf[at..at + bytes.len()]);
             Ok(())
@@ -217,9 +212,6 @@ impl Engine {
             .collect();
         let t0 = std::time::Instant::now();
         let got = self.transport(from).and_then(|t| {
-            if let Some(it) = items.iter().find(|it| it.key == 0 && t.needs_keys()) {
-                return Err(format!("node {from} offered page {} with no key, which {} needs", it.page, t.kind()));
-            }
             t.read_with(from, &reqs, &mut |i, at, bytes| {
                 bytes.copy_to(&mut buf[i * page_len + at..i * page_len + at + bytes.len()]);
                 Ok(())
