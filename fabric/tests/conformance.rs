@@ -243,6 +243,22 @@ fn exposed_pages_are_read_by_key_and_exposed_anew_after_a_refill(kind: Kind) {
         ts[1].unexpose(0, page, 4096);
         let stale = read_keyed(&*ts[0], 1, page, again);
         assert!(stale.is_err(), "a read under an ended exposure's key failed, not {:?}", stale.map(|b| b[0]));
+        // the queue pair broke: node 0 has lost node 1, and says so once,
+        // through its inbox (docs/wire.md)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < deadline, "node 0 did not report node 1 lost");
+            match ts[0].recv(Duration::from_millis(100)).unwrap() {
+                Some(Incoming::PeerGone { node: 1, reason }) => {
+                    assert!(reason.contains("queue pair failed"), "{reason}");
+                    break;
+                }
+                Some(other) => panic!("not a departure: {other:?}"),
+                None => {}
+            }
+        }
+        let live = ts[1].expose(0, page, 4096).unwrap();
+        assert!(read_keyed(&*ts[0], 1, page, live).is_err(), "a lost peer is read no more");
     } else {
         assert_eq!((s.exposures, s.exposures_ended), (0, 0), "{s:?}");
     }
