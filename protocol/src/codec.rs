@@ -300,48 +300,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn access() -> impl Strategy<Value = Access> {
-        prop_oneof![Just(Access::Read), Just(Access::Write)]
-    }
-
+    /// Any message, every field over its whole range.
     fn msg() -> impl Strategy<Value = Msg> {
-        let p = any::<u64>();
-        let n = any::<u32>();
-        let b = any::<bool>();
-        prop_oneof![
-            (p, access(), n, p).prop_map(|(page, access, from, since)| Msg::Request { page, access, from, since }),
-            (p, prop::collection::vec((p, p), 0..=MAX_GRANT))
-                .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
-            (p, n, n, b, p, p, p).prop_map(|(page, from, to, dormant, epoch, digest, key)| Msg::Evicted {
-                page,
-                from,
-                to,
-                dormant,
-                epoch,
-                digest,
-                key
-            }),
-            (prop::collection::vec(p, 0..=MAX_GRANT), n).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
-            (p, n, p).prop_map(|(page, to, since)| Msg::Share { page, to, since }),
-            (p, n, b, p, p).prop_map(|(page, to, evict, epoch, since)| Msg::Transfer { page, to, evict, epoch, since }),
-            p.prop_map(|page| Msg::Upgrade { page }),
-            (p, n, b, b, b, p, p, p).prop_map(|(page, from, dormant, transfer, evict, epoch, digest, key)| {
-                Msg::Ready { page, from, dormant, transfer, evict, epoch, digest, key }
-            }),
-            (p, n, p).prop_map(|(page, from, key)| Msg::Fetched { page, from, key }),
-            (p, n, p).prop_map(|(page, from, key)| Msg::Done { page, from, key }),
-            (p, p).prop_map(|(page, since)| Msg::Inval { page, since }),
-            (p, n).prop_map(|(page, from)| Msg::InvalAck { page, from }),
-            (p, n, n, p).prop_map(|(page, from, to, epoch)| Msg::Evict { page, from, to, epoch }),
-            (p, n, p).prop_map(|(page, from, epoch)| Msg::Redormant { page, from, epoch }),
-            p.prop_map(|page| Msg::Refused { page }),
-            p.prop_map(|page| Msg::Dormanted { page }),
-            (p, n).prop_map(|(page, from)| Msg::Free { page, from }),
-            p.prop_map(|page| Msg::Forget { page }),
-            p.prop_map(|page| Msg::Freed { page }),
-            (p, n).prop_map(|(page, from)| Msg::Unshare { page, from }),
-            p.prop_map(|page| Msg::Unshared { page }),
-        ]
+        crate::strategies::msg(any::<u64>(), any::<u32>(), any::<u64>(), 0..=MAX_GRANT)
     }
 
     proptest! {

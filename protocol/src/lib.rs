@@ -60,10 +60,14 @@
 //! that safe, and the model checker explores every interleaving.
 
 pub mod codec;
+#[cfg(test)]
+mod hostile_peer;
 pub mod model;
 mod pagemap;
 pub mod roster;
 pub mod roster_model;
+#[cfg(test)]
+mod strategies;
 
 use std::collections::{BTreeSet, VecDeque};
 

@@ -4,72 +4,12 @@
 //! answers to nothing, transactions that never began). The VMM ends the
 //! pod on the first error, naming the peer (see the pod engine).
 
+use crate::{Access, Action, Config, Msg, Node};
 use proptest::prelude::*;
-use shoal_protocol::{Access, Action, Config, Msg, Node};
 
 /// Pages 0..16 exist; 16..20 do not. Nodes 0..3 exist; 3 does not.
 fn msg() -> impl Strategy<Value = Msg> {
-    let p = 0u64..20;
-    let n = 0u32..4;
-    let b = any::<bool>();
-    let e = 0u64..4;
-    let access = prop_oneof![Just(Access::Read), Just(Access::Write)];
-    prop_oneof![
-        (p.clone(), access, n.clone(), any::<u64>()).prop_map(|(page, access, from, since)| Msg::Request {
-            page,
-            access,
-            from,
-            since
-        }),
-        (p.clone(), prop::collection::vec((p.clone(), e.clone()), 0..6))
-            .prop_map(|(answers, pages)| Msg::Grant { answers, pages }),
-        (p.clone(), n.clone(), n.clone(), b, e.clone(), any::<u64>(), any::<u64>()).prop_map(
-            |(page, from, to, dormant, epoch, digest, key)| Msg::Evicted {
-                page,
-                from,
-                to,
-                dormant,
-                epoch,
-                digest,
-                key
-            }
-        ),
-        (prop::collection::vec(p.clone(), 0..6), n.clone()).prop_map(|(pages, from)| Msg::GrantDone { pages, from }),
-        (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, to, since)| Msg::Share { page, to, since }),
-        (p.clone(), n.clone(), b, e.clone(), any::<u64>())
-            .prop_map(|(page, to, evict, epoch, since)| { Msg::Transfer { page, to, evict, epoch, since } }),
-        p.clone().prop_map(|page| Msg::Upgrade { page }),
-        (p.clone(), n.clone(), b, b, b, e.clone(), any::<u64>(), any::<u64>()).prop_map(
-            |(page, from, dormant, transfer, evict, epoch, digest, key)| Msg::Ready {
-                page,
-                from,
-                dormant,
-                transfer,
-                evict,
-                epoch,
-                digest,
-                key
-            }
-        ),
-        (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, from, key)| Msg::Fetched { page, from, key }),
-        (p.clone(), n.clone(), any::<u64>()).prop_map(|(page, from, key)| Msg::Done { page, from, key }),
-        (p.clone(), any::<u64>()).prop_map(|(page, since)| Msg::Inval { page, since }),
-        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::InvalAck { page, from }),
-        (p.clone(), n.clone(), n.clone(), e.clone()).prop_map(|(page, from, to, epoch)| Msg::Evict {
-            page,
-            from,
-            to,
-            epoch
-        }),
-        (p.clone(), n.clone(), e).prop_map(|(page, from, epoch)| Msg::Redormant { page, from, epoch }),
-        p.clone().prop_map(|page| Msg::Refused { page }),
-        p.clone().prop_map(|page| Msg::Dormanted { page }),
-        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Free { page, from }),
-        p.clone().prop_map(|page| Msg::Forget { page }),
-        p.clone().prop_map(|page| Msg::Freed { page }),
-        (p.clone(), n.clone()).prop_map(|(page, from)| Msg::Unshare { page, from }),
-        p.prop_map(|page| Msg::Unshared { page }),
-    ]
+    crate::strategies::msg(0u64..20, 0u32..4, 0u64..4, 0..=5)
 }
 
 /// What the node itself does between messages.
@@ -85,9 +25,8 @@ enum Local {
 }
 
 fn step() -> impl Strategy<Value = Local> {
-    let access = prop_oneof![Just(Access::Read), Just(Access::Write)];
     prop_oneof![
-        (0u64..16, access).prop_map(|(p, a)| Local::Fault(p, a)),
+        (0u64..16, crate::strategies::access()).prop_map(|(p, a)| Local::Fault(p, a)),
         (0u64..16, prop::option::of(0u32..3)).prop_map(|(p, t)| Local::Evict(p, t)),
         (0u64..16).prop_map(Local::Unshare),
         any::<bool>().prop_map(Local::Complete),
