@@ -64,11 +64,21 @@ impl Eviction {
     /// with the clock, init reached after 29.8-35.9 s against 40.9-44.1 s
     /// with fifo (one node: 9.0 s), but the whole run took 61.5-67.5 s
     /// against 53.4-56.9 s (bench/results/linux-boot.md holds the last
-    /// run), with 40 600-40 900 zero-fills against 33 700
-    /// (probably all-zero pages the clock re-dormanted, touched again: not
-    /// measured yet).
-    /// Until the longer run is understood, a Linux guest keeps
-    /// first-in-first-out unless asked.
+    /// run), with 40 600-40 900 zero-fills against 33 700.
+    /// Measured on 2026-12-06 (same boot, node 0's counters): the clock
+    /// re-dormanted 7 253 more all-zero pages than fifo and zero-filled
+    /// 7 748 more (its extra zero-fills are those pages, touched again),
+    /// took 17 819 probe faults and fetched back 7 774 pages against
+    /// fifo's 6 465. A trace of node 0 under fifo: every fetch-back was a
+    /// write fault, 86% of them in guest-physical 120-160 MiB, none in the
+    /// kernel image: memory the kernel used early, left alone, then
+    /// allocated again. No recency policy can foresee that; only the guest
+    /// can say the memory is free, and its free page reporting starts
+    /// when init loads virtio_balloon, after the boot this measures.
+    /// (`init_on_free=1` made it worse, 86.9 s to init: every freed page
+    /// written; `init_on_alloc=0` changed nothing, 43.0 s.)
+    /// So a Linux guest keeps first-in-first-out unless asked: fewer
+    /// fetch-backs, and none of the probes' cost.
     pub fn default_for(linux: bool) -> Eviction {
         if linux {
             Eviction::Fifo
