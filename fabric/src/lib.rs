@@ -390,33 +390,6 @@ pub struct Stats {
     pub exposures: u64,
     pub exposures_ended: u64,
     pub exposure_ns: u64,
-    /// Messages a [`Tap`] took on the receiving thread (they skipped the
-    /// inbox).
-    pub messages_tapped: u64,
-}
-
-/// Takes messages on the thread that receives them, before the inbox
-/// ([`Transport::set_tap`]): the hand-off from that thread to the one that
-/// calls [`Transport::recv`] is a thread wake per message, which on a
-/// small host costs more than handling most messages.
-pub trait Tap: Send + Sync + fmt::Debug {
-    /// A message from `from`. Messages it passes reach the inbox in their
-    /// order. It runs on the backend's receiving thread for `from`: what
-    /// it does delays the messages behind this one, and it must not wait
-    /// for that thread.
-    fn take(&self, from: NodeId, payload: &[u8]) -> Take;
-}
-
-/// What a [`Tap`] did with a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Take {
-    /// Not taken: it goes to the inbox.
-    Pass,
-    /// Taken here: it skips the inbox.
-    Taken,
-    /// Taken here, and the thread that calls [`Transport::recv`] has work
-    /// now: a `recv` under way returns `None` at once (as on a timeout).
-    TakenWake,
 }
 
 /// Why a peer is gone when it left in order (it said goodbye): a node
@@ -475,20 +448,6 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// pair: the connection is lost).
     fn unexpose(&self, region: u32, offset: u64, len: u64) {
         let _ = (region, offset, len);
-    }
-    /// Lets `tap` take messages on this backend's receiving threads, from
-    /// now on; returns whether it will (a tap is set once). A tap may read
-    /// peers' memory and send. Only shm runs one: tcp's receiving thread
-    /// also carries the answers to our reads (a tap that read would wait
-    /// for itself), and verbs' single receiving thread reposts a peer's
-    /// receive buffers only after a message is handled (with 32 of them a
-    /// peer, two nodes whose taps both send could wait on each other).
-    /// Over shm a tap's send waits only when the peer has left a socket
-    /// buffer of our messages (about 200 KiB) unread, and a write that
-    /// waits longer than the I/O timeout loses the peer: never a hang.
-    fn set_tap(&self, tap: std::sync::Arc<dyn Tap>) -> bool {
-        let _ = tap;
-        false
     }
     /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;

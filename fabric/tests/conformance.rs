@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -300,61 +299,6 @@ fn without_chunk_keys_only_exposed_memory_is_read(kind: Kind) {
         }
         drop(ts);
         drop(mem);
-    }
-}
-
-/// A tap takes the messages it wants on the receiving thread (shm only:
-/// see `Transport::set_tap`), in their order; the rest reach the inbox in
-/// theirs; a wake makes a waiting `recv` return at once.
-fn a_tap_takes_messages_before_the_inbox(kind: Kind) {
-    #[derive(Debug, Default)]
-    struct Ones(Mutex<Vec<Vec<u8>>>);
-    impl shoal_fabric::Tap for Ones {
-        fn take(&self, _from: u32, payload: &[u8]) -> shoal_fabric::Take {
-            match payload.first() {
-                Some(1) => {
-                    self.0.lock().unwrap().push(payload.to_vec());
-                    shoal_fabric::Take::Taken
-                }
-                Some(3) => shoal_fabric::Take::TakenWake,
-                _ => shoal_fabric::Take::Pass,
-            }
-        }
-    }
-    let (ts, _mem) = pod(kind, 2);
-    let tap = Arc::new(Ones::default());
-    let runs = ts[0].set_tap(tap.clone());
-    assert_eq!(runs, kind == Kind::Shm, "{kind}");
-    assert!(!ts[0].set_tap(tap.clone()), "{kind}: a tap is set once");
-    for m in [[1u8, 10], [2, 20], [1, 11], [2, 21]] {
-        ts[1].send(0, &m).unwrap();
-    }
-    let mut inbox = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while inbox.len() < if runs { 2 } else { 4 } {
-        assert!(Instant::now() < deadline, "{kind}: messages missing: {inbox:?}");
-        if let Some(Incoming::Message { from: 1, payload }) = ts[0].recv(Duration::from_millis(100)).unwrap() {
-            inbox.push(payload);
-        }
-    }
-    if runs {
-        assert_eq!(inbox, vec![vec![2, 20], vec![2, 21]]);
-        assert_eq!(*tap.0.lock().unwrap(), vec![vec![1, 10], vec![1, 11]]);
-        // a wake: the receiver returns at once with nothing
-        ts[1].send(0, &[3]).unwrap();
-        let t0 = Instant::now();
-        while tap.0.lock().unwrap().len() < 2 || ts[0].stats().messages_tapped < 3 {
-            assert!(t0.elapsed() < Duration::from_secs(10), "the wake was not taken");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let t0 = Instant::now();
-        assert_eq!(ts[0].recv(Duration::from_secs(20)).unwrap(), None);
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-        assert_eq!(ts[0].stats().messages_tapped, 3);
-    } else {
-        assert_eq!(inbox, vec![vec![1, 10], vec![2, 20], vec![1, 11], vec![2, 21]]);
-        assert!(tap.0.lock().unwrap().is_empty());
-        assert_eq!(ts[0].stats().messages_tapped, 0);
     }
 }
 
@@ -840,10 +784,6 @@ macro_rules! suite {
             #[test]
             fn messages() {
                 if can_run(KIND, "messages") { messages_arrive_in_order(KIND) }
-            }
-            #[test]
-            fn tap() {
-                if can_run(KIND, "tap") { a_tap_takes_messages_before_the_inbox(KIND) }
             }
             #[test]
             fn first_departure() {

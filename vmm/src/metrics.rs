@@ -113,9 +113,6 @@ pub struct NodeMetrics {
     /// Over verbs: 2 MiB chunks registered for reads that named no
     /// exposure (a pod refuses them: 0).
     pub chunks_registered: u64,
-    /// Messages handled on the fabric's receiving thread (shm), without
-    /// the hand-off to the node's receiver thread.
-    pub messages_tapped: u64,
     pub vcpu_exits: u64,
     pub wall_seconds: f64,
     pub fault_us_p50: f64,
@@ -250,7 +247,6 @@ impl Report {
             t.exposures_ended += n.exposures_ended;
             t.exposure_us += n.exposure_us;
             t.chunks_registered += n.chunks_registered;
-            t.messages_tapped += n.messages_tapped;
             t.vcpu_exits += n.vcpu_exits;
             t.wall_seconds = t.wall_seconds.max(n.wall_seconds);
             t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);

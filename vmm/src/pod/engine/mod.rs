@@ -1831,7 +1831,6 @@ impl Engine {
             m.exposures_ended = s.exposures_ended;
             m.exposure_us = s.exposure_ns as f64 / 1000.0;
             m.chunks_registered = s.chunks_registered;
-            m.messages_tapped = s.messages_tapped;
         }
         m.pinned_bytes = crate::metrics::pinned_bytes();
         m
