@@ -33,24 +33,30 @@ boot pod-off --nodes 2 --fabric shm --liveness-timeout 60 --dormant off
 boot pod-on-80M --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M
 # the same with the clock (a Linux guest's default is fifo: see Eviction::default_for)
 boot pod-on-80M-clock --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M --eviction clock
+# through the PVH entry: no decompressor in the guest, whose ~80 MiB of
+# scratch the kernel later allocates again (the bzImage rows' fetch-backs)
+boot pod-pvh-80M --pvh --nodes 2 --fabric shm --liveness-timeout 60 --node-memory 80M
 IN
 chmod +x "$inner"
-rows=$(ci/softroce.sh --smp 1 --add "$shoal:/usr/local/bin/shoal" --add "$inner:/usr/local/bin/boots" \
+full=$(ci/softroce.sh --smp 1 --add "$shoal:/usr/local/bin/shoal" --add "$inner:/usr/local/bin/boots" \
   --add "$linux_out/vmlinuz:/vmlinuz" --add "$linux_out/vmlinux:/vmlinux" --add "$linux_out/initrd.img:/initrd.img" \
-  -- boots | grep '^ROW ')
+  -- boots)
+rows=$(echo "$full" | grep "^ROW ") || { echo "$full" | tail -40 >&2; exit 1; }
 rm -f "$inner"
 echo "$rows"
 base=$(echo "$rows" | awk '$2=="one-on" {print $3}')
+pvh=$(echo "$rows" | awk '$2=="one-pvh" {print $3}')
 {
   echo "# Linux boot to init"
   echo
   echo "\`bench/scripts/linux-boot.sh\`: Debian's kernel with shoal's initramfs running \`/bin/true\`, 256 MiB,"
   echo "inside the soft-RoCE harness's QEMU/TCG (one CPU) under nested KVM (compare ratios, not times). Boot to init is"
-  echo "the guest's uptime when init starts."
+  echo "the guest's uptime when init starts. The ratio is against one node booting the same way (the bzImage,"
+  echo "dormant on; the PVH rows against one-pvh)."
   echo
-  echo "| run | boot to init s | ÷ one node, dormant on | shoal wall s | pages zero-filled | pages copied | remote fetches | page bytes on the wire | pages evicted |"
+  echo "| run | boot to init s | ÷ one node | shoal wall s | pages zero-filled | pages copied | remote fetches | page bytes on the wire | pages evicted |"
   echo "|---|---|---|---|---|---|---|---|---|"
-  echo "$rows" | awk -v b="$base" '{printf "| %s | %s | %.2f | %.1f | %s | %s | %s | %s | %s |\n", $2, $3, $3/b, $4, $5, $6, $7, $8, $9}'
+  echo "$rows" | awk -v b="$base" -v p="$pvh" '{d = ($2 ~ /pvh/) ? p : b; printf "| %s | %s | %.2f | %.1f | %s | %s | %s | %s | %s |\n", $2, $3, $3/d, $4, $5, $6, $7, $8, $9}'
 } >"$out/linux-boot.md"
 echo "$rows" | awk 'BEGIN{print "["} {printf "%s{\"run\":\"%s\",\"boot_to_init_s\":%s,\"wall_s\":%s,\"pages_zero_filled\":%s,\"pages_copied\":%s,\"remote_fetches\":%s,\"bytes_fabric_read\":%s,\"pages_evicted\":%s}", (NR>1?",\n":""), $2,$3,$4,$5,$6,$7,$8,$9} END{print "\n]"}' >"$out/linux-boot.json"
 cat "$out/linux-boot.md"
