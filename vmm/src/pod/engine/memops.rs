@@ -197,7 +197,7 @@ impl Engine {
     /// Pulls pages from `from` with one batch of one-sided reads (one
     /// ioctl-free request each, one round trip for the batch on tcp), then
     /// places each: `transfer`, it becomes ours (else a read copy, mapped
-    /// read-only); `park`, an eviction's bytes, kept here out of the guest
+    /// read-only); `evict`, an eviction's bytes, parked here out of the guest
     /// view (the protocol parks them: our guest asks the home before it
     /// maps them).
     pub(super) fn fetch_many(&self, st: &mut State, from: NodeId, items: &[Fetch]) -> Result<(), String> {
