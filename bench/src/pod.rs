@@ -211,28 +211,18 @@ fn row_name(r: &RemoteRow) -> String {
     format!("{}, {}", r.fabric, if r.one_cpu { "one CPU (taskset -c 0)" } else { "unpinned" })
 }
 
+/// The arguments of a 2-node memtouch pod (64 MiB of guest memory).
+fn memtouch_args<'a>(cmdline: &'a str, fabric: &'a str, node_memory: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", cmdline, "--nodes", "2"];
+    a.extend(["--fabric", fabric, "--node-memory", node_memory]);
+    a
+}
+
 /// The remote-fault run over `fabric`: memtouch over more than node 0
 /// may hold, on 2 nodes.
 fn remote_row(args: &Args, fabric: &'static str, one_cpu: bool) -> anyhow::Result<(RemoteRow, RunResult)> {
     let cmdline = format!("mib={}", args.remote_mib);
-    let r = run_pod(
-        &[
-            "run",
-            "--guest",
-            "memtouch",
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-            "--nodes",
-            "2",
-            "--fabric",
-            fabric,
-            "--node-memory",
-            "16M",
-        ],
-        one_cpu,
-    )?;
+    let r = run_pod(&memtouch_args(&cmdline, fabric, "16M"), one_cpu)?;
     let n0 = &r.nodes[0];
     if n0.faults_zero == 0 || n0.faults_remote == 0 {
         bail!("the run had {} dormant and {} remote faults; both are needed", n0.faults_zero, n0.faults_remote);
@@ -461,23 +451,8 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         let mut counts = Vec::new();
         for rounds in [0, 8] {
             let c = cmdline(rounds);
-            let a = [
-                "run",
-                "--guest",
-                "memtouch",
-                "--memory",
-                "64M",
-                "--cmdline",
-                &c,
-                "--nodes",
-                "2",
-                "--fabric",
-                "shm",
-                "--node-memory",
-                "8M",
-                "--eviction",
-                policy,
-            ];
+            let mut a = memtouch_args(&c, "shm", "8M");
+            a.extend(["--eviction", policy]);
             let (r, stdout) = run_pod_out(&a, false)?;
             counts.push((r.nodes[0].clone(), stdout));
             runs.push(r);
