@@ -390,6 +390,10 @@ pub struct Stats {
     pub exposures: u64,
     pub exposures_ended: u64,
     pub exposure_ns: u64,
+    /// Sends the peer's socket had no room for at once: they waited in a
+    /// backlog that the peer's flusher thread wrote (shm, tcp, and verbs'
+    /// stream frames).
+    pub sends_deferred: u64,
 }
 
 /// Why a peer is gone when it left in order (it said goodbye): a node

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,14 +21,23 @@ pub(crate) type Answer = Result<Frame>;
 /// index in the batch.
 type Waiter = (Sender<(usize, Answer)>, usize);
 
+/// How many sealed bytes may wait for a peer's socket before the peer is
+/// given up as not reading: far beyond what a live peer leaves unread
+/// (its receiving thread moves what arrives into its inbox), and a bound
+/// on our memory when one stops.
+const MAX_BACKLOG: usize = 256 << 20;
+
 /// One peer: its regions, the write half of its stream, its liveness.
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub id: NodeId,
     pub regions: Vec<RegionInfo>,
-    /// The write half of the stream and the sealer of what we send (one
-    /// lock: frames are numbered in the order they go out).
-    writer: Mutex<(Conn, Sealer)>,
+    /// What goes out to the peer (one lock: frames are numbered in the
+    /// order they go out).
+    out: Mutex<Outgoing>,
+    /// The backlog, `in_flight` or `closed` changed: the flusher and a
+    /// closer waiting for the backlog to drain look again.
+    out_changed: Condvar,
     alive: AtomicBool,
     gone: Mutex<Option<String>>,
     /// Requests (tcp reads, verbs key requests) waiting for their answer,
@@ -38,6 +47,50 @@ pub(crate) struct Peer {
     heard: AtomicU64,
     /// When its loss was noticed (ns since [`epoch`]; 0 while it is here).
     gone_at: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+/// The sending half of a peer's stream. A send never waits for the peer:
+/// what the socket has no room for joins the backlog, which the peer's
+/// flusher thread writes (and only it, until the backlog is empty, so the
+/// order holds). A thread that sends while it handles the peer's messages
+/// (a receiving thread answering a read, a tap) therefore cannot wait on a
+/// peer that waits on it.
+#[derive(Debug)]
+struct Outgoing {
+    conn: Conn,
+    sealer: Sealer,
+    /// Sealed frames the socket had no room for yet, in order.
+    backlog: Vec<u8>,
+    /// Bytes the flusher took from the backlog and is writing (0: none).
+    in_flight: usize,
+    /// Nothing more goes out: the peer is closing or a write failed.
+    closed: bool,
+}
+/// Writes as much of `bytes` as the socket takes without waiting; returns
+/// how much that was.
+fn send_now(conn: &Conn, bytes: &[u8]) -> std::io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let rest = &bytes[sent..];
+        // SAFETY: `rest` is a live slice of `rest.len()` bytes; send(2)
+        // only reads it. MSG_NOSIGNAL: a closed peer is an error, not
+        // SIGPIPE.
+        let n = unsafe {
+            libc::send(conn.raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock => break,
+            _ => return Err(e),
+        }
+    }
+    Ok(sent)
 }
 
 /// The zero of the peers' arrival times.
@@ -47,16 +100,25 @@ fn epoch() -> Instant {
 }
 
 impl Peer {
-    pub fn new(id: NodeId, regions: Vec<RegionInfo>, conn: &Conn, sealer: Sealer) -> std::io::Result<Self> {
+    pub fn new(
+        id: NodeId,
+        regions: Vec<RegionInfo>,
+        conn: &Conn,
+        sealer: Sealer,
+        counters: Arc<Counters>,
+    ) -> std::io::Result<Self> {
+        let out = Outgoing { conn: conn.try_clone()?, sealer, backlog: Vec::new(), in_flight: 0, closed: false };
         Ok(Peer {
             id,
             regions,
-            writer: Mutex::new((conn.try_clone()?, sealer)),
+            out: Mutex::new(out),
+            out_changed: Condvar::new(),
             alive: AtomicBool::new(true),
             gone: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             heard: AtomicU64::new(epoch().elapsed().as_nanos() as u64),
             gone_at: AtomicU64::new(0),
+            counters,
         })
     }
 
@@ -82,31 +144,126 @@ impl Peer {
         if self.alive.load(Ordering::Acquire) {
             return Ok(());
         }
-        let reason = self.gone.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
-        Err(Error::PeerGone { peer: self.id, reason })
+        Err(Error::PeerGone { peer: self.id, reason: self.gone_reason("") })
     }
 
-    /// Writes frames as one write.
+    /// The reason it is gone, or `fallback`.
+    fn gone_reason(&self, fallback: &str) -> String {
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| fallback.to_string())
+    }
+
+    /// Sends frames, in order after those sent before, without waiting for
+    /// the peer: what its socket has no room for waits in the backlog for
+    /// the flusher (see [`Outgoing`]). Fails when the peer is gone or
+    /// closing, or has left [`MAX_BACKLOG`] bytes unread (then it is gone).
     pub fn write(&self, frames: &[Frame]) -> Result<()> {
         self.check_alive()?;
-        let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let (w, sealer) = &mut *guard;
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if out.closed {
+            return Err(Error::PeerGone { peer: self.id, reason: self.gone_reason("its connection is closed") });
+        }
         let mut bytes = Vec::new();
         for f in frames {
-            sealer.seal_into(f, &mut bytes);
+            out.sealer.seal_into(f, &mut bytes);
         }
-        std::io::Write::write_all(w, &bytes).map_err(|e| {
-            // Part of a frame may be out: the stream is out of step for
-            // good. Close it, so that neither side reads a frame boundary
-            // where there is none; our reader thread then reports the peer
-            // gone.
-            w.shutdown();
-            if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut {
-                Error::Timeout { peer: self.id, what: "writing", after: Duration::ZERO }
-            } else {
-                Error::PeerGone { peer: self.id, reason: format!("writing failed: {e}") }
+        if out.in_flight > 0 || !out.backlog.is_empty() {
+            let unsent = out.in_flight + out.backlog.len();
+            if unsent + bytes.len() > MAX_BACKLOG {
+                let reason = format!("left {} MiB we sent it unread", unsent >> 20);
+                out.closed = true;
+                out.conn.shutdown();
+                drop(out);
+                self.out_changed.notify_all();
+                self.mark_gone(&reason);
+                return Err(Error::PeerGone { peer: self.id, reason });
             }
-        })
+            out.backlog.extend_from_slice(&bytes);
+            self.counters.sends_deferred.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        match send_now(&out.conn, &bytes) {
+            Ok(sent) if sent == bytes.len() => Ok(()),
+            Ok(sent) => {
+                out.backlog.extend_from_slice(&bytes[sent..]);
+                self.counters.sends_deferred.fetch_add(1, Ordering::Relaxed);
+                drop(out);
+                self.out_changed.notify_all();
+                Ok(())
+            }
+            Err(e) => {
+                // Part of a frame may be out: the stream is out of step for
+                // good. Close it, so that neither side reads a frame
+                // boundary where there is none; our reader thread then
+                // reports the peer gone.
+                out.closed = true;
+                out.conn.shutdown();
+                Err(Error::PeerGone { peer: self.id, reason: format!("writing failed: {e}") })
+            }
+        }
+    }
+
+    /// The flusher: writes the backlog as it fills, waiting for the peer
+    /// (up to the stream's write timeout without progress, then the peer is
+    /// lost), until the peer is closed. Runs on its own thread, with its
+    /// own handle on the stream.
+    fn flush_loop(&self, core: &Core, mut conn: Conn) {
+        loop {
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            out.in_flight = 0;
+            self.out_changed.notify_all();
+            while out.backlog.is_empty() && !out.closed {
+                out = self.out_changed.wait(out).unwrap_or_else(|p| p.into_inner());
+            }
+            if out.backlog.is_empty() {
+                return; // closed, and all was written
+            }
+            let bytes = std::mem::take(&mut out.backlog);
+            out.in_flight = bytes.len();
+            drop(out);
+            if let Err(e) = std::io::Write::write_all(&mut conn, &bytes) {
+                let reason = if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                    format!("read nothing we sent for {:?}", core.io_timeout)
+                } else {
+                    format!("writing failed: {e}")
+                };
+                let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+                out.closed = true;
+                out.in_flight = 0;
+                out.backlog = Vec::new();
+                drop(out);
+                self.out_changed.notify_all();
+                core.peer_gone(self, &reason);
+                conn.shutdown();
+                return;
+            }
+        }
+    }
+
+    /// Sends `last` (a goodbye) behind what is queued, waits until
+    /// `deadline` for the backlog to drain, then closes the stream both
+    /// ways (the reader and flusher threads then end).
+    fn close(&self, last: Option<Frame>, deadline: Instant) {
+        if let Some(f) = last {
+            let _ = self.write(&[f]);
+        }
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        while (out.in_flight > 0 || !out.backlog.is_empty()) && !out.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            out = self.out_changed.wait_timeout(out, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        out.closed = true;
+        out.conn.shutdown();
+        drop(out);
+        self.out_changed.notify_all();
+    }
+
+    /// Closes the stream both ways now, dropping what waits to go out (the
+    /// reader and flusher threads then end).
+    pub fn shutdown(&self) {
+        self.close(None, Instant::now());
     }
 
     /// Registers the requests of a batch; answers arrive on the receiver.
@@ -150,11 +307,6 @@ impl Peer {
             let _ = tx.send((i, Err(Error::PeerGone { peer: self.id, reason: reason.to_string() })));
         }
         was_alive
-    }
-
-    /// Closes the stream both ways (the reader thread then ends).
-    pub fn shutdown(&self) {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).0.shutdown();
     }
 }
 
@@ -217,6 +369,7 @@ pub(crate) struct Counters {
     pub exposures: AtomicU64,
     pub exposures_ended: AtomicU64,
     pub exposure_ns: AtomicU64,
+    pub sends_deferred: AtomicU64,
 }
 
 impl Counters {
@@ -234,12 +387,13 @@ impl Counters {
             exposures: g(&self.exposures),
             exposures_ended: g(&self.exposures_ended),
             exposure_ns: g(&self.exposure_ns),
+            sends_deferred: g(&self.sends_deferred),
         }
     }
 }
 
 /// The state every backend has: peers, local regions, inbox, counters,
-/// reader threads.
+/// reader and flusher threads.
 #[derive(Debug)]
 pub(crate) struct Core {
     pub node: NodeId,
@@ -251,7 +405,8 @@ pub(crate) struct Core {
     inbox_tx: Mutex<Sender<Incoming>>,
     next_tag: AtomicU64,
     stopping: Arc<AtomicBool>,
-    readers: Mutex<Vec<JoinHandle<()>>>,
+    /// Each peer's reader and flusher.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Core {
@@ -312,43 +467,54 @@ impl Core {
         make_handler: impl FnOnce(std::sync::Weak<Core>) -> Arc<dyn Handler>,
     ) -> Result<Arc<Core>> {
         let (tx, rx) = channel();
+        let counters = Arc::new(Counters::default());
         let mut peers = BTreeMap::new();
-        let mut readers = Vec::new();
+        let mut streams = Vec::new();
         for (id, Link { conn, sealer, opener, .. }) in conns {
-            let p = Peer::new(id, regions.get(&id).cloned().unwrap_or_default(), &conn, sealer)
-                .map_err(|source| Error::Io { what: format!("cloning the stream of node {id}"), source })?;
+            let cloning = |source| Error::Io { what: format!("cloning the stream of node {id}"), source };
+            let p = Peer::new(id, regions.get(&id).cloned().unwrap_or_default(), &conn, sealer, counters.clone())
+                .map_err(cloning)?;
+            let flusher_conn = conn.try_clone().map_err(cloning)?;
             peers.insert(id, Arc::new(p));
-            readers.push((id, conn, opener));
+            streams.push((id, conn, opener, flusher_conn));
         }
         let core = Arc::new(Core {
             node,
             peers,
             local: Arc::new(local),
-            counters: Arc::new(Counters::default()),
+            counters,
             io_timeout,
             inbox: Mutex::new(rx),
             inbox_tx: Mutex::new(tx),
             next_tag: AtomicU64::new(1),
             stopping: Arc::new(AtomicBool::new(false)),
-            readers: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
         });
         let handler = make_handler(Arc::downgrade(&core));
-        for (id, conn, opener) in readers {
-            // the reader blocks until a frame or the end of the stream
+        for (id, conn, opener, flusher_conn) in streams {
+            // the reader blocks until a frame or the end of the stream; the
+            // flusher's writes wait for the peer up to `io_timeout`
             conn.set_timeouts(None, Some(io_timeout))
                 .map_err(|source| Error::Io { what: "setting socket timeouts".into(), source })?;
             let peer = core.peers[&id].clone();
-            let c = core.clone();
+            let (c, p) = (core.clone(), peer.clone());
             let h = handler.clone();
-            let t = std::thread::Builder::new()
+            let reader = std::thread::Builder::new()
                 .name(format!("fabric-rx{id}"))
-                .spawn(move || c.read_loop(&peer, conn, opener, &*h));
-            match t {
-                Ok(t) => core.readers.lock().unwrap_or_else(|p| p.into_inner()).push(t),
+                .spawn(move || c.read_loop(&p, conn, opener, &*h));
+            let c = core.clone();
+            let flusher = reader.and_then(|r| {
+                core.threads.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                std::thread::Builder::new()
+                    .name(format!("fabric-tx{id}"))
+                    .spawn(move || peer.flush_loop(&c, flusher_conn))
+            });
+            match flusher {
+                Ok(t) => core.threads.lock().unwrap_or_else(|p| p.into_inner()).push(t),
                 Err(source) => {
-                    // stop the readers that did start, and close every stream
+                    // stop the threads that did start, and close every stream
                     core.shutdown();
-                    return Err(Error::Io { what: "starting a reader thread".into(), source });
+                    return Err(Error::Io { what: "starting a reader or flusher thread".into(), source });
                 }
             }
         }
@@ -506,17 +672,19 @@ impl Core {
         Ok(())
     }
 
-    /// Says goodbye, closes every stream, joins the readers.
+    /// Says goodbye behind what is queued for each peer, waits up to the
+    /// I/O timeout for it to go out, closes every stream, joins the
+    /// readers and flushers.
     pub fn shutdown(&self) {
         if self.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
+        let deadline = Instant::now() + self.io_timeout;
         for p in self.peers.values() {
-            let _ = p.write(&[Frame::Goodbye]);
-            p.shutdown();
+            p.close(Some(Frame::Goodbye), deadline);
         }
-        let readers: Vec<_> = self.readers.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
-        for t in readers {
+        let threads: Vec<_> = self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -531,5 +699,113 @@ pub(crate) fn stream_error(peer: NodeId, what: &str, e: StreamError) -> Error {
         StreamError::Io(e) => Error::PeerGone { peer, reason: format!("{what}: {e}") },
         StreamError::Wire(w) => Error::Protocol { peer, reason: format!("{what}: {w}") },
         f @ StreamError::Forged { .. } => Error::Protocol { peer, reason: format!("{what}: its {f}") },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::framing::{MessageOpener, MessageSealer};
+
+    /// Takes no frames of its own.
+    struct NoFrames;
+
+    impl Handler for NoFrames {
+        fn on_frame(&self, peer: &Peer, frame: Frame) -> Result<()> {
+            Err(Error::Protocol { peer: peer.id, reason: format!("unexpected {}", frame.name()) })
+        }
+    }
+
+    /// Node 0's core over one end of a socket pair, whose other end plays
+    /// node 1 (read by the test, or not).
+    fn core_and_peer(io_timeout: Duration) -> (Arc<Core>, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let link = Link {
+            conn: Conn::Unix(ours),
+            sealer: Sealer::new(None),
+            opener: Opener::new(None),
+            msg_sealer: MessageSealer::new(None),
+            msg_opener: MessageOpener::new(None),
+        };
+        let core = Core::start(0, BTreeMap::from([(1, link)]), BTreeMap::new(), Vec::new(), io_timeout, |_| {
+            Arc::new(NoFrames)
+        })
+        .unwrap();
+        (core, theirs)
+    }
+
+    /// Messages of the largest size, as many as make 8 MiB.
+    const MESSAGES: u32 = (8 << 20) / crate::MAX_MESSAGE as u32;
+
+    fn message(i: u32) -> Vec<u8> {
+        let mut m = vec![(i % 251) as u8; crate::MAX_MESSAGE];
+        m[..4].copy_from_slice(&i.to_le_bytes());
+        m
+    }
+
+    /// 8 MiB to a peer that reads none of it (a socket buffer holds a few
+    /// hundred KiB): every send returns, the rest waits in the backlog, and
+    /// all of it arrives, in order, once the peer reads; the goodbye last.
+    #[test]
+    fn a_send_does_not_wait_for_a_peer_that_does_not_read() {
+        let (core, mut theirs) = core_and_peer(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..MESSAGES {
+            core.send_message(1, &message(i)).unwrap();
+        }
+        // (a send that waited would wait for the 60 s write timeout)
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(core.counters.snapshot().sends_deferred > 0);
+        let closer = {
+            let core = core.clone();
+            std::thread::spawn(move || core.shutdown())
+        };
+        let mut opener = Opener::new(None);
+        for i in 0..MESSAGES {
+            match opener.read_frame(&mut theirs).unwrap() {
+                Frame::Message(m) => assert!(m == message(i), "message {i} differs"),
+                other => panic!("message {i}: {}", other.name()),
+            }
+        }
+        assert_eq!(opener.read_frame(&mut theirs).unwrap(), Frame::Goodbye);
+        closer.join().unwrap();
+    }
+
+    /// A peer that reads nothing for the I/O timeout while sends wait for
+    /// it is lost, named, and later sends fail.
+    #[test]
+    fn a_peer_that_reads_nothing_is_lost_after_the_io_timeout() {
+        let (core, _theirs) = core_and_peer(Duration::from_millis(300));
+        for i in 0..MESSAGES {
+            core.send_message(1, &message(i)).unwrap();
+        }
+        match core.recv(Duration::from_secs(10)) {
+            Some(Incoming::PeerGone { node: 1, reason }) => assert!(reason.contains("read nothing"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(core.send_message(1, &[1]), Err(Error::PeerGone { peer: 1, .. })));
+        core.shutdown();
+    }
+
+    /// What a peer leaves unread is bounded: beyond [`MAX_BACKLOG`] the
+    /// peer is gone and the send fails, naming how much it left.
+    #[test]
+    fn the_backlog_is_bounded() {
+        let (core, _theirs) = core_and_peer(Duration::from_secs(60));
+        let big = Frame::ReadData { tag: 1, data: vec![7u8; crate::MAX_READ] };
+        let mut failed = None;
+        for _ in 0..(MAX_BACKLOG / crate::MAX_READ + 2) {
+            if let Err(e) = core.peer(1).unwrap().write(std::slice::from_ref(&big)) {
+                failed = Some(e);
+                break;
+            }
+        }
+        match failed {
+            Some(Error::PeerGone { peer: 1, reason }) => assert!(reason.contains("MiB we sent it unread"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        core.shutdown();
     }
 }

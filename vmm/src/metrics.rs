@@ -113,6 +113,9 @@ pub struct NodeMetrics {
     /// Over verbs: 2 MiB chunks registered for reads that named no
     /// exposure (a pod refuses them: 0).
     pub chunks_registered: u64,
+    /// Sends a peer's socket had no room for at once: they waited in a
+    /// backlog the fabric wrote from another thread.
+    pub sends_deferred: u64,
     pub vcpu_exits: u64,
     pub wall_seconds: f64,
     pub fault_us_p50: f64,
@@ -247,6 +250,7 @@ impl Report {
             t.exposures_ended += n.exposures_ended;
             t.exposure_us += n.exposure_us;
             t.chunks_registered += n.chunks_registered;
+            t.sends_deferred += n.sends_deferred;
             t.vcpu_exits += n.vcpu_exits;
             t.wall_seconds = t.wall_seconds.max(n.wall_seconds);
             t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);

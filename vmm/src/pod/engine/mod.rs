@@ -1831,6 +1831,7 @@ impl Engine {
             m.exposures_ended = s.exposures_ended;
             m.exposure_us = s.exposure_ns as f64 / 1000.0;
             m.chunks_registered = s.chunks_registered;
+            m.sends_deferred = s.sends_deferred;
         }
         m.pinned_bytes = crate::metrics::pinned_bytes();
         m
