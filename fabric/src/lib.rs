@@ -394,6 +394,33 @@ pub struct Stats {
     /// backlog that the peer's flusher thread wrote (shm, tcp, and verbs'
     /// stream frames).
     pub sends_deferred: u64,
+    /// Messages a [`Tap`] took on the receiving thread (they skipped the
+    /// inbox).
+    pub messages_tapped: u64,
+}
+
+/// Takes messages on the thread that receives them, before the inbox
+/// ([`Transport::set_tap`]): the hand-off from that thread to the one that
+/// calls [`Transport::recv`] is a thread wake per message, which on a
+/// small host costs more than handling most messages.
+pub trait Tap: Send + Sync + fmt::Debug {
+    /// A message from `from`. Messages it passes reach the inbox in their
+    /// order. It runs on the backend's receiving thread for `from`: what
+    /// it does delays the messages behind this one, and it must not wait
+    /// for that thread.
+    fn take(&self, from: NodeId, payload: &[u8]) -> Take;
+}
+
+/// What a [`Tap`] did with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// Not taken: it goes to the inbox.
+    Pass,
+    /// Taken here: it skips the inbox.
+    Taken,
+    /// Taken here, and the thread that calls [`Transport::recv`] has work
+    /// now: a `recv` under way returns `None` at once (as on a timeout).
+    TakenWake,
 }
 
 /// Why a peer is gone when it left in order (it said goodbye): a node
@@ -452,6 +479,20 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// pair: the connection is lost).
     fn unexpose(&self, region: u32, offset: u64, len: u64) {
         let _ = (region, offset, len);
+    }
+    /// Lets `tap` take messages on this backend's receiving threads, from
+    /// now on; returns whether it will (a tap is set once). A tap may read
+    /// peers' memory and send. Only shm runs one: tcp's receiving thread
+    /// also carries the answers to our reads (a tap that read would wait
+    /// for itself), and verbs' single receiving thread reposts a peer's
+    /// receive buffers only after a message is handled (with 32 of them a
+    /// peer, two nodes whose taps both send could wait on each other).
+    /// A tap's sends over shm never wait for the peer (what its socket has
+    /// no room for waits in a backlog another thread writes), so two nodes
+    /// whose taps answer each other cannot stop each other.
+    fn set_tap(&self, tap: std::sync::Arc<dyn Tap>) -> bool {
+        let _ = tap;
+        false
     }
     /// Sends one message (at most [`MAX_MESSAGE`] bytes) to `peer`.
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;

@@ -370,6 +370,7 @@ pub(crate) struct Counters {
     pub exposures_ended: AtomicU64,
     pub exposure_ns: AtomicU64,
     pub sends_deferred: AtomicU64,
+    pub messages_tapped: AtomicU64,
 }
 
 impl Counters {
@@ -388,6 +389,7 @@ impl Counters {
             exposures_ended: g(&self.exposures_ended),
             exposure_ns: g(&self.exposure_ns),
             sends_deferred: g(&self.sends_deferred),
+            messages_tapped: g(&self.messages_tapped),
         }
     }
 }
@@ -401,8 +403,11 @@ pub(crate) struct Core {
     pub local: Arc<Vec<LocalRegion>>,
     pub counters: Arc<Counters>,
     pub io_timeout: Duration,
-    inbox: Mutex<Receiver<Incoming>>,
-    inbox_tx: Mutex<Sender<Incoming>>,
+    /// What `recv` returns; None wakes it with nothing (`Take::TakenWake`).
+    inbox: Mutex<Receiver<Option<Incoming>>>,
+    inbox_tx: Mutex<Sender<Option<Incoming>>>,
+    /// Offered every message before the inbox (shm: `Transport::set_tap`).
+    tap: std::sync::OnceLock<Arc<dyn crate::Tap>>,
     next_tag: AtomicU64,
     stopping: Arc<AtomicBool>,
     /// Each peer's reader and flusher.
@@ -486,6 +491,7 @@ impl Core {
             io_timeout,
             inbox: Mutex::new(rx),
             inbox_tx: Mutex::new(tx),
+            tap: std::sync::OnceLock::new(),
             next_tag: AtomicU64::new(1),
             stopping: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
@@ -578,18 +584,38 @@ impl Core {
             p.heard();
         }
         self.counters.messages_received.fetch_add(1, Ordering::Relaxed);
-        let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Incoming::Message { from, payload });
+        if let Some(tap) = self.tap.get() {
+            match tap.take(from, &payload) {
+                crate::Take::Pass => {}
+                crate::Take::Taken => {
+                    self.counters.messages_tapped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                crate::Take::TakenWake => {
+                    self.counters.messages_tapped.fetch_add(1, Ordering::Relaxed);
+                    // (None: a wake, not a message; `recv` returns None)
+                    let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(None);
+                    return;
+                }
+            }
+        }
+        let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Some(Incoming::Message { from, payload }));
+    }
+
+    /// Sets the tap [`Core::deliver`] offers every message first (once).
+    pub fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
+        self.tap.set(tap).is_ok()
     }
 
     pub fn recv(&self, timeout: Duration) -> Option<Incoming> {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).recv_timeout(timeout).ok()
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).recv_timeout(timeout).ok().flatten()
     }
 
     /// A peer left: fail its waiters, tell the inbox once.
     pub fn peer_gone(&self, peer: &Peer, reason: &str) {
         if peer.mark_gone(reason) && !self.stopping.load(Ordering::Acquire) {
             let gone = Incoming::PeerGone { node: peer.id, reason: reason.to_string() };
-            let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(gone);
+            let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Some(gone));
         }
     }
 

@@ -311,6 +311,10 @@ impl Transport for ShmTransport {
         Ok(())
     }
 
+    fn set_tap(&self, tap: std::sync::Arc<dyn crate::Tap>) -> bool {
+        self.core.set_tap(tap)
+    }
+
     fn send(&self, peer: NodeId, msg: &[u8]) -> Result<()> {
         self.core.send_message(peer, msg)
     }

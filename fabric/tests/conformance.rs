@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -299,6 +300,138 @@ fn without_chunk_keys_only_exposed_memory_is_read(kind: Kind) {
         }
         drop(ts);
         drop(mem);
+    }
+}
+
+/// A tap takes the messages it wants on the receiving thread (shm only:
+/// see `Transport::set_tap`), in their order; the rest reach the inbox in
+/// theirs; a wake makes a waiting `recv` return at once.
+fn a_tap_takes_messages_before_the_inbox(kind: Kind) {
+    #[derive(Debug, Default)]
+    struct Ones(Mutex<Vec<Vec<u8>>>);
+    impl shoal_fabric::Tap for Ones {
+        fn take(&self, _from: u32, payload: &[u8]) -> shoal_fabric::Take {
+            match payload.first() {
+                Some(1) => {
+                    self.0.lock().unwrap().push(payload.to_vec());
+                    shoal_fabric::Take::Taken
+                }
+                Some(3) => shoal_fabric::Take::TakenWake,
+                _ => shoal_fabric::Take::Pass,
+            }
+        }
+    }
+    let (ts, _mem) = pod(kind, 2);
+    let tap = Arc::new(Ones::default());
+    let runs = ts[0].set_tap(tap.clone());
+    assert_eq!(runs, kind == Kind::Shm, "{kind}");
+    assert!(!ts[0].set_tap(tap.clone()), "{kind}: a tap is set once");
+    for m in [[1u8, 10], [2, 20], [1, 11], [2, 21]] {
+        ts[1].send(0, &m).unwrap();
+    }
+    let mut inbox = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inbox.len() < if runs { 2 } else { 4 } {
+        assert!(Instant::now() < deadline, "{kind}: messages missing: {inbox:?}");
+        if let Some(Incoming::Message { from: 1, payload }) = ts[0].recv(Duration::from_millis(100)).unwrap() {
+            inbox.push(payload);
+        }
+    }
+    if runs {
+        assert_eq!(inbox, vec![vec![2, 20], vec![2, 21]]);
+        assert_eq!(*tap.0.lock().unwrap(), vec![vec![1, 10], vec![1, 11]]);
+        // a wake: the receiver returns at once with nothing
+        ts[1].send(0, &[3]).unwrap();
+        let t0 = Instant::now();
+        while tap.0.lock().unwrap().len() < 2 || ts[0].stats().messages_tapped < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the wake was not taken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t0 = Instant::now();
+        assert_eq!(ts[0].recv(Duration::from_secs(20)).unwrap(), None);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert_eq!(ts[0].stats().messages_tapped, 3);
+    } else {
+        assert_eq!(inbox, vec![vec![1, 10], vec![2, 20], vec![1, 11], vec![2, 21]]);
+        assert!(tap.0.lock().unwrap().is_empty());
+        assert_eq!(ts[0].stats().messages_tapped, 0);
+    }
+}
+
+/// Two nodes whose taps answer every message with one back keep 64
+/// exchanges of 16 KiB messages going each way (1 MiB in flight each way,
+/// several socket buffers' worth), 33 hops each: 64 MiB in all. A tap's
+/// send never waits for the peer, so neither node's receiving thread can
+/// stop the other's; with sends that waited, both stopped, each in a send
+/// to a peer that was itself stuck in one.
+fn taps_answer_each_others_floods(kind: Kind) {
+    const CHAINS: u32 = 64;
+    const HOPS: u32 = 32;
+    #[derive(Debug, Default)]
+    struct Echo {
+        me: u32,
+        t: std::sync::OnceLock<std::sync::Weak<dyn Transport>>,
+        taken: std::sync::atomic::AtomicU32,
+        failed: Mutex<Option<String>>,
+    }
+    impl shoal_fabric::Tap for Echo {
+        fn take(&self, from: u32, payload: &[u8]) -> shoal_fabric::Take {
+            let hop = u32::from_le_bytes(payload[..4].try_into().unwrap());
+            self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if hop < HOPS {
+                let mut next = payload.to_vec();
+                next[..4].copy_from_slice(&(hop + 1).to_le_bytes());
+                if let Some(t) = self.t.get().and_then(|w| w.upgrade()) {
+                    if let Err(e) = t.send(from, &next) {
+                        *self.failed.lock().unwrap() = Some(format!("node {}: {e}", self.me));
+                    }
+                }
+            }
+            shoal_fabric::Take::Taken
+        }
+    }
+    // (a send that waited would wait up to the I/O timeout: longer than
+    // the test's own deadline)
+    let options = shoal_fabric::Options { io_timeout: Duration::from_secs(120), ..quick_options() };
+    let secrets: Vec<&[u8]> = vec![b"pod secret"; 2];
+    let joined = pod_with(kind, 2, &secrets, options);
+    let (ts, _mem): (Vec<Arc<dyn Transport>>, Vec<_>) =
+        joined.into_iter().map(|(t, m)| (Arc::from(t.expect("joined")), m)).unzip();
+    let taps: Vec<Arc<Echo>> = (0..2).map(|me| Arc::new(Echo { me, ..Echo::default() })).collect();
+    for (t, tap) in ts.iter().zip(&taps) {
+        tap.t.set(Arc::downgrade(t)).unwrap();
+        if !t.set_tap(tap.clone()) {
+            assert_ne!(kind, Kind::Shm);
+            return; // only shm runs a tap
+        }
+    }
+    // a bound on liveness, not a speed: the exchange takes well under 1 s
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut message = vec![0x5a; shoal_fabric::MAX_MESSAGE];
+    message[..4].copy_from_slice(&0u32.to_le_bytes()); // hop 0
+    for _ in 0..CHAINS {
+        ts[0].send(1, &message).unwrap();
+        ts[1].send(0, &message).unwrap();
+    }
+    let each = CHAINS * (HOPS + 1);
+    loop {
+        let taken: Vec<u32> = taps.iter().map(|t| t.taken.load(std::sync::atomic::Ordering::SeqCst)).collect();
+        for tap in &taps {
+            assert_eq!(*tap.failed.lock().unwrap(), None);
+        }
+        assert!(Instant::now() < deadline, "{kind}: the taps stopped at {taken:?} of {each} each");
+        if taken == [each, each] {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let deferred: u64 = ts.iter().map(|t| t.stats().sends_deferred).sum();
+    assert!(deferred > 0, "{kind}: no send waited for room: the test did not fill a socket");
+    for t in &ts {
+        assert_eq!(t.recv(Duration::from_millis(50)).unwrap(), None, "{kind}: a tapped message reached the inbox");
+    }
+    for t in &ts {
+        t.shutdown();
     }
 }
 
@@ -784,6 +917,14 @@ macro_rules! suite {
             #[test]
             fn messages() {
                 if can_run(KIND, "messages") { messages_arrive_in_order(KIND) }
+            }
+            #[test]
+            fn tap_flood() {
+                if can_run(KIND, "tap_flood") { taps_answer_each_others_floods(KIND) }
+            }
+            #[test]
+            fn tap() {
+                if can_run(KIND, "tap") { a_tap_takes_messages_before_the_inbox(KIND) }
             }
             #[test]
             fn first_departure() {

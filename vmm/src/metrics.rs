@@ -116,6 +116,9 @@ pub struct NodeMetrics {
     /// Sends a peer's socket had no room for at once: they waited in a
     /// backlog the fabric wrote from another thread.
     pub sends_deferred: u64,
+    /// Messages handled on the fabric's receiving thread (shm), without
+    /// the hand-off to the node's receiver thread.
+    pub messages_tapped: u64,
     pub vcpu_exits: u64,
     pub wall_seconds: f64,
     pub fault_us_p50: f64,
@@ -251,6 +254,7 @@ impl Report {
             t.exposure_us += n.exposure_us;
             t.chunks_registered += n.chunks_registered;
             t.sends_deferred += n.sends_deferred;
+            t.messages_tapped += n.messages_tapped;
             t.vcpu_exits += n.vcpu_exits;
             t.wall_seconds = t.wall_seconds.max(n.wall_seconds);
             t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);

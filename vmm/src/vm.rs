@@ -413,8 +413,10 @@ fn build_node<'a>(
                         clock_ns: u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX),
                         wall_ns: crate::pod::wall_ns(),
                     };
+                    // (before Start: no page or vCPU message can come before it)
+                    let tap = crate::pod::PodTap::set(&*link.transport, &engine, &vcpus);
                     link.start(&start_plan, &engine, &vcpus)?;
-                    Some(link.serve(engine.clone(), vcpus.clone()).map_err(Error::Thread)?)
+                    Some(link.serve(engine.clone(), vcpus.clone(), tap).map_err(Error::Thread)?)
                 }
                 None => None,
             };

@@ -63,6 +63,14 @@ fn memtouch_beyond_node_memory(fabric: &str, nodes_n: usize, node_memory_mib: u6
     // read ahead, in batches, and went through what they read
     let (ahead, used) = (get(&ns[0], "pages_prefetched"), get(&ns[0], "prefetched_used"));
     assert!(ahead > 0 && used > 0 && used <= ahead, "{}", ns[0]);
+    // over shm page messages are taken on the fabric's receiving thread
+    // (no hand-off to the node's receiver); tcp keeps them in its inbox
+    let tapped: u64 = ns.iter().map(|n| get(n, "messages_tapped")).sum();
+    if fabric == "shm" {
+        assert!(ns.iter().all(|n| get(n, "messages_tapped") > 0), "{ns:?}");
+    } else {
+        assert_eq!(tapped, 0, "{ns:?}");
+    }
     let pulled_by_others: u64 = ns[1..].iter().map(|n| get(n, "remote_fetches")).sum();
     // each page evicted with contents was pulled by exactly one node
     assert_eq!(pulled_by_others, get(&ns[0], "pages_evicted"), "{ns:?}");

@@ -38,7 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shoal_fabric::{Incoming, Transport};
+use shoal_fabric::{Incoming, Take, Transport};
 use shoal_protocol::{Access, NodeId};
 
 use crate::metrics::NodeMetrics;
@@ -371,22 +371,15 @@ fn control_name(msg: &Control) -> &'static str {
     }
 }
 
-// Every message reaches the engine after two thread hand-offs: the
-// fabric's reader thread, then this receiver through the fabric's inbox.
-// Taking page messages on the reader thread would save one wake per
-// message (on this 2-CPU test host a wake often costs more than the work),
-// but over tcp a fabric read the engine starts there waits for an answer
-// only that same reader thread can read (a deadlock), and two nodes whose
-// readers both block in sends could fill each other's socket buffers:
-// worth doing only with both solved. Tried on 2026-12-06 over shm only
-// (a tap in the fabric's `deliver`, reverted in the commit that adds this
-// note): asked remote faults went from 112-123 to 66-76 us p50 and a vCPU
-// move from 565-590 to 475-495 us, but a Linux boot under --node-memory
-// 80M deadlocked in its first try: both readers in sends, both socket
-// buffers full of eviction traffic, until the 60 s liveness limit ended
-// the pod. The inbox, unbounded, is what keeps a reader draining; a reader
-// that handles messages needs sends that never block it first (a
-// per-peer backlog written by another thread when the socket is full).
+// Over tcp and verbs every message reaches the engine after two thread
+// hand-offs: the fabric's receiving thread, then this receiver through
+// the fabric's inbox. Over shm page and vCPU messages are taken on the
+// receiving thread ([`PodTap`]): one wake fewer per message, which on a
+// small host often costs more than the work (see `Transport::set_tap` for
+// why only shm). A first version (2026-12-06) deadlocked a Linux boot
+// under --node-memory 80M: both nodes' receiving threads blocked in sends,
+// both socket buffers full of eviction traffic. It needed sends that never
+// wait for the peer, which the fabric now has (its send backlog).
 /// Reads the next message; control messages are returned, page and vCPU
 /// messages handed to `engine` and `vcpus` (None before they exist: then
 /// such a message is a peer's mistake). Every arrival counts as hearing
@@ -421,28 +414,95 @@ fn next(
                     check_control_sender(t.node(), from, &msg)?;
                     Ok(Some(Arrival::Control { from, msg }))
                 }
-                Some((&CHANNEL_PAGES, body)) => match engine {
-                    Some(e) => e.on_message(from, body).map(|()| None).map_err(Error::Failed),
-                    None => {
-                        Err(Error::Malformed { node: from, reason: "a page message before the pod started".into() })
+                Some((&channel, body)) if channel == CHANNEL_PAGES || channel == CHANNEL_VCPU => {
+                    match (engine, vcpus) {
+                        (Some(e), Some(v)) => dispatch(e, v, from, channel, body).map(|()| None),
+                        _ => Err(Error::Malformed {
+                            node: from,
+                            reason: format!(
+                                "a {} message before the pod started",
+                                if channel == CHANNEL_PAGES { "page" } else { "vCPU" }
+                            ),
+                        }),
                     }
-                },
-                Some((&CHANNEL_VCPU, body)) => match vcpus {
-                    Some(v) => match v.on_message(from, body).map_err(Error::Failed)? {
-                        // a vCPU is coming: ask for its stack page while
-                        // its state is captured, sent and restored
-                        Some(page) => match engine {
-                            Some(e) => e.prefetch(page, Access::Write).map(|()| None).map_err(Error::Failed),
-                            None => Ok(None),
-                        },
-                        None => Ok(None),
-                    },
-                    None => {
-                        Err(Error::Malformed { node: from, reason: "a vCPU message before the pod started".into() })
-                    }
-                },
+                }
                 _ => Err(Error::Malformed { node: from, reason: "an unknown channel".into() }),
             }
+        }
+    }
+}
+
+/// A page message to `engine`, a vCPU message to `vcpus`.
+fn dispatch(engine: &Engine, vcpus: &Arc<Vcpus>, from: NodeId, channel: u8, body: &[u8]) -> Result<(), Error> {
+    if channel == CHANNEL_PAGES {
+        return engine.on_message(from, body).map_err(Error::Failed);
+    }
+    match vcpus.on_message(from, body).map_err(Error::Failed)? {
+        // a vCPU is coming: ask for its stack page while its state is
+        // captured, sent and restored
+        Some(page) => engine.prefetch(page, Access::Write).map_err(Error::Failed),
+        None => Ok(()),
+    }
+}
+
+/// Takes page and vCPU messages on the fabric's receiving thread (over
+/// shm: `Transport::set_tap`), as the receiver thread would: a failure
+/// fails the engine, so the VM ends. Control messages keep the inbox.
+/// Set before this node says it is ready (no page or vCPU message can
+/// wait in the inbox then); closed before the node stops its VM, which
+/// waits for a message being handled: later ones go to the inbox, where
+/// the receiver takes them as it did before (errors no longer count).
+pub struct PodTap {
+    engine: Arc<Engine>,
+    vcpus: Arc<Vcpus>,
+    open: std::sync::RwLock<bool>,
+}
+
+impl std::fmt::Debug for PodTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodTap").finish_non_exhaustive()
+    }
+}
+
+impl PodTap {
+    /// Sets a tap on `t` where the backend runs one (shm).
+    pub fn set(t: &dyn Transport, engine: &Arc<Engine>, vcpus: &Arc<Vcpus>) -> Option<Arc<PodTap>> {
+        let tap = Arc::new(PodTap { engine: engine.clone(), vcpus: vcpus.clone(), open: std::sync::RwLock::new(true) });
+        t.set_tap(tap.clone()).then_some(tap)
+    }
+
+    /// Takes no more messages; returns once none is being handled.
+    pub fn close(&self) {
+        *self.open.write().unwrap_or_else(|p| p.into_inner()) = false;
+    }
+}
+
+impl shoal_fabric::Tap for PodTap {
+    fn take(&self, from: NodeId, payload: &[u8]) -> Take {
+        let Some((&channel, body)) = payload.split_first() else { return Take::Pass };
+        if channel != CHANNEL_PAGES && channel != CHANNEL_VCPU {
+            return Take::Pass;
+        }
+        let open = self.open.read().unwrap_or_else(|p| p.into_inner());
+        if !*open {
+            return Take::Pass;
+        }
+        // a bug must end the VM, not the fabric's receiving thread
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dispatch(&self.engine, &self.vcpus, from, channel, body)
+        }));
+        match handled {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.engine.fail(e.to_string()),
+            Err(_) => self.engine.fail("internal error on the fabric's receiving thread (see the panic above)".into()),
+        }
+        // a message that waits for a hold goes when the receiver looks
+        // again (`run_deferred`, every `HOLD_POLL` while any waits): wake
+        // it, or it would sleep its whole turn first
+        if self.engine.deferred_poll().is_some() {
+            Take::TakenWake
+        } else {
+            Take::Taken
         }
     }
 }
@@ -640,7 +700,7 @@ impl Link {
     /// Starts node 0's receiver thread: page messages to `engine`, vCPU
     /// messages to `vcpus`; a node leaving or going silent, or a protocol
     /// failure, fails the engine (so the VM ends).
-    pub fn serve(&self, engine: Arc<Engine>, vcpus: Arc<Vcpus>) -> std::io::Result<Serving> {
+    pub fn serve(&self, engine: Arc<Engine>, vcpus: Arc<Vcpus>, tap: Option<Arc<PodTap>>) -> std::io::Result<Serving> {
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let finishing = Arc::new(AtomicBool::new(false));
@@ -656,13 +716,16 @@ impl Link {
                 receive_loop(&*t, &engine, &vcpus, &tx, &stop, &finishing, limit)
             })?
         };
-        Ok(Serving { rx, stop, finishing, thread: Mutex::new(Some(thread)) })
+        Ok(Serving { rx, stop, finishing, tap, thread: Mutex::new(Some(thread)) })
     }
 
     /// The guest is ending: from now on errors (of messages still in
     /// flight while the VM's memory is released) and departures are no
-    /// longer failures of the pod.
+    /// longer failures of the pod (messages go through the receiver).
     pub fn quiesce(&self, rx: &Serving) {
+        if let Some(tap) = &rx.tap {
+            tap.close();
+        }
         rx.finishing.store(true, Ordering::SeqCst);
     }
 
@@ -670,7 +733,7 @@ impl Link {
     /// the pod failed, tell them why. Then leave the fabric.
     pub fn finish(&self, rx: &Serving, failure: Option<&str>) -> Vec<NodeMetrics> {
         let t = &*self.transport;
-        rx.finishing.store(true, Ordering::SeqCst);
+        self.quiesce(rx);
         let mut out = Vec::new();
         let peers = t.peers();
         for &p in &peers {
@@ -712,6 +775,7 @@ pub struct Serving {
     rx: Receiver<Arrival>,
     stop: Arc<AtomicBool>,
     finishing: Arc<AtomicBool>,
+    tap: Option<Arc<PodTap>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -844,6 +908,7 @@ pub struct Member {
 struct MemberVm {
     engine: Arc<Engine>,
     vcpus: Arc<Vcpus>,
+    tap: Option<Arc<PodTap>>,
     handlers: Option<engine::handlers::FaultHandlers>,
     events: Receiver<crate::control::VmEvent>,
     mem: Arc<crate::memory::GuestMemory>,
@@ -901,11 +966,24 @@ impl MemberVm {
         engine.set_vcpus(vcpus.clone());
         let handlers = engine::handlers::FaultHandlers::spawn(engine.clone(), m.fault_threads, None, on_fatal)
             .map_err(|e| format!("starting the fault handlers: {e}"))?;
-        Ok(MemberVm { engine, vcpus, handlers: Some(handlers), events, mem: m.mem.clone(), started: Instant::now() })
+        // (before Started: no page or vCPU message can come before it)
+        let tap = PodTap::set(&*m.transport, &engine, &vcpus);
+        Ok(MemberVm {
+            engine,
+            vcpus,
+            tap,
+            handlers: Some(handlers),
+            events,
+            mem: m.mem.clone(),
+            started: Instant::now(),
+        })
     }
 
     /// Stops the vCPUs and fault handlers; returns the node's metrics.
     fn stop(&mut self, failed: bool) -> NodeMetrics {
+        if let Some(tap) = &self.tap {
+            tap.close();
+        }
         let uffd = self.engine.uffd();
         let release = || {
             if let Some(u) = uffd {

@@ -1832,6 +1832,7 @@ impl Engine {
             m.exposure_us = s.exposure_ns as f64 / 1000.0;
             m.chunks_registered = s.chunks_registered;
             m.sends_deferred = s.sends_deferred;
+            m.messages_tapped = s.messages_tapped;
         }
         m.pinned_bytes = crate::metrics::pinned_bytes();
         m
