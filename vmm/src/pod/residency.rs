@@ -77,6 +77,14 @@ impl Eviction {
     /// when init loads virtio_balloon, after the boot this measures.
     /// (`init_on_free=1` made it worse, 86.9 s to init: every freed page
     /// written; `init_on_alloc=0` changed nothing, 43.0 s.)
+    /// Host timestamps on the serial console (2026-12-06, after the tap)
+    /// show where the clock's whole-run cost goes: from shoal's start to
+    /// the kernel's clock zero (the bzImage's decompressor, writing its
+    /// scratch) took 23.0 s with the clock, 12.5 s with fifo, 6.2 s on one
+    /// node; the kernel itself then ran 23.3 s with the clock to 39.8 s
+    /// with fifo (13.2 s on one node). Whole runs: clock 46.6 s, fifo
+    /// 52.6 s there; in bench/results/linux-boot.md's run 41.5 s against
+    /// 38.9 s. Neither wins both phases.
     /// So a Linux guest keeps first-in-first-out unless asked: fewer
     /// fetch-backs, and none of the probes' cost.
     pub fn default_for(linux: bool) -> Eviction {
