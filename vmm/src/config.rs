@@ -209,6 +209,8 @@ pub struct VmConfig {
     /// Which page leaves a node first under `--node-memory` (None: the
     /// default for the guest, see [`crate::pod::residency::Eviction::default_for`]).
     pub eviction: Option<crate::pod::residency::Eviction>,
+    /// How a bzImage's kernel is entered (`--bzimage-entry`).
+    pub bzimage_entry: crate::linux::BzEntry,
     /// virtio-balloon with free page reporting (None: on for a Linux
     /// guest on memfd-backed memory).
     pub balloon: Option<bool>,
@@ -237,6 +239,7 @@ impl VmConfig {
             migration: true,
             verify_pages: false,
             eviction: None,
+            bzimage_entry: crate::linux::BzEntry::Auto,
             balloon: None,
             disks: Vec::new(),
         }

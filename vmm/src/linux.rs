@@ -108,6 +108,103 @@ pub enum Error {
     Acpi(#[from] acpi::Error),
 }
 
+/// How a bzImage's kernel is entered (`--bzimage-entry`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BzEntry {
+    /// As [`BzEntry::Pvh`] where this shoal can (the payload is xz or
+    /// gzip, the vmlinux inside has a PVH entry), else as
+    /// [`BzEntry::Boot64`].
+    #[default]
+    Auto,
+    /// Decompress the vmlinux inside here and enter it through its PVH
+    /// entry, or fail. The guest's own decompressor then never runs: it
+    /// writes some 80 MiB of scratch in guest memory, which a pod under
+    /// `--node-memory` moves to peers and back (measured in
+    /// bench/results/linux-boot.md).
+    Pvh,
+    /// The 64-bit boot protocol: the bzImage's decompressor runs in the
+    /// guest.
+    Boot64,
+}
+
+/// Most bytes a bzImage's payload may decompress to (a vmlinux is tens of
+/// MiB): a bound on what a crafted payload can make us allocate.
+const MAX_VMLINUX: u64 = 1 << 30;
+
+/// The ELF vmlinux inside a bzImage (its payload, xz or gzip),
+/// decompressed, when it has a PVH entry; else why not.
+pub fn vmlinux_of_bzimage(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let version = u16_at(0x206).ok_or("it is too short for a setup header")?;
+    if version < 0x208 {
+        return Err(format!("its boot protocol {}.{:02} names no payload", version >> 8, version & 0xff));
+    }
+    // (0 setup sectors means 4, as in the oldest kernels)
+    let setup_sects = match bytes.get(0x1f1) {
+        Some(0) | None => 4,
+        Some(&n) => usize::from(n),
+    };
+    let (offset, len) = (u32_at(0x248), u32_at(0x24c));
+    let payload = offset
+        .zip(len)
+        .and_then(|(o, l)| {
+            let start = (setup_sects + 1) * 512 + o as usize;
+            bytes.get(start..start.checked_add(l as usize)?)
+        })
+        .ok_or("its payload lies outside the file")?;
+    let mut vmlinux = Vec::new();
+    let read = match payload {
+        // (the kernel's build appends the decompressed size, 4 bytes, to
+        // every payload but gzip's, whose own trailer ends with it: an xz
+        // decoder takes those bytes for a corrupt stream)
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => {
+            let stream = &payload[..payload.len().saturating_sub(4)];
+            xz2::read::XzDecoder::new(stream).take(MAX_VMLINUX + 1).read_to_end(&mut vmlinux)
+        }
+        [0x1f, 0x8b, ..] => flate2::read::GzDecoder::new(payload).take(MAX_VMLINUX + 1).read_to_end(&mut vmlinux),
+        _ => {
+            let kind = match payload {
+                [0x28, 0xb5, 0x2f, 0xfd, ..] => "zstd",
+                [0x02, 0x21, 0x4c, 0x18, ..] => "lz4",
+                [b'B', b'Z', b'h', ..] => "bzip2",
+                [0x89, b'L', b'Z', b'O', ..] => "lzo",
+                [0x5d, 0, 0, ..] => "lzma",
+                _ => "unknown",
+            };
+            return Err(format!("its payload's compression ({kind}) is not one shoal reads (xz, gzip)"));
+        }
+    };
+    read.map_err(|e| format!("decompressing its payload: {e}"))?;
+    if vmlinux.len() as u64 > MAX_VMLINUX {
+        return Err(format!("its payload decompresses to more than {} MiB", MAX_VMLINUX >> 20));
+    }
+    match elf_notes(&vmlinux) {
+        ElfNotes { linux: true, pvh: true } => Ok(vmlinux),
+        ElfNotes { linux: true, pvh: false } => Err("its vmlinux has no PVH entry (built without CONFIG_PVH)".into()),
+        ElfNotes { linux: false, .. } => Err("its payload is not a Linux ELF".into()),
+    }
+}
+
+/// A memfd holding `bytes`, at offset 0: a file for the loader.
+pub fn memfd_with(bytes: &[u8]) -> std::io::Result<File> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create reads the NUL-terminated name; the descriptor
+    // it returns (checked) is new and ours alone.
+    let fd = unsafe { libc::memfd_create(c"shoal-vmlinux".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is an open descriptor nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file)
+}
+
 /// Whether `bytes` (an image's first 1 KiB or more) is a bzImage: the
 /// "HdrS" magic of the Linux boot protocol at 0x202.
 fn is_bzimage(bytes: &[u8]) -> bool {
@@ -229,6 +326,25 @@ pub fn load(
     virtio: usize,
     mem: &GuestMemory,
 ) -> Result<LinuxPlan, Error> {
+    let kpath = kernel.display().to_string();
+    let mut file = File::open(kernel).map_err(|source| Error::Open { path: kpath.clone(), source })?;
+    load_from(&kpath, &mut file, format, initrd, cmdline, cpus, virtio, mem)
+}
+
+/// [`load`] from an open file, `kpath` naming it in errors (a vmlinux
+/// decompressed from a bzImage lives in a memfd).
+#[allow(clippy::too_many_arguments)]
+pub fn load_from(
+    kpath: &str,
+    file: &mut File,
+    format: Format,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    cpus: u32,
+    virtio: usize,
+    mem: &GuestMemory,
+) -> Result<LinuxPlan, Error> {
+    let kpath = kpath.to_string();
     let layout = mem.layout();
     if layout.size() < MIN_MEMORY {
         return Err(Error::TooSmall { mib: layout.size() >> 20 });
@@ -249,8 +365,6 @@ pub fn load(
         }
         None => None,
     };
-    let kpath = kernel.display().to_string();
-    let mut file = File::open(kernel).map_err(|source| Error::Open { path: kpath.clone(), source })?;
     let write = |bytes: &[u8], gpa: u64| {
         mem.alias().write_slice(bytes, GuestAddress(gpa)).map_err(|e| Error::Write(e.to_string()))
     };
@@ -271,7 +385,7 @@ pub fn load(
 
     let entry = match format {
         Format::BzImage => {
-            let loaded = BzImage::load(mem.alias(), None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
+            let loaded = BzImage::load(mem.alias(), None, file, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(|e| Error::NotKernel { path: kpath.clone(), why: e.to_string() })?;
             let mut hdr =
                 loaded.setup_header.ok_or_else(|| Error::NotKernel { path: kpath, why: "no setup header".into() })?;
@@ -308,7 +422,7 @@ pub fn load(
             Entry::Boot64 { rip: loaded.kernel_load.0 + 0x200, zero_page: ZERO_PAGE }
         }
         Format::Pvh => {
-            let loaded = Elf::load(mem.alias(), None, &mut file, Some(GuestAddress(HIGH_MEMORY)))
+            let loaded = Elf::load(mem.alias(), None, file, Some(GuestAddress(HIGH_MEMORY)))
                 .map_err(|e| Error::NotPvhKernel { path: kpath.clone(), why: e.to_string() })?;
             let PvhBootCapability::PvhEntryPresent(rip) = loaded.pvh_boot_cap else {
                 return Err(Error::NotPvhKernel { path: kpath, why: "no usable PVH entry note".into() });
@@ -436,6 +550,68 @@ mod tests {
             put(&mut f, note_at, &note);
         }
         f
+    }
+
+    /// A bzImage around `payload`: one setup sector, boot protocol
+    /// `version`, the payload right after the setup code (as the kernel's
+    /// build lays it out, its decompressed size appended but to gzip).
+    fn bzimage_around(payload: &[u8], version: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 1024];
+        b[0x1f1] = 1;
+        b[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
+        b[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        b[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
+        b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    fn xz(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(bytes).unwrap();
+        let mut out = e.finish().unwrap();
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn a_bzimages_vmlinux_is_decompressed_from_xz_or_gzip() {
+        let elf = tiny_elf(Some(0x10_0040), true);
+        let b = bzimage_around(&xz(&elf), 0x20f);
+        assert_eq!(Format::of(&b).unwrap(), Some(Format::BzImage));
+        assert_eq!(vmlinux_of_bzimage(&b).unwrap(), elf);
+        assert_eq!(vmlinux_of_bzimage(&bzimage_around(&gzip(&elf), 0x20f)).unwrap(), elf);
+        // and what comes out loads through its PVH entry
+        let mut file = memfd_with(&vmlinux_of_bzimage(&b).unwrap()).unwrap();
+        let plan = load_from("k (its vmlinux)", &mut file, Format::Pvh, None, "", 1, 0, &guest_memory(128)).unwrap();
+        assert_eq!(plan.entry, Entry::Pvh { rip: 0x10_0040, start_info: PVH_INFO });
+    }
+
+    #[test]
+    fn a_bzimage_that_cannot_be_entered_through_pvh_says_why() {
+        let why = |b: &[u8]| vmlinux_of_bzimage(b).unwrap_err();
+        let elf = tiny_elf(Some(0x10_0040), true);
+        assert!(why(&bzimage_around(&xz(&tiny_elf(None, true)), 0x20f)).contains("no PVH entry"));
+        assert!(why(&bzimage_around(&xz(&tiny_elf(Some(0x10_0040), false)), 0x20f)).contains("not a Linux ELF"));
+        let zstd = [&[0x28, 0xb5, 0x2f, 0xfd][..], &elf].concat();
+        assert!(why(&bzimage_around(&zstd, 0x20f)).contains("(zstd) is not one shoal reads"));
+        assert!(why(&bzimage_around(&xz(&elf), 0x207)).contains("names no payload"));
+        let mut corrupt = xz(&elf);
+        corrupt[40] ^= 0xff;
+        assert!(why(&bzimage_around(&corrupt, 0x20f)).contains("decompressing its payload"));
+        // a payload length beyond the file
+        let mut long = bzimage_around(&xz(&elf), 0x20f);
+        long[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(why(&long).contains("outside the file"));
+        assert!(why(&[0u8; 100]).contains("too short"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use shoal_fabric::{Addr, Kind};
 use shoal_vmm::config::{self, ImageSource, VmConfig};
+use shoal_vmm::linux::BzEntry;
 use shoal_vmm::memory;
 use shoal_vmm::pod::residency::Eviction;
 use shoal_vmm::pod::{self, launch, launch::PodFile};
@@ -109,6 +110,23 @@ impl From<EvictionArg> for Eviction {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BzEntryArg {
+    Auto,
+    Pvh,
+    Boot64,
+}
+
+impl From<BzEntryArg> for BzEntry {
+    fn from(a: BzEntryArg) -> BzEntry {
+        match a {
+            BzEntryArg::Auto => BzEntry::Auto,
+            BzEntryArg::Pvh => BzEntry::Pvh,
+            BzEntryArg::Boot64 => BzEntry::Boot64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackingArg {
     /// A sparse memfd under shoal's page engine (dormant pages).
     Memfd,
@@ -136,6 +154,13 @@ struct RunArgs {
     /// A Linux guest's initramfs (with --kernel naming a bzImage).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
+    /// How a bzImage is entered: pvh decompresses the vmlinux inside here
+    /// (xz or gzip) and enters it through its PVH entry, so the guest's
+    /// own decompressor never writes its ~80 MiB of scratch; boot64 runs
+    /// that decompressor in the guest (the 64-bit boot protocol); auto is
+    /// pvh where the bzImage allows it, else boot64.
+    #[arg(long, value_name = "auto|pvh|boot64", default_value = "auto")]
+    bzimage_entry: BzEntryArg,
     /// A raw disk image for a Linux guest, as a virtio block device:
     /// PATH or PATH,readonly; repeatable (the first is /dev/vda).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
@@ -315,6 +340,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.migration = args.migration == OnOff::On;
     config.verify_pages = args.verify_pages == OnOff::On;
     config.eviction = args.eviction.map(Into::into);
+    config.bzimage_entry = args.bzimage_entry.into();
     config.balloon = args.balloon.map(|b| b == OnOff::On);
     for d in &args.disks {
         match config::DiskConfig::parse(d) {
@@ -387,6 +413,7 @@ fn run(args: RunArgs) -> ExitCode {
             migration: Some(config.migration),
             verify_pages: Some(config.verify_pages),
             eviction: config.eviction,
+            bzimage_entry: Some(config.bzimage_entry),
             balloon: config.balloon,
             dormant: Some(config.dormant),
             join_timeout: Some(args.join_timeout),
@@ -631,6 +658,7 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
     c.migration = f.migration.unwrap_or(true);
     c.verify_pages = f.verify_pages.unwrap_or(false);
     c.eviction = f.eviction;
+    c.bzimage_entry = f.bzimage_entry.unwrap_or_default();
     c.balloon = f.balloon;
     for d in f.disks.iter().flatten() {
         c.disks.push(config::DiskConfig::parse(d).map_err(|e| format!("disks: {e}"))?);

@@ -119,6 +119,10 @@ pub struct NodeMetrics {
     /// Messages handled on the fabric's receiving thread (shm), without
     /// the hand-off to the node's receiver thread.
     pub messages_tapped: u64,
+    /// Node 0: the bytes of the vmlinux this host decompressed from a
+    /// bzImage to enter it through its PVH entry (0: the guest's own
+    /// decompressor ran, or no Linux guest).
+    pub kernel_decompressed_bytes: u64,
     pub vcpu_exits: u64,
     pub wall_seconds: f64,
     pub fault_us_p50: f64,
@@ -255,6 +259,7 @@ impl Report {
             t.chunks_registered += n.chunks_registered;
             t.sends_deferred += n.sends_deferred;
             t.messages_tapped += n.messages_tapped;
+            t.kernel_decompressed_bytes += n.kernel_decompressed_bytes;
             t.vcpu_exits += n.vcpu_exits;
             t.wall_seconds = t.wall_seconds.max(n.wall_seconds);
             t.fault_us_p50 = t.fault_us_p50.max(n.fault_us_p50);

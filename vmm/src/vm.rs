@@ -19,6 +19,7 @@ use crate::builder;
 use crate::config::{self, Backing, ImageSource, VmConfig};
 use crate::control::{Control, VmEvent};
 use crate::devices::{Console, Devices, GuestInfo, GuestReader, IrqLine};
+use crate::linux::BzEntry;
 use crate::loader::{self, BootParams, BootPlan, LinuxEntry};
 use crate::memory::{self, GuestMemory, Layout, PAGE_SIZE};
 use crate::metrics::{self, NodeMetrics, Report};
@@ -165,6 +166,9 @@ struct Checked {
     name: String,
     bytes: Cow<'static, [u8]>,
     linux_kernel: Option<(std::path::PathBuf, crate::linux::Format)>,
+    /// The vmlinux decompressed from a bzImage, to enter through its PVH
+    /// entry (`--bzimage-entry`).
+    vmlinux: Option<Vec<u8>>,
     balloon: bool,
 }
 
@@ -203,6 +207,24 @@ fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
         .into());
     }
     let linux = linux_kernel.is_some();
+    let vmlinux = match (&linux_kernel, config.bzimage_entry) {
+        (Some((_, crate::linux::Format::BzImage)), entry @ (BzEntry::Auto | BzEntry::Pvh)) => {
+            match crate::linux::vmlinux_of_bzimage(&bytes) {
+                Ok(v) => Some(v),
+                Err(why) if entry == BzEntry::Auto => {
+                    tracing::info!(kernel = %name, %why, "the bzImage's own decompressor will run in the guest");
+                    None
+                }
+                Err(why) => {
+                    return Err(config::Error::Invalid(format!(
+                        "--bzimage-entry pvh: {name} cannot be entered through a PVH entry: {why}"
+                    ))
+                    .into())
+                }
+            }
+        }
+        _ => None,
+    };
     if nodes > 1 && config.backing == Backing::Anonymous {
         return Err(config::Error::Invalid("a pod needs --memory-backing memfd".into()).into());
     }
@@ -243,7 +265,7 @@ fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
         (Some(on), ..) => on,
         (None, linux, backing) => linux && backing == Backing::Memfd && config.dormant,
     };
-    Ok(Checked { name, bytes, linux_kernel, balloon })
+    Ok(Checked { name, bytes, linux_kernel, vmlinux, balloon })
 }
 
 /// Runs the VM as node 0 of a pod joined through `pod` (None: alone):
@@ -272,6 +294,8 @@ struct NodeVm<'a> {
     paging: Option<Paging>,
     virtio: Option<Arc<crate::virtio::VirtioDevices>>,
     console: Arc<Mutex<Console>>,
+    /// The bytes of the vmlinux decompressed from a bzImage (0: none).
+    vmlinux_bytes: u64,
 }
 
 /// Checks the input, loads the guest and builds node 0's VM (and, on a
@@ -282,7 +306,8 @@ fn build_node<'a>(
     pod: Option<&'a crate::pod::Link>,
 ) -> Result<NodeVm<'a>> {
     let started = Instant::now();
-    let Checked { name, bytes, linux_kernel, balloon } = check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
+    let Checked { name, bytes, linux_kernel, vmlinux, balloon } =
+        check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
     if let Some(link) = pod {
         link.check_members()?;
     }
@@ -306,15 +331,18 @@ fn build_node<'a>(
     };
     let plan = match &linux_kernel {
         Some((path, format)) => {
-            let l = crate::linux::load(
-                path,
-                *format,
-                config.initrd.as_deref(),
-                &config.cmdline,
-                config.cpus,
-                crate::virtio::VirtioDevices::count(config.disks.len(), balloon),
-                &mem,
-            )?;
+            let virtio = crate::virtio::VirtioDevices::count(config.disks.len(), balloon);
+            let (initrd, cmdline) = (config.initrd.as_deref(), &config.cmdline);
+            let l = match &vmlinux {
+                Some(v) => {
+                    let what = format!("{} (its vmlinux, decompressed)", path.display());
+                    let mut file = crate::linux::memfd_with(v)
+                        .map_err(|source| Error::ReadImage { path: what.clone(), source })?;
+                    let pvh = crate::linux::Format::Pvh;
+                    crate::linux::load_from(&what, &mut file, pvh, initrd, cmdline, config.cpus, virtio, &mem)?
+                }
+                None => crate::linux::load(path, *format, initrd, cmdline, config.cpus, virtio, &mem)?,
+            };
             BootPlan {
                 // a Linux kernel is entered as `linux` says
                 entry: 0,
@@ -426,14 +454,15 @@ fn build_node<'a>(
         None => None,
     };
 
-    Ok(NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console })
+    let vmlinux_bytes = vmlinux.map_or(0, |v| v.len() as u64);
+    Ok(NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console, vmlinux_bytes })
 }
 
 impl NodeVm<'_> {
     /// Starts the vCPUs, waits for the guest's end (or the pod's failure),
     /// stops everything and gathers every node's metrics.
     fn run(self) -> Result<Outcome> {
-        let NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console } = self;
+        let NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console, vmlinux_bytes } = self;
         let setup_error = vcpus.start(&plan).err().map(Error::Start);
         let linux_vcpus = plan.linux.is_some().then_some(vcpus.as_ref());
         let end = setup_error.is_none().then(|| wait(&events, config, linux_vcpus));
@@ -486,6 +515,7 @@ impl NodeVm<'_> {
             (None, None) => unreachable!("no end without a setup error"),
         };
         node.wall_seconds = wall.as_secs_f64();
+        node.kernel_decompressed_bytes = vmlinux_bytes;
         node.memfd_bytes = mem.allocated_bytes();
         node.peak_rss_bytes = metrics::peak_rss_bytes();
         vcpus.add_metrics(&mut node);

@@ -275,6 +275,17 @@ fn linux_kernels_with_bad_input() {
     std::fs::File::create(&big).unwrap().set_len(300 << 20).unwrap();
     refused(&["run", "--kernel", &k, "--initrd", big.to_str().unwrap(), "--memory", "256M"], "does not fit");
     refused(&["run", "--kernel", &k, "--cpus", "255", "--memory", "256M"], "1 to 254 vCPUs");
+    // a bzImage whose payload shoal cannot decompress, entered through
+    // PVH on demand (auto would run the guest's decompressor instead)
+    let mut zstd = fake_bzimage(0x020f, 1);
+    zstd[0x24c..0x250].copy_from_slice(&64u32.to_le_bytes()); // payload: 64 bytes at 1 KiB
+    zstd[1024..1028].copy_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+    let z = write_file(&dir, "zstd", &zstd);
+    refused(
+        &["run", "--kernel", &z, "--memory", "256M", "--bzimage-entry", "pvh"],
+        "cannot be entered through a PVH entry: its payload's compression (zstd) is not one shoal reads",
+    );
+    refused(&["run", "--kernel", &z, "--memory", "256M", "--bzimage-entry", "sideways"], "--bzimage-entry");
     // an initramfs for a guest that is not Linux
     refused(
         &["run", "--guest", "hello", "--initrd", big.to_str().unwrap(), "--memory", "64M"],

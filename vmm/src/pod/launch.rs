@@ -68,6 +68,9 @@ pub struct PodFile {
     /// Which page leaves a node first under the memory bound: "clock"
     /// (default) or "fifo".
     pub eviction: Option<crate::pod::residency::Eviction>,
+    /// How a bzImage's kernel is entered: "auto" (default), "pvh" or
+    /// "boot64" (see `--bzimage-entry`).
+    pub bzimage_entry: Option<crate::linux::BzEntry>,
     /// virtio-balloon with free page reporting (default: on for a Linux
     /// guest).
     pub balloon: Option<bool>,
@@ -648,14 +651,18 @@ mod tests {
             dormant: Some(false),
             eviction: Some(crate::pod::residency::Eviction::Fifo),
             balloon: Some(false),
+            bzimage_entry: Some(crate::linux::BzEntry::Boot64),
             ..Default::default()
         });
         assert!(text.contains("eviction = \"fifo\""), "{text}");
+        assert!(text.contains("bzimage_entry = \"boot64\""), "{text}");
         assert!(text.contains("balloon = false"), "{text}");
         let back: PodFile = toml::from_str(&text).unwrap();
         assert_eq!((back.nodes, back.guest.as_deref(), back.dormant), (Some(3), Some("memtouch"), Some(false)));
         assert_eq!(back.eviction, Some(crate::pod::residency::Eviction::Fifo));
         assert_eq!(back.balloon, Some(false));
+        assert_eq!(back.bzimage_entry, Some(crate::linux::BzEntry::Boot64));
+        assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\nbzimage_entry = \"x\"\n").is_err());
         assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\nballoon = \"on\"\n").is_err());
         assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\neviction = \"lru\"\n").is_err());
         assert!(toml::from_str::<PodFile>("pod_id = \"x\"\nmemory = \"1G\"\nbogus = 1\n").is_err());
