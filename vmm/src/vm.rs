@@ -176,10 +176,13 @@ struct Checked {
 /// memory and no peer, for a VM over `nodes` nodes: a pod runs it before
 /// it starts any node, so bad input ends it alone (exit status 2).
 pub fn preflight(config: &VmConfig, nodes: u32) -> Result<()> {
-    check_input(config, nodes).map(|_| ())
+    check_input(config, nodes, false).map(|_| ())
 }
 
-fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
+/// `load`: the VM is built next (a bzImage's vmlinux is decompressed for
+/// `--bzimage-entry auto`; without it only `pvh` needs that, to be
+/// refused early).
+fn check_input(config: &VmConfig, nodes: u32, load: bool) -> Result<Checked> {
     config.check()?;
     config.check_disks()?;
     let (name, bytes): (String, Cow<'static, [u8]>) = match &config.image {
@@ -208,7 +211,9 @@ fn check_input(config: &VmConfig, nodes: u32) -> Result<Checked> {
     }
     let linux = linux_kernel.is_some();
     let vmlinux = match (&linux_kernel, config.bzimage_entry) {
-        (Some((_, crate::linux::Format::BzImage)), entry @ (BzEntry::Auto | BzEntry::Pvh)) => {
+        (Some((_, crate::linux::Format::BzImage)), entry @ (BzEntry::Auto | BzEntry::Pvh))
+            if load || entry == BzEntry::Pvh =>
+        {
             match crate::linux::vmlinux_of_bzimage(&bytes) {
                 Ok(v) => Some(v),
                 Err(why) if entry == BzEntry::Auto => {
@@ -307,7 +312,7 @@ fn build_node<'a>(
 ) -> Result<NodeVm<'a>> {
     let started = Instant::now();
     let Checked { name, bytes, linux_kernel, vmlinux, balloon } =
-        check_input(config, pod.map_or(1, |l| l.facts.nodes))?;
+        check_input(config, pod.map_or(1, |l| l.facts.nodes), true)?;
     if let Some(link) = pod {
         link.check_members()?;
     }

@@ -523,17 +523,20 @@ pub fn pod_uffd(mem: &crate::memory::GuestMemory) -> Result<Arc<crate::uffd::Uff
 pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    let (name, linux) = match &config.image {
+    let (name, linux, decompressor) = match &config.image {
         crate::config::ImageSource::Embedded(g) => {
             h.update(g.elf);
-            (g.name.to_string(), false)
+            (g.name.to_string(), false, false)
         }
         crate::config::ImageSource::File(p) => {
             let bytes = crate::config::read_input_file(p, crate::config::MAX_INPUT_FILE)
                 .map_err(|e| format!("guest image {}: {e}", p.display()))?;
             h.update(&bytes);
-            let linux = crate::linux::Format::of(&bytes).map_err(|e| e.to_string())?.is_some();
-            (p.display().to_string(), linux)
+            let format = crate::linux::Format::of(&bytes).map_err(|e| e.to_string())?;
+            // (as asked: auto is taken for the PVH entry, see Eviction::default_for)
+            let decompressor =
+                format == Some(crate::linux::Format::BzImage) && config.bzimage_entry == crate::linux::BzEntry::Boot64;
+            (p.display().to_string(), format.is_some(), decompressor)
         }
     };
     let placement = crate::vm::vcpu_placement(config, nodes, linux).map_err(|e| e.to_string())?;
@@ -560,7 +563,7 @@ pub fn facts_for(config: &crate::config::VmConfig, nodes: u32) -> Result<Facts, 
         cpus: config.cpus,
         placement,
         migration: config.migration && !linux,
-        eviction: config.eviction.unwrap_or(residency::Eviction::default_for(linux)),
+        eviction: config.eviction.unwrap_or(residency::Eviction::default_for(decompressor)),
         verify_pages: config.verify_pages,
     })
 }
