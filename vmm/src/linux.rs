@@ -470,7 +470,7 @@ pub fn load_from(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use vm_memory::Bytes;
@@ -487,7 +487,7 @@ mod tests {
 
     /// A scratch directory of this test process holding `name` with
     /// `bytes`: (directory, file).
-    fn scratch_file(test: &str, name: &str, bytes: &[u8]) -> (std::path::PathBuf, std::path::PathBuf) {
+    pub(crate) fn scratch_file(test: &str, name: &str, bytes: &[u8]) -> (std::path::PathBuf, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("shoal-{test}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(name);
@@ -502,7 +502,7 @@ mod tests {
     /// A minimal x86-64 ELF executable: one 4 KiB segment loaded at
     /// 1 MiB and, with `pvh`, a "Xen" note giving the PVH entry, with
     /// `linux` a "Linux" note as every vmlinux has.
-    fn tiny_elf(pvh: Option<u32>, linux: bool) -> Vec<u8> {
+    pub(crate) fn tiny_elf(pvh: Option<u32>, linux: bool) -> Vec<u8> {
         let mut note = Vec::new();
         if linux {
             for v in [6u32, 4, 0x100] {
@@ -555,7 +555,7 @@ mod tests {
     /// A bzImage around `payload`: one setup sector, boot protocol
     /// `version`, the payload right after the setup code (as the kernel's
     /// build lays it out, its decompressed size appended but to gzip).
-    fn bzimage_around(payload: &[u8], version: u16) -> Vec<u8> {
+    pub(crate) fn bzimage_around(payload: &[u8], version: u16) -> Vec<u8> {
         let mut b = vec![0u8; 1024];
         b[0x1f1] = 1;
         b[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
@@ -566,7 +566,7 @@ mod tests {
         b
     }
 
-    fn xz(bytes: &[u8]) -> Vec<u8> {
+    pub(crate) fn xz(bytes: &[u8]) -> Vec<u8> {
         use std::io::Write;
         let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
         e.write_all(bytes).unwrap();

@@ -683,3 +683,39 @@ fn wait(events: &std::sync::mpsc::Receiver<VmEvent>, config: &VmConfig, vcpus: O
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linux::tests::{bzimage_around, scratch_file, tiny_elf, xz};
+
+    fn config_for(kernel: &std::path::Path, entry: BzEntry) -> VmConfig {
+        let mut config = VmConfig::new(ImageSource::File(kernel.to_path_buf()), 256 << 20);
+        config.bzimage_entry = entry;
+        config
+    }
+
+    /// `auto` enters a bzImage through its vmlinux's PVH entry where it
+    /// can and through the guest's decompressor where it cannot; `pvh`
+    /// refuses the second; `boot64` never decompresses.
+    #[test]
+    fn a_bzimage_is_entered_as_bzimage_entry_says() {
+        let elf = tiny_elf(Some(0x10_0040), true);
+        let (xz_dir, xz_k) = scratch_file("entry-xz", "vmlinuz", &bzimage_around(&xz(&elf), 0x20f));
+        let zstd = [&[0x28, 0xb5, 0x2f, 0xfd][..], &elf].concat();
+        let (zstd_dir, zstd_k) = scratch_file("entry-zstd", "vmlinuz", &bzimage_around(&zstd, 0x20f));
+        let vmlinux = |k: &std::path::Path, entry| check_input(&config_for(k, entry), 1, true).map(|c| c.vmlinux);
+        assert_eq!(vmlinux(&xz_k, BzEntry::Auto).unwrap(), Some(elf.clone()));
+        assert_eq!(vmlinux(&xz_k, BzEntry::Pvh).unwrap(), Some(elf.clone()));
+        assert_eq!(vmlinux(&xz_k, BzEntry::Boot64).unwrap(), None);
+        assert_eq!(vmlinux(&zstd_k, BzEntry::Auto).unwrap(), None);
+        let refused = vmlinux(&zstd_k, BzEntry::Pvh).unwrap_err().to_string();
+        assert!(refused.contains("(zstd) is not one shoal reads"), "{refused}");
+        // before the VM is built (a pod's preflight) only pvh decompresses
+        assert!(check_input(&config_for(&zstd_k, BzEntry::Pvh), 1, false).is_err());
+        assert_eq!(check_input(&config_for(&xz_k, BzEntry::Auto), 1, false).unwrap().vmlinux, None);
+        for dir in [xz_dir, zstd_dir] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
