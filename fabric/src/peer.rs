@@ -40,6 +40,9 @@ pub(crate) struct Peer {
     out_changed: Condvar,
     alive: AtomicBool,
     gone: Mutex<Option<String>>,
+    /// Why we closed its stream ourselves (a send that gave up on it):
+    /// the reason its loss is reported with, when the reader sees the end.
+    cause: Mutex<Option<String>>,
     /// Requests (tcp reads, verbs key requests) waiting for their answer,
     /// by tag: the sender half and the op's index in its batch.
     pending: Mutex<HashMap<u64, Waiter>>,
@@ -115,6 +118,7 @@ impl Peer {
             out_changed: Condvar::new(),
             alive: AtomicBool::new(true),
             gone: Mutex::new(None),
+            cause: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             heard: AtomicU64::new(epoch().elapsed().as_nanos() as u64),
             gone_at: AtomicU64::new(0),
@@ -170,11 +174,13 @@ impl Peer {
             let unsent = out.in_flight + out.backlog.len();
             if unsent + bytes.len() > MAX_BACKLOG {
                 let reason = format!("left {} MiB we sent it unread", unsent >> 20);
+                *self.cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+                // (our reader then sees the stream end and reports the
+                // peer gone, for this reason)
                 out.closed = true;
                 out.conn.shutdown();
                 drop(out);
                 self.out_changed.notify_all();
-                self.mark_gone(&reason);
                 return Err(Error::PeerGone { peer: self.id, reason });
             }
             out.backlog.extend_from_slice(&bytes);
@@ -296,17 +302,21 @@ impl Peer {
     }
 
     /// Marks the peer gone and fails everything waiting on it.
-    fn mark_gone(&self, reason: &str) -> bool {
+    /// Marks the peer gone (for `reason`, unless we closed its stream
+    /// for a cause of our own) and fails everything waiting on it; returns
+    /// the reason when it was alive until now.
+    fn mark_gone(&self, reason: &str) -> Option<String> {
+        let reason = self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| reason.to_string());
         let was_alive = self.alive.swap(false, Ordering::AcqRel);
         if was_alive {
-            *self.gone.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+            *self.gone.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
             self.gone_at.store((epoch().elapsed().as_nanos() as u64).max(1), Ordering::Release);
         }
         let waiting: Vec<_> = self.pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for (_, (tx, i)) in waiting {
-            let _ = tx.send((i, Err(Error::PeerGone { peer: self.id, reason: reason.to_string() })));
+            let _ = tx.send((i, Err(Error::PeerGone { peer: self.id, reason: reason.clone() })));
         }
-        was_alive
+        was_alive.then_some(reason)
     }
 }
 
@@ -613,8 +623,9 @@ impl Core {
 
     /// A peer left: fail its waiters, tell the inbox once.
     pub fn peer_gone(&self, peer: &Peer, reason: &str) {
-        if peer.mark_gone(reason) && !self.stopping.load(Ordering::Acquire) {
-            let gone = Incoming::PeerGone { node: peer.id, reason: reason.to_string() };
+        let Some(reason) = peer.mark_gone(reason) else { return };
+        if !self.stopping.load(Ordering::Acquire) {
+            let gone = Incoming::PeerGone { node: peer.id, reason };
             let _ = self.inbox_tx.lock().unwrap_or_else(|p| p.into_inner()).send(Some(gone));
         }
     }
@@ -832,6 +843,14 @@ mod tests {
             Some(Error::PeerGone { peer: 1, reason }) => assert!(reason.contains("MiB we sent it unread"), "{reason}"),
             other => panic!("{other:?}"),
         }
+        // the inbox says so too, once, for the same reason
+        match core.recv(Duration::from_secs(10)) {
+            Some(Incoming::PeerGone { node: 1, reason }) => {
+                assert!(reason.contains("MiB we sent it unread"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(core.recv(Duration::from_millis(100)).is_none());
         core.shutdown();
     }
 }
