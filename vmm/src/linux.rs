@@ -188,21 +188,37 @@ pub fn vmlinux_of_bzimage(bytes: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
-/// A memfd holding `bytes`, at offset 0: a file for the loader.
-pub fn memfd_with(bytes: &[u8]) -> std::io::Result<File> {
-    use std::io::{Seek, Write};
-    use std::os::fd::FromRawFd;
-    // SAFETY: memfd_create reads the NUL-terminated name; the descriptor
-    // it returns (checked) is new and ours alone.
-    let fd = unsafe { libc::memfd_create(c"shoal-vmlinux".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+/// A Linux kernel to load: an open file, its format, and its name in
+/// errors.
+#[derive(Debug)]
+pub struct Kernel {
+    name: String,
+    file: File,
+    format: Format,
+}
+
+impl Kernel {
+    /// The kernel image at `path`, as `format` says it is.
+    pub fn open(path: &Path, format: Format) -> Result<Kernel, Error> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|source| Error::Open { path: name.clone(), source })?;
+        Ok(Kernel { name, file, format })
     }
-    // SAFETY: `fd` is an open descriptor nothing else owns.
-    let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(bytes)?;
-    file.rewind()?;
-    Ok(file)
+
+    /// The vmlinux [`vmlinux_of_bzimage`] took out of the bzImage at
+    /// `path`, held in a memfd, entered through its PVH entry.
+    pub fn decompressed(path: &Path, vmlinux: &[u8]) -> Result<Kernel, Error> {
+        use std::io::{Seek, Write};
+        let name = format!("{} (its vmlinux, decompressed)", path.display());
+        let file =
+            crate::memory::memfd(c"shoal-vmlinux", nix::sys::memfd::MemFdCreateFlag::empty()).and_then(|mut f| {
+                f.write_all(vmlinux)?;
+                f.rewind()?;
+                Ok(f)
+            });
+        let file = file.map_err(|source| Error::Open { path: name.clone(), source })?;
+        Ok(Kernel { name, file, format: Format::Pvh })
+    }
 }
 
 /// Whether `bytes` (an image's first 1 KiB or more) is a bzImage: the
@@ -314,37 +330,19 @@ fn e820(layout: &Layout, acpi_len: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Loads `kernel` (a bzImage or a PVH vmlinux, as `format` says) and
-/// `initrd` into `mem`, with the boot data, MP tables and ACPI tables for
-/// `cpus` vCPUs and `virtio` virtio-mmio devices.
+/// Loads `kernel` (a bzImage or a PVH vmlinux) and `initrd` into `mem`,
+/// with the boot data, MP tables and ACPI tables for `cpus` vCPUs and
+/// `virtio` virtio-mmio devices.
 pub fn load(
-    kernel: &Path,
-    format: Format,
+    kernel: &mut Kernel,
     initrd: Option<&Path>,
     cmdline: &str,
     cpus: u32,
     virtio: usize,
     mem: &GuestMemory,
 ) -> Result<LinuxPlan, Error> {
-    let kpath = kernel.display().to_string();
-    let mut file = File::open(kernel).map_err(|source| Error::Open { path: kpath.clone(), source })?;
-    load_from(&kpath, &mut file, format, initrd, cmdline, cpus, virtio, mem)
-}
-
-/// [`load`] from an open file, `kpath` naming it in errors (a vmlinux
-/// decompressed from a bzImage lives in a memfd).
-#[allow(clippy::too_many_arguments)]
-pub fn load_from(
-    kpath: &str,
-    file: &mut File,
-    format: Format,
-    initrd: Option<&Path>,
-    cmdline: &str,
-    cpus: u32,
-    virtio: usize,
-    mem: &GuestMemory,
-) -> Result<LinuxPlan, Error> {
-    let kpath = kpath.to_string();
+    let Kernel { name: kpath, file, format } = kernel;
+    let (kpath, format) = (kpath.clone(), *format);
     let layout = mem.layout();
     if layout.size() < MIN_MEMORY {
         return Err(Error::TooSmall { mib: layout.size() >> 20 });
@@ -590,8 +588,8 @@ pub(crate) mod tests {
         assert_eq!(vmlinux_of_bzimage(&b).unwrap(), elf);
         assert_eq!(vmlinux_of_bzimage(&bzimage_around(&gzip(&elf), 0x20f)).unwrap(), elf);
         // and what comes out loads through its PVH entry
-        let mut file = memfd_with(&vmlinux_of_bzimage(&b).unwrap()).unwrap();
-        let plan = load_from("k (its vmlinux)", &mut file, Format::Pvh, None, "", 1, 0, &guest_memory(128)).unwrap();
+        let mut k = Kernel::decompressed(Path::new("k"), &vmlinux_of_bzimage(&b).unwrap()).unwrap();
+        let plan = load(&mut k, None, "", 1, 0, &guest_memory(128)).unwrap();
         assert_eq!(plan.entry, Entry::Pvh { rip: 0x10_0040, start_info: PVH_INFO });
     }
 
@@ -655,7 +653,8 @@ pub(crate) mod tests {
         let initrd = dir.join("initrd");
         std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
         let mem = guest_memory(128);
-        let plan = load(&k, Format::Pvh, Some(&initrd), "console=ttyS0", 2, 0, &mem).unwrap();
+        let plan =
+            load(&mut Kernel::open(&k, Format::Pvh).unwrap(), Some(&initrd), "console=ttyS0", 2, 0, &mem).unwrap();
         assert_eq!(plan.entry, Entry::Pvh { rip: 0x10_0040, start_info: PVH_INFO });
         let read = |gpa: u64, len: usize| {
             let mut b = vec![0u8; len];
@@ -720,7 +719,7 @@ pub(crate) mod tests {
     #[test]
     fn an_elf_without_a_pvh_note_is_refused_as_pvh() {
         let (dir, k) = scratch_file("nopvh", "vmlinux", &tiny_elf(None, true));
-        let e = load(&k, Format::Pvh, None, "", 1, 0, &guest_memory(128)).unwrap_err();
+        let e = load(&mut Kernel::open(&k, Format::Pvh).unwrap(), None, "", 1, 0, &guest_memory(128)).unwrap_err();
         assert!(matches!(e, Error::NotPvhKernel { .. }), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -728,10 +727,11 @@ pub(crate) mod tests {
     #[test]
     fn a_fake_kernel_is_refused_clearly() {
         let (dir, k) = scratch_file("linux", "not-a-kernel", &[0u8; 4096]);
-        let e = load(&k, Format::BzImage, None, "console=ttyS0", 1, 0, &guest_memory(128)).unwrap_err();
+        let e = load(&mut Kernel::open(&k, Format::BzImage).unwrap(), None, "console=ttyS0", 1, 0, &guest_memory(128))
+            .unwrap_err();
         assert!(matches!(e, Error::NotKernel { .. }), "{e}");
         assert!(matches!(
-            load(&k, Format::BzImage, None, "", 1, 0, &guest_memory(64)),
+            load(&mut Kernel::open(&k, Format::BzImage).unwrap(), None, "", 1, 0, &guest_memory(64)),
             Err(Error::TooSmall { mib: 64 })
         ));
         let _ = std::fs::remove_dir_all(&dir);

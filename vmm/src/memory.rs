@@ -14,8 +14,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+
+use nix::sys::memfd::MemFdCreateFlag;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, VolatileSlice};
 
@@ -206,6 +208,12 @@ pub enum Backing {
     Anonymous,
 }
 
+/// A new memfd named `name` (close-on-exec, and `flags`): guest RAM, a
+/// probe's scratch page, a decompressed kernel.
+pub fn memfd(name: &std::ffi::CStr, flags: MemFdCreateFlag) -> io::Result<File> {
+    nix::sys::memfd::memfd_create(name, flags | MemFdCreateFlag::MFD_CLOEXEC).map(File::from).map_err(io::Error::from)
+}
+
 /// Guest RAM on this node: the memfd and its two views (or, for the
 /// baseline, one anonymous mapping that is both).
 #[derive(Debug)]
@@ -256,16 +264,7 @@ impl GuestMemory {
         let size = layout.size();
         let memfd = match backing {
             Backing::Memfd => {
-                // SAFETY: memfd_create reads the NUL-terminated name and
-                // returns a new descriptor or -1.
-                let fd = unsafe {
-                    libc::memfd_create(c"shoal-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-                };
-                if fd < 0 {
-                    return Err(Error::Memfd(io::Error::last_os_error()));
-                }
-                // SAFETY: the kernel just returned this descriptor; we own it.
-                let memfd = unsafe { File::from_raw_fd(fd) };
+                let memfd = memfd(c"shoal-guest-ram", MemFdCreateFlag::MFD_ALLOW_SEALING).map_err(Error::Memfd)?;
                 memfd.set_len(size).map_err(|source| Error::Truncate { size, source })?;
                 // Sealed at its size: a peer that maps it (the shm fabric)
                 // can trust it never shrinks under its mapping.

@@ -445,21 +445,23 @@ pub fn continue_wp_supported() -> bool {
 
 fn probe_continue_wp() -> io::Result<bool> {
     let page = 4096usize;
-    // SAFETY: memfd_create reads the NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"shoal-probe".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor; we own it.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = crate::memory::memfd(c"shoal-probe", nix::sys::memfd::MemFdCreateFlag::empty())?;
     file.set_len(page as u64)?;
     // the page exists in the memfd (written through the file), so a touch
     // of the registered mapping would be a minor fault
     std::os::unix::fs::FileExt::write_all_at(&file, &[1u8], 0)?;
     // SAFETY: a new shared mapping of our memfd at an address the kernel
     // picks; unmapped below.
-    let addr =
-        unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
     if addr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }

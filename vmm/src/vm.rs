@@ -338,16 +338,11 @@ fn build_node<'a>(
         Some((path, format)) => {
             let virtio = crate::virtio::VirtioDevices::count(config.disks.len(), balloon);
             let (initrd, cmdline) = (config.initrd.as_deref(), &config.cmdline);
-            let l = match &vmlinux {
-                Some(v) => {
-                    let what = format!("{} (its vmlinux, decompressed)", path.display());
-                    let mut file = crate::linux::memfd_with(v)
-                        .map_err(|source| Error::ReadImage { path: what.clone(), source })?;
-                    let pvh = crate::linux::Format::Pvh;
-                    crate::linux::load_from(&what, &mut file, pvh, initrd, cmdline, config.cpus, virtio, &mem)?
-                }
-                None => crate::linux::load(path, *format, initrd, cmdline, config.cpus, virtio, &mem)?,
+            let mut kernel = match &vmlinux {
+                Some(v) => crate::linux::Kernel::decompressed(path, v)?,
+                None => crate::linux::Kernel::open(path, *format)?,
             };
+            let l = crate::linux::load(&mut kernel, initrd, cmdline, config.cpus, virtio, &mem)?;
             BootPlan {
                 // a Linux kernel is entered as `linux` says
                 entry: 0,
