@@ -109,7 +109,7 @@ pub enum Error {
 }
 
 /// How a bzImage's kernel is entered (`--bzimage-entry`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BzEntry {
     /// As [`BzEntry::Pvh`] where this shoal can (the payload is xz or

@@ -110,23 +110,6 @@ impl From<EvictionArg> for Eviction {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum BzEntryArg {
-    Auto,
-    Pvh,
-    Boot64,
-}
-
-impl From<BzEntryArg> for BzEntry {
-    fn from(a: BzEntryArg) -> BzEntry {
-        match a {
-            BzEntryArg::Auto => BzEntry::Auto,
-            BzEntryArg::Pvh => BzEntry::Pvh,
-            BzEntryArg::Boot64 => BzEntry::Boot64,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackingArg {
     /// A sparse memfd under shoal's page engine (dormant pages).
     Memfd,
@@ -159,8 +142,8 @@ struct RunArgs {
     /// own decompressor never writes its ~80 MiB of scratch; boot64 runs
     /// that decompressor in the guest (the 64-bit boot protocol); auto is
     /// pvh where the bzImage allows it, else boot64.
-    #[arg(long, value_name = "auto|pvh|boot64", default_value = "auto")]
-    bzimage_entry: BzEntryArg,
+    #[arg(long, value_name = "auto|pvh|boot64", default_value = "auto", hide_possible_values = true)]
+    bzimage_entry: BzEntry,
     /// A raw disk image for a Linux guest, as a virtio block device:
     /// PATH or PATH,readonly; repeatable (the first is /dev/vda).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
@@ -340,7 +323,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.migration = args.migration == OnOff::On;
     config.verify_pages = args.verify_pages == OnOff::On;
     config.eviction = args.eviction.map(Into::into);
-    config.bzimage_entry = args.bzimage_entry.into();
+    config.bzimage_entry = args.bzimage_entry;
     config.balloon = args.balloon.map(|b| b == OnOff::On);
     for d in &args.disks {
         match config::DiskConfig::parse(d) {
