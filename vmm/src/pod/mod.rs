@@ -1235,4 +1235,31 @@ mod tests {
             assert!(e.contains("node 1") && e.contains("which only node 0 sends"), "{e}");
         }
     }
+
+    /// README: the clock unless asked otherwise, fifo for a bzImage booted
+    /// through its own decompressor; the pod's facts carry it.
+    #[test]
+    fn a_bzimage_gets_fifo_only_under_its_own_decompressor() {
+        use crate::linux::tests::{bzimage_around, scratch_file, tiny_elf, xz};
+        use crate::linux::BzEntry;
+        use residency::Eviction;
+        let bz = bzimage_around(&xz(&tiny_elf(Some(0x10_0040), true)), 0x20f);
+        let (dir, k) = scratch_file("facts-eviction", "vmlinuz", &bz);
+        let eviction = |entry, asked| {
+            let mut config = crate::config::VmConfig::new(crate::config::ImageSource::File(k.clone()), 256 << 20);
+            config.bzimage_entry = entry;
+            config.eviction = asked;
+            facts_for(&config, 2).unwrap().eviction
+        };
+        assert_eq!(eviction(BzEntry::Auto, None), Eviction::Clock);
+        assert_eq!(eviction(BzEntry::Pvh, None), Eviction::Clock);
+        assert_eq!(eviction(BzEntry::Boot64, None), Eviction::Fifo);
+        assert_eq!(eviction(BzEntry::Boot64, Some(Eviction::Clock)), Eviction::Clock);
+        let unikernel = crate::config::VmConfig::new(
+            crate::config::ImageSource::Embedded(crate::config::find_guest("hello").unwrap()),
+            64 << 20,
+        );
+        assert_eq!(facts_for(&unikernel, 2).unwrap().eviction, Eviction::Clock);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -84,8 +84,7 @@ impl Eviction {
     /// node; the kernel itself then ran 23.3 s with the clock to 39.8 s
     /// with fifo (13.2 s on one node). Whole runs: clock 46.6 s, fifo
     /// 52.6 s there; in bench/results/linux-boot.md's run 41.5 s against
-    /// 38.9 s. Neither wins both phases.
-    /// So a guest whose own decompressor runs keeps first-in-first-out.
+    /// 38.9 s. Neither wins both phases; fifo ends sooner.
     /// Since a bzImage is entered through its vmlinux's PVH entry (the
     /// scratch never written; `--bzimage-entry`), the same pod in three
     /// pairs of runs (2026-12-06): the clock reached init after 14.9-15.4
