@@ -142,11 +142,12 @@ struct Slot {
 type HoldStats = (Option<Arc<VcpuStat>>, Option<Arc<VcpuStat>>);
 
 /// A KVM vCPU this node keeps while its vCPU runs elsewhere (KVM cannot
-/// create one id twice).
+/// create one id twice), with the state it holds: what was captured when
+/// the vCPU left (an arrival sets only what differs from it).
 #[derive(Debug)]
 struct Parked {
     fd: VcpuFd,
-    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    held: Box<VcpuState>,
 }
 
 const NO_MOVE: u32 = u32::MAX;
@@ -396,18 +397,15 @@ impl Vcpus {
     /// the vCPU's thread: the receiver goes on meanwhile).
     fn arrive(self: &Arc<Self>, id: u32, state: &VcpuState) -> Result<Vcpu, String> {
         let parked = self.slots[id as usize].parked.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (mut fd, cpuid_in_place) = match parked {
-            Some(p) => {
-                let same = p.cpuid == state.cpuid;
-                (p.fd, same)
-            }
-            None => (self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?, false),
+        let (mut fd, held) = match parked {
+            Some(p) => (p.fd, Some(p.held)),
+            None => (self.vm.create_vcpu(u64::from(id)).map_err(|e| format!("cannot create vCPU {id}: {e}"))?, None),
         };
         self.slots[id as usize].stats.get_or_init(|| Self::stats_of(&fd));
         let mut refused = self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let before = refused.len();
         let t0 = Instant::now();
-        state.restore(&mut fd, cpuid_in_place, self.sync, &mut refused).map_err(|e| e.to_string())?;
+        state.restore(&mut fd, held.as_deref(), self.sync, &mut refused).map_err(|e| e.to_string())?;
         self.counters.restore.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
         if refused.len() > before {
             *self.msr_refused.lock().unwrap_or_else(|p| p.into_inner()) = refused;
@@ -577,11 +575,9 @@ impl Vcpus {
     fn emigrate(&self, vcpu: Vcpu, to: NodeId) -> Result<(), String> {
         let id = vcpu.id() as u32;
         let slot = &self.slots[id as usize];
-        let cpuid = vcpu.cpuid().to_vec();
         let t0 = Instant::now();
         let (mut state, fd) = vcpu.leave(&self.msr_list, self.irqchip)?;
         self.counters.capture.lock().unwrap_or_else(|p| p.into_inner()).record(t0.elapsed());
-        *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Parked { fd, cpuid });
         self.policy.lock().unwrap_or_else(|p| p.into_inner()).reset(id, None);
         // under the roster's lock: IPIs posted so far go with the state,
         // later ones see the new location and are forwarded behind it
@@ -591,9 +587,10 @@ impl Vcpus {
             return Err(format!("the roster did not send vCPU {id} to node {to}: {acts:?}"));
         };
         state.pending_ipis = pending;
-        let state = state.encode();
-        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state });
+        let sent = self.send_checked(to, &VcpuMsg::Migrate { vcpu: id, moves, state: state.encode() });
         drop(r);
+        // (this thread is the one that takes the vCPU back, if it comes)
+        *slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Parked { fd, held: Box::new(state) });
         sent?;
         self.counters.migrations_out.fetch_add(1, Ordering::Relaxed);
         Ok(())

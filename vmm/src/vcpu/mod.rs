@@ -274,11 +274,6 @@ impl Vcpu {
         }
     }
 
-    /// The CPUID this vCPU was given.
-    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
-        &self.cpuid
-    }
-
     /// Runs until the guest exits or halts, the VM fails or stops, or the
     /// vCPU is to move to another node.
     pub fn run(&mut self) -> Leave {
