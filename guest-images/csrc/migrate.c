@@ -7,6 +7,18 @@
  * survived, that the pattern's checksum is unchanged, and that the clock
  * (HC_CLOCK_NS) did not go back. Exits 0 when all held.
  *
+ * The tour also times, by the same clock, a remote write fault beside the
+ * move: after every move (and the checksum) it writes two pages the node it
+ * left wrote last, each an ownership transfer. On a host whose idle CPUs
+ * are slow to wake, what the pod did just before counts as much as the
+ * work itself, so each is timed in two conditions: cold (the other node
+ * idle for as long as the checksum takes, tens of milliseconds: the first
+ * page, after the checksum; a move of an odd round, after the guest spun
+ * without exits for as long as its last checksum took) and warm (right
+ * after the other node worked for this vCPU: the second page, after the
+ * first; a move of an even round, after the two faults). Prints the
+ * medians, and the clock read's own cost (two reads back to back).
+ *
  * mode=1 (follow): the data lives on another node: vCPU 0 moves to node 1,
  * writes N MiB there, moves back to node 0 and reads it all R times. With
  * the migration policy on, the vCPU follows its data to node 1 after a
@@ -107,6 +119,19 @@ static u64 checksum(const struct shoal_boot_info *bi, u64 bytes)
  * not at the mercy of one move the host scheduler delayed, as the mean is */
 #define MAX_TIMED 256
 static u64 round_times[MAX_TIMED];
+/* per move after the first (whose writes may find the pages dormant) */
+static u64 fault_cold[MAX_TIMED], fault_warm[MAX_TIMED], clock_times[MAX_TIMED];
+/* written after every move, and by nothing else */
+static volatile u64 probe[2][PAGE / 8] __attribute__((aligned(PAGE)));
+
+/* no exits for `ns`: the other nodes' threads go idle meanwhile */
+static void spin_ns(u64 ns)
+{
+	u64 start = shoal_clock_ns();
+	while (shoal_clock_ns() - start < ns)
+		for (volatile u64 i = 0; i < 1000; i++)
+			;
+}
 
 static u64 median(u64 *v, u64 n)
 {
@@ -126,11 +151,14 @@ static u64 tour(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 	for (u64 i = 0; i < 16; i++)
 		canary[i] = shoal_mix64(i + 77);
 	shoal_for_free(bi, bytes, fill_piece, 0);
-	u64 want = checksum(bi, bytes), moves = 0, move_ns = 0;
+	u64 want = checksum(bi, bytes), moves = 0, move_ns = 0, timed = 0, idle_ns = 0;
+	u64 round_cold[MAX_TIMED / 2], round_warm[MAX_TIMED / 2], n_cold = 0, n_warm = 0;
 	for (u64 r = 0; r < rounds; r++) {
 		for (u64 k = 0; k < nodes; k++) {
 			u64 node = (k + 1) % nodes;
 			u64 saved[5] = { 0 };
+			if (r % 2 == 1)
+				spin_ns(idle_ns);
 			u64 t0 = shoal_clock_ns();
 			u64 ret = migrate_to(node, saved);
 			u64 t1 = shoal_clock_ns();
@@ -155,16 +183,37 @@ static u64 tour(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 					return 1;
 				}
 			}
+			u64 s0 = shoal_clock_ns();
 			u64 got = checksum(bi, bytes);
+			idle_ns = shoal_clock_ns() - s0;
 			if (got != want) {
 				shoal_printf("migrate: FAILED: checksum %lx after move %lu, wanted %lx\n", got, moves, want);
 				return 1;
 			}
+			u64 c0 = shoal_clock_ns();
+			u64 c1 = shoal_clock_ns();
+			probe[0][0] = moves;
+			u64 c2 = shoal_clock_ns();
+			probe[1][0] = moves;
+			u64 c3 = shoal_clock_ns();
+			if (moves >= 2 && timed < MAX_TIMED) {
+				clock_times[timed] = c1 - c0;
+				fault_cold[timed] = c2 - c1;
+				fault_warm[timed] = c3 - c2;
+				timed++;
+			}
 		}
+		if (r < MAX_TIMED && r % 2 == 1 && n_cold < MAX_TIMED / 2)
+			round_cold[n_cold++] = round_times[r];
+		if (r < MAX_TIMED && r % 2 == 0 && n_warm < MAX_TIMED / 2)
+			round_warm[n_warm++] = round_times[r];
 	}
 	shoal_printf("migrate: tour ok: %lu moves over %lu nodes, registers, stack and checksum=0x%lx kept, "
-		     "move_ns=%lu move_p50_ns=%lu\n",
-		     moves, nodes, want, move_ns / moves, median(round_times, rounds < MAX_TIMED ? rounds : MAX_TIMED));
+		     "move_ns=%lu move_p50_ns=%lu move_warm_p50_ns=%lu move_cold_p50_ns=%lu fault_warm_p50_ns=%lu "
+		     "fault_cold_p50_ns=%lu clock_p50_ns=%lu\n",
+		     moves, nodes, want, move_ns / moves, median(round_times, rounds < MAX_TIMED ? rounds : MAX_TIMED),
+		     median(round_warm, n_warm), median(round_cold, n_cold), median(fault_warm, timed),
+		     median(fault_cold, timed), median(clock_times, timed));
 	return 0;
 }
 
