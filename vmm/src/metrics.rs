@@ -61,6 +61,9 @@ pub struct NodeMetrics {
     pub pages_zero_filled: u64,
     pub pages_copied: u64,
     pub pages_loaded: u64,
+    /// Pages the loader wrote all zeros: punched out, left dormant (not
+    /// in `pages_loaded`).
+    pub pages_loaded_zero: u64,
     pub pages_resident: u64,
     /// Kept for the report's shape; always 0: the page engine treats a
     /// page the kernel holds against its record as an error.
@@ -232,6 +235,7 @@ impl Report {
             t.pages_zero_filled += n.pages_zero_filled;
             t.pages_copied += n.pages_copied;
             t.pages_loaded += n.pages_loaded;
+            t.pages_loaded_zero += n.pages_loaded_zero;
             t.pages_resident += n.pages_resident;
             t.pages_found_present += n.pages_found_present;
             t.remote_fetches += n.remote_fetches;

@@ -301,6 +301,8 @@ struct NodeVm<'a> {
     console: Arc<Mutex<Console>>,
     /// The bytes of the vmlinux decompressed from a bzImage (0: none).
     vmlinux_bytes: u64,
+    /// Pages the loader wrote all zeros, punched out (left dormant).
+    loaded_zero: u64,
 }
 
 /// Checks the input, loads the guest and builds node 0's VM (and, on a
@@ -383,11 +385,12 @@ fn build_node<'a>(
         }
         (Backing::Anonymous, None) => None,
     };
+    let engine_zeros = engine.as_ref().map_or(0, |(_, _, zeros)| *zeros);
     // its virtio devices (node 0's, in the slots the DSDT names); the
     // balloon frees through the engine (weakly held: the engine's vCPUs
     // hold the devices)
     let free = match (&engine, balloon) {
-        (Some((e, _)), true) => {
+        (Some((e, _, _)), true) => {
             let pages: Arc<dyn crate::virtio::balloon::Pages> = Arc::new(BalloonPages(Arc::downgrade(e)));
             Some(pages)
         }
@@ -430,7 +433,7 @@ fn build_node<'a>(
     };
     let threads = config.fault_threads.unwrap_or(config.cpus as usize);
     let paging = match engine {
-        Some((engine, loaded)) => {
+        Some((engine, loaded, _)) => {
             engine.set_vcpus(vcpus.clone());
             // the other nodes of a pod (none for a pod of one) build theirs
             let serving = match pod {
@@ -455,14 +458,28 @@ fn build_node<'a>(
     };
 
     let vmlinux_bytes = vmlinux.map_or(0, |v| v.len() as u64);
-    Ok(NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console, vmlinux_bytes })
+    let loaded_zero = engine_zeros;
+    Ok(NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console, vmlinux_bytes, loaded_zero })
 }
 
 impl NodeVm<'_> {
     /// Starts the vCPUs, waits for the guest's end (or the pod's failure),
     /// stops everything and gathers every node's metrics.
     fn run(self) -> Result<Outcome> {
-        let NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console, vmlinux_bytes } = self;
+        let NodeVm {
+            config,
+            pod,
+            started,
+            mem,
+            plan,
+            vcpus,
+            events,
+            paging,
+            virtio,
+            console,
+            vmlinux_bytes,
+            loaded_zero,
+        } = self;
         let setup_error = vcpus.start(&plan).err().map(Error::Start);
         let linux_vcpus = plan.linux.is_some().then_some(vcpus.as_ref());
         let end = setup_error.is_none().then(|| wait(&events, config, linux_vcpus));
@@ -516,6 +533,7 @@ impl NodeVm<'_> {
         };
         node.wall_seconds = wall.as_secs_f64();
         node.kernel_decompressed_bytes = vmlinux_bytes;
+        node.pages_loaded_zero = loaded_zero;
         node.memfd_bytes = mem.allocated_bytes();
         node.peak_rss_bytes = metrics::peak_rss_bytes();
         vcpus.add_metrics(&mut node);
@@ -559,14 +577,17 @@ type Extents = Vec<(u64, u64)>;
 /// Node 0 of a pod, or a node alone (a pod of one, `pod` None): registers
 /// the guest view with userfaultfd for missing, minor and write-protect
 /// faults and builds the page engine (the loader's pages start owned
-/// here). Returns it with the loader's extents.
+/// here; the all-zero ones it wrote are punched out first, to stay
+/// dormant). Returns it with the loader's extents and how many zero pages
+/// it punched.
 fn make_engine(
     config: &VmConfig,
     pod: Option<&crate::pod::Link>,
     mem: &Arc<GuestMemory>,
     control: &Arc<Control>,
-) -> Result<(Arc<PodEngine>, Extents)> {
+) -> Result<(Arc<PodEngine>, Extents, u64)> {
     let uffd = crate::pod::pod_uffd(mem)?;
+    let zeros = mem.punch_zero_pages().map_err(Error::Loaded)?;
     let loaded = mem.populated_extents().map_err(Error::Loaded)?;
     let loaded_bytes: u64 = loaded.iter().map(|&(_, len)| len.div_ceil(PAGE_SIZE) * PAGE_SIZE).sum();
     if let Some(budget) = config.node_memory {
@@ -587,7 +608,7 @@ fn make_engine(
     let transport = pod.map(|l| l.transport.clone());
     let engine = PodEngine::new(0, settings, transport, mem.clone(), Some(uffd), &loaded, on_fatal)
         .map_err(|e| Error::Pod(crate::pod::Error::Failed(e)))?;
-    Ok((Arc::new(engine), loaded))
+    Ok((Arc::new(engine), loaded, zeros))
 }
 
 /// The balloon's way to the page engine (weakly held: the engine's vCPUs
