@@ -95,21 +95,6 @@ enum OnOff {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum EvictionArg {
-    Clock,
-    Fifo,
-}
-
-impl From<EvictionArg> for Eviction {
-    fn from(a: EvictionArg) -> Eviction {
-        match a {
-            EvictionArg::Clock => Eviction::Clock,
-            EvictionArg::Fifo => Eviction::Fifo,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackingArg {
     /// A sparse memfd under shoal's page engine (dormant pages).
     Memfd,
@@ -168,7 +153,7 @@ struct RunArgs {
     /// Which page leaves a node first under --node-memory: clock (pages
     /// the guest keeps touching stay) or fifo (the oldest arrival).
     #[arg(long, value_name = "clock|fifo")]
-    eviction: Option<EvictionArg>,
+    eviction: Option<Eviction>,
     /// Run the guest on a pod of N node processes on this host: every
     /// node holds memory and runs the vCPUs placed on it; node 0 keeps the
     /// console.
@@ -322,7 +307,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.no_xsave = args.xsave == OnOff::Off;
     config.migration = args.migration == OnOff::On;
     config.verify_pages = args.verify_pages == OnOff::On;
-    config.eviction = args.eviction.map(Into::into);
+    config.eviction = args.eviction;
     config.bzimage_entry = args.bzimage_entry;
     config.balloon = args.balloon.map(|b| b == OnOff::On);
     for d in &args.disks {

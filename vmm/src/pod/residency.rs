@@ -36,10 +36,11 @@ pub fn evict_level(budget: u64) -> u64 {
 /// one event.
 const PROBES_PER_EVENT: usize = 64;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Eviction {
     /// The page that arrived first (the guest's accesses are not seen).
+    #[value(help = "the oldest arrival leaves first")]
     Fifo,
     /// A clock with two hands over the same queue. The guest's accesses
     /// to mapped pages leave no trace we can read, so the front hand makes
@@ -49,6 +50,7 @@ pub enum Eviction {
     /// a second chance (to the back of the queue) when it reaches the
     /// front; a page still untouched there is cold and leaves.
     #[default]
+    #[value(help = "pages the guest keeps touching stay (see docs/ARCHITECTURE.md)")]
     Clock,
 }
 
