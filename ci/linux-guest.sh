@@ -219,12 +219,15 @@ for k in one:/vmlinuz:auto boot64:/vmlinuz:boot64 pvh:/vmlinux:auto; do
   [ "$(metric "$n" pages_zero_filled 1)" -gt 16384 ] || fail "$n: fewer pages zero-filled than memfill touched"
 done
 # the bzImage's own decompressor writes the kernel image into guest memory
-# itself, and its scratch beside it: first touches (zero-fills) that the
-# default entry, which loads the image's non-zero pages, does not make
-# (10 226 pages, 40 MiB, for Debian's in 2026-12: at least 32 MiB); the
-# image's all-zero pages are left dormant by both (the loader punches them)
+# itself, and its scratch beside it: first touches (zero-fills) where the
+# default entry loads the image's non-zero pages instead. So boot64 zero-
+# fills at least those pages more, less the bzImage's own that it loads
+# (Debian's: 8 178 to 10 226 pages more against 5 616; by how much more
+# varies with where the decompressor puts the kernel)
 scratch=$(($(metric boot64 pages_zero_filled 1) - $(metric one pages_zero_filled 1)))
-[ "$scratch" -ge 8192 ] || fail "boot64 zero-filled only $scratch pages (not 32 MiB) more than the default entry"
+image=$(($(metric one pages_loaded 1) - $(metric boot64 pages_loaded 1)))
+[ "$scratch" -ge "$image" ] ||
+  fail "boot64 zero-filled only $scratch pages more than the default entry, less than the $image image pages"
 # Debian's vmlinux has 6 947 all-zero pages in its loaded file bytes
 # (.bss, .brk, .init.scratch): punched, not loaded
 for n in one pvh; do
