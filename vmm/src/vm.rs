@@ -385,7 +385,7 @@ fn build_node<'a>(
         }
         (Backing::Anonymous, None) => None,
     };
-    let engine_zeros = engine.as_ref().map_or(0, |(_, _, zeros)| *zeros);
+    let loaded_zero = engine.as_ref().map_or(0, |(_, _, zeros)| *zeros);
     // its virtio devices (node 0's, in the slots the DSDT names); the
     // balloon frees through the engine (weakly held: the engine's vCPUs
     // hold the devices)
@@ -458,7 +458,6 @@ fn build_node<'a>(
     };
 
     let vmlinux_bytes = vmlinux.map_or(0, |v| v.len() as u64);
-    let loaded_zero = engine_zeros;
     Ok(NodeVm { config, pod, started, mem, plan, vcpus, events, paging, virtio, console, vmlinux_bytes, loaded_zero })
 }
 
