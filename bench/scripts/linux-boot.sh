@@ -26,8 +26,8 @@ boot() {
 }
 # (the bzImage as shoal boots it by default: its vmlinux decompressed by
 # shoal, entered through its PVH entry; the boot64 rows run the bzImage's
-# own decompressor in the guest, whose ~80 MiB of scratch the kernel
-# later allocates again)
+# own decompressor in the guest, which writes the image and its scratch
+# there, memory the kernel later allocates again)
 boot one-on
 boot one-off --dormant off
 boot one-boot64 --bzimage-entry boot64
@@ -71,7 +71,7 @@ wpvh=$(echo "$rows" | awk '$2=="one-boot64" {print $4}')
   echo "zero-filled column."
   echo
   echo "Boot to init is the kernel's own clock, which starts after a bzImage's decompressor has run in the guest"
-  echo "(it writes some 80 MiB of scratch there, the memory the kernel later allocates again): the phase a pod"
+  echo "(it writes the kernel image and its scratch there, memory the kernel later allocates again): the phase a pod"
   echo "under --node-memory slows most is outside it. Shoal's wall time, from its start to the VM's end, holds"
   echo "it: compare the wall ratios. (Host timestamps on the serial console, 2026-12-06, before the default"
   echo "became the PVH entry: from shoal's start to the kernel's clock zero took 6.2 s on one node, 12.5 s on"

@@ -119,9 +119,10 @@ pub enum BzEntry {
     Auto,
     /// Decompress the vmlinux inside here and enter it through its PVH
     /// entry, or fail. The guest's own decompressor then never runs: it
-    /// writes some 80 MiB of scratch in guest memory, which a pod under
-    /// `--node-memory` moves to peers and back (measured in
-    /// bench/results/linux-boot.md).
+    /// writes the kernel image and its scratch in guest memory (for
+    /// Debian's kernel 32 to 40 MiB more first touches than loading the
+    /// image's non-zero pages here), which a pod under `--node-memory`
+    /// moves to peers and back (measured in bench/results/linux-boot.md).
     Pvh,
     /// The 64-bit boot protocol: the bzImage's decompressor runs in the
     /// guest.

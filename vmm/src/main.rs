@@ -124,7 +124,7 @@ struct RunArgs {
     initrd: Option<PathBuf>,
     /// How a bzImage is entered: pvh decompresses the vmlinux inside here
     /// (xz or gzip) and enters it through its PVH entry, so the guest's
-    /// own decompressor never writes its ~80 MiB of scratch; boot64 runs
+    /// own decompressor never writes the image and its scratch; boot64 runs
     /// that decompressor in the guest (the 64-bit boot protocol); auto is
     /// pvh where the bzImage allows it, else boot64.
     #[arg(long, value_name = "auto|pvh|boot64", default_value = "auto", hide_possible_values = true)]

@@ -207,7 +207,8 @@ impl VcpuState {
     /// set: every ioctl costs 5 to 10 µs here, and a guest that keeps to
     /// general-purpose registers changes none of the XSAVE area, XCRs and
     /// debug registers between moves, and few MSRs (a restore took 51 µs
-    /// p50 before, 28 µs since, on our development VM). With
+    /// p50 before, 15 to 21 µs since, on our development VM: `shoal-bench
+    /// vcpus`). With
     /// [`Sync::Regs`] the registers, special registers and events go into
     /// `kvm_run` and KVM loads them at the next `KVM_RUN`, after everything
     /// set here (so the events still come last).
