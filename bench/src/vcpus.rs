@@ -166,6 +166,16 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         if fault_warm == 0.0 || fault_cold == 0.0 || engine == 0.0 {
             bail!("the migration run had no remote write fault to compare with:\n{stdout}");
         }
+        // the guest's timed writes are ownership transfers only if the
+        // pod counted (at least) two per move
+        let t = &r.total;
+        if t.ownership_transfers < 2 * t.vcpu_migrations_out {
+            bail!(
+                "{} ownership transfers for {} moves: the timed writes were not remote faults",
+                t.ownership_transfers,
+                t.vcpu_migrations_out
+            );
+        }
         rows.push(row(
             "vCPU migration (per move), warm",
             &r,
@@ -181,7 +191,6 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             "remote write fault, cold, guest-timed",
         ));
         rows.push(row("vCPU migration (per move), all", &r, move_all, engine, "remote write fault p50, engine-timed"));
-        let t = &r.total;
         moves.push(format!(
             "| {} | {move_warm:.1} | {fault_warm:.1} | **{:.2}** | {move_cold:.1} | {fault_cold:.1} | **{:.2}** | \
              {engine:.1} | {clock:.1} | {:.1} | {:.1} | {} of {} |\n",

@@ -203,9 +203,9 @@ static u64 tour(const struct shoal_boot_info *bi, u64 bytes, u64 rounds)
 				timed++;
 			}
 		}
-		if (r < MAX_TIMED && r % 2 == 1 && n_cold < MAX_TIMED / 2)
+		if (r < MAX_TIMED && r % 2 == 1)
 			round_cold[n_cold++] = round_times[r];
-		if (r < MAX_TIMED && r % 2 == 0 && n_warm < MAX_TIMED / 2)
+		else if (r < MAX_TIMED)
 			round_warm[n_warm++] = round_times[r];
 	}
 	shoal_printf("migrate: tour ok: %lu moves over %lu nodes, registers, stack and checksum=0x%lx kept, "
