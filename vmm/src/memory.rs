@@ -440,9 +440,9 @@ impl GuestMemory {
     }
 
     /// Punches every all-zero page out of the memfd's populated extents
-    /// and returns how many: zeros the loader wrote (a Linux kernel's
-    /// image carries 27 MiB of them: `.bss`, `.brk` and `.init.scratch`
-    /// inside a segment's file bytes) read the same as a hole, and a hole
+    /// and returns how many: zeros the loader wrote (Debian's kernel image
+    /// carries 27 MiB of them: `.bss`, `.brk` and `.init.scratch` inside a
+    /// segment's file bytes) read the same as a hole, and a hole
     /// stays dormant: not resident, never counted as the loader's (pinned
     /// on node 0, see the page engine), zero-filled where it is first
     /// touched. Reads the memfd with `pread`; call it before the guest

@@ -213,8 +213,9 @@ impl VcpuState {
     /// `kvm_run` and KVM loads them at the next `KVM_RUN`, after everything
     /// set here (so the events still come last).
     ///
-    /// The local APIC and the run state are always set: an in-kernel APIC
-    /// of a vCPU that is away can still take interrupts. KVM refuses to
+    /// With an in-kernel APIC, the APIC and the run state are always set:
+    /// the APIC of a vCPU that is away can still take interrupts (without
+    /// one KVM keeps no run state but "runnable", which is not set). KVM refuses to
     /// change a CPUID once a vCPU ran, so a different one is an error.
     ///
     /// `refused` lists MSRs this host's KVM refused to set before (each
