@@ -139,6 +139,8 @@ pub enum Error {
     FrameAuthMismatch { peer: Option<NodeId>, theirs: bool },
     #[error("authentication with {} failed: wrong pod secret", peer_name(*peer))]
     WrongSecret { peer: Option<NodeId> },
+    #[error("node {peer} ({addr}) refused us {times} times in a row over {:.1} s: {}", over.as_secs_f64(), refusal_text(last))]
+    Refusing { peer: NodeId, addr: String, times: u32, over: Duration, last: Box<Error> },
     #[error("joining the pod timed out after {after:?}: no connection with {missing}")]
     JoinTimeout {
         after: Duration,
@@ -190,7 +192,15 @@ impl Error {
                 | Error::BackendMismatch { .. }
                 | Error::WrongSecret { .. }
                 | Error::JoinTimeout { wrong_secret: true, .. }
-        )
+        ) || matches!(self, Error::Refusing { last, .. } if last.is_misconfiguration() || matches!(**last, Error::Refused { .. }))
+    }
+}
+
+/// What a refusal said: the peer's own words, or our verdict.
+fn refusal_text(e: &Error) -> String {
+    match e {
+        Error::Refused { reason, .. } => reason.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -2,7 +2,8 @@
 //! dials the lower), authenticate each connection, then hand the
 //! authenticated streams to the backend. Connections that have not
 //! authenticated get little: at most [`MAX_PENDING_HANDSHAKES`] handshakes
-//! run at once, and nothing they send or answer ends the join.
+//! run at once, and nothing they send or answer ends the join; only a
+//! peer's own address that keeps refusing us does (see [`Streak`]).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -248,6 +249,13 @@ impl Binding {
         let mut accepted = Handshakes::new();
         // when each node we dial may be dialed again
         let mut redial_at: BTreeMap<NodeId, Instant> = BTreeMap::new();
+        // refusals heard in a row from each node's own address, and the
+        // nodes that dial us whose address we check (see Streak)
+        let mut streaks: BTreeMap<NodeId, Streak> = BTreeMap::new();
+        let mut probes = Probes::new();
+        // a node that refused us for good, and until when we still answer
+        // (see Streak)
+        let mut ending: Option<(Error, Instant)> = None;
         loop {
             let mut progressed = accepted.admit(self, me, opts.authenticate_frames, deadline)?;
             while let Ok((result, conn)) = accepted.done_rx.try_recv() {
@@ -262,7 +270,49 @@ impl Binding {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "refused a connection");
+                        // whoever connected may be a stranger: ask the
+                        // node it claims to be, at that node's address
+                        if let Some(k) = refusal_from(&e).filter(|k| want_accept.contains(k) && !conns.contains_key(k))
+                        {
+                            probes.want(k);
+                        }
                         last_refusal.note(is_refusal(&e), e.to_string());
+                    }
+                }
+            }
+            while let Ok((k, result)) = probes.done_rx.try_recv() {
+                progressed = true;
+                probes.running.remove(&k);
+                probes.next_at.insert(k, Instant::now() + REDIAL_AFTER);
+                match result {
+                    // it knows our secret: the bad connection was not its
+                    Ok(()) => {
+                        probes.wanted.remove(&k);
+                        streaks.remove(&k);
+                    }
+                    Err(e) if is_refusal(&e) => {
+                        last_refusal.note(true, e.to_string());
+                        let addr =
+                            peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a.to_string()).unwrap_or_default();
+                        if let Some(v) = streaks.entry(k).or_insert_with(Streak::new).refused(k, &addr, e) {
+                            ending.get_or_insert((v, Instant::now() + LINGER));
+                        }
+                    }
+                    Err(_) => {
+                        streaks.remove(&k);
+                    }
+                }
+            }
+            for &k in &probes.wanted.clone() {
+                if conns.contains_key(&k) {
+                    probes.wanted.remove(&k);
+                    streaks.remove(&k);
+                    continue;
+                }
+                let due = probes.next_at.get(&k).is_none_or(|t| Instant::now() >= *t);
+                if due && !probes.running.contains(&k) {
+                    if let Some((_, addr)) = peers.iter().find(|(id, _)| *id == k) {
+                        progressed |= probes.start(k, addr.clone(), me, self.kind, opts.authenticate_frames);
                     }
                 }
             }
@@ -279,22 +329,39 @@ impl Binding {
                 let _ = conn.set_timeouts(Some(left), Some(left));
                 match handshake(&mut conn, me, self.kind, Some(*id), opts.authenticate_frames) {
                     Ok(s) => {
+                        streaks.remove(id);
                         conns.insert(*id, Link::new(conn, s));
                     }
                     // Whatever answered did not prove it knows the secret
                     // (a refusal, a wrong proof, junk or a broken
-                    // connection): nothing before authentication may end
-                    // the join. Try again shortly; the join's error names
-                    // the refusal if the node never joins.
+                    // connection): one such answer does not end the join.
+                    // Try again shortly; refusals every time end it (see
+                    // Streak), and the join's error names the refusal if
+                    // the node never joins.
                     Err(e) => {
                         tracing::warn!(peer = id, error = %e, "handshake with a node we dialed failed; retrying");
                         last_refusal.note(is_refusal(&e), e.to_string());
                         redial_at.insert(*id, Instant::now() + REDIAL_AFTER);
+                        if is_refusal(&e) {
+                            let streak = streaks.entry(*id).or_insert_with(Streak::new);
+                            if let Some(v) = streak.refused(*id, &addr.to_string(), e) {
+                                ending.get_or_insert((v, Instant::now() + LINGER));
+                            }
+                        } else {
+                            streaks.remove(id);
+                        }
                     }
                 }
             }
             if conns.len() == peers.len() {
+                // (whatever refused us was not the node: it joined)
                 break;
+            }
+            if let Some((e, until)) = ending.take() {
+                if Instant::now() >= until || Instant::now() >= deadline {
+                    return Err(e);
+                }
+                ending = Some((e, until));
             }
             if Instant::now() >= deadline {
                 let missing: Vec<String> = peers
@@ -394,6 +461,123 @@ fn is_refusal(e: &Error) -> bool {
             | Error::FrameAuthMismatch { .. }
             | Error::Refused { .. }
     )
+}
+
+/// The node an accepted connection claimed to be, when its handshake
+/// ended in a refusal (either side's).
+fn refusal_from(e: &Error) -> Option<NodeId> {
+    match e {
+        Error::Version { peer, .. }
+        | Error::PodMismatch { peer, .. }
+        | Error::BackendMismatch { peer, .. }
+        | Error::WrongSecret { peer }
+        | Error::FrameAuthMismatch { peer, .. }
+        | Error::Refused { peer, .. } => *peer,
+        _ => None,
+    }
+}
+
+/// Refusals heard in a row from one node's own address.
+///
+/// Anyone can connect to a node, so a refusal on a connection we accepted
+/// proves nothing about the node it claims to be: we dial that node's
+/// address to check (a probe). And anything can answer an address once (a
+/// squatter, an old node still leaving), so one refusal on a connection we
+/// dialed proves nothing either. But an address that refuses us
+/// `REFUSALS` times in a row over at least `REFUSING_FOR` is the node
+/// there: an impostor that could do that for good could as well keep the
+/// node from listening, or drop its traffic. The join then ends within
+/// seconds, naming the refusal (a wrong pod secret, version or pod id),
+/// instead of at the join timeout. Before it ends, the node goes on
+/// answering for `LINGER`, so that the node that refused it (refused by
+/// it in turn) hears as many refusals before it is gone.
+struct Streak {
+    first: Instant,
+    count: u32,
+}
+
+impl Streak {
+    fn new() -> Streak {
+        Streak { first: Instant::now(), count: 0 }
+    }
+
+    /// Notes a refusal from `peer` at `addr`; returns the join's error once
+    /// the refusals are enough.
+    fn refused(&mut self, peer: NodeId, addr: &str, e: Error) -> Option<Error> {
+        self.count += 1;
+        let took = self.first.elapsed();
+        (self.count >= REFUSALS && took >= REFUSING_FOR).then(|| Error::Refusing {
+            peer,
+            addr: addr.to_string(),
+            times: self.count,
+            over: took,
+            last: Box::new(e),
+        })
+    }
+}
+
+const REFUSALS: u32 = 3;
+const REFUSING_FOR: Duration = Duration::from_millis(500);
+const LINGER: Duration = Duration::from_secs(1);
+/// The longest a probe's handshake may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Handshakes we start with nodes that are to dial us, when something
+/// claiming to be one failed to join: did the node itself refuse us? Each
+/// runs in a thread of its own (the node may be blocked dialing us), at
+/// most one per node at a time.
+struct Probes {
+    wanted: std::collections::BTreeSet<NodeId>,
+    running: std::collections::BTreeSet<NodeId>,
+    next_at: BTreeMap<NodeId, Instant>,
+    done_tx: Sender<(NodeId, Result<()>)>,
+    done_rx: Receiver<(NodeId, Result<()>)>,
+}
+
+impl Probes {
+    fn new() -> Probes {
+        let (done_tx, done_rx) = channel();
+        Probes {
+            wanted: Default::default(),
+            running: Default::default(),
+            next_at: Default::default(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    fn want(&mut self, node: NodeId) {
+        self.wanted.insert(node);
+    }
+
+    /// Starts a probe of `node` at `addr`; returns whether one started.
+    fn start(&mut self, node: NodeId, addr: Addr, me: &Identity, kind: Kind, auth: bool) -> bool {
+        let (me, tx) = (me.clone(), self.done_tx.clone());
+        let spawned = std::thread::Builder::new().name("fabric-probe".into()).spawn(move || {
+            let r = match dial(&addr) {
+                // not listening (yet, or any more): nothing learned
+                Ok(None) => Err(Error::Handshake { peer: Some(node), reason: "not listening".into() }),
+                Ok(Some(mut conn)) => {
+                    let _ = conn.set_timeouts(Some(PROBE_TIMEOUT), Some(PROBE_TIMEOUT));
+                    // a completed handshake is dropped: the node dials us
+                    handshake(&mut conn, &me, kind, Some(node), auth).map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tx.send((node, r));
+        });
+        match spawned {
+            Ok(_) => {
+                self.running.insert(node);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a probe thread");
+                self.next_at.insert(node, Instant::now() + REDIAL_AFTER);
+                false
+            }
+        }
+    }
 }
 
 /// Most handshakes of accepted connections in progress at once. Each runs

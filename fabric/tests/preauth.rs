@@ -150,3 +150,81 @@ fn a_refusal_before_authentication_does_not_end_a_dialers_join() {
     let r1 = node1.join().unwrap();
     assert_eq!(r1.unwrap_or_else(|e| panic!("node 1 gave up: {e}")), vec![0]);
 }
+
+/// Something claiming to be node 1 dials node 0 with a wrong proof over
+/// and over, while the real node 1 is still starting: node 0 checks node
+/// 1's own address (not listening yet, then the real node, which proves
+/// the secret) and keeps waiting; the real node 1 joins. A stranger's
+/// refusals never end a join (only the node's own address can).
+#[test]
+fn an_impostor_of_a_peer_does_not_end_the_join() {
+    let dir = scratch("impostor");
+    let b0 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 0)).unwrap();
+    let Addr::Tcp(addr0) = b0.local_addr().clone() else { unreachable!() };
+    // node 1's address, free for now (bound once the impostor has begun)
+    let a1 = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let node0 = std::thread::spawn(move || {
+        let mem = Memory::new(0, REGION);
+        b0.join(id(0, b"pod secret"), &[(1, Addr::Tcp(a1))], vec![mem.region()], quick_options()).map(|t| t.peers())
+    });
+    let impostor = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_millis(2500);
+        let mut refused = 0;
+        while Instant::now() < until {
+            if let Ok(mut s) = TcpStream::connect(addr0) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let r = shoal_fabric::auth::handshake(&mut s, &id(1, b"a guess"), Kind::Tcp, Some(0), true);
+                refused += usize::from(r.is_err());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        refused
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let b1 = bind(Kind::Tcp, &Addr::Tcp(a1)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mem = Memory::new(1, REGION);
+    let t1 = b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], quick_options());
+    assert_eq!(t1.unwrap_or_else(|e| panic!("node 1 gave up: {e}")).peers(), vec![0]);
+    let r0 = node0.join().unwrap();
+    assert_eq!(r0.unwrap_or_else(|e| panic!("node 0 gave up: {e}")), vec![1]);
+    assert!(impostor.join().unwrap() >= 10, "the impostor was not refused over and over");
+}
+
+/// Whatever holds the address of the node we dial refuses us every time
+/// (a node with another pod secret, or an impostor that could as well keep
+/// the node from listening there): the join ends within seconds naming
+/// the refusal, not at the join timeout.
+#[test]
+fn an_address_that_always_refuses_ends_the_join_in_seconds() {
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr0 = squatter.local_addr().unwrap();
+    let dir = scratch("refuser");
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
+    let started = Instant::now();
+    let node1 = std::thread::spawn(move || {
+        let mem = Memory::new(1, REGION);
+        let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(60), ..quick_options() };
+        b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], opts).map(|t| t.peers())
+    });
+    squatter.set_nonblocking(true).unwrap();
+    let mut refusals = 0;
+    while !node1.is_finished() && started.elapsed() < Duration::from_secs(20) {
+        match squatter.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                if matches!(read_handshake_frame(&mut s), Ok(Frame::Hello(_))) {
+                    let reason = "authentication failed: wrong pod secret".into();
+                    let _ = write_frame(&mut s, &Frame::Refuse { reason });
+                    refusals += 1;
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let e = node1.join().unwrap().expect_err("node 1 joined a refusing address");
+    assert!(matches!(e, shoal_fabric::Error::Refusing { peer: 0, .. }), "{e}");
+    assert!(e.is_misconfiguration() && e.to_string().contains("wrong pod secret"), "{e}");
+    assert!(refusals >= 3, "{refusals} refusals");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
