@@ -10,9 +10,10 @@
 //!   Each remote fault is also set against its own floor in the same run
 //!   (its p50 one-sided read plus its p50 map), split into faults read at
 //!   once (pages node 0 is home to, parked at node 1) and faults that ask
-//!   a peer first. Target: ≤ 2× the floor per page. Unpinned, and with
-//!   the whole pod on one CPU (`taskset -c 0`: the threads that hand a
-//!   fault to each other cannot wake each other across CPUs).
+//!   a peer first. Target: ≤ 2× the floor per page. Unpinned, with the
+//!   whole pod on one CPU (`taskset -c 0`: the threads that hand a fault
+//!   to each other cannot wake each other across CPUs), and with each
+//!   node on a CPU of its own (as on a cluster, where nodes are hosts).
 //! - **fast boot**: zeroboot on 1, 2 and 3 nodes, dormant pages on and
 //!   off: wall time beside page bytes on the wire and pages zero-filled.
 //! - **over verbs** (`--verbs`, inside the soft-RoCE harness:
@@ -52,7 +53,7 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 pub(crate) struct RunResult {
     pub args: Vec<String>,
-    pub one_cpu: bool,
+    pub cpus: Cpus,
     pub total: NodeMetrics,
     pub nodes: Vec<NodeMetrics>,
 }
@@ -60,7 +61,7 @@ pub(crate) struct RunResult {
 #[derive(Debug, Serialize)]
 struct RemoteRow {
     fabric: &'static str,
-    one_cpu: bool,
+    cpus: Cpus,
     faults_zero: u64,
     fault_zero_us_p50: f64,
     pages_per_zero_fault: f64,
@@ -170,29 +171,59 @@ pub(crate) fn shoal_binary() -> anyhow::Result<PathBuf> {
     Ok(shoal)
 }
 
-fn run_pod(args: &[&str], one_cpu: bool) -> anyhow::Result<RunResult> {
-    run_pod_out(args, one_cpu).map(|(r, _)| r)
+/// Where a pod's threads run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Cpus {
+    /// Wherever the host's scheduler puts them.
+    Unpinned,
+    /// The whole pod on CPU 0 (`taskset -c 0`): the threads handing a
+    /// fault or a message to each other never wake each other across CPUs.
+    One,
+    /// Node i's process on CPU i (`taskset -c i`), as if each node were a
+    /// host of its own: started as a cluster's nodes are, from a pod file.
+    PerNode,
+}
+
+impl Cpus {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Cpus::Unpinned => "unpinned",
+            Cpus::One => "one (taskset -c 0)",
+            Cpus::PerNode => "one per node (node i on CPU i)",
+        }
+    }
+}
+
+fn run_pod(args: &[&str], cpus: Cpus) -> anyhow::Result<RunResult> {
+    run_pod_out(args, cpus).map(|(r, _)| r)
 }
 
 /// A pod run, with what the guest printed.
-pub(crate) fn run_pod_out(args: &[&str], one_cpu: bool) -> anyhow::Result<(RunResult, String)> {
+pub(crate) fn run_pod_out(args: &[&str], cpus: Cpus) -> anyhow::Result<(RunResult, String)> {
     let dir = std::env::temp_dir().join(format!("shoal-bench-pod-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let metrics = dir.join("metrics.json");
     let shoal = shoal_binary()?;
-    let mut cmd = if one_cpu {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "0"]).arg(&shoal);
-        c
-    } else {
-        Command::new(&shoal)
+    let stdout = match cpus {
+        Cpus::PerNode => run_nodes_pinned(&shoal, args, &dir, &metrics)?,
+        Cpus::Unpinned | Cpus::One => {
+            let mut cmd = if cpus == Cpus::One {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "0"]).arg(&shoal);
+                c
+            } else {
+                Command::new(&shoal)
+            };
+            cmd.args(args).arg("--metrics-json").arg(&metrics).arg("--timeout").arg("600");
+            eprintln!("shoal-bench: {}{}", if cpus == Cpus::One { "taskset -c 0 " } else { "" }, args.join(" "));
+            let out = cmd.output().with_context(|| format!("running {}", shoal.display()))?;
+            if !out.status.success() {
+                bail!("shoal {} failed ({}):\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+            }
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
     };
-    cmd.args(args).arg("--metrics-json").arg(&metrics).arg("--timeout").arg("600");
-    eprintln!("shoal-bench: {}{}", if one_cpu { "taskset -c 0 " } else { "" }, args.join(" "));
-    let out = cmd.output().with_context(|| format!("running {}", shoal.display()))?;
-    if !out.status.success() {
-        bail!("shoal {} failed ({}):\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
-    }
     #[derive(serde::Deserialize)]
     struct File {
         total: NodeMetrics,
@@ -201,14 +232,81 @@ pub(crate) fn run_pod_out(args: &[&str], one_cpu: bool) -> anyhow::Result<(RunRe
     let text = std::fs::read_to_string(&metrics).with_context(|| format!("reading {}", metrics.display()))?;
     let f: File = serde_json::from_str(&text)?;
     let _ = std::fs::remove_dir_all(&dir);
-    let result =
-        RunResult { args: args.iter().map(|s| s.to_string()).collect(), one_cpu, total: f.total, nodes: f.nodes };
-    Ok((result, String::from_utf8_lossy(&out.stdout).into_owned()))
+    let result = RunResult { args: args.iter().map(|s| s.to_string()).collect(), cpus, total: f.total, nodes: f.nodes };
+    Ok((result, stdout))
+}
+
+/// Runs the pod `shoal run ARGS --nodes N` would, as a cluster's nodes:
+/// a pod file (the options of ARGS) and `taskset -c i shoal node --rank
+/// i` for each node i (CPU i modulo the host's CPUs). Returns node 0's
+/// standard output.
+fn run_nodes_pinned(shoal: &Path, args: &[&str], dir: &Path, metrics: &Path) -> anyhow::Result<String> {
+    use shoal_vmm::pod::launch::PodFile;
+    let mut file = PodFile {
+        pod_id: format!("bench-{}", std::process::id()),
+        socket_dir: Some(dir.to_path_buf()),
+        metrics_json: Some(metrics.to_path_buf()),
+        timeout: Some(600.0),
+        ..PodFile::default()
+    };
+    let mut it = args.iter().copied();
+    if it.next() != Some("run") {
+        bail!("a pod pinned per node is started from `run` arguments, not {args:?}");
+    }
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        let on = |v: &str| v == "on";
+        match flag {
+            "--guest" => file.guest = Some(value.into()),
+            "--cmdline" => file.cmdline = Some(value.into()),
+            "--nodes" => file.nodes = Some(value.parse()?),
+            "--cpus" => file.cpus = Some(value.parse()?),
+            "--memory" => file.memory = value.into(),
+            "--node-memory" => file.node_memory = Some(value.into()),
+            "--fabric" => file.fabric = Some(value.into()),
+            "--migration" => file.migration = Some(on(value)),
+            "--dormant" => file.dormant = Some(on(value)),
+            other => bail!("a pod pinned per node takes no {other} (add it to run_nodes_pinned)"),
+        }
+    }
+    let nodes = file.nodes.unwrap_or(1);
+    let pod = dir.join("pod.toml");
+    std::fs::write(&pod, file.to_toml())?;
+    let secret: String = shoal_vmm::pod::launch::random_secret().iter().map(|b| format!("{b:02x}")).collect();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!("shoal-bench: node i on CPU i: {}", args.join(" "));
+    let mut children = Vec::new();
+    for rank in 0..nodes {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &(rank as usize % cpus).to_string()]).arg(shoal).args(["node", "--pod"]).arg(&pod);
+        c.args(["--rank", &rank.to_string()]).env("SHOAL_POD_SECRET", &secret);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        children.push(c.spawn().with_context(|| format!("starting node {rank}"))?);
+    }
+    // every node ends by itself (the pod's timeout bounds it); each is
+    // drained in its own thread (a full pipe would stall a node), and all
+    // are collected before any is judged
+    let waits: Vec<_> = children.into_iter().map(|c| std::thread::spawn(move || c.wait_with_output())).collect();
+    let outs: Vec<_> = waits
+        .into_iter()
+        .map(|w| w.join().map_err(|_| anyhow::anyhow!("a node's waiter panicked"))?.map_err(anyhow::Error::from))
+        .collect::<anyhow::Result<_>>()?;
+    for (rank, out) in outs.iter().enumerate() {
+        if !out.status.success() {
+            bail!(
+                "node {rank} of {} failed ({}):\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(String::from_utf8_lossy(&outs[0].stdout).into_owned())
 }
 
 /// A remote-fault row's fabric and CPUs.
 fn row_name(r: &RemoteRow) -> String {
-    format!("{}, {}", r.fabric, if r.one_cpu { "one CPU (taskset -c 0)" } else { "unpinned" })
+    format!("{}, {}", r.fabric, r.cpus.label())
 }
 
 /// The arguments of a 2-node memtouch pod (64 MiB of guest memory).
@@ -220,9 +318,9 @@ fn memtouch_args<'a>(cmdline: &'a str, fabric: &'a str, node_memory: &'a str) ->
 
 /// The remote-fault run over `fabric`: memtouch over more than node 0
 /// may hold, on 2 nodes.
-fn remote_row(args: &Args, fabric: &'static str, one_cpu: bool) -> anyhow::Result<(RemoteRow, RunResult)> {
+fn remote_row(args: &Args, fabric: &'static str, cpus: Cpus) -> anyhow::Result<(RemoteRow, RunResult)> {
     let cmdline = format!("mib={}", args.remote_mib);
-    let r = run_pod(&memtouch_args(&cmdline, fabric, "16M"), one_cpu)?;
+    let r = run_pod(&memtouch_args(&cmdline, fabric, "16M"), cpus)?;
     let n0 = &r.nodes[0];
     if n0.faults_zero == 0 || n0.faults_remote == 0 {
         bail!("the run had {} dormant and {} remote faults; both are needed", n0.faults_zero, n0.faults_remote);
@@ -234,7 +332,7 @@ fn remote_row(args: &Args, fabric: &'static str, one_cpu: bool) -> anyhow::Resul
         n0.fault_remote_direct_us_p50 / (direct_pages / n0.faults_remote_direct.max(1) as f64).max(1.0);
     let row = RemoteRow {
         fabric,
-        one_cpu,
+        cpus,
         faults_zero: n0.faults_zero,
         fault_zero_us_p50: n0.fault_zero_us_p50,
         pages_per_zero_fault: per_fault,
@@ -340,7 +438,7 @@ fn remote_md(remote: &[RemoteRow]) -> String {
 
 /// `--verbs`: the remote-fault run over verbs, with what exposures cost.
 fn run_verbs(args: &Args, out: &Path) -> anyhow::Result<()> {
-    let (row, r) = remote_row(args, "verbs", false)?;
+    let (row, r) = remote_row(args, "verbs", Cpus::Unpinned)?;
     let mut md = format!(
         "# Pods over verbs\n\nThe remote-fault run of `shoal-bench pod` (memtouch {} MiB on 2 nodes, 16 MiB a \
          node) over verbs on soft-RoCE, inside QEMU/TCG (ci/softroce.sh): compare ratios, not absolute times.\n\n",
@@ -378,9 +476,11 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     }
     let mut runs = Vec::new();
     let mut remote = Vec::new();
-    // shm unpinned and on one CPU, then tcp over loopback unpinned
-    for (fabric, one_cpu) in [("shm", false), ("shm", true), ("tcp", false)] {
-        let (row, r) = remote_row(args, fabric, one_cpu)?;
+    // shm unpinned, on one CPU and on a CPU per node, then tcp over
+    // loopback unpinned
+    let shm = [("shm", Cpus::Unpinned), ("shm", Cpus::One), ("shm", Cpus::PerNode)];
+    for (fabric, cpus) in shm.into_iter().chain([("tcp", Cpus::Unpinned)]) {
+        let (row, r) = remote_row(args, fabric, cpus)?;
         remote.push(row);
         runs.push(r);
     }
@@ -402,7 +502,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             let d = if dormant { "on" } else { "off" };
             let mut a = vec!["run", "--guest", "zeroboot", "--memory", &args.boot_memory, "--cmdline", "mib=16"];
             a.extend(["--dormant", d, "--nodes", &n, "--fabric", "shm"]);
-            let r = run_pod(&a, false)?;
+            let r = run_pod(&a, Cpus::Unpinned)?;
             let wall = r.total.wall_seconds;
             let base = *baseline.get_or_insert(wall);
             boot.push(BootRow {
@@ -453,7 +553,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             let c = cmdline(rounds);
             let mut a = memtouch_args(&c, "shm", "8M");
             a.extend(["--eviction", policy]);
-            let (r, stdout) = run_pod_out(&a, false)?;
+            let (r, stdout) = run_pod_out(&a, Cpus::Unpinned)?;
             counts.push((r.nodes[0].clone(), stdout));
             runs.push(r);
         }
@@ -498,7 +598,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         for on in [false, true] {
             let mut a = vec!["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", &cmdline, "--nodes", "2"];
             a.extend(["--fabric", fabric, "--node-memory", "16M", "--verify-pages", if on { "on" } else { "off" }]);
-            let r = run_pod(&a, false)?;
+            let r = run_pod(&a, Cpus::Unpinned)?;
             let n0 = &r.nodes[0];
             let base = verify.last().filter(|_| on).map_or(n0.fault_remote_us_p50, |v| v.remote_us_p50);
             verify.push(VerifyRow {

@@ -55,7 +55,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             if pinned {
                 a.push("--pin");
             }
-            let (r, stdout) = run_pod_out(&a, false)?;
+            let (r, stdout) = run_pod_out(&a, crate::pod::Cpus::Unpinned)?;
             let pages = printed(&stdout, "pages=")? as u64;
             let ns = printed(&stdout, "first_touch_ns=")?;
             let pages_per_s = pages as f64 / (ns / 1e9);

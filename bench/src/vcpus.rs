@@ -18,16 +18,18 @@
 //!   on: wall time beside one node's, with the pages that crossed (none
 //!   should: every vCPU's data is dormant until it touches it).
 //!
-//! Every run is unpinned and again with the whole pod on one CPU
-//! (`taskset -c 0`: the threads handing a fault or a message to each
-//! other cannot wake each other across CPUs), as the fault bench does.
+//! The ping-pong, IPI and migration runs are unpinned, again with the
+//! whole pod on one CPU (`taskset -c 0`: the threads handing a fault or a
+//! message to each other cannot wake each other across CPUs), as the
+//! fault bench does, and with each node's process on a CPU of its own (as
+//! on a cluster, where every node is a host; started from a pod file).
 
 use std::path::Path;
 
 use anyhow::bail;
 use serde::Serialize;
 
-use crate::pod::{run_pod_out, RunResult};
+use crate::pod::{run_pod_out, Cpus, RunResult};
 use crate::report::{self, printed, Host};
 
 #[derive(clap::Args, Debug)]
@@ -37,7 +39,7 @@ pub struct Args {
     rounds: u64,
     /// Tours of the migration run (each moves the vCPU twice; odd ones
     /// are timed cold, even ones warm).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 80)]
     tours: u64,
     /// Increments per vCPU in the smp runs.
     #[arg(long, default_value_t = 20000)]
@@ -50,7 +52,7 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 struct Row {
     what: String,
-    one_cpu: bool,
+    cpus: Cpus,
     /// The measured time (µs): per round, per move, or the run's wall time.
     us: f64,
     /// The baseline of the same run (µs) and the ratio.
@@ -75,7 +77,7 @@ struct Row {
 #[derive(Debug, Serialize)]
 struct PerTransfer {
     what: String,
-    one_cpu: bool,
+    cpus: Cpus,
     rounds: u64,
     round_us: f64,
     transfers_per_round: f64,
@@ -98,7 +100,7 @@ fn row(what: &str, r: &RunResult, us: f64, baseline_us: f64, baseline: &str) -> 
     let t = &r.total;
     Row {
         what: what.to_string(),
-        one_cpu: r.one_cpu,
+        cpus: r.cpus,
         us,
         baseline_us,
         ratio: us / baseline_us,
@@ -121,7 +123,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     let mut moves = Vec::new();
     let mut per_transfer = Vec::new();
     let pod = ["--memory", "64M", "--fabric", "shm", "--migration", "off"];
-    for one_cpu in [false, true] {
+    for cpus in [Cpus::Unpinned, Cpus::One, Cpus::PerNode] {
         // write ping-pong and IPI round trip: writer on node 0, reader on 1.
         // A polling round costs milliseconds on a 2-CPU host: two spinning
         // vCPU threads and both nodes' service threads share the CPUs, and
@@ -132,14 +134,14 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             let cmdline = format!("rounds={} ipi={ipi}", args.rounds);
             let mut a = vec!["run", "--guest", "sharing", "--cmdline", &cmdline, "--cpus", "2", "--nodes", "2"];
             a.extend(pod);
-            let (r, stdout) = run_pod_out(&a, one_cpu)?;
+            let (r, stdout) = run_pod_out(&a, cpus)?;
             let us = printed(&stdout, "round_trip_ns=")? / 1000.0;
             let what = if ipi == 1 { "IPI round trip (write, IPI, read, ack)" } else { "write ping-pong round" };
             let rw = row(what, &r, us, floor, "shm 4 KiB read");
             let per_round = rw.transfers as f64 / args.rounds as f64;
             per_transfer.push(PerTransfer {
                 what: what.to_string(),
-                one_cpu,
+                cpus,
                 rounds: args.rounds,
                 round_us: us,
                 transfers_per_round: per_round,
@@ -157,7 +159,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         let cmdline = format!("mode=0 mib=1 rounds={}", args.tours);
         let mut a = vec!["run", "--guest", "migrate", "--cmdline", &cmdline, "--nodes", "2"];
         a.extend(pod);
-        let (r, stdout) = run_pod_out(&a, one_cpu)?;
+        let (r, stdout) = run_pod_out(&a, cpus)?;
         let us = |key: &str| printed(&stdout, key).map(|ns| ns / 1000.0);
         let (move_warm, move_cold) = (us("move_warm_p50_ns=")?, us("move_cold_p50_ns=")?);
         let (fault_warm, fault_cold) = (us("fault_warm_p50_ns=")?, us("fault_cold_p50_ns=")?);
@@ -194,7 +196,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         moves.push(format!(
             "| {} | {move_warm:.1} | {fault_warm:.1} | **{:.2}** | {move_cold:.1} | {fault_cold:.1} | **{:.2}** | \
              {engine:.1} | {clock:.1} | {:.1} | {:.1} | {} of {} |\n",
-            if one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            cpus.label(),
             move_warm / fault_warm,
             move_cold / fault_cold,
             t.vcpu_capture_us_p50,
@@ -215,7 +217,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             if nodes > 1 {
                 a.extend(["--fabric", "shm"]);
             }
-            let (r, _) = run_pod_out(&a, false)?;
+            let (r, _) = run_pod_out(&a, Cpus::Unpinned)?;
             let us = r.total.wall_seconds * 1e6;
             let b = *base.get_or_insert(us);
             rows.push(row(&format!("smp, 3 vCPUs on {nodes} node(s), migration {migration}"), &r, us, b, "1 node"));
@@ -227,7 +229,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
     for migration in ["off", "on"] {
         let mut a = vec!["run", "--guest", "migrate", "--cmdline", "mode=1 mib=8 rounds=2", "--nodes", "2"];
         a.extend(["--memory", "64M", "--fabric", "shm", "--migration", migration]);
-        let (r, stdout) = run_pod_out(&a, false)?;
+        let (r, stdout) = run_pod_out(&a, Cpus::Unpinned)?;
         let us = printed(&stdout, "read_ns=")? / 1000.0;
         let b = *base.get_or_insert(us);
         rows.push(row(&format!("read 8 MiB written on node 1, migration {migration}"), &r, us, b, "migration off"));
@@ -246,7 +248,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
             if nodes > 1 {
                 a.extend(["--fabric", "shm"]);
             }
-            let (r, stdout) = run_pod_out(&a, false)?;
+            let (r, stdout) = run_pod_out(&a, Cpus::Unpinned)?;
             if !stdout.contains("bad=0") {
                 bail!("touch did not read back what it wrote:\n{stdout}");
             }
@@ -271,7 +273,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         md.push_str(&format!(
             "| {} | {} | {:.1} | {} | {:.1} | **{:.2}** | {} | {} | {} | {} | {} | {} | {} |\n",
             r.what,
-            if r.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            r.cpus.label(),
             r.us,
             r.baseline,
             r.baseline_us,
@@ -298,7 +300,10 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
          a move of an even round, after the writes), *cold* after the other node sat idle for as long as the guest \
          checksums its 1 MiB (tens of ms: the first write, after the checksum; a move of an odd round, after the \
          guest spun without exits for as long as its last checksum took). \
-         Both sides of each ratio include one clock read (its cost below). The engine-timed fault is the \
+         Both sides of each ratio include one clock read (its cost below). Three layouts of the pod's \
+         threads: unpinned, all on one CPU (every hand-off between threads waits for the CPU, so the stack \
+         page's transfer, otherwise beside the capture, adds to a move), and each node's process on a CPU of \
+         its own (as on a cluster). The engine-timed fault is the \
          nodes' own p50 of a remote write fault, from the fault's read off userfaultfd to its wake: it leaves \
          out the wakes around a fault that the guest waits for. Capture and restore are a move's KVM ioctls \
          (metrics); the stack page is asked for ahead, while the state is captured, sent and restored.\n\n\
@@ -321,7 +326,7 @@ pub fn run(args: &Args, out: &Path) -> anyhow::Result<()> {
         md.push_str(&format!(
             "| {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
             p.what,
-            if p.one_cpu { "one (taskset -c 0)" } else { "unpinned" },
+            p.cpus.label(),
             p.round_us,
             p.transfers_per_round,
             p.us_per_transfer,

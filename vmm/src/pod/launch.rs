@@ -88,6 +88,12 @@ pub struct PodFile {
 }
 
 impl PodFile {
+    /// The pod file's text, written by the TOML serializer (strings quoted
+    /// and escaped as TOML wants, whatever a path or command line holds).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a pod file serialises")
+    }
+
     /// Reads and parses a pod file.
     pub fn read(path: &Path) -> Result<PodFile, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("pod file {}: {e}", path.display()))?;
@@ -433,7 +439,7 @@ impl LocalNodes {
         let dir = std::env::temp_dir().join(format!("shoal-pod-{}", file.pod_id));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let pod_path = dir.join("pod.toml");
-        std::fs::write(&pod_path, pod_file_text(file)).map_err(|e| format!("{}: {e}", pod_path.display()))?;
+        std::fs::write(&pod_path, file.to_toml()).map_err(|e| format!("{}: {e}", pod_path.display()))?;
         let exe = std::env::current_exe().map_err(|e| format!("finding shoal's own executable: {e}"))?;
         let mut me = LocalNodes { children: Vec::new(), dir };
         let mut addrs = vec![node0.clone()];
@@ -536,13 +542,6 @@ impl Drop for LocalNodes {
     }
 }
 
-/// The pod file the started nodes read (they learn addresses over stdio),
-/// written by the TOML serializer (strings quoted and escaped as TOML
-/// wants, whatever a path or command line holds).
-fn pod_file_text(f: &PodFile) -> String {
-    toml::to_string(f).expect("a pod file serialises")
-}
-
 /// The fabric options of every node of a pod.
 pub fn fabric_options(join_timeout: Duration, liveness: Duration, authenticate_frames: bool) -> shoal_fabric::Options {
     shoal_fabric::Options {
@@ -643,7 +642,7 @@ mod tests {
         assert!(read_secret(&file, &env_of(&[(SECRET_ENV, "abc")])).is_err());
         assert!(read_secret(&file, &env_of(&[(SECRET_ENV, "0011")])).unwrap_err().contains("at least 16"));
         assert!(read_secret(&file, &env_of(&[])).unwrap_err().contains("no pod secret"));
-        let text = pod_file_text(&PodFile {
+        let text = (PodFile {
             pod_id: "x".into(),
             memory: "64M".into(),
             nodes: Some(3),
@@ -653,7 +652,8 @@ mod tests {
             balloon: Some(false),
             bzimage_entry: Some(crate::linux::BzEntry::Boot64),
             ..Default::default()
-        });
+        })
+        .to_toml();
         assert!(text.contains("eviction = \"fifo\""), "{text}");
         assert!(text.contains("bzimage_entry = \"boot64\""), "{text}");
         assert!(text.contains("balloon = false"), "{text}");
