@@ -147,6 +147,16 @@ struct Pair {
 }
 
 fn pair(kind: Kind, authenticate_frames: bool) -> anyhow::Result<Pair> {
+    pair_with(kind, authenticate_frames, None)
+}
+
+/// A pair over shm whose node 0 joins on a thread pinned to `cpu` (so its
+/// fabric threads run there; node 1's run where the caller does).
+fn pair_pinning_node0(cpu: usize) -> anyhow::Result<Pair> {
+    pair_with(Kind::Shm, false, Some(cpu))
+}
+
+fn pair_with(kind: Kind, authenticate_frames: bool, node0_cpu: Option<usize>) -> anyhow::Result<Pair> {
     let dir = std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let addr = |i: u32| match kind {
@@ -159,6 +169,9 @@ fn pair(kind: Kind, authenticate_frames: bool) -> anyhow::Result<Pair> {
     let opts = Options { io_timeout: Duration::from_secs(10), authenticate_frames, ..Options::default() };
     let o2 = opts.clone();
     let t = std::thread::spawn(move || -> anyhow::Result<(Box<dyn Transport>, Mem)> {
+        if let Some(cpu) = node0_cpu {
+            set_affinity(&[cpu])?;
+        }
         let m = Mem::new()?;
         let id = Identity { node: 0, pod_id: "bench".into(), secret: b"bench".to_vec() };
         Ok((b0.join(id, &[(1, a1)], vec![m.region()], o2)?, m))
@@ -485,4 +498,92 @@ pub fn read_floor_us(kind: Kind) -> anyhow::Result<f64> {
         auth_rounds: 1,
     };
     Ok(measure(kind, &args)?.lat_us_p50)
+}
+
+/// Pins the calling thread to `cpus` (threads it starts inherit it).
+fn set_affinity(cpus: &[usize]) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+    // sched_setaffinity only read and write the set we own.
+    let ret = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if ret != 0 {
+        bail!("sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Node 1's end of a round trip: its receiving thread sends every message
+/// back, as a pod's engine answers a page request over shm (on the
+/// receiving thread, through the same tap).
+#[derive(Debug, Default)]
+struct Echo(std::sync::Mutex<Option<std::sync::Arc<dyn Transport>>>);
+
+impl shoal_fabric::Tap for Echo {
+    fn take(&self, from: shoal_fabric::NodeId, payload: &[u8]) -> shoal_fabric::Take {
+        if let Some(t) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = t.send(from, payload);
+        }
+        shoal_fabric::Take::Taken
+    }
+}
+
+/// The p50 (µs) of `n` message round trips between two nodes of one pod
+/// over shm, in this process: node 0 sends 32 bytes (a page request's
+/// size), node 1's receiving thread sends them back (a tap, as a pod's
+/// engine answers), node 0 takes them from its inbox. The same wakes as
+/// a fault that must ask a peer (the peer's receiving thread, ours, and
+/// the waiter), with no page work: the floor of an asked fault's message
+/// round trip. `cpus` as the pod benchmark's: one CPU puts every thread
+/// on CPU 0; one per node puts node 0's threads on CPU 0 and node 1's on
+/// CPU 1.
+pub(crate) fn message_round_trip_us(cpus: crate::pod::Cpus, n: usize) -> anyhow::Result<f64> {
+    use crate::pod::Cpus;
+    // in a thread of its own: its affinity, and its threads', end with it
+    let timed = std::thread::spawn(move || -> anyhow::Result<f64> {
+        let Pair { t0, t1, _m0, _m1 } = match cpus {
+            Cpus::Unpinned => pair(Kind::Shm, false)?,
+            Cpus::One => {
+                set_affinity(&[0])?;
+                pair(Kind::Shm, false)?
+            }
+            Cpus::PerNode => {
+                // node 1 joins on this thread, node 0 on one it starts:
+                // each node's threads are started by its join
+                set_affinity(&[1])?;
+                let p = pair_pinning_node0(0)?;
+                set_affinity(&[0])?;
+                p
+            }
+        };
+        let t1: std::sync::Arc<dyn Transport> = std::sync::Arc::from(t1);
+        let echo = std::sync::Arc::new(Echo::default());
+        *echo.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(t1.clone());
+        if !t1.set_tap(echo.clone()) {
+            bail!("the shm transport took no tap");
+        }
+        let msg = [7u8; 32];
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            t0.send(1, &msg)?;
+            loop {
+                match t0.recv(Duration::from_secs(5))? {
+                    Some(shoal_fabric::Incoming::Message { .. }) => break,
+                    Some(other) => bail!("the round trip's echo: {other:?}"),
+                    None => bail!("no echo within 5 s"),
+                }
+            }
+            lat.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        // (the tap holds node 1's transport: let it go)
+        echo.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        lat.sort_by(f64::total_cmp);
+        Ok(percentile(&lat, 0.5))
+    });
+    timed.join().map_err(|_| anyhow::anyhow!("the round trip's thread panicked"))?
 }
