@@ -139,7 +139,7 @@ pub enum Error {
     FrameAuthMismatch { peer: Option<NodeId>, theirs: bool },
     #[error("authentication with {} failed: wrong pod secret", peer_name(*peer))]
     WrongSecret { peer: Option<NodeId> },
-    #[error("node {peer} ({addr}) refused us {times} times in a row over {:.1} s: {}", over.as_secs_f64(), refusal_text(last))]
+    #[error("node {peer} ({addr}) and this node disagree, {times} handshakes in a row over {:.1} s: {}", over.as_secs_f64(), refusal_text(last))]
     Refusing { peer: NodeId, addr: String, times: u32, over: Duration, last: Box<Error> },
     #[error("joining the pod timed out after {after:?}: no connection with {missing}")]
     JoinTimeout {
@@ -183,7 +183,8 @@ pub enum Error {
 
 impl Error {
     /// Whether the user's configuration is at fault (a different version,
-    /// pod, backend, or pod secret), as opposed to the network or a peer.
+    /// pod, backend, frame authentication or pod secret), as opposed to
+    /// the network or a peer.
     pub fn is_misconfiguration(&self) -> bool {
         matches!(
             self,
@@ -191,8 +192,12 @@ impl Error {
                 | Error::PodMismatch { .. }
                 | Error::BackendMismatch { .. }
                 | Error::WrongSecret { .. }
+                | Error::FrameAuthMismatch { .. }
                 | Error::JoinTimeout { wrong_secret: true, .. }
-        ) || matches!(self, Error::Refusing { last, .. } if last.is_misconfiguration() || matches!(**last, Error::Refused { .. }))
+                // the same disagreement, handshake after handshake, at
+                // the node's own address (see mesh::Streak)
+                | Error::Refusing { .. }
+        )
     }
 }
 

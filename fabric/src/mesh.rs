@@ -253,9 +253,9 @@ impl Binding {
         // nodes that dial us whose address we check (see Streak)
         let mut streaks: BTreeMap<NodeId, Streak> = BTreeMap::new();
         let mut probes = Probes::new();
-        // a node that refused us for good, and until when we still answer
-        // (see Streak)
-        let mut ending: Option<(Error, Instant)> = None;
+        // a node that refused us for good, why, and until when we still
+        // answer (see Streak)
+        let mut ending: Option<(NodeId, Error, Instant)> = None;
         loop {
             let mut progressed = accepted.admit(self, me, opts.authenticate_frames, deadline)?;
             while let Ok((result, conn)) = accepted.done_rx.try_recv() {
@@ -263,6 +263,12 @@ impl Binding {
                 match result {
                     Ok(s) if want_accept.contains(&s.peer) && !conns.contains_key(&s.peer) => {
                         conns.insert(s.peer, Link::new(conn, s));
+                    }
+                    // a node we dial, checking on us (a probe: something
+                    // claiming to be us failed to join it): it knows the
+                    // secret, and it dials nothing else here
+                    Ok(Session { peer, .. }) if want_dial.iter().any(|(id, _)| *id == peer) => {
+                        tracing::debug!(peer, "a node we dial checked on us; dropping its connection");
                     }
                     Ok(Session { peer, .. }) => {
                         tracing::warn!(peer, "unexpected node connected; dropping it");
@@ -285,6 +291,8 @@ impl Binding {
                 probes.running.remove(&k);
                 probes.next_at.insert(k, Instant::now() + REDIAL_AFTER);
                 match result {
+                    // it joined meanwhile: nothing to check any more
+                    _ if conns.contains_key(&k) => {}
                     // it knows our secret: the bad connection was not its
                     Ok(()) => {
                         probes.wanted.remove(&k);
@@ -295,7 +303,7 @@ impl Binding {
                         let addr =
                             peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a.to_string()).unwrap_or_default();
                         if let Some(v) = streaks.entry(k).or_insert_with(Streak::new).refused(k, &addr, e) {
-                            ending.get_or_insert((v, Instant::now() + LINGER));
+                            ending.get_or_insert((k, v, Instant::now() + LINGER));
                         }
                     }
                     Err(_) => {
@@ -321,7 +329,11 @@ impl Binding {
                 if conns.contains_key(id) || redial_at.get(id).is_some_and(|t| Instant::now() < *t) {
                     continue;
                 }
-                let Some(mut conn) = dial(addr)? else { continue };
+                let Some(mut conn) = dial(addr)? else {
+                    // not listening: whatever refused us there is gone
+                    streaks.remove(id);
+                    continue;
+                };
                 progressed = true;
                 let left = deadline
                     .saturating_duration_since(Instant::now())
@@ -345,7 +357,7 @@ impl Binding {
                         if is_refusal(&e) {
                             let streak = streaks.entry(*id).or_insert_with(Streak::new);
                             if let Some(v) = streak.refused(*id, &addr.to_string(), e) {
-                                ending.get_or_insert((v, Instant::now() + LINGER));
+                                ending.get_or_insert((*id, v, Instant::now() + LINGER));
                             }
                         } else {
                             streaks.remove(id);
@@ -357,11 +369,14 @@ impl Binding {
                 // (whatever refused us was not the node: it joined)
                 break;
             }
-            if let Some((e, until)) = ending.take() {
-                if Instant::now() >= until || Instant::now() >= deadline {
-                    return Err(e);
+            if let Some((node, e, until)) = ending.take() {
+                // (whatever refused us was not the node if it joined)
+                if !conns.contains_key(&node) {
+                    if Instant::now() >= until || Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    ending = Some((node, e, until));
                 }
-                ending = Some((e, until));
             }
             if Instant::now() >= deadline {
                 let missing: Vec<String> = peers
@@ -519,7 +534,9 @@ impl Streak {
 const REFUSALS: u32 = 3;
 const REFUSING_FOR: Duration = Duration::from_millis(500);
 const LINGER: Duration = Duration::from_secs(1);
-/// The longest a probe's handshake may take.
+/// The longest each read or write of a probe's handshake may wait (a
+/// probe still under way when the join ends is left to end by itself: one
+/// thread per peer at most).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Handshakes we start with nodes that are to dial us, when something

@@ -59,8 +59,10 @@ fn a_join_completes_while_bogus_connections_hold_every_slot() {
             })),
         }
     }
-    // node 0 is accepting them all now: watch its threads
-    let bound = baseline + MAX_PENDING_HANDSHAKES + 2;
+    // node 0 is accepting them all now: watch its threads (the wrong
+    // secrets claim node 1, so node 0 also checks node 1's address: one
+    // probe thread at a time)
+    let bound = baseline + MAX_PENDING_HANDSHAKES + 1 + 2;
     let mut most = 0;
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
@@ -70,7 +72,7 @@ fn a_join_completes_while_bogus_connections_hold_every_slot() {
     assert!(
         most <= bound,
         "node 0 ran {most} threads with 48 unauthenticated connections open ({baseline} before; the cap is \
-         {MAX_PENDING_HANDSHAKES} handshakes, plus 2 for threads that are ending)"
+         {MAX_PENDING_HANDSHAKES} handshakes, plus a probe, plus 2 for threads that are ending)"
     );
     for w in wrong {
         let e = w.join().unwrap().unwrap_err();
@@ -188,7 +190,7 @@ fn an_impostor_of_a_peer_does_not_end_the_join() {
     assert_eq!(t1.unwrap_or_else(|e| panic!("node 1 gave up: {e}")).peers(), vec![0]);
     let r0 = node0.join().unwrap();
     assert_eq!(r0.unwrap_or_else(|e| panic!("node 0 gave up: {e}")), vec![1]);
-    assert!(impostor.join().unwrap() >= 10, "the impostor was not refused over and over");
+    assert!(impostor.join().unwrap() >= 5, "the impostor was not refused over and over");
 }
 
 /// Whatever holds the address of the node we dial refuses us every time

@@ -585,7 +585,8 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
 /// input) naming the secret at once: within seconds, though the join may
 /// take 60 (node 1 hears node 0 refuse its proof every time it dials;
 /// node 0, refusing node 1's, dials node 1 to check and is refused too).
-/// The same with different pod ids, naming the pods.
+/// The same with different pod ids, naming the pods (node 0 ends on its
+/// own verdict on node 1's Hello, node 1 on node 0's refusal).
 #[test]
 fn nodes_with_different_secrets_exit_2_naming_the_secret() {
     let dir = scratch("pod-secret");
