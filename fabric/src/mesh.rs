@@ -388,8 +388,11 @@ impl Binding {
                 // (the words of Error::WrongSecret and of the refusal a
                 // peer sends for it, on either side of the handshake)
                 let wrong_secret = last_refusal.text.as_deref().is_some_and(|t| t.contains("wrong pod secret"));
-                if let Some(r) = last_refusal.text {
-                    missing.push_str(&format!("; last refused connection: {r}"));
+                match last_refusal.text {
+                    Some(r) => missing.push_str(&format!("; last refused connection: {r}")),
+                    // (nodes that disagreed among themselves end their
+                    // joins within seconds: one that came later finds none)
+                    None => missing.push_str(" (none answered: not started, or ended already; see their own errors)"),
                 }
                 return Err(Error::JoinTimeout { after: opts.join_timeout, missing, wrong_secret });
             }
