@@ -247,12 +247,10 @@ impl Binding {
         // peers, and one that says the wrong thing cannot abort the join
         // (it is refused and remembered for the error message).
         let mut accepted = Handshakes::new();
-        // when each node we dial may be dialed again
-        let mut redial_at: BTreeMap<NodeId, Instant> = BTreeMap::new();
-        // refusals heard in a row from each node's own address, and the
-        // nodes that dial us whose address we check (see Streak)
+        // refusals heard in a row from each node's own address (see
+        // Streak), and the dials under way (see Dials)
         let mut streaks: BTreeMap<NodeId, Streak> = BTreeMap::new();
-        let mut probes = Probes::new();
+        let mut dials = Dials::new();
         // a node that refused us for good, why, and until when we still
         // answer (see Streak)
         let mut ending: Option<(NodeId, Error, Instant)> = None;
@@ -280,69 +278,43 @@ impl Binding {
                         // node it claims to be, at that node's address
                         if let Some(k) = refusal_from(&e).filter(|k| want_accept.contains(k) && !conns.contains_key(k))
                         {
-                            probes.want(k);
+                            dials.probes.insert(k);
                         }
                         last_refusal.note(is_refusal(&e), e.to_string());
                     }
                 }
             }
-            while let Ok((k, result)) = probes.done_rx.try_recv() {
-                progressed = true;
-                probes.running.remove(&k);
-                probes.next_at.insert(k, Instant::now() + REDIAL_AFTER);
-                match result {
-                    // it joined meanwhile: nothing to check any more
-                    _ if conns.contains_key(&k) => {}
-                    // it knows our secret: the bad connection was not its
-                    Ok(()) => {
-                        probes.wanted.remove(&k);
-                        streaks.remove(&k);
-                    }
-                    Err(e) if is_refusal(&e) => {
-                        last_refusal.note(true, e.to_string());
-                        let addr =
-                            peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a.to_string()).unwrap_or_default();
-                        if let Some(v) = streaks.entry(k).or_insert_with(Streak::new).refused(k, &addr, e) {
-                            ending.get_or_insert((k, v, Instant::now() + LINGER));
-                        }
-                    }
-                    Err(_) => {
-                        streaks.remove(&k);
-                    }
-                }
-            }
-            for &k in &probes.wanted.clone() {
-                if conns.contains_key(&k) {
-                    probes.wanted.remove(&k);
-                    streaks.remove(&k);
-                    continue;
-                }
-                let due = probes.next_at.get(&k).is_none_or(|t| Instant::now() >= *t);
-                if due && !probes.running.contains(&k) {
-                    if let Some((_, addr)) = peers.iter().find(|(id, _)| *id == k) {
-                        progressed |= probes.start(k, addr.clone(), me, self.kind, opts.authenticate_frames);
-                    }
-                }
-            }
-            // dial the lower ids that are still missing
-            for (id, addr) in &want_dial {
-                if conns.contains_key(id) || redial_at.get(id).is_some_and(|t| Instant::now() < *t) {
-                    continue;
-                }
-                let Some(mut conn) = dial(addr)? else {
-                    // not listening: whatever refused us there is gone
-                    streaks.remove(id);
-                    continue;
+            while let Ok((k, dialed)) = dials.done_rx.try_recv() {
+                dials.running.remove(&k);
+                let probe = k > me.node;
+                // not listening: look again soon (a node we dial), or in
+                // our own time (a check); anything else after a pause
+                let pause = match dialed {
+                    Dialed::NotListening if !probe => Duration::from_millis(20),
+                    _ => REDIAL_AFTER,
                 };
-                progressed = true;
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
-                let _ = conn.set_timeouts(Some(left), Some(left));
-                match handshake(&mut conn, me, self.kind, Some(*id), opts.authenticate_frames) {
-                    Ok(s) => {
-                        streaks.remove(id);
-                        conns.insert(*id, Link::new(conn, s));
+                dials.next_at.insert(k, Instant::now() + pause);
+                if conns.contains_key(&k) {
+                    // (a check of a node that joined meanwhile)
+                    continue;
+                }
+                match dialed {
+                    Dialed::Failed(e) => return Err(e),
+                    // whatever refused us there is gone
+                    Dialed::NotListening => {
+                        streaks.remove(&k);
+                    }
+                    Dialed::Handshake(Ok(done)) => {
+                        let (session, conn) = *done;
+                        progressed = true;
+                        streaks.remove(&k);
+                        if probe {
+                            // it knows our secret: the bad connection
+                            // was not its (and it dials us: drop this one)
+                            dials.probes.remove(&k);
+                        } else {
+                            conns.insert(k, Link::new(conn, session));
+                        }
                     }
                     // Whatever answered did not prove it knows the secret
                     // (a refusal, a wrong proof, junk or a broken
@@ -350,18 +322,40 @@ impl Binding {
                     // Try again shortly; refusals every time end it (see
                     // Streak), and the join's error names the refusal if
                     // the node never joins.
-                    Err(e) => {
-                        tracing::warn!(peer = id, error = %e, "handshake with a node we dialed failed; retrying");
+                    Dialed::Handshake(Err(e)) => {
+                        progressed = true;
+                        if !probe {
+                            tracing::warn!(peer = k, error = %e, "handshake with a node we dialed failed; retrying");
+                        }
                         last_refusal.note(is_refusal(&e), e.to_string());
-                        redial_at.insert(*id, Instant::now() + REDIAL_AFTER);
                         if is_refusal(&e) {
-                            let streak = streaks.entry(*id).or_insert_with(Streak::new);
-                            if let Some(v) = streak.refused(*id, &addr.to_string(), e) {
-                                ending.get_or_insert((*id, v, Instant::now() + LINGER));
+                            let addr =
+                                peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a.to_string()).unwrap_or_default();
+                            if let Some(v) = streaks.entry(k).or_insert_with(Streak::new).refused(k, &addr, e) {
+                                ending.get_or_insert((k, v, Instant::now() + LINGER));
                             }
                         } else {
-                            streaks.remove(id);
+                            streaks.remove(&k);
                         }
+                    }
+                }
+            }
+            // dial the lower ids that are still missing, and check the
+            // higher ones that something claiming to be failed to join us
+            let left =
+                deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
+            for (id, addr) in &want_dial {
+                if !conns.contains_key(id) && dials.due(*id) {
+                    dials.start(*id, addr.clone(), me, self.kind, opts.authenticate_frames, left);
+                }
+            }
+            for k in dials.probes.clone() {
+                if conns.contains_key(&k) {
+                    dials.probes.remove(&k);
+                    streaks.remove(&k);
+                } else if dials.due(k) {
+                    if let Some((_, addr)) = peers.iter().find(|(id, _)| *id == k) {
+                        dials.start(k, addr.clone(), me, self.kind, opts.authenticate_frames, PROBE_TIMEOUT);
                     }
                 }
             }
@@ -398,8 +392,15 @@ impl Binding {
             }
             if !progressed {
                 // a connection waiting for a slot gets it as soon as the
-                // handshake cut short for it has ended
-                let nap = if accepted.waiting.is_some() { 2 } else { 20 };
+                // handshake cut short for it has ended; a dial's outcome
+                // is taken soon after it comes
+                let nap = if accepted.waiting.is_some() {
+                    2
+                } else if !dials.running.is_empty() {
+                    5
+                } else {
+                    20
+                };
                 std::thread::sleep(Duration::from_millis(nap));
             }
         }
@@ -542,59 +543,66 @@ const LINGER: Duration = Duration::from_secs(1);
 /// thread per peer at most).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Handshakes we start with nodes that are to dial us, when something
-/// claiming to be one failed to join: did the node itself refuse us? Each
-/// runs in a thread of its own (the node may be blocked dialing us), at
-/// most one per node at a time.
-struct Probes {
-    wanted: std::collections::BTreeSet<NodeId>,
-    running: std::collections::BTreeSet<NodeId>,
-    next_at: BTreeMap<NodeId, Instant>,
-    done_tx: Sender<(NodeId, Result<()>)>,
-    done_rx: Receiver<(NodeId, Result<()>)>,
+/// What a dial in a thread of its own came to.
+enum Dialed {
+    /// Nobody listens there (yet, or any more).
+    NotListening,
+    /// Connecting failed otherwise: the join ends, naming it.
+    Failed(Error),
+    /// The handshake's outcome, with the connection (boxed: a session
+    /// holds its keys).
+    Handshake(Result<Box<(Session, Conn)>>),
 }
 
-impl Probes {
-    fn new() -> Probes {
+/// Dials, each in a thread of its own (a node we dial may be blocked
+/// dialing a node in turn, or listen without joining yet: nothing here
+/// waits for it), at most one per node at a time. Two kinds: the lower
+/// ids, our links in the pod; and checks (*probes*) of higher ids, that
+/// dial us, when something claiming to be one failed to join us: does
+/// the node itself refuse us? A probe's connection is dropped (the node
+/// dials us).
+struct Dials {
+    running: std::collections::BTreeSet<NodeId>,
+    next_at: BTreeMap<NodeId, Instant>,
+    /// The higher ids to check.
+    probes: std::collections::BTreeSet<NodeId>,
+    done_tx: Sender<(NodeId, Dialed)>,
+    done_rx: Receiver<(NodeId, Dialed)>,
+}
+
+impl Dials {
+    fn new() -> Dials {
         let (done_tx, done_rx) = channel();
-        Probes {
-            wanted: Default::default(),
-            running: Default::default(),
-            next_at: Default::default(),
-            done_tx,
-            done_rx,
-        }
+        Dials { running: Default::default(), next_at: Default::default(), probes: Default::default(), done_tx, done_rx }
     }
 
-    fn want(&mut self, node: NodeId) {
-        self.wanted.insert(node);
+    /// Whether `node` may be dialed now.
+    fn due(&self, node: NodeId) -> bool {
+        !self.running.contains(&node) && self.next_at.get(&node).is_none_or(|t| Instant::now() >= *t)
     }
 
-    /// Starts a probe of `node` at `addr`; returns whether one started.
-    fn start(&mut self, node: NodeId, addr: Addr, me: &Identity, kind: Kind, auth: bool) -> bool {
+    /// Dials `node` at `addr` and runs the handshake, each read and write
+    /// waiting at most `timeout`.
+    fn start(&mut self, node: NodeId, addr: Addr, me: &Identity, kind: Kind, auth: bool, timeout: Duration) {
         let (me, tx) = (me.clone(), self.done_tx.clone());
-        let spawned = std::thread::Builder::new().name("fabric-probe".into()).spawn(move || {
-            let r = match dial(&addr) {
-                // not listening (yet, or any more): nothing learned
-                Ok(None) => Err(Error::Handshake { peer: Some(node), reason: "not listening".into() }),
+        let spawned = std::thread::Builder::new().name("fabric-dial".into()).spawn(move || {
+            let dialed = match dial(&addr) {
+                Ok(None) => Dialed::NotListening,
+                Err(e) => Dialed::Failed(e),
                 Ok(Some(mut conn)) => {
-                    let _ = conn.set_timeouts(Some(PROBE_TIMEOUT), Some(PROBE_TIMEOUT));
-                    // a completed handshake is dropped: the node dials us
-                    handshake(&mut conn, &me, kind, Some(node), auth).map(|_| ())
+                    let _ = conn.set_timeouts(Some(timeout), Some(timeout));
+                    Dialed::Handshake(handshake(&mut conn, &me, kind, Some(node), auth).map(|s| Box::new((s, conn))))
                 }
-                Err(e) => Err(e),
             };
-            let _ = tx.send((node, r));
+            let _ = tx.send((node, dialed));
         });
         match spawned {
             Ok(_) => {
                 self.running.insert(node);
-                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not start a probe thread");
+                tracing::warn!(error = %e, "could not start a dialing thread");
                 self.next_at.insert(node, Instant::now() + REDIAL_AFTER);
-                false
             }
         }
     }

@@ -230,3 +230,39 @@ fn an_address_that_always_refuses_ends_the_join_in_seconds() {
     assert!(refusals >= 3, "{refusals} refusals");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
+
+/// Node 0 listens but has not begun its join (a node still starting):
+/// nodes 1 and 2, with different secrets, still end their joins within
+/// seconds naming the secret. Dials run in threads of their own, so the
+/// dial to node 0, held until its handshake bound, holds up nothing else.
+#[test]
+fn a_node_listening_without_joining_does_not_hold_up_the_end() {
+    let dir = scratch("idle0");
+    let b0 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 0)).unwrap();
+    let addrs: Vec<Addr> = std::iter::once(b0.local_addr().clone())
+        .chain((1..3).map(|_| Addr::Tcp(TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap())))
+        .collect();
+    let started = Instant::now();
+    let nodes: Vec<_> = [(1u32, b"pod secret".as_slice()), (2, b"another secret")]
+        .into_iter()
+        .map(|(n, secret)| {
+            let b = bind(Kind::Tcp, &addrs[n as usize]).unwrap();
+            let peers: Vec<(u32, Addr)> = (0..3).filter(|&j| j != n).map(|j| (j, addrs[j as usize].clone())).collect();
+            let secret = secret.to_vec();
+            std::thread::spawn(move || {
+                let mem = Memory::new(n, REGION);
+                let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(60), ..quick_options() };
+                b.join(id(n, &secret), &peers, vec![mem.region()], opts).map(|t| t.peers())
+            })
+        })
+        .collect();
+    for (n, node) in (1..3).zip(nodes) {
+        let e = node.join().unwrap().expect_err("a node joined with a wrong secret");
+        assert!(matches!(e, shoal_fabric::Error::Refusing { .. }), "node {n}: {e}");
+        assert!(e.to_string().contains("wrong pod secret"), "node {n}: {e}");
+    }
+    // (about 1.7 s; before dials ran in threads, node 1 waited 10 s on
+    // node 0's handshake first)
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    drop(b0);
+}
