@@ -251,6 +251,8 @@ impl Binding {
         // Streak), and the dials under way (see Dials)
         let mut streaks: BTreeMap<NodeId, Streak> = BTreeMap::new();
         let mut dials = Dials::new();
+        // a dial's outcome that came while the loop waited
+        let mut waited: Option<(NodeId, Dialed)> = None;
         // a node that refused us for good, why, and until when we still
         // answer (see Streak)
         let mut ending: Option<(NodeId, Error, Instant)> = None;
@@ -284,7 +286,7 @@ impl Binding {
                     }
                 }
             }
-            while let Ok((k, dialed)) = dials.done_rx.try_recv() {
+            while let Some((k, dialed)) = waited.take().or_else(|| dials.done_rx.try_recv().ok()) {
                 dials.running.remove(&k);
                 let probe = k > me.node;
                 // not listening: look again soon (a node we dial), or in
@@ -299,6 +301,12 @@ impl Binding {
                     continue;
                 }
                 match dialed {
+                    // (a check's address may be one we cannot reach: the
+                    // node dials us, and a stranger's claim cannot end
+                    // the join)
+                    Dialed::Failed(_) if probe => {
+                        streaks.remove(&k);
+                    }
                     Dialed::Failed(e) => return Err(e),
                     // whatever refused us there is gone
                     Dialed::NotListening => {
@@ -327,7 +335,11 @@ impl Binding {
                         if !probe {
                             tracing::warn!(peer = k, error = %e, "handshake with a node we dialed failed; retrying");
                         }
-                        last_refusal.note(is_refusal(&e), e.to_string());
+                        // (a check that timed out or broke says nothing
+                        // about the pod)
+                        if !probe || is_refusal(&e) {
+                            last_refusal.note(is_refusal(&e), e.to_string());
+                        }
                         if is_refusal(&e) {
                             let addr =
                                 peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a.to_string()).unwrap_or_default();
@@ -373,6 +385,19 @@ impl Binding {
                 }
             }
             if Instant::now() >= deadline {
+                // a dial that has just succeeded still counts, as it did
+                // when dials ran on this thread
+                while let Ok((k, dialed)) = dials.done_rx.try_recv() {
+                    if let Dialed::Handshake(Ok(done)) = dialed {
+                        if k < me.node && !conns.contains_key(&k) {
+                            let (session, conn) = *done;
+                            conns.insert(k, Link::new(conn, session));
+                        }
+                    }
+                }
+                if conns.len() == peers.len() {
+                    break;
+                }
                 let missing: Vec<String> = peers
                     .iter()
                     .filter(|(id, _)| !conns.contains_key(id))
@@ -393,15 +418,9 @@ impl Binding {
             if !progressed {
                 // a connection waiting for a slot gets it as soon as the
                 // handshake cut short for it has ended; a dial's outcome
-                // is taken soon after it comes
-                let nap = if accepted.waiting.is_some() {
-                    2
-                } else if !dials.running.is_empty() {
-                    5
-                } else {
-                    20
-                };
-                std::thread::sleep(Duration::from_millis(nap));
+                // is taken as it comes
+                let nap = Duration::from_millis(if accepted.waiting.is_some() { 2 } else { 20 });
+                waited = dials.done_rx.recv_timeout(nap).ok();
             }
         }
         for c in conns.values() {
@@ -538,9 +557,7 @@ impl Streak {
 const REFUSALS: u32 = 3;
 const REFUSING_FOR: Duration = Duration::from_millis(500);
 const LINGER: Duration = Duration::from_secs(1);
-/// The longest each read or write of a probe's handshake may wait (a
-/// probe still under way when the join ends is left to end by itself: one
-/// thread per peer at most).
+/// The longest each read or write of a probe's handshake may wait.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a dial in a thread of its own came to.
@@ -566,14 +583,33 @@ struct Dials {
     next_at: BTreeMap<NodeId, Instant>,
     /// The higher ids to check.
     probes: std::collections::BTreeSet<NodeId>,
+    /// A clone of each connection whose handshake is under way: when the
+    /// join ends before it does, it is shut down (its thread then ends at
+    /// once, and the peer does not keep it as a link).
+    inflight: Arc<Mutex<BTreeMap<NodeId, Conn>>>,
     done_tx: Sender<(NodeId, Dialed)>,
     done_rx: Receiver<(NodeId, Dialed)>,
+}
+
+impl Drop for Dials {
+    fn drop(&mut self) {
+        for c in self.inflight.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            c.shutdown();
+        }
+    }
 }
 
 impl Dials {
     fn new() -> Dials {
         let (done_tx, done_rx) = channel();
-        Dials { running: Default::default(), next_at: Default::default(), probes: Default::default(), done_tx, done_rx }
+        Dials {
+            running: Default::default(),
+            next_at: Default::default(),
+            probes: Default::default(),
+            inflight: Default::default(),
+            done_tx,
+            done_rx,
+        }
     }
 
     /// Whether `node` may be dialed now.
@@ -584,14 +620,19 @@ impl Dials {
     /// Dials `node` at `addr` and runs the handshake, each read and write
     /// waiting at most `timeout`.
     fn start(&mut self, node: NodeId, addr: Addr, me: &Identity, kind: Kind, auth: bool, timeout: Duration) {
-        let (me, tx) = (me.clone(), self.done_tx.clone());
+        let (me, tx, inflight) = (me.clone(), self.done_tx.clone(), self.inflight.clone());
         let spawned = std::thread::Builder::new().name("fabric-dial".into()).spawn(move || {
             let dialed = match dial(&addr) {
                 Ok(None) => Dialed::NotListening,
                 Err(e) => Dialed::Failed(e),
                 Ok(Some(mut conn)) => {
                     let _ = conn.set_timeouts(Some(timeout), Some(timeout));
-                    Dialed::Handshake(handshake(&mut conn, &me, kind, Some(node), auth).map(|s| Box::new((s, conn))))
+                    if let Ok(c) = conn.try_clone() {
+                        inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(node, c);
+                    }
+                    let r = handshake(&mut conn, &me, kind, Some(node), auth);
+                    inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+                    Dialed::Handshake(r.map(|s| Box::new((s, conn))))
                 }
             };
             let _ = tx.send((node, dialed));
