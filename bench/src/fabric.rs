@@ -150,12 +150,9 @@ fn pair(kind: Kind, authenticate_frames: bool) -> anyhow::Result<Pair> {
     pair_with(kind, authenticate_frames, None)
 }
 
-/// A pair over shm whose node 0 joins on a thread pinned to `cpu` (so its
-/// fabric threads run there; node 1's run where the caller does).
-fn pair_pinning_node0(cpu: usize) -> anyhow::Result<Pair> {
-    pair_with(Kind::Shm, false, Some(cpu))
-}
-
+/// Two joined nodes; with `node0_cpu`, node 0 joins on a thread pinned
+/// there (so its fabric threads run there; node 1's run where the caller
+/// does).
 fn pair_with(kind: Kind, authenticate_frames: bool, node0_cpu: Option<usize>) -> anyhow::Result<Pair> {
     let dir = std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -555,7 +552,7 @@ pub(crate) fn message_round_trip_us(cpus: crate::pod::Cpus, n: usize) -> anyhow:
                 // node 1 joins on this thread, node 0 on one it starts:
                 // each node's threads are started by its join
                 set_affinity(&[1])?;
-                let p = pair_pinning_node0(0)?;
+                let p = pair_with(Kind::Shm, false, Some(0))?;
                 set_affinity(&[0])?;
                 p
             }

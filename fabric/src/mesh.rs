@@ -256,7 +256,11 @@ impl Binding {
         // a node that refused us for good, why, and until when we still
         // answer (see Streak)
         let mut ending: Option<(NodeId, Error, Instant)> = None;
+        let addr_of = |k: NodeId| peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a);
         loop {
+            // (sampled before the outcomes below are taken: one that came
+            // just before the deadline still counts)
+            let past_deadline = Instant::now() >= deadline;
             let mut progressed = accepted.admit(self, me, opts.authenticate_frames, deadline)?;
             while let Ok((result, conn)) = accepted.done_rx.try_recv() {
                 progressed = true;
@@ -278,7 +282,8 @@ impl Binding {
                         tracing::warn!(error = %e, "refused a connection");
                         // whoever connected may be a stranger: ask the
                         // node it claims to be, at that node's address
-                        if let Some(k) = refusal_from(&e).filter(|k| want_accept.contains(k) && !conns.contains_key(k))
+                        if let Some(k) =
+                            refusal(&e).flatten().filter(|k| want_accept.contains(k) && !conns.contains_key(k))
                         {
                             dials.probes.insert(k);
                         }
@@ -341,8 +346,7 @@ impl Binding {
                             last_refusal.note(is_refusal(&e), e.to_string());
                         }
                         if is_refusal(&e) {
-                            let addr =
-                                peers.iter().find(|(id, _)| *id == k).map(|(_, a)| a.to_string()).unwrap_or_default();
+                            let addr = addr_of(k).map(Addr::to_string).unwrap_or_default();
                             if let Some(v) = streaks.entry(k).or_insert_with(Streak::new).refused(k, &addr, e) {
                                 ending.get_or_insert((k, v, Instant::now() + LINGER));
                             }
@@ -366,7 +370,7 @@ impl Binding {
                     dials.probes.remove(&k);
                     streaks.remove(&k);
                 } else if dials.due(k) {
-                    if let Some((_, addr)) = peers.iter().find(|(id, _)| *id == k) {
+                    if let Some(addr) = addr_of(k) {
                         dials.start(k, addr.clone(), me, self.kind, opts.authenticate_frames, PROBE_TIMEOUT);
                     }
                 }
@@ -378,26 +382,13 @@ impl Binding {
             if let Some((node, e, until)) = ending.take() {
                 // (whatever refused us was not the node if it joined)
                 if !conns.contains_key(&node) {
-                    if Instant::now() >= until || Instant::now() >= deadline {
+                    if Instant::now() >= until || past_deadline {
                         return Err(e);
                     }
                     ending = Some((node, e, until));
                 }
             }
-            if Instant::now() >= deadline {
-                // a dial that has just succeeded still counts, as it did
-                // when dials ran on this thread
-                while let Ok((k, dialed)) = dials.done_rx.try_recv() {
-                    if let Dialed::Handshake(Ok(done)) = dialed {
-                        if k < me.node && !conns.contains_key(&k) {
-                            let (session, conn) = *done;
-                            conns.insert(k, Link::new(conn, session));
-                        }
-                    }
-                }
-                if conns.len() == peers.len() {
-                    break;
-                }
+            if past_deadline {
                 let missing: Vec<String> = peers
                     .iter()
                     .filter(|(id, _)| !conns.contains_key(id))
@@ -487,32 +478,23 @@ impl Refusal {
     }
 }
 
-/// Whether a handshake error is an answer of the other side (as opposed to
-/// a connection that broke, timed out or was cut short).
-fn is_refusal(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Version { .. }
-            | Error::PodMismatch { .. }
-            | Error::BackendMismatch { .. }
-            | Error::WrongSecret { .. }
-            | Error::FrameAuthMismatch { .. }
-            | Error::Refused { .. }
-    )
-}
-
-/// The node an accepted connection claimed to be, when its handshake
-/// ended in a refusal (either side's).
-fn refusal_from(e: &Error) -> Option<NodeId> {
+/// When a handshake error is an answer of the other side (as opposed to a
+/// connection that broke, timed out or was cut short): the node the other
+/// side claimed to be, if it said.
+fn refusal(e: &Error) -> Option<Option<NodeId>> {
     match e {
         Error::Version { peer, .. }
         | Error::PodMismatch { peer, .. }
         | Error::BackendMismatch { peer, .. }
         | Error::WrongSecret { peer }
         | Error::FrameAuthMismatch { peer, .. }
-        | Error::Refused { peer, .. } => *peer,
+        | Error::Refused { peer, .. } => Some(*peer),
         _ => None,
     }
+}
+
+fn is_refusal(e: &Error) -> bool {
+    refusal(e).is_some()
 }
 
 /// Refusals heard in a row from one node's own address.

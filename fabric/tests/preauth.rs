@@ -127,6 +127,16 @@ fn a_preauth_frame_over_the_bound_is_dropped_at_once() {
     assert_eq!(node0.join().unwrap().unwrap(), vec![1], "the bogus client did not end node 0's join");
 }
 
+/// Answers a dialer's Hello as a node with another pod secret would, before
+/// any proof (anyone can): returns whether a Hello came and was refused.
+fn refuse_hello(s: &mut TcpStream) -> bool {
+    if !matches!(read_handshake_frame(s), Ok(Frame::Hello(_))) {
+        return false;
+    }
+    let reason = "authentication failed: wrong pod secret".into();
+    write_frame(s, &Frame::Refuse { reason }).is_ok()
+}
+
 /// Whatever answers the address of the node we dial first refuses us
 /// (anyone can send a Refuse before authentication); the real node 0 then
 /// listens there. The dialing node keeps trying and joins.
@@ -142,8 +152,7 @@ fn a_refusal_before_authentication_does_not_end_a_dialers_join() {
         b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], quick_options()).map(|t| t.peers())
     });
     let (mut s, _) = squatter.accept().unwrap();
-    assert!(matches!(read_handshake_frame(&mut s).unwrap(), Frame::Hello(_)));
-    write_frame(&mut s, &Frame::Refuse { reason: "authentication failed: wrong pod secret".into() }).unwrap();
+    assert!(refuse_hello(&mut s), "no Hello came");
     drop((s, squatter));
     let b0 = bind(Kind::Tcp, &Addr::Tcp(addr0)).unwrap();
     let mem = Memory::new(0, REGION);
@@ -215,11 +224,7 @@ fn an_address_that_always_refuses_ends_the_join_in_seconds() {
         match squatter.accept() {
             Ok((mut s, _)) => {
                 s.set_nonblocking(false).unwrap();
-                if matches!(read_handshake_frame(&mut s), Ok(Frame::Hello(_))) {
-                    let reason = "authentication failed: wrong pod secret".into();
-                    let _ = write_frame(&mut s, &Frame::Refuse { reason });
-                    refusals += 1;
-                }
+                refusals += usize::from(refuse_hello(&mut s));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
