@@ -248,7 +248,7 @@ pub(crate) fn run_pod_out(args: &[&str], cpus: Cpus) -> anyhow::Result<(RunResul
 /// i` for each node i (CPU i modulo the host's CPUs). Returns node 0's
 /// standard output.
 fn run_nodes_pinned(shoal: &Path, args: &[&str], dir: &Path, metrics: &Path) -> anyhow::Result<String> {
-    use shoal_vmm::pod::launch::PodFile;
+    use shoal_vmm::pod::launch::{self, PodFile};
     let mut file = PodFile {
         pod_id: format!("bench-{}", std::process::id()),
         socket_dir: Some(dir.to_path_buf()),
@@ -279,14 +279,14 @@ fn run_nodes_pinned(shoal: &Path, args: &[&str], dir: &Path, metrics: &Path) -> 
     let nodes = file.nodes.unwrap_or(1);
     let pod = dir.join("pod.toml");
     std::fs::write(&pod, file.to_toml())?;
-    let secret: String = shoal_vmm::pod::launch::random_secret().iter().map(|b| format!("{b:02x}")).collect();
+    let secret = launch::to_hex(&launch::random_secret());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("shoal-bench: node i on CPU i: {}", args.join(" "));
     let mut children = Vec::new();
     for rank in 0..nodes {
         let mut c = Command::new("taskset");
         c.args(["-c", &(rank as usize % cpus).to_string()]).arg(shoal).args(["node", "--pod"]).arg(&pod);
-        c.args(["--rank", &rank.to_string()]).env("SHOAL_POD_SECRET", &secret);
+        c.args(["--rank", &rank.to_string()]).env(launch::SECRET_ENV, &secret);
         c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         children.push(c.spawn().with_context(|| format!("starting node {rank}"))?);
     }

@@ -319,7 +319,8 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
-fn to_hex(b: &[u8]) -> String {
+/// The hex of `b`, as `$SHOAL_POD_SECRET` carries a secret.
+pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
