@@ -1,5 +1,10 @@
-/* smp iters=K: every vCPU adds 1 to one shared counter K times with locked
- * atomic adds; vCPU 0 waits for the others and checks the total. */
+/* smp iters=K exits=E: every vCPU adds 1 to one shared counter K times with
+ * locked atomic adds; vCPU 0 waits for the others and checks the total.
+ * exits=1: an exit to the VMM (HC_CLOCK_NS) after each add. On a pod it
+ * ends the hold on the counter's page (the page a vCPU waited for stays
+ * until the host sees the vCPU ran on), so vCPUs on different nodes take
+ * the page in turns, about once per add, instead of each adding many
+ * times per move: a test of the page protocol under heavy traffic. */
 #include "shoal.h"
 
 static volatile u64 counter;
@@ -11,14 +16,17 @@ static volatile u64 own_stack[256];
 
 static void add_all(const struct shoal_boot_info *bi)
 {
-	u64 iters = shoal_arg_or(bi, "iters", 1000);
+	u64 iters = shoal_arg_or(bi, "iters", 1000), exits = shoal_arg_or(bi, "exits", 0);
 	u64 here = (u64)&iters;
 	if (bi->vcpu_id < 256) {
 		__atomic_fetch_add(&claimed[bi->vcpu_id], 1, __ATOMIC_SEQ_CST);
 		own_stack[bi->vcpu_id] = here < bi->stack_top && here >= bi->stack_top - 64 * 1024;
 	}
-	for (u64 i = 0; i < iters; i++)
+	for (u64 i = 0; i < iters; i++) {
 		__atomic_fetch_add(&counter, 1, __ATOMIC_SEQ_CST);
+		if (exits)
+			shoal_hc(SHOAL_HC_CLOCK_NS, 0, 0, 0);
+	}
 	__atomic_fetch_add(&finished, 1, __ATOMIC_SEQ_CST);
 }
 

@@ -68,7 +68,14 @@ pub const GUESTS: &[Guest] = &[
     Guest {
         name: "smp",
         summary: "every vCPU adds 1 to a shared counter iters times with atomic adds; vCPU 0 checks the total",
-        params: &[Param { key: "iters", help: "increments per vCPU", default: 1000 }],
+        params: &[
+            Param { key: "iters", help: "increments per vCPU", default: 1000 },
+            Param {
+                key: "exits",
+                help: "1: an exit to shoal after each add (vCPUs on different nodes take the counter's page in turns)",
+                default: 0,
+            },
+        ],
         elf: elf!("smp"),
     },
     Guest {
