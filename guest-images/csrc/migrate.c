@@ -38,7 +38,11 @@
  * mode=3 (ipis): vCPU 1 sends vCPU 0 `ipis=K` IPIs while vCPU 0 moves
  * around every node (`rounds` tours) and counts them with HC_WAIT_IPI: an
  * IPI posted before a move goes with it, one sent after follows it. Exits
- * 0 when exactly K arrived (none lost, none doubled). */
+ * 0 when exactly K arrived (none lost, none doubled) and every move was
+ * made. vCPU 1 is paced by vCPU 0's moves (vCPU 0 sends it an IPI after
+ * each), a share of the K after each move, so IPIs fall between all the
+ * moves however fast either vCPU runs: unpaced, vCPU 1 could send all K
+ * before vCPU 0 had made its moves, and the guest ended early. */
 #include "shoal.h"
 
 static u64 migrate_to(u64 node, u64 *saved)
@@ -225,12 +229,20 @@ static struct {
 u64 shoal_ap_main(const struct shoal_boot_info *bi)
 {
 	if (shoal_arg_or(bi, "mode", 0) == 3 && bi->vcpu_id == 1) {
-		u64 k = shoal_arg_or(bi, "ipis", 100);
-		for (u64 i = 0; i < k; i++) {
-			shoal_hc(SHOAL_HC_IPI, 0, 0, 0);
-			/* a little time between IPIs, so that moves fall between them */
-			for (volatile u64 spin = 0; spin < 200; spin++)
-				;
+		u64 k = shoal_arg_or(bi, "ipis", 100), rounds = shoal_arg_or(bi, "rounds", 1);
+		u64 total = rounds * shoal_info(SHOAL_INFO_NUM_NODES), moved = 0, sent = 0;
+		while (sent < k) {
+			/* a share before the first move, one after each, the rest
+			 * after the last */
+			u64 due = moved >= total ? k : k * (moved + 1) / (total + 1);
+			for (; sent < due; sent++) {
+				shoal_hc(SHOAL_HC_IPI, 0, 0, 0);
+				/* a little time between IPIs, so that moves fall between them */
+				for (volatile u64 spin = 0; spin < 200; spin++)
+					;
+			}
+			if (sent < k)
+				moved += shoal_hc(SHOAL_HC_WAIT_IPI, 0, 0, 0); /* vCPU 0 moved */
 		}
 		__atomic_store_n(&ipi_done.sent, k, __ATOMIC_SEQ_CST);
 	}
@@ -245,12 +257,15 @@ static u64 ipis(u64 rounds, u64 k)
 		shoal_printf("migrate: error: mode=3 needs 2 vCPUs\n");
 		return 2;
 	}
-	/* move while IPIs arrive: every few waits, to the next node */
-	for (u64 turn = 0; __atomic_load_n(&ipi_done.sent, __ATOMIC_SEQ_CST) == 0 || got < k; turn++) {
+	/* move while IPIs arrive: every few waits, to the next node, telling
+	 * vCPU 1 after each move */
+	for (u64 turn = 0; moves < rounds * nodes || __atomic_load_n(&ipi_done.sent, __ATOMIC_SEQ_CST) == 0 || got < k;
+	     turn++) {
 		got += shoal_hc(SHOAL_HC_WAIT_IPI, 1000000, 0, 0); /* 1 ms */
 		if (moves < rounds * nodes && turn % 3 == 0) {
 			migrate_to((shoal_info(SHOAL_INFO_NODE_ID) + 1) % nodes, saved);
 			moves++;
+			shoal_hc(SHOAL_HC_IPI, 1, 0, 0);
 		}
 		if (got > k)
 			break;

@@ -305,7 +305,8 @@ fn a_pod_out_of_memory_fails_clearly() {
 }
 
 /// memtouch over 40 MiB on 3 tcp nodes of 16 MiB each (it fits: only a
-/// node's fate can end it early), running in the background.
+/// node's fate can end it), then reading 20 MiB of it again and again (it
+/// never ends by itself, however fast the host), in the background.
 fn running_pod() -> BackgroundPod {
     BackgroundPod::start(&[
         "run",
@@ -314,7 +315,7 @@ fn running_pod() -> BackgroundPod {
         "--memory",
         "64M",
         "--cmdline",
-        "mib=40",
+        "mib=40 hot=20 rounds=100000000",
         "--nodes",
         "3",
         "--fabric",

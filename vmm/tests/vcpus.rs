@@ -469,11 +469,12 @@ fn a_hung_node_with_vcpus_is_named_within_two_seconds() {
         assert!(line.contains("node 2 does not answer"), "{fabric}: {line}");
         // named after at most 2 s of silence (the beats' bound) ...
         assert!(named_silence(&line) <= 2.0, "{fabric}: {line}");
-        // the bound the README promises, with a second for teardown (not a
-        // timing measurement: it fails only on a watchdog of seconds)
-        // ... and the whole pod gone soon after (a hang would take the
-        // 10 s watchdog or forever; the slack is for the teardown)
-        assert!(took < Duration::from_secs(3), "{fabric}: ended {took:?} after the hang: {line}");
+        // ... and the whole pod gone soon after: a hang guard, not the
+        // promise (that is the silence named above). The pod's end is the
+        // silence, node 0's 500 ms grace for its members (the stopped one
+        // never exits: it is killed) and the teardown, 2.1-2.6 s; the 10 s
+        // fault watchdog would name no node (the line above rules it out)
+        assert!(took < Duration::from_secs(8), "{fabric}: ended {took:?} after the hang: {line}");
     }
 }
 

@@ -213,15 +213,26 @@ mod tests {
         let t = std::thread::spawn(move || {
             // SAFETY: gettid has no arguments and cannot fail.
             tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            // spins for CPU time of its own, not wall time: a thread that
+            // spun 20 ms of a busy host's wall clock may have had less
+            // than the 5 ms the mark waits for, and then waits for ever
+            let cpu = || Duration::from(nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap());
             while let Ok(spin) = go_rx.recv() {
-                let start = std::time::Instant::now();
+                let start = cpu();
                 let until = if spin { Duration::from_millis(20) } else { Duration::from_micros(200) };
-                while start.elapsed() < until {
+                while cpu() - start < until {
                     std::hint::spin_loop();
                 }
             }
         });
         let tid = rx.recv().unwrap();
+        // marked once it sleeps in recv: a mark while it still runs toward
+        // it would see it run a little and sleep
+        let start = std::time::Instant::now();
+        while runnable(tid) {
+            assert!(start.elapsed() < Duration::from_secs(10), "the thread never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mark = RunMark::now(tid, None, None).expect("a live thread's clock");
         assert_eq!(mark.since(Duration::from_millis(5)), None, "it has not run since");
         assert!(!mark.ran_on(Duration::from_millis(5)));
