@@ -508,7 +508,9 @@ fn wrong_secret_is_refused(kind: Kind) {
     assert!(e1.is_misconfiguration(), "{kind}: {e1}");
     assert!(e1.to_string().contains("wrong pod secret"), "{kind}: node 1: {e1}");
     // (about 1.6 s: three refusals over half a second, then a second of
-    // answering the other side; a slow host gets room)
+    // answering the other side; 1.83-1.93 s over soft-RoCE in the harness
+    // under TCG, memories built inside the bound; a slow host gets room)
+    eprintln!("{kind}: both joins ended {took:?} after they began");
     assert!(took < Duration::from_secs(5), "{kind}: the joins took {took:?} to end");
 }
 
