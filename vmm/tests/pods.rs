@@ -575,11 +575,23 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
     assert_eq!(printed_checksum(&stdout), expected_checksum(24, 2));
     assert!(rounds > 3 && paged_out > 3, "paged out {paged_out} times in {rounds} rounds");
     // the guest touched pages the kernel had taken out of its view, and
-    // node 0 mapped them again (a fault on a page it already held)
+    // node 0 mapped them again (a fault on a page it already held); the
+    // same pod without pageouts has a few such faults of its own (first
+    // touches of pages the loader wrote: 7 here), so the two are compared
+    // (measured: 11 784 and 11 868 against 7)
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
     let remapped = get(&m["nodes"][0], "faults_already_resident");
-    eprintln!("paged out {paged_out} times, {remapped} faults on pages held");
-    assert!(remapped > 0, "{m}");
+    let calm = shoal(
+        &["run", "--guest", "memtouch", "--memory", "64M", "--cmdline", "mib=24 seed=2", "--nodes", "2"]
+            .into_iter()
+            .chain(["--fabric", "shm", "--migration", "off"])
+            .collect::<Vec<_>>(),
+        LIMIT,
+    );
+    calm.expect_status(0);
+    let baseline = get(&calm.metrics.as_ref().unwrap()["nodes"][0], "faults_already_resident");
+    eprintln!("paged out {paged_out} times, {remapped} faults on pages held ({baseline} without pageouts)");
+    assert!(remapped >= baseline + 100, "{remapped} faults on pages held, {baseline} without pageouts: {m}");
 }
 
 /// Two nodes with different pod secrets never join; both exit 2 (bad
