@@ -167,7 +167,7 @@ fn pair_with(kind: Kind, authenticate_frames: bool, node0_cpu: Option<usize>) ->
     let o2 = opts.clone();
     let t = std::thread::spawn(move || -> anyhow::Result<(Box<dyn Transport>, Mem)> {
         if let Some(cpu) = node0_cpu {
-            set_affinity(&[cpu])?;
+            shoal_vmm::vcpu::pin_current_thread(cpu)?;
         }
         let m = Mem::new()?;
         let id = Identity { node: 0, pod_id: "bench".into(), secret: b"bench".to_vec() };
@@ -497,23 +497,6 @@ pub fn read_floor_us(kind: Kind) -> anyhow::Result<f64> {
     Ok(measure(kind, &args)?.lat_us_p50)
 }
 
-/// Pins the calling thread to `cpus` (threads it starts inherit it).
-fn set_affinity(cpus: &[usize]) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
-    // sched_setaffinity only read and write the set we own.
-    let ret = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if ret != 0 {
-        bail!("sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Node 1's end of a round trip: its receiving thread sends every message
 /// back, as a pod's engine answers a page request over shm (on the
 /// receiving thread, through the same tap).
@@ -545,15 +528,15 @@ pub(crate) fn message_round_trip_us(cpus: crate::pod::Cpus, n: usize) -> anyhow:
         let Pair { t0, t1, _m0, _m1 } = match cpus {
             Cpus::Unpinned => pair(Kind::Shm, false)?,
             Cpus::One => {
-                set_affinity(&[0])?;
+                shoal_vmm::vcpu::pin_current_thread(0)?;
                 pair(Kind::Shm, false)?
             }
             Cpus::PerNode => {
                 // node 1 joins on this thread, node 0 on one it starts:
                 // each node's threads are started by its join
-                set_affinity(&[1])?;
+                shoal_vmm::vcpu::pin_current_thread(1)?;
                 let p = pair_with(Kind::Shm, false, Some(0))?;
-                set_affinity(&[0])?;
+                shoal_vmm::vcpu::pin_current_thread(0)?;
                 p
             }
         };

@@ -137,20 +137,30 @@ fn refuse_hello(s: &mut TcpStream) -> bool {
     write_frame(s, &Frame::Refuse { reason }).is_ok()
 }
 
+/// A listener at node 0's address that is not node 0, node 1's address,
+/// and node 1 joining in a thread of its own (with `opts`), dialing it.
+fn node1_dialing_a_squatter(
+    tag: &str,
+    opts: shoal_fabric::Options,
+) -> (TcpListener, Addr, std::thread::JoinHandle<shoal_fabric::Result<Vec<u32>>>) {
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr0 = Addr::Tcp(squatter.local_addr().unwrap());
+    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &scratch(tag), 1)).unwrap();
+    let a1 = b1.local_addr().clone();
+    let node1 = std::thread::spawn(move || {
+        let mem = Memory::new(1, REGION);
+        b1.join(id(1, b"pod secret"), &[(0, addr0)], vec![mem.region()], opts).map(|t| t.peers())
+    });
+    (squatter, a1, node1)
+}
+
 /// Whatever answers the address of the node we dial first refuses us
 /// (anyone can send a Refuse before authentication); the real node 0 then
 /// listens there. The dialing node keeps trying and joins.
 #[test]
 fn a_refusal_before_authentication_does_not_end_a_dialers_join() {
-    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (squatter, a1, node1) = node1_dialing_a_squatter("squatter", quick_options());
     let addr0 = squatter.local_addr().unwrap();
-    let dir = scratch("squatter");
-    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
-    let a1 = b1.local_addr().clone();
-    let node1 = std::thread::spawn(move || {
-        let mem = Memory::new(1, REGION);
-        b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], quick_options()).map(|t| t.peers())
-    });
     let (mut s, _) = squatter.accept().unwrap();
     assert!(refuse_hello(&mut s), "no Hello came");
     drop((s, squatter));
@@ -208,16 +218,9 @@ fn an_impostor_of_a_peer_does_not_end_the_join() {
 /// the refusal, not at the join timeout.
 #[test]
 fn an_address_that_always_refuses_ends_the_join_in_seconds() {
-    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr0 = squatter.local_addr().unwrap();
-    let dir = scratch("refuser");
-    let b1 = bind(Kind::Tcp, &test_addr(Kind::Tcp, &dir, 1)).unwrap();
     let started = Instant::now();
-    let node1 = std::thread::spawn(move || {
-        let mem = Memory::new(1, REGION);
-        let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(60), ..quick_options() };
-        b1.join(id(1, b"pod secret"), &[(0, Addr::Tcp(addr0))], vec![mem.region()], opts).map(|t| t.peers())
-    });
+    let opts = shoal_fabric::Options { join_timeout: Duration::from_secs(60), ..quick_options() };
+    let (squatter, _, node1) = node1_dialing_a_squatter("refuser", opts);
     squatter.set_nonblocking(true).unwrap();
     let mut refusals = 0;
     while !node1.is_finished() && started.elapsed() < Duration::from_secs(20) {

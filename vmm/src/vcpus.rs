@@ -331,7 +331,8 @@ impl Vcpus {
             .name(format!("shoal-vcpu{id}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
-                    vcpu::pin_current_thread(cpu);
+                    // (best effort: a failure is logged)
+                    let _ = vcpu::pin_current_thread(cpu);
                 }
                 host.run(id, first)
             })

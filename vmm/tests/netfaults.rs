@@ -68,11 +68,15 @@ struct Faulty {
 }
 
 impl Faulty {
+    /// Each end of the veth: its namespace and device.
+    fn ends(&self) -> [(&str, &str); 2] {
+        [(&self.ns.a, &self.ns.dev_a), (&self.ns.b, &self.ns.dev_b)]
+    }
+
     /// `tc qdisc VERB dev VETH root netem ARGS` on both ends.
     fn netem(&self, verb: &str, args: &str) -> Result<(), String> {
-        for (ns, end) in [(&self.ns.a, 'a'), (&self.ns.b, 'b')] {
-            let dev = format!("sh{}{end}", self.tag);
-            let mut a = vec!["-n", ns, "qdisc", verb, "dev", &dev, "root", "netem"];
+        for (ns, dev) in self.ends() {
+            let mut a = vec!["-n", ns, "qdisc", verb, "dev", dev, "root", "netem"];
             a.extend(args.split_whitespace());
             let out = Command::new("tc").args(&a).output().map_err(|e| format!("tc: {e}"))?;
             if !out.status.success() {
@@ -85,9 +89,8 @@ impl Faulty {
     /// What netem on each end has passed and dropped so far, read from
     /// `tc -s qdisc show` ("qdisc netem ... Sent B bytes P pkt (dropped D,").
     fn counts(&self) -> [NetemCounts; 2] {
-        [(&self.ns.a, 'a'), (&self.ns.b, 'b')].map(|(ns, end)| {
-            let dev = format!("sh{}{end}", self.tag);
-            let out = Command::new("tc").args(["-n", ns, "-s", "qdisc", "show", "dev", &dev]).output().unwrap();
+        self.ends().map(|(ns, dev)| {
+            let out = Command::new("tc").args(["-n", ns, "-s", "qdisc", "show", "dev", dev]).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string();
             NetemCounts::parse(&text).unwrap_or_else(|| panic!("no netem counters for {dev} in:\n{text}"))
         })

@@ -18,20 +18,28 @@ pub fn ip(args: &[&str]) -> Result<(), String> {
 pub struct Netns {
     pub a: String,
     pub b: String,
+    /// The veth's end in `a`, and in `b`.
+    pub dev_a: String,
+    pub dev_b: String,
 }
 
 impl Netns {
     pub fn create(tag: &str, a_ip: &str, b_ip: &str) -> Result<Netns, String> {
-        let n = Netns { a: format!("shoal-{tag}-a"), b: format!("shoal-{tag}-b") };
+        let n = Netns {
+            a: format!("shoal-{tag}-a"),
+            b: format!("shoal-{tag}-b"),
+            dev_a: format!("sh{tag}a"),
+            dev_b: format!("sh{tag}b"),
+        };
         let _ = ip(&["netns", "del", &n.a]);
         let _ = ip(&["netns", "del", &n.b]);
         ip(&["netns", "add", &n.a])?;
         ip(&["netns", "add", &n.b])?;
-        let (va, vb) = (format!("sh{tag}a"), format!("sh{tag}b"));
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &n.a])?;
-        ip(&["link", "set", &vb, "netns", &n.b])?;
-        for (ns, dev, addr) in [(&n.a, &va, a_ip), (&n.b, &vb, b_ip)] {
+        let (va, vb) = (&n.dev_a, &n.dev_b);
+        ip(&["link", "add", va, "type", "veth", "peer", "name", vb])?;
+        ip(&["link", "set", va, "netns", &n.a])?;
+        ip(&["link", "set", vb, "netns", &n.b])?;
+        for (ns, dev, addr) in [(&n.a, va, a_ip), (&n.b, vb, b_ip)] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;

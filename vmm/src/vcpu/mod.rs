@@ -471,9 +471,11 @@ fn set_lint(fd: &VcpuFd) -> std::result::Result<(), kvm_ioctls::Error> {
     fd.set_lapic(&lapic)
 }
 
-/// Pins the calling thread to host CPU `cpu` (best effort: a failure is
-/// logged, the benchmark that asked reports unpinned numbers then).
-pub fn pin_current_thread(cpu: usize) {
+/// Pins the calling thread to host CPU `cpu` (threads it starts later
+/// inherit it). A failure is logged too: shoal's own threads pin as best
+/// effort (`--pin`), a benchmark that must not report unpinned numbers
+/// takes the error.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid cpu_set_t; `cpu` is bounds-checked by CPU_SET.
@@ -482,8 +484,11 @@ pub fn pin_current_thread(cpu: usize) {
     // size we pass.
     let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if ret != 0 {
-        tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "cannot pin thread");
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(cpu, error = %e, "cannot pin thread");
+        return Err(std::io::Error::new(e.kind(), format!("pinning a thread to CPU {cpu}: {e}")));
     }
+    Ok(())
 }
 
 /// The host CPUs this process may run on.

@@ -38,7 +38,8 @@ impl FaultHandlers {
             let spawned = stop.try_clone().and_then(|stop| {
                 std::thread::Builder::new().name(format!("shoal-fault{i}")).spawn(move || {
                     if let Some(cpu) = cpu {
-                        crate::vcpu::pin_current_thread(cpu);
+                        // (best effort: a failure is logged)
+                        let _ = crate::vcpu::pin_current_thread(cpu);
                     }
                     serve(&engine, &uffd, &stop, &*on_fatal)
                 })
