@@ -15,6 +15,25 @@ use shoal_vmm::pod::residency::Eviction;
 use shoal_vmm::pod::{self, launch, launch::PodFile};
 use shoal_vmm::vm::{self, End};
 
+/// Writes one line to stderr in one `write(2)`. `eprintln!` writes each
+/// piece of its format separately (stderr is unbuffered), and the nodes of
+/// a local pod share their launcher's stderr: a node's line and node 0's
+/// interleaved mid-line in CI ("shoal node shoal: error: the VM failed: 1:
+/// ..."), and a test reading node 0's failure line found none. A pipe
+/// write of at most PIPE_BUF (4096) bytes is never split.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = write_line(&mut std::io::stderr().lock(), format_args!($($arg)*));
+    }};
+}
+
+/// `args` and a newline, formatted first and handed to `out` in one write.
+fn write_line(out: &mut impl std::io::Write, args: std::fmt::Arguments) -> std::io::Result<()> {
+    let mut line = args.to_string();
+    line.push('\n');
+    out.write_all(line.as_bytes())
+}
+
 /// Exit status for bad input (usage, sizes, images, command lines).
 const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status when this host cannot run the VM (no /dev/kvm, ...).
@@ -248,7 +267,7 @@ fn main() -> ExitCode {
 }
 
 fn bad_input(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("shoal: error: {msg}");
+    say!("shoal: error: {msg}");
     ExitCode::from(EXIT_BAD_INPUT)
 }
 
@@ -395,7 +414,7 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(()) => {}
             Err(e) if e.is_bad_input() => return bad_input(e),
             Err(e) => {
-                eprintln!("shoal: error: {e}");
+                say!("shoal: error: {e}");
                 return ExitCode::from(EXIT_HOST);
             }
         }
@@ -448,7 +467,7 @@ fn run_local_pod(
     metrics: Option<&std::path::Path>,
 ) -> ExitCode {
     let host = |e: String| {
-        eprintln!("shoal: error: {e}");
+        say!("shoal: error: {e}");
         ExitCode::from(EXIT_HOST)
     };
     let facts = match pod::facts_for(config, file.nodes.unwrap_or(1)).and_then(|f| {
@@ -505,7 +524,7 @@ fn run_local_pod(
     // hangs never will: kill it soon, so the pod ends within its bound)
     let grace = if code == ExitCode::SUCCESS { Duration::from_secs(10) } else { Duration::from_millis(500) };
     for (node, how) in children.wait(grace) {
-        eprintln!("shoal: node {node} ended badly: {how}");
+        say!("shoal: node {node} ended badly: {how}");
     }
     code
 }
@@ -552,7 +571,7 @@ fn node(args: NodeArgs) -> ExitCode {
     };
     let me = placement.rank;
     let fail = |code: u8, e: String| {
-        eprintln!("shoal node {me}: error: {e}");
+        say!("shoal node {me}: error: {e}");
         ExitCode::from(code)
     };
     let mem = match memory::Layout::new(config.memory).and_then(memory::GuestMemory::new) {
@@ -639,22 +658,22 @@ fn config_from_file(f: &PodFile) -> Result<VmConfig, String> {
 /// the metrics, and turns the end into shoal's exit status.
 fn execute(config: &VmConfig, pod: Option<&pod::Link>, metrics_json: Option<&std::path::Path>) -> ExitCode {
     if let Err(e) = vm::install_interrupt_handlers() {
-        eprintln!("shoal: error: installing signal handlers: {e}");
+        say!("shoal: error: installing signal handlers: {e}");
         return ExitCode::from(EXIT_HOST);
     }
     let outcome = match vm::run_node(config, Box::new(std::io::stdout()), pod) {
         Ok(o) => o,
         Err(e) if e.is_bad_input() => return bad_input(e),
         Err(e) => {
-            eprintln!("shoal: error: {}", error_chain(&e));
+            say!("shoal: error: {}", error_chain(&e));
             return ExitCode::from(EXIT_HOST);
         }
     };
-    eprintln!("{}", outcome.report.summary());
+    say!("{}", outcome.report.summary());
     if let Some(path) = metrics_json {
         let json = serde_json::to_string_pretty(&outcome.report).expect("metrics serialise");
         if let Err(e) = std::fs::write(path, json + "\n") {
-            eprintln!("shoal: error: writing metrics to {}: {e}", path.display());
+            say!("shoal: error: writing metrics to {}: {e}", path.display());
             return ExitCode::from(EXIT_HOST);
         }
     }
@@ -662,20 +681,20 @@ fn execute(config: &VmConfig, pod: Option<&pod::Link>, metrics_json: Option<&std
         End::Exited(status) => match u8::try_from(status) {
             Ok(s) => ExitCode::from(s),
             Err(_) => {
-                eprintln!("shoal: the guest exited with status {status}, which does not fit in 0-255");
+                say!("shoal: the guest exited with status {status}, which does not fit in 0-255");
                 ExitCode::from(EXIT_VM_FAILED)
             }
         },
         End::Failed(why) => {
-            eprintln!("shoal: error: the VM failed: {why}");
+            say!("shoal: error: the VM failed: {why}");
             ExitCode::from(EXIT_VM_FAILED)
         }
         End::TimedOut(t) => {
-            eprintln!("shoal: error: the guest ran past --timeout {:.1} s; stopped it", t.as_secs_f64());
+            say!("shoal: error: the guest ran past --timeout {:.1} s; stopped it", t.as_secs_f64());
             ExitCode::from(EXIT_TIMEOUT)
         }
         End::Interrupted => {
-            eprintln!("shoal: interrupted; stopped the VM");
+            say!("shoal: interrupted; stopped the VM");
             ExitCode::from(EXIT_INTERRUPTED)
         }
     }
@@ -693,4 +712,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts the writes it is handed.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_with_arguments_is_one_write() {
+        let mut w = Writes::default();
+        let (node, why) = (2, "connection reset by peer");
+        write_line(&mut w, format_args!("shoal: error: the VM failed: node {node} left the pod: {why}")).unwrap();
+        assert_eq!(w.0, vec![b"shoal: error: the VM failed: node 2 left the pod: connection reset by peer\n".to_vec()]);
+    }
 }
