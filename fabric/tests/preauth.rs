@@ -74,10 +74,12 @@ fn a_join_completes_while_bogus_connections_hold_every_slot() {
         "node 0 ran {most} threads with 48 unauthenticated connections open ({baseline} before; the cap is \
          {MAX_PENDING_HANDSHAKES} handshakes, plus a probe, plus 2 for threads that are ending)"
     );
-    for w in wrong {
-        let e = w.join().unwrap().unwrap_err();
-        assert!(e.to_string().contains("wrong pod secret"), "{e}");
-    }
+    // every wrong secret fails; one whose thread ran late may find its
+    // handshake cut for a newer connection before it sent its proof (the
+    // oldest goes first when the slots are full), so not all of them need
+    // to hear the refusal, but some must
+    let errors: Vec<String> = wrong.into_iter().map(|w| w.join().unwrap().unwrap_err().to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("wrong pod secret")), "no wrong secret was named: {errors:?}");
 
     // the honest node 1 joins while the silent connections are still open.
     // They would hold node 0's handshake slots for 10 s (its handshake

@@ -13,6 +13,15 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// A TCP port for a pod file that names its nodes' addresses beforehand
+/// (those nodes bind `port` and `port + 1`, ...): below Linux's ephemeral
+/// range (32768 and up), where no `bind(0)` or outgoing connection of the
+/// other tests running beside this one can hold it. `offset` (< 1000)
+/// apart per test.
+fn fixed_port(offset: u16) -> u16 {
+    20000 + (std::process::id() % 10000) as u16 + offset
+}
+
 /// Every node's metrics object.
 fn nodes(r: &Run) -> Vec<serde_json::Value> {
     r.metrics.as_ref().expect("metrics")["nodes"].as_array().expect("nodes").clone()
@@ -372,7 +381,7 @@ fn a_hung_node_ends_the_pod_instead_of_hanging_it() {
 #[test]
 fn nodes_with_different_configurations_are_refused_at_join() {
     let dir = scratch("pod-mismatch");
-    let port = 20000 + (std::process::id() % 20000) as u16;
+    let port = fixed_port(0);
     let write = |name: &str, memory: &str, verify_pages: bool| {
         let p = dir.join(name);
         std::fs::write(
@@ -602,7 +611,7 @@ fn pages_paged_out_of_the_guest_view_are_mapped_again() {
 #[test]
 fn nodes_with_different_secrets_exit_2_naming_the_secret() {
     let dir = scratch("pod-secret");
-    let port = 21000 + (std::process::id() % 20000) as u16;
+    let port = fixed_port(1000);
     let same = "00112233445566778899aabbccddeeff";
     let cases = [
         ("secret", "secret", "ffeeddccbbaa99887766554433221100", "wrong pod secret", port),

@@ -223,6 +223,16 @@ pub struct BackgroundPod {
     stderr: std::thread::JoinHandle<String>,
 }
 
+/// Whether process `pid` has a vCPU thread (named `shoal-vcpu...`).
+pub fn runs_a_vcpu(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("shoal-vcpu")))
+}
+
 /// How a background pod ended.
 #[derive(Debug)]
 pub struct PodEnd {
@@ -253,14 +263,20 @@ impl BackgroundPod {
     }
 
     /// The process id of node `n` (its `n`-th child) once all `members`
-    /// member nodes run and the guest has gone on for `after`.
+    /// member nodes run, node 0 runs a vCPU (it starts them only once the
+    /// pod has joined: what is done to a node afterwards meets a running
+    /// guest, not a join) and the guest has gone on for `after` since.
     pub fn node(&mut self, n: usize, members: usize, after: Duration) -> u32 {
         let start = Instant::now();
+        let mut running: Option<Instant> = None;
         loop {
             let pid = self.child.id();
             let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
             let kids: Vec<u32> = text.split_whitespace().filter_map(|s| s.parse().ok()).collect();
-            if kids.len() == members && start.elapsed() > after {
+            if running.is_none() && kids.len() == members && runs_a_vcpu(pid) {
+                running = Some(Instant::now());
+            }
+            if running.is_some_and(|t| t.elapsed() > after) {
                 return kids[n - 1];
             }
             assert!(start.elapsed() < Duration::from_secs(30), "the nodes did not start");
