@@ -10,7 +10,7 @@ shoal=$(realpath "${1:?usage: ci/pod-srun.sh SHOAL_BINARY}")
 dir=$(mktemp -d /var/tmp/shoal-srun.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
 head -c 32 /dev/urandom >"$dir/secret"
-# ranks listen at port and port + 1: below Linux's ephemeral range (32768
+# ranks listen at port and port + 1: below Linux's default ephemeral range (32768
 # and up), so no outgoing connection or bind(0) elsewhere holds them
 port=$((20000 + RANDOM % 12000))
 cat >"$dir/pod.toml" <<POD

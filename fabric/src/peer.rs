@@ -812,8 +812,9 @@ mod tests {
     #[test]
     fn a_peer_that_reads_nothing_is_lost_after_the_io_timeout() {
         let (core, _theirs) = core_and_peer(Duration::from_millis(300));
-        // the sends fill the socket and wait; this thread descheduled for
-        // the 300 ms may find the peer already gone: then the rest fail
+        // sends return at once (what the socket cannot take waits in the
+        // backlog); if this thread is descheduled for the 300 ms, the peer
+        // is lost before the last send, and the sends left fail naming it
         for i in 0..MESSAGES {
             if let Err(e) = core.send_message(1, &message(i)) {
                 assert!(matches!(e, Error::PeerGone { peer: 1, .. }), "{e}");

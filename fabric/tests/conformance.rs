@@ -668,8 +668,9 @@ fn join_times_out_naming_the_missing_node(kind: Kind) {
     let ghost = match kind {
         Kind::Shm => shoal_fabric::Addr::Unix(dir.join("ghost.sock")),
         _ => {
-            // a port nobody listens on: tcpmux's, privileged and unused (a
-            // port freed by a listener could be taken again by then)
+            // a port nobody listens on: port 1 (binding it needs root, and
+            // nothing listens there; a port freed by a listener of ours
+            // could be taken again by another test by then)
             shoal_fabric::Addr::Tcp("127.0.0.1:1".parse().unwrap())
         }
     };

@@ -188,9 +188,8 @@ fn loss_fraction(faults: &str) -> Option<f64> {
 /// The silence limit of the pods that must end well. The harness runs
 /// them in nested KVM under TCG on one CPU, which can starve a node for
 /// seconds (ci/pod-verbs.sh gives its pods 30 s too): at the default
-/// 1.5 s such a stall, not the network, could end a correct pod. What the
-/// limit does under a partition is the partition test's, which keeps the
-/// default.
+/// 1.5 s such a stall, not the network, could end a correct pod. The
+/// partition test keeps the default: the limit is what it tests.
 const EMULATED_SILENCE: &str = "liveness_timeout = 30.0\n";
 
 fn faults() -> String {

@@ -14,10 +14,11 @@ use common::*;
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// A TCP port for a pod file that names its nodes' addresses beforehand
-/// (those nodes bind `port` and `port + 1`, ...): below Linux's ephemeral
-/// range (32768 and up), where no `bind(0)` or outgoing connection of the
-/// other tests running beside this one can hold it. `offset` (< 1000)
-/// apart per test.
+/// (those nodes bind `port` and `port + 1`, ...): below Linux's default
+/// ephemeral range (32768 and up), where no `bind(0)` or outgoing
+/// connection of the other tests running beside this one can hold it.
+/// Each test passes its own multiple of 1000 and uses a few ports from
+/// there; `offset` at most 2000 keeps them below 32768.
 fn fixed_port(offset: u16) -> u16 {
     20000 + (std::process::id() % 10000) as u16 + offset
 }
