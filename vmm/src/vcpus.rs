@@ -331,8 +331,9 @@ impl Vcpus {
             .name(format!("shoal-vcpu{id}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
-                    // (best effort: a failure is logged)
-                    let _ = vcpu::pin_current_thread(cpu);
+                    if let Err(e) = vcpu::pin_current_thread(cpu) {
+                        tracing::warn!(error = %e, "running unpinned");
+                    }
                 }
                 host.run(id, first)
             })

@@ -472,9 +472,9 @@ fn set_lint(fd: &VcpuFd) -> std::result::Result<(), kvm_ioctls::Error> {
 }
 
 /// Pins the calling thread to host CPU `cpu` (threads it starts later
-/// inherit it). A failure is logged too: shoal's own threads pin as best
-/// effort (`--pin`), a benchmark that must not report unpinned numbers
-/// takes the error.
+/// inherit it). shoal's own threads pin as best effort (`--pin`: they log
+/// the error and run on); a benchmark that must not report unpinned
+/// numbers fails on it.
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -485,7 +485,6 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if ret != 0 {
         let e = std::io::Error::last_os_error();
-        tracing::warn!(cpu, error = %e, "cannot pin thread");
         return Err(std::io::Error::new(e.kind(), format!("pinning a thread to CPU {cpu}: {e}")));
     }
     Ok(())

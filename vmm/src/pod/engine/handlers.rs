@@ -38,8 +38,9 @@ impl FaultHandlers {
             let spawned = stop.try_clone().and_then(|stop| {
                 std::thread::Builder::new().name(format!("shoal-fault{i}")).spawn(move || {
                     if let Some(cpu) = cpu {
-                        // (best effort: a failure is logged)
-                        let _ = crate::vcpu::pin_current_thread(cpu);
+                        if let Err(e) = crate::vcpu::pin_current_thread(cpu) {
+                            tracing::warn!(error = %e, "running unpinned");
+                        }
                     }
                     serve(&engine, &uffd, &stop, &*on_fatal)
                 })
